@@ -1,0 +1,92 @@
+"""``kiln build``: a checkpoint (or a Hugging Face folder / GGUF file, converted on the way) -> an engine."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from kiln.build.plan import choose_plan, target_of
+from kiln.build.transforms import engine_tensors
+from kiln.checkpoint.checkpoint import TOKENIZER_FILES, Checkpoint, convert, is_checkpoint, read_checkpoint
+from kiln.engine import FORMAT_VERSION, BuildConfig, manifest_of, weights_file, write_engine_json
+from kiln.errors import BuildError
+from kiln.fsutil import staged_dir
+from kiln.version import __version__
+
+
+def build(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    config: BuildConfig | None = None,
+    strip_weights: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build the engine at ``out``; nothing is left there unless the build succeeds."""
+    config = config or BuildConfig()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(out)
+    with staged_dir(out, "engine") as stage:
+        if is_checkpoint(source):
+            checkpoint = read_checkpoint(source)
+        else:
+            checkpoint = convert(source, stage / ".checkpoint", progress)
+        _check_limits(checkpoint, config)
+        steps = tqdm(total=4, desc="build", disable=not progress, leave=False)
+        steps.set_postfix_str("fuse and cast weights")
+        tensors = engine_tensors(checkpoint.config, checkpoint.load_tensors(), config.torch_dtype)
+        steps.update()
+        steps.set_postfix_str("plan ops")
+        plan = choose_plan(device, config.torch_dtype)
+        steps.update()
+        steps.set_postfix_str("write weights")
+        if not strip_weights:
+            save_file(tensors, str(stage / weights_file(0)), metadata={"format": "pt"})
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(checkpoint.path / name, stage / name)
+        steps.update()
+        steps.set_postfix_str("checksums")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kiln_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": _source_record(source, checkpoint),
+            "model": checkpoint.config.to_dict(),
+            "build": config.to_dict(),
+            "plan": plan,
+            "target": target_of(device),
+            "weights": {"files": [weights_file(0)], "stripped": strip_weights, "tensors": manifest_of(tensors)},
+            "tokenizer": tokenizer_facts(checkpoint),
+        }
+        write_engine_json(stage, meta)
+        steps.update()
+        steps.close()
+        shutil.rmtree(stage / ".checkpoint", ignore_errors=True)
+    return out
+
+
+def _check_limits(checkpoint: Checkpoint, config: BuildConfig) -> None:
+    max_pos = checkpoint.config.max_position_embeddings
+    if config.max_seq_len > max_pos:
+        raise BuildError(f"max_seq_len {config.max_seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+
+
+def _source_record(source: str | os.PathLike, checkpoint: Checkpoint) -> dict:
+    meta = json.loads((checkpoint.path / "config.json").read_text())
+    return {"path": str(Path(source).resolve()), "original": meta.get("source")}
+
+
+def tokenizer_facts(checkpoint: Checkpoint) -> dict:
+    config = json.loads((checkpoint.path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    return {
+        "files": list(TOKENIZER_FILES),
+        **checkpoint.generation,
+        "add_bos_token": bool(config.get("add_bos_token", False)),
+        "chat_template": config.get("chat_template"),
+    }

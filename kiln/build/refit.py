@@ -1,0 +1,45 @@
+"""``kiln refit``: new weights into an existing engine without a rebuild, after checking every tensor."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from kiln.build.transforms import engine_tensors
+from kiln.checkpoint.checkpoint import read_checkpoint
+from kiln.engine import check_against_manifest, manifest_of, read_engine, weights_file, write_engine_json
+from kiln.errors import BuildError, EngineError
+from kiln.fsutil import staged_dir
+from kiln.models import ModelConfig
+
+
+def refit(engine_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Put the checkpoint's weights into the engine (in place, or into a copy at ``out``).
+
+    Every name, shape and dtype is checked before anything is written; on any mismatch the engine
+    is left as it was.
+    """
+    engine = read_engine(engine_dir, need_weights=False)
+    checkpoint = read_checkpoint(checkpoint_dir)
+    config = ModelConfig.from_dict(engine.model)
+    if checkpoint.config != config:
+        diff = [k for k, v in config.to_dict().items() if checkpoint.config.to_dict().get(k) != v]
+        raise BuildError(f"checkpoint {checkpoint.path} is a different model than engine {engine.path} "
+                         f"(config differs in {', '.join(diff)})")
+    try:
+        tensors = engine_tensors(config, checkpoint.load_tensors(), engine.build.torch_dtype)
+        check_against_manifest(engine.manifest, tensors, f"refit of {engine.path} from {checkpoint.path}")
+    except EngineError as e:
+        raise BuildError(str(e)) from None
+    meta = dict(engine.meta)
+    meta["weights"] = {**meta["weights"], "stripped": False, "tensors": manifest_of(tensors)}
+    target = Path(out) if out is not None else engine.path
+    with staged_dir(target, "refit", overwrite=out is None) as stage:
+        for item in engine.path.iterdir():
+            if item.name not in (weights_file(0), "engine.json") and item.is_file():
+                shutil.copyfile(item, stage / item.name)
+        save_file(tensors, str(stage / weights_file(0)), metadata={"format": "pt"})
+        write_engine_json(stage, meta)
+    return target

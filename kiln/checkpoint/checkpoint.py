@@ -1,0 +1,164 @@
+"""kiln's checkpoint: config.json + rank0.safetensors + tokenizer files; written from any reader.
+
+A checkpoint holds the weights as published (unfused, source dtype) under transformers' names, the
+architecture as a kiln ``ModelConfig``, and the tokenizer. It is the portable input of ``kiln build``
+and ``kiln refit``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from kiln.checkpoint.hf_dir import is_hf_dir, read_hf_dir
+from kiln.checkpoint.source import SourceModel
+from kiln.errors import ConversionError
+from kiln.fsutil import staged_dir
+from kiln.models import ModelConfig, checkpoint_layout, family
+
+CHECKPOINT_VERSION = 1
+WEIGHTS_FILE = "rank0.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Tensors published checkpoints carry that no kiln model needs.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: ModelConfig
+    # Token facts the runtime needs besides the tokenizer: {"bos_token_id", "eos_token_ids", "pad_token_id"}.
+    generation: dict
+
+    @property
+    def weights_file(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    def load_tensors(self) -> dict[str, torch.Tensor]:
+        with safe_open(str(self.weights_file), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def open_source(path: str | os.PathLike) -> SourceModel:
+    """Read a Hugging Face folder or a GGUF file (by what is at ``path``)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{path} does not exist")
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ConversionError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+        from kiln.checkpoint.gguf_file import read_gguf
+
+        return read_gguf(path)
+    if is_hf_dir(path):
+        return read_hf_dir(path)
+    raise ConversionError(f"{path} is neither a Hugging Face model folder (config.json + safetensors) nor a GGUF file")
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    try:
+        return path.is_dir() and "kiln_checkpoint" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def convert(source_path: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> Checkpoint:
+    """Convert a Hugging Face folder or GGUF file into a kiln checkpoint at ``out``."""
+    source = open_source(source_path)
+    with staged_dir(out, "checkpoint") as stage:
+        write_checkpoint(source, stage, progress)
+    return read_checkpoint(out)
+
+
+def write_checkpoint(source: SourceModel, out: Path, progress: bool = True) -> None:
+    config = model_config(source)
+    layout = checkpoint_layout(config)
+    tensors: dict[str, torch.Tensor] = {}
+    bar = tqdm(source.tensors(), total=source.num_tensors, desc="convert", unit="tensor", disable=not progress,
+               leave=False)
+    for name, tensor in bar:
+        if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        if name not in layout:
+            raise ConversionError(f"{source.source}: tensor {name!r} is not part of a {config.architecture} model")
+        if tuple(tensor.shape) != layout[name]:
+            raise ConversionError(
+                f"{source.source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {layout[name]}"
+            )
+        tensors[name] = tensor.contiguous()
+    missing = sorted(set(layout) - set(tensors))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ConversionError(f"{source.source}: missing tensors {', '.join(missing[:5])}{more}")
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_tokenizer(source.tokenizer, source.tokenizer_config, out)
+    meta = {
+        "kiln_checkpoint": CHECKPOINT_VERSION,
+        "model": config.to_dict(),
+        "generation": generation_facts(source.hf_config, source.tokenizer, source.tokenizer_config),
+        "source": source.source,
+    }
+    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def model_config(source: SourceModel) -> ModelConfig:
+    arch = source.hf_config["architectures"][0]
+    try:
+        fam = family(arch)
+    except KeyError as e:
+        raise ConversionError(f"{source.source}: {e.args[0]}") from None
+    try:
+        return fam.config_from_hf(source.hf_config)
+    except (KeyError, ValueError) as e:
+        raise ConversionError(f"{source.source}: cannot read the {arch} config: {e}") from e
+
+
+def write_tokenizer(tokenizer: Tokenizer, tokenizer_config: dict, out: Path) -> None:
+    tokenizer.save(str(out / "tokenizer.json"))
+    keep = ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template", "add_bos_token", "add_eos_token",
+            "model_max_length", "clean_up_tokenization_spaces")
+    config = {k: tokenizer_config[k] for k in keep if tokenizer_config.get(k) is not None}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def generation_facts(hf_config: dict, tokenizer: Tokenizer, tokenizer_config: dict) -> dict:
+    """BOS, EOS (all of them) and pad ids, from the tokenizer's names and the model config."""
+
+    def token_id(key: str) -> int | None:
+        token = tokenizer_config.get(key)
+        return tokenizer.token_to_id(token) if isinstance(token, str) else None
+
+    eos = hf_config.get("eos_token_id")
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if token_id("eos_token") is not None:
+        eos_ids.add(token_id("eos_token"))
+    bos = token_id("bos_token")
+    return {
+        "bos_token_id": bos if bos is not None else hf_config.get("bos_token_id"),
+        "eos_token_ids": sorted(eos_ids),
+        "pad_token_id": token_id("pad_token") if token_id("pad_token") is not None else hf_config.get("pad_token_id"),
+    }
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise ConversionError(f"{path} is not a kiln checkpoint (no config.json with 'kiln_checkpoint')")
+    meta = json.loads((path / "config.json").read_text())
+    if meta["kiln_checkpoint"] > CHECKPOINT_VERSION:
+        raise ConversionError(f"{path} is checkpoint format {meta['kiln_checkpoint']}; this kiln reads up to "
+                              f"{CHECKPOINT_VERSION}")
+    for name in (WEIGHTS_FILE, *TOKENIZER_FILES):
+        if not (path / name).is_file():
+            raise ConversionError(f"checkpoint {path} is missing {name}")
+    return Checkpoint(path, ModelConfig.from_dict(meta["model"]), meta.get("generation", {}))

@@ -1,0 +1,67 @@
+"""Model families by their Hugging Face architecture name."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from kiln.models import llama, mistral, qwen2
+from kiln.models.config import ModelConfig
+from kiln.nn import Mapping
+from kiln.ops import OpTable
+
+
+@dataclass(frozen=True)
+class Family:
+    model_class: type[nn.Module]
+    config_from_hf: Callable[[dict], ModelConfig]
+
+
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family(llama.LlamaForCausalLM, llama.config_from_hf),
+    "MistralForCausalLM": Family(mistral.MistralForCausalLM, mistral.config_from_hf),
+    "Qwen2ForCausalLM": Family(qwen2.Qwen2ForCausalLM, qwen2.config_from_hf),
+}
+
+
+def family(architecture: str) -> Family:
+    try:
+        return FAMILIES[architecture]
+    except KeyError:
+        raise KeyError(
+            f"unsupported architecture {architecture!r}; kiln supports {', '.join(sorted(FAMILIES))}"
+        ) from None
+
+
+def create_model(config: ModelConfig, ops: OpTable, mapping: Mapping = Mapping(),
+                 max_positions: int | None = None) -> nn.Module:
+    """The model with empty weights; ``max_positions`` bounds the rotary table (the engine's max_seq_len)."""
+    return family(config.architecture).model_class(config, ops, mapping, max_positions)
+
+
+__all__ = ["FAMILIES", "Family", "ModelConfig", "create_model", "family"]
+
+
+def checkpoint_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must hold (unfused names) and its shape."""
+    import torch
+
+    from kiln.nn import MergedColumnLinear
+
+    with torch.device("meta"):
+        model = create_model(config, OpTable(None, torch.device("cpu"), torch.float32), max_positions=1)
+    layout: dict[str, tuple[int, ...]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}"
+            if isinstance(module, MergedColumnLinear):
+                parent = module_name.rsplit(".", 1)[0]
+                for source, size in zip(module.fused_from, module.sizes):
+                    layout[f"{parent}.{source}.{param_name}"] = (size, *param.shape[1:])
+            else:
+                layout[full] = tuple(param.shape)
+    return layout
+
+
+__all__.append("checkpoint_layout")

@@ -1,0 +1,109 @@
+"""The Llama family (Llama 2/3, SmolLM2), written with kiln's layers; Mistral and Qwen2 reuse it.
+
+Module and parameter names follow transformers' so that checkpoints map one to one, except for the
+fused projections (``qkv_proj``, ``gate_up_proj``) the builder assembles.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.models.config import ModelConfig
+from kiln.nn import Attention, Embedding, GatedMLP, Mapping, RMSNorm, rotary_table
+from kiln.ops import OpTable
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, ops: OpTable, mapping: Mapping):
+        super().__init__()
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
+        self.self_attn = Attention(layer_idx, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.qkv_bias,
+                                   c.sliding_windows[layer_idx], ops, mapping)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, ops, mapping)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig, ops: OpTable, mapping: Mapping):
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, ops)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, ops, mapping) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(token_ids)
+        for layer in self.layers:
+            x = layer(x, positions, rope)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Packed tokens in, hidden states out; ``compute_logits`` on the rows that are sampled."""
+
+    def __init__(self, config: ModelConfig, ops: OpTable, mapping: Mapping = Mapping(),
+                 max_positions: int | None = None):
+        super().__init__()
+        self.config = config
+        self.ops = ops
+        self.model = DecoderModel(config, ops, mapping)
+        if not config.tie_word_embeddings:
+            self.lm_head = Embedding(config.vocab_size, config.hidden_size, ops)
+        self.max_positions = max_positions or config.max_position_embeddings
+        self.register_buffer("rope_table", self._rope_table(), persistent=False)
+
+    def _rope_table(self) -> torch.Tensor:
+        c = self.config
+        return rotary_table(c.head_dim, self.max_positions, c.rope_theta, c.rope_scaling)
+
+    def materialize_buffers(self, device: torch.device) -> None:
+        """Compute the non-weight buffers on ``device`` (after weights were assigned to a meta-built model)."""
+        self.rope_table = self._rope_table().to(device)
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(token_ids, positions, self.rope_table)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        return self.ops.linear(hidden, head.weight)
+
+
+def config_from_hf(hf: dict, *, qkv_bias: bool = False) -> ModelConfig:
+    """Map a transformers config.json of the Llama family to kiln's config."""
+    heads = hf["num_attention_heads"]
+    layers = hf["num_hidden_layers"]
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    return ModelConfig(
+        architecture=hf["architectures"][0],
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias or bool(hf.get("attention_bias", False)),
+        sliding_windows=_sliding_windows(hf, layers),
+        hidden_act=hf.get("hidden_act", "silu"),
+    )
+
+
+def _sliding_windows(hf: dict, layers: int) -> tuple[int | None, ...]:
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types")
+    if types:
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    if hf.get("use_sliding_window") is False:
+        return (None,) * layers
+    return (window,) * layers

@@ -1,0 +1,50 @@
+"""Self-attention over the paged KV cache: fused QKV projection, RoPE, cache write, attention, output."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.nn.context import get_forward_context
+from kiln.nn.linear import QKVLinear, RowLinear
+from kiln.nn.mapping import Mapping
+from kiln.ops import OpTable
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        layer_idx: int,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool,
+        sliding_window: int | None,
+        ops: OpTable,
+        mapping: Mapping = Mapping(),
+    ):
+        super().__init__()
+        self.ops = ops
+        self.layer_idx = layer_idx
+        self.num_heads = mapping.shard(num_heads, "attention heads")
+        self.num_kv_heads = mapping.shard(num_kv_heads, "key/value heads")
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.qkv_proj = QKVLinear(hidden, head_dim, num_heads, num_kv_heads, qkv_bias, ops, mapping)
+        self.o_proj = RowLinear(num_heads * head_dim, hidden, False, ops, mapping)
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_table: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.ops.rotary_embedding(q, k, positions, rope_table)
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        self.ops.write_kv_cache(k, v, k_cache, v_cache, ctx.attn.slot_mapping)
+        o = self.ops.paged_attention(q, k_cache, v_cache, ctx.attn, self.scale, self.sliding_window)
+        return self.o_proj(o.reshape(num_tokens, self.q_size))

@@ -1,0 +1,83 @@
+"""Linear layers in their tensor-parallel forms; each parameter knows how to take its own shard.
+
+``ColumnLinear`` splits output features across ranks, ``RowLinear`` splits input features and sums
+the partial results. The fused forms (``QKVLinear``, ``MergedColumnLinear``) are column layers
+whose output is several projections side by side; ``fused_from`` names the checkpoint tensors the
+builder concatenates into them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.nn.mapping import Mapping
+from kiln.ops import OpTable
+
+
+class ColumnLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, ops: OpTable, mapping: Mapping = Mapping()):
+        super().__init__()
+        self.ops = ops
+        self.mapping = mapping
+        self.in_features = in_features
+        self.out_features = mapping.shard(out_features, "output features")
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+
+    def shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a full (unsharded) tensor for parameter ``name``."""
+        n = full.shape[0] // self.mapping.tp_size
+        return full.narrow(0, self.mapping.tp_rank * n, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.linear(x, self.weight, self.bias)
+
+
+class RowLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, ops: OpTable, mapping: Mapping = Mapping()):
+        super().__init__()
+        self.ops = ops
+        self.mapping = mapping
+        self.in_features = mapping.shard(in_features, "input features")
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        if name == "bias":
+            return full
+        n = full.shape[1] // self.mapping.tp_size
+        return full.narrow(1, self.mapping.tp_rank * n, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NOTE: the bias is added once, after the partial products are summed across ranks.
+        y = self.ops.linear(x, self.weight)
+        if self.mapping.tp_size > 1:
+            torch.distributed.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+
+class MergedColumnLinear(ColumnLinear):
+    """Several column projections of the same input stored as one weight (e.g. gate and up)."""
+
+    def __init__(self, in_features: int, sizes: list[int], bias: bool, ops: OpTable, fused_from: tuple[str, ...],
+                 mapping: Mapping = Mapping()):
+        super().__init__(in_features, sum(sizes), bias, ops, mapping)
+        self.sizes = [mapping.shard(s, name) for s, name in zip(sizes, fused_from)]
+        self.fused_from = fused_from
+
+    def shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        # Each projection is sharded on its own, then the shards are stacked again.
+        parts = full.split([s * self.mapping.tp_size for s in self.sizes], dim=0)
+        return torch.cat([p.narrow(0, self.mapping.tp_rank * s, s) for p, s in zip(parts, self.sizes)], dim=0)
+
+
+class QKVLinear(MergedColumnLinear):
+    """Query, key and value projections as one weight: [q heads | kv heads | kv heads] * head_dim."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, ops: OpTable,
+                 mapping: Mapping = Mapping()):
+        super().__init__(
+            hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], bias, ops,
+            ("q_proj", "k_proj", "v_proj"), mapping,
+        )

@@ -1,0 +1,6 @@
+"""Ops: the registry of reference implementations and the plugins that replace them."""
+from kiln.ops import reference as _reference  # noqa: F401  (registers the reference ops)
+from kiln.ops.attention_metadata import AttentionMetadata
+from kiln.ops.registry import REFERENCE, Implementation, Op, OpTable, all_ops, get_op, plugin
+
+__all__ = ["AttentionMetadata", "Implementation", "Op", "OpTable", "REFERENCE", "all_ops", "get_op", "plugin"]

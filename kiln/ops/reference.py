@@ -1,0 +1,113 @@
+"""Reference implementations of every op, in plain PyTorch. They define what is correct.
+
+Numerics follow Hugging Face transformers' Llama family (RMSNorm in float32, rotary tables in
+float32 cast to the activation dtype), so kiln matches it and plugins are checked against these.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.ops.attention_metadata import AttentionMetadata
+from kiln.ops.registry import reference
+
+
+@reference("embedding")
+def embedding(token_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Look up token embeddings: [T] -> [T, hidden]."""
+    return F.embedding(token_ids, weight)
+
+
+@reference("linear")
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b."""
+    return F.linear(x, weight, bias)
+
+
+@reference("rms_norm")
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, scaled in the input dtype (as transformers does)."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+@reference("silu_and_mul")
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused [gate | up] projection: silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@reference("rotary_embedding")
+def rotary_embedding(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE. q: [T, H, D], k: [T, Hk, D], cos_sin: [max_pos, 2, D] float32 table."""
+    table = cos_sin[positions]
+    cos = table[:, 0].unsqueeze(1).to(q.dtype)
+    sin = table[:, 1].unsqueeze(1).to(q.dtype)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@reference("write_kv_cache")
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store this step's keys and values ([T, Hk, D]) in their cache slots ([blocks, block, Hk, D])."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+@reference("paged_attention")
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed queries [T, H, D] over each sequence's paged context.
+
+    Query row j of a sequence with q_len new tokens and context length L sits at position
+    L - q_len + j and sees keys at positions <= its own (and > its own - sliding_window).
+    """
+    out = torch.empty_like(q)
+    block_size = meta.block_size
+    heads_kv, head_dim = k_cache.shape[2], k_cache.shape[3]
+    for i, seq_len in enumerate(meta.seq_lens):
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        q_len = end - start
+        num_blocks = -(-seq_len // block_size)
+        blocks = meta.block_tables[i, :num_blocks]
+        k = k_cache[blocks].reshape(-1, heads_kv, head_dim)[:seq_len].transpose(0, 1)
+        v = v_cache[blocks].reshape(-1, heads_kv, head_dim)[:seq_len].transpose(0, 1)
+        qi = q[start:end].transpose(0, 1)
+        mask = _causal_mask(q_len, seq_len, sliding_window, q.device)
+        o = F.scaled_dot_product_attention(
+            qi, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+            is_causal=mask is None and q_len == seq_len and q_len > 1,
+            scale=scale, enable_gqa=qi.shape[0] != heads_kv,
+        )
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def _causal_mask(q_len: int, seq_len: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask (True = attend) or None where SDPA's own causal flag, or none, suffices."""
+    if window is None or window >= seq_len:
+        if q_len == 1 or q_len == seq_len:
+            return None
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
+    k_pos = torch.arange(seq_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask

@@ -1,0 +1,132 @@
+"""The op registry: every op a model runs has a reference implementation and may have plugins.
+
+An op is a name ("rms_norm", "paged_attention", ...) with a plain-PyTorch reference that defines
+what is correct. A plugin is another implementation of the same op (a Triton kernel, a user's own)
+that declares where it can run. The builder records in the engine's plan which implementation each
+op uses; the runtime binds an ``OpTable`` from that plan, falling back to the reference (with one
+warning) where a recorded plugin cannot run on the device at hand.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+REFERENCE = "reference"
+
+
+@dataclass(frozen=True, slots=True)
+class Implementation:
+    op: str
+    name: str
+    fn: Callable[..., Any]
+    # Says whether this implementation can run on a device and dtype.
+    supports: Callable[[torch.device, torch.dtype], bool]
+    # Tunable configurations the builder may try (e.g. block sizes); empty for the reference.
+    configs: tuple[dict, ...] = ()
+
+
+@dataclass(slots=True)
+class Op:
+    name: str
+    doc: str
+    impls: dict[str, Implementation] = field(default_factory=dict)
+
+    @property
+    def reference(self) -> Implementation:
+        return self.impls[REFERENCE]
+
+
+_OPS: dict[str, Op] = {}
+
+
+def _always(device: torch.device, dtype: torch.dtype) -> bool:
+    return True
+
+
+def reference(name: str) -> Callable[[Callable], Callable]:
+    """Declare ``fn`` as the reference implementation of op ``name`` (which this creates)."""
+
+    def wrap(fn: Callable) -> Callable:
+        if name in _OPS:
+            raise ValueError(f"op {name!r} is already registered")
+        _OPS[name] = Op(name, (fn.__doc__ or "").strip().split("\n")[0])
+        _OPS[name].impls[REFERENCE] = Implementation(name, REFERENCE, fn, _always)
+        return fn
+
+    return wrap
+
+
+def plugin(
+    op_name: str,
+    impl_name: str,
+    supports: Callable[[torch.device, torch.dtype], bool] = _always,
+    configs: tuple[dict, ...] = (),
+) -> Callable[[Callable], Callable]:
+    """Register ``fn`` as another implementation of an existing op."""
+
+    def wrap(fn: Callable) -> Callable:
+        op = get_op(op_name)
+        if impl_name in op.impls:
+            raise ValueError(f"op {op_name!r} already has an implementation named {impl_name!r}")
+        op.impls[impl_name] = Implementation(op_name, impl_name, fn, supports, tuple(configs))
+        return fn
+
+    return wrap
+
+
+def get_op(name: str) -> Op:
+    try:
+        return _OPS[name]
+    except KeyError:
+        raise KeyError(f"unknown op {name!r}; registered: {sorted(_OPS)}") from None
+
+
+def all_ops() -> dict[str, Op]:
+    return dict(_OPS)
+
+
+class OpTable:
+    """The implementations one model instance calls, bound once from a plan.
+
+    ``table.rms_norm(x, w, eps)`` calls whichever implementation the plan chose, so layers never
+    branch on devices or kernels themselves.
+    """
+
+    def __init__(self, plan: dict[str, dict] | None, device: torch.device, dtype: torch.dtype):
+        self.choices: dict[str, str] = {}
+        fallbacks = []
+        for name, op in _OPS.items():
+            entry = (plan or {}).get(name, {})
+            impl_name = entry.get("impl", REFERENCE)
+            impl = op.impls.get(impl_name)
+            if impl is None or not impl.supports(device, dtype):
+                if impl_name != REFERENCE:
+                    fallbacks.append(f"{name}:{impl_name}")
+                impl = op.reference
+            config = entry.get("config") or {}
+            fn = impl.fn
+            if config:
+                fn = _bind_config(fn, config)
+            setattr(self, name, fn)
+            self.choices[name] = impl.name
+        if fallbacks:
+            log.warning(
+                "the engine's plan names implementations that cannot run on %s/%s (%s); "
+                "using the reference implementations instead",
+                device, dtype, ", ".join(fallbacks),
+            )
+
+    def __getattr__(self, name: str) -> Any:  # only reached for ops not bound above
+        raise AttributeError(f"no op {name!r} in this table; registered: {sorted(_OPS)}")
+
+
+def _bind_config(fn: Callable, config: dict) -> Callable:
+    def bound(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **config, **kwargs)
+
+    return bound

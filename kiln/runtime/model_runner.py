@@ -1,0 +1,119 @@
+"""Runs the model for one scheduled step: builds the packed inputs and paged-cache layout, returns logits."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+
+from kiln.engine import Engine
+from kiln.models import ModelConfig, create_model
+from kiln.nn import ForwardContext, forward_context
+from kiln.ops import AttentionMetadata, OpTable
+from kiln.runtime.request import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSpec:
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+
+class ModelRunner:
+    """Owns the model's weights and the KV cache tensors on one device."""
+
+    def __init__(self, engine: Engine, device: torch.device, num_blocks: int):
+        self.engine = engine
+        self.device = device
+        build = engine.build
+        self.config = ModelConfig.from_dict(engine.model)
+        self.dtype = build.torch_dtype
+        self.block_size = build.kv_block_size
+        _warn_if_target_differs(engine, device)
+        self.ops = OpTable(engine.plan, device, self.dtype)
+        with torch.device("meta"):
+            self.model = create_model(self.config, self.ops, max_positions=build.max_seq_len)
+        weights = load_file(str(engine.weights_path), device=str(device))
+        self.model.load_state_dict(weights, strict=True, assign=True)
+        self.model.materialize_buffers(device)
+        self.model.eval()
+        self.kv_spec = kv_cache_spec(engine)
+        self.num_blocks = num_blocks
+        shape = (num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.kv_spec.dtype, device=device),
+             torch.zeros(shape, dtype=self.kv_spec.dtype, device=device))
+            for _ in range(self.config.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(self, batch: list[tuple[Request, int]]) -> torch.Tensor:
+        """Compute ``n`` new tokens of each request; return float32 logits [num_sampled, vocab].
+
+        A request is sampled when this step reaches its last known token; the rows come in the
+        order of ``batch``.
+        """
+        token_ids: list[int] = []
+        positions: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        logits_rows: list[int] = []
+        max_blocks = 0
+        for req, n in batch:
+            start = req.num_computed_tokens
+            end = start + n
+            token_ids.extend(req.token_ids[start:end])
+            positions.extend(range(start, end))
+            query_start_loc.append(query_start_loc[-1] + n)
+            seq_lens.append(end)
+            max_blocks = max(max_blocks, len(req.block_ids))
+            if end == req.num_tokens:
+                logits_rows.append(query_start_loc[-1] - 1)
+        block_tables = torch.zeros((len(batch), max_blocks), dtype=torch.int64)
+        for i, (req, _) in enumerate(batch):
+            block_tables[i, : len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.int64)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        seq_index = torch.repeat_interleave(
+            torch.arange(len(batch)), torch.tensor([n for _, n in batch], dtype=torch.int64)
+        )
+        slots = block_tables[seq_index, pos // self.block_size] * self.block_size + pos % self.block_size
+        meta = AttentionMetadata(
+            slot_mapping=slots.to(self.device),
+            block_tables=block_tables.to(self.device),
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_size=self.block_size,
+        )
+        with forward_context(ForwardContext(meta, self.kv_caches)):
+            hidden = self.model(torch.tensor(token_ids, device=self.device), pos.to(self.device))
+        rows = hidden[torch.tensor(logits_rows, dtype=torch.int64, device=self.device)]
+        return self.model.compute_logits(rows).float()
+
+
+def kv_cache_spec(engine: Engine) -> KVCacheSpec:
+    m = engine.model
+    build = engine.build
+    return KVCacheSpec(m["num_layers"], build.kv_block_size, m["num_kv_heads"], m["head_dim"], build.kv_torch_dtype)
+
+
+def _warn_if_target_differs(engine: Engine, device: torch.device) -> None:
+    target = engine.target
+    here = {"device_type": device.type, "torch": torch.__version__}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        here["name"] = props.name
+        here["compute_capability"] = f"{props.major}.{props.minor}"
+    differs = [f"{k}: built for {target.get(k)}, running on {v}" for k, v in here.items() if target.get(k) != v]
+    if differs:
+        log.warning("engine %s was planned for another target (%s); ops whose plugins cannot run here use "
+                    "their reference implementations", engine.path, "; ".join(differs))
