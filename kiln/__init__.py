@@ -1,0 +1,13 @@
+"""kiln: from published LLM weights to a fast inference engine and server."""
+from kiln.version import __version__
+
+__all__ = ["LLM", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy, so `import kiln` (e.g. for the CLI) does not load torch until it is needed.
+    if name in ("LLM", "SamplingParams"):
+        from kiln import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(name)

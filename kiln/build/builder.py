@@ -87,6 +87,8 @@ def tokenizer_facts(checkpoint: Checkpoint) -> dict:
     return {
         "files": list(TOKENIZER_FILES),
         **checkpoint.generation,
+        "bos_token": config.get("bos_token"),
+        "eos_token": config.get("eos_token"),
         "add_bos_token": bool(config.get("add_bos_token", False)),
         "chat_template": config.get("chat_template"),
     }

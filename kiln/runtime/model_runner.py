@@ -32,7 +32,7 @@ class KVCacheSpec:
 class ModelRunner:
     """Owns the model's weights and the KV cache tensors on one device."""
 
-    def __init__(self, engine: Engine, device: torch.device, num_blocks: int):
+    def __init__(self, engine: Engine, device: torch.device):
         self.engine = engine
         self.device = device
         build = engine.build
@@ -48,20 +48,24 @@ class ModelRunner:
         self.model.materialize_buffers(device)
         self.model.eval()
         self.kv_spec = kv_cache_spec(engine)
+        self.num_blocks = 0
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         shape = (num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.kv_spec.dtype, device=device),
-             torch.zeros(shape, dtype=self.kv_spec.dtype, device=device))
+            (torch.zeros(shape, dtype=self.kv_spec.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.kv_spec.dtype, device=self.device))
             for _ in range(self.config.num_layers)
         ]
 
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Request, int]]) -> torch.Tensor:
+    def execute(self, batch: list[tuple[Request, int]], all_logits: bool = False) -> torch.Tensor:
         """Compute ``n`` new tokens of each request; return float32 logits [num_sampled, vocab].
 
         A request is sampled when this step reaches its last known token; the rows come in the
-        order of ``batch``.
+        order of ``batch``. With ``all_logits``, every computed token's logits come back instead.
         """
         token_ids: list[int] = []
         positions: list[int] = []
@@ -96,6 +100,8 @@ class ModelRunner:
         )
         with forward_context(ForwardContext(meta, self.kv_caches)):
             hidden = self.model(torch.tensor(token_ids, device=self.device), pos.to(self.device))
+        if all_logits:
+            return self.model.compute_logits(hidden).float()
         rows = hidden[torch.tensor(logits_rows, dtype=torch.int64, device=self.device)]
         return self.model.compute_logits(rows).float()
 

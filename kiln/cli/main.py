@@ -1,0 +1,130 @@
+"""The ``kiln`` command: one verb a stage (convert, build, refit, inspect, run, bench)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from kiln.errors import KilnError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kiln", description="From published LLM weights to a fast inference engine.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what kiln does")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("convert", help="Hugging Face folder or GGUF file -> kiln checkpoint")
+    p.add_argument("source", help="a Hugging Face model folder or a .gguf file")
+    p.add_argument("-o", "--output", required=True, help="checkpoint folder to create")
+    p.set_defaults(run=_convert)
+
+    p = verbs.add_parser("build", help="checkpoint, Hugging Face folder or GGUF file -> engine")
+    p.add_argument("source", help="a kiln checkpoint, a Hugging Face model folder or a .gguf file")
+    p.add_argument("-o", "--output", required=True, help="engine folder to create")
+    _add_build_options(p)
+    p.add_argument("--strip-weights", action="store_true", help="leave the weights out (fill with kiln refit)")
+    p.add_argument("--device", default=None, help="device to plan for (default: cuda if present, else cpu)")
+    p.set_defaults(run=_build)
+
+    p = verbs.add_parser("refit", help="put new weights into an engine without rebuilding it")
+    p.add_argument("engine")
+    p.add_argument("--checkpoint", required=True, help="kiln checkpoint with the new weights")
+    p.add_argument("-o", "--output", default=None, help="write a refitted copy here instead of in place")
+    p.set_defaults(run=_refit)
+
+    p = verbs.add_parser("inspect", help="show what an engine holds")
+    p.add_argument("engine")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(run=_inspect)
+
+    p = verbs.add_parser("run", help="generate a completion with an engine (default: SmolLM2-135M-Instruct)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="an engine, checkpoint, Hugging Face folder or .gguf file (default: the bundled SmolLM2)")
+    p.add_argument("--prompt", default="What is the capital of France?", help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    _add_build_options(p, for_run=True)
+    p.set_defaults(run=_run)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.run(args) or 0
+    except KilnError as e:
+        print(f"kiln {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _add_build_options(p: argparse.ArgumentParser, for_run: bool = False) -> None:
+    g = p.add_argument_group("build options" + (" (when the model must be built first)" if for_run else ""))
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weight and activation dtype (default: float32 on CPU, bfloat16 on GPU)")
+    g.add_argument("--max-batch-size", type=int, default=8)
+    g.add_argument("--max-seq-len", type=int, default=None, help="default: the model's limit, at most 4096")
+    g.add_argument("--max-num-tokens", type=int, default=512, help="tokens computed per step (prefill chunk)")
+    g.add_argument("--kv-block-size", type=int, default=16)
+
+
+def _build_config(args: argparse.Namespace, source: str):
+    from kiln.cli.resolve import build_config
+
+    return build_config(source, args.dtype, args.max_batch_size, args.max_seq_len, args.max_num_tokens,
+                        args.kv_block_size, getattr(args, "device", None))
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from kiln.checkpoint.checkpoint import convert
+
+    ckpt = convert(args.source, args.output)
+    print(f"wrote checkpoint {ckpt.path} ({ckpt.config.architecture}, {ckpt.config.num_parameters():,} parameters)")
+
+
+def _build(args: argparse.Namespace) -> None:
+    from kiln.build import build
+
+    out = build(args.source, args.output, _build_config(args, args.source), strip_weights=args.strip_weights,
+                device=args.device)
+    print(f"wrote engine {out}; see it with `kiln inspect {out}`")
+
+
+def _refit(args: argparse.Namespace) -> None:
+    from kiln.build import refit
+
+    out = refit(args.engine, args.checkpoint, args.output)
+    print(f"refitted engine {out}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from kiln.engine import read_engine
+    from kiln.engine.inspect import describe, format_text
+
+    d = describe(read_engine(args.engine, need_weights=False))
+    print(json.dumps(d, indent=2) if args.json else format_text(d))
+
+
+def _run(args: argparse.Namespace) -> None:
+    from kiln.cli.resolve import engine_for
+    from kiln.runtime import LLM, SamplingParams
+
+    engine_dir = engine_for(args.model, lambda src: _build_config(args, src), args.device)
+    llm = LLM(engine_dir, device=args.device)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    if args.chat:
+        out = llm.chat([prompt], params)[0]
+    else:
+        out = llm.generate([prompt], params)[0]
+    print(out.text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""``kiln inspect``: what an engine holds, for a person (text) or a program (JSON)."""
+from __future__ import annotations
+
+import math
+
+from tokenizers import Tokenizer
+
+from kiln.engine.format import DTYPES, Engine
+
+
+def describe(engine: Engine) -> dict:
+    m, b = engine.model, engine.build
+    params = sum(math.prod(t["shape"]) for t in engine.manifest)
+    nbytes = sum(math.prod(t["shape"]) * DTYPES[t["dtype"]].itemsize for t in engine.manifest)
+    kv_dtype = b.kv_torch_dtype
+    kv_per_token = 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * kv_dtype.itemsize
+    tok = engine.tokenizer
+    vocab = Tokenizer.from_file(str(engine.path / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    return {
+        "path": str(engine.path),
+        "format_version": engine.meta["format_version"],
+        "kiln_version": engine.meta.get("kiln_version"),
+        "source": engine.meta.get("source"),
+        "architecture": m["architecture"],
+        "model": m,
+        "parameters": params,
+        "weight_bytes": nbytes,
+        "weights_stripped": engine.stripped,
+        "build": b.to_dict(),
+        "kv_cache_bytes_per_token": kv_per_token,
+        "plan": engine.plan,
+        "target": engine.target,
+        "tokenizer": {
+            "vocab_size": vocab,
+            "bos_token_id": tok.get("bos_token_id"),
+            "eos_token_ids": tok.get("eos_token_ids"),
+            "pad_token_id": tok.get("pad_token_id"),
+            "add_bos_token": tok.get("add_bos_token"),
+            "chat_template": bool(tok.get("chat_template")),
+        },
+    }
+
+
+def format_text(d: dict) -> str:
+    m, b, t = d["model"], d["build"], d["tokenizer"]
+    windows = sorted({w for w in m["sliding_windows"] if w})
+    lines = [
+        f"engine      {d['path']}  (format {d['format_version']}, kiln {d['kiln_version']})",
+        f"source      {(d.get('source') or {}).get('original') or (d.get('source') or {}).get('path')}",
+        "",
+        f"model       {d['architecture']}: {m['num_layers']} layers, hidden {m['hidden_size']}, "
+        f"MLP {m['intermediate_size']}, vocab {m['vocab_size']}",
+        f"attention   {m['num_heads']} query heads, {m['num_kv_heads']} KV heads of {m['head_dim']}"
+        f"{', QKV bias' if m['qkv_bias'] else ''}"
+        f"{', sliding window ' + '/'.join(map(str, windows)) if windows else ''}",
+        f"rope        theta {m['rope_theta']:g}"
+        f"{', scaling ' + str(m['rope_scaling']) if m['rope_scaling'] else ''}, "
+        f"max positions {m['max_position_embeddings']}",
+        f"parameters  {d['parameters']:,} ({_size(d['weight_bytes'])} in {b['dtype']})"
+        f"{'  [weights stripped: run kiln refit]' if d['weights_stripped'] else ''}"
+        f"{', tied embeddings' if m['tie_word_embeddings'] else ''}",
+        "",
+        f"limits      max batch {b['max_batch_size']}, max sequence {b['max_seq_len']}, "
+        f"max tokens/step {b['max_num_tokens']}",
+        f"kv cache    blocks of {b['kv_block_size']} tokens, {b['kv_cache_dtype'] or b['dtype']}, "
+        f"{_size(d['kv_cache_bytes_per_token'])} per token",
+        "",
+        "plan        op                  implementation",
+    ]
+    for op, entry in sorted(d["plan"].items()):
+        config = f"  {entry['config']}" if entry.get("config") else ""
+        lines.append(f"            {op:<19} {entry['impl']}{config}")
+    tgt = d["target"]
+    lines += [
+        "",
+        f"target      {tgt.get('device_type')} {tgt.get('name') or ''}"
+        f"{' (sm ' + tgt['compute_capability'] + ')' if tgt.get('compute_capability') else ''}, "
+        f"torch {tgt.get('torch')}, triton {tgt.get('triton') or 'absent'}",
+        f"tokenizer   vocab {t['vocab_size']}, bos {t['bos_token_id']}, eos {t['eos_token_ids']}, "
+        f"pad {t['pad_token_id']}, add bos {t['add_bos_token']}, chat template {'yes' if t['chat_template'] else 'no'}",
+    ]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

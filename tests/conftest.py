@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny Hugging Face models of each architecture and their kiln engines."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+from hf_models import make_hf_model  # noqa: E402
+
+ARCHS = {
+    "llama": ("LlamaForCausalLM", {}),
+    # A window shorter than the test prompts, so sliding-window attention is really exercised.
+    "mistral": ("MistralForCausalLM", {"sliding_window": 12}),
+    "qwen2": ("Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+}
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory):
+    """hf_model_dir(name, dtype=float32) -> folder of a tiny saved transformers model."""
+    made: dict = {}
+
+    def get(name: str, dtype: torch.dtype = torch.float32) -> Path:
+        key = (name, dtype)
+        if key not in made:
+            arch, overrides = ARCHS[name]
+            path = tmp_path_factory.mktemp(f"hf-{name}-{str(dtype)[6:]}")
+            made[key] = make_hf_model(arch, path, dtype=dtype, **overrides)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory, hf_model_dir):
+    """engine_dir(name, dtype="float32") -> a kiln engine built from the tiny model."""
+    from kiln.build import build
+    from kiln.engine import BuildConfig
+
+    made: dict = {}
+
+    def get(name: str, dtype: str = "float32", **limits) -> Path:
+        key = (name, dtype, tuple(sorted(limits.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"engine-{name}") / "engine"
+            config = BuildConfig(dtype=dtype, max_seq_len=limits.pop("max_seq_len", 256), **limits)
+            made[key] = build(hf_model_dir(name), out, config, progress=False)
+        return made[key]
+
+    return get
