@@ -13,6 +13,10 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 from hf_models import make_hf_model  # noqa: E402
 
+# Where kiln runs in the tests: the CPU in CI; KILN_TEST_DEVICE=cuda on the GPU machine.
+DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")
+
+
 ARCHS = {
     "llama": ("LlamaForCausalLM", {}),
     # A window shorter than the test prompts, so sliding-window attention is really exercised.

@@ -9,6 +9,7 @@ from kiln.engine import read_engine
 from kiln.runtime import LLM, SamplingParams
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.request import Request
+from conftest import DEVICE
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -19,7 +20,7 @@ PROMPTS = [
 
 def kiln_prompt_logits(engine_dir, ids: list[int], chunk: int) -> torch.Tensor:
     """All prompt positions' logits, computed in chunks through the paged KV cache."""
-    runner = ModelRunner(read_engine(engine_dir), torch.device("cpu"))
+    runner = ModelRunner(read_engine(engine_dir), torch.device(DEVICE))
     runner.allocate_kv_cache(64)
     req = Request("r", ids, SamplingParams())
     # Scattered, out-of-order blocks: the block table, not contiguity, must carry the layout.
@@ -29,7 +30,7 @@ def kiln_prompt_logits(engine_dir, ids: list[int], chunk: int) -> torch.Tensor:
         n = min(chunk, len(ids) - req.num_computed_tokens)
         rows.append(runner.execute([(req, n)], all_logits=True))
         req.num_computed_tokens += n
-    return torch.cat(rows)
+    return torch.cat(rows).cpu()
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
@@ -51,7 +52,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_float32_logits_and_greedy_match_transformers(name, hf_model_dir, engine_dir):
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_model_dir(name), dtype=torch.float32)
     engine = engine_dir(name)
-    llm = LLM(engine)
+    llm = LLM(engine, device=DEVICE)
     for prompt in PROMPTS:
         ids = llm.tokenizer.encode(prompt)
         with torch.no_grad():
@@ -82,7 +83,7 @@ def test_bfloat16_as_close_to_the_exact_model_as_transformers_bfloat16(name, hf_
     hf32 = transformers.AutoModelForCausalLM.from_pretrained(hf_model_dir(name), dtype=torch.float32)
     hf16 = transformers.AutoModelForCausalLM.from_pretrained(hf_model_dir(name), dtype=torch.bfloat16)
     engine = engine_dir(name, "bfloat16")
-    llm = LLM(engine)
+    llm = LLM(engine, device=DEVICE)
     agree = total = 0
     for prompt in PROMPTS:
         ids = llm.tokenizer.encode(prompt)
@@ -98,7 +99,7 @@ def test_bfloat16_as_close_to_the_exact_model_as_transformers_bfloat16(name, hf_
 
 
 def test_generate_accepts_token_ids_and_stops_at_eos(engine_dir):
-    llm = LLM(engine_dir("llama"))
+    llm = LLM(engine_dir("llama"), device=DEVICE)
     ids = llm.tokenizer.encode("Hello")
     by_ids = llm.generate(ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
     by_text = llm.generate("Hello", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]

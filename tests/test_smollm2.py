@@ -11,6 +11,7 @@ import transformers
 from kiln.build import build
 from kiln.engine import BuildConfig
 from kiln.runtime import LLM, SamplingParams
+from conftest import DEVICE
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def gguf_path() -> Path:
 def llm(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "engine"
     build(gguf_path(), out, BuildConfig(max_seq_len=512), progress=False)
-    return LLM(out)
+    return LLM(out, device=DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_last_position_logits_match(llm, hf):
         ids = llm.tokenizer.encode(text)
         req = Request("r", ids, SamplingParams())
         req.block_ids = list(range(-(-len(ids) // runner.block_size)))
-        got = runner.execute([(req, len(ids))])[0]
+        got = runner.execute([(req, len(ids))])[0].cpu()
         with torch.no_grad():
             ref = model(torch.tensor([ids])).logits[0, -1]
         assert float((got - ref).norm() / ref.norm()) < 1e-3, text

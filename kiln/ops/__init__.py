@@ -4,3 +4,5 @@ from kiln.ops.attention_metadata import AttentionMetadata
 from kiln.ops.registry import REFERENCE, Implementation, Op, OpTable, all_ops, get_op, plugin
 
 __all__ = ["AttentionMetadata", "Implementation", "Op", "OpTable", "REFERENCE", "all_ops", "get_op", "plugin"]
+
+from kiln.ops import batched_decode_attention as _batched_decode_attention  # noqa: E402,F401  (registers the plugin)

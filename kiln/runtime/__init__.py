@@ -1,6 +1,21 @@
 """The runtime: load an engine and generate (``LLM``), or serve requests as they come (``AsyncLLM``)."""
-from kiln.runtime.llm import LLM
-from kiln.runtime.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
-from kiln.runtime.sampling_params import SamplingParams
+from __future__ import annotations
 
-__all__ = ["LLM", "CompletionOutput", "EngineStats", "RequestMetrics", "RequestOutput", "SamplingParams"]
+import importlib
+
+_EXPORTS = {
+    "LLM": "kiln.runtime.llm",
+    "SamplingParams": "kiln.runtime.sampling_params",
+    "CompletionOutput": "kiln.runtime.outputs",
+    "EngineStats": "kiln.runtime.outputs",
+    "RequestMetrics": "kiln.runtime.outputs",
+    "RequestOutput": "kiln.runtime.outputs",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # Lazy, so that importing one runtime module does not pull in the whole executor.
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kiln.runtime' has no attribute {name!r}")

@@ -1,0 +1,91 @@
+"""The op registry and every plugin against its op's reference implementation."""
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+
+from kiln.ops import REFERENCE, AttentionMetadata, OpTable, all_ops, get_op, plugin
+from kiln.ops.reference import paged_attention
+
+
+def random_paged_batch(seq_lens, q_lens, heads=8, heads_kv=2, dim=16, block=4, num_blocks=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(num_blocks, block, heads_kv, dim, generator=g)
+    v_cache = torch.randn(num_blocks, block, heads_kv, dim, generator=g)
+    ids = list(range(num_blocks))
+    random.Random(seed).shuffle(ids)
+    tables, loc = [], [0]
+    for n, q in zip(seq_lens, q_lens):
+        need = -(-n // block)
+        tables.append(ids[:need])
+        ids = ids[need:]
+        loc.append(loc[-1] + q)
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    meta = AttentionMetadata(slot_mapping=torch.zeros(loc[-1], dtype=torch.long), block_tables=table,
+                             query_start_loc=loc, seq_lens=list(seq_lens), block_size=block)
+    q = torch.randn(loc[-1], heads, dim, generator=g)
+    return q, k_cache, v_cache, meta
+
+
+def dense_attention(q, k_cache, v_cache, meta, scale, window):
+    """Plainest possible attention: one query row at a time, keys gathered slot by slot."""
+    out = torch.zeros_like(q)
+    group = q.shape[1] // k_cache.shape[2]
+    for i, seq_len in enumerate(meta.seq_lens):
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        slots = [(int(meta.block_tables[i, p // meta.block_size]), p % meta.block_size) for p in range(seq_len)]
+        k = torch.stack([k_cache[b, o] for b, o in slots])
+        v = torch.stack([v_cache[b, o] for b, o in slots])
+        for j in range(end - start):
+            pos = seq_len - (end - start) + j
+            for h in range(q.shape[1]):
+                lo = 0 if window is None else max(0, pos - window + 1)
+                s = (k[lo:pos + 1, h // group] @ q[start + j, h]) * scale
+                out[start + j, h] = torch.softmax(s, 0) @ v[lo:pos + 1, h // group]
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_reference_paged_attention_matches_dense(window):
+    q, kc, vc, meta = random_paged_batch([9, 1, 17, 6], [9, 1, 4, 1])
+    got = paged_attention(q, kc, vc, meta, 0.25, window)
+    torch.testing.assert_close(got, dense_attention(q, kc, vc, meta, 0.25, window), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", [n for n in get_op("paged_attention").impls if n != REFERENCE])
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("case", [([5, 1, 33, 12], [1, 1, 1, 1]), ([7, 20], [7, 3])])
+def test_paged_attention_plugins_match_reference(impl, window, case):
+    q, kc, vc, meta = random_paged_batch(*case)
+    fn = get_op("paged_attention").impls[impl].fn
+    torch.testing.assert_close(fn(q, kc, vc, meta, 0.3, window), paged_attention(q, kc, vc, meta, 0.3, window),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_every_op_has_a_reference():
+    for name, op in all_ops().items():
+        assert REFERENCE in op.impls, name
+
+
+def test_op_table_binds_the_plan_and_falls_back_with_one_warning(caplog):
+    @plugin("silu_and_mul", "test_cuda_only", supports=lambda device, dtype: device.type == "cuda")
+    def cuda_only(x):  # pragma: no cover - never chosen on the CPU
+        raise AssertionError
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            table = OpTable({"silu_and_mul": {"impl": "test_cuda_only"}, "paged_attention": {"impl": "batched_decode"}},
+                            torch.device("cpu"), torch.float32)
+        assert table.choices["silu_and_mul"] == REFERENCE
+        assert table.choices["paged_attention"] == "batched_decode"
+        assert table.silu_and_mul is get_op("silu_and_mul").reference.fn
+        warnings = [r for r in caplog.records if "silu_and_mul:test_cuda_only" in r.getMessage()]
+        assert len(warnings) == 1
+    finally:
+        del get_op("silu_and_mul").impls["test_cuda_only"]
+    with pytest.raises(AttributeError, match="no op 'nonexistent'"):
+        table.nonexistent
