@@ -5,6 +5,7 @@ import importlib
 
 _EXPORTS = {
     "LLM": "kiln.runtime.llm",
+    "AsyncLLM": "kiln.runtime.async_llm",
     "SamplingParams": "kiln.runtime.sampling_params",
     "CompletionOutput": "kiln.runtime.outputs",
     "EngineStats": "kiln.runtime.outputs",

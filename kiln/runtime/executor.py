@@ -70,6 +70,8 @@ class _Group:
     prompt_token_ids: list[int]
     completions: list[_Completion] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
+    # Completions 2..n join once the first has computed the prompt, so they reuse its KV blocks.
+    pending: list[Request] = field(default_factory=list)
 
 
 class Executor:
@@ -128,9 +130,9 @@ class Executor:
                 req, i, IncrementalDetokenizer(self.tokenizer.tokenizer, ids), StopStringMatcher(child.stop),
                 logprobs=[] if child.logprobs is not None else None,
             ))
-        # The n completions are alike, so if admission refuses one it refuses the first, before any is queued.
+        self.scheduler.add_request(requests[0])
+        group.pending = requests[1:]
         for req, completion in zip(requests, group.completions):
-            self.scheduler.add_request(req)
             self._by_seq[req.request_id] = (group, completion)
         self._groups[request_id] = group
         return request_id
@@ -139,6 +141,7 @@ class Executor:
         group = self._groups.pop(request_id, None)
         if group is None:
             return
+        group.pending.clear()
         for c in group.completions:
             self.scheduler.abort(c.request.request_id)
             self.sampler.free(c.request.request_id)
@@ -155,7 +158,7 @@ class Executor:
         touched: dict[str, _Group] = {}
         if batch:
             logits = self.runner.execute(batch)
-            to_sample = [req for req, n in batch if req.num_computed_tokens + n == req.num_tokens]
+            to_sample = out.requests_to_sample
             result = self.sampler(logits, to_sample)
             for i, req in enumerate(to_sample):
                 sampled[req.request_id] = result.token_ids[i]
@@ -166,29 +169,28 @@ class Executor:
         finished = self.scheduler.update(out, sampled)
         self.num_steps += 1
         now = time.monotonic()
-        for req_id in sampled:
+        for req_id, token in sampled.items():
             group, completion = self._by_seq[req_id]
             req = completion.request
             if req.first_token_time is None:
                 req.first_token_time = now
-            delta = completion.detokenizer.add([sampled[req_id]])
-            emit, hit = completion.stops.feed(delta)
+            emit, hit = completion.stops.feed(completion.detokenizer.add([token]))
             completion.text += emit
-            if hit is not None and hit is not False and not req.is_finished:
-                completion.stop_reason = hit if isinstance(hit, str) else None
-                self.scheduler.finish_request(req_id, RequestStatus.FINISHED_STOPPED)
-                finished.append(req)
+            if hit is not None:
+                if req.is_finished:  # the same token also hit the length limit: the stop string names the end
+                    req.status = RequestStatus.FINISHED_STOPPED
+                else:
+                    self.scheduler.finish_request(req_id, RequestStatus.FINISHED_STOPPED)
+                    finished.append(req)
             touched[group.request_id] = group
         for req in finished:
             group, completion = self._by_seq[req.request_id]
             if req.finished_time is None:
                 req.finished_time = now
-            if req.status != RequestStatus.FINISHED_STOPPED or completion.stop_reason is None:
-                completion.text += completion.stops.flush()
-                if req.status == RequestStatus.FINISHED_STOPPED and req.output_token_ids:
-                    completion.stop_reason = req.output_token_ids[-1]
+            self._close_text(completion)
             self.sampler.free(req.request_id)
             touched[group.request_id] = group
+        self._admit_forks()
         outputs = [self._output(g) for g in touched.values()]
         for o in outputs:
             if o.finished:
@@ -196,6 +198,28 @@ class Executor:
                 for c in group.completions:
                     self._by_seq.pop(c.request.request_id, None)
         return outputs
+
+    @staticmethod
+    def _close_text(c: _Completion) -> None:
+        """Release held-back text at the end: an unfinished character, a stop-string prefix that never completed."""
+        stops = c.stops
+        if not stops.stopped:
+            emit, _ = stops.feed(c.detokenizer.flush())
+            c.text += emit
+            c.text += stops.flush()
+        req = c.request
+        if stops.hit is not None:
+            c.stop_reason = stops.hit
+        elif req.status == RequestStatus.FINISHED_STOPPED and req.output_token_ids:
+            c.stop_reason = req.output_token_ids[-1]
+
+    def _admit_forks(self) -> None:
+        for group in self._groups.values():
+            first = group.completions[0].request
+            if group.pending and (first.num_computed_tokens >= first.num_prompt_tokens or first.is_finished):
+                for req in group.pending:
+                    self.scheduler.add_request(req)
+                group.pending.clear()
 
     def _output(self, group: _Group) -> RequestOutput:
         completions = []

@@ -1,0 +1,289 @@
+"""The sampler: one batch of last-position logits and their requests in, one next token per request out."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kiln.runtime.outputs import TokenLogprob
+from kiln.runtime.request import Request
+from kiln.runtime.sampling_params import SamplingParams
+
+# The chosen token's logprob and the top-N (token id, logprob) pairs, most likely first.
+TokenLogprobs = TokenLogprob
+
+# Temperatures below this are greedy: dividing by them overflows float32 logits.
+_MIN_TEMPERATURE = 1e-5
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    # One entry per request, None for those that did not ask; None altogether when none asked.
+    logprobs: list[TokenLogprobs | None] | None = None
+
+
+class Sampler:
+    """Picks the next token of each request from its row of logits.
+
+    Order, each step a batched tensor op over the rows that need it: repetition penalty (HF: seen
+    tokens of prompt and output have positive logits divided by it, negative ones multiplied),
+    frequency and presence penalties (OpenAI, over output tokens), the ``min_tokens`` ban of EOS and
+    stop tokens, then for non-greedy rows temperature, top-k, top-p, min-p and a draw. Greedy rows
+    (temperature below 1e-5) take the argmax of the penalised, banned logits; a batch of greedy rows
+    with nothing else to do is one argmax.
+
+    Logprobs are the log-softmax of the logits after the penalties and before the ``min_tokens``
+    ban, temperature and the filters (vLLM reports the raw model distribution instead).
+
+    The draw is an exponential race: argmax(p / q) with q ~ Exponential(1) per token picks token i
+    with probability p_i, and q for a row comes only from that row's generator. A request with a
+    ``seed`` has its own generator on the logits' device, seeded from it and kept across steps until
+    ``free(request_id)``, so its tokens do not depend on which requests share its batch or where it
+    sits in it. (The same seed gives other tokens on another device type: CPU and CUDA generators
+    differ; CPU-drawn noise would match but costs milliseconds per row at a 150k vocabulary.)
+    Unseeded rows share one generator per device.
+    """
+
+    def __init__(self, seed: int | None = None):
+        base = torch.Generator()
+        if seed is None:
+            base.seed()
+        else:
+            base.manual_seed(seed)
+        self._base_seed = base.initial_seed()
+        self._shared: dict[torch.device, torch.Generator] = {}
+        self._seeded: dict[str, torch.Generator] = {}
+
+    @property
+    def num_seeded(self) -> int:
+        """Requests whose generators are kept (until ``free``)."""
+        return len(self._seeded)
+
+    def free(self, request_id: str) -> None:
+        """Forget a finished or aborted request's generator."""
+        self._seeded.pop(request_id, None)
+
+    def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(requests):
+            raise ValueError(f"expected logits of shape [{len(requests)}, vocab], got {list(logits.shape)}")
+        if not requests:
+            return SamplerOutput([])
+        params = [r.sampling_params for r in requests]
+        want_logprobs = any(p.logprobs is not None for p in params)
+        if not want_logprobs and all(_is_greedy(p.temperature) and not _has_penalties(p) for p in params) \
+                and not any(_banned_now(r) for r in requests):
+            return SamplerOutput(logits.argmax(dim=-1).tolist())
+
+        logits = logits.to(torch.float32, copy=True)
+        apply_penalties(logits, requests)
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
+        apply_min_tokens(logits, requests)
+
+        chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+        greedy = [i for i, p in enumerate(params) if _is_greedy(p.temperature)]
+        sampled = [i for i, p in enumerate(params) if not _is_greedy(p.temperature)]
+        if greedy:
+            rows = _index(greedy, logits.device)
+            chosen[rows] = logits[rows].argmax(dim=-1)
+        if sampled:
+            rows = _index(sampled, logits.device)
+            chosen[rows] = self._sample(logits[rows], [requests[i] for i in sampled])
+
+        token_ids = chosen.tolist()
+        if logprobs is None:
+            return SamplerOutput(token_ids)
+        return SamplerOutput(token_ids, _gather_logprobs(logprobs, logprob_rows, chosen, params, len(requests)))
+
+    def process(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """The float32 logits the draw would use: penalties, ban, temperature and filters (-inf: masked).
+
+        Greedy rows get penalties and the ban only. For tests and debugging; ``__call__`` does the same.
+        """
+        logits = logits.to(torch.float32, copy=True)
+        apply_penalties(logits, requests)
+        apply_min_tokens(logits, requests)
+        sampled = [i for i, r in enumerate(requests) if not _is_greedy(r.sampling_params.temperature)]
+        if sampled:
+            rows = _index(sampled, logits.device)
+            logits[rows] = _temper_and_filter(logits[rows], [requests[i].sampling_params for i in sampled])
+        return logits
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        probs = torch.softmax(_temper_and_filter(logits, [r.sampling_params for r in requests]), dim=-1)
+        device, vocab = probs.device, probs.shape[1]
+        shared = [i for i, r in enumerate(requests) if r.sampling_params.seed is None]
+        if len(shared) == len(requests):
+            q = torch.empty_like(probs).exponential_(generator=self._shared_generator(device))
+        else:
+            q = torch.empty_like(probs)
+            if shared:
+                noise = torch.empty(len(shared), vocab, device=device)
+                q[_index(shared, device)] = noise.exponential_(generator=self._shared_generator(device))
+            for i, r in enumerate(requests):
+                if r.sampling_params.seed is not None:
+                    q[i].exponential_(generator=self._request_generator(r, device))
+        # A zero draw would make 0/0 = nan for a masked token, which argmax would pick.
+        q.clamp_(min=torch.finfo(torch.float32).tiny)
+        return (probs / q).argmax(dim=-1)
+
+    def _request_generator(self, request: Request, device: torch.device) -> torch.Generator:
+        gen = self._seeded.get(request.request_id)
+        if gen is None or gen.device != device:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(request.sampling_params.seed)
+            self._seeded[request.request_id] = gen
+        return gen
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        gen = self._shared.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self._base_seed + len(self._shared))
+            self._shared[device] = gen
+        return gen
+
+
+def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    """Repetition (HF), frequency and presence (OpenAI) penalties, in place on float logits [B, V]."""
+    rows = [i for i, r in enumerate(requests) if _has_penalties(r.sampling_params)]
+    if not rows:
+        return
+    device, vocab = logits.device, logits.shape[1]
+    params = [requests[i].sampling_params for i in rows]
+    index = _index(rows, device)
+    sub = logits[index]
+    rep_rows = [j for j, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if rep_rows:
+        # Prompt and output tokens count as seen, as in HF where both are in input_ids.
+        seen = torch.zeros_like(sub, dtype=torch.bool)
+        seen[_index(rep_rows, device)] = _token_counts([requests[rows[j]].token_ids for j in rep_rows],
+                                                        vocab, device) > 0
+        penalty = _column([p.repetition_penalty for p in params], device)
+        penalised = torch.where(sub > 0, sub / penalty, sub * penalty)
+        sub = torch.where(seen, penalised, sub)
+    if any(p.frequency_penalty or p.presence_penalty for p in params):
+        counts = _token_counts([requests[i].output_token_ids for i in rows], vocab, device)
+        frequency = _column([p.frequency_penalty for p in params], device)
+        presence = _column([p.presence_penalty for p in params], device)
+        sub = sub - frequency * counts - presence * (counts > 0).to(sub.dtype)
+    logits[index] = sub
+
+
+def apply_min_tokens(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    """Ban EOS (unless ``ignore_eos``) and the stop tokens of requests with fewer than ``min_tokens`` outputs."""
+    rows: list[int] = []
+    cols: list[int] = []
+    vocab = logits.shape[1]
+    for i, r in enumerate(requests):
+        banned = _banned_now(r)
+        for t in banned:
+            if 0 <= t < vocab:
+                rows.append(i)
+                cols.append(t)
+    if rows:
+        logits[_index(rows, logits.device), _index(cols, logits.device)] = float("-inf")
+
+
+def filter_logits(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
+                  min_p: Sequence[float]) -> torch.Tensor:
+    """Top-k, then top-p, then min-p on float logits [B, V], per row; masked entries become -inf.
+
+    top-k keeps the k largest (ties at the k-th value all stay); top-p keeps the smallest
+    most-likely set whose probability, renormalised after top-k, reaches p; min-p drops tokens below
+    ``min_p`` times the most likely one's probability. 0, 1 and 0 switch them off. The most likely
+    token always stays. Returns a new tensor.
+    """
+    device, vocab = logits.device, logits.shape[1]
+    logits = logits.clone()
+    ks = [k if 0 < k < vocab else vocab for k in top_k]
+    # Rows with top-k alone need only the k-th largest value, not a full sort.
+    k_rows = [i for i, (k, p) in enumerate(zip(ks, top_p)) if k < vocab and p >= 1.0]
+    if k_rows:
+        index = _index(k_rows, device)
+        sub = logits[index]
+        k = _index([ks[i] for i in k_rows], device).unsqueeze(1)
+        kth = sub.topk(int(k.max()), dim=-1).values.gather(1, k - 1)
+        logits[index] = sub.masked_fill(sub < kth, float("-inf"))
+    p_rows = [i for i, p in enumerate(top_p) if p < 1.0]
+    if p_rows:
+        index = _index(p_rows, device)
+        sub = logits[index]
+        sorted_logits, order = sub.sort(dim=-1, descending=True)
+        k = _index([ks[i] for i in p_rows], device).unsqueeze(1)
+        drop = sorted_logits < sorted_logits.gather(1, k - 1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop |= mass_before >= _column([top_p[i] for i in p_rows], device)
+        drop[:, 0] = False
+        unsorted_drop = drop.scatter(1, order, drop)  # back from sorted to vocabulary order
+        logits[index] = sub.masked_fill(unsorted_drop, float("-inf"))
+    if any(p > 0.0 for p in min_p):
+        # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p); min_p = 0 gives -inf: no-op.
+        floor = logits.max(dim=-1, keepdim=True).values + torch.log(_column(list(min_p), device))
+        logits = logits.masked_fill(logits < floor, float("-inf"))
+    return logits
+
+
+def _temper_and_filter(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    logits = logits / _column([p.temperature for p in params], logits.device)
+    return filter_logits(logits, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params])
+
+
+def _gather_logprobs(logprobs: torch.Tensor, rows: list[int], chosen: torch.Tensor, params: list[SamplingParams],
+                     batch: int) -> list[TokenLogprobs | None]:
+    chosen_rows = chosen[_index(rows, chosen.device)]
+    chosen_lp = logprobs.gather(1, chosen_rows.unsqueeze(1)).squeeze(1)
+    n = max(params[i].logprobs for i in rows)
+    top_lp, top_ids = logprobs.topk(min(n, logprobs.shape[1]), dim=-1)
+    # One device-to-host transfer for everything.
+    chosen_ids, chosen_lp, top_lp, top_ids = (t.tolist() for t in (chosen_rows, chosen_lp, top_lp, top_ids))
+    out: list[TokenLogprobs | None] = [None] * batch
+    for j, i in enumerate(rows):
+        k = params[i].logprobs
+        out[i] = TokenLogprobs(chosen_ids[j], chosen_lp[j], list(zip(top_ids[j][:k], top_lp[j][:k])))
+    return out
+
+
+def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """How often each token occurs in each list: float [len(token_lists), vocab]."""
+    counts = torch.zeros(len(token_lists), vocab, device=device)
+    lengths = [len(t) for t in token_lists]
+    total = sum(lengths)
+    if total:
+        # np.fromiter is several times faster than torch.tensor on a long Python list.
+        ids = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=total))
+        rows = torch.repeat_interleave(torch.arange(len(token_lists)), torch.tensor(lengths))
+        counts.index_put_((rows.to(device), ids.to(device)), torch.ones(total, device=device), accumulate=True)
+    return counts
+
+
+def _banned_now(request: Request) -> set[int]:
+    p = request.sampling_params
+    if request.num_output_tokens >= p.min_tokens:
+        return set()
+    banned = set(p.stop_token_ids)
+    if not p.ignore_eos:
+        banned |= request.eos_token_ids
+    return banned
+
+
+def _has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _is_greedy(temperature: float) -> bool:
+    return temperature < _MIN_TEMPERATURE
+
+
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)

@@ -1,0 +1,176 @@
+"""In-flight batching through the real model: batched = alone, preemption, prefix reuse, n, seeds,
+stop strings, streaming and abort, metrics and admission."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from kiln.errors import RequestError
+from kiln.runtime import LLM, AsyncLLM, SamplingParams
+from conftest import DEVICE
+
+
+@pytest.fixture(scope="module")
+def engine(engine_dir):
+    return engine_dir("llama", max_batch_size=8, max_num_tokens=64)
+
+
+def mixed_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 300) for _ in range(rng.choice([1, 3, 9, 17, 33, 70]))] for _ in range(n)]
+
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def test_batched_outputs_equal_one_at_a_time(engine):
+    llm = LLM(engine, device=DEVICE)
+    prompts = mixed_prompts(16)
+    batched = llm.generate(prompts, GREEDY)
+    alone = [llm.generate([p], GREEDY)[0] for p in prompts]
+    assert [o.token_ids for o in batched] == [o.token_ids for o in alone]
+    assert all(len(o.token_ids) == 12 for o in batched)
+    ex = llm.executor
+    ex.scheduler.check_integrity()
+    assert ex.stats().kv_blocks_used == 0
+
+
+LONG = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+
+def long_prompts() -> list[list[int]]:
+    return [p * 4 for p in mixed_prompts(8, seed=1) if len(p) < 40][:6] + [[9] * 31, [10] * 20]
+
+
+def test_small_pool_preempts_with_identical_outputs(engine):
+    prompts = long_prompts()
+    reference = LLM(engine, device=DEVICE).generate(prompts, LONG)
+    # 12 blocks of 16 tokens cannot hold 8 requests that each grow by 40 tokens at once.
+    small = LLM(engine, device=DEVICE, kv_cache_memory=12 * _block_bytes(engine), enable_prefix_caching=False)
+    outs = small.generate(prompts, LONG)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
+    assert small.executor.stats().num_preemptions > 0
+    assert sum(o.metrics.num_preemptions for o in outs) > 0
+    small.executor.scheduler.check_integrity()
+    assert small.executor.stats().kv_blocks_used == 0
+
+
+def _block_bytes(engine) -> int:
+    from kiln.engine import read_engine
+    from kiln.runtime.model_runner import kv_cache_spec
+
+    return kv_cache_spec(read_engine(engine)).bytes_per_block
+
+
+def test_guaranteed_no_evict_never_preempts(engine):
+    prompts = long_prompts()
+    llm = LLM(engine, device=DEVICE, kv_cache_memory=12 * _block_bytes(engine), policy="guaranteed_no_evict")
+    outs = llm.generate(prompts, LONG)
+    assert llm.executor.stats().num_preemptions == 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in LLM(engine, device=DEVICE).generate(prompts, LONG)]
+
+
+def test_shared_prefix_is_served_from_cache(engine):
+    llm = LLM(engine, device=DEVICE)
+    prefix = mixed_prompts(1, seed=5)[0] * 4
+    first = llm.generate([prefix + [7, 8, 9]], GREEDY)[0]
+    second = llm.generate([prefix + [10, 11]], GREEDY)[0]
+    assert first.metrics.num_cached_tokens == 0
+    assert len(prefix) >= 64
+    assert second.metrics.num_cached_tokens == len(prefix) // 16 * 16  # the shared prefix's full blocks
+    cold = LLM(engine, device=DEVICE, enable_prefix_caching=False).generate([prefix + [10, 11]], GREEDY)[0]
+    assert second.token_ids == cold.token_ids
+    assert llm.executor.stats().prefix_cache_hit_rate > 0
+
+
+def test_seeded_sampling_is_independent_of_the_batch(engine):
+    llm = LLM(engine, device=DEVICE)
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7]], params)[0].token_ids
+    others = [SamplingParams(max_tokens=14, temperature=0.8, ignore_eos=True)] * 5
+    batch = llm.generate(mixed_prompts(5, seed=3) + [[5, 6, 7]], others + [params])
+    assert batch[-1].token_ids == alone
+    assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=10, seed=99, ignore_eos=True))[0].token_ids != alone
+
+
+def test_n_completions_share_the_prompt_blocks(engine):
+    llm = LLM(engine, device=DEVICE)
+    prompt = mixed_prompts(1, seed=7)[0] * 3  # long enough for full blocks
+    out = llm.generate([prompt], SamplingParams(n=3, max_tokens=6, seed=10, ignore_eos=True))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    single = llm.generate([prompt], SamplingParams(max_tokens=6, seed=10, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == single.token_ids
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    # Completions 2 and 3 reuse the prompt's full blocks instead of recomputing them.
+    assert llm.executor.block_manager.prefix_cache_hits >= 2 * (len(prompt) // 16) * 16
+
+
+def test_stop_strings_and_logprobs(engine):
+    llm = LLM(engine, device=DEVICE)
+    free = llm.generate(["def add(a, b):"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    text = free.text
+    assert len(text) > 6
+    stop = text[3:6]
+    out = llm.generate(["def add(a, b):"], SamplingParams(max_tokens=24, temperature=0, stop=[stop],
+                                                          ignore_eos=True, logprobs=3))[0]
+    assert out.text == text[: text.index(stop)]
+    assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop
+    lps = out.outputs[0].logprobs
+    assert len(lps) == len(out.token_ids)
+    for lp, tok in zip(lps, out.token_ids):
+        assert lp.token_id == tok and len(lp.top) == 3 and lp.top[0][0] == tok  # greedy: chosen is the top
+
+
+def test_admission_refuses_requests_that_can_never_fit(engine):
+    llm = LLM(engine, device=DEVICE)
+    with pytest.raises(RequestError, match="max_seq_len|longer"):
+        llm.generate([[5] * 250], SamplingParams(max_tokens=10))
+    with pytest.raises(RequestError, match="out of range"):
+        llm.generate([[5, 10**7]], GREEDY)
+    # The engine is still usable, with nothing leaked.
+    assert llm.generate([[5, 6]], GREEDY)[0].finish_reason == "length"
+    assert llm.executor.stats().kv_blocks_used == 0
+
+
+def test_metrics(engine):
+    out = LLM(engine, device=DEVICE).generate([[5] * 40], GREEDY)[0]
+    m = out.metrics
+    assert m.num_prompt_tokens == 40 and m.num_generated_tokens == 12
+    assert 0 <= m.queue_time <= m.time_to_first_token <= m.e2e_latency
+    assert m.time_per_output_token > 0
+
+
+def test_async_streaming_concatenates_to_the_final_text_and_abort_frees_blocks(engine):
+    async def scenario():
+        llm = AsyncLLM(engine, device=DEVICE)
+        try:
+            params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+            pieces, last = [], None
+            async for out in llm.generate("Unicode: café, 日本語", params):
+                pieces.append(out.outputs[0].delta_text)
+                last = out
+            assert last.finished and "".join(pieces) == last.text
+
+            async def slow_consumer():
+                async for out in llm.generate([5] * 30, SamplingParams(max_tokens=200, ignore_eos=True),
+                                              request_id="long"):
+                    if len(out.token_ids) >= 3:
+                        break  # the client goes away mid-stream
+
+            await asyncio.gather(slow_consumer(), *[_drain(llm, [6] * n) for n in (3, 9, 27)])
+            await asyncio.sleep(0.05)
+            stats = llm.stats()
+            assert stats.kv_blocks_used == 0 and stats.num_running == 0
+            llm.executor.scheduler.check_integrity()
+        finally:
+            llm.shutdown()
+
+    asyncio.run(scenario())
+
+
+async def _drain(llm, prompt):
+    async for out in llm.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True)):
+        pass
+    assert out.finished
