@@ -22,7 +22,7 @@ class AttentionMetadata:
     block_size: int
     # Device copies for kernels that read them on the device (None when not needed).
     query_start_loc_t: torch.Tensor | None = None  # [num_seqs + 1] int32
-    seq_lens_t: torch.Tensor | None = None  # [num_seqs] int32
+    seq_lens_t: torch.Tensor | None = None  # [num_seqs] int64
 
     @property
     def num_seqs(self) -> int:

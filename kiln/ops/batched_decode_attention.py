@@ -36,7 +36,7 @@ def batched_decode_attention(
     v = v_cache[table].flatten(1, 2)[:, :max_len].permute(0, 2, 1, 3).to(q.dtype)
     qg = q.view(num_seqs, heads_kv, group, head_dim)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hk, G, L]
-    lens = torch.tensor(meta.seq_lens, device=q.device)
+    lens = meta.seq_lens_t if meta.seq_lens_t is not None else torch.tensor(meta.seq_lens, device=q.device)
     key_pos = torch.arange(max_len, device=q.device)
     invalid = key_pos[None, :] >= lens[:, None]
     if sliding_window is not None:

@@ -97,6 +97,7 @@ class ModelRunner:
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
             block_size=self.block_size,
+            seq_lens_t=torch.tensor(seq_lens, dtype=torch.int64).to(self.device),
         )
         with forward_context(ForwardContext(meta, self.kv_caches)):
             hidden = self.model(torch.tensor(token_ids, device=self.device), pos.to(self.device))
