@@ -148,3 +148,37 @@ def test_invalid_build_options_are_refused_early(hf_model_dir, tmp_path, capsys)
     code = main(["build", str(hf_model_dir("llama")), "-o", str(tmp_path / "e"), "--max-seq-len", "100000"])
     assert code == 1 and "max_position_embeddings" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("problem", ["unsupported tensor type", "no tokenizer", "unknown architecture"])
+def test_bad_gguf_gives_clear_error_and_no_engine(problem, tmp_path, capsys):
+    from gguf import GGMLQuantizationType as Q
+
+    from gguf_helpers import write_tiny_gguf
+
+    src = tmp_path / "model.gguf"
+    if problem == "unsupported tensor type":
+        write_tiny_gguf(src, hidden=256, intermediate=256, types={"blk.0.attn_q.weight": Q.Q8_K})
+        expected = "blk.0.attn_q.weight' has GGUF type Q8_K"
+    elif problem == "no tokenizer":
+        write_tiny_gguf(src, tokenizer=None)
+        expected = "tokenizer"
+    else:
+        write_tiny_gguf(src, arch="gpt2")
+        expected = "unsupported GGUF architecture 'gpt2'"
+    capsys.readouterr()
+    code = main(["build", str(src), "-o", str(tmp_path / "engine")])
+    err = capsys.readouterr().err
+    assert code == 1 and expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "engine").exists() and leftovers(tmp_path) == []
+
+
+def test_tiny_gguf_builds_and_runs(tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    from gguf_helpers import write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "m.gguf", qtype=Q.Q4_K, hidden=256, intermediate=256)
+    assert main(["build", str(tmp_path / "m.gguf"), "-o", str(tmp_path / "e"), "--max-seq-len", "128"]) == 0
+    out = LLM(tmp_path / "e").generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
