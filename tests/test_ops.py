@@ -89,3 +89,21 @@ def test_op_table_binds_the_plan_and_falls_back_with_one_warning(caplog):
         del get_op("silu_and_mul").impls["test_cuda_only"]
     with pytest.raises(AttributeError, match="no op 'nonexistent'"):
         table.nonexistent
+
+
+@pytest.mark.parametrize("op_name", ["linear", "logits"])
+@pytest.mark.parametrize("rows", [1, 8, 37])
+def test_matmul_plugins_match_reference(op_name, rows):
+    op = get_op(op_name)
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 96, generator=g), torch.randn(200, 96, generator=g), torch.randn(200, generator=g)
+    extra = (b,) if op_name == "linear" else ()
+    want = op.reference.fn(x, w, *extra)
+    checked = 0
+    for impl in op.impls.values():
+        if impl.name == REFERENCE or not impl.supports(torch.device("cpu"), torch.float32):
+            continue
+        weight = impl.prepare(w) if impl.prepare else w
+        torch.testing.assert_close(impl.fn(x, weight, *extra), want, rtol=1e-5, atol=1e-4)
+        checked += 1
+    assert checked or op_name not in ("linear", "logits") or not torch.backends.mkldnn.is_available()

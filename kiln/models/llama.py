@@ -23,8 +23,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
         self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, ops, mapping)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope)
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -35,10 +35,12 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i, ops, mapping) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, rope_table: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(token_ids)
+        # The rotary rows of this step's positions, gathered and cast once for all layers.
+        cos_sin = rope_table[positions].to(x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, rope)
+            x = layer(x, cos_sin)
         return self.norm(x)
 
 
@@ -67,9 +69,17 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(token_ids, positions, self.rope_table)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def prepare_weights(self) -> None:
+        """After loading: the output projection in the form the bound ``logits`` implementation reads.
+
+        NOTE: with tied embeddings and a plugin that reorders, this is a second copy of the matrix;
+        the reference implementation shares the embedding's.
+        """
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-        return self.ops.linear(hidden, head.weight)
+        self.logits_weight = self.ops.prepare_weight("logits", head.weight.data)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.ops.logits(hidden, self.logits_weight)
 
 
 def config_from_hf(hf: dict, *, qkv_bias: bool = False) -> ModelConfig:

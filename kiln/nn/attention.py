@@ -36,14 +36,15 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_table: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, hidden]; cos_sin: [T, 2, head_dim], the rotary rows at each token's position."""
         ctx = get_forward_context()
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.ops.rotary_embedding(q, k, positions, rope_table)
+        qkv = self.qkv_proj(x).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        # NOTE: per token, the query heads and key heads are adjacent, so one rotary call covers both.
+        qk = self.ops.rotary_embedding(qkv[:, : self.num_heads + self.num_kv_heads], cos_sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, self.num_heads + self.num_kv_heads:]
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         self.ops.write_kv_cache(k, v, k_cache, v_cache, ctx.attn.slot_mapping)
         o = self.ops.paged_attention(q, k_cache, v_cache, ctx.attn, self.scale, self.sliding_window)

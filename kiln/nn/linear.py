@@ -1,10 +1,9 @@
-"""Linear layers in their tensor-parallel forms; each parameter knows how to take its own shard.
+"""Linear layers in their tensor-parallel forms.
 
 ``ColumnLinear`` splits output features across ranks, ``RowLinear`` splits input features and sums
-the partial results. The fused forms (``QKVLinear``, ``MergedColumnLinear``) are column layers
-whose output is several projections side by side; ``fused_from`` names the checkpoint tensors the
-builder concatenates into them.
-"""
+the partial results; each is built with its rank's shard shape from the ``Mapping``. The fused
+forms (``QKVLinear``, ``MergedColumnLinear``) are column layers whose output is several projections
+side by side; ``fused_from`` names the checkpoint tensors the builder concatenates into them."""
 from __future__ import annotations
 
 import torch
@@ -14,7 +13,13 @@ from kiln.nn.mapping import Mapping
 from kiln.ops import OpTable
 
 
-class ColumnLinear(nn.Module):
+class _Linear(nn.Module):
+    def prepare_weights(self) -> None:
+        """After loading: convert the weight to the form the bound ``linear`` implementation reads."""
+        self.weight = nn.Parameter(self.ops.prepare_weight("linear", self.weight.data), requires_grad=False)
+
+
+class ColumnLinear(_Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool, ops: OpTable, mapping: Mapping = Mapping()):
         super().__init__()
         self.ops = ops
@@ -24,16 +29,11 @@ class ColumnLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
 
-    def shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of a full (unsharded) tensor for parameter ``name``."""
-        n = full.shape[0] // self.mapping.tp_size
-        return full.narrow(0, self.mapping.tp_rank * n, n)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.linear(x, self.weight, self.bias)
 
 
-class RowLinear(nn.Module):
+class RowLinear(_Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool, ops: OpTable, mapping: Mapping = Mapping()):
         super().__init__()
         self.ops = ops
@@ -42,12 +42,6 @@ class RowLinear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, self.in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-
-    def shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        if name == "bias":
-            return full
-        n = full.shape[1] // self.mapping.tp_size
-        return full.narrow(1, self.mapping.tp_rank * n, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # NOTE: the bias is added once, after the partial products are summed across ranks.
@@ -65,11 +59,6 @@ class MergedColumnLinear(ColumnLinear):
         super().__init__(in_features, sum(sizes), bias, ops, mapping)
         self.sizes = [mapping.shard(s, name) for s, name in zip(sizes, fused_from)]
         self.fused_from = fused_from
-
-    def shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        # Each projection is sharded on its own, then the shards are stacked again.
-        parts = full.split([s * self.mapping.tp_size for s in self.sizes], dim=0)
-        return torch.cat([p.narrow(0, self.mapping.tp_rank * s, s) for p, s in zip(parts, self.sizes)], dim=0)
 
 
 class QKVLinear(MergedColumnLinear):

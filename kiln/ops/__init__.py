@@ -6,3 +6,4 @@ from kiln.ops.registry import REFERENCE, Implementation, Op, OpTable, all_ops, g
 __all__ = ["AttentionMetadata", "Implementation", "Op", "OpTable", "REFERENCE", "all_ops", "get_op", "plugin"]
 
 from kiln.ops import batched_decode_attention as _batched_decode_attention  # noqa: E402,F401  (registers the plugin)
+from kiln.ops import onednn_linear as _onednn_linear  # noqa: E402,F401  (registers the plugin)

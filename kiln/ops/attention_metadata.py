@@ -1,7 +1,7 @@
 """What the attention ops need to know about one step's packed batch and its paged KV cache."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,8 @@ class AttentionMetadata:
     # Device copies for kernels that read them on the device (None when not needed).
     query_start_loc_t: torch.Tensor | None = None  # [num_seqs + 1] int32
     seq_lens_t: torch.Tensor | None = None  # [num_seqs] int64
+    # What an implementation derives once per step and reuses in every layer (e.g. masks), by its own key.
+    scratch: dict = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

@@ -36,11 +36,20 @@ def batched_decode_attention(
     v = v_cache[table].flatten(1, 2)[:, :max_len].permute(0, 2, 1, 3).to(q.dtype)
     qg = q.view(num_seqs, heads_kv, group, head_dim)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hk, G, L]
-    lens = meta.seq_lens_t if meta.seq_lens_t is not None else torch.tensor(meta.seq_lens, device=q.device)
-    key_pos = torch.arange(max_len, device=q.device)
-    invalid = key_pos[None, :] >= lens[:, None]
-    if sliding_window is not None:
-        invalid |= key_pos[None, :] <= (lens[:, None] - 1 - sliding_window)
-    scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
+    scores.masked_fill_(_padding_mask(meta, max_len, sliding_window, q.device), float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     return torch.matmul(probs, v).reshape(num_seqs, heads, head_dim)
+
+
+def _padding_mask(meta: AttentionMetadata, max_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[B, 1, 1, L], True where a key is padding or outside the window; built once per step and window."""
+    key = ("batched_decode_mask", window)
+    mask = meta.scratch.get(key)
+    if mask is None:
+        lens = meta.seq_lens_t if meta.seq_lens_t is not None else torch.tensor(meta.seq_lens, device=device)
+        pos = torch.arange(max_len, device=device)
+        mask = pos[None, :] >= lens[:, None]
+        if window is not None:
+            mask |= pos[None, :] <= (lens[:, None] - 1 - window)
+        mask = meta.scratch[key] = mask[:, None, None, :]
+    return mask

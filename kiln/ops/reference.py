@@ -1,7 +1,7 @@
 """Reference implementations of every op, in plain PyTorch. They define what is correct.
 
-Numerics follow Hugging Face transformers' Llama family (RMSNorm in float32, rotary tables in
-float32 cast to the activation dtype), so kiln matches it and plugins are checked against these.
+Numerics follow Hugging Face transformers' Llama family (RMSNorm in float32, rotary tables
+computed in float32 and cast to the activation dtype), so kiln matches it and plugins are checked against these.
 """
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+@reference("logits")
+def logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Output projection onto the vocabulary; ``weight`` is [vocab, hidden] (shared with a tied embedding)."""
+    return F.linear(hidden, weight)
+
+
 @reference("rms_norm")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, scaled in the input dtype (as transformers does)."""
@@ -41,14 +47,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @reference("rotary_embedding")
-def rotary_embedding(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half RoPE. q: [T, H, D], k: [T, Hk, D], cos_sin: [max_pos, 2, D] float32 table."""
-    table = cos_sin[positions]
-    cos = table[:, 0].unsqueeze(1).to(q.dtype)
-    sin = table[:, 1].unsqueeze(1).to(q.dtype)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+def rotary_embedding(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [T, heads, D] with each token's [cos; sin] rows, cos_sin [T, 2, D] in x's dtype."""
+    cos = cos_sin[:, 0].unsqueeze(1)
+    sin = cos_sin[:, 1].unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,9 @@ class Implementation:
     supports: Callable[[torch.device, torch.dtype], bool]
     # Tunable configurations the builder may try (e.g. block sizes); empty for the reference.
     configs: tuple[dict, ...] = ()
+    # Converts a weight, once at load, into the form this implementation reads (e.g. a blocked
+    # layout); None: the weight is used as the engine stores it.
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(slots=True)
@@ -66,6 +69,7 @@ def plugin(
     impl_name: str,
     supports: Callable[[torch.device, torch.dtype], bool] = _always,
     configs: tuple[dict, ...] = (),
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Register ``fn`` as another implementation of an existing op."""
 
@@ -73,7 +77,7 @@ def plugin(
         op = get_op(op_name)
         if impl_name in op.impls:
             raise ValueError(f"op {op_name!r} already has an implementation named {impl_name!r}")
-        op.impls[impl_name] = Implementation(op_name, impl_name, fn, supports, tuple(configs))
+        op.impls[impl_name] = Implementation(op_name, impl_name, fn, supports, tuple(configs), prepare)
         return fn
 
     return wrap
@@ -99,6 +103,7 @@ class OpTable:
 
     def __init__(self, plan: dict[str, dict] | None, device: torch.device, dtype: torch.dtype):
         self.choices: dict[str, str] = {}
+        self._prepare: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {}
         fallbacks = []
         for name, op in _OPS.items():
             entry = (plan or {}).get(name, {})
@@ -114,12 +119,18 @@ class OpTable:
                 fn = _bind_config(fn, config)
             setattr(self, name, fn)
             self.choices[name] = impl.name
+            self._prepare[name] = impl.prepare
         if fallbacks:
             log.warning(
                 "the engine's plan names implementations that cannot run on %s/%s (%s); "
                 "using the reference implementations instead",
                 device, dtype, ", ".join(fallbacks),
             )
+
+    def prepare_weight(self, op: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` in the form the bound implementation of ``op`` reads."""
+        prepare = self._prepare[op]
+        return weight if prepare is None else prepare(weight)
 
     def __getattr__(self, name: str) -> Any:  # only reached for ops not bound above
         raise AttributeError(f"no op {name!r} in this table; registered: {sorted(_OPS)}")

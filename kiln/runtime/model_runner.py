@@ -45,6 +45,9 @@ class ModelRunner:
             self.model = create_model(self.config, self.ops, max_positions=build.max_seq_len)
         weights = load_file(str(engine.weights_path), device=str(device))
         self.model.load_state_dict(weights, strict=True, assign=True)
+        for module in self.model.modules():
+            if hasattr(module, "prepare_weights"):
+                module.prepare_weights()
         self.model.materialize_buffers(device)
         self.model.eval()
         self.kv_spec = kv_cache_spec(engine)
