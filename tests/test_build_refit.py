@@ -58,7 +58,7 @@ def test_same_weights_converted_twice_give_same_checksums(hf_model_dir, tmp_path
 def test_stripped_engine_refit_gives_same_outputs(hf_model_dir, engine_dir, tmp_path):
     ckpt, stripped = tmp_path / "ckpt", tmp_path / "stripped"
     assert main(["convert", str(hf_model_dir("llama")), "-o", str(ckpt)]) == 0
-    assert main(["build", str(ckpt), "-o", str(stripped), "--strip-weights", "--max-seq-len", "256"]) == 0
+    assert main(["build", str(ckpt), "-o", str(stripped), "--strip-weights", "--max-seq-len", "256", "--dtype", "float32"]) == 0
     assert not (stripped / "rank0.safetensors").exists()
     with pytest.raises(Exception, match="refit"):
         LLM(stripped)

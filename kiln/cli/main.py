@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_build_options(p, for_run=True)
     p.set_defaults(run=_run)
 
+    from kiln.cli import bench
+
+    bench.add_parser(verbs)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

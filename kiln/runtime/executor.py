@@ -27,15 +27,14 @@ from kiln.runtime.tokenizer import EngineTokenizer
 
 log = logging.getLogger(__name__)
 
-# CPU default for the KV pool when no budget is given: room for every batch slot at full length,
-# but never more than this.
+# The most a KV pool takes on the CPU when no budget is given.
 _CPU_KV_CAP_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
 class ExecutorConfig:
     device: str | None = None
-    # KV cache budget in bytes; None: a fraction of free GPU memory, or enough for a full batch on CPU.
+    # KV cache budget in bytes; None: twice a full batch at max length, within the free memory.
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     policy: str = "max_utilization"
@@ -265,16 +264,19 @@ class Executor:
         )
 
     def _num_kv_blocks(self) -> int:
+        """Blocks for the KV pool: the budget given, else room for every batch slot at full length
+        (twice over, for the prefix cache) within the free memory of a GPU or a cap on the CPU."""
         spec = self.runner.kv_spec
         build = self.engine.build
+        full_batch = -(-build.max_seq_len // build.kv_block_size) * build.max_batch_size
         budget = self.config.kv_cache_memory
-        if budget is None and self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used_elsewhere = total - free
-            budget = int(total * self.config.gpu_memory_utilization) - used_elsewhere
         if budget is None:
-            full = -(-build.max_seq_len // build.kv_block_size) * build.max_batch_size
-            return max(1, min(full, _CPU_KV_CAP_BYTES // spec.bytes_per_block))
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                limit = int(total * self.config.gpu_memory_utilization) - (total - free)
+            else:
+                limit = _CPU_KV_CAP_BYTES
+            return max(1, min(2 * full_batch, limit // spec.bytes_per_block))
         blocks = budget // spec.bytes_per_block
         if blocks < 1:
             raise RequestError(f"the KV cache budget of {budget} bytes holds no block "

@@ -1,0 +1,241 @@
+"""Drive the executor's step loop over benchmark requests and measure throughput and latency."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field, fields
+from typing import Sequence
+
+import torch
+
+from kiln.bench.dataset import BenchRequest, Dataset
+from kiln.errors import KilnError
+from kiln.runtime.executor import Executor
+from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.sampling_params import SamplingParams
+
+
+def clock(device: torch.device) -> float:
+    """``time.monotonic()`` (the executor's clock) once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.monotonic()
+
+
+def greedy(output_len: int) -> SamplingParams:
+    # ignore_eos with max_tokens: every request generates exactly output_len tokens.
+    return SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """The p-th percentile by linear interpolation between closest ranks (numpy's default)."""
+    k = (len(sorted_values) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+def summarize_ms(seconds: Sequence[float]) -> dict[str, float | None]:
+    """p50/p90/p99/mean/min/max in milliseconds; None for each when there are no values."""
+    keys = ("p50", "p90", "p99", "mean", "min", "max")
+    if not seconds:
+        return dict.fromkeys(keys)
+    v = sorted(s * 1000 for s in seconds)
+    return {"p50": percentile(v, 50), "p90": percentile(v, 90), "p99": percentile(v, 99),
+            "mean": sum(v) / len(v), "min": v[0], "max": v[-1]}
+
+
+def check_fits(executor: Executor, requests: Sequence[BenchRequest]) -> None:
+    """Refuse, before anything runs, a request that the engine could never serve whole."""
+    limit = executor.max_seq_len
+    for i, r in enumerate(requests):
+        if r.input_len + r.output_len > limit:
+            raise KilnError(f"{r.where(i)}: {r.input_len} prompt + {r.output_len} output tokens exceed the "
+                            f"engine's max_seq_len={limit}; shorten it or build the engine with a larger --max-seq-len")
+
+
+def _drain(executor: Executor, ids: set[str]) -> dict[str, RequestOutput]:
+    done: dict[str, RequestOutput] = {}
+    while len(done) < len(ids):
+        for out in executor.step():
+            if out.finished and out.request_id in ids:
+                done[out.request_id] = out
+    return done
+
+
+def _fresh_prefix_cache(executor: Executor) -> None:
+    # Warmup (or an earlier iteration) must not hand the measured requests cached prefixes.
+    if not executor.block_manager.reset_prefix_cache():
+        raise RuntimeError("the prefix cache cannot be reset while requests hold KV blocks")
+
+
+def _first_token_time(out: RequestOutput) -> float:
+    m = out.metrics
+    return m.arrival_time + m.time_to_first_token
+
+
+def _finish_time(out: RequestOutput) -> float:
+    m = out.metrics
+    return m.arrival_time + m.e2e_latency
+
+
+@dataclass(slots=True)
+class ThroughputResult:
+    num_requests: int
+    total_input_tokens: int
+    total_output_tokens: int
+    duration_s: float
+    request_throughput: float  # requests/s
+    output_throughput: float  # output tokens/s
+    total_token_throughput: float  # (input + output) tokens/s
+    ttft_ms: dict[str, float | None]
+    tpot_ms: dict[str, float | None]
+    e2e_latency_ms: dict[str, float | None]
+    kv_blocks_total: int
+    kv_blocks_peak_used: int
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    num_steps: int
+    # Generated ids in request order, for checking the transformers baseline; not reported.
+    output_token_ids: list[list[int]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "output_token_ids"}
+
+
+def arrival_offsets(n: int, request_rate: float, seed: int) -> list[float]:
+    """Seconds after the start at which each request arrives: all at 0, or a Poisson process of ``request_rate``."""
+    if math.isinf(request_rate):
+        return [0.0] * n
+    rng = random.Random(seed)
+    offsets, t = [], 0.0
+    for _ in range(n):
+        offsets.append(t)
+        t += rng.expovariate(request_rate)
+    return offsets
+
+
+def run_throughput(executor: Executor, dataset: Dataset, request_rate: float = math.inf, warmup: int = 0,
+                   seed: int = 0) -> ThroughputResult:
+    """Serve every request of ``dataset`` through ``executor.step()``; arrivals join between steps.
+
+    Latencies count from each request's scheduled arrival, so a request that arrives during a step
+    is charged the rest of that step, as a client would be.
+    """
+    requests = dataset.requests
+    check_fits(executor, requests)
+    if warmup:
+        ids = {executor.add_request(requests[i % len(requests)].prompt_ids,
+                                    greedy(requests[i % len(requests)].output_len), f"warmup-{i}")
+               for i in range(warmup)}
+        _drain(executor, ids)
+    _fresh_prefix_cache(executor)
+    bm = executor.block_manager
+    preemptions_before = executor.scheduler.num_preemptions
+    steps_before = executor.num_steps
+    offsets = arrival_offsets(len(requests), request_rate, seed)
+    arrival: dict[str, float] = {}
+    done: dict[str, RequestOutput] = {}
+    peak_used = 0
+    added = 0
+    start = clock(executor.device)
+    while added < len(requests) or executor.has_unfinished():
+        now = time.monotonic()
+        while added < len(requests) and start + offsets[added] <= now:
+            r = requests[added]
+            rid = executor.add_request(r.prompt_ids, greedy(r.output_len), f"bench-{added}")
+            arrival[rid] = start + offsets[added]
+            added += 1
+        if not executor.has_unfinished():
+            time.sleep(max(0.0, start + offsets[added] - time.monotonic()))
+            continue
+        for out in executor.step():
+            if out.finished:
+                done[out.request_id] = out
+        # Sampled after the step: requests that finished in it have given their blocks back already.
+        peak_used = max(peak_used, bm.num_used_blocks)
+    end = clock(executor.device)
+
+    outs = [done[f"bench-{i}"] for i in range(len(requests))]
+    ttft = [_first_token_time(o) - arrival[o.request_id] for o in outs]
+    e2e = [_finish_time(o) - arrival[o.request_id] for o in outs]
+    tpot = [o.metrics.time_per_output_token for o in outs if o.metrics.time_per_output_token is not None]
+    total_in = sum(o.metrics.num_prompt_tokens for o in outs)
+    total_out = sum(o.metrics.num_generated_tokens for o in outs)
+    duration = end - start
+    return ThroughputResult(
+        num_requests=len(outs), total_input_tokens=total_in, total_output_tokens=total_out, duration_s=duration,
+        request_throughput=len(outs) / duration, output_throughput=total_out / duration,
+        total_token_throughput=(total_in + total_out) / duration,
+        ttft_ms=summarize_ms(ttft), tpot_ms=summarize_ms(tpot), e2e_latency_ms=summarize_ms(e2e),
+        kv_blocks_total=bm.num_blocks, kv_blocks_peak_used=peak_used,
+        prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+        num_preemptions=executor.scheduler.num_preemptions - preemptions_before,
+        num_steps=executor.num_steps - steps_before,
+        output_token_ids=[list(o.token_ids) for o in outs],
+    )
+
+
+@dataclass(slots=True)
+class LatencyResult:
+    batch_size: int
+    input_len: int
+    output_len: int
+    iterations: int
+    ttft_ms: dict[str, float | None]
+    tpot_ms: dict[str, float | None]
+    e2e_latency_ms: dict[str, float | None]  # submit -> the batch's last token, per iteration
+    # B * (output_len - 1) / (the batch's first token -> its last token), mean over iterations.
+    decode_tokens_per_s: float | None
+    decode_tokens_per_s_per_iteration: list[float | None]
+    # Generated ids of each iteration's batch, for checking the transformers baseline; not reported.
+    output_token_ids: list[list[list[int]]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "output_token_ids"}
+
+
+def decode_rate(batch_size: int, output_len: int, seconds: float) -> float | None:
+    """Tokens/s of the decode phase: every sequence's tokens after its first, over ``seconds``."""
+    if output_len < 2 or seconds <= 0:
+        return None
+    return batch_size * (output_len - 1) / seconds
+
+
+def run_latency(executor: Executor, batches: Sequence[Sequence[list[int]]], output_len: int,
+                warmup: Sequence[Sequence[list[int]]] = ()) -> LatencyResult:
+    """Submit each batch of same-length prompts together and run it to the end, one batch at a time."""
+    if not batches:
+        raise KilnError("the latency benchmark needs at least one iteration")
+    batch_size, input_len = len(batches[0]), len(batches[0][0])
+    check_fits(executor, [BenchRequest(p, output_len) for p in batches[0]])
+    for i, batch in enumerate(warmup):
+        _fresh_prefix_cache(executor)
+        _drain(executor, {executor.add_request(p, greedy(output_len), f"warmup-{i}-{j}") for j, p in enumerate(batch)})
+    ttft: list[float] = []
+    tpot: list[float] = []
+    e2e: list[float] = []
+    rates: list[float | None] = []
+    tokens: list[list[list[int]]] = []
+    for i, batch in enumerate(batches):
+        _fresh_prefix_cache(executor)
+        ids = [f"iter-{i}-{j}" for j in range(len(batch))]
+        start = clock(executor.device)
+        for rid, prompt in zip(ids, batch):
+            executor.add_request(prompt, greedy(output_len), rid)
+        done = _drain(executor, set(ids))
+        outs = [done[rid] for rid in ids]
+        firsts = [_first_token_time(o) for o in outs]
+        lasts = [_finish_time(o) for o in outs]
+        ttft.extend(t - start for t in firsts)
+        tpot.extend(o.metrics.time_per_output_token for o in outs if o.metrics.time_per_output_token is not None)
+        e2e.append(max(lasts) - start)
+        rates.append(decode_rate(len(batch), output_len, max(lasts) - min(firsts)))
+        tokens.append([list(o.token_ids) for o in outs])
+    measured = [r for r in rates if r is not None]
+    return LatencyResult(
+        batch_size=batch_size, input_len=input_len, output_len=output_len, iterations=len(batches),
+        ttft_ms=summarize_ms(ttft), tpot_ms=summarize_ms(tpot), e2e_latency_ms=summarize_ms(e2e),
+        decode_tokens_per_s=sum(measured) / len(measured) if measured else None,
+        decode_tokens_per_s_per_iteration=rates, output_token_ids=tokens,
+    )

@@ -1,0 +1,158 @@
+"""Benchmark reports: the environment, a readable table and the same numbers as JSON."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from kiln.bench.dataset import describe as describe_dataset
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine() or "cpu"
+    return str(device)
+
+
+def environment(device: torch.device, dtype: str) -> dict:
+    from kiln.version import __version__
+
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "kiln": __version__,
+    }
+
+
+def write_json(doc: dict, target: str) -> None:
+    """``target`` is a file path, or ``-`` for stdout."""
+    text = json.dumps(doc, indent=2) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        Path(target).write_text(text, encoding="utf-8")
+
+
+# ----- the table -----
+def _num(value: float | int | None, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(kiln: float | None, hf: float | None) -> str:
+    return f"{kiln / hf:.2f}x" if kiln is not None and hf else "-"
+
+
+def _header(doc: dict) -> list[str]:
+    env, engine = doc["environment"], doc["engine"]
+    rule = "=" * 72
+    return [
+        rule, f" kiln bench {doc['benchmark']}", rule,
+        f" command          {doc['command']}",
+        f" engine           {engine['path']}",
+        f" built from       {engine['source'] or '-'}",
+        f" device           {env['device']} ({env['device_name']}), torch {env['torch']}, {env['dtype']}, "
+        f"{env['threads']} threads",
+        f" limits           batch {engine['max_batch_size']}, {engine['max_num_tokens']} tokens/step, "
+        f"seq {engine['max_seq_len']}, KV block {engine['kv_block_size']}",
+        f" requests         {describe_dataset(doc['dataset'])}",
+    ]
+
+
+def _latency_rows(results: dict, e2e_label: str = "end to end") -> list[str]:
+    lines = [f" {'latency (ms)':<22}{'p50':>10}{'p90':>10}{'p99':>10}{'mean':>10}"]
+    for label, key in (("time to first token", "ttft_ms"), ("time per output token", "tpot_ms"),
+                       (e2e_label, "e2e_latency_ms")):
+        s = results[key]
+        lines.append(f" {label:<22}" + "".join(f"{_num(s[p]):>10}" for p in ("p50", "p90", "p99", "mean")))
+    return lines
+
+
+def _comparison(title: str, label: str, kiln: float | None, hf: float | None, match: float | None) -> list[str]:
+    lines = ["", f" {title}",
+             f" {'':<22}{'kiln':>14}{'transformers':>14}{'kiln/hf':>10}",
+             f" {label:<22}{_num(kiln):>14}{_num(hf):>14}{_ratio(kiln, hf):>10}"]
+    if match is not None:
+        lines.append(f" identical greedy outputs: {match:.0%} of sequences")
+    return lines
+
+
+def format_throughput(doc: dict) -> str:
+    r = doc["results"]
+    rate = doc["settings"]["request_rate"]
+    lines = _header(doc) + [
+        f" request rate     {'all at once' if rate == 'inf' else f'{rate} requests/s (Poisson)'}, "
+        f"warmup {doc['settings']['warmup']} requests",
+        "-" * 72,
+        f" {'requests':<30}{_num(r['num_requests']):>14}",
+        f" {'total input tokens':<30}{_num(r['total_input_tokens']):>14}",
+        f" {'total output tokens':<30}{_num(r['total_output_tokens']):>14}",
+        f" {'duration (s)':<30}{_num(r['duration_s'], 3):>14}",
+        f" {'requests/s':<30}{_num(r['request_throughput']):>14}",
+        f" {'output tokens/s':<30}{_num(r['output_throughput']):>14}",
+        f" {'total tokens/s':<30}{_num(r['total_token_throughput']):>14}",
+        "",
+        *_latency_rows(r),
+        "",
+        f" {'KV blocks total / peak used':<30}{_num(r['kv_blocks_total']):>14} / {_num(r['kv_blocks_peak_used'])}",
+        f" {'prefix-cache hit rate':<30}{r['prefix_cache_hit_rate']:>14.1%}",
+        f" {'preemptions':<30}{_num(r['num_preemptions']):>14}",
+        f" {'steps':<30}{_num(r['num_steps']):>14}",
+    ]
+    hf = doc.get("hf")
+    if hf:
+        lines += _comparison(f"transformers {hf['transformers']} generate, batches of {hf['batch_size']} "
+                             f"({hf['num_batches']} batches)", "output tokens/s",
+                             r["output_throughput"], hf["output_throughput"], hf["token_match"])
+        if rate != "inf":
+            lines.append(" note: kiln's requests arrive at --request-rate; transformers runs its batches back to back")
+    return "\n".join(lines + ["=" * 72])
+
+
+def format_latency(doc: dict) -> str:
+    r = doc["results"]
+    per_iter = ", ".join(_num(x, 1) for x in r["decode_tokens_per_s_per_iteration"])
+    lines = _header(doc) + [
+        f" batch            {r['batch_size']} x ({r['input_len']} prompt + {r['output_len']} output tokens), "
+        f"{r['iterations']} iterations after {doc['settings']['warmup']} warmup",
+        "-" * 72,
+        *_latency_rows(r, "batch end to end"),
+        "",
+        f" {'decode tokens/s (mean)':<30}{_num(r['decode_tokens_per_s']):>14}",
+        f" {'  per iteration':<30}{per_iter:>14}",
+    ]
+    hf = doc.get("hf")
+    if hf:
+        lines += _comparison(f"transformers {hf['transformers']} generate, batch {hf['batch_size']}",
+                             "decode tokens/s", r["decode_tokens_per_s"], hf["decode_tokens_per_s"],
+                             hf["token_match"])
+    return "\n".join(lines + ["=" * 72])
+
+
+def emit(doc: dict, json_target: str | None, out: TextIO | None = None) -> None:
+    """Print the table; write the JSON. With ``--json -`` the JSON owns stdout, so the table goes to stderr."""
+    table = format_throughput(doc) if doc["benchmark"] == "throughput" else format_latency(doc)
+    stream = out or (sys.stderr if json_target == "-" else sys.stdout)
+    print(table, file=stream, flush=True)
+    if json_target:
+        write_json(doc, json_target)

@@ -1,0 +1,295 @@
+"""``kiln bench throughput`` and ``kiln bench latency``: the CLI side of kiln.bench."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    from kiln.bench.hf_baseline import HFSource
+    from kiln.engine import Engine
+    from kiln.runtime.executor import Executor
+    from kiln.runtime.tokenizer import EngineTokenizer
+
+DEFAULT_NUM_REQUESTS = 64
+# Build limits when the model is not an engine yet, as `kiln run` builds.
+DEFAULT_BUILD_BATCH = 8
+DEFAULT_BUILD_TOKENS = 512
+
+
+def add_parser(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("bench", help="measure an engine's throughput or latency (after trtllm-bench)")
+    benchmarks = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+
+    t = benchmarks.add_parser("throughput", help="serve many requests with in-flight batching; tokens/s and latencies")
+    _add_model_options(t)
+    g = t.add_argument_group("requests")
+    g.add_argument("--dataset", default=None,
+                   help='JSONL file: one {"prompt": text | "input_ids": [ids], "output_tokens": n} a line')
+    g.add_argument("--input-len", type=int, default=None, help="synthetic requests: prompt tokens")
+    g.add_argument("--output-len", type=int, default=None, help="synthetic requests: output tokens")
+    g.add_argument("--num-requests", type=int, default=None,
+                   help=f"synthetic: how many (default {DEFAULT_NUM_REQUESTS}); with --dataset: the first N")
+    g.add_argument("--request-rate", type=float, default=math.inf,
+                   help="requests/s as Poisson arrivals (default inf: all at once)")
+    g.add_argument("--warmup", type=int, default=2, help="requests served before measuring (default 2)")
+    g.add_argument("--seed", type=int, default=0, help="for synthetic prompts and arrival times")
+    r = t.add_argument_group("runtime")
+    r.add_argument("--max-batch-size", type=int, default=None, help="running requests at most (default: the engine's)")
+    r.add_argument("--max-num-tokens", type=int, default=None, help="tokens per step at most (default: the engine's)")
+    _add_output_options(t)
+    t.set_defaults(run=_throughput, bench_parser=t)
+
+    lat = benchmarks.add_parser("latency",
+                                help="one batch of same-length requests at a time; TTFT, TPOT, decode tokens/s")
+    _add_model_options(lat)
+    g = lat.add_argument_group("requests")
+    g.add_argument("--input-len", type=int, required=True, help="prompt tokens")
+    g.add_argument("--output-len", type=int, required=True, help="output tokens")
+    g.add_argument("--batch-size", type=int, default=1, help="requests submitted together (default 1)")
+    g.add_argument("--iterations", type=int, default=5, help="measured batches (default 5)")
+    g.add_argument("--warmup", type=int, default=1, help="batches run before measuring (default 1)")
+    g.add_argument("--seed", type=int, default=0, help="for the synthetic prompts")
+    r = lat.add_argument_group("runtime")
+    r.add_argument("--max-num-tokens", type=int, default=None, help="tokens per step at most (default: the engine's)")
+    _add_output_options(lat)
+    lat.set_defaults(run=_latency, bench_parser=lat)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="an engine, checkpoint, Hugging Face folder or .gguf file (default: the bundled SmolLM2)")
+    p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                   help="KV cache size in GiB (default: 90%% of free GPU memory; on CPU, room for a full batch)")
+    g = p.add_argument_group("build options (when the model must be built first)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: float32 on CPU, bfloat16 on GPU; a built engine keeps its own")
+    g.add_argument("--max-seq-len", type=int, default=None, help="default: the model's limit, at most 4096")
+    g.add_argument("--kv-block-size", type=int, default=16)
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--json", default=None, metavar="OUT",
+                   help="also write the numbers as JSON to OUT (-: stdout, and the table goes to stderr)")
+    g.add_argument("--compare-hf", action="store_true",
+                   help="run the same prompts through transformers' generate and compare")
+
+
+# ----- the benchmarks -----
+def _throughput(args: argparse.Namespace) -> None:
+    from kiln.bench.dataset import load_jsonl, ordinary_token_ids, synthetic
+    from kiln.bench.hf_baseline import HFBaseline, hf_throughput, token_match
+    from kiln.bench.measure import run_throughput
+    from kiln.bench.report import emit
+    from kiln.runtime.executor import Executor, ExecutorConfig
+
+    _require_positive(args, "max_batch_size", "max_num_tokens", "num_requests", "input_len", "output_len")
+    _require_at_least_zero(args, "warmup")
+    if not args.request_rate > 0:
+        raise KilnError(f"--request-rate must be positive, got {args.request_rate}")
+    if args.dataset and (args.input_len is not None or args.output_len is not None):
+        raise KilnError("give either --dataset or --input-len/--output-len, not both")
+    if not args.dataset and (args.input_len is None or args.output_len is None):
+        raise KilnError("give --dataset, or --input-len and --output-len for synthetic requests")
+    engine_dir, engine = _engine(args, args.max_batch_size or DEFAULT_BUILD_BATCH)
+    source = _hf_source(engine) if args.compare_hf else None
+    # The requests before the weights, so that a bad dataset fails at once.
+    tokenizer, vocab_size = _tokenizer(engine)
+    if args.dataset:
+        dataset = load_jsonl(args.dataset, tokenizer.encode, vocab_size, limit=args.num_requests)
+    else:
+        dataset = synthetic(args.input_len, args.output_len, args.num_requests or DEFAULT_NUM_REQUESTS, args.seed,
+                            ordinary_token_ids(tokenizer, vocab_size))
+    _release(args.device)
+    executor = Executor(str(engine_dir), ExecutorConfig(device=args.device, max_batch_size=args.max_batch_size,
+                                                        max_num_tokens=args.max_num_tokens,
+                                                        kv_cache_memory=_kv_bytes(args)))
+    result = run_throughput(executor, dataset, args.request_rate, args.warmup, args.seed)
+    settings = {"request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
+                "warmup": args.warmup, "seed": args.seed}
+    doc = _document(args, executor, engine, dataset.description, settings, result.to_dict())
+    if source is not None:
+        batch_size = executor.scheduler.config.max_batch_size
+        device, dtype = executor.device, executor.runner.dtype
+        del executor
+        _release(device)
+        baseline = HFBaseline(source, device, dtype)
+        hf = hf_throughput(baseline, [(r.prompt_ids, r.output_len) for r in dataset.requests], batch_size)
+        doc["hf"] = {
+            "source": str(source), "transformers": baseline.version, "batch_size": hf.batch_size,
+            "num_batches": hf.num_batches, "duration_s": hf.duration_s, "output_throughput": hf.output_throughput,
+            "kiln_output_throughput": result.output_throughput,
+            "ratio": result.output_throughput / hf.output_throughput,
+            "token_match": token_match(result.output_token_ids, hf.output_token_ids),
+        }
+    emit(doc, args.json)
+
+
+def _latency(args: argparse.Namespace) -> None:
+    from kiln.bench.dataset import ordinary_token_ids, synthetic
+    from kiln.bench.hf_baseline import HFBaseline, hf_decode, token_match
+    from kiln.bench.measure import run_latency
+    from kiln.bench.report import emit
+    from kiln.runtime.executor import Executor, ExecutorConfig
+
+    _require_positive(args, "input_len", "output_len", "batch_size", "iterations", "max_num_tokens")
+    _require_at_least_zero(args, "warmup")
+    b = args.batch_size
+    engine_dir, engine = _engine(args, max(DEFAULT_BUILD_BATCH, b))
+    source = _hf_source(engine) if args.compare_hf else None
+    tokenizer, vocab_size = _tokenizer(engine)
+    # Fresh prompts for every batch, so no batch finds another's prefix anywhere.
+    data = synthetic(args.input_len, args.output_len, b * (args.warmup + args.iterations), args.seed,
+                     ordinary_token_ids(tokenizer, vocab_size))
+    prompts = [r.prompt_ids for r in data.requests]
+    batches = [prompts[i:i + b] for i in range(0, len(prompts), b)]
+    warmup, measured = batches[:args.warmup], batches[args.warmup:]
+    _release(args.device)
+    executor = Executor(str(engine_dir), ExecutorConfig(device=args.device, max_batch_size=b,
+                                                        max_num_tokens=args.max_num_tokens,
+                                                        kv_cache_memory=_kv_bytes(args)))
+    if executor.scheduler.config.max_batch_size < b:
+        raise KilnError(f"engine {engine_dir} runs at most {executor.scheduler.config.max_batch_size} requests at "
+                        f"once, fewer than --batch-size {b}; build it with a larger --max-batch-size")
+    result = run_latency(executor, measured, args.output_len, warmup)
+    description = dict(data.description, num_requests=b * args.iterations)
+    settings = {"batch_size": b, "iterations": args.iterations, "warmup": args.warmup, "seed": args.seed}
+    doc = _document(args, executor, engine, description, settings, result.to_dict())
+    if source is not None:
+        device, dtype = executor.device, executor.runner.dtype
+        del executor
+        _release(device)
+        baseline = HFBaseline(source, device, dtype)
+        hf = hf_decode(baseline, measured, args.output_len)
+        kiln_rate, hf_rate = result.decode_tokens_per_s, hf.decode_tokens_per_s
+        doc["hf"] = {
+            "source": str(source), "transformers": baseline.version, "batch_size": b,
+            "decode_tokens_per_s": hf_rate, "decode_tokens_per_s_per_iteration": hf.decode_tokens_per_s_per_iteration,
+            "kiln_decode_tokens_per_s": kiln_rate,
+            "ratio": kiln_rate / hf_rate if kiln_rate is not None and hf_rate else None,
+            "token_match": token_match([s for it in result.output_token_ids for s in it],
+                                       [s for it in hf.output_token_ids for s in it]),
+        }
+    emit(doc, args.json)
+
+
+# ----- helpers -----
+def _engine(args: argparse.Namespace, build_batch: int) -> tuple[Path, Engine]:
+    """The engine folder for ``args.model`` (built and cached if need be) and its description."""
+    from kiln.cli.resolve import build_config, engine_for
+    from kiln.engine import BuildConfig, read_engine
+
+    def config_for(source: str) -> BuildConfig:
+        return build_config(source, args.dtype, build_batch, args.max_seq_len,
+                            max(args.max_num_tokens or DEFAULT_BUILD_TOKENS, build_batch), args.kv_block_size,
+                            args.device)
+
+    # engine_for reports a build on stdout, which --json - keeps for the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        engine_dir = Path(engine_for(args.model, config_for, args.device))
+    engine = read_engine(engine_dir)
+    if args.dtype is not None and engine.build.dtype != args.dtype:
+        raise KilnError(f"engine {engine_dir} holds {engine.build.dtype} weights, not --dtype {args.dtype}; "
+                        f"benchmark it without --dtype, or build another engine")
+    return engine_dir, engine
+
+
+def _hf_source(engine: Engine) -> HFSource:
+    """Where transformers will load the model from; checked, with transformers itself, before kiln runs."""
+    from kiln.bench.hf_baseline import hf_source, require_transformers
+
+    source = hf_source(engine)
+    require_transformers()
+    return source
+
+
+def _tokenizer(engine: Engine) -> tuple[EngineTokenizer, int]:
+    from kiln.models import ModelConfig
+    from kiln.runtime.tokenizer import EngineTokenizer
+
+    return EngineTokenizer(engine), ModelConfig.from_dict(engine.model).vocab_size
+
+
+def _document(args: argparse.Namespace, executor: Executor, engine: Engine, dataset: dict, settings: dict,
+              results: dict) -> dict:
+    from kiln.bench.report import environment
+
+    limits = executor.scheduler.config
+    source = engine.meta.get("source") or {}
+    return {
+        "benchmark": args.benchmark,
+        "command": _command_line(args),
+        "environment": environment(executor.device, engine.build.dtype),
+        "engine": {
+            "path": str(Path(engine.path).resolve()),
+            "source": source.get("original") or source.get("path"),
+            "architecture": engine.model.get("architecture"),
+            "max_batch_size": limits.max_batch_size, "max_num_tokens": limits.max_num_tokens,
+            "max_seq_len": limits.max_seq_len, "kv_block_size": engine.build.kv_block_size,
+        },
+        "dataset": dataset,
+        "settings": settings,
+        "results": results,
+        "hf": None,
+    }
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that repeats this run: the benchmark, then every option that is not its default."""
+    parts = ["kiln", "bench", args.benchmark]
+    for action in args.bench_parser._actions:
+        if action.dest in ("help", argparse.SUPPRESS):
+            continue
+        value = getattr(args, action.dest, None)
+        if not action.option_strings:
+            if value is not None:
+                parts.append(str(value))
+        elif value != action.default:
+            flag = action.option_strings[-1]
+            parts += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _kv_bytes(args: argparse.Namespace) -> int | None:
+    if args.kv_cache_memory is None:
+        return None
+    if not args.kv_cache_memory > 0:
+        raise KilnError(f"--kv-cache-memory must be positive, got {args.kv_cache_memory}")
+    return int(args.kv_cache_memory * (1 << 30))
+
+
+def _release(device: torch.device | str | None) -> None:
+    """Hand cached GPU memory back to the driver.
+
+    The executor sizes its KV pool from the driver's free memory, which counts what torch's caching
+    allocator still holds (an earlier executor in this process) as taken; and transformers must find
+    room after kiln's executor is gone.
+    """
+    gc.collect()
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.empty_cache()
+
+
+def _require_positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise KilnError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _require_at_least_zero(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value < 0:
+            raise KilnError(f"--{name.replace('_', '-')} must be at least 0, got {value}")
