@@ -60,6 +60,8 @@ class HFBaseline:
         self.source = source
         self.device = device
         kwargs: dict = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        if source.gguf_file:
+            kwargs.update(_dense_gguf(source.gguf_file))
         # transformers renamed torch_dtype to dtype in 4.56.
         major, minor = (int(x) for x in self.version.split(".")[:2])
         kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = dtype
@@ -149,3 +151,20 @@ def token_match(kiln_ids: Sequence[list[int]], hf_ids: Sequence[list[int]]) -> f
     """Share of sequences whose generated tokens are identical in both runs (greedy, so ideally 1.0)."""
     same = sum(1 for a, b in zip(kiln_ids, hf_ids) if list(a) == list(b))
     return same / len(kiln_ids) if kiln_ids else 0.0
+
+
+def _dense_gguf(gguf_file: str) -> dict:
+    """Ask transformers for plain dense weights from a GGUF file, as kiln runs them.
+
+    NOTE: transformers 5.24 and later keep GGUF weights in their quantized blocks unless told to
+    dequantize; comparing kiln's dense weights with those would compare different bytes per weight.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantize GGUF weights at load
+        return {}
+    import inspect
+
+    if "dequantize" not in inspect.signature(GgufConfig).parameters:
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
