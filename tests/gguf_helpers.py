@@ -16,24 +16,14 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from hf_models import CORPUS, TINY_CHAT_TEMPLATE
+
 # Tensor types the gguf package can quantize; the others are written as raw random blocks.
 QUANTIZABLE = {Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1}
 K_QUANTS = {Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 BYTE_LEVEL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_DEFINED = ["<think>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "def add(a, b):\n    return a + b\n",
-    "Unicode: café, naïve, 日本語, 😀, Ωμέγα.",
-    "Numbers 12345 and 67890, tabs\tand  spaces.",
-    "Inference engines batch requests and stream tokens back.",
-    "She said: \"don't stop\" -- and then, well, it stopped.",
-] * 10
+CHAT_TEMPLATE = TINY_CHAT_TEMPLATE
 
 
 @dataclass
@@ -264,7 +254,7 @@ def byte_level_vocab() -> tuple[list[str], list[str], list[int]]:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=BYTE_LEVEL_SPECIALS + USER_DEFINED,
                                   show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS, trainer)
+    tok.train_from_iterator(CORPUS, trainer)
     model = json.loads(tok.to_str())["model"]
     vocab: dict[str, int] = model["vocab"]
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]

@@ -10,12 +10,14 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_CORPUS = [
+CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "def add(a, b):\n    return a + b\n",
     "Unicode: café, naïve, 日本語, 😀, Ωμέγα.",
     "Numbers 12345 and 67890, tabs\tand  spaces.",
-] * 20
+    "Inference engines batch requests and stream tokens back.",
+    "She said: \"don't stop\" -- and then, well, it stopped.",
+] * 10
 
 
 def make_tokenizer(vocab_size: int = 320):
@@ -29,7 +31,7 @@ def make_tokenizer(vocab_size: int = 320):
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS, trainer)
+    tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     fast.chat_template = TINY_CHAT_TEMPLATE

@@ -182,3 +182,12 @@ def test_tiny_gguf_builds_and_runs(tmp_path):
     assert main(["build", str(tmp_path / "m.gguf"), "-o", str(tmp_path / "e"), "--max-seq-len", "128"]) == 0
     out = LLM(tmp_path / "e").generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 4
+
+
+def test_kiln_run_prints_a_completion_in_a_fresh_process(engine_dir):
+    """`kiln run` as a user runs it: its own interpreter, nothing imported beforehand by the tests."""
+    for extra in ([], ["--chat"]):
+        proc = subprocess.run([sys.executable, "-m", "kiln.cli.main", "run", str(engine_dir("llama")), "--prompt",
+                               "Hello there", "--max-tokens", "5", *extra], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.endswith("\n")

