@@ -191,3 +191,20 @@ def test_kiln_run_prints_a_completion_in_a_fresh_process(engine_dir):
                                "Hello there", "--max-tokens", "5", *extra], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.endswith("\n")
+
+
+def test_sharded_checkpoint_converts_like_a_single_file(hf_model_dir, tmp_path):
+    import transformers
+
+    src = hf_model_dir("qwen2")
+    sharded = tmp_path / "sharded"
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model.save_pretrained(sharded, max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(src / name, sharded / name)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    assert main(["convert", str(src), "-o", str(tmp_path / "a")]) == 0
+    assert main(["convert", str(sharded), "-o", str(tmp_path / "b")]) == 0
+    a, b = load_file(str(tmp_path / "a/rank0.safetensors")), load_file(str(tmp_path / "b/rank0.safetensors"))
+    assert {k: tensor_checksum(v) for k, v in a.items()} == {k: tensor_checksum(v) for k, v in b.items()}

@@ -34,9 +34,10 @@ _CPU_KV_CAP_BYTES = 4 << 30
 @dataclass(frozen=True)
 class ExecutorConfig:
     device: str | None = None
-    # KV cache budget in bytes; None: twice a full batch at max length, within the free memory.
+    # KV cache budget in bytes. Or, on a GPU, the fraction of its memory kiln may fill (weights
+    # included), all of it given to the pool. Neither: twice a full batch at max length, within 90%.
     kv_cache_memory: int | None = None
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float | None = None
     policy: str = "max_utilization"
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -270,13 +271,14 @@ class Executor:
         build = self.engine.build
         full_batch = -(-build.max_seq_len // build.kv_block_size) * build.max_batch_size
         budget = self.config.kv_cache_memory
-        if budget is None:
-            if self.device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.device)
-                limit = int(total * self.config.gpu_memory_utilization) - (total - free)
-            else:
-                limit = _CPU_KV_CAP_BYTES
-            return max(1, min(2 * full_batch, limit // spec.bytes_per_block))
+        fraction = self.config.gpu_memory_utilization
+        if budget is None and self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * (fraction or 0.9)) - (total - free)
+            if fraction is None:
+                budget = min(budget, 2 * full_batch * spec.bytes_per_block)
+        elif budget is None:
+            budget = min(_CPU_KV_CAP_BYTES, 2 * full_batch * spec.bytes_per_block)
         blocks = budget // spec.bytes_per_block
         if blocks < 1:
             raise RequestError(f"the KV cache budget of {budget} bytes holds no block "
