@@ -10,20 +10,7 @@ from typing import TextIO
 import torch
 
 from kiln.bench.dataset import describe as describe_dataset
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or platform.machine() or "cpu"
-    return str(device)
+from kiln.engine.target import device_name
 
 
 def environment(device: torch.device, dtype: str) -> dict:

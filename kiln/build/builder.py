@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from kiln.build.plan import choose_plan, target_of
+from kiln.build.plan import choose_plan
 from kiln.build.transforms import engine_tensors
 from kiln.checkpoint.checkpoint import TOKENIZER_FILES, Checkpoint, convert, is_checkpoint, read_checkpoint
 from kiln.engine import FORMAT_VERSION, BuildConfig, manifest_of, weights_file, write_engine_json
+from kiln.engine.target import target_of
 from kiln.errors import BuildError
 from kiln.fsutil import staged_dir
 from kiln.version import __version__

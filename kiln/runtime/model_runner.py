@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from kiln.engine import Engine
+from kiln.engine.target import target_of
 from kiln.models import ModelConfig, create_model
 from kiln.nn import ForwardContext, forward_context
 from kiln.ops import AttentionMetadata, OpTable
@@ -118,12 +119,9 @@ def kv_cache_spec(engine: Engine) -> KVCacheSpec:
 
 def _warn_if_target_differs(engine: Engine, device: torch.device) -> None:
     target = engine.target
-    here = {"device_type": device.type, "torch": torch.__version__}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        here["name"] = props.name
-        here["compute_capability"] = f"{props.major}.{props.minor}"
-    differs = [f"{k}: built for {target.get(k)}, running on {v}" for k, v in here.items() if target.get(k) != v]
+    here = target_of(device)
+    keys = ("device_type", "name", "compute_capability", "torch")
+    differs = [f"{k}: built for {target.get(k)}, running on {here[k]}" for k in keys if target.get(k) != here[k]]
     if differs:
         log.warning("engine %s was planned for another target (%s); ops whose plugins cannot run here use "
                     "their reference implementations", engine.path, "; ".join(differs))
