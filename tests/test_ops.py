@@ -38,7 +38,7 @@ def dense_attention(q, k_cache, v_cache, meta, scale, window):
     for i, seq_len in enumerate(meta.seq_lens):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         slots = [(int(meta.block_tables[i, p // meta.block_size]), p % meta.block_size) for p in range(seq_len)]
-        k = torch.stack([k_cache[b, o] for b, o in slots])
+        k = torch.stack([k_cache[b, o] for b, o in slots])  # [L, Hk, D]
         v = torch.stack([v_cache[b, o] for b, o in slots])
         for j in range(end - start):
             pos = seq_len - (end - start) + j
@@ -107,3 +107,14 @@ def test_matmul_plugins_match_reference(op_name, rows):
         torch.testing.assert_close(impl.fn(x, weight, *extra), want, rtol=1e-5, atol=1e-4)
         checked += 1
     assert checked or op_name not in ("linear", "logits") or not torch.backends.mkldnn.is_available()
+
+
+def test_write_kv_cache_puts_each_token_in_its_slot():
+    k_cache, v_cache = torch.zeros(6, 4, 2, 8), torch.zeros(6, 4, 2, 8)
+    k, v = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    slots = torch.tensor([23, 0, 9, 4, 13])
+    get_op("write_kv_cache").reference.fn(k, v, k_cache, v_cache, slots)
+    for t, slot in enumerate(slots.tolist()):
+        torch.testing.assert_close(k_cache[slot // 4, slot % 4], k[t])
+        torch.testing.assert_close(v_cache[slot // 4, slot % 4], v[t])
+    assert int((k_cache != 0).any(-1).sum()) == 5 * 2
