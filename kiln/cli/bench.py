@@ -70,7 +70,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="an engine, checkpoint, Hugging Face folder or .gguf file (default: the bundled SmolLM2)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
-                   help="KV cache size in GiB (default: 90%% of free GPU memory; on CPU, room for a full batch)")
+                   help="KV cache size in GiB (default: twice a full batch at max length, within free memory)")
+    p.add_argument("--decode-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="CUDA graphs for decode steps (auto: on a GPU when the plan allows)")
     g = p.add_argument_group("build options (when the model must be built first)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on GPU; a built engine keeps its own")
@@ -114,7 +116,8 @@ def _throughput(args: argparse.Namespace) -> None:
     _release(args.device)
     executor = Executor(str(engine_dir), ExecutorConfig(device=args.device, max_batch_size=args.max_batch_size,
                                                         max_num_tokens=args.max_num_tokens,
-                                                        kv_cache_memory=_kv_bytes(args)))
+                                                        kv_cache_memory=_kv_bytes(args),
+                                                        decode_graphs=args.decode_graphs))
     result = run_throughput(executor, dataset, args.request_rate, args.warmup, args.seed)
     settings = {"request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
                 "warmup": args.warmup, "seed": args.seed}
@@ -158,7 +161,8 @@ def _latency(args: argparse.Namespace) -> None:
     _release(args.device)
     executor = Executor(str(engine_dir), ExecutorConfig(device=args.device, max_batch_size=b,
                                                         max_num_tokens=args.max_num_tokens,
-                                                        kv_cache_memory=_kv_bytes(args)))
+                                                        kv_cache_memory=_kv_bytes(args),
+                                                        decode_graphs=args.decode_graphs))
     if executor.scheduler.config.max_batch_size < b:
         raise KilnError(f"engine {engine_dir} runs at most {executor.scheduler.config.max_batch_size} requests at "
                         f"once, fewer than --batch-size {b}; build it with a larger --max-batch-size")

@@ -23,6 +23,8 @@ class AttentionMetadata:
     # Device copies for kernels that read them on the device (None when not needed).
     query_start_loc_t: torch.Tensor | None = None  # [num_seqs + 1] int32
     seq_lens_t: torch.Tensor | None = None  # [num_seqs] int64
+    # A bound on seq_lens that fixes the shapes of a step (decode graphs); 0: max(seq_lens).
+    max_seq_len: int = 0
     # What an implementation derives once per step and reuses in every layer (e.g. masks), by its own key.
     scratch: dict = field(default_factory=dict)
 

@@ -3,7 +3,8 @@
 The reference runs one attention call per sequence, which costs more in dispatch than in arithmetic
 when every sequence brings a single query. For decode-only steps this gathers every sequence's
 blocks at once, masks the padding, and computes grouped-query attention with two batched matmuls.
-Steps with prefill chunks go to the reference.
+Steps with prefill chunks go to the reference. Decode steps read their lengths only from tensors
+(with ``meta.max_seq_len`` fixing the shapes), so they can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from kiln.ops.reference import paged_attention as reference_paged_attention
 from kiln.ops.registry import plugin
 
 
-@plugin("paged_attention", "batched_decode")
+@plugin("paged_attention", "batched_decode", graph_safe=True)
 def batched_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -28,7 +29,7 @@ def batched_decode_attention(
     num_seqs, heads, head_dim = q.shape
     heads_kv = k_cache.shape[2]
     group = heads // heads_kv
-    max_len = max(meta.seq_lens)
+    max_len = meta.max_seq_len or max(meta.seq_lens)
     num_blocks = -(-max_len // meta.block_size)
     table = meta.block_tables[:, :num_blocks]
     # [B, blocks, block, Hk, D] -> [B, Hk, L, D]

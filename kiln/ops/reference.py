@@ -68,7 +68,7 @@ def write_kv_cache(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-@reference("paged_attention")
+@reference("paged_attention", graph_safe=False)  # its loop reads lengths on the host
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

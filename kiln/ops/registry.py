@@ -31,6 +31,8 @@ class Implementation:
     # Converts a weight, once at load, into the form this implementation reads (e.g. a blocked
     # layout); None: the weight is used as the engine stores it.
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # True when a decode step through it reads nothing from the host, so a CUDA graph can replay it.
+    graph_safe: bool = False
 
 
 @dataclass(slots=True)
@@ -51,14 +53,14 @@ def _always(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
-def reference(name: str) -> Callable[[Callable], Callable]:
+def reference(name: str, graph_safe: bool = True) -> Callable[[Callable], Callable]:
     """Declare ``fn`` as the reference implementation of op ``name`` (which this creates)."""
 
     def wrap(fn: Callable) -> Callable:
         if name in _OPS:
             raise ValueError(f"op {name!r} is already registered")
         _OPS[name] = Op(name, (fn.__doc__ or "").strip().split("\n")[0])
-        _OPS[name].impls[REFERENCE] = Implementation(name, REFERENCE, fn, _always)
+        _OPS[name].impls[REFERENCE] = Implementation(name, REFERENCE, fn, _always, graph_safe=graph_safe)
         return fn
 
     return wrap
@@ -70,6 +72,7 @@ def plugin(
     supports: Callable[[torch.device, torch.dtype], bool] = _always,
     configs: tuple[dict, ...] = (),
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    graph_safe: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register ``fn`` as another implementation of an existing op."""
 
@@ -77,7 +80,7 @@ def plugin(
         op = get_op(op_name)
         if impl_name in op.impls:
             raise ValueError(f"op {op_name!r} already has an implementation named {impl_name!r}")
-        op.impls[impl_name] = Implementation(op_name, impl_name, fn, supports, tuple(configs), prepare)
+        op.impls[impl_name] = Implementation(op_name, impl_name, fn, supports, tuple(configs), prepare, graph_safe)
         return fn
 
     return wrap
@@ -104,6 +107,8 @@ class OpTable:
     def __init__(self, plan: dict[str, dict] | None, device: torch.device, dtype: torch.dtype):
         self.choices: dict[str, str] = {}
         self._prepare: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {}
+        # Whether every bound implementation can be captured in a CUDA graph.
+        self.graph_safe = True
         fallbacks = []
         for name, op in _OPS.items():
             entry = (plan or {}).get(name, {})
@@ -120,6 +125,7 @@ class OpTable:
             setattr(self, name, fn)
             self.choices[name] = impl.name
             self._prepare[name] = impl.prepare
+            self.graph_safe &= impl.graph_safe
         if fallbacks:
             log.warning(
                 "the engine's plan names implementations that cannot run on %s/%s (%s); "

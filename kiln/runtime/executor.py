@@ -41,6 +41,9 @@ class ExecutorConfig:
     policy: str = "max_utilization"
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # CUDA graphs for decode steps: "auto" (on a GPU when the plan allows), "on", "off", or "static"
+    # (their padded fixed-shape path without capture, to test it on a CPU).
+    decode_graphs: str = "auto"
     # Runtime limits at or below the engine's build limits (None: the build limit).
     max_batch_size: int | None = None
     max_num_tokens: int | None = None
@@ -82,7 +85,7 @@ class Executor:
         build = self.engine.build
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = EngineTokenizer(self.engine)
-        self.runner = ModelRunner(self.engine, self.device)
+        self.runner = ModelRunner(self.engine, self.device, config.decode_graphs)
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, build.kv_block_size, config.enable_prefix_caching)

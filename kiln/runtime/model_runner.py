@@ -12,6 +12,7 @@ from kiln.engine.target import target_of
 from kiln.models import ModelConfig, create_model
 from kiln.nn import ForwardContext, forward_context
 from kiln.ops import AttentionMetadata, OpTable
+from kiln.runtime.decode_graphs import DecodeGraphs
 from kiln.runtime.request import Request
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class KVCacheSpec:
 class ModelRunner:
     """Owns the model's weights and the KV cache tensors on one device."""
 
-    def __init__(self, engine: Engine, device: torch.device):
+    def __init__(self, engine: Engine, device: torch.device, decode_graphs: str = "auto"):
         self.engine = engine
         self.device = device
         build = engine.build
@@ -54,15 +55,25 @@ class ModelRunner:
         self.kv_spec = kv_cache_spec(engine)
         self.num_blocks = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.decode_graphs_mode = _decode_graphs_mode(decode_graphs, device, self.ops)
+        self.graphs: DecodeGraphs | None = None
 
+    @torch.inference_mode()
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The KV pool of ``num_blocks`` blocks for requests (plus one dummy block for graph padding)."""
         self.num_blocks = num_blocks
-        shape = (num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
+        extra = 0 if self.decode_graphs_mode == "off" else 1
+        shape = (num_blocks + extra, self.block_size, self.config.num_kv_heads, self.config.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=self.kv_spec.dtype, device=self.device),
              torch.zeros(shape, dtype=self.kv_spec.dtype, device=self.device))
             for _ in range(self.config.num_layers)
         ]
+        if extra:
+            build = self.engine.build
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.device, self.block_size,
+                                       build.max_batch_size, build.max_seq_len, dummy_block=num_blocks,
+                                       capture=self.decode_graphs_mode == "on")
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Request, int]], all_logits: bool = False) -> torch.Tensor:
@@ -71,6 +82,8 @@ class ModelRunner:
         A request is sampled when this step reaches its last known token; the rows come in the
         order of ``batch``. With ``all_logits``, every computed token's logits come back instead.
         """
+        if self.graphs is not None and not all_logits and self.graphs.fits(batch):
+            return self.graphs.run(batch)
         token_ids: list[int] = []
         positions: list[int] = []
         query_start_loc = [0]
@@ -109,6 +122,18 @@ class ModelRunner:
             return self.model.compute_logits(hidden).float()
         rows = hidden[torch.tensor(logits_rows, dtype=torch.int64, device=self.device)]
         return self.model.compute_logits(rows).float()
+
+
+def _decode_graphs_mode(asked: str, device: torch.device, ops: OpTable) -> str:
+    """"on" (capture CUDA graphs), "off", or "static" (the graphs' padded path run eagerly, for tests)."""
+    if asked not in ("auto", "on", "off", "static"):
+        raise ValueError(f"decode_graphs must be auto, on, off or static, got {asked!r}")
+    possible = device.type == "cuda" and ops.graph_safe
+    if asked == "on" and not possible:
+        raise ValueError(f"decode graphs need a CUDA device and graph-safe ops (plan: {ops.choices})")
+    if asked == "auto":
+        return "on" if possible else "off"
+    return asked
 
 
 def kv_cache_spec(engine: Engine) -> KVCacheSpec:
