@@ -188,3 +188,12 @@ def test_decode_graph_path_gives_identical_outputs(engine):
     assert [o.token_ids for o in outs] == [o.token_ids for o in eager]
     assert runs and max(runs) == 8 and min(runs) < 8  # full and padded batches both took the graph path
     assert static.executor.stats().kv_blocks_used == 0
+
+
+def test_kv_pool_is_sized_from_the_byte_budget(engine):
+    per_block = _block_bytes(engine)
+    assert per_block == 2 * 3 * 16 * 2 * 16 * 4  # K and V, 3 layers, 16 slots, 2 KV heads of 16, float32
+    llm = LLM(engine, device=DEVICE, kv_cache_memory=10 * per_block + per_block - 1)
+    assert llm.executor.stats().kv_blocks_total == 10
+    with pytest.raises(RequestError, match="holds no block"):
+        LLM(engine, device=DEVICE, kv_cache_memory=per_block - 1)

@@ -250,15 +250,6 @@ def test_integrity_check_catches_corruption():
         bm.check_integrity()
 
 
-def test_num_blocks_for_budget():
-    # 2 (K and V) * 4 layers * 16 slots * 2 heads * 64 dims * 2 bytes = 32 KiB a block.
-    assert BlockManager.num_blocks_for_budget(1 << 20, 16, 4, 2, 64, 2) == 32
-    assert BlockManager.num_blocks_for_budget((1 << 20) - 1, 16, 4, 2, 64, 2) == 31
-    assert BlockManager.num_blocks_for_budget(0, 16, 4, 2, 64, 2) == 0
-    with pytest.raises(ValueError):
-        BlockManager.num_blocks_for_budget(1 << 20, 0, 4, 2, 64, 2)
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), num_blocks=st.integers(2, 24), caching=st.booleans())
 def test_random_operations_keep_integrity(seed, num_blocks, caching):

@@ -70,18 +70,7 @@ class BlockManager:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
 
-    # ----- sizing and counters -----
-    @staticmethod
-    def num_blocks_for_budget(budget_bytes: int, block_size: int, num_layers: int, num_kv_heads: int,
-                              head_dim: int, dtype_bytes: int) -> int:
-        """How many blocks (keys and values, every layer) fit in ``budget_bytes``."""
-        for name, value in (("block_size", block_size), ("num_layers", num_layers),
-                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("dtype_bytes", dtype_bytes)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_bytes
-        return max(0, budget_bytes) // per_block
-
+    # ----- counters -----
     def blocks_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
