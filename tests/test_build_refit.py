@@ -208,3 +208,20 @@ def test_sharded_checkpoint_converts_like_a_single_file(hf_model_dir, tmp_path):
     assert main(["convert", str(sharded), "-o", str(tmp_path / "b")]) == 0
     a, b = load_file(str(tmp_path / "a/rank0.safetensors")), load_file(str(tmp_path / "b/rank0.safetensors"))
     assert {k: tensor_checksum(v) for k, v in a.items()} == {k: tensor_checksum(v) for k, v in b.items()}
+
+
+def test_engine_planned_elsewhere_loads_with_one_warning(engine_dir, tmp_path, caplog):
+    """Portability: a plan naming a kernel this device lacks falls back, with one warning, never an error."""
+    import logging
+
+    engine = tmp_path / "moved"
+    shutil.copytree(engine_dir("llama"), engine)
+    meta = json.loads((engine / "engine.json").read_text())
+    meta["plan"]["silu_and_mul"] = {"impl": "some_gpu_kernel", "config": {}}
+    meta["target"].update(device_type="cuda", name="NVIDIA H200", compute_capability="9.0", torch="2.11.0")
+    (engine / "engine.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING):
+        out = LLM(engine, device="cpu").generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0))[0]
+    assert len(out.token_ids) >= 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "silu_and_mul:some_gpu_kernel" in warnings[0] and "NVIDIA H200" in warnings[0]

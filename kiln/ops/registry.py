@@ -3,18 +3,15 @@
 An op is a name ("rms_norm", "paged_attention", ...) with a plain-PyTorch reference that defines
 what is correct. A plugin is another implementation of the same op (a Triton kernel, a user's own)
 that declares where it can run. The builder records in the engine's plan which implementation each
-op uses; the runtime binds an ``OpTable`` from that plan, falling back to the reference (with one
-warning) where a recorded plugin cannot run on the device at hand.
+op uses; the runtime binds an ``OpTable`` from that plan, falling back to the reference where a
+recorded plugin cannot run on the device at hand (``fallbacks`` lists them for the loader's warning).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-
-log = logging.getLogger(__name__)
 
 REFERENCE = "reference"
 
@@ -109,14 +106,15 @@ class OpTable:
         self._prepare: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {}
         # Whether every bound implementation can be captured in a CUDA graph.
         self.graph_safe = True
-        fallbacks = []
+        # "op:impl" entries of the plan that cannot run here and fell back to the reference.
+        self.fallbacks: list[str] = []
         for name, op in _OPS.items():
             entry = (plan or {}).get(name, {})
             impl_name = entry.get("impl", REFERENCE)
             impl = op.impls.get(impl_name)
             if impl is None or not impl.supports(device, dtype):
                 if impl_name != REFERENCE:
-                    fallbacks.append(f"{name}:{impl_name}")
+                    self.fallbacks.append(f"{name}:{impl_name}")
                 impl = op.reference
             config = entry.get("config") or {}
             fn = impl.fn
@@ -126,12 +124,6 @@ class OpTable:
             self.choices[name] = impl.name
             self._prepare[name] = impl.prepare
             self.graph_safe &= impl.graph_safe
-        if fallbacks:
-            log.warning(
-                "the engine's plan names implementations that cannot run on %s/%s (%s); "
-                "using the reference implementations instead",
-                device, dtype, ", ".join(fallbacks),
-            )
 
     def prepare_weight(self, op: str, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` in the form the bound implementation of ``op`` reads."""

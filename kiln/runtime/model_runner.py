@@ -41,8 +41,8 @@ class ModelRunner:
         self.config = ModelConfig.from_dict(engine.model)
         self.dtype = build.torch_dtype
         self.block_size = build.kv_block_size
-        _warn_if_target_differs(engine, device)
         self.ops = OpTable(engine.plan, device, self.dtype)
+        _warn_if_target_differs(engine, device, self.ops)
         with torch.device("meta"):
             self.model = create_model(self.config, self.ops, max_positions=build.max_seq_len)
         weights = load_file(str(engine.weights_path), device=str(device))
@@ -142,11 +142,13 @@ def kv_cache_spec(engine: Engine) -> KVCacheSpec:
     return KVCacheSpec(m["num_layers"], build.kv_block_size, m["num_kv_heads"], m["head_dim"], build.kv_torch_dtype)
 
 
-def _warn_if_target_differs(engine: Engine, device: torch.device) -> None:
+def _warn_if_target_differs(engine: Engine, device: torch.device, ops: OpTable) -> None:
+    """One warning when the engine was planned elsewhere: what differs, and which ops fell back."""
     target = engine.target
     here = target_of(device)
     keys = ("device_type", "name", "compute_capability", "torch")
     differs = [f"{k}: built for {target.get(k)}, running on {here[k]}" for k in keys if target.get(k) != here[k]]
-    if differs:
-        log.warning("engine %s was planned for another target (%s); ops whose plugins cannot run here use "
-                    "their reference implementations", engine.path, "; ".join(differs))
+    if differs or ops.fallbacks:
+        fallen = ", ".join(ops.fallbacks) or "none"
+        log.warning("engine %s was planned for another target (%s); plugins that cannot run here fall back to "
+                    "their reference implementations: %s", engine.path, "; ".join(differs) or "same device", fallen)
