@@ -197,3 +197,14 @@ def test_kv_pool_is_sized_from_the_byte_budget(engine):
     assert llm.executor.stats().kv_blocks_total == 10
     with pytest.raises(RequestError, match="holds no block"):
         LLM(engine, device=DEVICE, kv_cache_memory=per_block - 1)
+
+
+def test_request_ids_may_not_collide(engine):
+    ex = LLM(engine, device=DEVICE).executor
+    ex.add_request([5, 6], SamplingParams(n=2, max_tokens=2), request_id="a")
+    for clash in ("a", "a#1"):
+        with pytest.raises(RequestError, match="already in use"):
+            ex.add_request([5, 6], SamplingParams(max_tokens=2), request_id=clash)
+    while ex.has_unfinished():
+        ex.step()
+    ex.add_request([5, 6], SamplingParams(max_tokens=2), request_id="a")  # free again once finished

@@ -111,7 +111,8 @@ class Executor:
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._groups:
+        seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        if request_id in self._groups or any(s in self._by_seq for s in seq_ids):
             raise RequestError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -123,9 +124,8 @@ class Executor:
             raise RequestError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
         group = _Group(request_id, text, ids)
         requests = []
-        for i in range(params.n):
+        for i, seq_id in enumerate(seq_ids):
             child = params if params.n == 1 else _child_params(params, i)
-            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(seq_id, ids, child, eos_token_ids=self.tokenizer.eos_token_ids,
                           arrival_time=group.arrival_time)
             requests.append(req)
