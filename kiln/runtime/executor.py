@@ -7,9 +7,8 @@ and returns what changed. ``LLM`` drives it to completion; ``AsyncLLM`` drives i
 from __future__ import annotations
 
 import itertools
-import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -24,8 +23,6 @@ from kiln.runtime.sampler import Sampler
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig
 from kiln.runtime.tokenizer import EngineTokenizer
-
-log = logging.getLogger(__name__)
 
 # The most a KV pool takes on the CPU when no budget is given.
 _CPU_KV_CAP_BYTES = 4 << 30
@@ -291,7 +288,5 @@ class Executor:
 
 def _child_params(params: SamplingParams, i: int) -> SamplingParams:
     """The i-th of n completions: its own seed (seed + i) so completions differ yet stay reproducible."""
-    import dataclasses
-
     seed = None if params.seed is None else params.seed + i
-    return dataclasses.replace(params, n=1, seed=seed)
+    return replace(params, n=1, seed=seed)

@@ -12,9 +12,6 @@ from kiln.runtime.outputs import TokenLogprob
 from kiln.runtime.request import Request
 from kiln.runtime.sampling_params import SamplingParams
 
-# The chosen token's logprob and the top-N (token id, logprob) pairs, most likely first.
-TokenLogprobs = TokenLogprob
-
 # Temperatures below this are greedy: dividing by them overflows float32 logits.
 _MIN_TEMPERATURE = 1e-5
 
@@ -23,7 +20,7 @@ _MIN_TEMPERATURE = 1e-5
 class SamplerOutput:
     token_ids: list[int]
     # One entry per request, None for those that did not ask; None altogether when none asked.
-    logprobs: list[TokenLogprobs | None] | None = None
+    logprobs: list[TokenLogprob | None] | None = None
 
 
 class Sampler:
@@ -236,17 +233,17 @@ def _temper_and_filter(logits: torch.Tensor, params: Sequence[SamplingParams]) -
 
 
 def _gather_logprobs(logprobs: torch.Tensor, rows: list[int], chosen: torch.Tensor, params: list[SamplingParams],
-                     batch: int) -> list[TokenLogprobs | None]:
+                     batch: int) -> list[TokenLogprob | None]:
     chosen_rows = chosen[_index(rows, chosen.device)]
     chosen_lp = logprobs.gather(1, chosen_rows.unsqueeze(1)).squeeze(1)
     n = max(params[i].logprobs for i in rows)
     top_lp, top_ids = logprobs.topk(min(n, logprobs.shape[1]), dim=-1)
     # One device-to-host transfer for everything.
     chosen_ids, chosen_lp, top_lp, top_ids = (t.tolist() for t in (chosen_rows, chosen_lp, top_lp, top_ids))
-    out: list[TokenLogprobs | None] = [None] * batch
+    out: list[TokenLogprob | None] = [None] * batch
     for j, i in enumerate(rows):
         k = params[i].logprobs
-        out[i] = TokenLogprobs(chosen_ids[j], chosen_lp[j], list(zip(top_ids[j][:k], top_lp[j][:k])))
+        out[i] = TokenLogprob(chosen_ids[j], chosen_lp[j], list(zip(top_ids[j][:k], top_lp[j][:k])))
     return out
 
 
