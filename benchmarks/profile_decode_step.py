@@ -11,12 +11,12 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from kiln.cli.resolve import build_config, engine_for
+from kiln.builder.engine_cache import engine_for
 from kiln.runtime import LLM, SamplingParams
 
 model = sys.argv[1]
 batch = int(sys.argv[2]) if len(sys.argv) > 2 else 64
-engine = engine_for(model, lambda src: build_config(src, None, batch, 512, 2048, 16, None), None)
+engine = engine_for(model, max_batch_size=batch, max_seq_len=512, max_num_tokens=2048)
 llm = LLM(engine)
 ex = llm.executor
 rng = random.Random(0)

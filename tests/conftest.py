@@ -44,7 +44,7 @@ def hf_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def engine_dir(tmp_path_factory, hf_model_dir):
     """engine_dir(name, dtype="float32") -> a kiln engine built from the tiny model."""
-    from kiln.build import build
+    from kiln.builder import build
     from kiln.engine import BuildConfig
 
     made: dict = {}

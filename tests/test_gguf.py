@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as Q
 
 from gguf_helpers import K_QUANTS, write_tiny_gguf
 from kiln.checkpoint.gguf_file import read_gguf
-from kiln.cli.resolve import default_model
+from kiln.builder.engine_cache import default_model
 from kiln.errors import ConversionError
 
 TEXTS = [

@@ -5,8 +5,8 @@ import pytest
 import torch
 import transformers
 
-from kiln.build import build
-from kiln.cli.resolve import default_model
+from kiln.builder import build
+from kiln.builder.engine_cache import default_model
 from kiln.engine import BuildConfig
 from kiln.runtime import LLM, SamplingParams
 from conftest import DEVICE

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kiln.engine.format import BuildConfig
 from kiln.errors import KilnError
 
 if TYPE_CHECKING:
@@ -21,9 +22,6 @@ if TYPE_CHECKING:
     from kiln.runtime.tokenizer import EngineTokenizer
 
 DEFAULT_NUM_REQUESTS = 64
-# Build limits when the model is not an engine yet, as `kiln run` builds.
-DEFAULT_BUILD_BATCH = 8
-DEFAULT_BUILD_TOKENS = 512
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
@@ -77,7 +75,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on GPU; a built engine keeps its own")
     g.add_argument("--max-seq-len", type=int, default=None, help="default: the model's limit, at most 4096")
-    g.add_argument("--kv-block-size", type=int, default=16)
+    g.add_argument("--kv-block-size", type=int, default=None, help=f"default {BuildConfig.kv_block_size}")
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -104,7 +102,7 @@ def _throughput(args: argparse.Namespace) -> None:
         raise KilnError("give either --dataset or --input-len/--output-len, not both")
     if not args.dataset and (args.input_len is None or args.output_len is None):
         raise KilnError("give --dataset, or --input-len and --output-len for synthetic requests")
-    engine_dir, engine = _engine(args, args.max_batch_size or DEFAULT_BUILD_BATCH)
+    engine_dir, engine = _engine(args, args.max_batch_size)
     source = _hf_source(engine) if args.compare_hf else None
     # The requests before the weights, so that a bad dataset fails at once.
     tokenizer, vocab_size = _tokenizer(engine)
@@ -149,7 +147,7 @@ def _latency(args: argparse.Namespace) -> None:
     _require_positive(args, "input_len", "output_len", "batch_size", "iterations", "max_num_tokens")
     _require_at_least_zero(args, "warmup")
     b = args.batch_size
-    engine_dir, engine = _engine(args, max(DEFAULT_BUILD_BATCH, b))
+    engine_dir, engine = _engine(args, b)
     source = _hf_source(engine) if args.compare_hf else None
     tokenizer, vocab_size = _tokenizer(engine)
     # Fresh prompts for every batch, so no batch finds another's prefix anywhere.
@@ -189,19 +187,19 @@ def _latency(args: argparse.Namespace) -> None:
 
 
 # ----- helpers -----
-def _engine(args: argparse.Namespace, build_batch: int) -> tuple[Path, Engine]:
-    """The engine folder for ``args.model`` (built and cached if need be) and its description."""
-    from kiln.cli.resolve import build_config, engine_for
-    from kiln.engine import BuildConfig, read_engine
+def _engine(args: argparse.Namespace, batch: int | None) -> tuple[Path, Engine]:
+    """The engine folder for ``args.model`` (built and cached if need be, for at least ``batch`` requests
+    at once) and its description."""
+    from kiln.builder.engine_cache import engine_for
+    from kiln.engine import read_engine
 
-    def config_for(source: str) -> BuildConfig:
-        return build_config(source, args.dtype, build_batch, args.max_seq_len,
-                            max(args.max_num_tokens or DEFAULT_BUILD_TOKENS, build_batch), args.kv_block_size,
-                            args.device)
-
+    build_batch = max(batch or 0, BuildConfig.max_batch_size)
     # engine_for reports a build on stdout, which --json - keeps for the JSON.
     with contextlib.redirect_stdout(sys.stderr):
-        engine_dir = Path(engine_for(args.model, config_for, args.device))
+        engine_dir = Path(engine_for(args.model, args.dtype, args.device, max_batch_size=build_batch,
+                                     max_seq_len=args.max_seq_len, kv_block_size=args.kv_block_size,
+                                     max_num_tokens=max(args.max_num_tokens or BuildConfig.max_num_tokens,
+                                                        build_batch)))
     engine = read_engine(engine_dir)
     if args.dtype is not None and engine.build.dtype != args.dtype:
         raise KilnError(f"engine {engine_dir} holds {engine.build.dtype} weights, not --dtype {args.dtype}; "

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 
+from kiln.engine.format import BuildConfig
 from kiln.errors import KilnError
 
 
@@ -71,17 +72,15 @@ def _add_build_options(p: argparse.ArgumentParser, for_run: bool = False) -> Non
     g = p.add_argument_group("build options" + (" (when the model must be built first)" if for_run else ""))
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight and activation dtype (default: float32 on CPU, bfloat16 on GPU)")
-    g.add_argument("--max-batch-size", type=int, default=8)
+    g.add_argument("--max-batch-size", type=int, default=None, help=f"default {BuildConfig.max_batch_size}")
     g.add_argument("--max-seq-len", type=int, default=None, help="default: the model's limit, at most 4096")
-    g.add_argument("--max-num-tokens", type=int, default=512, help="tokens computed per step (prefill chunk)")
-    g.add_argument("--kv-block-size", type=int, default=16)
+    g.add_argument("--max-num-tokens", type=int, default=None,
+                   help=f"tokens computed per step (prefill chunk; default {BuildConfig.max_num_tokens})")
+    g.add_argument("--kv-block-size", type=int, default=None, help=f"default {BuildConfig.kv_block_size}")
 
 
-def _build_config(args: argparse.Namespace, source: str):
-    from kiln.cli.resolve import build_config
-
-    return build_config(source, args.dtype, args.max_batch_size, args.max_seq_len, args.max_num_tokens,
-                        args.kv_block_size, getattr(args, "device", None))
+def _build_limits(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size")}
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -92,15 +91,16 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _build(args: argparse.Namespace) -> None:
-    from kiln.build import build
+    from kiln.builder import build
+    from kiln.builder.engine_cache import build_config
 
-    out = build(args.source, args.output, _build_config(args, args.source), strip_weights=args.strip_weights,
-                device=args.device)
+    config = build_config(args.source, args.dtype, args.device, **_build_limits(args))
+    out = build(args.source, args.output, config, strip_weights=args.strip_weights, device=args.device)
     print(f"wrote engine {out}; see it with `kiln inspect {out}`")
 
 
 def _refit(args: argparse.Namespace) -> None:
-    from kiln.build import refit
+    from kiln.builder import refit
 
     out = refit(args.engine, args.checkpoint, args.output)
     print(f"refitted engine {out}")
@@ -115,10 +115,10 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from kiln.cli.resolve import engine_for
+    from kiln.builder.engine_cache import engine_for
     from kiln.runtime import LLM, SamplingParams
 
-    engine_dir = engine_for(args.model, lambda src: _build_config(args, src), args.device)
+    engine_dir = engine_for(args.model, args.dtype, args.device, **_build_limits(args))
     llm = LLM(engine_dir, device=args.device)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)

@@ -1,5 +1,5 @@
 """The builder: checkpoint + build config -> engine; refit of weights into an engine."""
-from kiln.build.builder import build
-from kiln.build.refit import refit
+from kiln.builder.builder import build
+from kiln.builder.refit import refit
 
 __all__ = ["build", "refit"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from kiln.build.transforms import engine_tensors
+from kiln.builder.transforms import engine_tensors
 from kiln.checkpoint.checkpoint import read_checkpoint
 from kiln.engine import check_against_manifest, manifest_of, read_engine, weights_file, write_engine_json
 from kiln.errors import BuildError, EngineError

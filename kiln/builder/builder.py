@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from kiln.build.plan import choose_plan
-from kiln.build.transforms import engine_tensors
+from kiln.builder.plan import choose_plan
+from kiln.builder.transforms import engine_tensors
 from kiln.checkpoint.checkpoint import TOKENIZER_FILES, Checkpoint, convert, is_checkpoint, read_checkpoint
 from kiln.engine import FORMAT_VERSION, BuildConfig, manifest_of, weights_file, write_engine_json
 from kiln.engine.target import target_of

