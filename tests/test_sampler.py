@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kiln.runtime.request import Request
-from kiln.runtime.sampler import Sampler, filter_logits
+from kiln.runtime.sampler import Sampler, apply_penalties, filter_logits, temper_and_filter
 from kiln.runtime.sampling_params import SamplingParams
 
 EOS = 2
@@ -102,11 +102,11 @@ def test_filter_masks_match_reference():
             assert torch.equal(out[r, sorted(kept)], logits[r, sorted(kept)])
 
 
-def test_process_applies_temperature_before_filters():
+def test_temperature_comes_before_filters():
     logits = random_logits(4, 30, seed=3)
     temps = [0.5, 1.0, 2.0, 0.7]
     reqs = [make_request(f"r{i}", temperature=t, top_p=0.8, min_p=0.05, top_k=12) for i, t in enumerate(temps)]
-    out = Sampler().process(logits, reqs)
+    out = temper_and_filter(logits, [r.sampling_params for r in reqs])
     for r, t in enumerate(temps):
         tempered = [x / t for x in logits[r].tolist()]
         kept = {i for i in range(30) if math.isfinite(out[r, i].item())}
@@ -141,7 +141,8 @@ def test_penalties_match_reference():
     outputs = [[3, 5, 5, 12], [10, 11, 11, 11], [5, 5, 6, 1, 5], [8, 8, 0], [1, 1]]
     reqs = [make_request(f"r{i}", p, o, temperature=0.0, **s)
             for i, (p, o, s) in enumerate(zip(prompts, outputs, setups))]
-    out = Sampler().process(logits, reqs)
+    out = logits.clone()
+    apply_penalties(out, reqs)
     for r, (p, o, s) in enumerate(zip(prompts, outputs, setups)):
         ref = ref_penalties(logits[r].tolist(), p, o, s.get("repetition_penalty", 1.0),
                             s.get("frequency_penalty", 0.0), s.get("presence_penalty", 0.0))
@@ -251,11 +252,8 @@ def test_logprobs_top_n_sorted_and_correct():
     ]
     out = Sampler()(logits, reqs)
     assert out.logprobs is not None and out.logprobs[2] is None
-    penalised = Sampler().process(logits, [make_request(r.request_id, r.prompt_token_ids, r.output_token_ids,
-                                                        temperature=0.0,
-                                                        repetition_penalty=r.sampling_params.repetition_penalty,
-                                                        frequency_penalty=r.sampling_params.frequency_penalty)
-                                           for r in reqs])
+    penalised = logits.clone()
+    apply_penalties(penalised, reqs)
     for i, n in ((0, 5), (1, 0), (3, 3)):
         lp = out.logprobs[i]
         ref = torch.log_softmax(penalised[i], -1)

@@ -5,9 +5,7 @@ import pytest
 import torch
 import transformers
 
-from kiln.builder import build
 from kiln.builder.engine_cache import default_model
-from kiln.engine import BuildConfig
 from kiln.runtime import LLM, SamplingParams
 from conftest import DEVICE
 
@@ -24,10 +22,8 @@ CHAT = [{"role": "user", "content": "What is the largest planet in the solar sys
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smollm2") / "engine"
-    build(default_model(), out, BuildConfig(max_seq_len=512), progress=False)
-    return LLM(out, device=DEVICE)
+def llm(smollm2_engine):
+    return LLM(smollm2_engine, device=DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +50,7 @@ def _hf_chat_ids(tok) -> list[int]:
 
 def test_last_position_logits_match(llm, hf):
     model, tok = hf
-    runner = llm.executor.runner
+    runner = llm.engine.call(lambda core: core.runner)
     from kiln.runtime.request import Request
 
     for text in PROMPTS:

@@ -1,4 +1,4 @@
-"""Drive the executor's step loop over benchmark requests and measure throughput and latency."""
+"""Drive an engine (``LLMEngine``) over benchmark requests and measure throughput and latency."""
 from __future__ import annotations
 
 import math
@@ -11,13 +11,13 @@ import torch
 
 from kiln.bench.dataset import BenchRequest, Dataset
 from kiln.errors import KilnError
-from kiln.runtime.executor import Executor
+from kiln.runtime.llm_engine import LLMEngine
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 
 
 def clock(device: torch.device) -> float:
-    """``time.monotonic()`` (the executor's clock) once the device has finished the work queued so far."""
+    """``time.monotonic()`` (the engine's clock) once the device has finished the work queued so far."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.monotonic()
@@ -45,27 +45,33 @@ def summarize_ms(seconds: Sequence[float]) -> dict[str, float | None]:
             "mean": sum(v) / len(v), "min": v[0], "max": v[-1]}
 
 
-def check_fits(executor: Executor, requests: Sequence[BenchRequest]) -> None:
+def check_fits(engine: LLMEngine, requests: Sequence[BenchRequest]) -> None:
     """Refuse, before anything runs, a request that the engine could never serve whole."""
-    limit = executor.max_seq_len
+    limit = engine.max_seq_len
     for i, r in enumerate(requests):
         if r.input_len + r.output_len > limit:
             raise KilnError(f"{r.where(i)}: {r.input_len} prompt + {r.output_len} output tokens exceed the "
                             f"engine's max_seq_len={limit}; shorten it or build the engine with a larger --max-seq-len")
 
 
-def _drain(executor: Executor, ids: set[str]) -> dict[str, RequestOutput]:
+def _drain(engine: LLMEngine, ids: set[str]) -> dict[str, RequestOutput]:
     done: dict[str, RequestOutput] = {}
     while len(done) < len(ids):
-        for out in executor.step():
+        for out in engine.step(timeout=1.0):
+            _check(out)
             if out.finished and out.request_id in ids:
                 done[out.request_id] = out
     return done
 
 
-def _fresh_prefix_cache(executor: Executor) -> None:
+def _check(out: RequestOutput) -> None:
+    if out.error is not None:
+        raise KilnError(f"benchmark request {out.request_id} failed: {out.error}")
+
+
+def _fresh_prefix_cache(engine: LLMEngine) -> None:
     # Warmup (or an earlier iteration) must not hand the measured requests cached prefixes.
-    if not executor.block_manager.reset_prefix_cache():
+    if not engine.call(lambda core: core.block_manager.reset_prefix_cache()):
         raise RuntimeError("the prefix cache cannot be reset while requests hold KV blocks")
 
 
@@ -115,46 +121,46 @@ def arrival_offsets(n: int, request_rate: float, seed: int) -> list[float]:
     return offsets
 
 
-def run_throughput(executor: Executor, dataset: Dataset, request_rate: float = math.inf, warmup: int = 0,
+def run_throughput(engine: LLMEngine, dataset: Dataset, request_rate: float = math.inf, warmup: int = 0,
                    seed: int = 0) -> ThroughputResult:
-    """Serve every request of ``dataset`` through ``executor.step()``; arrivals join between steps.
+    """Serve every request of ``dataset`` through ``engine``; each is submitted at its arrival time while
+    the engine core steps in its own thread, as a server's requests would be.
 
     Latencies count from each request's scheduled arrival, so a request that arrives during a step
     is charged the rest of that step, as a client would be.
     """
     requests = dataset.requests
-    check_fits(executor, requests)
+    check_fits(engine, requests)
     if warmup:
-        ids = {executor.add_request(requests[i % len(requests)].prompt_ids,
-                                    greedy(requests[i % len(requests)].output_len), f"warmup-{i}")
+        ids = {engine.add_request(requests[i % len(requests)].prompt_ids,
+                                  greedy(requests[i % len(requests)].output_len), f"warmup-{i}")
                for i in range(warmup)}
-        _drain(executor, ids)
-    _fresh_prefix_cache(executor)
-    bm = executor.block_manager
-    preemptions_before = executor.scheduler.num_preemptions
-    steps_before = executor.num_steps
+        _drain(engine, ids)
+    _fresh_prefix_cache(engine)
+    before = engine.stats()
     offsets = arrival_offsets(len(requests), request_rate, seed)
     arrival: dict[str, float] = {}
     done: dict[str, RequestOutput] = {}
     peak_used = 0
     added = 0
-    start = clock(executor.device)
-    while added < len(requests) or executor.has_unfinished():
+    start = clock(engine.device)
+    while added < len(requests) or engine.has_unfinished():
         now = time.monotonic()
         while added < len(requests) and start + offsets[added] <= now:
             r = requests[added]
-            rid = executor.add_request(r.prompt_ids, greedy(r.output_len), f"bench-{added}")
+            rid = engine.add_request(r.prompt_ids, greedy(r.output_len), f"bench-{added}",
+                                     arrival_time=start + offsets[added])
             arrival[rid] = start + offsets[added]
             added += 1
-        if not executor.has_unfinished():
-            time.sleep(max(0.0, start + offsets[added] - time.monotonic()))
-            continue
-        for out in executor.step():
+        wait = start + offsets[added] - time.monotonic() if added < len(requests) else 1.0
+        for out in engine.step(timeout=max(wait, 0.0)):
+            _check(out)
             if out.finished:
                 done[out.request_id] = out
-        # Sampled after the step: requests that finished in it have given their blocks back already.
-        peak_used = max(peak_used, bm.num_used_blocks)
-    end = clock(executor.device)
+        # The core's figures after its latest step: requests finished in it gave their blocks back.
+        peak_used = max(peak_used, engine.stats().kv_blocks_used)
+    end = clock(engine.device)
+    after = engine.stats()
 
     outs = [done[f"bench-{i}"] for i in range(len(requests))]
     ttft = [_first_token_time(o) - arrival[o.request_id] for o in outs]
@@ -168,10 +174,10 @@ def run_throughput(executor: Executor, dataset: Dataset, request_rate: float = m
         request_throughput=len(outs) / duration, output_throughput=total_out / duration,
         total_token_throughput=(total_in + total_out) / duration,
         ttft_ms=summarize_ms(ttft), tpot_ms=summarize_ms(tpot), e2e_latency_ms=summarize_ms(e2e),
-        kv_blocks_total=bm.num_blocks, kv_blocks_peak_used=peak_used,
-        prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
-        num_preemptions=executor.scheduler.num_preemptions - preemptions_before,
-        num_steps=executor.num_steps - steps_before,
+        kv_blocks_total=after.kv_blocks_total, kv_blocks_peak_used=peak_used,
+        prefix_cache_hit_rate=after.prefix_cache_hit_rate,
+        num_preemptions=after.num_preemptions - before.num_preemptions,
+        num_steps=after.steps - before.steps,
         output_token_ids=[list(o.token_ids) for o in outs],
     )
 
@@ -202,28 +208,28 @@ def decode_rate(batch_size: int, output_len: int, seconds: float) -> float | Non
     return batch_size * (output_len - 1) / seconds
 
 
-def run_latency(executor: Executor, batches: Sequence[Sequence[list[int]]], output_len: int,
+def run_latency(engine: LLMEngine, batches: Sequence[Sequence[list[int]]], output_len: int,
                 warmup: Sequence[Sequence[list[int]]] = ()) -> LatencyResult:
     """Submit each batch of same-length prompts together and run it to the end, one batch at a time."""
     if not batches:
         raise KilnError("the latency benchmark needs at least one iteration")
     batch_size, input_len = len(batches[0]), len(batches[0][0])
-    check_fits(executor, [BenchRequest(p, output_len) for p in batches[0]])
+    check_fits(engine, [BenchRequest(p, output_len) for p in batches[0]])
     for i, batch in enumerate(warmup):
-        _fresh_prefix_cache(executor)
-        _drain(executor, {executor.add_request(p, greedy(output_len), f"warmup-{i}-{j}") for j, p in enumerate(batch)})
+        _fresh_prefix_cache(engine)
+        _drain(engine, {engine.add_request(p, greedy(output_len), f"warmup-{i}-{j}") for j, p in enumerate(batch)})
     ttft: list[float] = []
     tpot: list[float] = []
     e2e: list[float] = []
     rates: list[float | None] = []
     tokens: list[list[list[int]]] = []
     for i, batch in enumerate(batches):
-        _fresh_prefix_cache(executor)
+        _fresh_prefix_cache(engine)
         ids = [f"iter-{i}-{j}" for j in range(len(batch))]
-        start = clock(executor.device)
+        start = clock(engine.device)
         for rid, prompt in zip(ids, batch):
-            executor.add_request(prompt, greedy(output_len), rid)
-        done = _drain(executor, set(ids))
+            engine.add_request(prompt, greedy(output_len), rid, arrival_time=start)
+        done = _drain(engine, set(ids))
         outs = [done[rid] for rid in ids]
         firsts = [_first_token_time(o) for o in outs]
         lasts = [_finish_time(o) for o in outs]

@@ -18,7 +18,7 @@ from kiln.errors import KilnError
 if TYPE_CHECKING:
     from kiln.bench.hf_baseline import HFSource
     from kiln.engine import Engine
-    from kiln.runtime.executor import Executor
+    from kiln.runtime.llm_engine import LLMEngine
     from kiln.runtime.tokenizer import EngineTokenizer
 
 DEFAULT_NUM_REQUESTS = 64
@@ -92,7 +92,8 @@ def _throughput(args: argparse.Namespace) -> None:
     from kiln.bench.hf_baseline import HFBaseline, hf_throughput, token_match
     from kiln.bench.measure import run_throughput
     from kiln.bench.report import emit
-    from kiln.runtime.executor import Executor, ExecutorConfig
+    from kiln.runtime.config import RuntimeConfig
+    from kiln.runtime.llm_engine import LLMEngine
 
     _require_positive(args, "max_batch_size", "max_num_tokens", "num_requests", "input_len", "output_len")
     _require_at_least_zero(args, "warmup")
@@ -112,18 +113,19 @@ def _throughput(args: argparse.Namespace) -> None:
         dataset = synthetic(args.input_len, args.output_len, args.num_requests or DEFAULT_NUM_REQUESTS, args.seed,
                             ordinary_token_ids(tokenizer, vocab_size))
     _release(args.device)
-    executor = Executor(str(engine_dir), ExecutorConfig(device=args.device, max_batch_size=args.max_batch_size,
-                                                        max_num_tokens=args.max_num_tokens,
-                                                        kv_cache_memory=_kv_bytes(args),
-                                                        decode_graphs=args.decode_graphs))
-    result = run_throughput(executor, dataset, args.request_rate, args.warmup, args.seed)
+    llm = LLMEngine(str(engine_dir), RuntimeConfig(device=args.device, max_batch_size=args.max_batch_size,
+                                                   max_num_tokens=args.max_num_tokens,
+                                                   kv_cache_memory=_kv_bytes(args),
+                                                   decode_graphs=args.decode_graphs))
+    result = run_throughput(llm, dataset, args.request_rate, args.warmup, args.seed)
     settings = {"request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
                 "warmup": args.warmup, "seed": args.seed}
-    doc = _document(args, executor, engine, dataset.description, settings, result.to_dict())
+    doc = _document(args, llm, engine, dataset.description, settings, result.to_dict())
     if source is not None:
-        batch_size = executor.scheduler.config.max_batch_size
-        device, dtype = executor.device, executor.runner.dtype
-        del executor
+        batch_size = llm.limits.max_batch_size
+        device, dtype = llm.device, engine.build.torch_dtype
+        llm.shutdown()
+        del llm
         _release(device)
         baseline = HFBaseline(source, device, dtype)
         hf = hf_throughput(baseline, [(r.prompt_ids, r.output_len) for r in dataset.requests], batch_size)
@@ -142,7 +144,8 @@ def _latency(args: argparse.Namespace) -> None:
     from kiln.bench.hf_baseline import HFBaseline, hf_decode, token_match
     from kiln.bench.measure import run_latency
     from kiln.bench.report import emit
-    from kiln.runtime.executor import Executor, ExecutorConfig
+    from kiln.runtime.config import RuntimeConfig
+    from kiln.runtime.llm_engine import LLMEngine
 
     _require_positive(args, "input_len", "output_len", "batch_size", "iterations", "max_num_tokens")
     _require_at_least_zero(args, "warmup")
@@ -157,20 +160,22 @@ def _latency(args: argparse.Namespace) -> None:
     batches = [prompts[i:i + b] for i in range(0, len(prompts), b)]
     warmup, measured = batches[:args.warmup], batches[args.warmup:]
     _release(args.device)
-    executor = Executor(str(engine_dir), ExecutorConfig(device=args.device, max_batch_size=b,
-                                                        max_num_tokens=args.max_num_tokens,
-                                                        kv_cache_memory=_kv_bytes(args),
-                                                        decode_graphs=args.decode_graphs))
-    if executor.scheduler.config.max_batch_size < b:
-        raise KilnError(f"engine {engine_dir} runs at most {executor.scheduler.config.max_batch_size} requests at "
+    llm = LLMEngine(str(engine_dir), RuntimeConfig(device=args.device, max_batch_size=b,
+                                                   max_num_tokens=args.max_num_tokens,
+                                                   kv_cache_memory=_kv_bytes(args),
+                                                   decode_graphs=args.decode_graphs))
+    if llm.limits.max_batch_size < b:
+        llm.shutdown()
+        raise KilnError(f"engine {engine_dir} runs at most {llm.limits.max_batch_size} requests at "
                         f"once, fewer than --batch-size {b}; build it with a larger --max-batch-size")
-    result = run_latency(executor, measured, args.output_len, warmup)
+    result = run_latency(llm, measured, args.output_len, warmup)
     description = dict(data.description, num_requests=b * args.iterations)
     settings = {"batch_size": b, "iterations": args.iterations, "warmup": args.warmup, "seed": args.seed}
-    doc = _document(args, executor, engine, description, settings, result.to_dict())
+    doc = _document(args, llm, engine, description, settings, result.to_dict())
     if source is not None:
-        device, dtype = executor.device, executor.runner.dtype
-        del executor
+        device, dtype = llm.device, engine.build.torch_dtype
+        llm.shutdown()
+        del llm
         _release(device)
         baseline = HFBaseline(source, device, dtype)
         hf = hf_decode(baseline, measured, args.output_len)
@@ -223,16 +228,16 @@ def _tokenizer(engine: Engine) -> tuple[EngineTokenizer, int]:
     return EngineTokenizer(engine), ModelConfig.from_dict(engine.model).vocab_size
 
 
-def _document(args: argparse.Namespace, executor: Executor, engine: Engine, dataset: dict, settings: dict,
+def _document(args: argparse.Namespace, llm: LLMEngine, engine: Engine, dataset: dict, settings: dict,
               results: dict) -> dict:
     from kiln.bench.report import environment
 
-    limits = executor.scheduler.config
+    limits = llm.limits
     source = engine.meta.get("source") or {}
     return {
         "benchmark": args.benchmark,
         "command": _command_line(args),
-        "environment": environment(executor.device, engine.build.dtype),
+        "environment": environment(llm.device, engine.build.dtype),
         "engine": {
             "path": str(Path(engine.path).resolve()),
             "source": source.get("original") or source.get("path"),
@@ -274,9 +279,9 @@ def _kv_bytes(args: argparse.Namespace) -> int | None:
 def _release(device: torch.device | str | None) -> None:
     """Hand cached GPU memory back to the driver.
 
-    The executor sizes its KV pool from the driver's free memory, which counts what torch's caching
-    allocator still holds (an earlier executor in this process) as taken; and transformers must find
-    room after kiln's executor is gone.
+    The engine sizes its KV pool from the driver's free memory, which counts what torch's caching
+    allocator still holds (an earlier engine in this process) as taken; and transformers must find
+    room after kiln's engine is gone.
     """
     gc.collect()
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):

@@ -22,13 +22,13 @@ def _reorder(weight: torch.Tensor) -> torch.Tensor:
     return weight.to_mkldnn()
 
 
-@plugin("linear", "onednn", supports=_supports, prepare=_reorder)
+@plugin("linear", "onednn", supports=_supports, prepare=_reorder, graph_safe=True)
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``weight`` is the oneDNN tensor ``_reorder`` made; x is [T, in] float32."""
     out = torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), weight, None).to_dense()
     return out if bias is None else out + bias
 
 
-@plugin("logits", "onednn", supports=_supports, prepare=_reorder)
+@plugin("logits", "onednn", supports=_supports, prepare=_reorder, graph_safe=True)
 def onednn_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return onednn_linear(hidden, weight)

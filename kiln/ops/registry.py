@@ -104,8 +104,8 @@ class OpTable:
     def __init__(self, plan: dict[str, dict] | None, device: torch.device, dtype: torch.dtype):
         self.choices: dict[str, str] = {}
         self._prepare: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {}
-        # Whether every bound implementation can be captured in a CUDA graph.
-        self.graph_safe = True
+        # For each op, whether its bound implementation can be captured in a CUDA graph.
+        self.graph_safe_ops: dict[str, bool] = {}
         # "op:impl" entries of the plan that cannot run here and fell back to the reference.
         self.fallbacks: list[str] = []
         for name, op in _OPS.items():
@@ -123,7 +123,12 @@ class OpTable:
             setattr(self, name, fn)
             self.choices[name] = impl.name
             self._prepare[name] = impl.prepare
-            self.graph_safe &= impl.graph_safe
+            self.graph_safe_ops[name] = impl.graph_safe
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether every bound implementation can be captured in a CUDA graph."""
+        return all(self.graph_safe_ops.values())
 
     def prepare_weight(self, op: str, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` in the form the bound implementation of ``op`` reads."""

@@ -1,4 +1,9 @@
-"""The runtime: load an engine and generate (``LLM``), or serve requests as they come (``AsyncLLM``)."""
+"""The runtime: load an engine and generate (``LLM``), or serve requests as they come (``AsyncLLM``).
+
+An engine core (``engine_core``: scheduler, KV cache, model runner, sampler) turns requests of token
+ids into new token ids in a thread of its own (``core_thread``); the front end (``input_processor``,
+``output_processor``) checks requests and turns token ids into text in the caller's thread.
+"""
 from __future__ import annotations
 
 import importlib
@@ -6,9 +11,12 @@ import importlib
 _EXPORTS = {
     "LLM": "kiln.runtime.llm",
     "AsyncLLM": "kiln.runtime.async_llm",
+    "LLMEngine": "kiln.runtime.llm_engine",
+    "RuntimeConfig": "kiln.runtime.config",
     "SamplingParams": "kiln.runtime.sampling_params",
     "CompletionOutput": "kiln.runtime.outputs",
     "EngineStats": "kiln.runtime.outputs",
+    "RequestFailed": "kiln.runtime.outputs",
     "RequestMetrics": "kiln.runtime.outputs",
     "RequestOutput": "kiln.runtime.outputs",
 }
@@ -16,7 +24,7 @@ __all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # Lazy, so that importing one runtime module does not pull in the whole executor.
+    # Lazy, so that importing one runtime module does not pull in the whole engine core.
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'kiln.runtime' has no attribute {name!r}")

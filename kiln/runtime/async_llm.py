@@ -1,115 +1,179 @@
-"""``AsyncLLM``: the executor stepping in a background thread, requests streamed to asyncio callers.
+"""``AsyncLLM``: an engine core in its own thread, requests streamed to asyncio callers.
 
-Servers call ``generate`` for each request and ``async for`` over its outputs as tokens arrive;
-``abort`` (or a caller that stops iterating) frees the request's KV blocks before the next step.
-A step that fails fails only the requests it held; the loop goes on serving the rest.
+Servers call ``generate`` for each request and ``async for`` over its outputs as tokens arrive. The
+engine core steps in its own thread; each step's outputs are handed to the event loop of the
+request they belong to, where the output processor detokenizes them, so the loop is never blocked
+by a forward pass and the core never waits for a consumer.
+
+``abort`` ends a stream with a final output (``finish_reason="abort"``); a consumer that stops
+iterating aborts its request too. A request the engine fails raises ``RequestFailed`` in its own
+stream only. An ``AsyncLLM`` is an async context manager, and one that is dropped without
+``shutdown()`` stops its thread and frees its memory when it is garbage-collected.
 """
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
+import weakref
 from typing import AsyncIterator
 
-from kiln.runtime.executor import Executor, ExecutorConfig
-from kiln.runtime.outputs import EngineStats, RequestOutput
+from kiln.engine import Engine
+from kiln.runtime.config import RuntimeConfig
+from kiln.runtime.core_thread import EngineCoreThread
+from kiln.runtime.engine_core import EngineCoreOutput
+from kiln.runtime.input_processor import Prompt
+from kiln.runtime.llm_engine import FrontEnd
+from kiln.runtime.output_processor import OutputProcessor
+from kiln.runtime.outputs import EngineStats, RequestFailed, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
-
-log = logging.getLogger(__name__)
+from kiln.runtime.tokenizer import EngineTokenizer
 
 
 class AsyncLLM:
-    def __init__(self, engine_dir: str, device: str | None = None, **options):
-        self.executor = Executor(str(engine_dir), ExecutorConfig(device=device, **options))
-        self._cond = threading.Condition()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="kiln-executor", daemon=True)
-        self._thread.start()
+    def __init__(self, engine: str | Engine, device: str | None = None, **options):
+        front = FrontEnd(engine if isinstance(engine, Engine) else str(engine),
+                         RuntimeConfig.from_options(device, **options))
+        self.engine = front.engine
+        self.tokenizer: EngineTokenizer = front.tokenizer
+        self.max_seq_len = front.max_seq_len
+        self._inputs = front.inputs
+        self._streams = _Streams(front.outputs)
+        self._core = EngineCoreThread(front.core, self._streams.deliver)
+        self._streams.core = self._core
+        weakref.finalize(self, self._core.shutdown)
 
-    @property
-    def tokenizer(self):
-        return self.executor.tokenizer
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; each carries the text so far and the delta since the last one."""
+        """Stream a request's outputs; each carries the step's deltas (``delta_text``, ...)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        request_id = await asyncio.to_thread(self._add, prompt, params, request_id, loop, queue)
+        new, core_requests = self._inputs.process(prompt, params, request_id)
+        self._streams.add(new, loop, queue)
+        try:
+            for r in core_requests:
+                self._core.add_request(r)
+        except BaseException:
+            self._streams.abort(new.request_id, notify=False)
+            raise
         finished = False
         try:
             while not finished:
                 item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise RequestFailed(item.request_id, item.error)
                 yield item
         finally:
             if not finished:  # the caller went away: free its blocks now
-                await self.abort(request_id)
+                self._streams.abort(new.request_id, notify=False)
 
     async def abort(self, request_id: str) -> None:
-        await asyncio.to_thread(self._abort, request_id)
+        """End a request: its stream gets a final output with ``finish_reason="abort"``."""
+        self._streams.abort(request_id, notify=True)
 
     def stats(self) -> EngineStats:
-        with self._cond:
-            return self.executor.stats()
+        """The engine core's figures after its latest step."""
+        return self._core.stats()
+
+    async def call(self, fn):
+        """Run ``fn(engine_core)`` between steps on the core thread (checks, resets); its result."""
+        return await asyncio.to_thread(self._core.call, fn)
 
     def shutdown(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-        self._thread.join(timeout=30)
+        self._core.shutdown()
+        self._streams.fail_all("the engine shut down")
 
-    # ----- the background thread and what it shares -----
-    def _add(self, prompt, params, request_id, loop, queue) -> str:
-        with self._cond:
-            if self._stopped:
-                raise RuntimeError("this AsyncLLM has been shut down")
-            rid = self.executor.add_request(prompt, params, request_id)
-            self._streams[rid] = (loop, queue)
-            self._cond.notify_all()
-            return rid
+    async def __aenter__(self) -> AsyncLLM:
+        return self
 
-    def _abort(self, request_id: str) -> None:
-        with self._cond:
-            self.executor.abort(request_id)
-            self._streams.pop(request_id, None)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopped and not self.executor.has_unfinished():
-                    self._cond.wait()
-                if self._stopped:
-                    self._fail_all(RuntimeError("the engine shut down"))
-                    return
-                try:
-                    outputs = self.executor.step()
-                except Exception as e:  # NOTE: keep serving; only this step's requests fail
-                    log.exception("engine step failed")
-                    self._fail_all(e)
-                    continue
-                deliveries = []
-                for out in outputs:
-                    stream = self._streams.get(out.request_id)
-                    if stream is not None:
-                        deliveries.append((stream, out))
-                    if out.finished:
-                        self._streams.pop(out.request_id, None)
-            for (loop, queue), out in deliveries:
-                _deliver(loop, queue, out)
-
-    def _fail_all(self, error: BaseException) -> None:
-        for rid, (loop, queue) in list(self._streams.items()):
-            self.executor.abort(rid)
-            _deliver(loop, queue, error)
-        self._streams.clear()
+    async def __aexit__(self, *exc) -> None:
+        self.shutdown()
 
 
-def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: object) -> None:
+class _Streams:
+    """The open streams and their output processor. The core thread calls ``deliver``; the rest runs on
+    the callers' event loops. It holds no reference to the ``AsyncLLM``, so that can be collected."""
+
+    def __init__(self, processor: OutputProcessor):
+        self.processor = processor
+        self.core: EngineCoreThread | None = None
+        self._lock = threading.Lock()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+
+    def add(self, new, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        with self._lock:
+            self.processor.add(new)
+            self._queues[new.request_id] = (loop, queue)
+
+    def deliver(self, outputs: list[EngineCoreOutput]) -> None:
+        """On the core thread: hand each event loop the outputs of its requests."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[EngineCoreOutput]] = {}
+        with self._lock:
+            for out in outputs:
+                rid = self.processor.request_id_of(out.request_id)
+                stream = self._queues.get(rid) if rid is not None else None
+                if stream is not None:
+                    by_loop.setdefault(stream[0], []).append(out)
+        for loop, outs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._process, outs)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                self._drop([self.processor.request_id_of(o.request_id) for o in outs])
+
+    def _process(self, outputs: list[EngineCoreOutput]) -> None:
+        """On a caller's event loop: detokenize, stop, merge; put each output on its stream."""
+        with self._lock:
+            processed = self.processor.process(outputs)
+            deliveries = []
+            for out in processed.outputs:
+                stream = self._queues.get(out.request_id)
+                if out.finished:
+                    self._queues.pop(out.request_id, None)
+                if stream is not None:
+                    deliveries.append((stream[1], out))
+        self.core.abort(processed.to_abort)
+        for queue, out in deliveries:
+            queue.put_nowait(out)
+
+    def abort(self, request_id: str, notify: bool) -> None:
+        with self._lock:
+            final, seq_ids = self.processor.abort(request_id)
+            stream = self._queues.pop(request_id, None)
+        self.core.abort(seq_ids)
+        if notify and final is not None and stream is not None:
+            loop, queue = stream
+            _put(loop, queue, final)
+
+    def _drop(self, request_ids: list[str | None]) -> None:
+        for rid in request_ids:
+            if rid is not None:
+                self.abort(rid, notify=False)
+
+    def fail_all(self, message: str) -> None:
+        with self._lock:
+            streams = list(self._queues.items())
+        for rid, (loop, queue) in streams:
+            with self._lock:
+                final, _ = self.processor.abort(rid)
+                self._queues.pop(rid, None)
+            if final is not None:
+                final.error = message
+                _put(loop, queue, final)
+
+
+def _put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: RequestOutput) -> None:
     try:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
-    except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+        if loop is _running_loop():
+            queue.put_nowait(item)
+        else:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+    except RuntimeError:  # the caller's event loop is closed
         pass
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+

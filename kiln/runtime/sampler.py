@@ -12,9 +12,6 @@ from kiln.runtime.outputs import TokenLogprob
 from kiln.runtime.request import Request
 from kiln.runtime.sampling_params import SamplingParams
 
-# Temperatures below this are greedy: dividing by them overflows float32 logits.
-_MIN_TEMPERATURE = 1e-5
-
 
 @dataclass(slots=True)
 class SamplerOutput:
@@ -26,14 +23,15 @@ class SamplerOutput:
 class Sampler:
     """Picks the next token of each request from its row of logits.
 
-    Order, each step a batched tensor op over the rows that need it: repetition penalty (HF: seen
+    Order, each step a batched tensor op over the rows that need it: logit bias (OpenAI: added to
+    the named tokens' logits), repetition penalty (HF: seen
     tokens of prompt and output have positive logits divided by it, negative ones multiplied),
     frequency and presence penalties (OpenAI, over output tokens), the ``min_tokens`` ban of EOS and
     stop tokens, then for non-greedy rows temperature, top-k, top-p, min-p and a draw. Greedy rows
-    (temperature below 1e-5) take the argmax of the penalised, banned logits; a batch of greedy rows
+    (``SamplingParams.greedy``) take the argmax of the penalised, banned logits; a batch of greedy rows
     with nothing else to do is one argmax.
 
-    Logprobs are the log-softmax of the logits after the penalties and before the ``min_tokens``
+    Logprobs are the log-softmax of the logits after the bias and penalties and before the ``min_tokens``
     ban, temperature and the filters (vLLM reports the raw model distribution instead).
 
     The draw is an exponential race: argmax(p / q) with q ~ Exponential(1) per token picks token i
@@ -71,19 +69,20 @@ class Sampler:
             return SamplerOutput([])
         params = [r.sampling_params for r in requests]
         want_logprobs = any(p.logprobs is not None for p in params)
-        if not want_logprobs and all(_is_greedy(p.temperature) and not _has_penalties(p) for p in params) \
+        if not want_logprobs and all(p.greedy and not _has_penalties(p) and not p.logit_bias for p in params) \
                 and not any(_banned_now(r) for r in requests):
             return SamplerOutput(logits.argmax(dim=-1).tolist())
 
         logits = logits.to(torch.float32, copy=True)
+        apply_logit_bias(logits, requests)
         apply_penalties(logits, requests)
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
         apply_min_tokens(logits, requests)
 
         chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
-        greedy = [i for i, p in enumerate(params) if _is_greedy(p.temperature)]
-        sampled = [i for i, p in enumerate(params) if not _is_greedy(p.temperature)]
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
         if greedy:
             rows = _index(greedy, logits.device)
             chosen[rows] = logits[rows].argmax(dim=-1)
@@ -96,22 +95,8 @@ class Sampler:
             return SamplerOutput(token_ids)
         return SamplerOutput(token_ids, _gather_logprobs(logprobs, logprob_rows, chosen, params, len(requests)))
 
-    def process(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-        """The float32 logits the draw would use: penalties, ban, temperature and filters (-inf: masked).
-
-        Greedy rows get penalties and the ban only. For tests and debugging; ``__call__`` does the same.
-        """
-        logits = logits.to(torch.float32, copy=True)
-        apply_penalties(logits, requests)
-        apply_min_tokens(logits, requests)
-        sampled = [i for i, r in enumerate(requests) if not _is_greedy(r.sampling_params.temperature)]
-        if sampled:
-            rows = _index(sampled, logits.device)
-            logits[rows] = _temper_and_filter(logits[rows], [requests[i].sampling_params for i in sampled])
-        return logits
-
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        probs = torch.softmax(_temper_and_filter(logits, [r.sampling_params for r in requests]), dim=-1)
+        probs = torch.softmax(temper_and_filter(logits, [r.sampling_params for r in requests]), dim=-1)
         device, vocab = probs.device, probs.shape[1]
         shared = [i for i, r in enumerate(requests) if r.sampling_params.seed is None]
         if len(shared) == len(requests):
@@ -143,6 +128,22 @@ class Sampler:
             gen.manual_seed(self._base_seed + len(self._shared))
             self._shared[device] = gen
         return gen
+
+
+def apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    """Add each request's ``logit_bias`` to its row, in place (ids were checked against the vocabulary)."""
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    for i, r in enumerate(requests):
+        for token, bias in (r.sampling_params.logit_bias or {}).items():
+            rows.append(i)
+            cols.append(token)
+            values.append(bias)
+    if rows:
+        device = logits.device
+        logits.index_put_((_index(rows, device), _index(cols, device)),
+                          torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> None:
@@ -227,7 +228,8 @@ def filter_logits(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[fl
     return logits
 
 
-def _temper_and_filter(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+def temper_and_filter(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Float logits [B, V] of non-greedy rows divided by each row's temperature, then ``filter_logits``."""
     logits = logits / _column([p.temperature for p in params], logits.device)
     return filter_logits(logits, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params])
 
@@ -272,10 +274,6 @@ def _banned_now(request: Request) -> set[int]:
 
 def _has_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-
-
-def _is_greedy(temperature: float) -> bool:
-    return temperature < _MIN_TEMPERATURE
 
 
 def _index(values: list[int], device: torch.device) -> torch.Tensor:

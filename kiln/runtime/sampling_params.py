@@ -1,15 +1,25 @@
-"""What a caller may ask of one request's sampling, checked once when it is made."""
+"""What a caller may ask of one request's sampling, checked for type and range once, when it is made."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+
+# Temperatures below this are greedy: dividing by them overflows float32 logits.
+MIN_TEMPERATURE = 1e-5
+# torch.Generator.manual_seed takes any 64-bit unsigned value.
+MAX_SEED = 2**64 - 1
 
 
 @dataclass(slots=True)
 class SamplingParams:
     """Sampling options of one request, named as in vLLM and the OpenAI API.
 
-    ``temperature=0`` is greedy. ``top_k=0`` and ``top_p=1`` switch those filters off.
-    ``seed`` makes a request's tokens reproducible whatever else shares its batch.
+    ``temperature=0`` is greedy (so is anything below 1e-5). ``top_k=0`` (or -1) and ``top_p=1``
+    switch those filters off. ``seed`` (0 to 2**64 - 1) makes a request's tokens reproducible whatever
+    else shares its batch. ``logit_bias`` maps token ids to values added to their logits (as OpenAI's).
+    Every field is checked here: a wrong type or an out-of-range value is a ``ValueError`` naming it,
+    so a request can never fail later, inside a step that other requests share.
     """
 
     max_tokens: int = 16
@@ -27,16 +37,32 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = [s for s in (self.stop or []) if s]
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        for name in ("max_tokens", "top_k", "n", "min_tokens"):
+            setattr(self, name, _integer(name, getattr(self, name)))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            setattr(self, name, _real(name, getattr(self, name)))
+        if self.seed is not None:
+            self.seed = _integer("seed", self.seed)
+        if self.logprobs is not None:
+            self.logprobs = _integer("logprobs", self.logprobs)
+        self.stop = _stop_strings(self.stop)
+        self.stop_token_ids = [_integer("stop_token_ids[]", t) for t in _list("stop_token_ids", self.stop_token_ids)]
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {type(self.logit_bias).__name__}")
+            self.logit_bias = {_integer("logit_bias key", _int_key(k)): _real("logit_bias value", v)
+                               for k, v in self.logit_bias.items()}
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (self.top_k >= 0 or self.top_k == -1, f"top_k must be >= 0 (0 or -1: off), got {self.top_k}"),
+            (self.top_k >= -1, f"top_k must be >= 0 (0 or -1: off), got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
@@ -46,6 +72,10 @@ class SamplingParams:
             (0 <= self.min_tokens <= self.max_tokens,
              f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, 2**64 - 1], got {self.seed}"),
+            (all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be >= 0, got {self.stop_token_ids}"),
+            (all(-100 <= v <= 100 for v in (self.logit_bias or {}).values()),
+             "logit_bias values must be in [-100, 100]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -55,4 +85,49 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
+
+
+def _integer(name: str, value: object) -> int:
+    """An int (not a bool); an integral float such as 3.0 is taken, 3.5 is not."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    return int(value)
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def _int_key(key: object) -> object:
+    # JSON object keys are strings: "50256" names token 50256.
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        return int(key)
+    return key
+
+
+def _list(name: str, value: object) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be a list, got {value!r}")
+    return list(value)
+
+
+def _stop_strings(stop: object) -> list[str]:
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = _list("stop", stop)
+    for s in stop:
+        if not isinstance(s, str):
+            raise ValueError(f"stop must be a string or a list of strings, got an element {s!r}")
+    return [s for s in stop if s]

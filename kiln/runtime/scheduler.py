@@ -73,31 +73,35 @@ class Scheduler:
     # ----- requests -----
     def add_request(self, req: Request) -> None:
         """Queue a request, or raise RequestError if it could never be served under this configuration."""
-        cfg = self.config
-        bm = self.block_manager
         rid = req.request_id
         if rid in self._requests:
             raise RequestError(f"request id {rid!r} is already in use")
         if req.status != RequestStatus.WAITING or req.block_ids or req.num_computed_tokens:
             raise ValueError(f"request {rid!r} is not a fresh waiting request (status {req.status.value})")
-        total = req.max_total_tokens
-        if total > cfg.max_seq_len:
-            raise RequestError(
-                f"request {rid!r}: the prompt ({req.num_prompt_tokens} tokens) plus max_tokens "
-                f"({req.sampling_params.max_tokens}) is {total} tokens, more than max_seq_len={cfg.max_seq_len}; "
-                f"shorten the prompt or lower max_tokens")
-        need = bm.blocks_for_tokens(total)
-        if need > bm.num_blocks:
-            raise RequestError(
-                f"request {rid!r}: {total} tokens need {need} KV blocks of {bm.block_size} tokens, but the "
-                f"whole KV cache has {bm.num_blocks} blocks ({bm.num_blocks * bm.block_size} tokens); "
-                f"shorten the request or give the KV cache more memory")
-        if not cfg.enable_chunked_prefill and req.num_tokens > cfg.max_num_tokens:
-            raise RequestError(
-                f"request {rid!r}: the prompt has {req.num_tokens} tokens but a step computes at most "
-                f"max_num_tokens={cfg.max_num_tokens} and chunked prefill is off")
+        problem = self.admission_error(req.num_prompt_tokens, req.sampling_params.max_tokens)
+        if problem:
+            raise RequestError(f"request {rid!r}: {problem}")
         self._requests[rid] = req
         self.waiting.append(req)
+
+    def admission_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
+        """Why a request of this size could never be served here, or None. Reads only fixed limits, so
+        a front end may ask from another thread before it submits."""
+        cfg = self.config
+        bm = self.block_manager
+        total = num_prompt_tokens + max_tokens
+        if total > cfg.max_seq_len:
+            return (f"the prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) is {total} tokens, "
+                    f"more than max_seq_len={cfg.max_seq_len}; shorten the prompt or lower max_tokens")
+        need = bm.blocks_for_tokens(total)
+        if need > bm.num_blocks:
+            return (f"{total} tokens need {need} KV blocks of {bm.block_size} tokens, but the whole KV cache has "
+                    f"{bm.num_blocks} blocks ({bm.num_blocks * bm.block_size} tokens); shorten the request or "
+                    f"give the KV cache more memory")
+        if not cfg.enable_chunked_prefill and num_prompt_tokens > cfg.max_num_tokens:
+            return (f"the prompt has {num_prompt_tokens} tokens but a step computes at most "
+                    f"max_num_tokens={cfg.max_num_tokens} and chunked prefill is off")
+        return None
 
     def finish_request(self, request_id: str, status: RequestStatus) -> None:
         """Finish a request for a reason decided outside (a stop string, an abort); unknown ids are ignored."""

@@ -1,14 +1,13 @@
-"""In-flight batching through the real model: batched = alone, preemption, prefix reuse, n, seeds,
-stop strings, streaming and abort, metrics and admission."""
+"""In-flight batching through the real model, driven through ``LLM``: batched = alone, preemption,
+prefix reuse, n, seeds, stop strings, metrics, admission, the decode-graph path and the KV pool size."""
 from __future__ import annotations
 
-import asyncio
 import random
 
 import pytest
 
 from kiln.errors import RequestError
-from kiln.runtime import LLM, AsyncLLM, SamplingParams
+from kiln.runtime import LLM, SamplingParams
 from conftest import DEVICE
 
 
@@ -32,9 +31,13 @@ def test_batched_outputs_equal_one_at_a_time(engine):
     alone = [llm.generate([p], GREEDY)[0] for p in prompts]
     assert [o.token_ids for o in batched] == [o.token_ids for o in alone]
     assert all(len(o.token_ids) == 12 for o in batched)
-    ex = llm.executor
-    ex.scheduler.check_integrity()
-    assert ex.stats().kv_blocks_used == 0
+    assert_idle(llm)
+
+
+def assert_idle(llm) -> None:
+    """Every check of the core passes and every KV block is free (asked on the core thread, after its work)."""
+    stats = llm.engine.call(lambda core: (core.check_integrity(), core.stats())[1])
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0
 
 
 LONG = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
@@ -51,15 +54,14 @@ def test_small_pool_preempts_with_identical_outputs(engine):
     small = LLM(engine, device=DEVICE, kv_cache_memory=12 * _block_bytes(engine), enable_prefix_caching=False)
     outs = small.generate(prompts, LONG)
     assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
-    assert small.executor.stats().num_preemptions > 0
+    assert small.engine.stats().num_preemptions > 0
     assert sum(o.metrics.num_preemptions for o in outs) > 0
-    small.executor.scheduler.check_integrity()
-    assert small.executor.stats().kv_blocks_used == 0
+    assert_idle(small)
 
 
 def _block_bytes(engine) -> int:
     from kiln.engine import read_engine
-    from kiln.runtime.model_runner import kv_cache_spec
+    from kiln.runtime.kv_pool import kv_cache_spec
 
     return kv_cache_spec(read_engine(engine)).bytes_per_block
 
@@ -68,7 +70,7 @@ def test_guaranteed_no_evict_never_preempts(engine):
     prompts = long_prompts()
     llm = LLM(engine, device=DEVICE, kv_cache_memory=12 * _block_bytes(engine), policy="guaranteed_no_evict")
     outs = llm.generate(prompts, LONG)
-    assert llm.executor.stats().num_preemptions == 0
+    assert llm.engine.stats().num_preemptions == 0
     assert [o.token_ids for o in outs] == [o.token_ids for o in LLM(engine, device=DEVICE).generate(prompts, LONG)]
 
 
@@ -82,7 +84,7 @@ def test_shared_prefix_is_served_from_cache(engine):
     assert second.metrics.num_cached_tokens == len(prefix) // 16 * 16  # the shared prefix's full blocks
     cold = LLM(engine, device=DEVICE, enable_prefix_caching=False).generate([prefix + [10, 11]], GREEDY)[0]
     assert second.token_ids == cold.token_ids
-    assert llm.executor.stats().prefix_cache_hit_rate > 0
+    assert llm.engine.stats().prefix_cache_hit_rate > 0
 
 
 def test_seeded_sampling_is_independent_of_the_batch(engine):
@@ -104,7 +106,7 @@ def test_n_completions_share_the_prompt_blocks(engine):
     assert out.outputs[0].token_ids == single.token_ids
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
     # Completions 2 and 3 reuse the prompt's full blocks instead of recomputing them.
-    assert llm.executor.block_manager.prefix_cache_hits >= 2 * (len(prompt) // 16) * 16
+    assert llm.engine.call(lambda core: core.block_manager.prefix_cache_hits) >= 2 * (len(prompt) // 16) * 16
 
 
 def test_stop_strings_and_logprobs(engine):
@@ -131,7 +133,7 @@ def test_admission_refuses_requests_that_can_never_fit(engine):
         llm.generate([[5, 10**7]], GREEDY)
     # The engine is still usable, with nothing leaked.
     assert llm.generate([[5, 6]], GREEDY)[0].finish_reason == "length"
-    assert llm.executor.stats().kv_blocks_used == 0
+    assert_idle(llm)
 
 
 def test_metrics(engine):
@@ -142,69 +144,36 @@ def test_metrics(engine):
     assert m.time_per_output_token > 0
 
 
-def test_async_streaming_concatenates_to_the_final_text_and_abort_frees_blocks(engine):
-    async def scenario():
-        llm = AsyncLLM(engine, device=DEVICE)
-        try:
-            params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-            pieces, last = [], None
-            async for out in llm.generate("Unicode: café, 日本語", params):
-                pieces.append(out.outputs[0].delta_text)
-                last = out
-            assert last.finished and "".join(pieces) == last.text
-
-            async def slow_consumer():
-                async for out in llm.generate([5] * 30, SamplingParams(max_tokens=200, ignore_eos=True),
-                                              request_id="long"):
-                    if len(out.token_ids) >= 3:
-                        break  # the client goes away mid-stream
-
-            await asyncio.gather(slow_consumer(), *[_drain(llm, [6] * n) for n in (3, 9, 27)])
-            await asyncio.sleep(0.05)
-            stats = llm.stats()
-            assert stats.kv_blocks_used == 0 and stats.num_running == 0
-            llm.executor.scheduler.check_integrity()
-        finally:
-            llm.shutdown()
-
-    asyncio.run(scenario())
-
-
-async def _drain(llm, prompt):
-    async for out in llm.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True)):
-        pass
-    assert out.finished
-
-
 def test_decode_graph_path_gives_identical_outputs(engine):
     """The padded, fixed-shape decode path that CUDA graphs capture, run eagerly: same tokens, no leaks."""
     prompts = mixed_prompts(11, seed=4)
     eager = LLM(engine, device=DEVICE, decode_graphs="off").generate(prompts, LONG)
     static = LLM(engine, device=DEVICE, decode_graphs="static" if DEVICE == "cpu" else "on")
     runs = []
-    original = static.executor.runner.graphs.run
-    static.executor.runner.graphs.run = lambda batch: runs.append(len(batch)) or original(batch)
+    graphs = static.engine.call(lambda core: core.runner.graphs)
+    original = graphs.run
+    graphs.run = lambda batch: runs.append(len(batch)) or original(batch)
     outs = static.generate(prompts, LONG)
     assert [o.token_ids for o in outs] == [o.token_ids for o in eager]
     assert runs and max(runs) == 8 and min(runs) < 8  # full and padded batches both took the graph path
-    assert static.executor.stats().kv_blocks_used == 0
+    assert_idle(static)
 
 
 def test_kv_pool_is_sized_from_the_byte_budget(engine):
     per_block = _block_bytes(engine)
     assert per_block == 2 * 3 * 16 * 2 * 16 * 4  # K and V, 3 layers, 16 slots, 2 KV heads of 16, float32
     llm = LLM(engine, device=DEVICE, kv_cache_memory=10 * per_block + per_block - 1)
-    assert llm.executor.stats().kv_blocks_total == 10
+    assert llm.engine.stats().kv_blocks_total == 10
     with pytest.raises(RequestError, match="holds no block"):
         LLM(engine, device=DEVICE, kv_cache_memory=per_block - 1)
 
 
 def test_request_ids_may_not_collide(engine):
-    ex = LLM(engine, device=DEVICE).executor
-    ex.add_request([5, 6], SamplingParams(n=2, max_tokens=2), request_id="a")
+    engine_ = LLM(engine, device=DEVICE).engine
+    engine_.add_request([5, 6], SamplingParams(n=2, max_tokens=2), request_id="a")
     for clash in ("a", "a#1"):
         with pytest.raises(RequestError, match="already in use"):
-            ex.add_request([5, 6], SamplingParams(max_tokens=2), request_id=clash)
-    while ex.has_unfinished():
-        ex.step()
-    ex.add_request([5, 6], SamplingParams(max_tokens=2), request_id="a")  # free again once finished
+            engine_.add_request([5, 6], SamplingParams(max_tokens=2), request_id=clash)
+    while engine_.has_unfinished():
+        engine_.step(timeout=1)
+    engine_.add_request([5, 6], SamplingParams(max_tokens=2), request_id="a")  # free again once finished

@@ -1,0 +1,46 @@
+"""How an engine is run: the device, the KV pool's size, scheduling policy, graphs and runtime limits."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import get_args
+
+from kiln.runtime.scheduler import Policy
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str | None = None  # None: cuda when present, else cpu
+    # KV cache budget in bytes. Or, on a GPU, the fraction of its memory kiln may fill (weights
+    # included), all of it given to the pool. Neither: see kv_pool.num_kv_blocks.
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float | None = None
+    policy: Policy = "max_utilization"
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    # CUDA graphs for decode steps: "auto" (on a GPU when the plan allows), "on", "off", or "static"
+    # (their padded fixed-shape path without capture, to test it on a CPU).
+    decode_graphs: str = "auto"
+    # Runtime limits at or below the engine's build limits (None: the build limit).
+    max_batch_size: int | None = None
+    max_num_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in get_args(Policy):
+            raise ValueError(f"policy must be one of {', '.join(get_args(Policy))}, got {self.policy!r}")
+        for name in ("kv_cache_memory", "max_batch_size", "max_num_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        fraction = self.gpu_memory_utilization
+        if fraction is not None and not 0 < fraction <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {fraction!r}")
+
+    @classmethod
+    def from_options(cls, device: str | None = None, **options) -> RuntimeConfig:
+        """``LLM(engine, device, **options)``'s options, with an error naming any unknown one."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown runtime option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(device=device, **options)

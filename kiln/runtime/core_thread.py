@@ -1,0 +1,139 @@
+"""``EngineCoreThread``: the engine core stepping in a thread of its own, driven through a command queue.
+
+Callers never touch the core directly: they queue commands (add, abort, a function to run between
+steps, stop) and receive each step's outputs through a callback, called on the core thread. The
+thread keeps stepping while there is work and sleeps on the queue when there is none, so the
+caller's thread (an asyncio loop, or ``LLM.generate``) is free during every forward pass, and the
+core never waits on its consumers.
+
+NOTE: the thread holds the core and the callback, never the client object that started it, so a
+client that is dropped can be garbage-collected; its finalizer stops the thread (``shutdown``).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from kiln.errors import KilnError
+from kiln.runtime.engine_core import EngineCore, EngineCoreOutput, EngineCoreRequest
+from kiln.runtime.outputs import EngineStats
+
+log = logging.getLogger(__name__)
+
+OnOutputs = Callable[[list[EngineCoreOutput]], None]
+
+_STOP = object()
+
+
+class EngineCoreThread:
+    def __init__(self, core: EngineCore, on_outputs: OnOutputs):
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._stats = _StatsBox(core.stats())
+        self._thread = threading.Thread(target=_loop, args=(core, self._commands, on_outputs, self._stats),
+                                        name="kiln-engine-core", daemon=True)
+        self._thread.start()
+        self._stopped = False
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self._send(("add", request))
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids and not self._stopped:
+            self._commands.put(("abort", list(request_ids)))
+
+    def call(self, fn: Callable[[EngineCore], Any], timeout: float | None = 60.0) -> Any:
+        """Run ``fn(core)`` on the core thread between steps and return its result (or raise its error)."""
+        future: Future = Future()
+        self._send(("call", (fn, future)))
+        return future.result(timeout)
+
+    def stats(self) -> EngineStats:
+        """The core's figures after its latest step (never waits for a step)."""
+        return self._stats.value
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the thread after the step in flight; every request still in the core is dropped."""
+        if not self._stopped:
+            self._stopped = True
+            self._commands.put(_STOP)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _send(self, command: tuple) -> None:
+        if self._stopped or not self._thread.is_alive():
+            raise KilnError("the engine has been shut down")
+        self._commands.put(command)
+
+
+class _StatsBox:
+    __slots__ = ("value",)
+
+    def __init__(self, value: EngineStats):
+        self.value = value
+
+
+def _loop(core: EngineCore, commands: queue.SimpleQueue, on_outputs: OnOutputs, stats: _StatsBox) -> None:
+    while True:
+        # Block only when idle; otherwise take what has arrived and step.
+        try:
+            command = commands.get(block=not core.has_unfinished())
+        except queue.Empty:
+            command = None
+        while command is not None:
+            if command is _STOP:
+                core.abort(core.request_ids())
+                return
+            errors = _apply(core, command)
+            if errors:
+                _emit(on_outputs, errors)
+            try:
+                command = commands.get_nowait()
+            except queue.Empty:
+                command = None
+        if not core.has_unfinished():
+            stats.value = core.stats()
+            continue
+        try:
+            outputs = core.step()
+        except Exception as e:  # a broken step (a bug, not one request's fault): fail what is in flight
+            log.exception("engine step failed; failing every request in flight")
+            message = f"engine step failed: {type(e).__name__}: {e}"
+            ids = core.request_ids()
+            core.abort(ids)
+            outputs = [EngineCoreOutput(rid, [], finish_reason="error", error=message) for rid in ids]
+        stats.value = core.stats()
+        if outputs:
+            _emit(on_outputs, outputs)
+
+
+def _apply(core: EngineCore, command: tuple) -> list[EngineCoreOutput]:
+    kind, arg = command
+    if kind == "add":
+        try:
+            core.add_request(arg)
+        except Exception as e:  # the front end checks first; this is the backstop
+            return [EngineCoreOutput(arg.request_id, [], finish_reason="error", error=str(e))]
+    elif kind == "abort":
+        core.abort(arg)
+    elif kind == "call":
+        fn, future = arg
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(core))
+            except BaseException as e:
+                future.set_exception(e)
+    return []
+
+
+def _emit(on_outputs: OnOutputs, outputs: list[EngineCoreOutput]) -> None:
+    try:
+        on_outputs(outputs)
+    except Exception:  # NOTE: a consumer's bug must not stop the core
+        log.exception("delivering engine outputs failed")

@@ -1,0 +1,75 @@
+"""The KV cache pool: how many blocks it holds, and the tensors that hold them.
+
+The block manager hands out block ids; this module decides how many there are and allocates one
+(K, V) pair of ``[num_blocks, block_size, num_kv_heads, head_dim]`` tensors per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kiln.engine import BuildConfig, Engine
+from kiln.errors import RequestError
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSpec:
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+
+def kv_cache_spec(engine: Engine) -> KVCacheSpec:
+    m = engine.model
+    build = engine.build
+    return KVCacheSpec(m["num_layers"], build.kv_block_size, m["num_kv_heads"], m["head_dim"], build.kv_torch_dtype)
+
+
+def num_kv_blocks(spec: KVCacheSpec, build: BuildConfig, device: torch.device, kv_cache_memory: int | None = None,
+                  gpu_memory_utilization: float | None = None) -> int:
+    """Blocks for the pool: from a byte budget when one is given; else, on a GPU, a fraction of its
+    memory (0.9 unless given) of which at most twice a full batch at max length when no fraction is
+    given; on the CPU, one full batch at max length (every batch slot at max_seq_len), which is all
+    the engine's limits can ever use at once.
+    """
+    full_batch = -(-build.max_seq_len // build.kv_block_size) * build.max_batch_size
+    budget = kv_cache_memory
+    if budget is None and device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(total * (gpu_memory_utilization or 0.9)) - (total - free)
+        if gpu_memory_utilization is None:
+            budget = min(budget, 2 * full_batch * spec.bytes_per_block)
+    elif budget is None:
+        budget = full_batch * spec.bytes_per_block
+    blocks = budget // spec.bytes_per_block
+    if blocks < 1:
+        raise RequestError(f"the KV cache budget of {budget} bytes holds no block "
+                           f"(one block of {build.kv_block_size} tokens needs {spec.bytes_per_block} bytes)")
+    return blocks
+
+
+def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zeroed K and V tensors per layer.
+
+    On the CPU the memory comes from ``calloc`` (through numpy), whose large allocations are fresh
+    zero pages that the kernel maps only when first written: a pool costs resident memory for the
+    blocks requests have used, not for its whole size. (``torch.zeros`` writes every byte at once.)
+    """
+    shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    numel = num_blocks * spec.block_size * spec.num_kv_heads * spec.head_dim
+
+    def zeros() -> torch.Tensor:
+        if device.type == "cpu":
+            raw = np.zeros(numel * spec.dtype.itemsize, dtype=np.uint8)
+            return torch.from_numpy(raw).view(spec.dtype).view(shape)
+        return torch.zeros(shape, dtype=spec.dtype, device=device)
+
+    return [(zeros(), zeros()) for _ in range(spec.num_layers)]

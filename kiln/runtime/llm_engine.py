@@ -1,0 +1,97 @@
+"""``LLMEngine``: the synchronous front end over an engine core running in its own thread.
+
+``add_request`` checks and submits; ``step`` waits for the core's next outputs and turns them into
+``RequestOutput``s (detokenized, stop strings applied, n>1 merged). ``LLM`` and the benchmarks drive
+it; ``AsyncLLM`` is the same pieces delivered to asyncio callers.
+"""
+from __future__ import annotations
+
+import queue
+import weakref
+
+from kiln.engine import Engine
+from kiln.runtime.config import RuntimeConfig
+from kiln.runtime.core_thread import EngineCoreThread
+from kiln.runtime.engine_core import EngineCore
+from kiln.runtime.input_processor import InputProcessor, Prompt
+from kiln.runtime.output_processor import OutputProcessor
+from kiln.runtime.outputs import EngineStats, RequestOutput
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.tokenizer import EngineTokenizer
+
+
+class FrontEnd:
+    """The pieces every client of an engine core builds: the core (loaded here), its tokenizer, and
+    the input and output processors."""
+
+    def __init__(self, engine: str | Engine, config: RuntimeConfig):
+        self.core = EngineCore(engine, config)
+        self.engine = self.core.engine
+        self.tokenizer = EngineTokenizer(self.engine)
+        self.inputs = InputProcessor(self.tokenizer, self.core.vocab_size, self.core.scheduler.admission_error)
+        self.outputs = OutputProcessor(self.tokenizer)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.core.scheduler.config.max_seq_len
+
+
+class LLMEngine:
+    def __init__(self, engine: str | Engine, config: RuntimeConfig | None = None):
+        front = FrontEnd(engine, config or RuntimeConfig())
+        self.engine = front.engine
+        self.tokenizer = front.tokenizer
+        self.device = front.core.device
+        self.max_seq_len = front.max_seq_len
+        self.limits = front.core.scheduler.config
+        self._inputs = front.inputs
+        self._outputs = front.outputs
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.core = EngineCoreThread(front.core, self._queue.put)
+        weakref.finalize(self, self.core.shutdown)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        new, core_requests = self._inputs.process(prompt, params, request_id, arrival_time)
+        self._outputs.add(new)
+        try:
+            for r in core_requests:
+                self.core.add_request(r)
+        except BaseException:
+            self.abort(new.request_id)
+            raise
+        return new.request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request now; its final output (``finish_reason="abort"``), or None if it is not running."""
+        final, seq_ids = self._outputs.abort(request_id)
+        self.core.abort(seq_ids)
+        return final
+
+    def has_unfinished(self) -> bool:
+        return self._outputs.has_unfinished()
+
+    def step(self, timeout: float | None = None) -> list[RequestOutput]:
+        """The outputs of the core's next step (waiting up to ``timeout`` seconds for it; [] if none came).
+
+        A request the engine failed comes back finished, with ``finish_reason="error"`` and ``error`` set.
+        """
+        try:
+            core_outputs = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        processed = self._outputs.process(core_outputs)
+        self.core.abort(processed.to_abort)
+        return processed.outputs
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    def call(self, fn):
+        """Run ``fn(engine_core)`` between steps on the core thread (checks, resets) and return its result."""
+        return self.core.call(fn)
+
+    def shutdown(self) -> None:
+        self.core.shutdown()
+
+
