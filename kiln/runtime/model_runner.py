@@ -5,9 +5,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 
-from kiln.engine import Engine
+from kiln.engine import Engine, load_weights
 from kiln.engine.target import target_of
 from kiln.models import ModelConfig, create_model
 from kiln.nn import ForwardContext, forward_context
@@ -34,7 +33,7 @@ class KVCacheSpec:
 class ModelRunner:
     """Owns the model's weights and the KV cache tensors on one device."""
 
-    def __init__(self, engine: Engine, device: torch.device, decode_graphs: str = "auto"):
+    def __init__(self, engine: Engine, device: torch.device, decode_graphs: str = "auto", verify_weights: bool = True):
         self.engine = engine
         self.device = device
         build = engine.build
@@ -45,7 +44,7 @@ class ModelRunner:
         _warn_if_target_differs(engine, device, self.ops)
         with torch.device("meta"):
             self.model = create_model(self.config, self.ops, max_positions=build.max_seq_len)
-        weights = load_file(str(engine.weights_path), device=str(device))
+        weights = load_weights(engine, device, verify=verify_weights)
         self.model.load_state_dict(weights, strict=True, assign=True)
         for module in self.model.modules():
             if hasattr(module, "prepare_weights"):
