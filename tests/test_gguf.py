@@ -171,11 +171,20 @@ def _scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def reference_dequantize(data: np.ndarray, ttype: Q, shape: tuple[int, ...]) -> np.ndarray:
-    """Dequantize from ggml's block layouts (ggml-quants.c), written here so the reader is not checked against itself.
+def _q3_k_scales(scales: np.ndarray) -> np.ndarray:
+    """The sixteen 6-bit scales packed in 12 bytes: low 4 bits in bytes 0-7 (low nibbles for scales 0-7,
+    high nibbles for 8-15), high 2 bits in bytes 8-11 (byte 8 + k % 4, bits 2 * (k // 4)); stored + 32."""
+    out = np.empty((scales.shape[0], 16), np.float32)
+    for k in range(16):
+        low = scales[:, k] & 0xF if k < 8 else scales[:, k - 8] >> 4
+        high = (scales[:, 8 + k % 4] >> (2 * (k // 4))) & 3
+        out[:, k] = (low | (high << 4)).astype(np.float32) - 32
+    return out
 
-    Q5_0, Q5_1, Q2_K and Q3_K fall back to the gguf package (their round trip is still checked separately).
-    """
+
+def reference_dequantize(data: np.ndarray, ttype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    """Dequantize from ggml's block layouts (ggml-common.h, dequantize_row_* in ggml-quants.c), written here
+    so that the reader (which calls the gguf package) is not checked against itself."""
     if ttype == Q.F32:
         return data.astype(np.float32).reshape(shape)
     if ttype == Q.F16:
@@ -194,6 +203,34 @@ def reference_dequantize(data: np.ndarray, ttype: Q, shape: tuple[int, ...]) -> 
     elif ttype == Q.Q4_1:  # d, m, 16 bytes of nibbles
         qs = b[:, 4:20]
         y[:] = np.concatenate([qs & 0xF, qs >> 4], axis=1) * _f16(b, 0) + _f16(b, 2)
+    elif ttype in (Q.Q5_0, Q.Q5_1):  # d, (Q5_1: m), qh (32 fifth bits, value j's is bit j), 16 bytes of nibbles
+        start = 4 if ttype == Q.Q5_1 else 2
+        qh = b[:, start:start + 4].copy().view("<u4")  # [n, 1]
+        qs = b[:, start + 4:start + 20]
+        fifth = (qh >> np.arange(32, dtype=np.uint32)) & 1
+        q = (np.concatenate([qs & 0xF, qs >> 4], axis=1) | (fifth << 4)).astype(np.float32)
+        y[:] = q * _f16(b, 0) + _f16(b, 2) if ttype == Q.Q5_1 else (q - 16) * _f16(b, 0)
+    elif ttype == Q.Q2_K:  # scales[16] (low nibble scale, high nibble min), qs[64], d, dmin
+        sc, qs, d, dmin = b[:, 0:16], b[:, 16:80], _f16(b, 80), _f16(b, 82)
+        # Value 128c + 32j + 16h + l: sub-block 8c + 2j + h, 2 bits at shift 2j of qs[32c + 16h + l].
+        for c in range(2):
+            for j in range(4):
+                for h in range(2):
+                    sub, start = 8 * c + 2 * j + h, 128 * c + 32 * j + 16 * h
+                    q = ((qs[:, 32 * c + 16 * h:32 * c + 16 * h + 16] >> (2 * j)) & 3).astype(np.float32)
+                    y[:, start:start + 16] = d * (sc[:, sub:sub + 1] & 0xF) * q - dmin * (sc[:, sub:sub + 1] >> 4)
+    elif ttype == Q.Q3_K:  # hmask[32], qs[64], scales[12], d
+        hmask, qs, scales, d = b[:, 0:32], b[:, 32:96], _q3_k_scales(b[:, 96:108]), _f16(b, 108)
+        # Value 128c + 32j + 16h + l: scale 8c + 2j + h, low 2 bits at shift 2j of qs[32c + 16h + l], and 4
+        # subtracted unless bit 4c + j of hmask[16h + l] is set.
+        for c in range(2):
+            for j in range(4):
+                for h in range(2):
+                    sub, start = 8 * c + 2 * j + h, 128 * c + 32 * j + 16 * h
+                    low = (qs[:, 32 * c + 16 * h:32 * c + 16 * h + 16] >> (2 * j)) & 3
+                    high = (hmask[:, 16 * h:16 * h + 16] >> (4 * c + j)) & 1
+                    q = low.astype(np.float32) - 4 * (1 - high.astype(np.float32))
+                    y[:, start:start + 16] = d * scales[:, sub:sub + 1] * q
     elif ttype in (Q.Q4_K, Q.Q5_K):  # d, dmin, scales[12], (Q5_K: qh[32]), qs[128]
         d, dmin = _f16(b, 0), _f16(b, 2)
         sc, mn = _scale_min_k4(b[:, 4:16])
@@ -222,8 +259,36 @@ def reference_dequantize(data: np.ndarray, ttype: Q, shape: tuple[int, ...]) -> 
                 start = 128 * half + 32 * k
                 y[:, start:start + 32] = d * s[:, groups + 2 * k] * (q.astype(np.float32) - 32)
     else:
-        return gguf.quants.dequantize(data, ttype).reshape(shape)
+        raise NotImplementedError(f"no reference dequantization for {ttype.name}")
     return y.reshape(shape)
+
+
+def _blocks(*fields: bytes) -> np.ndarray:
+    return np.frombuffer(b"".join(fields), dtype=np.uint8)[None, :]
+
+
+def test_reference_dequantize_on_hand_built_k_blocks():
+    """The test's own Q2_K / Q3_K decoding on blocks whose values follow from the format by hand."""
+    f16 = lambda x: np.float16(x).tobytes()  # noqa: E731
+    quants = bytes([0b11_10_01_00]) * 64  # at shift 2j every byte holds j
+    # Q2_K: every sub-block scale 1, min 2; d 0.5, dmin 0.25: value 0.5 * j - 0.5 for the 32 values of step j.
+    q2 = reference_dequantize(_blocks(bytes([0x21]) * 16, quants, f16(0.5), f16(0.25)), Q.Q2_K, (256,))
+    np.testing.assert_array_equal(q2, np.tile(np.repeat([-0.5, 0.0, 0.5, 1.0], 32), 2))
+    # Q3_K: every 6-bit scale 33 (low nibbles 1, high bits 0b10), so scale 1; d 2; hmask bits 0-3 set (the
+    # first 128 values keep their low bits), bits 4-7 clear (the last 128 lose 4).
+    scales = bytes([0x11]) * 8 + bytes([0b10_10_10_10]) * 4
+    q3 = reference_dequantize(_blocks(bytes([0x0F]) * 32, quants, scales, f16(2.0)), Q.Q3_K, (256,))
+    np.testing.assert_array_equal(q3, np.concatenate([np.repeat([0, 2, 4, 6], 32), np.repeat([-8, -6, -4, -2], 32)]))
+    # Scale k = 32 + k - 8 (low nibble, high bits) for k = 0..15: sub-block k is scaled by k - 8.
+    stored = [32 + k - 8 for k in range(16)]
+    packed = bytearray(12)
+    for k, v in enumerate(stored):
+        packed[k % 8] |= (v & 0xF) << (0 if k < 8 else 4)
+        packed[8 + k % 4] |= (v >> 4) << (2 * (k // 4))
+    q3 = reference_dequantize(_blocks(bytes([0xFF]) * 32, bytes(64), bytes(packed), f16(1.0)), Q.Q3_K, (256,))
+    np.testing.assert_array_equal(q3, np.zeros(256))  # low bits 0 and high bits set: every value is 0
+    q3 = reference_dequantize(_blocks(bytes(32), bytes(64), bytes(packed), f16(1.0)), Q.Q3_K, (256,))
+    np.testing.assert_array_equal(q3, np.repeat([-4.0 * (k - 8) for k in range(16)], 16))
 
 
 # Per-block bound on |stored - original| for the types the gguf package quantizes, in units of
@@ -460,6 +525,26 @@ def test_unknown_tensor_and_missing_metadata(tmp_path):
     written = write_tiny_gguf(tmp_path / "partial.gguf", metadata={"{arch}.rope.dimension_count": 8})
     with pytest.raises(ConversionError, match="partial rotary"):
         read_gguf(written.path)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("{arch}.context_length", "abc",
+     'GGUF metadata: llama.context_length must be an integer (or a list of one per layer), got "abc"'),
+    ("{arch}.attention.layer_norm_rms_epsilon", "small", "layer_norm_rms_epsilon must be a number"),
+    ("{arch}.attention.head_count", 0, "GGUF metadata llama.attention.head_count must be at least 1, got 0"),
+    ("tokenizer.ggml.tokens", 5, "GGUF metadata: tokenizer.ggml.tokens must be a list, got 5"),
+    ("tokenizer.ggml.eos_token_id", "2", 'tokenizer.ggml.eos_token_id must be an integer, got "2"'),
+    ("general.architecture", [1, 2], "unsupported GGUF architecture [1, 2]"),
+    ("{arch}.rope.scaling.type", "yarn", "unsupported rope scaling type 'yarn'"),
+])
+def test_mistyped_metadata_is_a_conversion_error_naming_the_key(tmp_path, key, value, expected):
+    from kiln.checkpoint.checkpoint import convert
+
+    written = write_tiny_gguf(tmp_path / "m.gguf", metadata={key: value})
+    with pytest.raises(ConversionError) as e:
+        convert(written.path, tmp_path / "ckpt", progress=False)
+    assert expected in str(e.value) and str(written.path) in str(e.value)
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_helpers_write_files_transformers_reads(tmp_path):

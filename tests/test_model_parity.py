@@ -1,6 +1,9 @@
 """Each model family against transformers' own implementation: logits and greedy tokens."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 import transformers
@@ -98,16 +101,23 @@ def test_bfloat16_as_close_to_the_exact_model_as_transformers_bfloat16(name, hf_
     assert agree / total >= 0.9
 
 
-def test_generate_accepts_token_ids_and_stops_at_eos(engine_dir):
+def test_generate_accepts_token_ids_and_stops_at_eos(engine_dir, tmp_path):
     llm = LLM(engine_dir("llama"), device=DEVICE)
     ids = llm.tokenizer.encode("Hello")
-    by_ids = llm.generate(ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
-    by_text = llm.generate("Hello", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
-    assert by_ids.token_ids == by_text.token_ids
-    assert by_ids.text == llm.tokenizer.decode(by_ids.token_ids)
-    eos = min(llm.tokenizer.eos_token_ids)
-    # Force EOS as the first token via a stop on an always-chosen token: a stop id ends the request.
-    first = by_ids.token_ids[0]
-    out = llm.generate(ids, SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[first]))[0]
-    assert out.token_ids == [first] and out.finish_reason == "stop"
-    assert eos in llm.tokenizer.eos_token_ids
+    free_params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    free = llm.generate(ids, free_params)[0]
+    assert free.token_ids == llm.generate("Hello", free_params)[0].token_ids
+    assert free.text == llm.tokenizer.decode(free.token_ids)
+    # The same engine, with as its EOS a token this greedy continuation first produces at step k > 2.
+    k = next(i for i in range(3, len(free.token_ids)) if free.token_ids[i] not in free.token_ids[:i])
+    eos = free.token_ids[k]
+    engine = tmp_path / "engine"
+    shutil.copytree(engine_dir("llama"), engine)
+    meta = json.loads((engine / "engine.json").read_text())
+    meta["tokenizer"]["eos_token_ids"] = [eos]
+    (engine / "engine.json").write_text(json.dumps(meta))
+    llm = LLM(engine, device=DEVICE)
+    out = llm.generate(ids, SamplingParams(max_tokens=16, temperature=0))[0]
+    assert out.token_ids == free.token_ids[:k + 1] and out.finish_reason == "stop"
+    out = llm.generate(ids, free_params)[0]
+    assert out.token_ids == free.token_ids and out.finish_reason == "length"

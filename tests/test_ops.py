@@ -11,57 +11,71 @@ from kiln.ops.reference import paged_attention
 
 
 def random_paged_batch(seq_lens, q_lens, heads=8, heads_kv=2, dim=16, block=4, num_blocks=64, seed=0):
+    """Random per-sequence keys and values, scattered into shuffled cache blocks.
+
+    Returns (q, k_cache, v_cache, meta, kv): ``kv`` holds each sequence's keys and values unpaged, as
+    they were before they were written to the cache, for an attention that never reads the cache.
+    """
     g = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(num_blocks, block, heads_kv, dim, generator=g)
+    k_cache = torch.randn(num_blocks, block, heads_kv, dim, generator=g)  # garbage where no sequence writes
     v_cache = torch.randn(num_blocks, block, heads_kv, dim, generator=g)
     ids = list(range(num_blocks))
     random.Random(seed).shuffle(ids)
-    tables, loc = [], [0]
+    tables, loc, kv = [], [0], []
     for n, q in zip(seq_lens, q_lens):
         need = -(-n // block)
-        tables.append(ids[:need])
-        ids = ids[need:]
+        table, ids = ids[:need], ids[need:]
+        k, v = torch.randn(n, heads_kv, dim, generator=g), torch.randn(n, heads_kv, dim, generator=g)
+        for pos in range(n):
+            k_cache[table[pos // block], pos % block] = k[pos]
+            v_cache[table[pos // block], pos % block] = v[pos]
+        tables.append(table)
+        kv.append((k, v))
         loc.append(loc[-1] + q)
     width = max(len(t) for t in tables)
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     meta = AttentionMetadata(slot_mapping=torch.zeros(loc[-1], dtype=torch.long), block_tables=table,
                              query_start_loc=loc, seq_lens=list(seq_lens), block_size=block)
     q = torch.randn(loc[-1], heads, dim, generator=g)
-    return q, k_cache, v_cache, meta
+    return q, k_cache, v_cache, meta, kv
 
 
-def dense_attention(q, k_cache, v_cache, meta, scale, window):
-    """Plainest possible attention: one query row at a time, keys gathered slot by slot."""
-    out = torch.zeros_like(q)
-    group = q.shape[1] // k_cache.shape[2]
-    for i, seq_len in enumerate(meta.seq_lens):
+def dense_attention(q, kv, meta, scale, window):
+    """Causal (optionally windowed) grouped-query attention over each sequence's unpaged keys and values.
+
+    A sequence's queries are its last positions; a query at position p sees keys p - window + 1 .. p.
+    """
+    out = torch.empty_like(q)
+    for i, (k, v) in enumerate(kv):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-        slots = [(int(meta.block_tables[i, p // meta.block_size]), p % meta.block_size) for p in range(seq_len)]
-        k = torch.stack([k_cache[b, o] for b, o in slots])  # [L, Hk, D]
-        v = torch.stack([v_cache[b, o] for b, o in slots])
-        for j in range(end - start):
-            pos = seq_len - (end - start) + j
-            for h in range(q.shape[1]):
-                lo = 0 if window is None else max(0, pos - window + 1)
-                s = (k[lo:pos + 1, h // group] @ q[start + j, h]) * scale
-                out[start + j, h] = torch.softmax(s, 0) @ v[lo:pos + 1, h // group]
+        group = q.shape[1] // k.shape[1]
+        keys, values = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [L, H, D]
+        q_pos = torch.arange(len(k) - (end - start), len(k))[:, None]
+        k_pos = torch.arange(len(k))[None, :]
+        allowed = (k_pos <= q_pos) & ((k_pos > q_pos - window) if window is not None else True)
+        scores = torch.einsum("qhd,khd->hqk", q[start:end], keys) * scale
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        out[start:end] = torch.einsum("hqk,khd->qhd", probs, values)
     return out
 
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_reference_paged_attention_matches_dense(window):
-    q, kc, vc, meta = random_paged_batch([9, 1, 17, 6], [9, 1, 4, 1])
+    q, kc, vc, meta, kv = random_paged_batch([9, 1, 17, 6], [9, 1, 4, 1])
     got = paged_attention(q, kc, vc, meta, 0.25, window)
-    torch.testing.assert_close(got, dense_attention(q, kc, vc, meta, 0.25, window), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, dense_attention(q, kv, meta, 0.25, window), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", [n for n in get_op("paged_attention").impls if n != REFERENCE])
 @pytest.mark.parametrize("window", [None, 3])
-@pytest.mark.parametrize("case", [([5, 1, 33, 12], [1, 1, 1, 1]), ([7, 20], [7, 3])])
-def test_paged_attention_plugins_match_reference(impl, window, case):
-    q, kc, vc, meta = random_paged_batch(*case)
+@pytest.mark.parametrize("case", [([5, 1, 33, 12], [1, 1, 1, 1]), ([7, 20], [7, 3]), ([9, 4, 16], [1, 4, 1])],
+                         ids=["decode", "prefill", "mixed"])
+def test_paged_attention_plugins_match_dense(impl, window, case):
+    """Each plugin against attention over the unpaged keys and values, for decode-only steps and for steps
+    with prefill chunks (which a plugin may run itself or hand to the reference)."""
+    q, kc, vc, meta, kv = random_paged_batch(*case)
     fn = get_op("paged_attention").impls[impl].fn
-    torch.testing.assert_close(fn(q, kc, vc, meta, 0.3, window), paged_attention(q, kc, vc, meta, 0.3, window),
+    torch.testing.assert_close(fn(q, kc, vc, meta, 0.3, window), dense_attention(q, kv, meta, 0.3, window),
                                rtol=1e-5, atol=1e-5)
 
 

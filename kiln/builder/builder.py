@@ -1,7 +1,6 @@
 """``kiln build``: a checkpoint (or a Hugging Face folder / GGUF file, converted on the way) -> an engine."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -13,8 +12,8 @@ from tqdm import tqdm
 
 from kiln.builder.plan import choose_plan
 from kiln.builder.transforms import engine_tensors
-from kiln.checkpoint.checkpoint import TOKENIZER_FILES, Checkpoint, convert, is_checkpoint, read_checkpoint
-from kiln.engine import FORMAT_VERSION, BuildConfig, manifest_of, weights_file, write_engine_json
+from kiln.checkpoint.checkpoint import Checkpoint, convert, is_checkpoint, read_checkpoint
+from kiln.engine import FORMAT_VERSION, TOKENIZER_FILES, BuildConfig, manifest_of, weights_file, write_engine_json
 from kiln.engine.target import target_of
 from kiln.errors import BuildError
 from kiln.fsutil import staged_dir
@@ -79,12 +78,11 @@ def _check_limits(checkpoint: Checkpoint, config: BuildConfig) -> None:
 
 
 def _source_record(source: str | os.PathLike, checkpoint: Checkpoint) -> dict:
-    meta = json.loads((checkpoint.path / "config.json").read_text())
-    return {"path": str(Path(source).resolve()), "original": meta.get("source")}
+    return {"path": str(Path(source).resolve()), "original": checkpoint.source}
 
 
 def tokenizer_facts(checkpoint: Checkpoint) -> dict:
-    config = json.loads((checkpoint.path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config = checkpoint.tokenizer_config()
     return {
         "files": list(TOKENIZER_FILES),
         **checkpoint.generation,

@@ -54,16 +54,12 @@ def build_config(source: str | os.PathLike, dtype: str | None = None, device: st
 
 
 def _max_positions(source: str | os.PathLike) -> int:
-    path = Path(source)
-    if path.is_dir():
-        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        value = config.get("model", config).get("max_position_embeddings")
-        return int(value) if value else DEFAULT_MAX_SEQ_LEN_CAP
-    if path.is_file():
-        from kiln.checkpoint.checkpoint import open_source
+    """The model's own limit, read (and checked) as the build will read it."""
+    from kiln.checkpoint.checkpoint import is_checkpoint, model_config, open_source, read_checkpoint
 
-        return int(open_source(path).hf_config.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN_CAP)
-    return DEFAULT_MAX_SEQ_LEN_CAP
+    if is_checkpoint(source):
+        return read_checkpoint(source).config.max_position_embeddings
+    return model_config(open_source(source)).max_position_embeddings
 
 
 def engine_for(model: str | os.PathLike | None, dtype: str | None = None, device: str | None = None,

@@ -19,13 +19,17 @@ from tqdm import tqdm
 
 from kiln.checkpoint.hf_dir import is_hf_dir, read_hf_dir
 from kiln.checkpoint.source import SourceModel
+from kiln.engine.format import GENERATION_SCHEMA, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_FILES
 from kiln.errors import ConversionError
 from kiln.fsutil import staged_dir
 from kiln.models import ModelConfig, checkpoint_layout, family
+from kiln.schema import INT, STR, DictOf, Nullable, Record, record_of, validate
 
 CHECKPOINT_VERSION = 1
 WEIGHTS_FILE = "rank0.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Every key of a checkpoint's config.json that kiln reads.
+CONFIG_SCHEMA = Record({"kiln_checkpoint": INT, "model": record_of(ModelConfig, all_required=True),
+                        "generation": GENERATION_SCHEMA}, {"source": Nullable(STR)})
 # Tensors published checkpoints carry that no kiln model needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -36,10 +40,21 @@ class Checkpoint:
     config: ModelConfig
     # Token facts the runtime needs besides the tokenizer: {"bos_token_id", "eos_token_ids", "pad_token_id"}.
     generation: dict
+    # What it was converted from (a Hugging Face folder or GGUF file), for the engine's record.
+    source: str | None = None
 
     @property
     def weights_file(self) -> Path:
         return self.path / WEIGHTS_FILE
+
+    def tokenizer_config(self) -> dict:
+        file = self.path / TOKENIZER_CONFIG_FILE
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"cannot read {file}: {e}") from e
+        validate(config, DictOf(), str(file), ConversionError)
+        return config
 
     def load_tensors(self) -> dict[str, torch.Tensor]:
         with safe_open(str(self.weights_file), framework="pt") as f:
@@ -51,6 +66,8 @@ def open_source(path: str | os.PathLike) -> SourceModel:
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"{path} does not exist")
+    if is_checkpoint(path):
+        raise ConversionError(f"{path} is already a kiln checkpoint: build it with `kiln build {path} -o ENGINE`")
     if path.is_file():
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -65,11 +82,13 @@ def open_source(path: str | os.PathLike) -> SourceModel:
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder whose config.json says it is a kiln checkpoint (valid or not)."""
     path = Path(path)
     try:
-        return path.is_dir() and "kiln_checkpoint" in json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    return path.is_dir() and isinstance(config, dict) and "kiln_checkpoint" in config
 
 
 def convert(source_path: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> Checkpoint:
@@ -82,7 +101,10 @@ def convert(source_path: str | os.PathLike, out: str | os.PathLike, progress: bo
 
 def write_checkpoint(source: SourceModel, out: Path, progress: bool = True) -> None:
     config = model_config(source)
-    layout = checkpoint_layout(config)
+    try:
+        layout = checkpoint_layout(config)
+    except ValueError as e:  # a config the model's layers refuse (e.g. a rope scaling kiln lacks)
+        raise ConversionError(f"{source.source}: {e}") from None
     tensors: dict[str, torch.Tensor] = {}
     bar = tqdm(source.tensors(), total=source.num_tensors, desc="convert", unit="tensor", disable=not progress,
                leave=False)
@@ -119,16 +141,18 @@ def model_config(source: SourceModel) -> ModelConfig:
         raise ConversionError(f"{source.source}: {e.args[0]}") from None
     try:
         return fam.config_from_hf(source.hf_config)
-    except (KeyError, ValueError) as e:
-        raise ConversionError(f"{source.source}: cannot read the {arch} config: {e}") from e
+    except KeyError as e:
+        raise ConversionError(f"{source.source}: the {arch} config lacks {e.args[0]!r}") from None
+    except (ValueError, ArithmeticError) as e:
+        raise ConversionError(f"{source.source}: cannot read the {arch} config: {e}") from None
 
 
 def write_tokenizer(tokenizer: Tokenizer, tokenizer_config: dict, out: Path) -> None:
-    tokenizer.save(str(out / "tokenizer.json"))
+    tokenizer.save(str(out / TOKENIZER_FILE))
     keep = ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template", "add_bos_token", "add_eos_token",
             "model_max_length", "clean_up_tokenization_spaces")
     config = {k: tokenizer_config[k] for k in keep if tokenizer_config.get(k) is not None}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def generation_facts(hf_config: dict, tokenizer: Tokenizer, tokenizer_config: dict) -> dict:
@@ -154,11 +178,17 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     if not is_checkpoint(path):
         raise ConversionError(f"{path} is not a kiln checkpoint (no config.json with 'kiln_checkpoint')")
-    meta = json.loads((path / "config.json").read_text())
-    if meta["kiln_checkpoint"] > CHECKPOINT_VERSION:
-        raise ConversionError(f"{path} is checkpoint format {meta['kiln_checkpoint']}; this kiln reads up to "
-                              f"{CHECKPOINT_VERSION}")
+    file = path / "config.json"
+    meta = json.loads(file.read_text(encoding="utf-8"))
+    version = meta["kiln_checkpoint"]
+    if not isinstance(version, int) or isinstance(version, bool) or version > CHECKPOINT_VERSION:
+        raise ConversionError(f"{file} has checkpoint format {version!r}; this kiln reads up to {CHECKPOINT_VERSION}")
+    validate(meta, CONFIG_SCHEMA, str(file), ConversionError)
+    try:
+        config = ModelConfig.from_dict(meta["model"])
+    except (ValueError, ArithmeticError) as e:
+        raise ConversionError(f"{file}: {e}") from None
     for name in (WEIGHTS_FILE, *TOKENIZER_FILES):
         if not (path / name).is_file():
             raise ConversionError(f"checkpoint {path} is missing {name}")
-    return Checkpoint(path, ModelConfig.from_dict(meta["model"]), meta.get("generation", {}))
+    return Checkpoint(path, config, meta["generation"], meta.get("source"))

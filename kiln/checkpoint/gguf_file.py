@@ -18,6 +18,7 @@ from gguf.quants import dequantize
 from kiln.checkpoint.gguf_tokenizer import tokenizer_from_gguf_metadata
 from kiln.checkpoint.source import SourceModel
 from kiln.errors import ConversionError
+from kiln.schema import INT, NUMBER, STR, AnyOf, ListOf, Record, validate
 
 # GGUF architecture (also the HF model_type) -> transformers class.
 ARCHITECTURES: dict[str, str] = {
@@ -72,8 +73,9 @@ def read_gguf(path: str | os.PathLike) -> SourceModel:
     reader = _open(path)
     metadata = read_metadata(reader, path)
     arch = metadata.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise ConversionError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+    validate(metadata, _metadata_schema(arch), f"{path}: GGUF metadata", ConversionError)
     _check_types(reader, path)
     by_name = {t.name: t for t in reader.tensors}
     hf_config = _hf_config(metadata, arch, by_name, path)
@@ -101,6 +103,20 @@ def read_metadata(reader: GGUFReader, path: Path | str = "") -> dict[str, Any]:
         except (UnicodeDecodeError, ValueError, IndexError) as e:
             raise ConversionError(f"{path}: cannot decode GGUF metadata {key!r}: {e}") from e
     return out
+
+
+def _metadata_schema(arch: str) -> Record:
+    """The model metadata kiln reads, with its types (all optional here; ``_hf_config`` says what it needs)."""
+    # Some files give one value per layer.
+    count = AnyOf((INT, ListOf(INT)), "an integer (or a list of one per layer)")
+    number = AnyOf((NUMBER, ListOf(NUMBER)), "a number (or a list of one per layer)")
+    counts = ("context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+              "expert_count", "attention.head_count", "attention.head_count_kv", "attention.key_length",
+              "attention.value_length", "attention.sliding_window", "rope.dimension_count",
+              "rope.scaling.original_context_length")
+    numbers = ("rope.freq_base", "attention.layer_norm_rms_epsilon", "rope.scaling.factor", "rope.scale_linear")
+    return Record({}, {**{f"{arch}.{k}": count for k in counts}, **{f"{arch}.{k}": number for k in numbers},
+                       f"{arch}.rope.scaling.type": STR})
 
 
 def supported_tensor_types() -> list[str]:
@@ -189,9 +205,15 @@ def _hf_config(meta: dict[str, Any], arch: str, tensors: dict[str, ReaderTensor]
     if get("expert_count"):
         raise ConversionError(f"{path}: mixture-of-experts GGUF ({arch}.expert_count={get('expert_count')}) is not "
                               "supported")
-    hidden = int(need("embedding_length"))
-    heads = int(need("attention.head_count"))
-    kv_heads = int(get("attention.head_count_kv", heads))
+    def size(key: str, default: Any = None) -> int:
+        value = int(need(key) if default is None else get(key, default))
+        if value < 1:
+            raise ConversionError(f"{path}: GGUF metadata {arch}.{key} must be at least 1, got {value}")
+        return value
+
+    hidden = size("embedding_length")
+    heads = size("attention.head_count")
+    kv_heads = size("attention.head_count_kv", heads)
     head_dim = int(get("attention.key_length") or hidden // heads)
     value_dim = get("attention.value_length")
     if value_dim is not None and int(value_dim) != head_dim:
@@ -201,7 +223,7 @@ def _hf_config(meta: dict[str, Any], arch: str, tensors: dict[str, ReaderTensor]
         raise ConversionError(f"{path}: rotary embedding covers {rope_dim} of {head_dim} head dimensions "
                               "(partial rotary is not supported)")
     theta = float(get("rope.freq_base", 10000.0))
-    context = int(need("context_length"))
+    context = size("context_length")
     tokens = meta.get("tokenizer.ggml.tokens") or []
     embed = tensors.get("token_embd.weight")
     vocab = get("vocab_size") or (int(embed.shape[1]) if embed is not None and len(embed.shape) == 2 else len(tokens))
@@ -216,8 +238,8 @@ def _hf_config(meta: dict[str, Any], arch: str, tensors: dict[str, ReaderTensor]
         "model_type": arch,
         "vocab_size": int(vocab),
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
+        "intermediate_size": size("feed_forward_length"),
+        "num_hidden_layers": size("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,

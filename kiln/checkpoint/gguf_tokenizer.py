@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from kiln.errors import ConversionError
+from kiln.schema import BOOL, INT, NUMBER, STR, ListOf, Record, validate
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,15 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str | None, ...]] = {
 
 SPM_SPACE = "\u2581"
 
+# The tokenizer metadata kiln reads, with its types (all optional here; the code says what it needs).
+TOKENIZER_METADATA_SCHEMA = Record({}, {
+    "tokenizer.ggml.model": STR, "tokenizer.ggml.pre": STR, "tokenizer.ggml.tokens": ListOf(STR),
+    "tokenizer.ggml.token_type": ListOf(INT), "tokenizer.ggml.scores": ListOf(NUMBER),
+    "tokenizer.ggml.merges": ListOf(STR), "tokenizer.chat_template": STR,
+    **{f"tokenizer.ggml.{name}_token_id": INT for name in ("bos", "eos", "eot", "eom", "unknown", "padding")},
+    **{f"tokenizer.ggml.{name}": BOOL for name in ("add_bos_token", "add_eos_token", "add_space_prefix")},
+})
+
 
 def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], source: str = "",
                                  model_max_length: int | None = None) -> tuple[Tokenizer, dict]:
@@ -49,6 +59,7 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], source: str = "",
     ``source`` names the file in error messages; ``model_max_length`` is the model's context length.
     """
     where = source or "the GGUF file"
+    validate(dict(metadata), TOKENIZER_METADATA_SCHEMA, f"{where}: GGUF metadata", ConversionError)
     tokens = metadata.get("tokenizer.ggml.tokens")
     if not tokens:
         raise ConversionError(f"{where} has no tokenizer (no 'tokenizer.ggml.tokens' metadata); kiln needs the "

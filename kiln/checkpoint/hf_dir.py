@@ -12,24 +12,40 @@ from tokenizers import Tokenizer
 
 from kiln.checkpoint.source import SourceModel
 from kiln.errors import ConversionError
+from kiln.models import FAMILIES
+from kiln.schema import BOOL, COUNT, INT, NUMBER, STR, AnyOf, DictOf, ListOf, Nullable, Record, validate
+
+# The keys of a transformers config.json that kiln's families read, with their JSON types; other keys
+# are ignored. Those every supported family needs are required.
+HF_CONFIG_SCHEMA = Record(
+    {"architectures": ListOf(STR), "vocab_size": COUNT, "hidden_size": COUNT, "intermediate_size": COUNT,
+     "num_hidden_layers": COUNT, "num_attention_heads": COUNT},
+    {"num_key_value_heads": Nullable(COUNT), "head_dim": Nullable(COUNT), "rms_norm_eps": NUMBER,
+     "rope_theta": NUMBER, "rope_scaling": Nullable(DictOf()), "rope_parameters": Nullable(DictOf()),
+     "max_position_embeddings": COUNT, "tie_word_embeddings": BOOL, "attention_bias": BOOL,
+     "sliding_window": Nullable(INT), "use_sliding_window": BOOL, "max_window_layers": INT,
+     "layer_types": Nullable(ListOf(STR)), "hidden_act": STR, "bos_token_id": Nullable(INT),
+     "eos_token_id": Nullable(AnyOf((INT, ListOf(INT)), "an integer or a list of integers")),
+     "pad_token_id": Nullable(INT)},
+)
 
 
 def is_hf_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and not _is_kiln_checkpoint(path)
-
-
-def _is_kiln_checkpoint(path: Path) -> bool:
-    try:
-        return "kiln_checkpoint" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
+    return path.is_dir() and (path / "config.json").is_file()
 
 
 def read_hf_dir(path: str | os.PathLike) -> SourceModel:
     path = Path(path)
-    hf_config = _read_json(path / "config.json")
-    if not hf_config.get("architectures"):
-        raise ConversionError(f"{path / 'config.json'} names no architecture (the 'architectures' key is missing)")
+    file = path / "config.json"
+    hf_config = _read_json(file)
+    # The architecture first: another family's config lacks this one's keys, and that is not the problem.
+    validate(hf_config, Record({"architectures": ListOf(STR)}), str(file), ConversionError)
+    if not hf_config["architectures"]:
+        raise ConversionError(f"{file} names no architecture (architectures is empty)")
+    if hf_config["architectures"][0] not in FAMILIES:
+        raise ConversionError(f"{file}: unsupported architecture {hf_config['architectures'][0]!r}; kiln supports "
+                              f"{', '.join(sorted(FAMILIES))}")
+    validate(hf_config, HF_CONFIG_SCHEMA, str(file), ConversionError)
     files = _safetensors_files(path)
     index: dict[str, Path] = {}
     for file in files:
@@ -52,19 +68,23 @@ def read_hf_dir(path: str | os.PathLike) -> SourceModel:
 
 
 def _read_json(file: Path) -> dict:
+    """A JSON object from ``file``; anything else is a ConversionError naming the file."""
     if not file.is_file():
         raise ConversionError(f"{file} is missing")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except ValueError as e:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
         raise ConversionError(f"{file} is not valid JSON: {e}") from e
+    validate(data, DictOf(), str(file), ConversionError)
+    return data
 
 
 def _safetensors_files(path: Path) -> list[Path]:
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
-        weight_map = _read_json(index_file).get("weight_map") or {}
-        files = sorted({path / f for f in weight_map.values()})
+        index = _read_json(index_file)
+        validate(index, Record({"weight_map": DictOf(STR)}), str(index_file), ConversionError)
+        files = sorted({path / f for f in index["weight_map"].values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise ConversionError(f"{index_file} lists shards that are missing: {', '.join(missing)}")
@@ -83,9 +103,12 @@ def _check_complete(file: Path) -> None:
         header_len = int.from_bytes(f.read(8), "little")
         try:
             header = json.loads(f.read(header_len))
-        except ValueError as e:
+        except (ValueError, MemoryError) as e:
             raise ConversionError(f"{file} has a corrupt safetensors header: {e}") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if isinstance(header, dict):
+        header.pop("__metadata__", None)
+    validate(header, DictOf(Record({"data_offsets": ListOf(INT)})), f"{file}: safetensors header", ConversionError)
+    end = max((v["data_offsets"][-1] for v in header.values() if v["data_offsets"]), default=0)
     size = file.stat().st_size
     if 8 + header_len + end > size:
         raise ConversionError(
@@ -110,10 +133,26 @@ def _read_tokenizer(path: Path) -> tuple[Tokenizer, dict]:
         config["chat_template"] = template_file.read_text(encoding="utf-8")
     elif (path / "chat_template.json").is_file():
         config["chat_template"] = _read_json(path / "chat_template.json").get("chat_template")
+    config["chat_template"] = _default_template(config.get("chat_template"), path)
     if (path / "special_tokens_map.json").is_file():
         for key, value in _read_json(path / "special_tokens_map.json").items():
             config.setdefault(key, value)
     for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
         if isinstance(config.get(key), dict):
             config[key] = config[key].get("content")
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise ConversionError(f"{path}: the tokenizer's {key} must be a string, got {config[key]!r}")
     return tokenizer, config
+
+
+def _default_template(template: object, path: Path) -> str | None:
+    """The chat template; of several named ones (a list of {name, template}), the one named "default",
+    which is the one transformers applies when none is named."""
+    if template is None or isinstance(template, str):
+        return template
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+    raise ConversionError(f"{path}: the tokenizer's chat_template is neither a string nor a list of named "
+                          f"templates with a 'default' one")

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p = verbs.add_parser("inspect", help="show what an engine holds")
     p.add_argument("engine")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--verify", action="store_true",
+                   help="also check every weight against the manifest's sha256 (exit code 1 if one does not match)")
     p.set_defaults(run=_inspect)
 
     p = verbs.add_parser("run", help="generate a completion with an engine (default: SmolLM2-135M-Instruct)")
@@ -107,10 +109,14 @@ def _refit(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from kiln.engine import read_engine
+    from kiln.engine import read_engine, verify_weights
     from kiln.engine.inspect import describe, format_text
 
-    d = describe(read_engine(args.engine, need_weights=False))
+    engine = read_engine(args.engine, need_weights=args.verify)
+    d = describe(engine)
+    if args.verify:
+        count, nbytes = verify_weights(engine)
+        d["weights_verified"] = {"tensors": count, "bytes": nbytes}
     print(json.dumps(d, indent=2) if args.json else format_text(d))
 
 

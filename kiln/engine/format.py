@@ -1,10 +1,13 @@
 """The engine directory: engine.json (config, plan, target, weight manifest, tokenizer facts),
 rank{N}.safetensors (weights laid out for the plan) and the tokenizer files. Read, write, validate.
+
+engine.json is checked against ``ENGINE_SCHEMA`` when read: every key the runtime reads must be
+there with its type, and the build limits are never filled in from today's defaults. The weight
+files are read and checked in ``kiln.engine.weights``.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -13,11 +16,30 @@ from pathlib import Path
 import torch
 
 from kiln.errors import EngineError
+from kiln.models.config import ModelConfig
+from kiln.schema import BOOL, INT, STR, DictOf, ListOf, Nullable, Record, record_of, validate
 
 FORMAT_VERSION = 1
 ENGINE_FILE = "engine.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# The tokenizer as a checkpoint and an engine both carry it (the builder copies these files as they are).
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
+# The dtypes an engine may be built in.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The dtypes a weight may have, by safetensors' name; the manifest names them as torch does (dtype_name).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+WEIGHT_DTYPES: dict[str, torch.dtype] = {dtype_name(d): d for d in SAFETENSORS_DTYPES.values()}
 
 
 def weights_file(rank: int = 0) -> str:
@@ -108,56 +130,57 @@ class Engine:
         return self.path / weights_file(0)
 
 
-def tensor_checksum(t: torch.Tensor) -> str:
-    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data.tobytes()).hexdigest()
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def manifest_of(tensors: dict[str, torch.Tensor]) -> list[dict]:
-    return [
-        {"name": name, "shape": list(t.shape), "dtype": dtype_name(t.dtype), "sha256": tensor_checksum(t)}
-        for name, t in sorted(tensors.items())
-    ]
-
-
-def check_against_manifest(manifest: list[dict], tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Every name, shape and dtype of ``tensors`` must be those of the manifest; raise naming the first misfit."""
-    expected = {m["name"]: m for m in manifest}
-    for name in sorted(set(expected) - set(tensors)):
-        raise EngineError(f"{what}: tensor {name!r} is missing")
-    for name in sorted(set(tensors) - set(expected)):
-        raise EngineError(f"{what}: tensor {name!r} is not part of this engine")
-    for name, m in sorted(expected.items()):
-        t = tensors[name]
-        if list(t.shape) != m["shape"]:
-            raise EngineError(f"{what}: tensor {name!r} has shape {list(t.shape)}, the engine needs {m['shape']}")
-        if dtype_name(t.dtype) != m["dtype"]:
-            raise EngineError(f"{what}: tensor {name!r} has dtype {dtype_name(t.dtype)}, the engine needs {m['dtype']}")
+# Token facts a checkpoint records and an engine copies into its tokenizer section.
+GENERATION_SCHEMA = Record({"bos_token_id": Nullable(INT), "eos_token_ids": ListOf(INT), "pad_token_id": Nullable(INT)})
+# Every key of engine.json that kiln reads; a missing or mistyped one is an error naming its path.
+ENGINE_SCHEMA = Record(
+    {
+        "format_version": INT,
+        "model": record_of(ModelConfig, all_required=True),
+        "build": record_of(BuildConfig, all_required=True),
+        "plan": DictOf(Record({"impl": STR}, {"config": DictOf()})),
+        "target": Record({"device_type": STR}, {"name": Nullable(STR), "compute_capability": Nullable(STR),
+                                                 "torch": Nullable(STR), "triton": Nullable(STR),
+                                                 "memory_bytes": Nullable(INT)}),
+        "weights": Record({"stripped": BOOL, "tensors": ListOf(Record(
+            {"name": STR, "shape": ListOf(INT), "dtype": STR, "sha256": STR}))}, {"files": ListOf(STR)}),
+        "tokenizer": Record({**GENERATION_SCHEMA.required, "add_bos_token": BOOL, "chat_template": Nullable(STR)},
+                            {"bos_token": Nullable(STR), "eos_token": Nullable(STR), "files": ListOf(STR)}),
+    },
+    {"kiln_version": Nullable(STR), "created": STR, "source": Nullable(DictOf())},
+)
 
 
 def write_engine_json(directory: Path, meta: dict) -> None:
+    """Write engine.json, after checking it against the schema that reading it will check."""
+    validate(meta, ENGINE_SCHEMA, f"{ENGINE_FILE} to be written in {directory}", EngineError)
     (directory / ENGINE_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def read_engine(path: str | os.PathLike, need_weights: bool = True) -> Engine:
+    """Read and validate an engine folder's engine.json and tokenizer files (and, with ``need_weights``,
+    that its weights file is there; ``kiln.engine.weights`` checks what is in it)."""
     path = Path(path)
     file = path / ENGINE_FILE
     if not file.is_file():
         raise EngineError(f"{path} is not a kiln engine (no {ENGINE_FILE})")
     try:
         meta = json.loads(file.read_text(encoding="utf-8"))
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise EngineError(f"{file} is not valid JSON: {e}") from e
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
         raise EngineError(f"{file} has format version {version!r}; this kiln reads versions up to {FORMAT_VERSION}")
-    for key in ("model", "build", "plan", "target", "weights", "tokenizer"):
-        if key not in meta:
-            raise EngineError(f"{file} lacks the {key!r} section")
+    validate(meta, ENGINE_SCHEMA, str(file), EngineError)
+    try:
+        BuildConfig(**meta["build"])
+        ModelConfig.from_dict(meta["model"])
+    except (EngineError, ValueError, ArithmeticError) as e:
+        raise EngineError(f"{file}: {e}") from None
+    for i, tensor in enumerate(meta["weights"]["tensors"]):
+        if tensor["dtype"] not in WEIGHT_DTYPES:
+            raise EngineError(f"{file}: weights.tensors[{i}].dtype {tensor['dtype']!r} is not one of "
+                              f"{', '.join(WEIGHT_DTYPES)}")
     engine = Engine(path, meta)
     for name in TOKENIZER_FILES:
         if not (path / name).is_file():

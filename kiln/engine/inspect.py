@@ -5,17 +5,21 @@ import math
 
 from tokenizers import Tokenizer
 
-from kiln.engine.format import DTYPES, Engine
+from kiln.engine.format import TOKENIZER_FILE, WEIGHT_DTYPES, Engine
+from kiln.errors import EngineError
 
 
 def describe(engine: Engine) -> dict:
     m, b = engine.model, engine.build
     params = sum(math.prod(t["shape"]) for t in engine.manifest)
-    nbytes = sum(math.prod(t["shape"]) * DTYPES[t["dtype"]].itemsize for t in engine.manifest)
+    nbytes = sum(math.prod(t["shape"]) * WEIGHT_DTYPES[t["dtype"]].itemsize for t in engine.manifest)
     kv_dtype = b.kv_torch_dtype
     kv_per_token = 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * kv_dtype.itemsize
     tok = engine.tokenizer
-    vocab = Tokenizer.from_file(str(engine.path / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    try:
+        vocab = Tokenizer.from_file(str(engine.path / TOKENIZER_FILE)).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # the tokenizers library raises its own exception types for a bad file
+        raise EngineError(f"cannot load {engine.path / TOKENIZER_FILE}: {e}") from e
     return {
         "path": str(engine.path),
         "format_version": engine.meta["format_version"],
@@ -79,6 +83,9 @@ def format_text(d: dict) -> str:
         f"tokenizer   vocab {t['vocab_size']}, bos {t['bos_token_id']}, eos {t['eos_token_ids']}, "
         f"pad {t['pad_token_id']}, add bos {t['add_bos_token']}, chat template {'yes' if t['chat_template'] else 'no'}",
     ]
+    if d.get("weights_verified"):
+        v = d["weights_verified"]
+        lines.append(f"verified    all {v['tensors']} tensors ({_size(v['bytes'])}) match the manifest's sha256")
     return "\n".join(lines)
 
 

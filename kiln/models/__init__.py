@@ -4,11 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from kiln.models import llama, mistral, qwen2
 from kiln.models.config import ModelConfig
-from kiln.nn import Mapping
+from kiln.nn import Mapping, MergedColumnLinear
 from kiln.ops import OpTable
 
 
@@ -43,25 +44,31 @@ def create_model(config: ModelConfig, ops: OpTable, mapping: Mapping = Mapping()
 __all__ = ["FAMILIES", "Family", "ModelConfig", "create_model", "family"]
 
 
-def checkpoint_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of this config must hold (unfused names) and its shape."""
-    import torch
+def weight_sources(config: ModelConfig) -> dict[str, tuple[tuple[str, tuple[int, ...]], ...]]:
+    """For each parameter of the model (an engine tensor), the checkpoint tensors it is made of and
+    their shapes, concatenated along dim 0 in this order; a parameter that is not fused has itself.
 
-    from kiln.nn import MergedColumnLinear
-
+    The one place the fused-weight rule lives: a ``MergedColumnLinear`` (fused QKV, gate/up) holds its
+    ``fused_from`` projections side by side, named as the checkpoint names them next to the fused one.
+    """
     with torch.device("meta"):
         model = create_model(config, OpTable(None, torch.device("cpu"), torch.float32), max_positions=1)
-    layout: dict[str, tuple[int, ...]] = {}
+    sources: dict[str, tuple[tuple[str, tuple[int, ...]], ...]] = {}
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
-            full = f"{module_name}.{param_name}"
+            name = f"{module_name}.{param_name}"
             if isinstance(module, MergedColumnLinear):
                 parent = module_name.rsplit(".", 1)[0]
-                for source, size in zip(module.fused_from, module.sizes):
-                    layout[f"{parent}.{source}.{param_name}"] = (size, *param.shape[1:])
+                sources[name] = tuple((f"{parent}.{src}.{param_name}", (size, *param.shape[1:]))
+                                      for src, size in zip(module.fused_from, module.sizes))
             else:
-                layout[full] = tuple(param.shape)
-    return layout
+                sources[name] = ((name, tuple(param.shape)),)
+    return sources
 
 
-__all__.append("checkpoint_layout")
+def checkpoint_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must hold (unfused names) and its shape."""
+    return {src: shape for parts in weight_sources(config).values() for src, shape in parts}
+
+
+__all__ += ["checkpoint_layout", "weight_sources"]

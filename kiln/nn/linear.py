@@ -1,9 +1,13 @@
 """Linear layers in their tensor-parallel forms.
 
-``ColumnLinear`` splits output features across ranks, ``RowLinear`` splits input features and sums
-the partial results; each is built with its rank's shard shape from the ``Mapping``. The fused
-forms (``QKVLinear``, ``MergedColumnLinear``) are column layers whose output is several projections
-side by side; ``fused_from`` names the checkpoint tensors the builder concatenates into them."""
+``ColumnLinear`` splits output features across ranks, ``RowLinear`` splits input features; each is
+built with its rank's shard shape from the ``Mapping``. The fused forms (``QKVLinear``,
+``MergedColumnLinear``) are column layers whose output is several projections side by side;
+``fused_from`` names the checkpoint tensors the builder concatenates into them.
+
+NOTE: only the shard shapes exist today: the build refuses tp_size > 1 (BuildConfig), so no layer
+communicates across ranks; RowLinear's sum of partial products is still to be written.
+"""
 from __future__ import annotations
 
 import torch
@@ -44,11 +48,7 @@ class RowLinear(_Linear):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NOTE: the bias is added once, after the partial products are summed across ranks.
-        y = self.ops.linear(x, self.weight)
-        if self.mapping.tp_size > 1:
-            torch.distributed.all_reduce(y)
-        return y if self.bias is None else y + self.bias
+        return self.ops.linear(x, self.weight, self.bias)
 
 
 class MergedColumnLinear(ColumnLinear):

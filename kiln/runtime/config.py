@@ -24,6 +24,8 @@ class RuntimeConfig:
     # Runtime limits at or below the engine's build limits (None: the build limit).
     max_batch_size: int | None = None
     max_num_tokens: int | None = None
+    # Check every weight's sha256 against the engine's manifest at load (KILN_VERIFY_WEIGHTS=0 also skips it).
+    verify_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in get_args(Policy):

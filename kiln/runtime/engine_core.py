@@ -71,7 +71,8 @@ class EngineCore:
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         max_batch = min(config.max_batch_size or build.max_batch_size, build.max_batch_size)
         max_tokens = min(config.max_num_tokens or build.max_num_tokens, build.max_num_tokens)
-        self.runner = ModelRunner(self.engine, self.device, config.decode_graphs, max_batch, max_tokens)
+        self.runner = ModelRunner(self.engine, self.device, config.decode_graphs, max_batch, max_tokens,
+                                  config.verify_weights)
         num_blocks = num_kv_blocks(self.runner.kv_spec, build, self.device, config.kv_cache_memory,
                                    config.gpu_memory_utilization)
         self.runner.allocate_kv_cache(num_blocks)

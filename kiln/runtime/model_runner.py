@@ -4,9 +4,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from safetensors.torch import load_file
 
-from kiln.engine import Engine
+from kiln.engine import Engine, load_weights
 from kiln.engine.target import target_of
 from kiln.models import ModelConfig, create_model
 from kiln.nn import ForwardContext, forward_context
@@ -24,7 +23,7 @@ class ModelRunner:
     """Owns the model's weights, the KV cache tensors and the step-input buffers on one device."""
 
     def __init__(self, engine: Engine, device: torch.device, decode_graphs: str = "auto",
-                 max_batch_size: int | None = None, max_num_tokens: int | None = None):
+                 max_batch_size: int | None = None, max_num_tokens: int | None = None, verify_weights: bool = True):
         self.engine = engine
         self.device = device
         build = engine.build
@@ -39,7 +38,7 @@ class ModelRunner:
         self.decode_graphs_mode = decode_graph_mode(decode_graphs, device, self.ops)
         with torch.device("meta"):
             self.model = create_model(self.config, self.ops, max_positions=build.max_seq_len)
-        weights = load_file(str(engine.weights_path), device=str(device))
+        weights = load_weights(engine, device, verify=verify_weights)
         self.model.load_state_dict(weights, strict=True, assign=True)
         for module in self.model.modules():
             if hasattr(module, "prepare_weights"):

@@ -9,13 +9,18 @@ import jinja2.sandbox
 from tokenizers import Tokenizer
 
 from kiln.engine import Engine
-from kiln.errors import RequestError
+from kiln.engine.format import TOKENIZER_FILE
+from kiln.errors import EngineError, RequestError
 
 
 class EngineTokenizer:
     def __init__(self, engine: Engine):
         facts = engine.tokenizer
-        self.tokenizer = Tokenizer.from_file(str(engine.path / "tokenizer.json"))
+        path = engine.path / TOKENIZER_FILE
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises its own untyped errors
+            raise EngineError(f"{path} is not a readable tokenizer: {e}") from None
         self.bos_token_id: int | None = facts.get("bos_token_id")
         self.eos_token_ids: frozenset[int] = frozenset(facts.get("eos_token_ids") or [])
         self.pad_token_id: int | None = facts.get("pad_token_id")
