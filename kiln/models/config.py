@@ -30,6 +30,12 @@ class ModelConfig:
             object.__setattr__(self, "sliding_windows", (None,) * self.num_layers)
         object.__setattr__(self, "sliding_windows", tuple(self.sliding_windows))
         problems = []
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
         if self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})")
         if len(self.sliding_windows) != self.num_layers:
