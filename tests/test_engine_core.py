@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from kiln.errors import RequestError
 from kiln.runtime import LLM, RequestFailed, SamplingParams
 from conftest import DEVICE
+from tests_support import block_bytes
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
@@ -33,14 +34,20 @@ class FailingSampler:
         self.inner = inner
         self.poisoned = poisoned
 
-    def __call__(self, logits, requests):
+    def sample(self, logits, requests):
         bad = [r.request_id for r in requests if r.request_id.split("#")[0] in self.poisoned]
         if bad:
             raise RuntimeError(f"injected failure for {bad}")
-        return self.inner(logits, requests)
+        return self.inner.sample(logits, requests)
+
+    def __call__(self, logits, requests):
+        return self.sample(logits, requests).result()
 
     def free(self, request_id: str) -> None:
         self.inner.free(request_id)
+
+    def needs_history(self, request) -> bool:
+        return self.inner.needs_history(request)
 
 
 def poison(llm: LLM, poisoned: set[str]) -> None:
@@ -194,6 +201,7 @@ def workloads(draw):
         p_abort=draw(st.sampled_from([0.0, 0.2, 0.5])),
         p_fail=draw(st.sampled_from([0.0, 0.1, 0.3])),
         policy=draw(st.sampled_from(["max_utilization", "guaranteed_no_evict"])),
+        async_scheduling=draw(st.booleans()),
     )
 
 
@@ -202,11 +210,11 @@ def llms(engine):
     """One LLM per policy and pool size, reused across examples (loading is the slow part)."""
     made: dict = {}
 
-    def get(policy: str, blocks: int) -> LLM:
-        from tests_support import block_bytes
-        key = (policy, blocks)
+    def get(policy: str, blocks: int, async_scheduling: bool) -> LLM:
+        key = (policy, blocks, async_scheduling)
         if key not in made:
-            made[key] = LLM(engine, device=DEVICE, policy=policy, kv_cache_memory=blocks * block_bytes(engine))
+            made[key] = LLM(engine, device=DEVICE, policy=policy, kv_cache_memory=blocks * block_bytes(engine),
+                            async_scheduling=async_scheduling)
         return made[key]
 
     return get
@@ -225,7 +233,7 @@ def test_random_work_with_aborts_and_failures_ends_clean(llms, w):
     note(repr(w))
     rng = random.Random(w["seed"])
     run = next(_RUNS)
-    llm = llms(w["policy"], w["pool_blocks"])
+    llm = llms(w["policy"], w["pool_blocks"], w["async_scheduling"])
     poisoned: set[str] = set()
     poison(llm, poisoned)
     engine_ = llm.engine
@@ -277,4 +285,41 @@ def test_random_work_with_aborts_and_failures_ends_clean(llms, w):
     note(f"ended: {sorted(set(ended.values()))}")
     assert set(added) <= set(ended) and not live
     assert all(ended[r] == "error" for r in added if r in poisoned)
+    assert_idle(llm)
+
+
+# ----- async scheduling -----
+
+def test_async_scheduling_gives_the_same_results(engine):
+    """Steps launched before the previous step's tokens are on the host: the same tokens, stops, logprobs,
+    penalties (which wait for the tokens in flight) and preemptions as one step at a time."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 300) for _ in range(rng.choice([1, 5, 17, 40]))] for _ in range(12)]
+    params = [
+        SamplingParams(max_tokens=rng.randint(1, 30), temperature=rng.choice([0.0, 0.9]), seed=i,
+                       stop_token_ids=[prompts[i][0]], min_tokens=i % 3,
+                       repetition_penalty=1.3 if i % 4 == 0 else 1.0, frequency_penalty=0.5 if i % 5 == 0 else 0.0,
+                       logprobs=2 if i % 3 == 0 else None, n=2 if i == 7 else 1)
+        for i in range(12)
+    ]
+    small = 14 * block_bytes(engine)  # small enough to preempt
+    runs = {}
+    for mode in (False, True):
+        llm = LLM(engine, device=DEVICE, async_scheduling=mode, kv_cache_memory=small)
+        outs = llm.generate(prompts, params)
+        runs[mode] = [[(c.token_ids, c.finish_reason, c.stop_reason,
+                        [(lp.token_id, round(lp.logprob, 4)) for lp in c.logprobs or []]) for c in o.outputs]
+                      for o in outs]
+        assert_idle(llm)
+        if mode:
+            assert llm.engine.stats().num_preemptions > 0
+    assert runs[True] == runs[False]
+
+
+def test_async_scheduling_with_static_decode_graphs(engine):
+    prompts = [[5, 6, 7], [9] * 20, [11] * 33]
+    params = SamplingParams(max_tokens=25, temperature=0, ignore_eos=True)
+    eager = LLM(engine, device=DEVICE, decode_graphs="off", async_scheduling=False).generate(prompts, params)
+    llm = LLM(engine, device=DEVICE, decode_graphs="static", async_scheduling=True)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in eager]
     assert_idle(llm)

@@ -152,7 +152,7 @@ def test_decode_graph_path_gives_identical_outputs(engine):
     runs = []
     graphs = static.engine.call(lambda core: core.runner.graphs)
     original = graphs.run
-    graphs.run = lambda batch: runs.append(len(batch)) or original(batch)
+    graphs.run = lambda batch, prev=None: runs.append(len(batch)) or original(batch, prev)
     outs = static.generate(prompts, LONG)
     assert [o.token_ids for o in outs] == [o.token_ids for o in eager]
     assert runs and max(runs) == 8 and min(runs) < 8  # full and padded batches both took the graph path

@@ -24,6 +24,9 @@ class RuntimeConfig:
     # Runtime limits at or below the engine's build limits (None: the build limit).
     max_batch_size: int | None = None
     max_num_tokens: int | None = None
+    # Schedule and launch step N+1 while step N's sampled tokens are still on the device, so the host's
+    # work hides behind the device's. None: on for a GPU (a CPU computes in the same thread: no gain).
+    async_scheduling: bool | None = None
     # Check every weight's sha256 against the engine's manifest at load (KILN_VERIFY_WEIGHTS=0 also skips it).
     verify_weights: bool = True
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from kiln.runtime.step_inputs import Batch, StepBatch, StepInputs
+from kiln.runtime.step_inputs import Batch, PrevTokens, StepBatch, StepInputs
 
 _SMALLEST_CONTEXT = 256
 
@@ -69,12 +69,12 @@ class DecodeGraphs:
             and max(req.num_tokens for req, _ in batch) <= self.contexts[-1]
         )
 
-    def run(self, batch: Batch) -> torch.Tensor:
+    def run(self, batch: Batch, prev_tokens: PrevTokens | None = None) -> torch.Tensor:
         """Float32 logits [len(batch), vocab] of the step, from the smallest bucket that holds it."""
         n = len(batch)
         bs = next(b for b in self.batch_sizes if b >= n)
         context = next(c for c in self.contexts if c >= max(req.num_tokens for req, _ in batch))
-        step = self.inputs.prepare(batch, pad_to=(bs, context))
+        step = self.inputs.prepare(batch, pad_to=(bs, context), prev_tokens=prev_tokens)
         if not self.captured:
             return self.forward(step)[:n]
         graph, logits = self.graphs[(bs, context)]

@@ -25,10 +25,10 @@ from kiln.runtime.kv_pool import num_kv_blocks
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.outputs import EngineStats, TokenLogprob
 from kiln.runtime.request import Request, RequestStatus
-from kiln.runtime.sampler import Sampler
+from kiln.runtime.sampler import PendingSample, Sampler
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from kiln.runtime.step_inputs import Batch
+from kiln.runtime.step_inputs import Batch, PrevTokens
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,18 @@ class EngineCoreRequest:
     # Held back until the named request has computed its prompt, so that n>1 completions share the
     # prompt's KV blocks instead of computing it n times.
     after: str | None = None
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A step whose sampled tokens may still be on the device."""
+
+    requests: list[Request]  # those that hold a placeholder for this step's token
+    pending: PendingSample | None
+    rows: dict[str, int]  # request id -> its row in the sampled tokens
+    # When the step was run request by request (after an error), its tokens are already on the host.
+    host_ids: torch.Tensor | None = None
+    host_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(slots=True)
@@ -87,6 +99,10 @@ class EngineCore:
         # Requests waiting for another to compute its prompt: that request's id -> (it, the waiting ones).
         self._deferred: dict[str, tuple[Request, list[Request]]] = {}
         self._requests: dict[str, Request] = {}
+        # The launched step whose sampled tokens are still on the device (async scheduling).
+        self._inflight: _Launched | None = None
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
         self.num_steps = 0
 
     # ----- requests -----
@@ -117,69 +133,126 @@ class EngineCore:
             self.sampler.free(rid)
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests)
+        return bool(self._requests) or self._inflight is not None
 
     def request_ids(self) -> list[str]:
         return list(self._requests)
 
     # ----- the step -----
     def step(self) -> list[EngineCoreOutput]:
+        """Schedule and launch a step; return the outputs whose tokens are known.
+
+        With async scheduling the step's sampled tokens stay on the device while the next step is
+        scheduled and launched (its inputs take them from the device), so they come back one call
+        later; otherwise they come back in the same call.
+        """
         out = self.scheduler.schedule()
         outputs: list[EngineCoreOutput] = []
-        sampled: dict[str, int] = {}
-        logprobs: dict[str, TokenLogprob] = {}
-        if out.requests:
-            failed = self._run(out, sampled, logprobs)
-            for rid, message in failed.items():
-                self.scheduler.finish_request(rid, RequestStatus.FINISHED_ERROR)
-                req = self._requests.pop(rid)
-                self.sampler.free(rid)
-                outputs.append(self._output(req, [], None, error=message))
-        finished = self.scheduler.update(out, sampled)
+        launched = self._launch(out, outputs) if out.requests else None
+        if self._inflight is not None:
+            outputs += self._resolve(self._inflight)
+            self._inflight = None
+        if launched is not None:
+            if self.async_scheduling:
+                self._inflight = launched
+            else:
+                outputs += self._resolve(launched)
         self.num_steps += 1
-        for req in out.requests:
-            token = sampled.get(req.request_id)
-            if token is None:
-                continue
-            lp = logprobs.get(req.request_id)
-            outputs.append(self._output(req, [token], [lp] if lp is not None else None))
-        for req in finished:
-            self._requests.pop(req.request_id, None)
-            self.sampler.free(req.request_id)
         self._admit_deferred()
         return outputs
 
-    def _run(self, out: SchedulerOutput, sampled: dict[str, int], logprobs: dict[str, TokenLogprob]) -> dict[str, str]:
-        """Run the step; on an error, run each request alone. Returns the messages of those that fail."""
+    def _launch(self, out: SchedulerOutput, outputs: list[EngineCoreOutput]) -> _Launched | None:
+        """Queue the step's forward pass and sampling on the device; on an error, find the requests at
+        fault by running each alone (they fail with their message, the others go on)."""
         batch = list(zip(out.requests, out.num_new_tokens))
+        to_sample = out.requests_to_sample
         try:
-            self._execute(batch, out.requests_to_sample, sampled, logprobs)
-            return {}
+            logits = self.runner.execute(batch, self._prev_tokens())
+            if self._inflight is not None and any(self.sampler.needs_history(r) for r in to_sample):
+                # Penalties read earlier tokens' values: take the step in flight's tokens first.
+                outputs += self._resolve(self._inflight)
+                self._inflight = None
+                keep = [i for i, r in enumerate(to_sample) if not r.is_finished]
+                logits, to_sample = logits[keep], [to_sample[i] for i in keep]
+            pending = self.sampler.sample(logits, to_sample)
         except Exception as e:
-            if len(batch) == 1:
-                log.exception("a step failed for request %s", batch[0][0].request_id)
-                return {batch[0][0].request_id: _message(e)}
-            log.warning("a step of %d requests failed (%s); running each alone to find the failing ones",
-                        len(batch), _message(e))
-        failed: dict[str, str] = {}
-        for (req, n), will_sample in zip(batch, out.will_sample):
-            try:
-                self._execute([(req, n)], [req] if will_sample else [], sampled, logprobs)
-            except Exception as e:
-                log.exception("request %s failed", req.request_id)
-                failed[req.request_id] = _message(e)
-        return failed
+            return self._launch_alone(out, batch, e, outputs)
+        sampling = self.scheduler.advance(out)
+        return _Launched(sampling, pending, {r.request_id: i for i, r in enumerate(to_sample)})
 
-    def _execute(self, batch: Batch, to_sample: list[Request], sampled: dict[str, int],
-                 logprobs: dict[str, TokenLogprob]) -> None:
-        logits = self.runner.execute(batch)
-        if not to_sample:
-            return
-        result = self.sampler(logits, to_sample)
-        for i, req in enumerate(to_sample):
-            sampled[req.request_id] = result.token_ids[i]
-            if result.logprobs is not None and result.logprobs[i] is not None:
-                logprobs[req.request_id] = result.logprobs[i]
+    def _launch_alone(self, out: SchedulerOutput, batch: Batch, error: Exception,
+                      outputs: list[EngineCoreOutput]) -> _Launched | None:
+        if self._inflight is not None:
+            outputs += self._resolve(self._inflight)
+            self._inflight = None
+        if len(batch) == 1:
+            log.exception("a step failed for request %s", batch[0][0].request_id)
+            failed = {batch[0][0].request_id: _message(error)}
+            sampled: dict[str, int] = {}
+            logprobs: dict[str, TokenLogprob] = {}
+        else:
+            log.warning("a step of %d requests failed (%s); running each alone to find the failing ones",
+                        len(batch), _message(error))
+            failed, sampled, logprobs = {}, {}, {}
+            for (req, n), will_sample in zip(batch, out.will_sample):
+                if req.is_finished:
+                    continue
+                try:
+                    logits = self.runner.execute([(req, n)])
+                    if will_sample:
+                        result = self.sampler(logits, [req])
+                        sampled[req.request_id] = result.token_ids[0]
+                        if result.logprobs is not None and result.logprobs[0] is not None:
+                            logprobs[req.request_id] = result.logprobs[0]
+                except Exception as e:
+                    log.exception("request %s failed", req.request_id)
+                    failed[req.request_id] = _message(e)
+        for rid, message in failed.items():
+            req = self._fail(rid)
+            outputs.append(self._output(req, [], None, error=message))
+        sampling = self.scheduler.advance(out)
+        ids = torch.tensor([sampled[r.request_id] for r in sampling], dtype=torch.long)
+        parts = [logprobs.get(r.request_id) for r in sampling]
+        return _Launched(sampling, None, {r.request_id: i for i, r in enumerate(sampling)}, ids, parts)
+
+    def _resolve(self, launched: _Launched) -> list[EngineCoreOutput]:
+        """Wait for a launched step's tokens; record them; the outputs of the requests that took one."""
+        try:
+            if launched.pending is not None:
+                result = launched.pending.result()
+                token_ids, logprobs = result.token_ids, result.logprobs
+            else:
+                token_ids, logprobs = launched.host_ids.tolist(), launched.host_logprobs
+        except Exception as e:  # an error the device reported late: it cannot be pinned on one request
+            log.exception("a step failed on the device")
+            return [self._output(self._fail(r.request_id), [], None, error=_message(e))
+                    for r in launched.requests if not r.is_finished]
+        rows = launched.rows
+        tokens = [(r, token_ids[rows[r.request_id]]) for r in launched.requests]
+        took, finished = self.scheduler.resolve(tokens)
+        outputs = []
+        for req in took:
+            i = rows[req.request_id]
+            lp = logprobs[i] if logprobs is not None else None
+            outputs.append(self._output(req, [token_ids[i]], [lp] if lp is not None else None))
+        for req in finished:
+            self._requests.pop(req.request_id, None)
+            self.sampler.free(req.request_id)
+        return outputs
+
+    def _prev_tokens(self) -> PrevTokens | None:
+        if self._inflight is None:
+            return None
+        inflight = self._inflight
+        ids = inflight.pending.token_ids if inflight.pending is not None else inflight.host_ids.to(self.device)
+        return ids, inflight.rows
+
+    def _fail(self, request_id: str) -> Request:
+        self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
+        req = self._requests.pop(request_id)
+        req.drop_placeholders()
+        self.sampler.free(request_id)
+        return req
 
     def _output(self, req: Request, tokens: list[int], lps: list[TokenLogprob] | None,
                 error: str | None = None) -> EngineCoreOutput:

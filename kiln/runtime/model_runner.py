@@ -12,7 +12,7 @@ from kiln.nn import ForwardContext, forward_context
 from kiln.ops import OpTable
 from kiln.runtime.decode_graphs import DecodeGraphs
 from kiln.runtime.kv_pool import KVCacheSpec, allocate_kv_caches, kv_cache_spec
-from kiln.runtime.step_inputs import Batch, StepBatch, StepInputs
+from kiln.runtime.step_inputs import Batch, PrevTokens, StepBatch, StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,15 @@ class ModelRunner:
                                        self.max_seq_len, capture=self.decode_graphs_mode == "on")
 
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> torch.Tensor:
+    def execute(self, batch: Batch, prev_tokens: PrevTokens | None = None) -> torch.Tensor:
         """Compute each request's scheduled tokens; return float32 logits [num_sampled, vocab].
 
-        A request is sampled when this step reaches its last known token; rows come in batch order.
+        A request is sampled when this step reaches its last token; rows come in batch order. The work
+        is queued on the device: nothing here waits for it. ``prev_tokens``: see ``StepInputs.prepare``.
         """
         if self.graphs is not None and self.graphs.fits(batch):
-            return self.graphs.run(batch)
-        step = self.inputs.prepare(batch)
+            return self.graphs.run(batch, prev_tokens)
+        step = self.inputs.prepare(batch, prev_tokens=prev_tokens)
         hidden = self._hidden(step)
         if step.logits_indices is not None:
             hidden = hidden[step.logits_indices]

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 from kiln.runtime.sampling_params import SamplingParams
 
+# A sampled token whose value is still on the device (async scheduling): it holds its place in
+# ``token_ids`` so that counters and the next step's shape are known before the value is.
+PLACEHOLDER = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -49,6 +53,8 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    # Trailing PLACEHOLDER entries of token_ids: sampled, not yet known on the host.
+    num_placeholders: int = 0
     # Timestamps (time.monotonic) for the per-request metrics.
     scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -85,5 +91,25 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.finished
 
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose values are on the host (all but the trailing placeholders)."""
+        return len(self.token_ids) - self.num_placeholders
+
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def append_placeholder(self) -> None:
+        self.token_ids.append(PLACEHOLDER)
+        self.num_placeholders += 1
+
+    def resolve_placeholder(self, token_id: int) -> None:
+        """The oldest placeholder's value has come back."""
+        self.token_ids[self.num_known_tokens] = token_id
+        self.num_placeholders -= 1
+
+    def drop_placeholders(self) -> None:
+        """Forget sampled values that will never be used (the request ended before them)."""
+        if self.num_placeholders:
+            del self.token_ids[-self.num_placeholders:]
+            self.num_placeholders = 0

@@ -20,6 +20,45 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None] | None = None
 
 
+class PendingSample:
+    """A batch's chosen tokens (and requested logprobs) still on the device.
+
+    On a GPU the copy to the host starts at once without blocking; ``result()`` waits for it. So the
+    host can prepare and launch the next step meanwhile, and ``token_ids`` (on the device) can feed
+    that step's inputs. Only these ids and logprobs ever cross to the host, once per step.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, logprob_parts: tuple[torch.Tensor, ...] | None = None,
+                 logprob_rows: list[int] | None = None, params: list[SamplingParams] | None = None):
+        self.token_ids = token_ids
+        self._rows = logprob_rows or []
+        self._params = params or []
+        tensors = (token_ids, *(logprob_parts or ()))
+        self._event = None
+        if token_ids.device.type == "cuda":
+            self._host = [t.to("cpu", non_blocking=True) for t in tensors]
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = list(tensors)
+        self._result: SamplerOutput | None = None
+
+    def result(self) -> SamplerOutput:
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+            ids, *parts = (t.tolist() for t in self._host)
+            logprobs = None
+            if parts:
+                chosen_lp, top_lp, top_ids = parts
+                logprobs = [None] * len(ids)
+                for j, i in enumerate(self._rows):
+                    k = self._params[i].logprobs
+                    logprobs[i] = TokenLogprob(ids[i], chosen_lp[j], list(zip(top_ids[j][:k], top_lp[j][:k])))
+            self._result = SamplerOutput(ids, logprobs)
+        return self._result
+
+
 class Sampler:
     """Picks the next token of each request from its row of logits.
 
@@ -63,15 +102,17 @@ class Sampler:
         self._seeded.pop(request_id, None)
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
+        return self.sample(logits, requests).result()
+
+    def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> PendingSample:
+        """Choose each request's next token on the logits' device; nothing waits for the device here."""
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"expected logits of shape [{len(requests)}, vocab], got {list(logits.shape)}")
-        if not requests:
-            return SamplerOutput([])
         params = [r.sampling_params for r in requests]
         want_logprobs = any(p.logprobs is not None for p in params)
         if not want_logprobs and all(p.greedy and not _has_penalties(p) and not p.logit_bias for p in params) \
                 and not any(_banned_now(r) for r in requests):
-            return SamplerOutput(logits.argmax(dim=-1).tolist())
+            return PendingSample(logits.argmax(dim=-1))
 
         logits = logits.to(torch.float32, copy=True)
         apply_logit_bias(logits, requests)
@@ -90,10 +131,14 @@ class Sampler:
             rows = _index(sampled, logits.device)
             chosen[rows] = self._sample(logits[rows], [requests[i] for i in sampled])
 
-        token_ids = chosen.tolist()
         if logprobs is None:
-            return SamplerOutput(token_ids)
-        return SamplerOutput(token_ids, _gather_logprobs(logprobs, logprob_rows, chosen, params, len(requests)))
+            return PendingSample(chosen)
+        return PendingSample(chosen, _logprob_parts(logprobs, logprob_rows, chosen, params), logprob_rows, params)
+
+    @staticmethod
+    def needs_history(request: Request) -> bool:
+        """Whether sampling this request reads the values of its earlier output tokens (penalties)."""
+        return _has_penalties(request.sampling_params)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         probs = torch.softmax(temper_and_filter(logits, [r.sampling_params for r in requests]), dim=-1)
@@ -234,19 +279,14 @@ def temper_and_filter(logits: torch.Tensor, params: Sequence[SamplingParams]) ->
     return filter_logits(logits, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params])
 
 
-def _gather_logprobs(logprobs: torch.Tensor, rows: list[int], chosen: torch.Tensor, params: list[SamplingParams],
-                     batch: int) -> list[TokenLogprob | None]:
+def _logprob_parts(logprobs: torch.Tensor, rows: list[int], chosen: torch.Tensor,
+                   params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chosen tokens' logprobs and the top-n (values, ids) of the rows that asked, on the device."""
     chosen_rows = chosen[_index(rows, chosen.device)]
     chosen_lp = logprobs.gather(1, chosen_rows.unsqueeze(1)).squeeze(1)
     n = max(params[i].logprobs for i in rows)
     top_lp, top_ids = logprobs.topk(min(n, logprobs.shape[1]), dim=-1)
-    # One device-to-host transfer for everything.
-    chosen_ids, chosen_lp, top_lp, top_ids = (t.tolist() for t in (chosen_rows, chosen_lp, top_lp, top_ids))
-    out: list[TokenLogprob | None] = [None] * batch
-    for j, i in enumerate(rows):
-        k = params[i].logprobs
-        out[i] = TokenLogprob(chosen_ids[j], chosen_lp[j], list(zip(top_ids[j][:k], top_lp[j][:k])))
-    return out
+    return chosen_lp, top_lp, top_ids
 
 
 def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:

@@ -141,6 +141,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if self._ends_when_known(req):
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not bm.allocate_slots(req, n):
                 if cfg.policy == "guaranteed_no_evict":
@@ -165,6 +168,8 @@ class Scheduler:
             reserved = sum(bm.blocks_for_tokens(r.max_total_tokens) for r in self.running)
         while self.waiting and budget > 0 and len(self.running) < cfg.max_batch_size:
             req = self.waiting[0]
+            if req.num_placeholders:
+                break  # preempted while its last token was on its way: its values are needed to recompute
             own = bm.blocks_for_tokens(req.max_total_tokens)
             # Reserve every running request's whole future, so the running loop can never run short.
             if cfg.policy == "guaranteed_no_evict" and reserved + own > bm.num_blocks:
@@ -190,27 +195,53 @@ class Scheduler:
         return out
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Account for a finished model step; append sampled tokens; return the requests that finished."""
+        """Account for a finished step whose sampled tokens are on the host (``advance``, then
+        ``resolve``); return the requests that finished."""
+        waiting_for = self.advance(output)
+        missing = [r.request_id for r in waiting_for if r.request_id not in sampled]
+        if missing:
+            raise ValueError(f"requests {missing[:5]} reached their last token but no sampled token came back")
+        return self.resolve([(r, sampled[r.request_id]) for r in waiting_for])[1]
+
+    def advance(self, output: SchedulerOutput) -> list[Request]:
+        """Account for a launched step: its tokens are computed, and each request that reached its last
+        token holds a placeholder for the token being sampled. Returns those requests, in batch order."""
         bm = self.block_manager
-        finished: list[Request] = []
+        sampling: list[Request] = []
         for req, n in zip(output.requests, output.num_new_tokens):
             # Finished or aborted since it was scheduled: its blocks are gone, nothing to record.
             if req.status != RequestStatus.RUNNING:
                 continue
             req.num_computed_tokens += n
-            bm.cache_blocks(req, req.num_computed_tokens)
-            if req.num_computed_tokens < req.num_tokens:
-                continue
-            token = sampled.get(req.request_id)
-            if token is None:
-                raise ValueError(f"request {req.request_id!r} reached its last token but no sampled token came back")
-            req.append_token(token)
+            bm.cache_blocks(req, min(req.num_computed_tokens, req.num_known_tokens))
+            if req.num_computed_tokens == req.num_tokens:
+                req.append_placeholder()
+                sampling.append(req)
+        return sampling
+
+    def resolve(self, tokens: list[tuple[Request, int]]) -> tuple[list[Request], list[Request]]:
+        """Sampled values are on the host: fill the placeholders and stop the requests they end.
+        Returns (the requests that took their token, those of them that finished)."""
+        bm = self.block_manager
+        took: list[Request] = []
+        finished: list[Request] = []
+        for req, token in tokens:
+            if req.is_finished or not req.num_placeholders:
+                continue  # aborted or finished since the step was launched
+            req.resolve_placeholder(token)
+            took.append(req)
             status = self._stop_status(req, token)
-            if status is not None:
+            if status is None:
+                bm.cache_blocks(req, min(req.num_computed_tokens, req.num_known_tokens))
+                continue
+            req.drop_placeholders()  # a token sampled after the end is never used
+            if req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
-                self._finish(req, status)
-                finished.append(req)
-        return finished
+            else:  # preempted while its token was on its way
+                self.waiting.remove(req)
+            self._finish(req, status)
+            finished.append(req)
+        return took, finished
 
     # ----- internals -----
     def _schedule(self, out: SchedulerOutput, req: Request, n: int) -> None:
@@ -237,13 +268,20 @@ class Scheduler:
         del self._requests[req.request_id]
 
     def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        """Whether ``token``, the request's latest known token, ends it."""
         params = req.sampling_params
-        if req.num_output_tokens >= params.min_tokens:
+        known_outputs = req.num_known_tokens - req.num_prompt_tokens
+        if known_outputs >= params.min_tokens:
             if token in params.stop_token_ids or (not params.ignore_eos and token in req.eos_token_ids):
                 return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.config.max_seq_len:
+        if known_outputs >= params.max_tokens or req.num_known_tokens >= self.config.max_seq_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+    def _ends_when_known(self, req: Request) -> bool:
+        """A request whose placeholders reach its length limit: nothing more to compute for it."""
+        return req.num_placeholders > 0 and (req.num_output_tokens >= req.sampling_params.max_tokens
+                                             or req.num_tokens >= self.config.max_seq_len)
 
     # ----- checks -----
     def check_integrity(self) -> None:

@@ -18,6 +18,8 @@ from kiln.ops import AttentionMetadata
 from kiln.runtime.request import Request
 
 Batch = list[tuple[Request, int]]
+# The token ids a step in flight sampled (on the device), and each request's row in them.
+PrevTokens = tuple[torch.Tensor, dict[str, int]]
 
 
 @dataclass(slots=True)
@@ -54,10 +56,17 @@ class StepInputs:
         self.seq_lens, self._seq_lens = buffer(b)
         self.block_tables, self._block_tables = buffer(b, self.max_blocks)
         self.logits_indices, self._logits_indices = buffer(b)
+        # Rows whose input token is still on the device (async scheduling): where it goes, where it is.
+        self.fill_dst, self._fill_dst = buffer(b)
+        self.fill_src, self._fill_src = buffer(b)
         self._copy = pinned
 
-    def prepare(self, batch: Batch, pad_to: tuple[int, int] | None = None) -> StepBatch:
+    def prepare(self, batch: Batch, pad_to: tuple[int, int] | None = None,
+                prev_tokens: PrevTokens | None = None) -> StepBatch:
         """Fill the buffers for ``batch`` and return views of them.
+
+        A request whose input token is a placeholder (sampled by the step in flight, async scheduling)
+        takes it from ``prev_tokens``: that step's token ids on the device and each request's row there.
 
         With ``pad_to=(rows, context)`` (a decode step: one token per sequence) the step is padded to
         ``rows`` sequences and a block table ``context`` tokens wide, the shape of a captured graph;
@@ -86,8 +95,14 @@ class StepInputs:
         query_start_loc = self._query_start_loc[: rows + 1].numpy()
         lengths = self._seq_lens[:rows].numpy()
         table.fill(self.dummy_block)
+        fills: list[tuple[int, int]] = []
         offset = 0
         for i, ((req, n), start) in enumerate(zip(batch, starts)):
+            if req.num_placeholders and start + n > req.num_known_tokens:
+                if n != 1 or prev_tokens is None or req.request_id not in prev_tokens[1]:
+                    raise RuntimeError(f"request {req.request_id!r}: its input token is not known yet and the "
+                                       f"step that samples it is not in flight")
+                fills.append((offset, prev_tokens[1][req.request_id]))
             blocks = np.asarray(req.block_ids[:width], dtype=np.int64)  # only those the context reaches
             table[i, : len(blocks)] = blocks
             pos = np.arange(start, start + n, dtype=np.int64)
@@ -111,6 +126,13 @@ class StepInputs:
         self._upload(self.seq_lens, self._seq_lens, rows)
         if self._copy:
             self.block_tables[:rows, :width].copy_(self._block_tables[:rows, :width], non_blocking=True)
+        if fills:
+            k = len(fills)
+            self._fill_dst[:k].numpy()[:] = [d for d, _ in fills]
+            self._fill_src[:k].numpy()[:] = [s for _, s in fills]
+            self._upload(self.fill_dst, self._fill_dst, k)
+            self._upload(self.fill_src, self._fill_src, k)
+            self.token_ids[self.fill_dst[:k]] = prev_tokens[0][self.fill_src[:k]]
         logits_indices = None
         if pad_to is None and not (num_tokens == num_seqs and all(sampled)):
             rows_to_sample = [int(query_start_loc[i + 1]) - 1 for i in range(num_seqs) if sampled[i]]
