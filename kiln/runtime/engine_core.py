@@ -85,8 +85,10 @@ class EngineCore:
         max_tokens = min(config.max_num_tokens or build.max_num_tokens, build.max_num_tokens)
         self.runner = ModelRunner(self.engine, self.device, config.decode_graphs, max_batch, max_tokens,
                                   config.verify_weights)
+        # On a GPU the pool takes what is left after the weights and a measured step's peak memory.
+        reserved = self.runner.profile_step_memory() if config.kv_cache_memory is None else 0
         num_blocks = num_kv_blocks(self.runner.kv_spec, build, self.device, config.kv_cache_memory,
-                                   config.gpu_memory_utilization)
+                                   config.gpu_memory_utilization, reserved)
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, build.kv_block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(

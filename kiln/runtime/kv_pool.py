@@ -34,17 +34,19 @@ def kv_cache_spec(engine: Engine) -> KVCacheSpec:
 
 
 def num_kv_blocks(spec: KVCacheSpec, build: BuildConfig, device: torch.device, kv_cache_memory: int | None = None,
-                  gpu_memory_utilization: float | None = None) -> int:
-    """Blocks for the pool: from a byte budget when one is given; else, on a GPU, a fraction of its
-    memory (0.9 unless given) of which at most twice a full batch at max length when no fraction is
-    given; on the CPU, one full batch at max length (every batch slot at max_seq_len), which is all
-    the engine's limits can ever use at once.
+                  gpu_memory_utilization: float | None = None, reserved_bytes: int = 0) -> int:
+    """Blocks for the pool: from a byte budget when one is given; else, on a GPU, what is left of a
+    fraction of its memory (0.9 unless given) after everything in use now (weights, other processes)
+    and ``reserved_bytes`` (the steps' peak activations and the decode graphs, measured by the
+    runner), of which at most twice a full batch at max length when no fraction is given; on the
+    CPU, one full batch at max length (every batch slot at max_seq_len), which is all the engine's
+    limits can ever use at once.
     """
     full_batch = -(-build.max_seq_len // build.kv_block_size) * build.max_batch_size
     budget = kv_cache_memory
     if budget is None and device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = int(total * (gpu_memory_utilization or 0.9)) - (total - free)
+        budget = int(total * (gpu_memory_utilization or 0.9)) - (total - free) - reserved_bytes
         if gpu_memory_utilization is None:
             budget = min(budget, 2 * full_batch * spec.bytes_per_block)
     elif budget is None:

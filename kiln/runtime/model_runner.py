@@ -63,6 +63,46 @@ class ModelRunner:
                                        self.max_seq_len, capture=self.decode_graphs_mode == "on")
 
     @torch.inference_mode()
+    def profile_step_memory(self) -> int:
+        """Device bytes a step needs beyond the weights and the KV pool, at the engine's limits: the
+        peak of a step of max_num_tokens tokens over max_batch_size sequences (one long prefill chunk,
+        the rest one token each), its logits and a sampling pass that sorts every row; twice that when
+        decode graphs will be captured (their memory pool is their own). 0 off a GPU."""
+        if self.device.type != "cuda":
+            return 0
+        from kiln.runtime.request import Request
+        from kiln.runtime.sampler import Sampler
+        from kiln.runtime.sampling_params import SamplingParams
+
+        seqs = min(self.max_batch_size, self.max_num_tokens)
+        lens = [self.max_num_tokens - (seqs - 1)] + [1] * (seqs - 1)
+        bs = self.block_size
+        blocks = sum(-(-n // bs) for n in lens)
+        params = SamplingParams(temperature=1.0, top_p=0.9, logprobs=20)
+        batch, next_block = [], 0
+        for i, n in enumerate(lens):
+            req = Request(f"profile-{i}", [0] * n, params)
+            req.block_ids = list(range(next_block, next_block + -(-n // bs)))
+            next_block += len(req.block_ids)
+            batch.append((req, n))
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        caches, self.kv_caches = self.kv_caches, allocate_kv_caches(self.kv_spec, blocks + 1, self.device)
+        inputs, self.inputs = self.inputs, StepInputs(self.max_num_tokens, self.max_batch_size, self.max_seq_len,
+                                                      bs, self.device, dummy_block=blocks)
+        try:
+            kv_bytes = sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
+            logits = self.execute(batch)
+            Sampler().sample(logits, [r for r, _ in batch]).result()
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - base - kv_bytes
+        finally:
+            self.kv_caches, self.inputs = caches, inputs
+            torch.cuda.empty_cache()
+        return peak * (2 if self.decode_graphs_mode == "on" else 1)
+
+    @torch.inference_mode()
     def execute(self, batch: Batch, prev_tokens: PrevTokens | None = None) -> torch.Tensor:
         """Compute each request's scheduled tokens; return float32 logits [num_sampled, vocab].
 
