@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from kiln.builder.plan import choose_plan
 from kiln.builder.transforms import engine_tensors
-from kiln.checkpoint.checkpoint import Checkpoint, convert, is_checkpoint, read_checkpoint
+from kiln.checkpoint.checkpoint import Checkpoint, is_checkpoint, open_source, read_checkpoint, write_checkpoint
 from kiln.engine import FORMAT_VERSION, TOKENIZER_FILES, BuildConfig, manifest_of, weights_file, write_engine_json
 from kiln.engine.target import target_of
 from kiln.errors import BuildError
@@ -35,15 +35,20 @@ def build(
     with staged_dir(out, "engine") as stage:
         if is_checkpoint(source):
             checkpoint = read_checkpoint(source)
+            source_tensors = checkpoint.load_tensors()
         else:
-            checkpoint = convert(source, stage / ".checkpoint", progress)
+            # Converted on the way: the checkpoint's small files are written, its tensors stay in memory.
+            (stage / ".checkpoint").mkdir()
+            source_tensors = write_checkpoint(open_source(source), stage / ".checkpoint", progress, save_weights=False)
+            checkpoint = read_checkpoint(stage / ".checkpoint", need_weights=False)
         _check_limits(checkpoint, config)
         steps = tqdm(total=4, desc="build", disable=not progress, leave=False)
         steps.set_postfix_str("plan ops")
         plan = choose_plan(device, config.torch_dtype)
         steps.update()
         steps.set_postfix_str("fuse and cast weights")
-        tensors = engine_tensors(checkpoint.config, checkpoint.load_tensors(), config.torch_dtype)
+        tensors = engine_tensors(checkpoint.config, source_tensors, config.torch_dtype)
+        del source_tensors
         steps.update()
         steps.set_postfix_str("write weights")
         if not strip_weights:

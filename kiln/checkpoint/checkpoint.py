@@ -99,7 +99,11 @@ def convert(source_path: str | os.PathLike, out: str | os.PathLike, progress: bo
     return read_checkpoint(out)
 
 
-def write_checkpoint(source: SourceModel, out: Path, progress: bool = True) -> None:
+def write_checkpoint(source: SourceModel, out: Path, progress: bool = True,
+                     save_weights: bool = True) -> dict[str, torch.Tensor]:
+    """Write the checkpoint's files at ``out`` and return its tensors (checked against the model's
+    layout). ``save_weights=False`` leaves the weights file out: the builder takes the tensors as they
+    are instead of writing and reading them back."""
     config = model_config(source)
     try:
         layout = checkpoint_layout(config)
@@ -122,7 +126,8 @@ def write_checkpoint(source: SourceModel, out: Path, progress: bool = True) -> N
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ConversionError(f"{source.source}: missing tensors {', '.join(missing[:5])}{more}")
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    if save_weights:
+        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     write_tokenizer(source.tokenizer, source.tokenizer_config, out)
     meta = {
         "kiln_checkpoint": CHECKPOINT_VERSION,
@@ -131,6 +136,7 @@ def write_checkpoint(source: SourceModel, out: Path, progress: bool = True) -> N
         "source": source.source,
     }
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return tensors
 
 
 def model_config(source: SourceModel) -> ModelConfig:
@@ -174,7 +180,7 @@ def generation_facts(hf_config: dict, tokenizer: Tokenizer, tokenizer_config: di
     }
 
 
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, need_weights: bool = True) -> Checkpoint:
     path = Path(path)
     if not is_checkpoint(path):
         raise ConversionError(f"{path} is not a kiln checkpoint (no config.json with 'kiln_checkpoint')")
@@ -188,7 +194,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         config = ModelConfig.from_dict(meta["model"])
     except (ValueError, ArithmeticError) as e:
         raise ConversionError(f"{file}: {e}") from None
-    for name in (WEIGHTS_FILE, *TOKENIZER_FILES):
+    for name in ((WEIGHTS_FILE,) if need_weights else ()) + tuple(TOKENIZER_FILES):
         if not (path / name).is_file():
             raise ConversionError(f"checkpoint {path} is missing {name}")
     return Checkpoint(path, config, meta["generation"], meta.get("source"))

@@ -1,0 +1,93 @@
+"""Save a random-weight Llama of a real model's shape as a Hugging Face folder, fast (weights drawn on
+the GPU when there is one and written straight to safetensors, no transformers model in memory).
+
+For speed runs on a machine that lacks the real weights: speed depends on the shapes, not the values.
+The tokenizer is the tests' small byte-level BPE; prompts use token ids below its vocabulary.
+Usage: python benchmarks/random_model.py {smollm2-135m,llama-3.2-1b,llama-3.1-8b} OUT_DIR [--dtype bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from hf_models import make_tokenizer  # noqa: E402
+
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                         max_position_embeddings=8192, rope_theta=100000.0),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                         max_position_embeddings=131072, rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                         max_position_embeddings=131072, rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+def tensors_of(shape: dict, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    d = shape.get("head_dim") or h // heads
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def weight(out_f: int, in_f: int) -> torch.Tensor:
+        # Scaled like a trained model's so activations stay O(1) through the layers.
+        return (torch.randn(out_f, in_f, generator=g, device=device) / in_f ** 0.5).to(dtype).cpu()
+
+    def norm(n: int) -> torch.Tensor:
+        return (1.0 + 0.1 * torch.randn(n, generator=g, device=device)).to(dtype).cpu()
+
+    t = {"model.embed_tokens.weight": weight(shape["vocab_size"], h), "model.norm.weight": norm(h)}
+    if not shape["tie_word_embeddings"]:
+        t["lm_head.weight"] = weight(shape["vocab_size"], h)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t[p + "self_attn.q_proj.weight"] = weight(heads * d, h)
+        t[p + "self_attn.k_proj.weight"] = weight(kv * d, h)
+        t[p + "self_attn.v_proj.weight"] = weight(kv * d, h)
+        t[p + "self_attn.o_proj.weight"] = weight(h, heads * d)
+        t[p + "mlp.gate_proj.weight"] = weight(inter, h)
+        t[p + "mlp.up_proj.weight"] = weight(inter, h)
+        t[p + "mlp.down_proj.weight"] = weight(h, inter)
+        t[p + "input_layernorm.weight"] = norm(h)
+        t[p + "post_attention_layernorm.weight"] = norm(h)
+    return t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("out")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = SHAPES[args.shape]
+    dtype = getattr(torch, args.dtype)
+    tokenizer = make_tokenizer()
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": args.dtype,
+        "rms_norm_eps": 1e-5, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, **shape,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    save_file(tensors_of(shape, dtype, device), str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+    print(f"wrote a random {args.shape} ({args.dtype}) to {out}")
+
+
+if __name__ == "__main__":
+    main()
