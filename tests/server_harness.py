@@ -47,15 +47,16 @@ def onnx_identity(path: Path, types: dict[str, int], batch: bool = True) -> Path
     return _save_onnx(graph, path)
 
 
-def onnx_big_scale(path: Path, elements: int) -> Path:
-    """Y = X * W with a float weight of ``elements`` values: a model whose memory an unload must free."""
+def onnx_big_weight(path: Path, elements: int) -> Path:
+    """Y = W[X]: a float weight W of ``elements`` values read at run time (so it cannot be folded away),
+    a model whose memory an unload must free, with tiny inputs and outputs."""
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = numpy_helper.from_array(np.random.default_rng(0).random(elements, dtype=np.float32), "W")
+    weight = numpy_helper.from_array(np.arange(elements, dtype=np.float32), "W")
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["X", "W"], ["Y"])], "scale",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, elements])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, elements])], initializer=[weight])
+        [helper.make_node("Gather", ["W", "X"], ["Y"])], "big_weight",
+        [helper.make_tensor_value_info("X", TensorProto.INT64, [None, 1])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 1])], initializer=[weight])
     return _save_onnx(graph, path)
 
 
@@ -190,3 +191,54 @@ class ServerProcess:
                 self.proc.wait()
         self._reader.join(timeout=5)
         return self.proc.returncode
+
+
+class InProcessServer:
+    """``kiln.server.app.serve`` on its own event loop in a thread, for tests that register their own
+    backend or look inside the server. ``stop()`` ends it and unloads every model."""
+
+    def __init__(self, repository: Path, **options):
+        import asyncio
+
+        from kiln.server.app import ServeOptions, serve
+
+        opts = ServeOptions(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0, **options)
+        self.loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._started = threading.Event()
+        self.addresses: dict[str, str] = {}
+        self.error: BaseException | None = None
+
+        def started(addresses: dict[str, str]) -> None:
+            self.addresses = addresses
+            self._started.set()
+
+        def run() -> None:
+            try:
+                self.loop.run_until_complete(serve(opts, self._stop, started))
+            except BaseException as e:  # reported by __init__ or stop()
+                self.error = e
+                self._started.set()
+            finally:
+                self.loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        if not self._started.wait(60) or self.error is not None:
+            raise RuntimeError(f"the in-process server did not start: {self.error!r}")
+
+    @property
+    def http(self) -> str:
+        return self.addresses["http"]
+
+    @property
+    def grpc(self) -> str:
+        return self.addresses["grpc"]
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(30)
+        assert not self._thread.is_alive(), "the in-process server did not stop"
+        if self.error is not None:
+            raise self.error

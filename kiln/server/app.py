@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from kiln.server import metrics
+from kiln.server import memory, metrics
 from kiln.server.errors import ServerError
 from kiln.server.protocols import kserve_grpc, kserve_http
 from kiln.server.server import InferenceServer, ServerOptions
@@ -59,6 +59,7 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None,
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
+    memory.configure()
     server = InferenceServer(options)
     http_sock = _listen(options.host, options.http_port, "HTTP")
     metrics_sock = _listen(options.host, options.metrics_port, "metrics")

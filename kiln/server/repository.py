@@ -16,14 +16,12 @@ backend's memory.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import gc
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.server import backends
+from kiln.server import backends, memory
 from kiln.server import config as cfg
 from kiln.server.backends.base import Backend, ModelContext
 from kiln.server.errors import ServerError
@@ -249,7 +247,7 @@ class ModelRepository:
         for m in models:
             log.info("successfully unloaded '%s' version %d", m.name, m.version)
         models.clear()
-        await asyncio.to_thread(_release_memory)
+        await asyncio.to_thread(memory.release)
 
 
 def _plan(name: str, model_dir: Path, config_json: str | None) -> LoadPlan:
@@ -286,12 +284,3 @@ def _fingerprint(model_dir: Path) -> tuple:
                 continue
             out.append((os.path.relpath(p, model_dir), st.st_size, st.st_mtime_ns))
     return tuple(out)
-
-
-def _release_memory() -> None:
-    # Unloaded weights go back to the allocator; ask glibc to return free heap pages to the system.
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
