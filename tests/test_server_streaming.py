@@ -8,6 +8,7 @@ import queue
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ tritonclient = pytest.importorskip("tritonclient")
 
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from kiln.server import backends  # noqa: E402
@@ -42,17 +44,21 @@ class RepeatBackend(Backend):
     @classmethod
     def complete_config(cls, config: ModelConfig, version_dir: Path) -> None:
         config.model_transaction_policy.decoupled = True
-        config.input.add(name="IN", data_type=mc.TYPE_INT32, dims=[-1])
-        config.input.add(name="DELAY_MS", data_type=mc.TYPE_INT32, dims=[1], optional=True)
-        config.output.add(name="OUT", data_type=mc.TYPE_INT32, dims=[1])
+        if not config.input:
+            config.input.add(name="IN", data_type=mc.TYPE_INT32, dims=[-1])
+            config.input.add(name="DELAY_MS", data_type=mc.TYPE_INT32, dims=[1], optional=True)
+            config.output.add(name="OUT", data_type=mc.TYPE_INT32, dims=[1])
 
     def create_instance(self, spec: InstanceSpec) -> ModelInstance:
-        return RepeatInstance(spec)
+        return RepeatInstance(spec, int(self.context.parameters.get("max_concurrency", "8")))
 
 
 class RepeatInstance(ModelInstance):
-    max_concurrency = 8
     cancel_execute = True
+
+    def __init__(self, spec: InstanceSpec, max_concurrency: int):
+        super().__init__(spec)
+        self.max_concurrency = max_concurrency
 
     async def execute(self, requests):
         for r in requests:
@@ -79,6 +85,15 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("repository")
     (root / "repeat/1").mkdir(parents=True)
     (root / "repeat/1/repeat.marker").write_text("")
+    (root / "repeat_flat").mkdir()
+    (root / "repeat_flat/repeat.marker").write_text("")  # no version folder: the folder is version 1
+    (root / "repeat_queue/1").mkdir(parents=True)
+    (root / "repeat_queue/1/repeat.marker").write_text("")
+    write_config(root / "repeat_queue", """
+backend: "test_repeat"
+dynamic_batching { default_queue_policy { max_queue_size: 1 } }
+instance_group [ { kind: KIND_CPU count: 1 } ]
+parameters { key: "max_concurrency" value: { string_value: "1" } }""")
     onnx_add_sub(root / "simple/1/model.onnx")
     write_config(root / "simple", add_sub_config("simple"))
     s = InProcessServer(root, model_control_mode="explicit", load_models=["*"])
@@ -238,3 +253,31 @@ def test_unload_waits_for_requests_in_flight(server):
         assert client.is_model_ready("repeat")
     finally:
         stream.close()
+
+
+def test_model_folder_without_versions_is_version_one(server):
+    client = httpclient.InferenceServerClient(server.http)
+    assert client.get_model_metadata("repeat_flat")["versions"] == ["1"]
+    assert client.infer("repeat_flat", repeat_inputs(httpclient, [9])).as_numpy("OUT").tolist() == [9]
+
+
+def _pending(server, model: str) -> float:
+    with urllib.request.urlopen(f"http://{server.addresses['metrics']}/metrics") as r:
+        page = r.read().decode()
+    family = next(f for f in text_string_to_metric_families(page) if f.name == "nv_inference_pending_request_count")
+    return next(s.value for s in family.samples if s.labels["model"] == model)
+
+
+def test_full_queue_rejects_requests(server):
+    client = httpclient.InferenceServerClient(server.http, concurrency=2)
+    running = client.async_infer("repeat_queue", repeat_inputs(httpclient, [1], delay_ms=500), request_id="q1")
+    assert _wait(lambda: "q1" in SEEN)  # executing: the one instance is busy
+    queued = client.async_infer("repeat_queue", repeat_inputs(httpclient, [2]), request_id="q2")
+    assert _wait(lambda: _pending(server, "repeat_queue") == 1)  # the queue holds its one request
+    with pytest.raises(InferenceServerException, match="Exceeds maximum queue size") as e:
+        grpcclient.InferenceServerClient(server.grpc).infer("repeat_queue", repeat_inputs(grpcclient, [3]))
+    assert e.value.status() == "StatusCode.UNAVAILABLE"
+    assert running.get_result().as_numpy("OUT").tolist() == [1]
+    assert queued.get_result().as_numpy("OUT").tolist() == [2]
+    stats = httpclient.InferenceServerClient(server.http).get_inference_statistics("repeat_queue")["model_stats"][0]
+    assert stats["inference_stats"]["success"]["count"] == 2 and stats["inference_stats"]["fail"]["count"] == 1

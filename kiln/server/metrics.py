@@ -13,6 +13,7 @@ dashboards query by name, have no such suffix.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 
@@ -122,20 +123,23 @@ def _gpu() -> Iterator[Metric]:
     devices = cuda_devices()
     if not devices:
         return
-    import torch
-
     util = GaugeMetricFamily("nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0)", labels=["gpu_uuid"])
     total = GaugeMetricFamily("nv_gpu_memory_total_bytes", "GPU total memory, in bytes", labels=["gpu_uuid"])
     used = GaugeMetricFamily("nv_gpu_memory_used_bytes", "GPU used memory, in bytes", labels=["gpu_uuid"])
-    for d in devices:
-        uuid = f"GPU-{torch.cuda.get_device_properties(d).uuid}"
-        free, size = torch.cuda.mem_get_info(d)
-        total.add_metric([uuid], size)
-        used.add_metric([uuid], size - free)
-        try:
-            util.add_metric([uuid], torch.cuda.utilization(d) / 100.0)  # needs pynvml (nvidia-ml-py)
-        except Exception:
-            pass
+    try:
+        import torch
+
+        for d in devices:
+            uuid = str(torch.cuda.get_device_properties(d).uuid)
+            uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+            free, size = torch.cuda.mem_get_info(d)
+            total.add_metric([uuid], size)
+            used.add_metric([uuid], size - free)
+            with contextlib.suppress(Exception):  # utilization needs pynvml (nvidia-ml-py)
+                util.add_metric([uuid], torch.cuda.utilization(d) / 100.0)
+    except Exception as e:  # the page must render even when the GPU query fails
+        log.warning("GPU metrics unavailable: %s", e)
+        return
     yield from (util, total, used)
 
 

@@ -15,7 +15,7 @@ from kiln.server.errors import Code, ServerError
 from kiln.server.outputs import OutputBuilder, read_labels
 from kiln.server.scheduling import BatchPolicy, Scheduler
 from kiln.server.shm import SharedMemoryManager
-from kiln.server.stats import BACKEND, CANCELED, OTHER, ComputeTimes, ModelStats
+from kiln.server.stats import BACKEND, CANCELED, OTHER, REJECTED, ComputeTimes, ModelStats
 
 log = logging.getLogger("kiln.server")
 
@@ -34,7 +34,8 @@ class ServedModel:
         self.stats = ModelStats(self.name, self.version)
         self.outputs = OutputBuilder(self.config, self.version, read_labels(self.config, context.model_dir), shm)
         self.scheduler = Scheduler(self.name, instances, BatchPolicy.from_config(self.config), self.stats,
-                                   is_decoupled(self.config), self._settle)
+                                   is_decoupled(self.config), self._settle,
+                                   self.config.dynamic_batching.default_queue_policy.max_queue_size)
         self.ready = False
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -62,7 +63,9 @@ class ServedModel:
             raise
         return cls(context, backend, instances, shm, time.monotonic() - start)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """On the event loop: start each instance (``ModelInstance.start``), then take requests."""
+        await asyncio.gather(*(instance.start() for instance in self.instances))
         self.scheduler.start()
         self.ready = True
 
@@ -82,9 +85,13 @@ class ServedModel:
             raise
         request.model_version = self.version
         request.attach(asyncio.get_running_loop())
+        try:
+            self.scheduler.submit(request)
+        except ServerError:
+            self.stats.record_failure(time.monotonic_ns() - request.received_ns, REJECTED)
+            raise
         self._inflight += 1
         self._idle.clear()
-        self.scheduler.submit(request)
         final = False
         try:
             while not final:
@@ -139,6 +146,7 @@ class ServedModel:
         self.ready = False
         await self._idle.wait()
         await self.scheduler.stop()
+        await asyncio.gather(*(instance.stop() for instance in self.instances), return_exceptions=True)
         await asyncio.to_thread(self._close)
 
     def _close(self) -> None:

@@ -1,7 +1,8 @@
 """The model repository manager: model folders, their configs and versions, and model control.
 
 A repository is a folder of model folders, each ``NAME/config.pbtxt`` (optional when the backend can
-complete it) and numbered version folders, as in Triton. Model control modes, as Triton's:
+complete it) and numbered version folders, as in Triton. A model folder without version folders that a
+backend recognizes as it is (a kiln engine folder) is served as version 1. Model control modes, as Triton's:
 
 - ``none``: load every model at start; the load and unload APIs are refused.
 - ``explicit``: load the ``--load-model`` names at start (``*``: all); load and unload on request.
@@ -221,7 +222,13 @@ class ModelRepository:
             reason = e.message if isinstance(e, ServerError) else f"{type(e).__name__}: {e}"
             log.error("failed to load '%s' version %d: %s", name, version, reason)
             return version, None, reason
-        model.start()
+        try:
+            await model.start()
+        except Exception as e:
+            await model.unload()
+            reason = e.message if isinstance(e, ServerError) else f"{type(e).__name__}: {e}"
+            log.error("failed to load '%s' version %d: %s", name, version, reason)
+            return version, None, reason
         log.info("successfully loaded '%s' version %d (%s backend, %d instance%s, %.2f s)", name, version,
                  plan.config.backend, len(model.instances), "" if len(model.instances) == 1 else "s",
                  model.load_seconds)
@@ -258,6 +265,8 @@ def _plan(name: str, model_dir: Path, config_json: str | None) -> LoadPlan:
         raise ServerError.invalid(f"model configuration name '{config.name}' does not match the model folder '{name}'")
     config.name = name
     available = cfg.version_dirs(model_dir)
+    if not available and backends.detect(model_dir, config.backend, config.platform) is not None:
+        available = {1: model_dir}  # a folder a backend recognizes as it is (a kiln engine): version 1
     latest = available[max(available)] if available else None
     backend = backends.resolve(config.backend, config.platform, latest, name)
     config.backend = backend.name

@@ -19,6 +19,14 @@ def register(backend: type[Backend]) -> None:
     BACKENDS[backend.name] = backend
 
 
+def detect(folder: Path, backend: str = "", platform: str = "") -> type[Backend] | None:
+    """The backend that recognizes ``folder``'s files (among those the config allows, if it names one)."""
+    for b in BACKENDS.values():
+        if (not backend or b.name == backend) and (not platform or platform in b.platforms) and b.detect(folder):
+            return b
+    return None
+
+
 def resolve(backend: str, platform: str, version_dir: Path | None, model: str) -> type[Backend]:
     """The backend a config names, by ``backend`` or ``platform``, or else the one that recognizes the files."""
     if backend:
@@ -37,10 +45,9 @@ def resolve(backend: str, platform: str, version_dir: Path | None, model: str) -
                 return b
         known = sorted(p for b in BACKENDS.values() for p in b.platforms)
         raise ServerError.invalid(f"unexpected platform type '{platform}' for model '{model}'; known: {', '.join(known)}")
-    if version_dir is not None:
-        for b in BACKENDS.values():
-            if b.detect(version_dir):
-                return b
+    found = detect(version_dir, backend, platform) if version_dir is not None else None
+    if found is not None:
+        return found
     raise ServerError.invalid(
         f"model '{model}' names no backend or platform, and no backend recognizes the files in its latest "
         f"version folder (looked for: {', '.join(b.default_model_filename or b.name for b in BACKENDS.values())})")

@@ -7,9 +7,10 @@ requests (the config's ``instance_group``): one :class:`ModelInstance`.
 
 Life of a model version
 -----------------------
-1. ``Backend.detect(version_dir)``: a config with neither ``backend`` nor ``platform`` is given to the
-   first backend that recognizes the version folder (``model.onnx``, ``model.pt``; the kiln backend:
-   an engine's ``engine.json``).
+1. ``Backend.detect(folder)``: a config with neither ``backend`` nor ``platform`` is given to the
+   first backend that recognizes the latest version folder (``model.onnx``, ``model.pt``; the kiln
+   backend: an engine's ``engine.json``). A model folder with no version folders that a backend
+   recognizes as it is (an engine folder dropped into the repository) is served as version 1.
 2. ``Backend.complete_config(config, version_dir)``: fill in what ``config.pbtxt`` left out (inputs,
    outputs, ``max_batch_size``, ``platform``, ``model_transaction_policy``, parameters), before the
    config is checked; the result is the config clients see. A model folder may have no
@@ -17,11 +18,13 @@ Life of a model version
 3. ``Backend(context)``: load what the instances share (weights, an engine). Blocking: the server
    calls it in a worker thread, so a slow load never stalls the protocols.
 4. ``create_instance(spec)``: one per instance (``count`` per group, per GPU for KIND_GPU); blocking,
-   in a worker thread. ``gpus()`` tells the server which GPUs the backend can use (KIND_AUTO).
+   in a worker thread. ``gpus()`` tells the server which GPUs the backend can use (KIND_AUTO). Then
+   ``await ModelInstance.start()`` on the event loop, for what must bind to it.
 5. ``ModelInstance.execute(requests)``: a coroutine on the server's event loop; see below.
 6. Unload: the server stops routing to the version, waits until every request has its final
-   response, then calls each ``ModelInstance.close()`` and ``Backend.close()`` (in a worker thread);
-   they must release every reference to weights and sessions, so memory returns to where it was.
+   response, awaits each ``ModelInstance.stop()`` on the loop, then calls each ``close()`` and
+   ``Backend.close()`` in a worker thread; they must release every reference to weights and sessions,
+   so memory returns to where it was.
 
 Executing requests
 ------------------
@@ -110,6 +113,13 @@ class ModelInstance(ABC):
     @abstractmethod
     async def execute(self, requests: list[InferenceRequest]) -> ComputeTimes | None:
         ...
+
+    async def start(self) -> None:
+        """On the event loop, after every instance is created and before the first request (an asyncio
+        engine starts its loop-bound parts here)."""
+
+    async def stop(self) -> None:
+        """On the event loop, after the last request and before ``close``."""
 
     async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on this instance's own thread (created on first use)."""

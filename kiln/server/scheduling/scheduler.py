@@ -24,8 +24,9 @@ log = logging.getLogger("kiln.server")
 
 class Scheduler:
     def __init__(self, model: str, instances: list[ModelInstance], policy: BatchPolicy | None, stats: ModelStats,
-                 decoupled: bool, on_done: Callable[[InferenceRequest], None]):
+                 decoupled: bool, on_done: Callable[[InferenceRequest], None], max_queue_size: int = 0):
         self.model = model
+        self.max_queue_size = max_queue_size  # 0: unlimited (dynamic_batching.default_queue_policy)
         self.on_done = on_done  # called for each request the scheduler is finished with
         self.instances = instances
         self.policy = policy
@@ -50,6 +51,8 @@ class Scheduler:
         self._workers.clear()
 
     def submit(self, request: InferenceRequest) -> None:
+        if self.max_queue_size and len(self._queue) >= self.max_queue_size:
+            raise ServerError.unavailable(f"Exceeds maximum queue size ({self.max_queue_size}) of model '{self.model}'")
         request.queued_ns = time.monotonic_ns()
         self._queue.append(request)
         self.stats.pending += 1
