@@ -421,6 +421,22 @@ def test_dynamic_batching(clients):
     assert [b["batch_size"] for b in stats["batch_stats"]] == [4]
 
 
+def test_latency_has_no_delayed_ack_stall(clients):
+    """A response written in two segments must not wait for the client's delayed ACK (~40 ms)."""
+    import statistics
+    import time
+
+    arrays = add_sub_arrays()
+    for proto in PROTOCOLS:
+        inputs = make_inputs(proto, arrays)
+        times = []
+        for _ in range(15):
+            start = time.perf_counter()
+            clients[proto].infer("simple", inputs)
+            times.append(time.perf_counter() - start)
+        assert statistics.median(times) < 0.02, (proto, times)
+
+
 # -- statistics and metrics -----------------------------------------------------------------------------
 
 def test_statistics_and_metrics_count_what_was_sent(server, clients):

@@ -103,10 +103,17 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None,
 
 def _listen(host: str, port: int, what: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP (not 0): asyncio then sets TCP_NODELAY on accepted connections, without which
+    # every response with a body waits out the client's delayed ACK (~40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        return socket.create_server((host, port), family=family, reuse_port=False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
     except OSError as e:
+        sock.close()
         raise ServerError.unavailable(f"cannot bind the {what} port {host}:{port}: {e.strerror}") from None
+    return sock
 
 
 def _metrics_endpoint(collector: metrics.TritonMetrics):
