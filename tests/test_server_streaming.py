@@ -4,10 +4,12 @@ streams and HTTP."""
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -281,3 +283,48 @@ def test_full_queue_rejects_requests(server):
     assert queued.get_result().as_numpy("OUT").tolist() == [2]
     stats = httpclient.InferenceServerClient(server.http).get_inference_statistics("repeat_queue")["model_stats"][0]
     assert stats["inference_stats"]["success"]["count"] == 2 and stats["inference_stats"]["fail"]["count"] == 1
+
+
+def _post_json(server, path: str, doc: dict):
+    request = urllib.request.Request(f"http://{server.http}{path}", data=json.dumps(doc).encode(), method="POST")
+    try:
+        r = urllib.request.urlopen(request)
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+    return r.status, r.headers, r.read()
+
+
+def test_generate_extension(server):
+    status, _, body = _post_json(server, "/v2/models/simple/generate",
+                                 {"INPUT0": list(range(16)), "INPUT1": [1] * 16, "id": "g1"})
+    doc = json.loads(body)
+    assert status == 200 and doc["id"] == "g1" and doc["model_name"] == "simple"
+    assert doc["OUTPUT0"] == [float(i + 1) for i in range(16)]
+    status, _, body = _post_json(server, "/v2/models/repeat/generate", {"IN": 42, "custom_parameter": "x"})
+    assert status == 200 and json.loads(body)["OUT"] == 42  # one element: a scalar, as Triton writes it
+    status, _, body = _post_json(server, "/v2/models/repeat/generate", {"IN": [1, 2]})
+    assert status == 501 and "more than one response" in json.loads(body)["error"]
+    status, _, body = _post_json(server, "/v2/models/simple/generate", {"INPUT0": [1, 2, 3], "INPUT1": [1] * 16})
+    assert status == 400 and "can not convert input 'INPUT0'" in json.loads(body)["error"]
+
+
+def test_generate_stream_sends_an_event_per_response(server):
+    status, headers, body = _post_json(server, "/v2/models/repeat/generate_stream", {"IN": [4, 5, 6], "id": "sse"})
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = [json.loads(chunk[len("data: "):]) for chunk in body.decode().split("\n\n") if chunk]
+    assert [e["OUT"] for e in events] == [4, 5, 6] and all(e["id"] == "sse" for e in events)
+    status, _, body = _post_json(server, "/v2/models/no_such_model/generate_stream", {"IN": [1]})
+    assert status == 404 and "unknown model" in json.loads(body)["error"]
+
+
+def test_closing_an_event_stream_cancels_the_request(server):
+    body = json.dumps({"IN": list(range(200)), "DELAY_MS": 20, "id": "sse-hangup"}).encode()
+    host, port = server.http.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v2/models/repeat/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        received = b""
+        while b"data: " not in received:
+            received += s.recv(4096)
+    assert _wait(lambda: SEEN["sse-hangup"]["cancelled"])
+    assert SEEN["sse-hangup"]["sent"] < 200

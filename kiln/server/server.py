@@ -146,7 +146,7 @@ class InferenceServer:
                 if result is not None:
                     raise ServerError.unsupported(
                         f"model '{request.model_name}' sent more than one response to a request; this endpoint "
-                        "carries exactly one (use gRPC ModelStreamInfer)")
+                        "carries exactly one (use generate_stream or gRPC ModelStreamInfer)")
                 result = response
         if result is None:
             raise ServerError.internal(f"model '{request.model_name}' sent no response")

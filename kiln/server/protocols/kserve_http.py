@@ -1,5 +1,6 @@
 """KServe v2 over HTTP (Starlette), with Triton's extensions: binary tensor data, classification,
-model repository, statistics, system shared memory, request parameters.
+model repository, statistics, system shared memory, request parameters, and generate
+(``generate``: one JSON response; ``generate_stream``: server-sent events, one per response).
 
 Only wire translation lives here: a JSON (+ binary) body becomes an ``InferenceRequest``; an
 ``InferenceResponse`` becomes JSON (+ binary). Every rule is the server's. Errors are
@@ -18,7 +19,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from kiln.server import datatypes
@@ -58,6 +59,8 @@ def create_app(server: InferenceServer) -> Starlette:
             Route(prefix + "/config", api.model_config, methods=["GET"]),
             Route(prefix + "/stats", api.statistics, methods=["GET"]),
             Route(prefix + "/infer", api.infer, methods=["POST"]),
+            Route(prefix + "/generate", api.generate, methods=["POST"]),
+            Route(prefix + "/generate_stream", api.generate_stream, methods=["POST"]),
         ]
     return Starlette(routes=routes, exception_handlers={
         ServerError: _server_error, HTTPException: _http_error, Exception: _unexpected_error})
@@ -170,6 +173,86 @@ class _Api:
             content = gzip.compress(content) if encoding == "gzip" else zlib.compress(content)
             headers["Content-Encoding"] = encoding
         return Response(content, headers=headers)
+
+    async def generate(self, request: Request) -> Response:
+        ireq = await self._generate_request(request)
+        response = await _unless_disconnected(request, self.server.infer_one(ireq))
+        return JSONResponse(_generate_json(response))
+
+    async def generate_stream(self, request: Request) -> Response:
+        ireq = await self._generate_request(request)
+        responses = self.server.infer(ireq)
+        try:
+            first = await anext(responses)  # errors before the first response get a status code
+        except BaseException:
+            await responses.aclose()
+            raise
+
+        async def events():
+            async with contextlib.aclosing(responses):
+                response = first
+                while True:
+                    if response.error is not None:
+                        yield _event({"error": response.error.message})
+                    elif not response.flag_only:
+                        yield _event(_generate_json(response))
+                    if response.final:
+                        return
+                    response = await anext(responses)
+
+        return StreamingResponse(events(), media_type="text/event-stream; charset=utf-8")
+
+    async def _generate_request(self, request: Request) -> InferenceRequest:
+        p = request.path_params
+        model, version = p["model"], p.get("version", "")
+        doc = await _json_body(request)
+        inputs = {t.name: t for t in self.server.model_metadata(model, version).inputs}
+        tensors, parameters = [], {}
+        for key, value in {**_parameters(doc), **{k: v for k, v in doc.items() if k != "parameters"}}.items():
+            if key in inputs:
+                tensors.append(_generate_tensor(key, value, inputs[key]))
+            elif key != "id":
+                parameters[key] = value
+        request_id = doc.get("id", "")
+        if not isinstance(request_id, str):
+            raise ServerError.invalid("Unable to parse 'id': it must be a string")
+        return InferenceRequest(model, parse_version(version), request_id, tensors, parameters=parameters)
+
+
+# -- generate: JSON fields <-> tensors ----------------------------------------------------------------
+
+def _generate_tensor(name: str, value: Any, meta) -> Tensor:
+    """A JSON value (scalar or list) as the named input, shaped as Triton's generate extension does:
+    the fixed dims divide the element count, the innermost variable dim takes the rest, others are 1."""
+    values = value if isinstance(value, list) else [value]
+    shape = list(meta.shape)
+    count = len(values)
+    for d in shape:
+        if d != -1:
+            if d == 0 or count % d:
+                raise ServerError.invalid(f"The schema can not convert input '{name}' to tensor with proper shape")
+            count //= d
+    for i in reversed(range(len(shape))):
+        if shape[i] == -1:
+            shape[i], count = count, 1
+    if count != 1:
+        raise ServerError.invalid(f"The schema can not convert input '{name}' to tensor with proper shape")
+    return Tensor(name, meta.datatype, shape, values)
+
+
+def _generate_json(response: InferenceResponse) -> dict[str, Any]:
+    doc: dict[str, Any] = {"model_name": response.model_name, "model_version": str(response.model_version)}
+    if response.id:
+        doc["id"] = response.id
+    doc.update(response.parameters)
+    for t in response.outputs:
+        data = datatypes.to_list(t.data, datatypes.BY_NAME[t.datatype], f"output '{t.name}'")
+        doc[t.name] = data[0] if len(data) == 1 else data
+    return doc
+
+
+def _event(doc: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
 
 
 # -- infer: wire -> InferenceRequest ------------------------------------------------------------------
