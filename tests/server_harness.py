@@ -102,6 +102,18 @@ def torchscript_identity(path: Path) -> Path:
     return _script(Identity(), path)
 
 
+def torchscript_fails_on_negative(path: Path) -> Path:
+    import torch
+
+    class FailsOnNegative(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool((x < 0).any()):
+                raise RuntimeError("negative input")
+            return x * 2
+
+    return _script(FailsOnNegative(), path)
+
+
 def write_config(model_dir: Path, text: str) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(text)

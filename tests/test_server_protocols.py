@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from server_harness import (ServerProcess, add_sub_config, onnx_add_sub, onnx_identity, torchscript_add_sub,
-                            torchscript_identity, write_config)
+                            torchscript_fails_on_negative, torchscript_identity, write_config)
 
 onnx = pytest.importorskip("onnx")
 tritonclient = pytest.importorskip("tritonclient")
@@ -77,6 +77,18 @@ output [ { name: "OUT_X" data_type: TYPE_FP32 dims: [ 2, 8 ] reshape: { shape: [
 platform: "pytorch_libtorch"
 input [ { name: "INPUT__0" data_type: TYPE_BF16 dims: [ -1 ] } ]
 output [ { name: "OUTPUT__0" data_type: TYPE_BF16 dims: [ -1 ] } ]""")
+    torchscript_fails_on_negative(root / "torch_fails/1/model.pt")
+    write_config(root / "torch_fails", """
+backend: "pytorch"
+max_batch_size: 4
+input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]""")
+    torchscript_identity(root / "torch_mistyped/1/model.pt")
+    write_config(root / "torch_mistyped", """
+backend: "pytorch"
+max_batch_size: 4
+input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP64 dims: [ 2 ] } ]""")
     for v in (1, 2, 3):
         for name in ("versioned", "versioned_all", "versioned_specific"):
             onnx_add_sub(root / f"{name}/{v}/model.onnx")
@@ -534,6 +546,25 @@ def test_bad_requests_get_clear_errors(clients, proto):
     i0.set_shared_memory("never_registered", 64)
     with pytest.raises(InferenceServerException, match="Unable to find shared memory region: 'never_registered'"):
         c.infer("simple", [i0, i1])
+    _still_serving(clients)
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_model_failures_are_internal_errors_that_name_the_model(clients, proto):
+    c = clients[proto]
+    internal = {"http": "500", "grpc": "StatusCode.INTERNAL"}[proto]
+    with pytest.raises(InferenceServerException,
+                       match=r"(?s)model 'torch_fails' \(pytorch\) failed: .*negative input") as e:
+        c.infer("torch_fails", make_inputs(proto, {"INPUT__0": np.array([[1.0, -1.0]], np.float32)}))
+    assert e.value.status() == internal
+    ok = c.infer("torch_fails", make_inputs(proto, {"INPUT__0": np.array([[1.0, 3.0]], np.float32)}))
+    np.testing.assert_array_equal(ok.as_numpy("OUTPUT__0"), [[2.0, 6.0]])
+    with pytest.raises(InferenceServerException, match="unexpected datatype float32 for inference output "
+                       "'OUTPUT__0' of model 'torch_mistyped', expecting TYPE_FP64") as e:
+        c.infer("torch_mistyped", make_inputs(proto, {"INPUT__0": np.ones((1, 2), np.float32)}))
+    assert e.value.status() == internal
+    stats = clients["http"].get_inference_statistics("torch_fails")["model_stats"][0]["inference_stats"]
+    assert stats["fail"]["count"] >= 1 and stats["success"]["count"] >= 1
     _still_serving(clients)
 
 

@@ -175,7 +175,8 @@ def test_admission_decodes_reshapes_and_allows_optional_inputs():
     config = parsed()
     a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     b = np.arange(8, dtype=np.int32).reshape(2, 2, 2)
-    r = request(A=Tensor("A", "FP32", [2, 3, 4], a.tobytes()), B=Tensor("B", "INT32", [2, 2, 2], b.reshape(-1).tolist()))
+    r = request(A=Tensor("A", "FP32", [2, 3, 4], a.tobytes()),
+                B=Tensor("B", "INT32", [2, 2, 2], b.reshape(-1).tolist()))
     admit(r, config, SharedMemoryManager())
     assert r.batch_size == 2 and r.output_names == ["Y"]
     np.testing.assert_array_equal(r.input("A"), a)

@@ -70,8 +70,9 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None,
         raise ServerError.unavailable(f"cannot bind the gRPC port {options.host}:{options.grpc_port}")
 
     uvicorn_level = "info" if options.log_verbose else "warning"
-    http = _Uvicorn(uvicorn.Config(kserve_http.create_app(server), log_config=None, access_log=bool(options.log_verbose),
-                                   log_level=uvicorn_level, lifespan="off", timeout_graceful_shutdown=5))
+    http = _Uvicorn(uvicorn.Config(kserve_http.create_app(server), log_config=None,
+                                   access_log=bool(options.log_verbose), log_level=uvicorn_level, lifespan="off",
+                                   timeout_graceful_shutdown=5))
     collector = metrics.TritonMetrics(server.repository)
     metrics_app = Starlette(routes=[Route("/metrics", _metrics_endpoint(collector), methods=["GET"])])
     metrics_http = _Uvicorn(uvicorn.Config(metrics_app, log_config=None, access_log=False, log_level=uvicorn_level,

@@ -105,6 +105,7 @@ class InferenceRequest:
         self.settled = False
         self._cancelled = False
         self._final_sent = False
+        self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._replies: asyncio.Queue[Reply] | None = None
@@ -123,18 +124,21 @@ class InferenceRequest:
 
     def respond(self, outputs: dict[str, np.ndarray] | None = None, *, parameters: dict[str, Any] | None = None,
                 error: ServerError | Exception | None = None, final: bool = True) -> None:
-        """Send a response (thread-safe). ``outputs=None, final=True`` sends the final flag alone."""
-        if self._final_sent:
+        """Send a response (thread-safe). ``outputs=None, final=True`` sends the final flag alone; with
+        ``error`` the response carries the error instead of outputs."""
+        if not self._send(Reply(outputs, dict(parameters or {}), _as_server_error(error), final)):
             raise RuntimeError(f"request '{self.id}' to model '{self.model_name}' already has its final response")
-        if error is not None and not isinstance(error, ServerError):
-            error = ServerError.internal(f"{type(error).__name__}: {error}")
-        if final:
-            self._final_sent = True
-        reply = Reply(outputs, dict(parameters or {}), error, final)
+
+    def _send(self, reply: Reply) -> bool:
+        with self._lock:
+            if self._final_sent:
+                return False
+            self._final_sent = reply.final
         if threading.get_ident() == self._loop_thread:
             self._replies.put_nowait(reply)
         else:
             self._loop.call_soon_threadsafe(self._replies.put_nowait, reply)
+        return True
 
     # -- for the server ---------------------------------------------------------------------------
 
@@ -151,5 +155,15 @@ class InferenceRequest:
     async def next_reply(self) -> Reply:
         return await self._replies.get()
 
+    def fail(self, error: ServerError) -> None:
+        """End the request with ``error`` unless it already has its final response."""
+        self._send(Reply(None, {}, error, True))
+
     def cancel(self) -> None:
         self._cancelled = True
+
+
+def _as_server_error(error: ServerError | Exception | None) -> ServerError | None:
+    if error is None or isinstance(error, ServerError):
+        return error
+    return ServerError.internal(f"{type(error).__name__}: {error}")

@@ -3,7 +3,6 @@ one request through it (admit, queue, execute, respond), with in-flight tracking
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -16,8 +15,6 @@ from kiln.server.outputs import OutputBuilder, read_labels
 from kiln.server.scheduling import BatchPolicy, Scheduler
 from kiln.server.shm import SharedMemoryManager
 from kiln.server.stats import BACKEND, CANCELED, OTHER, REJECTED, ComputeTimes, ModelStats
-
-log = logging.getLogger("kiln.server")
 
 
 class ServedModel:
@@ -40,6 +37,7 @@ class ServedModel:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._abandoned: set[asyncio.Task] = set()  # requests whose client left, finishing in the background
 
     @classmethod
     def load(cls, context: ModelContext, backend_cls: type[Backend], shm: SharedMemoryManager) -> ServedModel:
@@ -102,7 +100,9 @@ class ServedModel:
             if not final:
                 request.cancel()
                 self.scheduler.cancel(request)
-                asyncio.get_running_loop().create_task(self._finish_abandoned(request))
+                task = asyncio.get_running_loop().create_task(self._finish_abandoned(request))
+                self._abandoned.add(task)
+                task.add_done_callback(self._abandoned.discard)
 
     def _account(self, request: InferenceRequest, response: InferenceResponse) -> InferenceResponse:
         now = time.monotonic_ns()

@@ -107,7 +107,8 @@ class ModelRepository:
                 if not ready_only:
                     rows.append((name, "", "", ""))
                 continue
-            for version, (state, reason) in sorted(entry.states.items(), key=lambda kv: (kv[0] is not None, kv[0] or 0)):
+            model_first = sorted(entry.states.items(), key=lambda kv: (kv[0] is not None, kv[0] or 0))
+            for version, (state, reason) in model_first:
                 if ready_only and state != READY:
                     continue
                 rows.append((name, "" if version is None else str(version), state, reason))
@@ -218,14 +219,12 @@ class ModelRepository:
         context = ModelContext(name, version, plan.config, model_dir, version_dir)
         try:
             model = await asyncio.to_thread(ServedModel.load, context, plan.backend, self.shm)
+            try:
+                await model.start()
+            except BaseException:
+                await model.unload()
+                raise
         except Exception as e:
-            reason = e.message if isinstance(e, ServerError) else f"{type(e).__name__}: {e}"
-            log.error("failed to load '%s' version %d: %s", name, version, reason)
-            return version, None, reason
-        try:
-            await model.start()
-        except Exception as e:
-            await model.unload()
             reason = e.message if isinstance(e, ServerError) else f"{type(e).__name__}: {e}"
             log.error("failed to load '%s' version %d: %s", name, version, reason)
             return version, None, reason

@@ -44,7 +44,8 @@ def resolve(backend: str, platform: str, version_dir: Path | None, model: str) -
             if platform in b.platforms:
                 return b
         known = sorted(p for b in BACKENDS.values() for p in b.platforms)
-        raise ServerError.invalid(f"unexpected platform type '{platform}' for model '{model}'; known: {', '.join(known)}")
+        raise ServerError.invalid(
+            f"unexpected platform type '{platform}' for model '{model}'; known: {', '.join(known)}")
     found = detect(version_dir, backend, platform) if version_dir is not None else None
     if found is not None:
         return found

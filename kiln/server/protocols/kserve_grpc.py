@@ -200,7 +200,8 @@ def _request(message: pb.ModelInferRequest) -> InferenceRequest:
             data = raw[index]
             index += 1
         else:
-            raise ServerError.invalid(f"unable to find data for input tensor '{t.name}' for model '{model}' in request.")
+            raise ServerError.invalid(
+                f"unable to find data for input tensor '{t.name}' for model '{model}' in request.")
         inputs.append(Tensor(t.name, t.datatype, shape, data))
     if index != len(raw):
         raise ServerError.invalid(f"the request has {len(raw)} raw_input_contents but {index} inputs read raw data")

@@ -66,7 +66,7 @@ class Scheduler:
             pass
         else:
             self.stats.pending -= 1
-            request.respond(error=ServerError(Code.CANCELLED, "request cancelled"))
+            request.fail(ServerError(Code.CANCELLED, "request cancelled"))
             request.executed = True
             self.on_done(request)
             return
@@ -128,12 +128,11 @@ class Scheduler:
             times = times or ComputeTimes(infer_ns=time.monotonic_ns() - start)
             self.stats.record_execution(sum(max(r.batch_size, 1) for r in batch), times)
         for r in batch:
-            if not r.final_sent:
-                if error is not None:
-                    r.respond(error=error)
-                elif not self.decoupled:
-                    r.respond(error=ServerError.internal(
-                        f"model '{self.model}' returned from execute without responding to a request"))
+            if error is not None:
+                r.fail(error)
+            elif not self.decoupled and not r.final_sent:
+                r.fail(ServerError.internal(f"model '{self.model}' returned from execute without responding "
+                                            "to a request"))
             r.compute = times
             r.executed = True
             self.on_done(r)
