@@ -37,6 +37,7 @@ class Scheduler:
         self._forming = asyncio.Lock()  # one worker forms a batch at a time
         self._running: dict[asyncio.Future, tuple[ModelInstance, list[InferenceRequest]]] = {}
         self._workers: list[asyncio.Task] = []
+        self._stopping = False
 
     def start(self) -> None:
         for instance in self.instances:
@@ -45,6 +46,7 @@ class Scheduler:
 
     async def stop(self) -> None:
         """Stop the workers (call once no request is queued or running)."""
+        self._stopping = True
         for w in self._workers:
             w.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -92,7 +94,7 @@ class Scheduler:
                         timeout = (self.policy.max_queue_delay_ns - waited) / 1e9
                         try:
                             await asyncio.wait_for(self._arrived.wait(), timeout)
-                        except TimeoutError:
+                        except asyncio.TimeoutError:  # not the builtin before Python 3.11
                             pass
                         continue
                 return [self._queue.popleft() for _ in range(n)]
@@ -114,8 +116,8 @@ class Scheduler:
         try:
             times = await task
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():
-                raise  # the scheduler is stopping
+            if self._stopping:
+                raise
             error = ServerError(Code.CANCELLED, "request cancelled")
         except ServerError as e:
             error = e
