@@ -65,7 +65,10 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None,
     metrics_sock = _listen(options.host, options.metrics_port, "metrics")
     grpc_server = kserve_grpc.create_server(server)
     grpc_host = f"[{options.host}]" if ":" in options.host else options.host
-    grpc_port = grpc_server.add_insecure_port(f"{grpc_host}:{options.grpc_port}")
+    try:
+        grpc_port = grpc_server.add_insecure_port(f"{grpc_host}:{options.grpc_port}")
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        grpc_port = 0
     if grpc_port == 0:
         raise ServerError.unavailable(f"cannot bind the gRPC port {options.host}:{options.grpc_port}")
 
