@@ -136,6 +136,16 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 
 # -- the server process ---------------------------------------------------------------------------------
 
+def _die_with_parent() -> None:
+    """In the child: end it if the test process dies without stopping it (Linux)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class ServerProcess:
     """``kiln serve`` in a subprocess on ephemeral ports; ``stop()`` always ends it."""
 
@@ -144,7 +154,7 @@ class ServerProcess:
                "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *args]
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+                                     text=True, preexec_fn=_die_with_parent)
         self.lines: list[str] = []
         self._ports: dict[str, str] = {}
         self._reader = threading.Thread(target=self._read, daemon=True)
