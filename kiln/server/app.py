@@ -1,0 +1,138 @@
+"""``kiln serve``: the HTTP, gRPC and metrics endpoints and the model repository in one process, on one
+asyncio loop (uvicorn for HTTP and metrics, grpc.aio for gRPC).
+
+The endpoints start first (live at once, ready once the startup loads are done), then the models
+load. Port 0 means "pick a free port"; the bound address of each endpoint is logged as Triton logs it
+("Started HTTPService at 127.0.0.1:8000"), so scripts and tests can find it. SIGINT or SIGTERM stops
+the endpoints, waits for requests in flight and unloads every model.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from kiln.server import memory, metrics
+from kiln.server.errors import ServerError
+from kiln.server.protocols import kserve_grpc, kserve_http
+from kiln.server.server import InferenceServer, ServerOptions
+
+log = logging.getLogger("kiln.server")
+
+
+@dataclass
+class ServeOptions(ServerOptions):
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_verbose: int = 0
+
+
+class _Uvicorn(uvicorn.Server):
+    # One process runs several servers: signals are handled once, by serve(), not by each uvicorn.
+    def capture_signals(self):
+        return contextlib.nullcontext()
+
+
+def run(options: ServeOptions) -> None:
+    asyncio.run(serve(options))
+
+
+async def serve(options: ServeOptions, stop: asyncio.Event | None = None,
+                on_started: Callable[[dict[str, str]], None] | None = None) -> None:
+    """Serve until ``stop`` is set (or SIGINT / SIGTERM). ``on_started`` gets the bound addresses
+    ({"http", "grpc", "metrics"}: "host:port") once the models are loaded and the server is ready."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    memory.configure()
+    server = InferenceServer(options)
+    http_sock = _listen(options.host, options.http_port, "HTTP")
+    metrics_sock = _listen(options.host, options.metrics_port, "metrics")
+    grpc_server = kserve_grpc.create_server(server)
+    grpc_host = f"[{options.host}]" if ":" in options.host else options.host
+    try:
+        grpc_port = grpc_server.add_insecure_port(f"{grpc_host}:{options.grpc_port}")
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        grpc_port = 0
+    if grpc_port == 0:
+        raise ServerError.unavailable(f"cannot bind the gRPC port {options.host}:{options.grpc_port}")
+
+    uvicorn_level = "info" if options.log_verbose else "warning"
+    http = _Uvicorn(uvicorn.Config(kserve_http.create_app(server), log_config=None,
+                                   access_log=bool(options.log_verbose), log_level=uvicorn_level, lifespan="off",
+                                   timeout_graceful_shutdown=5))
+    collector = metrics.TritonMetrics(server.repository)
+    metrics_app = Starlette(routes=[Route("/metrics", _metrics_endpoint(collector), methods=["GET"])])
+    metrics_http = _Uvicorn(uvicorn.Config(metrics_app, log_config=None, access_log=False, log_level=uvicorn_level,
+                                           lifespan="off", timeout_graceful_shutdown=5))
+
+    await grpc_server.start()
+    tasks = [asyncio.create_task(http.serve(sockets=[http_sock])),
+             asyncio.create_task(metrics_http.serve(sockets=[metrics_sock]))]
+    addresses = {"grpc": f"{options.host}:{grpc_port}", "http": f"{options.host}:{http_sock.getsockname()[1]}",
+                 "metrics": f"{options.host}:{metrics_sock.getsockname()[1]}"}
+    log.info("Started GRPCInferenceService at %s", addresses["grpc"])
+    log.info("Started HTTPService at %s", addresses["http"])
+    log.info("Started Metrics Service at %s", addresses["metrics"])
+    try:
+        await server.start()
+        _log_models(server)
+        if on_started is not None:
+            on_started(addresses)
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+    finally:
+        log.info("stopping the server")
+        http.should_exit = metrics_http.should_exit = True
+        await grpc_server.stop(grace=5)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.stop()
+
+
+def _listen(host: str, port: int, what: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP (not 0): asyncio then sets TCP_NODELAY on accepted connections, without which
+    # every response with a body waits out the client's delayed ACK (~40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as e:
+        sock.close()
+        raise ServerError.unavailable(f"cannot bind the {what} port {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def _metrics_endpoint(collector: metrics.TritonMetrics):
+    async def endpoint(request: Request) -> Response:
+        return Response(metrics.render(collector.collect()), media_type=metrics.CONTENT_TYPE)
+
+    return endpoint
+
+
+def _log_models(server: InferenceServer) -> None:
+    rows = [("Model", "Version", "Status")] + [
+        (name, version or "-", f"{state or 'not loaded'}{': ' + reason if reason else ''}")
+        for name, version, state, reason in server.repository.index()]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    lines = [rule] + ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows[:1]] + [rule]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows[1:]] + [rule]
+    log.info("models:\n%s", "\n".join(lines))

@@ -1,0 +1,169 @@
+"""The server's one request and response type.
+
+Protocol adapters (KServe HTTP, gRPC, later OpenAI) turn a wire request into an
+:class:`InferenceRequest` and each :class:`InferenceResponse` back into wire format; everything in
+between (validation, scheduling, backends, statistics, metrics, cancellation) sees only these types.
+
+A request's input tensors arrive in their wire form (raw bytes, a JSON or typed-contents list, or a
+shared-memory reference) and become numpy arrays once the model has checked them (``validation.py``),
+so both protocols share the checks and their wording. A backend answers a request with
+:meth:`InferenceRequest.respond`, from any thread, as often as its model's transaction policy allows:
+exactly once for an ordinary model, zero or more times and then a final flag for a decoupled one.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kiln.server.errors import ServerError
+from kiln.server.stats import ComputeTimes
+
+
+@dataclass(slots=True)
+class ShmRef:
+    """A place in a registered system shared-memory region."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
+@dataclass(slots=True)
+class Tensor:
+    name: str
+    datatype: str  # protocol name: "FP32", "BYTES", ...
+    shape: list[int]
+    # Inputs before validation: bytes | memoryview (raw) | list (JSON / typed contents) | ShmRef.
+    # Inputs after validation and outputs: np.ndarray. An output written to shared memory: ShmRef.
+    data: Any
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    name: str
+    shm: ShmRef | None = None
+    class_count: int = 0  # > 0: return the top classes as "value:index[:label]" strings (classification)
+
+
+@dataclass(slots=True)
+class InferenceResponse:
+    model_name: str
+    model_version: int
+    id: str
+    outputs: list[Tensor] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    final: bool = True
+    error: ServerError | None = None
+    # The backend sent the final flag alone (decoupled models): no response to deliver unless the
+    # client asked for empty final responses.
+    flag_only: bool = False
+
+
+@dataclass(slots=True)
+class Reply:
+    """What a backend hands to :meth:`InferenceRequest.respond`, before the model turns it into a response."""
+
+    outputs: dict[str, np.ndarray] | None
+    parameters: dict[str, Any]
+    error: ServerError | None
+    final: bool
+
+
+class InferenceRequest:
+    """One inference request, from admission to its final response."""
+
+    def __init__(self, model_name: str, model_version: int = -1, id: str = "",
+                 inputs: list[Tensor] | None = None, outputs: list[RequestedOutput] | None = None,
+                 parameters: dict[str, Any] | None = None):
+        self.model_name = model_name
+        self.model_version = model_version  # -1: the latest ready version; set to the served version on admission
+        self.id = id
+        self.inputs: dict[str, Tensor] = {}
+        for t in inputs or []:
+            if t.name in self.inputs:
+                raise ServerError.invalid(f"input '{t.name}' already exists in request")
+            self.inputs[t.name] = t
+        self.outputs: list[RequestedOutput] = list(outputs or [])
+        self.parameters: dict[str, Any] = dict(parameters or {})
+        # Set on admission by the model: 0 when the model has no batch dimension.
+        self.batch_size = 0
+        self.output_names: list[str] = []  # the outputs the backend must produce (the requested, or all)
+        # For statistics: timestamps (time.monotonic_ns), what the execution took, how it ended.
+        self.received_ns = time.monotonic_ns()
+        self.queued_ns = 0
+        self.queue_ns = 0
+        self.first_response_ns = 0
+        self.final_ns = 0
+        self.compute: ComputeTimes | None = None
+        self.executed = False  # the scheduler is done with it (executed, failed or dropped from the queue)
+        self.failure: str | None = None  # the failure reason once a response carried an error
+        self.settled = False
+        self._cancelled = False
+        self._final_sent = False
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._replies: asyncio.Queue[Reply] | None = None
+
+    # -- for backends -----------------------------------------------------------------------------
+
+    def input(self, name: str) -> np.ndarray | None:
+        """The named input as a numpy array (None when an optional input is absent)."""
+        t = self.inputs.get(name)
+        return None if t is None else t.data
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the client has gone away or cancelled; a backend should stop and send the final flag."""
+        return self._cancelled
+
+    def respond(self, outputs: dict[str, np.ndarray] | None = None, *, parameters: dict[str, Any] | None = None,
+                error: ServerError | Exception | None = None, final: bool = True) -> None:
+        """Send a response (thread-safe). ``outputs=None, final=True`` sends the final flag alone; with
+        ``error`` the response carries the error instead of outputs."""
+        if not self._send(Reply(outputs, dict(parameters or {}), _as_server_error(error), final)):
+            raise RuntimeError(f"request '{self.id}' to model '{self.model_name}' already has its final response")
+
+    def _send(self, reply: Reply) -> bool:
+        with self._lock:
+            if self._final_sent:
+                return False
+            self._final_sent = reply.final
+        if threading.get_ident() == self._loop_thread:
+            self._replies.put_nowait(reply)
+        else:
+            self._loop.call_soon_threadsafe(self._replies.put_nowait, reply)
+        return True
+
+    # -- for the server ---------------------------------------------------------------------------
+
+    @property
+    def final_sent(self) -> bool:
+        return self._final_sent
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind the response channel to the event loop that will read it (on admission)."""
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._replies = asyncio.Queue()
+
+    async def next_reply(self) -> Reply:
+        return await self._replies.get()
+
+    def fail(self, error: ServerError) -> None:
+        """End the request with ``error`` unless it already has its final response."""
+        self._send(Reply(None, {}, error, True))
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+
+def _as_server_error(error: ServerError | Exception | None) -> ServerError | None:
+    if error is None or isinstance(error, ServerError):
+        return error
+    return ServerError.internal(f"{type(error).__name__}: {error}")

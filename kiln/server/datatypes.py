@@ -1,0 +1,192 @@
+"""Triton's tensor data types and the conversions between wire data and numpy arrays.
+
+A tensor's data is a numpy array in the data type's *storage* dtype: the numpy dtype of the same
+name, ``ml_dtypes.bfloat16`` for BF16 (what ``tritonclient`` uses too), and an object array of
+``bytes`` for BYTES. On the wire, fixed-size types are little-endian and row-major; BYTES elements
+are each a 4-byte little-endian length followed by the bytes (Triton's serialization, the same in the
+HTTP binary extension, gRPC ``raw_*_contents`` and shared memory).
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from kiln.server.errors import ServerError
+
+
+@dataclass(frozen=True, slots=True)
+class DataType:
+    name: str  # the protocol's name: "FP32", "BYTES", ...
+    config: int  # the model config enum: model_config_pb2.TYPE_FP32, ...
+    numpy: np.dtype  # storage dtype (object for BYTES)
+
+    @property
+    def itemsize(self) -> int | None:
+        """Bytes per element; None for BYTES, whose elements vary in size."""
+        return None if self.name == "BYTES" else self.numpy.itemsize
+
+
+_TYPES = [
+    DataType("BOOL", mc.TYPE_BOOL, np.dtype(np.bool_)),
+    DataType("UINT8", mc.TYPE_UINT8, np.dtype(np.uint8)),
+    DataType("UINT16", mc.TYPE_UINT16, np.dtype(np.uint16)),
+    DataType("UINT32", mc.TYPE_UINT32, np.dtype(np.uint32)),
+    DataType("UINT64", mc.TYPE_UINT64, np.dtype(np.uint64)),
+    DataType("INT8", mc.TYPE_INT8, np.dtype(np.int8)),
+    DataType("INT16", mc.TYPE_INT16, np.dtype(np.int16)),
+    DataType("INT32", mc.TYPE_INT32, np.dtype(np.int32)),
+    DataType("INT64", mc.TYPE_INT64, np.dtype(np.int64)),
+    DataType("FP16", mc.TYPE_FP16, np.dtype(np.float16)),
+    DataType("FP32", mc.TYPE_FP32, np.dtype(np.float32)),
+    DataType("FP64", mc.TYPE_FP64, np.dtype(np.float64)),
+    DataType("BF16", mc.TYPE_BF16, np.dtype(ml_dtypes.bfloat16)),
+    DataType("BYTES", mc.TYPE_STRING, np.dtype(object)),
+]
+BY_NAME: dict[str, DataType] = {t.name: t for t in _TYPES}
+BY_CONFIG: dict[int, DataType] = {t.config: t for t in _TYPES}
+
+
+def by_name(name: str) -> DataType:
+    try:
+        return BY_NAME[name]
+    except (KeyError, TypeError):
+        raise ServerError.invalid(f"invalid datatype '{name}'; expected one of {', '.join(BY_NAME)}") from None
+
+
+def by_config(value: int) -> DataType:
+    try:
+        return BY_CONFIG[value]
+    except KeyError:
+        raise ServerError.invalid(f"unsupported model config data type {mc.DataType.Name(value)}") from None
+
+
+def config_name(value: int) -> str:
+    return mc.DataType.Name(value)
+
+
+def element_count(shape: list[int]) -> int:
+    return math.prod(shape)
+
+
+def from_raw(dtype: DataType, shape: list[int], raw: bytes | memoryview, what: str) -> np.ndarray:
+    """Decode the wire bytes of a tensor of ``shape``; ``what`` names it in errors ("input 'X' for model 'M'")."""
+    count = element_count(shape)
+    if dtype.itemsize is None:
+        return _deserialize_bytes(raw, count, what).reshape(shape)
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise ServerError.invalid(f"input byte size mismatch for {what}. Expected {expected}, got {len(raw)}")
+    return np.frombuffer(raw, dtype=dtype.numpy).reshape(shape)
+
+
+def to_raw(array: np.ndarray, dtype: DataType) -> bytes:
+    """The wire bytes of ``array`` (already in ``dtype``'s storage dtype)."""
+    if dtype.itemsize is None:
+        return serialize_bytes(array)
+    return np.ascontiguousarray(array).tobytes()
+
+
+def byte_size(array: np.ndarray, dtype: DataType) -> int:
+    if dtype.itemsize is None:
+        return sum(4 + len(_as_bytes(x)) for x in array.reshape(-1))
+    return array.size * dtype.itemsize
+
+
+def from_list(dtype: DataType, shape: list[int], data: list, what: str) -> np.ndarray:
+    """A tensor from JSON ``data`` or gRPC typed contents: a flat or nested list of ``prod(shape)`` values."""
+    count = element_count(shape)
+    try:
+        if dtype.name == "BYTES":
+            values = list(_flatten(data))
+            array = np.empty(len(values), dtype=object)
+            for i, v in enumerate(values):
+                if isinstance(v, str):
+                    v = v.encode("utf-8")
+                elif not isinstance(v, bytes):
+                    raise ValueError(f"element {i} is {type(v).__name__}, not a string")
+                array[i] = v
+        elif dtype.name in ("FP16", "BF16"):
+            array = np.asarray(data, dtype=np.float32).astype(dtype.numpy)
+        elif dtype.name == "BOOL":
+            array = np.asarray(data)
+            if array.size and array.dtype != np.bool_:
+                raise ValueError(f"holds {array.dtype} values, not booleans")
+            array = array.astype(np.bool_)
+        else:
+            array = np.asarray(data, dtype=dtype.numpy)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ServerError.invalid(f"unable to parse the data of {what} as {dtype.name}: {e}") from None
+    if array.size != count:
+        raise ServerError.invalid(
+            f"unexpected number of elements in the data of {what}: shape {list(shape)} needs {count}, got {array.size}")
+    return array.reshape(shape)
+
+
+def to_list(array: np.ndarray, dtype: DataType, what: str) -> list:
+    """A flat list for JSON (Triton writes tensors flat, in row-major order)."""
+    flat = array.reshape(-1)
+    if dtype.name == "BYTES":
+        try:
+            return [_as_bytes(x).decode("utf-8") for x in flat]
+        except UnicodeDecodeError:
+            raise ServerError.invalid(
+                f"{what} holds bytes that are not UTF-8 text; request it as binary data") from None
+    if dtype.name in ("FP16", "BF16"):
+        flat = flat.astype(np.float32)
+    return flat.tolist()
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    parts = []
+    for x in array.reshape(-1):
+        b = _as_bytes(x)
+        parts.append(struct.pack("<I", len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def _as_bytes(x) -> bytes:
+    if isinstance(x, bytes):
+        return x
+    if isinstance(x, str):
+        return x.encode("utf-8")
+    if isinstance(x, (np.bytes_, bytearray, memoryview)):
+        return bytes(x)
+    return str(x).encode("utf-8")
+
+
+def _deserialize_bytes(raw: bytes | memoryview, count: int, what: str) -> np.ndarray:
+    raw = memoryview(raw).cast("B")
+    out = np.empty(count, dtype=object)
+    offset, n = 0, 0
+    while offset < len(raw):
+        if len(raw) - offset < 4:
+            raise ServerError.invalid(
+                f"incomplete string length indicator for {what}, expecting 4 bytes but only "
+                f"{len(raw) - offset} bytes available")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if length > len(raw) - offset:
+            raise ServerError.invalid(
+                f"incomplete string data for {what}: element {n} says {length} bytes but only "
+                f"{len(raw) - offset} remain")
+        if n < count:
+            out[n] = bytes(raw[offset:offset + length])
+        n += 1
+        offset += length
+    if n != count:
+        raise ServerError.invalid(f"unexpected number of string elements {n} for {what}, expecting {count}")
+    return out
+
+
+def _flatten(data):
+    if isinstance(data, (list, tuple)):
+        for x in data:
+            yield from _flatten(x)
+    else:
+        yield data

@@ -1,0 +1,158 @@
+"""A served model version: its backend and instances, its scheduler, its statistics, and the path of
+one request through it (admit, queue, execute, respond), with in-flight tracking so unload can wait."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from kiln.server import validation
+from kiln.server.backends.base import Backend, InstanceSpec, ModelContext, ModelInstance
+from kiln.server.config import is_decoupled, mc
+from kiln.server.core import InferenceRequest, InferenceResponse
+from kiln.server.errors import Code, ServerError
+from kiln.server.outputs import OutputBuilder, read_labels
+from kiln.server.scheduling import BatchPolicy, Scheduler
+from kiln.server.shm import SharedMemoryManager
+from kiln.server.stats import BACKEND, CANCELED, OTHER, REJECTED, ComputeTimes, ModelStats
+
+
+class ServedModel:
+    def __init__(self, context: ModelContext, backend: Backend, instances: list[ModelInstance],
+                 shm: SharedMemoryManager, load_seconds: float):
+        self.context = context
+        self.name = context.name
+        self.version = context.version
+        self.config = context.config
+        self.backend = backend
+        self.instances = instances
+        self.shm = shm
+        self.load_seconds = load_seconds
+        self.stats = ModelStats(self.name, self.version)
+        self.outputs = OutputBuilder(self.config, self.version, read_labels(self.config, context.model_dir), shm)
+        self.scheduler = Scheduler(self.name, instances, BatchPolicy.from_config(self.config), self.stats,
+                                   is_decoupled(self.config), self._settle,
+                                   self.config.dynamic_batching.default_queue_policy.max_queue_size)
+        self.ready = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._abandoned: set[asyncio.Task] = set()  # requests whose client left, finishing in the background
+
+    @classmethod
+    def load(cls, context: ModelContext, backend_cls: type[Backend], shm: SharedMemoryManager) -> ServedModel:
+        """Load the backend and create every instance (blocking: call in a worker thread)."""
+        start = time.monotonic()
+        backend = backend_cls(context)
+        instances: list[ModelInstance] = []
+        try:
+            for group in context.config.instance_group:
+                gpu = group.kind == mc.ModelInstanceGroup.KIND_GPU
+                index = 0
+                for device in (list(group.gpus) if gpu else [None]):
+                    for _ in range(group.count):
+                        spec = InstanceSpec(f"{group.name}_{index}", "gpu" if gpu else "cpu", device)
+                        instances.append(backend.create_instance(spec))
+                        index += 1
+        except BaseException:
+            for instance in instances:
+                instance.close()
+            backend.close()
+            raise
+        return cls(context, backend, instances, shm, time.monotonic() - start)
+
+    async def start(self) -> None:
+        """On the event loop: start each instance (``ModelInstance.start``), then take requests."""
+        await asyncio.gather(*(instance.start() for instance in self.instances))
+        self.scheduler.start()
+        self.ready = True
+
+    async def infer(self, request: InferenceRequest) -> AsyncIterator[InferenceResponse]:
+        """Admit ``request`` and yield its responses, the last one final.
+
+        The request stays in flight (unload waits for it) until it has its final response and the
+        scheduler is done with it. If the consumer stops early (the client went away), the request is
+        cancelled and finished in the background.
+        """
+        if not self.ready:
+            raise ServerError.unavailable(f"'{self.name}' version {self.version} is not at ready state")
+        try:
+            validation.admit(request, self.config, self.shm)
+        except ServerError:
+            self.stats.record_failure(time.monotonic_ns() - request.received_ns, OTHER)
+            raise
+        request.model_version = self.version
+        request.attach(asyncio.get_running_loop())
+        try:
+            self.scheduler.submit(request)
+        except ServerError:
+            self.stats.record_failure(time.monotonic_ns() - request.received_ns, REJECTED)
+            raise
+        self._inflight += 1
+        self._idle.clear()
+        final = False
+        try:
+            while not final:
+                response = self._account(request, self.outputs.response(request, await request.next_reply()))
+                final = response.final
+                yield response
+        finally:
+            if not final:
+                request.cancel()
+                self.scheduler.cancel(request)
+                task = asyncio.get_running_loop().create_task(self._finish_abandoned(request))
+                self._abandoned.add(task)
+                task.add_done_callback(self._abandoned.discard)
+
+    def _account(self, request: InferenceRequest, response: InferenceResponse) -> InferenceResponse:
+        now = time.monotonic_ns()
+        if not request.first_response_ns and not response.flag_only:
+            request.first_response_ns = now
+            self.stats.record_first_response(now - request.received_ns)
+        if response.error is not None and request.failure is None:
+            request.failure = CANCELED if response.error.code == Code.CANCELLED else BACKEND
+        if response.final:
+            request.final_ns = now
+            self._settle(request)
+        return response
+
+    def _settle(self, request: InferenceRequest) -> None:
+        """Count a request once it has its final response and the scheduler is done with it."""
+        if request.settled or not request.final_ns or not request.executed:
+            return
+        request.settled = True
+        duration = request.final_ns - request.received_ns
+        if request.failure is not None:
+            self.stats.record_failure(duration, request.failure)
+        else:
+            self.stats.record_success(request.batch_size, duration, request.queue_ns,
+                                      request.compute or ComputeTimes())
+        self._done()
+
+    async def _finish_abandoned(self, request: InferenceRequest) -> None:
+        while not (await request.next_reply()).final:
+            pass
+        request.failure = CANCELED
+        request.final_ns = time.monotonic_ns()
+        self._settle(request)
+
+    def _done(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    async def unload(self) -> None:
+        """Stop taking requests, wait for those in flight, then free the backend's memory."""
+        self.ready = False
+        await self._idle.wait()
+        await self.scheduler.stop()
+        await asyncio.gather(*(instance.stop() for instance in self.instances), return_exceptions=True)
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        for instance in self.instances:
+            instance.close()
+        self.instances.clear()
+        self.scheduler.instances = []
+        self.backend.close()
+        self.backend = None

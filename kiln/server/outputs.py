@@ -1,0 +1,104 @@
+"""Turn what a backend replied into the response a client gets: the requested outputs, checked
+against the config's data types, in the config's dims (undoing an output ``reshape``), as top-k
+classes when asked (Triton's classification extension), and written into shared memory when asked."""
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.server import datatypes
+from kiln.server.config import WILDCARD, ModelConfig, is_decoupled
+from kiln.server.core import InferenceRequest, InferenceResponse, Reply, ShmRef, Tensor
+from kiln.server.errors import ServerError
+from kiln.server.shm import SharedMemoryManager
+
+
+class OutputBuilder:
+    def __init__(self, config: ModelConfig, version: int, labels: dict[str, list[str]], shm: SharedMemoryManager):
+        self.config = config
+        self.version = version
+        self.labels = labels
+        self.shm = shm
+        self.outputs = {io.name: io for io in config.output}
+        self.decoupled = is_decoupled(config)
+
+    def response(self, request: InferenceRequest, reply: Reply) -> InferenceResponse:
+        response = InferenceResponse(self.config.name, self.version, request.id, parameters=reply.parameters,
+                                     final=reply.final, error=reply.error)
+        if reply.error is not None:
+            return response
+        if reply.outputs is None:
+            response.flag_only = True
+            return response
+        try:
+            response.outputs = self._outputs(request, reply.outputs)
+        except ServerError as e:
+            response.outputs, response.error = [], e
+        return response
+
+    def _outputs(self, request: InferenceRequest, produced: dict[str, np.ndarray]) -> list[Tensor]:
+        model = self.config.name
+        requested = {o.name: o for o in request.outputs}
+        out = []
+        for name in request.output_names:
+            if name not in produced:
+                if self.decoupled:
+                    continue  # a streamed response may carry only some outputs
+                raise ServerError.internal(f"model '{model}' did not produce output '{name}'")
+            io = self.outputs[name]
+            dtype = datatypes.by_config(io.data_type)
+            array = _coerce(np.asarray(produced[name]) if not isinstance(produced[name], np.ndarray)
+                            else produced[name], dtype, name, model)
+            if io.HasField("reshape"):
+                dims = ([request.batch_size] if self.config.max_batch_size > 0 else []) + list(io.dims)
+                if dims.count(WILDCARD) <= 1:
+                    array = array.reshape(dims)
+            ro = requested.get(name)
+            if ro is not None and ro.class_count > 0:
+                array = _classify(array, ro.class_count, self.labels.get(name), self.config.max_batch_size > 0)
+                dtype = datatypes.BY_NAME["BYTES"]
+            tensor = Tensor(name, dtype.name, list(array.shape), array)
+            if ro is not None and ro.shm is not None:
+                raw = datatypes.to_raw(array, dtype)
+                self.shm.write(ro.shm, raw, f"output '{name}'")
+                tensor.data = ShmRef(ro.shm.region, len(raw), ro.shm.offset)
+            out.append(tensor)
+        return out
+
+
+def read_labels(config: ModelConfig, model_dir) -> dict[str, list[str]]:
+    labels = {}
+    for io in config.output:
+        if io.label_filename:
+            path = model_dir / io.label_filename
+            try:
+                labels[io.name] = path.read_text().splitlines()
+            except OSError as e:
+                raise ServerError.invalid(f"cannot read label file {path} of output '{io.name}': {e}") from None
+    return labels
+
+
+def _coerce(array: np.ndarray, dtype: datatypes.DataType, name: str, model: str) -> np.ndarray:
+    if array.dtype == dtype.numpy:
+        return array
+    if dtype.name == "BYTES" and array.dtype.kind in ("S", "U", "O"):
+        return np.array([x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in array.reshape(-1)],
+                        dtype=object).reshape(array.shape)
+    raise ServerError.internal(
+        f"unexpected datatype {array.dtype} for inference output '{name}' of model '{model}', expecting "
+        f"{datatypes.config_name(dtype.config)}")
+
+
+def _classify(array: np.ndarray, k: int, labels: list[str] | None, batched: bool) -> np.ndarray:
+    if array.dtype == object:
+        raise ServerError.invalid("classification needs a numeric output, not BYTES")
+    rows = array.reshape(array.shape[0], -1) if batched and array.ndim > 0 else array.reshape(1, -1)
+    k = min(k, rows.shape[1])
+    out = np.empty((rows.shape[0], k), dtype=object)
+    for b, row in enumerate(rows):
+        top = np.argsort(-row.astype(np.float64), kind="stable")[:k]
+        for j, idx in enumerate(top):
+            text = f"{float(row[idx]):f}:{idx}"
+            if labels is not None and idx < len(labels):
+                text += f":{labels[idx]}"
+            out[b, j] = text.encode("utf-8")
+    return out if batched else out[0]

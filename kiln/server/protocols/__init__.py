@@ -1,0 +1,1 @@
+"""Protocol adapters: thin translations between wire formats and ``kiln.server.core`` types."""

@@ -1,0 +1,261 @@
+"""KServe v2 over gRPC: the ``inference.GRPCInferenceService`` that ``tritonclient`` ships
+(``tritonclient.grpc.service_pb2_grpc``), served by ``grpc.aio`` on the server's event loop.
+
+Only wire translation lives here. Errors become the gRPC status Triton gives their code. Inputs come
+as ``raw_input_contents`` (one per input that is not in shared memory, in order) or typed
+``contents``; every output goes back in ``raw_output_contents`` (empty for shared-memory outputs, so
+the indices line up, as Triton does). ``ModelStreamInfer`` serves decoupled models (zero or more
+responses per request) and ordinary ones; errors travel in the stream's ``error_message``.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from kiln.server import datatypes
+from kiln.server.core import InferenceRequest, InferenceResponse, RequestedOutput, ShmRef, Tensor
+from kiln.server.errors import ServerError
+from kiln.server.server import InferenceServer, parse_version
+
+log = logging.getLogger("kiln.server")
+EMPTY_FINAL = "triton_enable_empty_final_response"
+_CONTENTS = {  # datatype -> typed contents field
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+MAX_MESSAGE = 2**31 - 1
+GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+
+
+def create_server(server: InferenceServer) -> grpc.aio.Server:
+    grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcService(server), grpc_server)
+    return grpc_server
+
+
+def _unary(method):
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except ServerError as e:
+            await context.abort(grpc.StatusCode[e.code.grpc_name], e.message)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            log.exception("gRPC %s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+    return wrapper
+
+
+class GrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, server: InferenceServer):
+        self.server = server
+
+    @_unary
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @_unary
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.server.ready)
+
+    @_unary
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=self.server.model_ready(request.name, request.version))
+
+    @_unary
+    async def ServerMetadata(self, request, context):
+        return self.server.metadata()
+
+    @_unary
+    async def ModelMetadata(self, request, context):
+        return self.server.model_metadata(request.name, request.version)
+
+    @_unary
+    async def ModelConfig(self, request, context):
+        return pb.ModelConfigResponse(config=self.server.model_config(request.name, request.version))
+
+    @_unary
+    async def ModelStatistics(self, request, context):
+        return self.server.statistics(request.name, request.version)
+
+    @_unary
+    async def RepositoryIndex(self, request, context):
+        return self.server.repository_index(request.ready)
+
+    @_unary
+    async def RepositoryModelLoad(self, request, context):
+        files = [k for k in request.parameters if k.startswith("file:")]
+        if files:
+            raise ServerError.unsupported(
+                f"loading a model from files sent with the request ({', '.join(files)}) is not supported; "
+                "put the files in the model repository")
+        config = request.parameters["config"].string_param if "config" in request.parameters else None
+        await self.server.load(request.model_name, config)
+        return pb.RepositoryModelLoadResponse()
+
+    @_unary
+    async def RepositoryModelUnload(self, request, context):
+        await self.server.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    @_unary
+    async def SystemSharedMemoryStatus(self, request, context):
+        return pb.SystemSharedMemoryStatusResponse(regions={
+            r.name: pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
+            for r in self.server.shm_status(request.name)})
+
+    @_unary
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.server.shm_register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_unary
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.server.shm_unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_unary
+    async def CudaSharedMemoryStatus(self, request, context):
+        raise ServerError.unsupported("CUDA shared memory is not supported by this server; use system shared memory")
+
+    CudaSharedMemoryRegister = CudaSharedMemoryUnregister = CudaSharedMemoryStatus
+
+    @_unary
+    async def ModelInfer(self, request, context):
+        return _response(await self.server.infer_one(_request(request)))
+
+    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def serve(message: pb.ModelInferRequest) -> None:
+            try:
+                request = _request(message)
+                empty_final = bool(request.parameters.pop(EMPTY_FINAL, False))
+                async with contextlib.aclosing(self.server.infer(request)) as responses:
+                    async for r in responses:
+                        if r.error is not None:
+                            out.put_nowait(pb.ModelStreamInferResponse(error_message=r.error.message))
+                        elif not r.flag_only or empty_final:
+                            wire = _response(r)
+                            if empty_final:
+                                wire.parameters["triton_final_response"].bool_param = r.final
+                            out.put_nowait(pb.ModelStreamInferResponse(infer_response=wire))
+            except ServerError as e:
+                out.put_nowait(pb.ModelStreamInferResponse(error_message=e.message))
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    task = asyncio.create_task(serve(message))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.gather(*running)
+            finally:
+                out.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await out.get()) is not None:
+                yield item
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+
+def _request(message: pb.ModelInferRequest) -> InferenceRequest:
+    model = message.model_name
+    raw = message.raw_input_contents
+    inputs, index = [], 0
+    for t in message.inputs:
+        params = _params(t.parameters)
+        shape = list(t.shape)
+        if "shared_memory_region" in params:
+            if t.HasField("contents"):
+                raise ServerError.invalid(f"unexpected 'content' provided when using shared memory for input tensor "
+                                          f"'{t.name}' for model '{model}'")
+            data: Any = _shm_ref(params, f"input '{t.name}'")
+        elif t.HasField("contents"):
+            if raw:
+                raise ServerError.invalid(f"contents field must not be specified when using raw_input_contents for "
+                                          f"'{t.name}' for model '{model}'")
+            data = _typed_contents(t, model)
+        elif index < len(raw):
+            data = raw[index]
+            index += 1
+        else:
+            raise ServerError.invalid(
+                f"unable to find data for input tensor '{t.name}' for model '{model}' in request.")
+        inputs.append(Tensor(t.name, t.datatype, shape, data))
+    if index != len(raw):
+        raise ServerError.invalid(f"the request has {len(raw)} raw_input_contents but {index} inputs read raw data")
+    outputs = []
+    for o in message.outputs:
+        params = _params(o.parameters)
+        output = RequestedOutput(o.name, class_count=int(params.get("classification", 0)))
+        if "shared_memory_region" in params:
+            output.shm = _shm_ref(params, f"output '{o.name}'")
+        outputs.append(output)
+    return InferenceRequest(model, parse_version(message.model_version), message.id, inputs, outputs,
+                            _params(message.parameters))
+
+
+def _typed_contents(t, model: str) -> list:
+    field = _CONTENTS.get(t.datatype)
+    present = [f.name for f, _ in t.contents.ListFields()]
+    if field is None or any(name != field for name in present):
+        raise ServerError.invalid(
+            f"unexpected explicit tensor data {present} for input tensor '{t.name}' for model '{model}' of type "
+            f"'{t.datatype}'" + (f"; expected {field}" if field else "; send it in raw_input_contents"))
+    return list(getattr(t.contents, field))
+
+
+def _response(r: InferenceResponse) -> pb.ModelInferResponse:
+    wire = pb.ModelInferResponse(model_name=r.model_name, model_version=str(r.model_version), id=r.id)
+    for key, value in r.parameters.items():
+        _set_param(wire.parameters[key], value)
+    for t in r.outputs:
+        wire.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        wire.raw_output_contents.append(
+            b"" if isinstance(t.data, ShmRef) else datatypes.to_raw(t.data, datatypes.BY_NAME[t.datatype]))
+    return wire
+
+
+def _params(params) -> dict[str, Any]:
+    return {k: getattr(v, v.WhichOneof("parameter_choice")) if v.WhichOneof("parameter_choice") else None
+            for k, v in params.items()}
+
+
+def _set_param(param: pb.InferParameter, value: Any) -> None:
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int):
+        param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    else:
+        param.string_param = str(value)
+
+
+def _shm_ref(params: dict, what: str) -> ShmRef:
+    region, size = params.get("shared_memory_region"), params.get("shared_memory_byte_size")
+    offset = params.get("shared_memory_offset", 0)
+    if not isinstance(region, str) or not isinstance(size, int) or not isinstance(offset, int):
+        raise ServerError.invalid(f"{what} needs 'shared_memory_region' and 'shared_memory_byte_size'")
+    return ShmRef(region, size, offset)

@@ -1,0 +1,294 @@
+"""The model repository manager: model folders, their configs and versions, and model control.
+
+A repository is a folder of model folders, each ``NAME/config.pbtxt`` (optional when the backend can
+complete it) and numbered version folders, as in Triton. A model folder without version folders that a
+backend recognizes as it is (a kiln engine folder) is served as version 1. Model control modes, as Triton's:
+
+- ``none``: load every model at start; the load and unload APIs are refused.
+- ``explicit``: load the ``--load-model`` names at start (``*``: all); load and unload on request.
+- ``poll``: load every model at start, then rescan every ``poll_secs``: load new models, reload
+  changed ones, unload removed ones; the load and unload APIs are refused.
+
+A model whose config or load fails is reported in the index with the reason, and logged; the other
+models keep serving. Reloading a model serves the new versions once they are loaded; a version that
+fails to reload keeps its old copy serving. Unload waits for the requests in flight, then frees the
+backend's memory.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.server import backends, memory
+from kiln.server import config as cfg
+from kiln.server.backends.base import Backend, ModelContext
+from kiln.server.errors import ServerError
+from kiln.server.model import ServedModel
+from kiln.server.shm import SharedMemoryManager
+
+log = logging.getLogger("kiln.server")
+
+MODES = ("none", "poll", "explicit")
+READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    served: dict[int, ServedModel] = field(default_factory=dict)
+    # The index's view: version -> (state, reason); version None is the model as a whole.
+    states: dict[int | None, tuple[str, str]] = field(default_factory=dict)
+    fingerprint: tuple = ()
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class LoadPlan:
+    config: cfg.ModelConfig
+    backend: type[Backend]
+    versions: dict[int, Path]
+
+
+class ModelRepository:
+    def __init__(self, root: Path, mode: str, shm: SharedMemoryManager, startup_models: list[str] | None = None,
+                 poll_secs: float = 15.0):
+        if mode not in MODES:
+            raise ServerError.invalid(f"model control mode '{mode}' is not one of {', '.join(MODES)}")
+        if startup_models and mode != "explicit":
+            raise ServerError.invalid("--load-model needs --model-control-mode=explicit")
+        if not root.is_dir():
+            raise ServerError.invalid(f"model repository {root} is not a folder")
+        self.root = root
+        self.mode = mode
+        self.shm = shm
+        self.startup_models = list(startup_models or [])
+        self.poll_secs = poll_secs
+        self._entries: dict[str, ModelEntry] = {}
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def names_on_disk(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def served(self) -> list[ServedModel]:
+        return [m for e in self._entries.values() for _, m in sorted(e.served.items())]
+
+    def get(self, name: str, version: int = -1) -> ServedModel:
+        """The ready model version (-1: the latest ready one)."""
+        entry = self._entries.get(name)
+        if entry is None or not entry.served:
+            reason = entry.states.get(None, ("", ""))[1] if entry else ""
+            if entry is not None and not reason:
+                reason = "; ".join(f"version {v}: {r}" for v, (s, r) in entry.states.items() if v is not None and r)
+            detail = f" ({reason})" if reason and reason != "unloaded" else ""
+            raise ServerError.not_found(f"Request for unknown model: '{name}' is not found{detail}")
+        if version == -1:
+            return entry.served[max(entry.served)]
+        if version not in entry.served:
+            state = entry.states.get(version)
+            if state is not None and state[0] != READY:
+                raise ServerError.unavailable(f"'{name}' version {version} is not at ready state ({state[1]})")
+            raise ServerError.not_found(f"Request for unknown model: '{name}' version {version} is not found")
+        return entry.served[version]
+
+    def versions(self, name: str) -> list[ServedModel]:
+        entry = self._entries.get(name)
+        return [m for _, m in sorted(entry.served.items())] if entry else []
+
+    def index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) rows, as Triton's repository index reports them."""
+        rows = []
+        for name in sorted(set(self.names_on_disk()) | set(self._entries)):
+            entry = self._entries.get(name)
+            if entry is None or not entry.states:
+                if not ready_only:
+                    rows.append((name, "", "", ""))
+                continue
+            model_first = sorted(entry.states.items(), key=lambda kv: (kv[0] is not None, kv[0] or 0))
+            for version, (state, reason) in model_first:
+                if ready_only and state != READY:
+                    continue
+                rows.append((name, "" if version is None else str(version), state, reason))
+        return rows
+
+    # -- control -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.mode == "explicit":
+            names = self.names_on_disk() if "*" in self.startup_models else self.startup_models
+        else:
+            names = self.names_on_disk()
+        results = await asyncio.gather(*(self._load(n) for n in names), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, ServerError):
+                raise r
+
+    async def load(self, name: str, config_json: str | None = None) -> None:
+        self._check_control()
+        await self._load(name, config_json)
+
+    async def unload(self, name: str) -> None:
+        self._check_control()
+        await self._unload(name)
+
+    async def poll(self) -> None:
+        """Rescan once: load new or changed models, unload removed ones."""
+        on_disk = set(self.names_on_disk())
+        for name in sorted(set(self._entries) - on_disk):
+            if self._entries[name].served:
+                await self._unload(name)
+            self._entries.pop(name, None)
+        for name in sorted(on_disk):
+            entry = self._entries.get(name)
+            fingerprint = await asyncio.to_thread(_fingerprint, self.root / name)
+            if entry is None or entry.fingerprint != fingerprint:
+                try:
+                    await self._load(name)
+                except ServerError:
+                    pass  # logged and in the index
+
+    async def poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_secs)
+            try:
+                await self.poll()
+            except Exception:
+                log.exception("repository poll failed")
+
+    async def close(self) -> None:
+        for name in list(self._entries):
+            await self._unload(name)
+
+    def _check_control(self) -> None:
+        if self.mode == "poll":
+            raise ServerError.unavailable("explicit model load / unload is not allowed if polling is enabled")
+        if self.mode == "none":
+            raise ServerError.unavailable(
+                "explicit model load / unload is not allowed in model control mode 'none' "
+                "(start the server with --model-control-mode=explicit)")
+
+    async def _load(self, name: str, config_json: str | None = None) -> None:
+        entry = self._entries.setdefault(name, ModelEntry(name))
+        async with entry.lock:
+            model_dir = self.root / name
+            try:
+                if not model_dir.is_dir() or name.startswith("."):
+                    raise ServerError.invalid(f"no model folder '{name}' in the model repository {self.root}")
+                entry.fingerprint = await asyncio.to_thread(_fingerprint, model_dir)
+                plan = await asyncio.to_thread(_plan, name, model_dir, config_json)
+            except ServerError as e:
+                log.error("failed to load '%s': %s", name, e.message)
+                if not entry.served:
+                    entry.states = {None: (UNAVAILABLE, e.message)}
+                raise ServerError.invalid(f"failed to load '{name}': {e.message}") from None
+
+            old = dict(entry.served)
+            for v in plan.versions:
+                entry.states[v] = (LOADING, "")
+            entry.states.pop(None, None)
+            loaded = await asyncio.gather(*(self._load_version(name, model_dir, plan, v, d)
+                                            for v, d in plan.versions.items()))
+            failures = []
+            new: dict[int, ServedModel] = {}
+            for (v, model, reason) in loaded:
+                if model is not None:
+                    new[v] = model
+                    entry.states[v] = (READY, "")
+                elif v in old:
+                    new[v] = old[v]  # a failed reload keeps the old copy serving
+                    entry.states[v] = (READY, "")
+                    failures.append(f"version {v} is at UNAVAILABLE state: {reason}")
+                else:
+                    entry.states[v] = (UNAVAILABLE, reason)
+                    failures.append(f"version {v} is at UNAVAILABLE state: {reason}")
+            entry.served = new
+            retired = [m for v, m in old.items() if new.get(v) is not m]
+            old.clear()  # no reference may outlive the unload, or its memory would stay
+            for v in list(entry.states):
+                if v is not None and v not in plan.versions:
+                    entry.states.pop(v)
+            await self._retire(retired)
+            if failures:
+                raise ServerError.invalid(f"failed to load '{name}': " + "; ".join(failures))
+
+    async def _load_version(self, name: str, model_dir: Path, plan: LoadPlan, version: int,
+                            version_dir: Path) -> tuple[int, ServedModel | None, str]:
+        context = ModelContext(name, version, plan.config, model_dir, version_dir)
+        try:
+            model = await asyncio.to_thread(ServedModel.load, context, plan.backend, self.shm)
+            try:
+                await model.start()
+            except BaseException:
+                await model.unload()
+                raise
+        except Exception as e:
+            reason = e.message if isinstance(e, ServerError) else f"{type(e).__name__}: {e}"
+            log.error("failed to load '%s' version %d: %s", name, version, reason)
+            return version, None, reason
+        log.info("successfully loaded '%s' version %d (%s backend, %d instance%s, %.2f s)", name, version,
+                 plan.config.backend, len(model.instances), "" if len(model.instances) == 1 else "s",
+                 model.load_seconds)
+        return version, model, ""
+
+    async def _unload(self, name: str) -> None:
+        entry = self._entries.get(name)
+        if entry is None:
+            return
+        async with entry.lock:
+            retired = list(entry.served.values())
+            for v in entry.served:
+                entry.states[v] = (UNLOADING, "")
+            entry.served = {}
+            await self._retire(retired)
+            entry.states = {v: (UNAVAILABLE, "unloaded") for v in entry.states if v is not None} \
+                or {None: (UNAVAILABLE, "unloaded")}
+
+    async def _retire(self, models: list[ServedModel]) -> None:
+        if not models:
+            return
+        await asyncio.gather(*(m.unload() for m in models))
+        for m in models:
+            log.info("successfully unloaded '%s' version %d", m.name, m.version)
+        models.clear()
+        await asyncio.to_thread(memory.release)
+
+
+def _plan(name: str, model_dir: Path, config_json: str | None) -> LoadPlan:
+    """Read, complete, normalize and check the config, and pick the versions to load (blocking)."""
+    config = cfg.parse_json(config_json) if config_json else cfg.read_config(model_dir)
+    config = config if config is not None else cfg.ModelConfig()
+    if config.name and config.name != name:
+        raise ServerError.invalid(f"model configuration name '{config.name}' does not match the model folder '{name}'")
+    config.name = name
+    available = cfg.version_dirs(model_dir)
+    if not available and backends.detect(model_dir, config.backend, config.platform) is not None:
+        available = {1: model_dir}  # a folder a backend recognizes as it is (a kiln engine): version 1
+    latest = available[max(available)] if available else None
+    backend = backends.resolve(config.backend, config.platform, latest, name)
+    config.backend = backend.name
+    # Complete from the latest version folder the policy selects (Triton completes from one version too).
+    cfg.normalize(config)
+    versions = cfg.versions_to_load(config, list(available))
+    backend.complete_config(config, available[versions[-1]])
+    cfg.normalize(config)
+    cfg.resolve_instances(config, backend.gpus(), backend.default_cpu_instance_count)
+    cfg.validate(config)
+    return LoadPlan(config, backend, {v: available[v] for v in versions})
+
+
+def _fingerprint(model_dir: Path) -> tuple:
+    """What poll mode compares to see a model folder changed: every file's path, size and mtime."""
+    out = []
+    for root, dirs, files in os.walk(model_dir):
+        dirs.sort()
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            out.append((os.path.relpath(p, model_dir), st.st_size, st.st_mtime_ns))
+    return tuple(out)

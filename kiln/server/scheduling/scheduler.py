@@ -1,0 +1,140 @@
+"""A model version's request queue and the workers that feed its instances.
+
+Each instance gets ``max_concurrency`` worker tasks; a free worker takes the next batch (one request,
+or what the dynamic batcher forms) and awaits the instance's ``execute``. Afterwards the scheduler
+records the execution's statistics and fails any request the backend left without a final response
+(for an ordinary model, returning without responding is an error; a decoupled model may respond later).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+from kiln.server.backends.base import ModelInstance
+from kiln.server.core import InferenceRequest
+from kiln.server.errors import Code, ServerError
+from kiln.server.scheduling.dynamic_batcher import BatchPolicy, compatible_head
+from kiln.server.stats import ComputeTimes, ModelStats
+
+log = logging.getLogger("kiln.server")
+
+
+class Scheduler:
+    def __init__(self, model: str, instances: list[ModelInstance], policy: BatchPolicy | None, stats: ModelStats,
+                 decoupled: bool, on_done: Callable[[InferenceRequest], None], max_queue_size: int = 0):
+        self.model = model
+        self.max_queue_size = max_queue_size  # 0: unlimited (dynamic_batching.default_queue_policy)
+        self.on_done = on_done  # called for each request the scheduler is finished with
+        self.instances = instances
+        self.policy = policy
+        self.stats = stats
+        self.decoupled = decoupled
+        self._queue: deque[InferenceRequest] = deque()
+        self._arrived = asyncio.Event()
+        self._forming = asyncio.Lock()  # one worker forms a batch at a time
+        self._running: dict[asyncio.Future, tuple[ModelInstance, list[InferenceRequest]]] = {}
+        self._workers: list[asyncio.Task] = []
+        self._stopping = False
+
+    def start(self) -> None:
+        for instance in self.instances:
+            for _ in range(instance.max_concurrency):
+                self._workers.append(asyncio.create_task(self._work(instance), name=f"{instance.spec.name}"))
+
+    async def stop(self) -> None:
+        """Stop the workers (call once no request is queued or running)."""
+        self._stopping = True
+        for w in self._workers:
+            w.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+
+    def submit(self, request: InferenceRequest) -> None:
+        if self.max_queue_size and len(self._queue) >= self.max_queue_size:
+            raise ServerError.unavailable(f"Exceeds maximum queue size ({self.max_queue_size}) of model '{self.model}'")
+        request.queued_ns = time.monotonic_ns()
+        self._queue.append(request)
+        self.stats.pending += 1
+        self._arrived.set()
+
+    def cancel(self, request: InferenceRequest) -> None:
+        """The client went away: drop the request if still queued, else stop its execution if it can be."""
+        try:
+            self._queue.remove(request)
+        except ValueError:
+            pass
+        else:
+            self.stats.pending -= 1
+            request.fail(ServerError(Code.CANCELLED, "request cancelled"))
+            request.executed = True
+            self.on_done(request)
+            return
+        for task, (instance, batch) in self._running.items():
+            if request in batch and instance.cancel_execute and all(r.cancelled for r in batch):
+                task.cancel()
+
+    async def _next_batch(self) -> list[InferenceRequest]:
+        async with self._forming:
+            while True:
+                if not self._queue:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                    continue
+                if self.policy is None:
+                    n = 1
+                else:
+                    sizes, blocked = compatible_head(self._queue, self.policy.max_batch_size)
+                    waited = time.monotonic_ns() - self._queue[0].queued_ns
+                    n = self.policy.plan(sizes, blocked, waited)
+                    if n == 0:
+                        self._arrived.clear()
+                        timeout = (self.policy.max_queue_delay_ns - waited) / 1e9
+                        try:
+                            await asyncio.wait_for(self._arrived.wait(), timeout)
+                        except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                            pass
+                        continue
+                return [self._queue.popleft() for _ in range(n)]
+
+    async def _work(self, instance: ModelInstance) -> None:
+        while True:
+            batch = await self._next_batch()
+            start = time.monotonic_ns()
+            for r in batch:
+                self.stats.pending -= 1
+                r.queue_ns = start - r.queued_ns
+            await self._execute(instance, batch, start)
+
+    async def _execute(self, instance: ModelInstance, batch: list[InferenceRequest], start: int) -> None:
+        task = asyncio.ensure_future(instance.execute(batch))
+        self._running[task] = (instance, batch)
+        error: ServerError | None = None
+        times: ComputeTimes | None = None
+        try:
+            times = await task
+        except asyncio.CancelledError:
+            if self._stopping:
+                raise
+            error = ServerError(Code.CANCELLED, "request cancelled")
+        except ServerError as e:
+            error = e
+        except Exception as e:
+            log.exception("model '%s' instance %s failed", self.model, instance.spec.name)
+            error = ServerError.internal(f"model '{self.model}' failed: {type(e).__name__}: {e}")
+        finally:
+            self._running.pop(task, None)
+        if error is None:
+            times = times or ComputeTimes(infer_ns=time.monotonic_ns() - start)
+            self.stats.record_execution(sum(max(r.batch_size, 1) for r in batch), times)
+        for r in batch:
+            if error is not None:
+                r.fail(error)
+            elif not self.decoupled and not r.final_sent:
+                r.fail(ServerError.internal(f"model '{self.model}' returned from execute without responding "
+                                            "to a request"))
+            r.compute = times
+            r.executed = True
+            self.on_done(r)

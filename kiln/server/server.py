@@ -1,0 +1,166 @@
+"""The inference server as the protocols see it: one object with every operation of the KServe v2
+protocol and Triton's extensions, in internal types (protobuf messages from Triton's own
+``service_pb2`` / ``model_config_pb2`` for metadata, and ``core`` types for inference), so the HTTP and
+gRPC adapters only translate wire formats."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tritonclient.grpc import service_pb2 as pb
+
+from kiln.server import datatypes
+from kiln.server.config import ModelConfig
+from kiln.server.core import InferenceRequest, InferenceResponse
+from kiln.server.errors import ServerError
+from kiln.server.model import ServedModel
+from kiln.server.repository import ModelRepository
+from kiln.server.shm import Region, SharedMemoryManager
+from kiln.version import __version__
+
+EXTENSIONS = ["classification", "model_repository", "model_repository(unload_dependents)",
+              "model_configuration", "system_shared_memory", "binary_tensor_data", "parameters", "statistics"]
+
+
+@dataclass
+class ServerOptions:
+    model_repository: Path
+    model_control_mode: str = "none"
+    load_models: list[str] = field(default_factory=list)
+    repository_poll_secs: float = 15.0
+
+
+class InferenceServer:
+    def __init__(self, options: ServerOptions):
+        self.options = options
+        self.shm = SharedMemoryManager()
+        self.repository = ModelRepository(options.model_repository, options.model_control_mode, self.shm,
+                                          options.load_models, options.repository_poll_secs)
+        self.ready = False
+        self._poller: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.repository.start()
+        if self.options.model_control_mode == "poll":
+            self._poller = asyncio.create_task(self.repository.poll_forever())
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        await self.repository.close()
+        self.shm.close()
+
+    # -- health and metadata -------------------------------------------------------------------------
+
+    def metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="kiln", version=__version__, extensions=EXTENSIONS)
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            return self.repository.get(name, parse_version(version)).ready
+        except ServerError:
+            return False
+
+    def model_metadata(self, name: str, version: str = "") -> pb.ModelMetadataResponse:
+        model = self.repository.get(name, parse_version(version))
+        versions = [model] if version else self.repository.versions(name)
+        config = model.config
+        batch = [-1] if config.max_batch_size > 0 else []
+
+        def tensors(ios):
+            return [pb.ModelMetadataResponse.TensorMetadata(
+                name=io.name, datatype=datatypes.by_config(io.data_type).name, shape=batch + list(io.dims))
+                for io in ios]
+
+        return pb.ModelMetadataResponse(name=name, versions=[str(m.version) for m in versions],
+                                        platform=config.platform or config.backend,
+                                        inputs=tensors(config.input), outputs=tensors(config.output))
+
+    def model_config(self, name: str, version: str = "") -> ModelConfig:
+        return self.repository.get(name, parse_version(version)).config
+
+    def statistics(self, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
+        if not name:
+            models = self.repository.served()
+        elif version:
+            models = [self.repository.get(name, parse_version(version))]
+        else:
+            models = self.repository.versions(name)
+            if not models:
+                raise ServerError.not_found(f"requested model '{name}' is not available")
+        return pb.ModelStatisticsResponse(model_stats=[m.stats.proto() for m in models])
+
+    # -- repository ----------------------------------------------------------------------------------
+
+    def repository_index(self, ready_only: bool = False) -> pb.RepositoryIndexResponse:
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=s, reason=r)
+            for n, v, s, r in self.repository.index(ready_only)])
+
+    async def load(self, name: str, config_json: str | None = None) -> None:
+        await self.repository.load(name, config_json)
+
+    async def unload(self, name: str) -> None:
+        await self.repository.unload(name)
+
+    # -- shared memory -------------------------------------------------------------------------------
+
+    def shm_register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self.shm.register(name, key, offset, byte_size)
+
+    def shm_unregister(self, name: str = "") -> None:
+        self.shm.unregister(name)
+
+    def shm_status(self, name: str = "") -> list[Region]:
+        return self.shm.status(name)
+
+    # -- inference -----------------------------------------------------------------------------------
+
+    async def infer(self, request: InferenceRequest) -> AsyncIterator[InferenceResponse]:
+        """Every response of ``request``; the last is final. Raises ServerError when it is refused."""
+        model: ServedModel = self.repository.get(request.model_name, request.model_version)
+        async with contextlib.aclosing(model.infer(request)) as responses:
+            async for response in responses:
+                yield response
+
+    async def infer_one(self, request: InferenceRequest) -> InferenceResponse:
+        """The single response of a request/response protocol (HTTP infer, gRPC ModelInfer).
+
+        A decoupled model may answer through it when it sends exactly one response; more is an error
+        that points to the streaming protocols.
+        """
+        result: InferenceResponse | None = None
+        async with contextlib.aclosing(self.infer(request)) as responses:
+            async for response in responses:
+                if response.error is not None:
+                    raise response.error
+                if response.flag_only:
+                    continue
+                if result is not None:
+                    raise ServerError.unsupported(
+                        f"model '{request.model_name}' sent more than one response to a request; this endpoint "
+                        "carries exactly one (use generate_stream or gRPC ModelStreamInfer)")
+                result = response
+        if result is None:
+            raise ServerError.internal(f"model '{request.model_name}' sent no response")
+        return result
+
+
+def parse_version(version: str | int) -> int:
+    """A protocol's version string: "" is the latest (-1)."""
+    if version in ("", None, -1):
+        return -1
+    try:
+        v = int(version)
+    except (TypeError, ValueError):
+        v = -2
+    if v < 0:
+        raise ServerError.invalid(f"'{version}' is not a valid model version")
+    return v

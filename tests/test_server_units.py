@@ -1,0 +1,261 @@
+"""The server's plain parts without a server: configs and version policies, data type conversions,
+request admission, the dynamic batcher's rules, protobuf JSON and the metrics page format."""
+from __future__ import annotations
+
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+
+from kiln.server import config as cfg
+from kiln.server import datatypes
+from kiln.server.core import InferenceRequest, Tensor
+from kiln.server.errors import Code, ServerError
+from kiln.server.metrics import render
+from kiln.server.protocols.proto_json import to_json
+from kiln.server.scheduling.dynamic_batcher import BatchPolicy
+from kiln.server.shm import SharedMemoryManager
+from kiln.server.stats import ComputeTimes, ModelStats
+from kiln.server.validation import admit
+
+SIMPLE = """
+name: "m"
+max_batch_size: 8
+input [ { name: "A" data_type: TYPE_FP32 dims: [ -1, 4 ] },
+        { name: "B" data_type: TYPE_INT32 dims: [ 2, 2 ] reshape: { shape: [ 4 ] } optional: true } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]
+"""
+
+
+def parsed(text: str = SIMPLE) -> cfg.ModelConfig:
+    config = cfg.parse_text(text)
+    cfg.normalize(config)
+    cfg.validate(config)
+    return config
+
+
+# -- config ---------------------------------------------------------------------------------------------
+
+def test_normalize_fills_triton_defaults():
+    config = parsed(SIMPLE + "dynamic_batching { }")
+    assert config.version_policy.WhichOneof("policy_choice") == "latest"
+    assert config.version_policy.latest.num_versions == 1
+    assert list(config.dynamic_batching.preferred_batch_size) == [8]
+    assert [g.name for g in config.instance_group] == ["m_0"]
+    cfg.resolve_instances(config, gpus=[], default_cpu_count=2)
+    group = config.instance_group[0]
+    assert group.kind == cfg.mc.ModelInstanceGroup.KIND_CPU and group.count == 2
+
+
+def test_gpu_instances_need_a_gpu():
+    config = parsed(SIMPLE + "instance_group [ { kind: KIND_GPU } ]")
+    config.backend = "onnxruntime"
+    with pytest.raises(ServerError, match="asks for KIND_GPU but the 'onnxruntime' backend sees no GPU"):
+        cfg.resolve_instances(config, gpus=[], default_cpu_count=1)
+    cfg.resolve_instances(config, gpus=[0, 1], default_cpu_count=1)
+    assert list(config.instance_group[0].gpus) == [0, 1] and config.instance_group[0].count == 1
+
+
+@pytest.mark.parametrize("change,message", [
+    (("dims: [ -1, 4 ]", "dims: [ 0, 4 ]"), "'A' dimension must be integer >= 1, or -1"),
+    (('data_type: TYPE_FP32 dims: [ -1, 4 ] },', "dims: [ -1, 4 ] },"), "'A' must specify 'data_type'"),
+    (("reshape: { shape: [ 4 ] }", "reshape: { shape: [ 5 ] }"), "'B' has different size for dims"),
+    (('name: "B"', 'name: "A"'), "two inputs named 'A'"),
+    (("max_batch_size: 8", "max_batch_size: -1"), "'max_batch_size' of model 'm' must be >= 0"),
+])
+def test_invalid_configs_are_refused_with_the_reason(change, message):
+    with pytest.raises(ServerError, match=message):
+        parsed(SIMPLE.replace(*change))
+
+
+def test_reshape_with_variable_dims_checks_each_segment():
+    ok = SIMPLE.replace("dims: [ 2, 2 ] reshape: { shape: [ 4 ] }", "dims: [ -1, 4 ] reshape: { shape: [ -1, 2, 2 ] }")
+    parsed(ok)
+    bad = SIMPLE.replace("dims: [ 2, 2 ] reshape: { shape: [ 4 ] }", "dims: [ -1, 4 ] reshape: { shape: [ 2, -1 ] }")
+    with pytest.raises(ServerError, match="different size for dims"):
+        parsed(bad)
+
+
+def test_parse_errors_name_the_file():
+    with pytest.raises(ServerError, match=r"failed to parse m/config.pbtxt: .*"):
+        cfg.parse_text("name: 'm' max_batch_size: eight", "m/config.pbtxt")
+    with pytest.raises(ServerError, match="model configuration JSON"):
+        cfg.parse_json('{"max_batch_size": "x"')
+
+
+@pytest.mark.parametrize("policy,available,expected", [
+    ("", [1, 2, 3], [3]),
+    ("version_policy { latest { num_versions: 2 } }", [1, 5, 3], [3, 5]),
+    ("version_policy { all { } }", [2, 1], [1, 2]),
+    ("version_policy { specific { versions: [ 1, 3, 9 ] } }", [1, 2, 3], [1, 3]),
+])
+def test_version_policies(policy, available, expected):
+    assert cfg.versions_to_load(parsed(SIMPLE + policy), available) == expected
+
+
+def test_version_policy_that_selects_nothing():
+    with pytest.raises(ServerError, match="at least one version must be available.*version folders: none"):
+        cfg.versions_to_load(parsed(), [])
+    with pytest.raises(ServerError, match="at least one version"):
+        cfg.versions_to_load(parsed(SIMPLE + "version_policy { specific { versions: [ 4 ] } }"), [1])
+
+
+def test_version_folders(tmp_path):
+    for name in ("1", "2", "010", "latest", "0"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "3").write_text("a file, not a folder")
+    assert list(cfg.version_dirs(tmp_path)) == [0, 1, 2]
+
+
+# -- data types -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(datatypes.BY_NAME))
+def test_raw_round_trip_of_every_datatype(name):
+    dtype = datatypes.BY_NAME[name]
+    if name == "BYTES":
+        array = np.array([b"", b"\x00\xff", "é".encode()] * 2, dtype=object).reshape(2, 3)
+    elif name == "BOOL":
+        array = np.array([[True, False, True], [False, False, True]])
+    else:
+        array = (np.arange(6) * 3 - 5).astype(np.float32).astype(dtype.numpy).reshape(2, 3)
+    raw = datatypes.to_raw(array, dtype)
+    assert len(raw) == datatypes.byte_size(array, dtype)
+    back = datatypes.from_raw(dtype, [2, 3], raw, "input 'X'")
+    assert back.dtype == dtype.numpy
+    np.testing.assert_array_equal(back, array)
+
+
+def test_bf16_is_ml_dtypes_bfloat16_on_the_wire():
+    dtype = datatypes.BY_NAME["BF16"]
+    raw = datatypes.to_raw(np.array([1.0, -2.0], dtype=ml_dtypes.bfloat16), dtype)
+    assert raw == struct.pack("<HH", 0x3F80, 0xC000)
+    back = datatypes.from_list(dtype, [2], [1.0, 0.1], "input 'X'")
+    assert back.dtype == ml_dtypes.bfloat16 and float(back[1]) == pytest.approx(0.1, rel=1e-2)
+
+
+def test_bytes_decoding_errors():
+    dtype = datatypes.BY_NAME["BYTES"]
+    with pytest.raises(ServerError, match="incomplete string length indicator for input 'X'"):
+        datatypes.from_raw(dtype, [1], b"\x01\x00", "input 'X'")
+    with pytest.raises(ServerError, match="element 0 says 9 bytes but only 2 remain"):
+        datatypes.from_raw(dtype, [1], struct.pack("<I", 9) + b"ab", "input 'X'")
+    with pytest.raises(ServerError, match="unexpected number of string elements 2 for input 'X', expecting 3"):
+        datatypes.from_raw(dtype, [3], struct.pack("<I", 1) + b"a" + struct.pack("<I", 0), "input 'X'")
+    with pytest.raises(ServerError, match="not UTF-8 text; request it as binary data"):
+        datatypes.to_list(np.array([b"\xff"], dtype=object), dtype, "output 'Y'")
+
+
+@pytest.mark.parametrize("name,data,message", [
+    ("INT8", [1, 300], "unable to parse the data of input 'X' as INT8"),
+    ("BOOL", [1, 0], "not booleans"),
+    ("FP32", [1.0, 2.0, 3.0], r"shape \[2\] needs 2, got 3"),
+    ("BYTES", ["a", 5], "element 1 is int, not a string"),
+    ("FP32", [[1.0], [2.0, 3.0]], "unable to parse"),
+])
+def test_list_data_errors(name, data, message):
+    with pytest.raises(ServerError, match=message):
+        datatypes.from_list(datatypes.BY_NAME[name], [2], data, "input 'X'")
+
+
+def test_unknown_datatype():
+    with pytest.raises(ServerError, match="invalid datatype 'FP8'"):
+        datatypes.by_name("FP8")
+
+
+# -- admission ------------------------------------------------------------------------------------------
+
+def request(**inputs: Tensor) -> InferenceRequest:
+    return InferenceRequest("m", inputs=list(inputs.values()))
+
+
+def test_admission_decodes_reshapes_and_allows_optional_inputs():
+    config = parsed()
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    b = np.arange(8, dtype=np.int32).reshape(2, 2, 2)
+    r = request(A=Tensor("A", "FP32", [2, 3, 4], a.tobytes()),
+                B=Tensor("B", "INT32", [2, 2, 2], b.reshape(-1).tolist()))
+    admit(r, config, SharedMemoryManager())
+    assert r.batch_size == 2 and r.output_names == ["Y"]
+    np.testing.assert_array_equal(r.input("A"), a)
+    assert r.input("B").shape == (2, 4)  # the config's reshape
+    only_a = request(A=Tensor("A", "FP32", [1, 5, 4], [0.0] * 20))
+    admit(only_a, config, SharedMemoryManager())
+    assert only_a.input("B") is None
+
+
+@pytest.mark.parametrize("tensors,message", [
+    ([Tensor("B", "INT32", [1, 2, 2], [0] * 4)],
+     r"expected number of inputs between 1 and 2 but got 1 inputs for model 'm'. Got input\(s\) \['B'\], but missing "
+     r"required input\(s\) \['A'\]"),
+    ([Tensor("A", "FP32", [1, 2, 4], [0.0] * 8), Tensor("B", "INT32", [3, 2, 2], [0] * 12)],
+     "input 'B' batch size does not match other inputs for 'm'"),
+    ([Tensor("A", "FP32", [1, -1, 4], [])], "All input dimensions should be specified for input 'A'"),
+    ([Tensor("A", "FP32", [], [])], "input 'A' has no shape but model requires batch dimension for 'm'"),
+    ([Tensor("A", "FP32", [1, 2, 4], b"\x00" * 12)],
+     "input byte size mismatch for input 'A' for model 'm'. Expected 32, got 12"),
+])
+def test_admission_errors_name_the_input(tensors, message):
+    with pytest.raises(ServerError, match=message) as e:
+        admit(InferenceRequest("m", inputs=tensors), parsed(), SharedMemoryManager())
+    assert e.value.code == Code.INVALID_ARG
+
+
+def test_duplicate_inputs_are_refused():
+    with pytest.raises(ServerError, match="input 'A' already exists in request"):
+        InferenceRequest("m", inputs=[Tensor("A", "FP32", [1], [1.0]), Tensor("A", "FP32", [1], [1.0])])
+
+
+# -- dynamic batcher --------------------------------------------------------------------------------------
+
+def test_batcher_sends_full_or_preferred_batches_at_once():
+    policy = BatchPolicy(max_batch_size=8, preferred=(4, 8), max_queue_delay_ns=10**9)
+    assert policy.plan([1, 1], blocked=False, oldest_wait_ns=0) == 0  # wait for more
+    assert policy.plan([4, 4], blocked=False, oldest_wait_ns=0) == 2  # the largest preferred size, 8
+    assert policy.plan([3, 3, 3], blocked=False, oldest_wait_ns=0) == 2  # the next one would not fit
+    assert policy.plan([1, 2], blocked=True, oldest_wait_ns=0) == 2  # an incompatible request follows
+
+
+def test_batcher_after_the_delay_prefers_a_preferred_size():
+    policy = BatchPolicy(max_batch_size=8, preferred=(2, 4), max_queue_delay_ns=1000)
+    assert policy.plan([1, 1, 1], blocked=False, oldest_wait_ns=1000) == 2  # 2 is preferred, 3 is not
+    assert policy.plan([3], blocked=False, oldest_wait_ns=1000) == 1
+    no_delay = BatchPolicy(max_batch_size=8, preferred=(8,), max_queue_delay_ns=0)
+    assert no_delay.plan([1, 1, 1], blocked=False, oldest_wait_ns=0) == 3  # no delay: what is queued
+
+
+def test_batch_policy_from_config():
+    assert BatchPolicy.from_config(parsed()) is None
+    policy = BatchPolicy.from_config(parsed(SIMPLE + "dynamic_batching { max_queue_delay_microseconds: 50 }"))
+    assert policy == BatchPolicy(8, (8,), 50_000)
+
+
+# -- wire formats ---------------------------------------------------------------------------------------
+
+def test_proto_json_writes_64_bit_integers_as_numbers():
+    config = parsed(SIMPLE + "version_policy { specific { versions: [ 1, 3 ] } }")
+    data = to_json(config, defaults=True)
+    assert data["input"][0]["dims"] == [-1, 4] and data["version_policy"]["specific"]["versions"] == [1, 3]
+    assert data["input"][1]["reshape"]["shape"] == [4]
+    stats = ModelStats("m", 1)
+    stats.record_execution(2, ComputeTimes(1, 2, 3))
+    stats.record_success(2, 10, 4, ComputeTimes(1, 2, 3))
+    s = to_json(stats.proto(), defaults=True)
+    assert s["inference_count"] == 2 and s["inference_stats"]["success"] == {"count": 1, "ns": 10}
+    assert s["batch_stats"][0]["compute_infer"] == {"count": 1, "ns": 2} and s["version"] == "1"
+
+
+def test_metrics_page_keeps_triton_counter_names():
+    counter = CounterMetricFamily("nv_inference_count", "Number of inferences", labels=["model", "version"])
+    counter.add_metric(['we"ird\\name', "1"], 3)
+    histogram = HistogramMetricFamily("nv_inference_first_response_histogram_ms", "first", labels=["model"])
+    histogram.add_metric(["m"], [("100.0", 1), ("+Inf", 2)], 150.0)
+    page = render([counter, histogram]).decode()
+    assert "# TYPE nv_inference_count counter\n" in page
+    assert 'nv_inference_count{model="we\\"ird\\\\name",version="1"} 3.0' in page
+    assert 'nv_inference_first_response_histogram_ms_bucket{model="m",le="+Inf"} 2.0' in page
+    families = {f.name: f for f in text_string_to_metric_families(page)}
+    assert families["nv_inference_count"].samples[0].labels["model"] == 'we"ird\\name'
+    assert [s.value for s in families["nv_inference_first_response_histogram_ms"].samples][-2:] == [2.0, 150.0]
