@@ -172,6 +172,9 @@ def _latency(args: argparse.Namespace) -> None:
     description = dict(data.description, num_requests=b * args.iterations)
     settings = {"batch_size": b, "iterations": args.iterations, "warmup": args.warmup, "seed": args.seed}
     doc = _document(args, llm, engine, description, settings, result.to_dict())
+    from kiln.bench.roofline import decode_limit
+
+    doc["limit"] = decode_limit(engine, llm.device)
     if source is not None:
         device, dtype = llm.device, engine.build.torch_dtype
         llm.shutdown()
