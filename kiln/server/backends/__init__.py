@@ -8,10 +8,11 @@ from pathlib import Path
 
 from kiln.server.backends.base import Backend
 from kiln.server.backends.onnxruntime import OnnxRuntimeBackend
+from kiln.server.backends.python import PythonBackend
 from kiln.server.backends.pytorch import PyTorchBackend
 from kiln.server.errors import ServerError
 
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (OnnxRuntimeBackend, PyTorchBackend)}
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (OnnxRuntimeBackend, PyTorchBackend, PythonBackend)}
 
 
 def register(backend: type[Backend]) -> None:
