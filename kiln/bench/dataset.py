@@ -139,15 +139,18 @@ def synthetic(input_len: int, output_len: int, num_requests: int, seed: int,
     return Dataset(requests, {"kind": "synthetic", "seed": seed, **_length_stats(requests)})
 
 
-def _length_stats(requests: list[BenchRequest]) -> dict:
-    def stats(values: list[int]) -> dict:
-        return {"min": min(values), "mean": round(sum(values) / len(values), 2), "max": max(values)}
+def value_stats(values: Sequence[int]) -> dict:
+    return {"min": min(values), "mean": round(sum(values) / len(values), 2), "max": max(values)}
 
-    return {
-        "num_requests": len(requests),
-        "input_len": stats([r.input_len for r in requests]),
-        "output_len": stats([r.output_len for r in requests]),
-    }
+
+def length_stats(input_lens: Sequence[int], output_lens: Sequence[int]) -> dict:
+    """The description's request count and length statistics."""
+    return {"num_requests": len(input_lens), "input_len": value_stats(input_lens),
+            "output_len": value_stats(output_lens)}
+
+
+def _length_stats(requests: list[BenchRequest]) -> dict:
+    return length_stats([r.input_len for r in requests], [r.output_len for r in requests])
 
 
 def describe(description: dict) -> str:

@@ -146,9 +146,55 @@ def format_latency(doc: dict) -> str:
     return "\n".join(lines + ["=" * 72])
 
 
+def format_serve(doc: dict) -> str:
+    r, server, settings = doc["results"], doc["server"], doc["settings"]
+    rate = settings["request_rate"]
+    load = "all at once" if rate == "inf" else f"{rate} requests/s (Poisson)"
+    if settings["max_concurrency"]:
+        load += f", at most {settings['max_concurrency']} in flight"
+    label = f"{server['label']}: " if server.get("label") else ""
+    name = " ".join(str(server[k]) for k in ("name", "version") if server.get(k))
+    out = r["output_len"]
+    counted = ", ".join(f"{how} ({n})" for how, n in r["output_tokens_counted_by"].items()) or "-"
+    lines = [
+        "=" * 72, " kiln bench serve", "=" * 72,
+        f" command          {doc['command']}",
+        f" server           {label}{server['endpoint']} ({server['backend']}, model {server['model']})"
+        + (f", {name}" if name else ""),
+        f" requests         {describe_dataset(doc['dataset'])}",
+        f" load             {load}, warmup {settings['warmup']} requests, peak {r['peak_concurrency']} in flight",
+        f" output lengths   {'exact (ignore_eos / min tokens asked)' if settings['exact_lengths'] else 'up to the server'}"
+        f"; tokens counted by {counted}",
+        "-" * 72,
+        f" {'requests completed / failed':<30}{_num(r['completed']):>14} / {_num(r['failed'])}",
+        f" {'total input tokens':<30}{_num(r['total_input_tokens']):>14}",
+        f" {'total output tokens':<30}{_num(r['total_output_tokens']):>14}",
+        f" {'output tokens per request':<30}{_num(out['min']):>14} min, {_num(out['mean'])} mean, "
+        f"{_num(out['max'])} max ({_num(out['not_as_asked'])} not as asked)",
+        f" {'duration (s)':<30}{_num(r['duration_s'], 3):>14}",
+        f" {'requests/s':<30}{_num(r['request_throughput']):>14}",
+        f" {'output tokens/s':<30}{_num(r['output_throughput']):>14}",
+        f" {'total tokens/s':<30}{_num(r['total_token_throughput']):>14}",
+        "",
+        f" {'latency (ms)':<22}{'p50':>10}{'p90':>10}{'p99':>10}{'mean':>10}",
+    ]
+    for title, key in (("time to first token", "ttft_ms"), ("time per output token", "tpot_ms"),
+                       ("inter-token latency", "itl_ms"), ("end to end", "e2e_latency_ms")):
+        s = r[key]
+        lines.append(f" {title:<22}" + "".join(f"{_num(s[p]):>10}" for p in ("p50", "p90", "p99", "mean")))
+    if r["errors"]:
+        lines += ["", " failed requests"] + [f" {e['requests']:>6} x {e['error'][:200]}" for e in r["errors"][:10]]
+        if len(r["errors"]) > 10:
+            lines.append(f" ... and {len(r['errors']) - 10} other errors (all in the JSON)")
+    return "\n".join(lines + ["=" * 72])
+
+
+FORMATS = {"throughput": format_throughput, "latency": format_latency, "serve": format_serve}
+
+
 def emit(doc: dict, json_target: str | None, out: TextIO | None = None) -> None:
     """Print the table; write the JSON. With ``--json -`` the JSON owns stdout, so the table goes to stderr."""
-    table = format_throughput(doc) if doc["benchmark"] == "throughput" else format_latency(doc)
+    table = FORMATS[doc["benchmark"]](doc)
     stream = out or (sys.stderr if json_target == "-" else sys.stdout)
     print(table, file=stream, flush=True)
     if json_target:

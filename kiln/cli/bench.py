@@ -1,4 +1,4 @@
-"""``kiln bench throughput`` and ``kiln bench latency``: the CLI side of kiln.bench."""
+"""``kiln bench throughput``, ``kiln bench latency`` and ``kiln bench serve``: the CLI side of kiln.bench."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +25,7 @@ DEFAULT_NUM_REQUESTS = 64
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("bench", help="measure an engine's throughput or latency (after trtllm-bench)")
+    p = verbs.add_parser("bench", help="measure an engine's throughput or latency (after trtllm-bench), or a running server's")
     benchmarks = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
 
     t = benchmarks.add_parser("throughput", help="serve many requests with in-flight batching; tokens/s and latencies")
@@ -61,6 +61,8 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     r.add_argument("--max-num-tokens", type=int, default=None, help="tokens per step at most (default: the engine's)")
     _add_output_options(lat)
     lat.set_defaults(run=_latency, bench_parser=lat)
+
+    _add_serve_parser(benchmarks)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -303,3 +305,94 @@ def _require_at_least_zero(args: argparse.Namespace, *names: str) -> None:
         value = getattr(args, name)
         if value < 0:
             raise KilnError(f"--{name.replace('_', '-')} must be at least 0, got {value}")
+
+
+# ----- serve: a running server, over HTTP -----
+def _add_serve_parser(benchmarks: argparse._SubParsersAction) -> None:
+    from kiln.bench.clients import BACKENDS
+    from kiln.bench.serve import COUNT_MODES
+
+    s = benchmarks.add_parser("serve", help="a running server (OpenAI or Triton generate_stream): TTFT, TPOT, "
+                                            "inter-token latency, requests and tokens/s")
+    g = s.add_argument_group("server")
+    g.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
+    g.add_argument("--backend", choices=BACKENDS, default="openai-completions",
+                   help="the protocol (default openai-completions)")
+    g.add_argument("--model", default=None,
+                   help="the model's name on the server (default with OpenAI: the first it lists)")
+    g.add_argument("--endpoint", default=None, help="the request path, if not the backend's usual one")
+    g.add_argument("--label", default=None, help="a name for the server in the table and JSON (e.g. kiln)")
+    g.add_argument("--extra-body", default=None, metavar="JSON", help="fields added to every request's JSON body")
+    g.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take (default 600)")
+    g = s.add_argument_group("requests")
+    g.add_argument("--dataset", default=None,
+                   help='JSONL file: one {"prompt": text | "input_ids": [ids], "output_tokens": n} a line')
+    g.add_argument("--input-len", type=int, default=None, help="synthetic requests: prompt tokens")
+    g.add_argument("--output-len", type=int, default=None, help="synthetic requests: output tokens")
+    g.add_argument("--num-requests", "--num-prompts", dest="num_prompts", type=int, default=None,
+                   help=f"synthetic: how many (default {DEFAULT_NUM_REQUESTS}); with --dataset: the first N")
+    g.add_argument("--tokenizer", default=None,
+                   help="engine or Hugging Face folder whose tokenizer makes the prompts and counts tokens "
+                        "(default: the bundled SmolLM2 engine)")
+    g.add_argument("--no-ignore-eos", action="store_true",
+                   help="let outputs end at an end token (default: ask for exact lengths with ignore_eos / "
+                        "min_tokens / min_length)")
+    g.add_argument("--count-tokens", choices=COUNT_MODES, default="auto",
+                   help="output tokens: auto = the server's count where the protocol gives it, else the "
+                        "tokenizer's; tokenizer; chunks = one per streamed event")
+    g = s.add_argument_group("load")
+    g.add_argument("--request-rate", type=float, default=math.inf,
+                   help="requests/s as Poisson arrivals (default inf: all at once)")
+    g.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no limit)")
+    g.add_argument("--warmup", type=int, default=1, help="requests sent before measuring (default 1)")
+    g.add_argument("--seed", type=int, default=0, help="for synthetic prompts and arrival times")
+    g = s.add_argument_group("output")
+    g.add_argument("--json", default=None, metavar="OUT",
+                   help="also write the numbers as JSON to OUT (-: stdout, and the table goes to stderr)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(run=_serve, bench_parser=s)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import json
+
+    from kiln.bench.dataset import load_jsonl, ordinary_token_ids, synthetic
+    from kiln.bench.report import emit
+    from kiln.bench.serve import ServeConfig, document, load_tokenizer, prompts_of, run_serve, warmup_prompts
+
+    _require_positive(args, "num_prompts", "input_len", "output_len", "max_concurrency")
+    _require_at_least_zero(args, "warmup")
+    if not args.url.startswith(("http://", "https://")):
+        raise KilnError(f"--url must start with http:// or https://, got {args.url!r}")
+    if not args.request_rate > 0:
+        raise KilnError(f"--request-rate must be positive, got {args.request_rate}")
+    if not args.timeout > 0:
+        raise KilnError(f"--timeout must be positive, got {args.timeout}")
+    if args.dataset and (args.input_len is not None or args.output_len is not None):
+        raise KilnError("give either --dataset or --input-len/--output-len, not both")
+    if not args.dataset and (args.input_len is None or args.output_len is None):
+        raise KilnError("give --dataset, or --input-len and --output-len for synthetic requests")
+    try:
+        extra = json.loads(args.extra_body) if args.extra_body else {}
+    except ValueError as e:
+        raise KilnError(f"--extra-body is not valid JSON: {e}") from None
+    if not isinstance(extra, dict):
+        raise KilnError("--extra-body must be a JSON object")
+    exact = not args.no_ignore_eos
+    tokenizer, vocab_size, tokenizer_source = load_tokenizer(args.tokenizer)
+    ordinary = ordinary_token_ids(tokenizer, vocab_size)
+    if args.dataset:
+        data = load_jsonl(args.dataset, tokenizer.encode, vocab_size, limit=args.num_prompts)
+    else:
+        data = synthetic(args.input_len, args.output_len, args.num_prompts or DEFAULT_NUM_REQUESTS, args.seed,
+                         ordinary)
+    prompts, description = prompts_of(data, tokenizer, exact)
+    config = ServeConfig(url=args.url, backend=args.backend, model=args.model, endpoint=args.endpoint,
+                         request_rate=args.request_rate, max_concurrency=args.max_concurrency, warmup=args.warmup,
+                         seed=args.seed, exact_lengths=exact, extra_body=extra, timeout_s=args.timeout,
+                         count_tokens=args.count_tokens, progress=not args.no_progress, label=args.label)
+    run = run_serve(config, prompts, warmup_prompts(prompts, args.warmup, ordinary, tokenizer, args.seed))
+    doc = document(_command_line(args), config, run, description, tokenizer, tokenizer_source)
+    emit(doc, args.json)
+    # A run in which no request completed measured nothing: say so in the exit status too.
+    return 0 if doc["results"]["completed"] else 1
