@@ -77,10 +77,11 @@ for server in $SERVERS; do
     port=$(free_port)
     case $server in
     llamacpp)
-        # llama.cpp computes with the GGUF's own 4-bit (Q4_1) weights.
+        # llama.cpp computes with the GGUF's own 4-bit (Q4_1) weights, one request at a time: by default
+        # a new request cuts the running one short, so --interrupt_requests False makes them queue.
         "$LLAMACPP_PYTHON" -m llama_cpp.server --model "$GGUF" --model_alias "$MODEL_NAME" --host 127.0.0.1 \
             --port "$port" --n_threads "$THREADS" --n_threads_batch "$THREADS" --n_ctx 4096 \
-            > "$OUT/llamacpp-server.log" 2>&1 &
+            --interrupt_requests False > "$OUT/llamacpp-server.log" 2>&1 &
         SERVER_PID=$!
         wait_ready "http://127.0.0.1:$port/v1/models" "$OUT/llamacpp-server.log"
         bench llamacpp "http://127.0.0.1:$port" openai-completions

@@ -313,3 +313,57 @@ def test_tokenizer_from_a_hugging_face_folder_is_the_engines(hf_model_dir, token
     ids = engine.encode(text, add_special_tokens=False)
     prompt = as_text(ids + ids, engine, exact_len=len(ids))
     assert prompt.input_len <= len(ids) and text.startswith(prompt.text.rstrip())
+
+
+# -- the wire formats, on events as servers sent them ------------------------------------------------------
+
+def _events(raw: bytes) -> list[str]:
+    import asyncio
+
+    from kiln.bench.clients import sse_events
+
+    async def lines():
+        for line in raw.splitlines(keepends=True):
+            yield line
+
+    async def collect():
+        return [e async for e in sse_events(lines())]
+
+    return asyncio.run(collect())
+
+
+def test_server_sent_events_are_split_as_the_standard_says():
+    raw = (b': a comment\r\ndata: {"a": 1}\r\n\r\nevent: x\ndata: first\ndata:second\n\n\n'
+           b'data: [DONE]\n\ndata: no blank line at the end')
+    assert _events(raw) == ['{"a": 1}', "first\nsecond", "[DONE]", "no blank line at the end"]
+
+
+def test_protocols_read_what_servers_send():
+    from kiln.bench.clients import PROTOCOLS
+
+    completions, chat, triton = (PROTOCOLS[n] for n in ("openai-completions", "openai-chat", "triton-generate"))
+    # llama.cpp's server (llama-cpp-python 0.3), a token and the last chunk
+    d = completions.parse({"id": "cmpl-1", "object": "text_completion", "model": "smollm2",
+                           "choices": [{"text": " the", "index": 0, "logprobs": None, "finish_reason": None}]})
+    assert (d.text, d.tokens, d.usage, d.finish_reason, d.error) == (" the", None, None, None, None)
+    assert completions.parse({"choices": [{"text": "", "finish_reason": "length"}]}).finish_reason == "length"
+    # the usage chunk (stream_options.include_usage): no choices
+    usage = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+    assert completions.parse({"choices": [], "usage": usage}).usage == usage
+    assert completions.parse({"choices": [{"text": "x"}], "usage": None}).usage is None
+    assert completions.parse({"error": {"message": "too long", "type": "invalid_request_error"}}).error == "too long"
+    assert chat.parse({"choices": [{"delta": {"role": "assistant"}, "finish_reason": None}]}).text == ""
+    assert chat.parse({"choices": [{"delta": {"content": "Hi"}, "finish_reason": None}]}).text == "Hi"
+    # Triton's generate_stream: a [1] output comes as a scalar, longer ones as lists
+    d = triton.parse({"model_name": "m", "model_version": "1", "text_output": " w", "output_ids": 7})
+    assert (d.text, d.tokens) == (" w", 1)
+    assert triton.parse({"text_output": ["a", "b"], "output_ids": [[3, 4]]}).tokens == 2
+    assert triton.parse({"text_output": "a"}).tokens is None
+    assert triton.parse({"error": "model failed"}).error == "model failed"
+
+    body = completions.payload("m", "hi", 8, exact=True)
+    assert body["ignore_eos"] is True and body["min_tokens"] == 8 and body["stream_options"]["include_usage"]
+    assert "ignore_eos" not in completions.payload("m", "hi", 8, exact=False)
+    assert chat.payload("m", "hi", 8, exact=True)["messages"] == [{"role": "user", "content": "hi"}]
+    assert triton.payload("m", "hi", 8, exact=True) == {"text_input": "hi", "max_tokens": 8, "stream": True,
+                                                        "temperature": 0.0, "min_length": 8}

@@ -1,8 +1,8 @@
 """The serving protocols ``kiln bench serve`` speaks, each a streamed HTTP POST read as server-sent events.
 
 - ``openai-completions``: ``POST /v1/completions``, ``choices[0].text`` per chunk, ``data: [DONE]`` at
-  the end, the token counts in the last chunk's ``usage`` (asked for with
-  ``stream_options.include_usage``).
+  the end (a stream that ends without it was cut short), the token counts in the last chunk's
+  ``usage`` (asked for with ``stream_options.include_usage``).
 - ``openai-chat``: ``POST /v1/chat/completions``, the prompt as one user message,
   ``choices[0].delta.content`` per chunk; otherwise as completions.
 - ``triton-generate``: Triton's generate extension, ``POST /v2/models/NAME/generate_stream`` with
@@ -12,14 +12,15 @@
 
 ``send`` times one request: its start, the arrival of every event that carries output, and the end of
 the stream. A request fails (``RequestRecord.error``) on a status other than 200, an error event, a
-broken connection, a timeout, or a stream with no output; it never raises.
+broken connection, a timeout, an OpenAI stream without ``[DONE]`` or without a ``finish_reason``, or a
+stream with no output; it never raises.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,11 +37,13 @@ class Delta:
     tokens: int | None = None
     usage: dict | None = None
     error: str | None = None
+    finish_reason: str | None = None
 
 
 class Protocol:
     name: str
     default_endpoint: str
+    ends_with_done = False  # the stream's last event is "[DONE]"
 
     def endpoint(self, model: str) -> str:
         return self.default_endpoint.format(model=model)
@@ -55,6 +58,7 @@ class Protocol:
 class OpenAICompletions(Protocol):
     name = "openai-completions"
     default_endpoint = "/v1/completions"
+    ends_with_done = True
 
     def payload(self, model: str, prompt: str, max_tokens: int, exact: bool) -> dict[str, Any]:
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
@@ -72,7 +76,8 @@ class OpenAICompletions(Protocol):
         usage = event.get("usage")
         choices = event.get("choices") or []
         return Delta(text=self._text(choices[0]) if choices else "",
-                     usage=usage if isinstance(usage, dict) and "completion_tokens" in usage else None)
+                     usage=usage if isinstance(usage, dict) and "completion_tokens" in usage else None,
+                     finish_reason=choices[0].get("finish_reason") if choices else None)
 
     @staticmethod
     def _text(choice: dict) -> str:
@@ -145,6 +150,7 @@ class RequestRecord:
     text: str = ""
     server_tokens: int | None = None  # the sum of the events' token counts, when the server gave them
     usage: dict | None = None
+    finish_reason: str | None = None
     error: str | None = None
 
     @property
@@ -164,8 +170,9 @@ class RequestRecord:
         return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:])]
 
 
-async def sse_events(content: aiohttp.StreamReader) -> AsyncIterator[str]:
-    """The data of each server-sent event (its ``data:`` lines joined), as each event completes."""
+async def sse_events(content: AsyncIterable[bytes]) -> AsyncIterator[str]:
+    """The data of each server-sent event (its ``data:`` lines joined), as each event completes;
+    ``content`` yields the body's lines (as aiohttp's ``StreamReader`` does)."""
     data: list[str] = []
     async for raw in content:
         line = raw.decode("utf-8").rstrip("\r\n")
@@ -191,9 +198,11 @@ async def send(session: aiohttp.ClientSession, url: str, payload: dict, protocol
                 body = await response.text(errors="replace")
                 record.error = f"HTTP {response.status}: {_body_error(body)}"
                 return record
+            done = False
             async for data in sse_events(response.content):
                 now = time.perf_counter()
                 if data.strip() == "[DONE]":
+                    done = True
                     break
                 try:
                     event = json.loads(data)
@@ -206,6 +215,8 @@ async def send(session: aiohttp.ClientSession, url: str, payload: dict, protocol
                     return record
                 if delta.usage is not None:
                     record.usage = delta.usage
+                if delta.finish_reason is not None:
+                    record.finish_reason = delta.finish_reason
                 if delta.text or delta.tokens:
                     record.chunk_times.append(now)
                     record.text += delta.text
@@ -218,7 +229,12 @@ async def send(session: aiohttp.ClientSession, url: str, payload: dict, protocol
     except (aiohttp.ClientError, UnicodeDecodeError, OSError) as e:
         record.error = f"{type(e).__name__}: {e}"
         return record
-    if not record.chunk_times:
+    if protocol.ends_with_done and not done:
+        record.error = "the stream ended before its [DONE] event"
+    elif protocol.ends_with_done and record.finish_reason is None:
+        # llama.cpp's server ends a request that another interrupts this way, for one.
+        record.error = "the stream ended without a finish_reason (cut short by the server)"
+    elif not record.chunk_times:
         record.error = "the stream ended without output"
     return record
 

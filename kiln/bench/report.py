@@ -165,6 +165,8 @@ def format_serve(doc: dict) -> str:
         f" load             {load}, warmup {settings['warmup']} requests, peak {r['peak_concurrency']} in flight",
         f" output lengths   {'exact (ignore_eos / min tokens asked)' if settings['exact_lengths'] else 'up to the server'}"
         f"; tokens counted by {counted}",
+        *([" finish reasons   " + ", ".join(f"{k} ({n})" for k, n in r["finish_reasons"].items())]
+          if r["finish_reasons"] else []),
         "-" * 72,
         f" {'requests completed / failed':<30}{_num(r['completed']):>14} / {_num(r['failed'])}",
         f" {'total input tokens':<30}{_num(r['total_input_tokens']):>14}",

@@ -262,6 +262,8 @@ def summarize(run: ServeRun, tokenizer: EngineTokenizer, mode: str) -> tuple[dic
             "not_as_asked": sum(out_lens[r.index] != r.output_len for r in done),
         },
         "output_tokens_counted_by": dict(Counter(method for _, method in counted.values())),
+        # As the server gave them (OpenAI); a Triton stream carries none.
+        "finish_reasons": dict(Counter(r.finish_reason for r in done if r.finish_reason is not None)),
         "peak_concurrency": run.peak_concurrency,
         "errors": [{"error": e, "requests": n} for e, n in errors.most_common()],
     }
@@ -269,7 +271,7 @@ def summarize(run: ServeRun, tokenizer: EngineTokenizer, mode: str) -> tuple[dic
         "input_len": in_lens.get(r.index, r.prompt_len), "output_len": out_lens.get(r.index),
         "asked_output_len": r.output_len,
         "ttft_ms": r.ttft * 1000 if r.ok else None, "e2e_ms": r.e2e * 1000 if r.ok else None,
-        "error": r.error,
+        "finish_reason": r.finish_reason, "error": r.error,
     } for r in run.records]
     return results, per_request
 
