@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kiln.ops import REFERENCE, AttentionMetadata, OpTable, all_ops, get_op, plugin
-from kiln.ops.reference import paged_attention
+from kiln.ops.reference import paged_attention, write_kv_cache
 
 
 def random_paged_batch(seq_lens, q_lens, heads=8, heads_kv=2, dim=16, block=4, num_blocks=64, seed=0):
@@ -55,7 +55,8 @@ def test_reference_paged_attention_matches_dense(window):
     torch.testing.assert_close(got, dense_attention(q, kc, vc, meta, 0.25, window), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", [n for n in get_op("paged_attention").impls if n != REFERENCE])
+@pytest.mark.parametrize("impl", [n for n, i in get_op("paged_attention").impls.items()
+                                  if n != REFERENCE and i.supports(torch.device("cpu"), torch.float32)])
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("case", [([5, 1, 33, 12], [1, 1, 1, 1]), ([7, 20], [7, 3])])
 def test_paged_attention_plugins_match_reference(impl, window, case):
@@ -110,7 +111,7 @@ def test_write_kv_cache_puts_each_token_in_its_slot():
     k_cache, v_cache = torch.zeros(6, 4, 2, 8), torch.zeros(6, 4, 2, 8)
     k, v = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
     slots = torch.tensor([23, 0, 9, 4, 13])
-    get_op("write_kv_cache").reference.fn(k, v, k_cache, v_cache, slots)
+    write_kv_cache(k, v, k_cache, v_cache, slots)
     for t, slot in enumerate(slots.tolist()):
         torch.testing.assert_close(k_cache[slot // 4, slot % 4], k[t])
         torch.testing.assert_close(v_cache[slot // 4, slot % 4], v[t])
