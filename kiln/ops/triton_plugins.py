@@ -47,7 +47,7 @@ PAGED_ATTENTION_CONFIGS = _configs(
          decode_tile_n=64, decode_warps=4, decode_stages=2, max_splits=16, split_min_tokens=256),
     dict(prefill_block_m=128, prefill_tile_n=64, prefill_warps=8, prefill_stages=2),
     dict(prefill_block_m=64, prefill_tile_n=32, prefill_warps=4, prefill_stages=3),
-    dict(prefill_block_m=128, prefill_tile_n=32, prefill_warps=4, prefill_stages=3),
+    dict(prefill_block_m=128, prefill_tile_n=32, prefill_warps=8, prefill_stages=3),
     dict(decode_tile_n=32, decode_warps=4, decode_stages=3),
     dict(decode_tile_n=128, decode_warps=4, decode_stages=2),
     dict(decode_tile_n=64, decode_warps=2, decode_stages=3),

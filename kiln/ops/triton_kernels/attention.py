@@ -46,6 +46,61 @@ def _find_seq(query_start_ptr, q_block_idx, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _attend_tiles(
+    acc, m_i, l_i, q, q_pos, tile_start, tile_end, table_row, seq_len, window, kv_head,
+    k_cache_ptr, v_cache_ptr, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2, d,
+    DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Online softmax over key tiles [tile_start, tile_end); unmasked tiles are visible to every row."""
+    for tile in range(tile_start, tile_end):
+        k_pos = tile * TILE_N + tl.arange(0, TILE_N)
+        offset = k_pos % BLOCK_SIZE
+        k_off = kv_head * stride_kh + d[:, None]
+        v_off = kv_head * stride_vh + d[None, :]
+        if MASKED:
+            k_valid = k_pos < seq_len
+            # Positions past the sequence would index past its block table row: block 0, unread.
+            block = tl.load(table_row + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+            k = tl.load(k_cache_ptr + block[None, :] * stride_kb + offset[None, :] * stride_ks + k_off,
+                        mask=k_valid[None, :] & (d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + v_off,
+                        mask=k_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        else:
+            block = tl.load(table_row + k_pos // BLOCK_SIZE).to(tl.int64)
+            k = tl.load(k_cache_ptr + block[None, :] * stride_kb + offset[None, :] * stride_ks + k_off,
+                        mask=d[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + v_off,
+                        mask=d[None, :] < HEAD_DIM, other=0.0)
+        k = k.to(DTYPE)
+        v = v.to(DTYPE)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+        if MASKED:
+            visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos < seq_len)[None, :]
+            if HAS_WINDOW:
+                visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # Rows that have seen no key yet keep m = -inf; shifting by 0 keeps exp2 finite (it gives 0).
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = m_new
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(DTYPE)
+        if DOT_FP32:
+            p = p.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
     part_acc_ptr, part_ml_ptr,
@@ -82,62 +137,45 @@ def _paged_attention_kernel(
     row_valid = (rows // GROUP < BLOCK_Q) & (q_local < q_len)
     q_pos = seq_len - q_len + q_local  # the query's position in its sequence
     d = tl.arange(0, HEAD_DIM_PAD)
-    d_valid = d < HEAD_DIM
     token = (q_start + q_local).to(tl.int64)
     q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+                mask=row_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    dtype = q_ptr.dtype.element_ty
 
-    # Keys this block of queries can see: [lo, hi), cut into tiles of TILE_N.
+    # Keys this block of queries can see: [lo, hi), cut into tiles of TILE_N. Without a window the
+    # tiles up to the block's first query are visible to every row and skip the mask.
+    first_q_pos = seq_len - q_len + q_block * BLOCK_Q
     hi = seq_len - q_len + q_end
     lo = 0
     if HAS_WINDOW:
-        lo = tl.maximum(seq_len - q_len + q_block * BLOCK_Q - window + 1, 0)
+        lo = tl.maximum(first_q_pos - window + 1, 0)
     tile_lo = lo // TILE_N
     tile_hi = tl.cdiv(hi, TILE_N)
     if NUM_SPLITS > 1:
         per_split = tl.cdiv(tile_hi - tile_lo, NUM_SPLITS)
         tile_lo = tile_lo + tl.program_id(2) * per_split
         tile_hi = tl.minimum(tile_hi, tile_lo + per_split)
+    if HAS_WINDOW:
+        full_hi = tile_lo
+    else:
+        full_hi = tl.minimum(tl.maximum((first_q_pos + 1) // TILE_N, tile_lo), tile_hi)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for tile in range(tile_lo, tile_hi):
-        k_pos = tile * TILE_N + tl.arange(0, TILE_N)
-        k_valid = k_pos < seq_len
-        # Positions past the sequence would index past its block table row: masked to block 0, unread.
-        block = tl.load(table_row + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
-        offset = k_pos % BLOCK_SIZE
-        k = tl.load(k_cache_ptr + block[None, :] * stride_kb + offset[None, :] * stride_ks
-                    + kv_head * stride_kh + d[:, None],
-                    mask=k_valid[None, :] & d_valid[:, None], other=0.0).to(dtype)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
-        visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
-        if HAS_WINDOW:
-            visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows that have seen no key yet keep m = -inf; shifting by 0 keeps exp2 finite (it gives 0).
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs
-                    + kv_head * stride_vh + d[None, :],
-                    mask=k_valid[:, None] & d_valid[None, :], other=0.0).to(dtype)
-        p = p.to(dtype)
-        if DOT_FP32:
-            v = v.to(tl.float32)
-            p = p.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m_i = m_new
+    dtype = q_ptr.dtype.element_ty
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, q_pos, tile_lo, full_hi, table_row, seq_len, window, kv_head,
+        k_cache_ptr, v_cache_ptr, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2, d,
+        dtype, HEAD_DIM, TILE_N, BLOCK_SIZE, False, HAS_WINDOW, DOT_FP32, PRECISION)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, q_pos, full_hi, tile_hi, table_row, seq_len, window, kv_head,
+        k_cache_ptr, v_cache_ptr, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2, d,
+        dtype, HEAD_DIM, TILE_N, BLOCK_SIZE, True, HAS_WINDOW, DOT_FP32, PRECISION)
 
+    d_valid = d < HEAD_DIM
     if NUM_SPLITS == 1:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # padding rows saw no key
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
