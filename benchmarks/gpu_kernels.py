@@ -298,37 +298,42 @@ def elementwise_case(kind: str, m: ModelShape, rows: int, config: dict) -> list[
 
 
 def all_cases(models: list[ModelShape]) -> list[tuple[str, Callable[[], list[Result]]]]:
+    """Every case, a first pass of one case per kernel and path for each model before the full sweeps,
+    so that a run stopped by its budget still covers every kernel."""
     from kiln.ops import get_op
 
     default = {op: get_op(op).impls["triton"].configs[0]
                for op in ("paged_attention", "rotary_and_write_kv_cache", "rms_norm", "add_rms_norm", "silu_and_mul")}
-    cases = []
+    att = default["paged_attention"]
+    first, rest = [], []
     for m in models:
-        att = default["paged_attention"]
+        if DEVICE.type == "cuda":
+            first.append((f"{m.name} graph replay", lambda m=m: graph_replay_case(m, att)))
         for b in DECODE_BATCHES:
             for ctx in DECODE_CONTEXTS:
-                cases.append((f"{m.name} decode b={b} ctx={ctx}",
-                              lambda m=m, b=b, ctx=ctx: attention_case(m, f"b={b} ctx={ctx}", [ctx] * b, [1] * b, att)))
+                core = (b, ctx) in ((DECODE_BATCHES[0], DECODE_CONTEXTS[-1]), (DECODE_BATCHES[-2], DECODE_CONTEXTS[1]))
+                (first if core else rest).append((f"{m.name} decode b={b} ctx={ctx}", lambda m=m, b=b, ctx=ctx:
+                                                  attention_case(m, f"b={b} ctx={ctx}", [ctx] * b, [1] * b, att)))
         b, ctx = DECODE_BATCHES[-1], DECODE_CONTEXTS[-1]
-        cases.append((f"{m.name} decode b={b} ctx={ctx} window={ctx // 4}", lambda m=m, b=b, ctx=ctx: attention_case(
+        rest.append((f"{m.name} decode b={b} ctx={ctx} window={ctx // 4}", lambda m=m, b=b, ctx=ctx: attention_case(
             m, f"b={b} ctx={ctx} win={ctx // 4}", [ctx] * b, [1] * b, att, ctx // 4)))
         for name, seq_lens, q_lens in PREFILL_STEPS:
-            cases.append((f"{m.name} {name}",
-                          lambda m=m, n=name, s=seq_lens, q=q_lens: attention_case(m, n, s, q, att)))
-        if DEVICE.type == "cuda":
-            cases.append((f"{m.name} graph replay", lambda m=m: graph_replay_case(m, att)))
+            first.append((f"{m.name} {name}", lambda m=m, n=name, s=seq_lens, q=q_lens: attention_case(m, n, s, q, att)))
         for kind in ("rotary_and_write_kv_cache", "add_rms_norm", "rms_norm", "silu_and_mul"):
-            for rows in ROW_COUNTS:
-                cases.append((f"{m.name} {kind} rows={rows}",
-                              lambda m=m, k=kind, r=rows: elementwise_case(k, m, r, default[k])))
-    return cases
+            for i, rows in enumerate(ROW_COUNTS):
+                (first if i == len(ROW_COUNTS) // 2 else rest).append((
+                    f"{m.name} {kind} rows={rows}", lambda m=m, k=kind, r=rows: elementwise_case(k, m, r, default[k])))
+    return first + rest
 
 
 # ---------------------------------------------------------------- tuning
 
 
-def tune(models: list[ModelShape]) -> list[dict]:
-    """Every config of every Triton plugin at a few shapes per model; the winner of each."""
+def tune(models: list[ModelShape], deadline: float) -> list[dict]:
+    """Every config of every Triton plugin at a few shapes per model; the winner of each.
+
+    Shapes not started by ``deadline`` (a perf_counter time) are recorded as skipped.
+    """
     from kiln.ops import get_op
     from kiln.ops.sample_inputs import norm_batch, paged_batch, rotary_batch, silu_batch
     from kiln.ops.timing import fastest, time_configs
@@ -353,6 +358,9 @@ def tune(models: list[ModelShape]) -> list[dict]:
             shapes.append(("silu_and_mul", f"rows={rows}",
                            lambda r=rows: silu_batch(r, m.intermediate, dtype=DTYPE, device=DEVICE)))
         for op, shape, make in shapes:
+            if time.perf_counter() > deadline:
+                found.append({"model": m.name, "op": op, "shape": shape, "skipped": "over budget"})
+                continue
             try:
                 args = make()
                 results = time_configs(get_op(op).impls["triton"], args, DEVICE,
@@ -367,11 +375,14 @@ def tune(models: list[ModelShape]) -> list[dict]:
                 found.append({"model": m.name, "op": op, "shape": shape, "error": f"{type(e).__name__}: {e}",
                               "traceback": traceback.format_exc(limit=6)})
             r = found[-1]
+            if "skipped" in r:
+                continue
             if "error" in r:
                 print(f"TUNE FAIL {m.name} {op} {shape}: {r['error']}", flush=True)
             else:
-                print(f"tune {m.name:<13} {op:<26} {shape:<22} default {r['default_ms']} ms, best "
-                      f"{r['best_ms']:.4f} ms with {_diff(get_op(op).impls['triton'].configs[0], r['best'])}", flush=True)
+                default_ms = f"{r['default_ms']:.4f}" if r["default_ms"] is not None else "failed"
+                print(f"tune {m.name:<13} {op:<26} {shape:<22} default {default_ms} ms, best {r['best_ms']:.4f} ms "
+                      f"with {_diff(get_op(op).impls['triton'].configs[0], r['best'])}", flush=True)
             if DEVICE.type == "cuda":
                 torch.cuda.empty_cache()
     return found
@@ -430,10 +441,11 @@ def main() -> None:
     print(f"copy bandwidth {report['copy_gbps']:.0f} GB/s, bf16 matmul {report['bf16_matmul_tflops']:.0f} TFLOP/s",
           flush=True)
     if args.tune:
-        report["tune"] = tune(models)
+        report["tune"] = tune(models, start + args.budget_s)
         report["seconds"] = time.perf_counter() - start
         args.out.write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out} in {report['seconds']:.0f} s")
+        skipped = sum("skipped" in r for r in report["tune"])
+        print(f"wrote {args.out} in {report['seconds']:.0f} s; {skipped} shapes skipped (over budget)")
         return
     results: list[Result] = []
     failures: list[dict] = []
@@ -450,6 +462,9 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - record it, go on with the next case
             failures.append({"case": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
             print(f"FAILED {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        # Written after every case, so a run cut short still leaves its results.
+        report.update(results=[asdict(r) for r in results], failures=failures, seconds=time.perf_counter() - start)
+        args.out.write_text(json.dumps(report, indent=1))
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
     report.update(results=[asdict(r) for r in results], failures=failures, skipped=skipped,
@@ -468,33 +483,57 @@ def _row(r: Result, copy_gbps: float) -> str:
 
 
 def _summary(results: list[Result], failures: list[dict], skipped: list[str], report: dict) -> None:
-    print("\n==== summary: Triton vs current, median times (speedup = current / triton) ====")
-    print(f"{report['environment']['device']}: copy {report['copy_gbps']:.0f} GB/s; {report['seconds']:.0f} s")
+    """The short table: per cell 'triton microseconds, speedup over the current implementation, % of copy bandwidth'."""
+    copy = report["copy_gbps"]
+    print(f"\n==== {report['environment']['device']}: copy {copy:.0f} GB/s, bf16 matmul "
+          f"{report['bf16_matmul_tflops']:.0f} TFLOP/s, {report['seconds']:.0f} s ====")
+    print("cells: Triton us / speedup vs current (batched_decode for decode, reference otherwise) / % of copy bandwidth")
     pairs: dict[tuple, dict[str, Result]] = {}
     for r in results:
         pairs.setdefault((r.kind, r.model, r.case), {})[r.impl] = r
-    for (kind, model, case), impls in pairs.items():
-        t = impls.get("triton")
+
+    def cell(kind: str, model: str, case: str, flops: bool = False) -> str:
+        impls = pairs.get((kind, model, case))
+        if not impls or impls.get("triton") is None or impls["triton"].ms is None:
+            return "-"
+        t = impls["triton"]
         cur = next((r for i, r in impls.items() if i != "triton"), None)
-        if t is None:
-            continue
-        if t.ms is None:
-            print(f"{kind[:8]:<8} {model[:12]:<12} {case[:30]:<30} err {t.rel_err:.1e} {'ok' if t.ok else 'BAD'}")
-            continue
-        speed = f"{cur.ms / t.ms:5.2f}x" if cur is not None and cur.ms else "   -  "
-        bw = f"{100 * t.gbps / report['copy_gbps']:3.0f}%bw" if t.gbps else ""
-        tf = f"{t.tflops:4.0f}TF" if kind == "prefill" and t.tflops else ""
-        print(f"{kind[:8]:<8} {model[:12]:<12} {case[:30]:<30} {t.ms * 1000:8.1f}us {speed} {bw} {tf} "
-              f"err {t.rel_err:.1e} {'ok' if t.ok else 'BAD'}")
-    bad = [r for r in results if r.ok is False]
-    print(f"{len(results)} rows, {len(bad)} outside tolerance, {len(failures)} cases failed, {len(skipped)} skipped "
-          "(over budget)")
+        speed = f"{cur.ms / t.ms:.2f}x" if cur is not None and cur.ms else "?"
+        rate = f"{t.tflops:.0f}TF" if flops else f"{100 * t.gbps / copy:.0f}%"
+        return f"{t.ms * 1000:.1f}/{speed}/{rate}" + ("" if t.ok is not False else " BAD")
+
+    models = list(dict.fromkeys(r.model for r in results))
+    print("decode attention    " + "".join(f"{f'ctx={c}':>22}" for c in DECODE_CONTEXTS))
+    for m in models:
+        for b in DECODE_BATCHES:
+            print(f"{m[:13]:<13} b={b:<4}" + "".join(f"{cell('decode', m, f'b={b} ctx={c}'):>22}" for c in DECODE_CONTEXTS))
+    windowed = [(r.model, r.case) for r in results if r.kind == "decode" and "win=" in r.case and r.impl == "triton"]
+    for m, case in windowed:
+        print(f"{m[:13]:<13} {case}: {cell('decode', m, case)}")
+    print("prefill attention (cells end in TFLOP/s)" + "".join(f" | {n}" for n, _, _ in PREFILL_STEPS))
+    for m in models:
+        print(f"{m[:13]:<13} " + "  ".join(cell("prefill", m, n, flops=True) for n, _, _ in PREFILL_STEPS))
+    print("elementwise         " + "".join(f"{f'rows={r}':>20}" for r in ROW_COUNTS))
+    for m in models:
+        for kind in ("rotary_and_write_kv_cache", "add_rms_norm", "rms_norm", "silu_and_mul"):
+            print(f"{m[:8]:<8} {kind[:10]:<10} " + "".join(f"{cell(kind, m, f'rows={r}'):>20}" for r in ROW_COUNTS))
+    for r in results:
+        if r.kind == "graph":
+            print(f"CUDA graph replay {r.model} {r.case}: rel_err {r.rel_err:.1e} {'ok' if r.ok else 'BAD'}")
+    checked = [r for r in results if r.ok is not None]
+    for kind in dict.fromkeys(r.kind for r in checked):
+        errs = [r.rel_err for r in checked if r.kind == kind and r.rel_err is not None]
+        print(f"{kind}: worst relative error {max(errs):.1e} over {len(errs)} checks")
+    bad = [r for r in checked if r.ok is False]
+    for r in bad:
+        print(f"BAD {r.kind} {r.model} {r.case}: rel_err {r.rel_err:.2e}, max_rel_err {r.max_rel_err:.2e}")
+    print(f"{len(checked)} checks, {len(bad)} outside tolerance, {len(failures)} cases failed, "
+          f"{len(skipped)} skipped (over budget)")
     for f in failures:
         last = f["traceback"].strip().splitlines()[-3:]
-        print(f"FAILED {f['case']}: {' | '.join(line.strip() for line in last)}")
+        print(f"FAILED {f['case']}: {' | '.join(line.strip() for line in last)}"[:600])
     if skipped:
-        print("skipped:", ", ".join(skipped[:10]), "..." if len(skipped) > 10 else "")
-
+        print("skipped:", ", ".join(skipped[:8]), "..." if len(skipped) > 8 else "")
 
 if __name__ == "__main__":
     main()
