@@ -121,6 +121,7 @@ def launches(configs_per_op: bool) -> None:
                 ([64] * 2, [1] * 2, None),  # decode, split-K
                 ([64] * 256, [1] * 256, None),  # decode, no split
                 ([64, 48], [64, 16], None),  # prefill / mixed
+                ([64], [64], None),  # one sequence: Triton specializes integer arguments equal to 1
                 ([64] * 2, [1] * 2, 32),  # windowed decode
                 ([64, 48], [64, 16], 32),  # windowed prefill
             ]

@@ -6,11 +6,11 @@ On a CUDA device the kernels are compiled; elsewhere they run in Triton's CPU in
 Tolerances: float32 kernels agree with float32 references to rounding. For bfloat16, attention is
 checked against the reference computed in float32 on the same inputs (METHOD: bf16 lands between
 1e-3 and 1e-2 in relative norm) and must be no less accurate than the reference run in bfloat16
-itself. Elementwise kernels round to bfloat16 where torch does, step by step: the rotary kernel
-matches exactly on a GPU, RMSNorm and SiLU within one bfloat16 step (their rsqrt and exp differ
-from torch's in the last float32 bits). Triton 3.6's interpreter truncates float32 -> bfloat16
-instead of rounding to nearest, so under it results may differ by one step (2^-7 relative) per
-rounding, two for the kernels that round twice.
+itself. Elementwise kernels round to bfloat16 where torch does, step by step: the rotary kernel and
+the residual sum match exactly on a GPU; RMSNorm and SiLU round twice after an rsqrt or exp that
+differs from torch's in the last float32 bits, so within two bfloat16 steps (2^-7 relative each).
+Triton 3.6's interpreter truncates float32 -> bfloat16 instead of rounding to nearest, so under it
+every rounding may differ by one step.
 """
 from __future__ import annotations
 
@@ -79,6 +79,8 @@ def test_paged_attention_matches_reference(case, heads, dtype, block_size, windo
     q, kc, vc, meta = paged_batch(seq_lens, q_lens, num_heads=heads[0], num_kv_heads=heads[1], head_dim=16,
                                   block_size=block_size, dtype=dtype, device=DEVICE,
                                   table_dtype=torch.int64 if case == "decode" else torch.int32)
+    if block_size == 32:  # the runner's index dtype; int32 elsewhere
+        meta.query_start_loc_t = meta.query_start_loc_t.long()
     check_attention(q, kc, vc, meta, window, SMALL_ATTENTION)
 
 
@@ -111,6 +113,14 @@ def test_paged_attention_head_sizes(head_dim, dtype):
     q, kc, vc, meta = paged_batch([20, 37, 5], [6, 1, 5], num_heads=3, num_kv_heads=1, head_dim=head_dim,
                                   block_size=16, dtype=dtype, device=DEVICE)
     check_attention(q, kc, vc, meta, None, SMALL_ATTENTION, scale=head_dim ** -0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_one_long_prompt(dtype):
+    """One sequence: several query blocks of one prompt (and Triton specializes an argument equal to 1)."""
+    q, kc, vc, meta = paged_batch([45], [45], num_heads=8, num_kv_heads=2, head_dim=16, block_size=16,
+                                  dtype=dtype, device=DEVICE)
+    check_attention(q, kc, vc, meta, None, SMALL_ATTENTION)
 
 
 @pytest.mark.parametrize("case", ["decode", "mixed"])
@@ -177,9 +187,9 @@ def test_rms_norm_matches_reference(rows, hidden, dtype, with_residual):
         want = rms_norm(x, weight, eps)
         assert got_sum is None
     assert not got.isnan().any()
-    # Summation order and rsqrt differ from torch's: equal to float32 rounding, then bf16 steps.
-    torch.testing.assert_close(got, want, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32
-                                             else bf16_tol(2 if interpreting() else 1)))
+    # Summation order and rsqrt differ from torch's in the last float32 bits: the normalised value can
+    # round one bf16 step apart, and the product with the weight one more.
+    torch.testing.assert_close(got, want, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else bf16_tol(2)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -189,8 +199,9 @@ def test_silu_and_mul_matches_reference(rows, n, block, dtype):
     out = torch.full((rows, n), float("nan"), dtype=dtype, device=DEVICE)
     got = silu_kernels.silu_and_mul(x, {**SILU_AND_MUL_CONFIGS[0], "block": block}, out=out)
     assert not got.isnan().any()
+    # exp differs from torch's in the last float32 bits: silu can round one bf16 step apart, then the product.
     torch.testing.assert_close(got, silu_and_mul(x), **({"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32
-                                                        else bf16_tol(2 if interpreting() else 1)))
+                                                        else bf16_tol(2)))
 
 
 def bf16_tol(roundings: int) -> dict:

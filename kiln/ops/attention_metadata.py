@@ -28,7 +28,7 @@ class AttentionMetadata:
     seq_lens: list[int]  # context length of each sequence after this step
     block_size: int
     # Device copies for kernels that read them on the device (None when not needed).
-    query_start_loc_t: torch.Tensor | None = None  # [num_seqs + 1] int32
+    query_start_loc_t: torch.Tensor | None = None  # [num_seqs + 1] int32 or int64
     seq_lens_t: torch.Tensor | None = None  # [num_seqs] int32 or int64
     # A bound on seq_lens that fixes the shapes of a step (decode graphs); 0: max(seq_lens).
     max_seq_len: int = 0

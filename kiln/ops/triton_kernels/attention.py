@@ -37,7 +37,7 @@ def _find_seq(query_start_ptr, q_block_idx, num_seqs, BLOCK_Q: tl.constexpr):
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
-        first_block = tl.load(query_start_ptr + mid) // BLOCK_Q + mid
+        first_block = tl.load(query_start_ptr + mid).to(tl.int32) // BLOCK_Q + mid
         if first_block <= q_block_idx:
             lo = mid + 1
         else:
@@ -123,8 +123,8 @@ def _paged_attention_kernel(
         # Last query blocks first: they see the most keys, so the long programs start early.
         pid = tl.num_programs(0) - 1 - tl.program_id(0)
         seq = _find_seq(query_start_ptr, pid, num_seqs, BLOCK_Q)
-        q_start = tl.load(query_start_ptr + seq)
-        q_len = tl.load(query_start_ptr + seq + 1) - q_start
+        q_start = tl.load(query_start_ptr + seq).to(tl.int32)
+        q_len = tl.load(query_start_ptr + seq + 1).to(tl.int32) - q_start
         q_block = pid - (q_start // BLOCK_Q + seq)
         if q_block * BLOCK_Q >= q_len:
             return
