@@ -49,7 +49,8 @@ def offline_compile(arch: int, reports: list[dict], dump: Path | None = None):
         if key in seen:
             return None
         seen.add(key)
-        report = {"index": len(reports), "kernel": self.fn.__name__, "grid": tuple(grid) if not callable(grid) else "fn",
+        report = {"index": len(reports), "kernel": self.fn.__name__,
+                  "grid": tuple(grid) if not callable(grid) else "fn",
                   "constexprs": {self.arg_names[k[0]]: v for k, v in constexprs.items()},
                   "num_warps": options.num_warps, "num_stages": options.num_stages}
         try:

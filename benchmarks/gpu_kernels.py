@@ -291,9 +291,11 @@ def elementwise_case(kind: str, m: ModelShape, rows: int, config: dict) -> list[
     for impl in ("triton", "reference"):
         fn = get_op(kind).impls[impl].with_config(config if impl == "triton" else None)
         ms = bench_ms(lambda: fn(*args))
-        out.append(Result(kind, m.name, f"rows={rows}", impl, ms, nbytes / ms / 1e6, None, nbytes,
-                          e["rel_err"] if impl == "triton" else None, e["max_rel_err"] if impl == "triton" else None,
-                          ok if impl == "triton" else None, f"exact={e['exact_fraction']:.3f}" if impl == "triton" else ""))
+        row = Result(kind, m.name, f"rows={rows}", impl, ms, nbytes / ms / 1e6, None, nbytes)
+        if impl == "triton":
+            row.rel_err, row.max_rel_err, row.ok = e["rel_err"], e["max_rel_err"], ok
+            row.note = f"exact={e['exact_fraction']:.3f}"
+        out.append(row)
     return out
 
 
@@ -318,7 +320,8 @@ def all_cases(models: list[ModelShape]) -> list[tuple[str, Callable[[], list[Res
         rest.append((f"{m.name} decode b={b} ctx={ctx} window={ctx // 4}", lambda m=m, b=b, ctx=ctx: attention_case(
             m, f"b={b} ctx={ctx} win={ctx // 4}", [ctx] * b, [1] * b, att, ctx // 4)))
         for name, seq_lens, q_lens in PREFILL_STEPS:
-            first.append((f"{m.name} {name}", lambda m=m, n=name, s=seq_lens, q=q_lens: attention_case(m, n, s, q, att)))
+            first.append((f"{m.name} {name}",
+                          lambda m=m, n=name, s=seq_lens, q=q_lens: attention_case(m, n, s, q, att)))
         for kind in ("rotary_and_write_kv_cache", "add_rms_norm", "rms_norm", "silu_and_mul"):
             for i, rows in enumerate(ROW_COUNTS):
                 (first if i == len(ROW_COUNTS) // 2 else rest).append((
@@ -487,7 +490,8 @@ def _summary(results: list[Result], failures: list[dict], skipped: list[str], re
     copy = report["copy_gbps"]
     print(f"\n==== {report['environment']['device']}: copy {copy:.0f} GB/s, bf16 matmul "
           f"{report['bf16_matmul_tflops']:.0f} TFLOP/s, {report['seconds']:.0f} s ====")
-    print("cells: Triton us / speedup vs current (batched_decode for decode, reference otherwise) / % of copy bandwidth")
+    print("cells: Triton us / speedup vs current (batched_decode for decode, reference otherwise) "
+          "/ % of copy bandwidth")
     pairs: dict[tuple, dict[str, Result]] = {}
     for r in results:
         pairs.setdefault((r.kind, r.model, r.case), {})[r.impl] = r
@@ -506,7 +510,8 @@ def _summary(results: list[Result], failures: list[dict], skipped: list[str], re
     print("decode attention    " + "".join(f"{f'ctx={c}':>22}" for c in DECODE_CONTEXTS))
     for m in models:
         for b in DECODE_BATCHES:
-            print(f"{m[:13]:<13} b={b:<4}" + "".join(f"{cell('decode', m, f'b={b} ctx={c}'):>22}" for c in DECODE_CONTEXTS))
+            cells = "".join(f"{cell('decode', m, f'b={b} ctx={c}'):>22}" for c in DECODE_CONTEXTS)
+            print(f"{m[:13]:<13} b={b:<4}{cells}")
     windowed = [(r.model, r.case) for r in results if r.kind == "decode" and "win=" in r.case and r.impl == "triton"]
     for m, case in windowed:
         print(f"{m[:13]:<13} {case}: {cell('decode', m, case)}")

@@ -116,3 +116,26 @@ def test_write_kv_cache_puts_each_token_in_its_slot():
         torch.testing.assert_close(k_cache[slot // 4, slot % 4], k[t])
         torch.testing.assert_close(v_cache[slot // 4, slot % 4], v[t])
     assert int((k_cache != 0).any(-1).sum()) == 5 * 2
+
+
+def test_op_table_binds_a_plan_config_and_ignores_one_it_does_not_know(caplog):
+    calls = []
+
+    @plugin("silu_and_mul", "test_tunable", configs=({"block": 64}, {"block": 128}))
+    def tunable(x, block=64):
+        calls.append(block)
+        return get_op("silu_and_mul").reference.fn(x)
+
+    try:
+        x = torch.randn(2, 8)
+        OpTable({"silu_and_mul": {"impl": "test_tunable", "config": {"block": 128}}},
+                torch.device("cpu"), torch.float32).silu_and_mul(x)
+        OpTable({"silu_and_mul": {"impl": "test_tunable", "config": {}}}, torch.device("cpu"), torch.float32).silu_and_mul(x)
+        with caplog.at_level("WARNING"):
+            table = OpTable({"silu_and_mul": {"impl": "test_tunable", "config": {"tile": 3}}},
+                            torch.device("cpu"), torch.float32)
+        table.silu_and_mul(x)
+        assert calls == [128, 64, 64]
+        assert "takes no config keys ['tile']" in caplog.text and "using its default config" in caplog.text
+    finally:
+        del get_op("silu_and_mul").impls["test_tunable"]

@@ -219,6 +219,9 @@ def test_plugins_are_cuda_only_graph_safe_and_declare_full_configs(op):
     assert keys and all(set(c) == keys for c in impl.configs)
     with pytest.raises(ValueError, match="takes no config keys"):
         impl.with_config({"no_such_key": 1})
+    # The plan takes the first plugin that supports the target: on CUDA, Triton before the portable ones.
+    names = list(get_op(op).impls)
+    assert all(names.index("triton") < i for i, n in enumerate(names) if n not in ("reference", "triton"))
 
 
 def test_model_through_triton_plugins_matches_reference_ops(engine_dir):

@@ -249,6 +249,8 @@ def paged_attention(
     if out is None:
         out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     check_last_dim_contiguous("out", out)
+    if num_tokens == 0:
+        return out
     seq_lens = _device_seq_lens(meta, q.device)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     wide = q.element_size() == 4  # float32 tiles take twice the registers and shared memory
