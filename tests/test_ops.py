@@ -130,7 +130,8 @@ def test_op_table_binds_a_plan_config_and_ignores_one_it_does_not_know(caplog):
         x = torch.randn(2, 8)
         OpTable({"silu_and_mul": {"impl": "test_tunable", "config": {"block": 128}}},
                 torch.device("cpu"), torch.float32).silu_and_mul(x)
-        OpTable({"silu_and_mul": {"impl": "test_tunable", "config": {}}}, torch.device("cpu"), torch.float32).silu_and_mul(x)
+        OpTable({"silu_and_mul": {"impl": "test_tunable", "config": {}}},
+                torch.device("cpu"), torch.float32).silu_and_mul(x)
         with caplog.at_level("WARNING"):
             table = OpTable({"silu_and_mul": {"impl": "test_tunable", "config": {"tile": 3}}},
                             torch.device("cpu"), torch.float32)
