@@ -253,23 +253,23 @@ def paged_attention(
         return out
     seq_lens = _device_seq_lens(meta, q.device)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    wide = q.element_size() == 4  # float32 tiles take twice the registers and shared memory
+    # NOTE: float32 runs ieee products on FMA units (tests, CPU-sized engines), which spill at the
+    # half-precision tile sizes: the smallest tiles keep them in registers.
+    wide = q.element_size() == 4
     decode = num_tokens == num_seqs  # every sequence brings at least one query token
     if decode:
         block_m = max(16, triton.next_power_of_2(group))
         block_q = 1
-        tile_n = min(config["decode_tile_n"], 32) if wide else config["decode_tile_n"]
+        tile_n = 16 if wide else config["decode_tile_n"]
         warps, stages = config["decode_warps"], config["decode_stages"]
         splits = num_decode_splits(num_seqs, num_kv_heads, table_width * block_size, q.device,
                                    config["max_splits"], config["split_min_tokens"])
         grid = (num_seqs, num_kv_heads, splits)
         query_start = seq_lens  # unread in decode programs
     else:
-        block_m = max(config["prefill_block_m"], triton.next_power_of_2(group))
-        if wide:
-            block_m = max(min(block_m, 64), triton.next_power_of_2(group))
+        block_m = max(16 if wide else config["prefill_block_m"], triton.next_power_of_2(group))
         block_q = block_m // group
-        tile_n = min(config["prefill_tile_n"], 32) if wide else config["prefill_tile_n"]
+        tile_n = 16 if wide else config["prefill_tile_n"]
         warps, stages = config["prefill_warps"], config["prefill_stages"]
         splits = 1
         grid = (num_tokens // block_q + num_seqs, num_kv_heads, 1)
