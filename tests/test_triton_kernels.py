@@ -241,7 +241,7 @@ def test_model_through_triton_plugins_matches_reference_ops(engine_dir):
         req.block_ids = [9, 2, 14, 5, 11, 0, 7][: math.ceil(len(ids) / runner.block_size)]
         rows = []
         for n in (13, 1, 16, 7):
-            rows.append(runner.execute([(req, n)], all_logits=True))
+            rows.append(runner.all_logits([(req, n)]))
             req.num_computed_tokens += n
         return torch.cat(rows)
 
