@@ -307,13 +307,16 @@ def test_async_scheduling_gives_the_same_results(engine):
     for mode in (False, True):
         llm = LLM(engine, device=DEVICE, async_scheduling=mode, kv_cache_memory=small)
         outs = llm.generate(prompts, params)
-        runs[mode] = [[(c.token_ids, c.finish_reason, c.stop_reason,
-                        [(lp.token_id, round(lp.logprob, 4)) for lp in c.logprobs or []]) for c in o.outputs]
-                      for o in outs]
+        runs[mode] = [[(c.token_ids, c.finish_reason, c.stop_reason, [lp.token_id for lp in c.logprobs or []],
+                        [lp.logprob for lp in c.logprobs or []]) for c in o.outputs] for o in outs]
         assert_idle(llm)
         if mode:
             assert llm.engine.stats().num_preemptions > 0
-    assert runs[True] == runs[False]
+    # Tokens exactly; logprobs to within what another batch shape's kernels may round differently.
+    assert [[c[:4] for c in o] for o in runs[True]] == [[c[:4] for c in o] for o in runs[False]]
+    for a, b in zip(runs[True], runs[False]):
+        for ca, cb in zip(a, b):
+            assert ca[4] == pytest.approx(cb[4], abs=1e-3)
 
 
 def test_async_scheduling_with_static_decode_graphs(engine):

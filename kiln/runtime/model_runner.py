@@ -74,8 +74,12 @@ class ModelRunner:
         from kiln.runtime.sampler import Sampler
         from kiln.runtime.sampling_params import SamplingParams
 
-        seqs = min(self.max_batch_size, self.max_num_tokens)
-        lens = [self.max_num_tokens - (seqs - 1)] + [1] * (seqs - 1)
+        # As many tokens as a step may hold, in sequences no longer than max_seq_len, one per batch slot.
+        slots = min(self.max_batch_size, self.max_num_tokens)
+        budget, lens = self.max_num_tokens, []
+        for i in range(slots):
+            lens.append(min(self.max_seq_len, budget - (slots - i - 1)))  # each later slot keeps one token
+            budget -= lens[-1]
         bs = self.block_size
         blocks = sum(-(-n // bs) for n in lens)
         params = SamplingParams(temperature=1.0, top_p=0.9, logprobs=20)
