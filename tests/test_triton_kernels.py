@@ -229,7 +229,7 @@ def test_model_through_triton_plugins_matches_reference_ops(engine_dir):
 
     Mistral's tiny model has a sliding window shorter than the prompt; otherwise it is Llama.
     """
-    runner = ModelRunner(read_engine(engine_dir("mistral")), DEVICE, decode_graphs="off")
+    runner = ModelRunner(read_engine(engine_dir("mistral")), DEVICE, cuda_graphs="off")
     runner.allocate_kv_cache(16)
     ids = list(range(3, 40))
 
