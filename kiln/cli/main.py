@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", required=True, help="engine folder to create")
     _add_build_options(p)
     p.add_argument("--strip-weights", action="store_true", help="leave the weights out (fill with kiln refit)")
+    p.add_argument("--plugins", action="append", default=[], metavar="FILE.py",
+                   help="a Python file registering your own op implementations (repeatable); the engine carries it")
+    p.add_argument("--tune", choices=["auto", "on", "off"], default="auto",
+                   help="time each op's candidate kernels at the engine's shapes and keep the fastest "
+                        "(auto: on a GPU)")
     p.add_argument("--device", default=None, help="device to plan for (default: cuda if present, else cpu)")
     p.set_defaults(run=_build)
 
@@ -111,7 +116,8 @@ def _build(args: argparse.Namespace) -> None:
     from kiln.builder.engine_cache import build_config
 
     config = build_config(args.source, args.dtype, args.device, **_build_limits(args))
-    out = build(args.source, args.output, config, strip_weights=args.strip_weights, device=args.device)
+    out = build(args.source, args.output, config, strip_weights=args.strip_weights, device=args.device,
+                tune={"auto": None, "on": True, "off": False}[args.tune], plugins=args.plugins)
     print(f"wrote engine {out}; see it with `kiln inspect {out}`")
 
 

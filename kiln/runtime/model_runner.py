@@ -10,6 +10,7 @@ from kiln.engine.target import target_of
 from kiln.models import ModelConfig, create_model
 from kiln.nn import ForwardContext, forward_context
 from kiln.ops import OpTable
+from kiln.ops.user_plugins import load_engine_plugins
 from kiln.runtime.step_graphs import StepGraphs
 from kiln.runtime.kv_pool import KVCacheSpec, allocate_kv_caches, kv_cache_spec
 from kiln.runtime.step_inputs import Batch, PrevTokens, StepBatch, StepInputs
@@ -33,6 +34,7 @@ class ModelRunner:
         self.max_batch_size = max_batch_size or build.max_batch_size
         self.max_num_tokens = max_num_tokens or build.max_num_tokens
         self.max_seq_len = build.max_seq_len
+        load_engine_plugins(engine.path, engine.plugins)
         self.ops = OpTable(engine.plan, device, self.dtype)
         _warn_if_target_differs(engine, device, self.ops)
         self.cuda_graphs_mode = cuda_graph_mode(cuda_graphs, device, self.ops)
