@@ -7,15 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.server.backends.base import Backend
+from kiln.server.backends.kiln import KilnBackend
 from kiln.server.backends.onnxruntime import OnnxRuntimeBackend
 from kiln.server.backends.pytorch import PyTorchBackend
 from kiln.server.errors import ServerError
 
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (OnnxRuntimeBackend, PyTorchBackend)}
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (OnnxRuntimeBackend, PyTorchBackend, KilnBackend)}
 
 
 def register(backend: type[Backend]) -> None:
-    """Add a backend (the python and kiln backends register here)."""
+    """Add a backend (the python backend registers here)."""
     BACKENDS[backend.name] = backend
 
 
