@@ -98,11 +98,15 @@ def events(body: bytes) -> list[dict]:
     return [json.loads(chunk[len("data: "):]) for chunk in body.decode().split("\n\n") if chunk]
 
 
-def kv_blocks_used(server) -> float:
+def metric(server, name: str, **labels) -> float:
     with urllib.request.urlopen(f"http://{server.metrics}/metrics") as r:
         page = r.read().decode()
-    family = next(f for f in text_string_to_metric_families(page) if f.name == "kiln_kv_cache_blocks_used")
-    return next(s.value for s in family.samples if s.labels["model"] == "tiny")
+    family = next(f for f in text_string_to_metric_families(page) if f.name == name)
+    return next(s.value for s in family.samples if {"model": "tiny", **labels}.items() <= s.labels.items())
+
+
+def kv_blocks_used(server) -> float:
+    return metric(server, "kiln_kv_cache_blocks_used")
 
 
 def wait_for(predicate, timeout=20.0):
@@ -244,6 +248,7 @@ def test_wrong_type_and_streaming_a_coupled_model_are_refused(server):
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_kv_blocks(server):
+    aborted = metric(server, "kiln_request_finished", finish_reason="abort")
     body = json.dumps({"text_input": PROMPT, "max_tokens": 200, "min_tokens": 200, "stream": True}).encode()
     host, port = server.http.rsplit(":", 1)
     with socket.create_connection((host, int(port))) as s:
@@ -254,6 +259,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_kv_blocks(server):
             received += s.recv(4096)
         assert kv_blocks_used(server) > 0
     assert wait_for(lambda: kv_blocks_used(server) == 0)
+    assert metric(server, "kiln_request_finished", finish_reason="abort") == aborted + 1  # not run to the end
 
 
 def test_metrics_count_tokens_and_latencies(server):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,7 @@ class KilnBackend(Backend):
         self.max_concurrency = _parse(params.get("max_concurrency", str(DEFAULT_MAX_CONCURRENCY)), "int",
                                       "max_concurrency", context.name)
         self.instances: list[KilnInstance] = []
+        self.created = time.time()  # what OpenAI's model list reports as the model's creation time
 
     def create_instance(self, spec: InstanceSpec) -> KilnInstance:
         device = f"cuda:{spec.device_id}" if spec.kind == "gpu" else "cpu"
@@ -198,7 +200,7 @@ class _Row:
     cum: float = 0.0
 
     def add_logprobs(self, logprobs) -> list[float]:
-        """Take a step's log probabilities (when asked for; zeros otherwise, as TensorRT-LLM's); return them."""
+        """Take a step's log probabilities (when they were asked for); return them."""
         if not self.job.return_log_probs or not logprobs:
             return []
         values = [lp.logprob for lp in logprobs]

@@ -31,7 +31,7 @@ input (TensorRT-LLM's name too)             type        meaning
 Outputs: ``text_output`` (BYTES), ``output_ids`` (INT32 [beam, tokens]), ``sequence_length`` (INT32
 [beam]: the real tokens of each ``output_ids`` row), ``cum_log_probs`` (FP32 [beam]),
 ``output_log_probs`` (FP32 [beam, tokens]) and ``batch_index`` (INT32: the batch row a response belongs
-to). Log probabilities are zeros unless ``return_log_probs`` is true, as TensorRT-LLM's are.
+to). ``cum_log_probs`` is 0 and ``output_log_probs`` empty unless ``return_log_probs`` is true.
 """
 from __future__ import annotations
 
