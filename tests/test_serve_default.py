@@ -43,5 +43,14 @@ def test_kiln_serve_with_no_arguments(tmp_path):
                                                 messages=[{"role": "user", "content": "What is the capital of France?"}],
                                                 stream=True)
         assert "Paris" in "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        # The Triton protocols reach the same engine under the same name.
+        prompt = "The capital of France is"
+        completion = client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=8,
+                                               temperature=0)
+        request = urllib.request.Request(f"http://{second.http}/v2/models/SmolLM2-135M-Instruct/generate",
+                                         data=json.dumps({"text_input": prompt, "max_tokens": 8,
+                                                          "temperature": 0.0}).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=120) as r:
+            assert json.loads(r.read())["text_output"] == completion.choices[0].text
     finally:
         second.stop()

@@ -50,6 +50,19 @@ model_transaction_policy {{ decoupled: false }}
 parameters {{ key: "engine_dir" value {{ string_value: "{engine}" }} }}
 parameters {{ key: "exclude_input_in_output" value {{ string_value: "false" }} }}
 parameters {{ key: "enable_prefix_caching" value {{ string_value: "false" }} }}""")
+    # A config written for TensorRT-LLM's ensemble (its names and types), with the engine in version folder 1.
+    shutil.copytree(engine, root / "trtllm_style/1")
+    write_config(root / "trtllm_style", """
+backend: "kiln"
+max_batch_size: 4
+model_transaction_policy { decoupled: true }
+input [
+  { name: "text_input" data_type: TYPE_STRING dims: [ -1 ] },
+  { name: "max_tokens" data_type: TYPE_UINT32 dims: [ -1 ] },
+  { name: "top_k" data_type: TYPE_UINT32 dims: [ 1 ] optional: true },
+  { name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }
+]
+output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] } ]""")
     s = ServerProcess(root, "--model-control-mode", "explicit", "--load-model", "*", ready_timeout=120)
     yield s
     s.stop()
@@ -169,6 +182,23 @@ def test_http_generate_and_generate_stream_match_llm_generate(server, reference)
     assert whole["output_ids"] == expected.token_ids and whole["sequence_length"] == len(expected.token_ids)
 
 
+def test_a_config_written_for_tensorrt_llm(server, reference):
+    expected = greedy(reference, PROMPT, 5)
+    client = httpclient.InferenceServerClient(server.http)
+    text = httpclient.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[PROMPT.encode()]], dtype=object))
+    length = httpclient.InferInput("max_tokens", [1, 1], "UINT32")
+    length.set_data_from_numpy(np.array([[5]], dtype=np.uint32))
+    top_k = httpclient.InferInput("top_k", [1, 1], "UINT32")
+    top_k.set_data_from_numpy(np.array([[1]], dtype=np.uint32))
+    result = client.infer("trtllm_style", [text, length, top_k])
+    assert result.as_numpy("text_output")[0, 0].decode() == expected.text
+    assert result.as_numpy("output_ids") is None  # only the config's outputs
+    status, body = post(server, "/v2/models/trtllm_style/generate_stream",
+                        {"text_input": PROMPT, "max_tokens": 5, "top_k": 1, "stream": True})
+    assert status == 200 and "".join(e["text_output"] for e in events(body)) == expected.text
+
+
 def test_token_ids_prompt_and_exclude_input_in_output(server, reference):
     prompt = reference.tokenizer.encode(PROMPT)
     expected = greedy(reference, prompt, 6, ignore_eos=True)
@@ -260,6 +290,22 @@ def test_a_client_that_leaves_mid_stream_frees_its_kv_blocks(server):
         assert kv_blocks_used(server) > 0
     assert wait_for(lambda: kv_blocks_used(server) == 0)
     assert metric(server, "kiln_request_finished", finish_reason="abort") == aborted + 1  # not run to the end
+
+
+def test_a_cancelled_grpc_stream_frees_its_kv_blocks(server):
+    aborted = metric(server, "kiln_request_finished", finish_reason="abort")
+    client = grpcclient.InferenceServerClient(server.grpc)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("tiny", inputs(grpcclient, text_input=PROMPT, max_tokens=200, min_tokens=200,
+                                             stream=True))
+    for _ in range(2):
+        result, error = results.get(timeout=30)
+        assert error is None
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    assert wait_for(lambda: kv_blocks_used(server) == 0)
+    assert metric(server, "kiln_request_finished", finish_reason="abort") == aborted + 1
 
 
 def test_metrics_count_tokens_and_latencies(server):

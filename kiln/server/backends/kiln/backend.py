@@ -6,7 +6,8 @@ with the parameter ``engine_dir`` (TensorRT-LLM's ``gpt_model_path`` is read too
 taken from the model folder), with an empty version folder ``1``. A config with no inputs and
 outputs, or no config at all, is completed from the engine: every input and output of ``tensors``,
 ``max_batch_size`` = the engine's, and ``model_transaction_policy { decoupled: true }`` unless the
-config sets a policy.
+config sets a policy. A config that lists inputs or outputs may use only those of ``tensors`` (any
+integer or float type for numbers); what it leaves out (all inputs, or all outputs) is filled in.
 
 Each instance runs one ``AsyncLLM`` (``ServedLLM``), which batches in flight by itself, so an instance
 takes many requests at once (parameter ``max_concurrency``, default 1024); the batch rows of one
@@ -59,8 +60,10 @@ class KilnBackend(Backend):
     @classmethod
     def complete_config(cls, config: cfg.ModelConfig, version_dir: Path) -> None:
         super().complete_config(config, version_dir)
-        if config.input or config.output:
-            tensors.check_config(config)
+        written = bool(config.input or config.output)  # then its max_batch_size and policy are the config's
+        tensors.check_config(config)
+        tensors.fill_config(config)
+        if written:
             return
         # The version folder's parent is the model folder whenever a parameter names the engine.
         path = _engine_path(config, version_dir.parent, version_dir)
@@ -68,7 +71,6 @@ class KilnBackend(Backend):
             engine = read_engine(path, need_weights=False)
         except KilnError as e:
             raise ServerError.invalid(f"model '{config.name}': {e}") from None
-        tensors.fill_config(config)
         config.max_batch_size = engine.build.max_batch_size
         if not config.HasField("model_transaction_policy"):
             config.model_transaction_policy.decoupled = True

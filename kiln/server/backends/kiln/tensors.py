@@ -102,12 +102,14 @@ OUTPUTS = {
 
 
 def fill_config(config: ModelConfig) -> None:
-    """Write every input and output into a config that lists none (a model folder without config.pbtxt)."""
-    for i in INPUTS:
-        config.input.add(name=i.name, data_type=i.config_type or _CONFIG_TYPES[i.kind],
-                         dims=[-1] if i.list_valued else [1], optional=True)
-    for name, (dtype, dims) in OUTPUTS.items():
-        config.output.add(name=name, data_type=dtype, dims=dims)
+    """Write every input into a config that lists no input, and every output into one that lists no output."""
+    if not config.input:
+        for i in INPUTS:
+            config.input.add(name=i.name, data_type=i.config_type or _CONFIG_TYPES[i.kind],
+                             dims=[-1] if i.list_valued else [1], optional=True)
+    if not config.output:
+        for name, (dtype, dims) in OUTPUTS.items():
+            config.output.add(name=name, data_type=dtype, dims=dims)
 
 
 def check_config(config: ModelConfig) -> None:
