@@ -18,13 +18,13 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kiln.server import datatypes
 from kiln.server.core import InferenceRequest, InferenceResponse, RequestedOutput, ShmRef, Tensor
 from kiln.server.errors import ServerError
-from kiln.server.protocols.disconnect import unless_disconnected
+from kiln.server.protocols.disconnect import EventStream, unless_disconnected
 from kiln.server.protocols.proto_json import to_json
 from kiln.server.server import InferenceServer, parse_version
 
@@ -200,7 +200,7 @@ class _Api:
                         return
                     response = await anext(responses)
 
-        return StreamingResponse(events(), media_type="text/event-stream; charset=utf-8")
+        return EventStream(events(), responses.aclose)
 
     async def _generate_request(self, request: Request) -> InferenceRequest:
         p = request.path_params

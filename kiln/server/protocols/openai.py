@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kiln.errors import RequestError
@@ -39,7 +39,7 @@ from kiln.server.backends.kiln.served_llm import ServedLLM
 from kiln.server.errors import ServerError
 from kiln.server.model import ServedModel
 from kiln.server.protocols import openai_models as api
-from kiln.server.protocols.disconnect import unless_disconnected
+from kiln.server.protocols.disconnect import EventStream, unless_disconnected
 from kiln.server.server import InferenceServer
 
 log = logging.getLogger("kiln.server")
@@ -238,7 +238,11 @@ class _Generation:
                 ticket.finish(error)
             yield b"data: [DONE]\n\n"
 
-        return _EventStream(events(), media_type="text/event-stream")
+        async def close() -> None:  # also when the response ends before its first event (the client left)
+            await outputs.aclose()
+            ticket.finish(asyncio.CancelledError("the client disconnected"))
+
+        return EventStream(events(), close)
 
 
 class CompletionServing:
@@ -566,15 +570,3 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]
 
 def _event(doc: dict) -> bytes:
     return b"data: " + json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n\n"
-
-
-class _EventStream(StreamingResponse):
-    """A streaming response that closes its event generator however the response ends, so a client that
-    disconnects aborts its engine requests now, not when the generator is garbage-collected."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-
