@@ -128,6 +128,16 @@ def format_latency(doc: dict) -> str:
         f" {'decode tokens/s (mean)':<30}{_num(r['decode_tokens_per_s']):>14}",
         f" {'  per iteration':<30}{per_iter:>14}",
     ]
+    limit = doc.get("limit")
+    if limit:
+        # Weights are read once per step whatever the batch (KV reads, small here, are left out).
+        ceiling = limit["batch1_decode_tokens_per_s_limit"] * r["batch_size"]
+        rate = r["decode_tokens_per_s"]
+        reached = f"  ({rate / ceiling:.0%} reached)" if rate else ""
+        lines += ["",
+                  f" {'copy bandwidth (GB/s)':<30}{_num(limit['copy_bandwidth_gb_s']):>14}",
+                  f" {'weights (MB)':<30}{_num(limit['weight_bytes'] / 1e6):>14}",
+                  f" {'decode limit (tokens/s)':<30}{_num(ceiling):>14}{reached}"]
     hf = doc.get("hf")
     if hf:
         lines += _comparison(f"transformers {hf['transformers']} generate, batch {hf['batch_size']}",

@@ -36,7 +36,9 @@ class PendingSample:
         tensors = (token_ids, *(logprob_parts or ()))
         self._event = None
         if token_ids.device.type == "cuda":
-            self._host = [t.to("cpu", non_blocking=True) for t in tensors]
+            # Pinned destinations (from torch's caching host allocator), so the copies do not block.
+            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                          for t in tensors]
             self._event = torch.cuda.Event()
             self._event.record()
         else:

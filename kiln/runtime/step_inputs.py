@@ -18,6 +18,31 @@ from kiln.ops import AttentionMetadata
 from kiln.runtime.request import Request
 
 Batch = list[tuple[Request, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class StepShape:
+    """A fixed step shape (a captured graph's): ``rows`` sequences, ``tokens`` tokens, block tables
+    ``width`` blocks wide."""
+
+    rows: int
+    tokens: int
+    width: int
+
+
+def padding(lens: list[int], shape: StepShape, block_size: int) -> list[int] | None:
+    """Query lengths of the padding rows that bring a step of ``lens`` to ``shape``, or None if it
+    does not fit: each padding row takes at least one token, and at most a block table's width."""
+    pad_rows, pad_tokens = shape.rows - len(lens), shape.tokens - sum(lens)
+    if pad_rows < 0 or pad_tokens < pad_rows or (pad_rows == 0 and pad_tokens):
+        return None
+    pad = [1] * pad_rows
+    extra, cap = pad_tokens - pad_rows, shape.width * block_size
+    for i in range(pad_rows):
+        more = min(extra, cap - 1)
+        pad[i] += more
+        extra -= more
+    return None if extra else pad
 # The token ids a step in flight sampled (on the device), and each request's row in them.
 PrevTokens = tuple[torch.Tensor, dict[str, int]]
 
@@ -32,6 +57,34 @@ class StepBatch:
     num_seqs: int  # sequences of the batch, without padding
 
 
+_FIELDS = ("token_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
+           "logits_indices", "fill_dst", "fill_src")
+
+
+class _Buffers:
+    """One tensor per step-input field, at the engine's limits."""
+
+    def __init__(self, max_num_tokens: int, max_batch_size: int, max_blocks: int, device: torch.device | str,
+                 pin: bool = False):
+        t, b = max_num_tokens, max_batch_size
+
+        def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+
+        self.token_ids = zeros(t)
+        self.positions = zeros(t)
+        self.slot_mapping = zeros(t)
+        self.query_start_loc = zeros(b + 1, dtype=torch.int32)
+        self.seq_lens = zeros(b)
+        self.block_tables = zeros(b, max_blocks)
+        self.logits_indices = zeros(b)
+        # Rows whose input token is still on the device (async scheduling): where it goes, where it is.
+        self.fill_dst = zeros(b)
+        self.fill_src = zeros(b)
+        # Recorded after the copies that read this set (a pinned host set): it may be rewritten after.
+        self.copied: torch.cuda.Event | None = None
+
+
 class StepInputs:
     def __init__(self, max_num_tokens: int, max_batch_size: int, max_seq_len: int, block_size: int,
                  device: torch.device, dummy_block: int = 0):
@@ -39,39 +92,33 @@ class StepInputs:
         self.device = device
         self.dummy_block = dummy_block
         self.max_blocks = -(-max_seq_len // block_size)
-        t, b = max_num_tokens, max_batch_size
-        # NOTE: on a GPU each buffer has a pinned host twin and is filled by a copy that does not block
-        # the host. The next step overwrites the twin only after this step's sampled tokens came back
-        # (a synchronisation), so a copy never reads a twin that is being rewritten.
-        pinned = device.type == "cuda"
+        # One row more than the batch: a mixed graph shape always has a padding row (step_graphs).
+        rows = max_batch_size + 1
+        self._dev = _Buffers(max_num_tokens, rows, self.max_blocks, device)
+        # NOTE: on a GPU the buffers are filled from pinned host twins by copies that do not block the
+        # host. With async scheduling the next step is prepared before this one's copies have surely
+        # run, so there are two sets of twins, used in turn, each reused only once its copies are done.
+        self._copy = device.type == "cuda"
+        self._hosts = ([_Buffers(max_num_tokens, rows, self.max_blocks, "cpu", pin=True) for _ in range(2)]
+                       if self._copy else [self._dev])
+        self._turn = 0
 
-        def buffer(*shape: int, dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
-            dev = torch.zeros(shape, dtype=dtype, device=device)
-            return dev, (torch.zeros(shape, dtype=dtype, pin_memory=True) if pinned else dev)
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name in _FIELDS:  # the device buffers, which captured graphs read
+            return getattr(self._dev, name)
+        raise AttributeError(name)
 
-        self.token_ids, self._token_ids = buffer(t)
-        self.positions, self._positions = buffer(t)
-        self.slot_mapping, self._slot_mapping = buffer(t)
-        self.query_start_loc, self._query_start_loc = buffer(b + 1, dtype=torch.int32)
-        self.seq_lens, self._seq_lens = buffer(b)
-        self.block_tables, self._block_tables = buffer(b, self.max_blocks)
-        self.logits_indices, self._logits_indices = buffer(b)
-        # Rows whose input token is still on the device (async scheduling): where it goes, where it is.
-        self.fill_dst, self._fill_dst = buffer(b)
-        self.fill_src, self._fill_src = buffer(b)
-        self._copy = pinned
-
-    def prepare(self, batch: Batch, pad_to: tuple[int, int] | None = None,
+    def prepare(self, batch: Batch, pad_to: StepShape | None = None,
                 prev_tokens: PrevTokens | None = None) -> StepBatch:
         """Fill the buffers for ``batch`` and return views of them.
 
         A request whose input token is a placeholder (sampled by the step in flight, async scheduling)
         takes it from ``prev_tokens``: that step's token ids on the device and each request's row there.
 
-        With ``pad_to=(rows, context)`` (a decode step: one token per sequence) the step is padded to
-        ``rows`` sequences and a block table ``context`` tokens wide, the shape of a captured graph;
-        its metadata's host-side lengths then only bound the shapes (``max_seq_len``), so only
-        implementations that read lengths from the device tensors may run it (graph-safe ones).
+        With ``pad_to`` the step is padded to that shape (a captured graph's) with rows that write
+        only the dummy block (see ``padding``); its metadata's host-side lengths then only bound the
+        shapes (``max_seq_len``), so only implementations that read lengths from the device tensors
+        may run it (graph-safe ones).
         """
         bs = self.block_size
         num_seqs = len(batch)
@@ -80,20 +127,24 @@ class StepInputs:
         seq_lens = [s + n for s, n in zip(starts, lens)]
         sampled = [start + n == req.num_tokens for (req, n), start in zip(batch, starts)]
         if pad_to is None:
-            rows, width = num_seqs, -(-max(seq_lens, default=0) // bs)
+            rows, width, pad = num_seqs, -(-max(seq_lens, default=0) // bs), []
         else:
-            rows, width = pad_to[0], pad_to[1] // bs
-            if sum(lens) != num_seqs or rows < num_seqs or width * bs < max(seq_lens, default=0):
-                raise ValueError(f"a padded step holds one token per sequence, at most {rows} sequences "
-                                 f"of at most {width * bs} tokens")
-        num_tokens = sum(lens) + rows - num_seqs
+            rows, width = pad_to.rows, pad_to.width
+            pad = padding(lens, pad_to, bs)
+            if pad is None or width * bs < max(seq_lens, default=0):
+                raise ValueError(f"a step of {len(lens)} sequences and {sum(lens)} tokens does not fit {pad_to}")
+        num_tokens = sum(lens) + sum(pad)
 
-        token_ids = self._token_ids[:num_tokens].numpy()
-        positions = self._positions[:num_tokens].numpy()
-        slots = self._slot_mapping[:num_tokens].numpy()
-        table = self._block_tables[:rows, :width].numpy()
-        query_start_loc = self._query_start_loc[: rows + 1].numpy()
-        lengths = self._seq_lens[:rows].numpy()
+        h = self._hosts[self._turn]
+        self._turn = (self._turn + 1) % len(self._hosts)
+        if h.copied is not None:
+            h.copied.synchronize()
+        token_ids = h.token_ids[:num_tokens].numpy()
+        positions = h.positions[:num_tokens].numpy()
+        slots = h.slot_mapping[:num_tokens].numpy()
+        table = h.block_tables[:rows, :width].numpy()
+        query_start_loc = h.query_start_loc[: rows + 1].numpy()
+        lengths = h.seq_lens[:rows].numpy()
         table.fill(self.dummy_block)
         fills: list[tuple[int, int]] = []
         offset = 0
@@ -110,47 +161,53 @@ class StepInputs:
             slots[offset:offset + n] = blocks[pos // bs] * bs + pos % bs
             token_ids[offset:offset + n] = req.token_ids[start:start + n]
             offset += n
-        # Padding rows: one token 0 at position 0, written to the dummy block, context of one token.
+        # Padding rows: tokens 0 at positions 0.., written to the dummy block, which their tables name.
         token_ids[offset:] = 0
-        positions[offset:] = 0
         slots[offset:] = self.dummy_block * bs
+        for n in pad:
+            positions[offset:offset + n] = np.arange(n)
+            offset += n
         query_start_loc[0] = 0
-        np.cumsum(lens + [1] * (rows - num_seqs), out=query_start_loc[1:])
+        np.cumsum(lens + pad, out=query_start_loc[1:])
         lengths[:num_seqs] = seq_lens
-        lengths[num_seqs:] = 1
+        lengths[num_seqs:] = pad
 
-        self._upload(self.token_ids, self._token_ids, num_tokens)
-        self._upload(self.positions, self._positions, num_tokens)
-        self._upload(self.slot_mapping, self._slot_mapping, num_tokens)
-        self._upload(self.query_start_loc, self._query_start_loc, rows + 1)
-        self._upload(self.seq_lens, self._seq_lens, rows)
+        d = self._dev
+        self._upload(h, "token_ids", num_tokens)
+        self._upload(h, "positions", num_tokens)
+        self._upload(h, "slot_mapping", num_tokens)
+        self._upload(h, "query_start_loc", rows + 1)
+        self._upload(h, "seq_lens", rows)
         if self._copy:
-            self.block_tables[:rows, :width].copy_(self._block_tables[:rows, :width], non_blocking=True)
+            d.block_tables[:rows, :width].copy_(h.block_tables[:rows, :width], non_blocking=True)
         if fills:
             k = len(fills)
-            self._fill_dst[:k].numpy()[:] = [d for d, _ in fills]
-            self._fill_src[:k].numpy()[:] = [s for _, s in fills]
-            self._upload(self.fill_dst, self._fill_dst, k)
-            self._upload(self.fill_src, self._fill_src, k)
-            self.token_ids[self.fill_dst[:k]] = prev_tokens[0][self.fill_src[:k]]
+            h.fill_dst[:k].numpy()[:] = [dst for dst, _ in fills]
+            h.fill_src[:k].numpy()[:] = [src for _, src in fills]
+            self._upload(h, "fill_dst", k)
+            self._upload(h, "fill_src", k)
+            d.token_ids[d.fill_dst[:k]] = prev_tokens[0][d.fill_src[:k]]
         logits_indices = None
         if pad_to is None and not (num_tokens == num_seqs and all(sampled)):
             rows_to_sample = [int(query_start_loc[i + 1]) - 1 for i in range(num_seqs) if sampled[i]]
-            self._logits_indices[: len(rows_to_sample)].numpy()[:] = rows_to_sample
-            self._upload(self.logits_indices, self._logits_indices, len(rows_to_sample))
-            logits_indices = self.logits_indices[: len(rows_to_sample)]
+            h.logits_indices[: len(rows_to_sample)].numpy()[:] = rows_to_sample
+            self._upload(h, "logits_indices", len(rows_to_sample))
+            logits_indices = d.logits_indices[: len(rows_to_sample)]
+        if self._copy:
+            h.copied = torch.cuda.Event()
+            h.copied.record()
         meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:num_tokens],
-            block_tables=self.block_tables[:rows, :width],
+            slot_mapping=d.slot_mapping[:num_tokens],
+            block_tables=d.block_tables[:rows, :width],
             query_start_loc=query_start_loc.tolist(),
             seq_lens=lengths.tolist() if pad_to is None else [width * bs] * rows,
             block_size=bs,
-            query_start_loc_t=self.query_start_loc[: rows + 1],
-            seq_lens_t=self.seq_lens[:rows],
+            query_start_loc_t=d.query_start_loc[: rows + 1],
+            seq_lens_t=d.seq_lens[:rows],
             max_seq_len=width * bs if pad_to is not None else 0,
         )
-        return StepBatch(self.token_ids[:num_tokens], self.positions[:num_tokens], meta, logits_indices, num_seqs)
+        return StepBatch(d.token_ids[:num_tokens], d.positions[:num_tokens], meta, logits_indices, num_seqs)
 
-    def _upload(self, dst: torch.Tensor, host: torch.Tensor, n: int) -> None:
+    def _upload(self, host: _Buffers, name: str, n: int) -> None:
         if self._copy:
-            dst[:n].copy_(host[:n], non_blocking=True)
+            getattr(self._dev, name)[:n].copy_(getattr(host, name)[:n], non_blocking=True)

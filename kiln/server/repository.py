@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.server import backends, memory
 from kiln.server import config as cfg
 from kiln.server.backends.base import Backend, ModelContext
+from kiln.server.core import InferenceRequest, InferenceResponse
 from kiln.server.errors import ServerError
 from kiln.server.model import ServedModel
 from kiln.server.shm import SharedMemoryManager
@@ -54,7 +56,8 @@ class LoadPlan:
 
 class ModelRepository:
     def __init__(self, root: Path, mode: str, shm: SharedMemoryManager, startup_models: list[str] | None = None,
-                 poll_secs: float = 15.0):
+                 poll_secs: float = 15.0,
+                 infer: Callable[[InferenceRequest], AsyncIterator[InferenceResponse]] | None = None):
         if mode not in MODES:
             raise ServerError.invalid(f"model control mode '{mode}' is not one of {', '.join(MODES)}")
         if startup_models and mode != "explicit":
@@ -66,6 +69,7 @@ class ModelRepository:
         self.shm = shm
         self.startup_models = list(startup_models or [])
         self.poll_secs = poll_secs
+        self.infer = infer  # the server's, handed to backends in ModelContext (BLS)
         self._entries: dict[str, ModelEntry] = {}
 
     # -- reading -----------------------------------------------------------------------------------
@@ -216,7 +220,7 @@ class ModelRepository:
 
     async def _load_version(self, name: str, model_dir: Path, plan: LoadPlan, version: int,
                             version_dir: Path) -> tuple[int, ServedModel | None, str]:
-        context = ModelContext(name, version, plan.config, model_dir, version_dir)
+        context = ModelContext(name, version, plan.config, model_dir, version_dir, self.infer)
         try:
             model = await asyncio.to_thread(ServedModel.load, context, plan.backend, self.shm)
             try:

@@ -38,7 +38,7 @@ class InferenceServer:
         self.options = options
         self.shm = SharedMemoryManager()
         self.repository = ModelRepository(options.model_repository, options.model_control_mode, self.shm,
-                                          options.load_models, options.repository_poll_secs)
+                                          options.load_models, options.repository_poll_secs, self.infer)
         self.ready = False
         self._poller: asyncio.Task | None = None
 

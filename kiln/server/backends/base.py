@@ -66,7 +66,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -76,7 +76,7 @@ from kiln.server import config as cfg
 if TYPE_CHECKING:
     from prometheus_client import Metric
 
-    from kiln.server.core import InferenceRequest
+    from kiln.server.core import InferenceRequest, InferenceResponse
     from kiln.server.stats import ComputeTimes
 
 
@@ -89,6 +89,9 @@ class ModelContext:
     config: cfg.ModelConfig  # complete, normalized and checked; do not change it
     model_dir: Path
     version_dir: Path
+    # The server's own infer (every response of a request to any model; raises ServerError when it is
+    # refused), for models that call other models: the python backend's BLS. None outside a server.
+    infer: Callable[[InferenceRequest], AsyncIterator[InferenceResponse]] | None = None
 
     @property
     def parameters(self) -> dict[str, str]:
