@@ -10,6 +10,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (tests/test_triton_kernels.py). Triton
+# reads this when it is first imported, and transformers imports it, so it is set before anything else.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hf_models import make_hf_model  # noqa: E402
 

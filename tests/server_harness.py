@@ -147,12 +147,15 @@ def _die_with_parent() -> None:
 
 
 class ServerProcess:
-    """``kiln serve`` in a subprocess on ephemeral ports; ``stop()`` always ends it."""
+    """``kiln serve`` in a subprocess on ephemeral ports; ``stop()`` always ends it. ``repository`` None
+    leaves ``--model-repository`` out (``args`` then name a model, or none for the default one)."""
 
-    def __init__(self, repository: Path, *args: str, ready_timeout: float = 60.0):
-        cmd = [sys.executable, "-m", "kiln.cli.main", "serve", "--model-repository", str(repository),
+    def __init__(self, repository: Path | None, *args: str, ready_timeout: float = 60.0,
+                 env: dict[str, str] | None = None):
+        where = ["--model-repository", str(repository)] if repository is not None else []
+        cmd = [sys.executable, "-m", "kiln.cli.main", "serve", *where,
                "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *args]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, preexec_fn=_die_with_parent)
         self.lines: list[str] = []
@@ -231,7 +234,7 @@ class InProcessServer:
         self.addresses: dict[str, str] = {}
         self.error: BaseException | None = None
 
-        def started(addresses: dict[str, str]) -> None:
+        def started(server, addresses: dict[str, str]) -> None:
             self.addresses = addresses
             self._started.set()
 

@@ -39,7 +39,7 @@ def test_engine_layout_and_checksums(engine_dir):
     assert not any(".q_proj." in n or ".gate_proj." in n for n in names)
     for m in engine.manifest:
         assert m["sha256"] == tensor_checksum(weights[m["name"]])
-    assert set(engine.plan) >= {"linear", "rms_norm", "paged_attention", "rotary_embedding"}
+    assert set(engine.plan) >= {"linear", "rms_norm", "add_rms_norm", "paged_attention", "rotary_and_write_kv_cache"}
     assert engine.target["torch"] == torch.__version__
     assert engine.tokenizer["eos_token_ids"] and engine.tokenizer["chat_template"]
 

@@ -170,7 +170,7 @@ def test_an_interrupted_generate_aborts_its_requests(engine):
     assert_idle(llm)
 
 
-def test_static_decode_graphs_refuse_a_plan_that_reads_lengths_on_the_host(engine, tmp_path):
+def test_static_cuda_graphs_refuse_a_plan_that_reads_lengths_on_the_host(engine, tmp_path):
     """The padded graph path with the reference attention gave wrong tokens silently; now it is refused."""
     copy = tmp_path / "engine"
     shutil.copytree(engine, copy)
@@ -178,11 +178,11 @@ def test_static_decode_graphs_refuse_a_plan_that_reads_lengths_on_the_host(engin
     meta["plan"]["paged_attention"] = {"impl": "reference", "config": {}}
     (copy / "engine.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="paged_attention:reference"):
-        LLM(copy, device=DEVICE, decode_graphs="static")
+        LLM(copy, device=DEVICE, cuda_graphs="static")
     # auto chooses the eager path for such a plan, and it is correct.
     prompts = [[5, 6, 7], [9] * 20]
     assert [o.token_ids for o in LLM(copy, device=DEVICE).generate(prompts, GREEDY)] == \
-        [o.token_ids for o in LLM(engine, device=DEVICE, decode_graphs="off").generate(prompts, GREEDY)]
+        [o.token_ids for o in LLM(engine, device=DEVICE, cuda_graphs="off").generate(prompts, GREEDY)]
 
 
 def test_unknown_runtime_options_are_named(engine):
@@ -307,19 +307,22 @@ def test_async_scheduling_gives_the_same_results(engine):
     for mode in (False, True):
         llm = LLM(engine, device=DEVICE, async_scheduling=mode, kv_cache_memory=small)
         outs = llm.generate(prompts, params)
-        runs[mode] = [[(c.token_ids, c.finish_reason, c.stop_reason,
-                        [(lp.token_id, round(lp.logprob, 4)) for lp in c.logprobs or []]) for c in o.outputs]
-                      for o in outs]
+        runs[mode] = [[(c.token_ids, c.finish_reason, c.stop_reason, [lp.token_id for lp in c.logprobs or []],
+                        [lp.logprob for lp in c.logprobs or []]) for c in o.outputs] for o in outs]
         assert_idle(llm)
         if mode:
             assert llm.engine.stats().num_preemptions > 0
-    assert runs[True] == runs[False]
+    # Tokens exactly; logprobs to within what another batch shape's kernels may round differently.
+    assert [[c[:4] for c in o] for o in runs[True]] == [[c[:4] for c in o] for o in runs[False]]
+    for a, b in zip(runs[True], runs[False]):
+        for ca, cb in zip(a, b):
+            assert ca[4] == pytest.approx(cb[4], abs=1e-3)
 
 
-def test_async_scheduling_with_static_decode_graphs(engine):
+def test_async_scheduling_with_static_cuda_graphs(engine):
     prompts = [[5, 6, 7], [9] * 20, [11] * 33]
     params = SamplingParams(max_tokens=25, temperature=0, ignore_eos=True)
-    eager = LLM(engine, device=DEVICE, decode_graphs="off", async_scheduling=False).generate(prompts, params)
-    llm = LLM(engine, device=DEVICE, decode_graphs="static", async_scheduling=True)
+    eager = LLM(engine, device=DEVICE, cuda_graphs="off", async_scheduling=False).generate(prompts, params)
+    llm = LLM(engine, device=DEVICE, cuda_graphs="static", async_scheduling=True)
     assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in eager]
     assert_idle(llm)

@@ -144,19 +144,23 @@ def test_metrics(engine):
     assert m.time_per_output_token > 0
 
 
-def test_decode_graph_path_gives_identical_outputs(engine):
-    """The padded, fixed-shape decode path that CUDA graphs capture, run eagerly: same tokens, no leaks."""
+def test_graph_shaped_steps_give_identical_outputs(engine):
+    """The padded, fixed-shape steps that CUDA graphs capture (decode steps, and mixed steps of prefill
+    chunks beside decodes), run eagerly on a CPU or replayed on a GPU: same tokens, no leaks."""
     prompts = mixed_prompts(11, seed=4)
-    eager = LLM(engine, device=DEVICE, decode_graphs="off").generate(prompts, LONG)
-    static = LLM(engine, device=DEVICE, decode_graphs="static" if DEVICE == "cpu" else "on")
-    runs = []
-    graphs = static.engine.call(lambda core: core.runner.graphs)
+    eager = LLM(engine, device=DEVICE, cuda_graphs="off").generate(prompts, LONG)
+    graphed = LLM(engine, device=DEVICE, cuda_graphs="static" if DEVICE == "cpu" else "on")
+    shapes = []
+    graphs = graphed.engine.call(lambda core: core.runner.graphs)
     original = graphs.run
-    graphs.run = lambda batch, prev=None: runs.append(len(batch)) or original(batch, prev)
-    outs = static.generate(prompts, LONG)
+    graphs.run = lambda batch, shape, prev=None: shapes.append((len(batch), shape)) or original(batch, shape, prev)
+    outs = graphed.generate(prompts, LONG)
     assert [o.token_ids for o in outs] == [o.token_ids for o in eager]
-    assert runs and max(runs) == 8 and min(runs) < 8  # full and padded batches both took the graph path
-    assert_idle(static)
+    decode = [n for n, s in shapes if s in graphs.decode_shapes]
+    mixed = [n for n, s in shapes if s in graphs.mixed_shapes]
+    assert decode and max(decode) == 8 and min(decode) < 8  # full and padded decode batches
+    assert mixed  # steps with prefill chunks took a graph shape too
+    assert_idle(graphed)
 
 
 def test_kv_pool_is_sized_from_the_byte_budget(engine):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kiln.ops import REFERENCE, AttentionMetadata, OpTable, all_ops, get_op, plugin
-from kiln.ops.reference import paged_attention
+from kiln.ops.reference import paged_attention, write_kv_cache
 
 
 def random_paged_batch(seq_lens, q_lens, heads=8, heads_kv=2, dim=16, block=4, num_blocks=64, seed=0):
@@ -66,7 +66,8 @@ def test_reference_paged_attention_matches_dense(window):
     torch.testing.assert_close(got, dense_attention(q, kv, meta, 0.25, window), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", [n for n in get_op("paged_attention").impls if n != REFERENCE])
+@pytest.mark.parametrize("impl", [n for n, i in get_op("paged_attention").impls.items()
+                                  if n != REFERENCE and i.supports(torch.device("cpu"), torch.float32)])
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("case", [([5, 1, 33, 12], [1, 1, 1, 1]), ([7, 20], [7, 3]), ([9, 4, 16], [1, 4, 1])],
                          ids=["decode", "prefill", "mixed"])
@@ -124,8 +125,32 @@ def test_write_kv_cache_puts_each_token_in_its_slot():
     k_cache, v_cache = torch.zeros(6, 4, 2, 8), torch.zeros(6, 4, 2, 8)
     k, v = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
     slots = torch.tensor([23, 0, 9, 4, 13])
-    get_op("write_kv_cache").reference.fn(k, v, k_cache, v_cache, slots)
+    write_kv_cache(k, v, k_cache, v_cache, slots)
     for t, slot in enumerate(slots.tolist()):
         torch.testing.assert_close(k_cache[slot // 4, slot % 4], k[t])
         torch.testing.assert_close(v_cache[slot // 4, slot % 4], v[t])
     assert int((k_cache != 0).any(-1).sum()) == 5 * 2
+
+
+def test_op_table_binds_a_plan_config_and_ignores_one_it_does_not_know(caplog):
+    calls = []
+
+    @plugin("silu_and_mul", "test_tunable", configs=({"block": 64}, {"block": 128}))
+    def tunable(x, block=64):
+        calls.append(block)
+        return get_op("silu_and_mul").reference.fn(x)
+
+    try:
+        x = torch.randn(2, 8)
+        OpTable({"silu_and_mul": {"impl": "test_tunable", "config": {"block": 128}}},
+                torch.device("cpu"), torch.float32).silu_and_mul(x)
+        OpTable({"silu_and_mul": {"impl": "test_tunable", "config": {}}},
+                torch.device("cpu"), torch.float32).silu_and_mul(x)
+        with caplog.at_level("WARNING"):
+            table = OpTable({"silu_and_mul": {"impl": "test_tunable", "config": {"tile": 3}}},
+                            torch.device("cpu"), torch.float32)
+        table.silu_and_mul(x)
+        assert calls == [128, 64, 64]
+        assert "takes no config keys ['tile']" in caplog.text and "using its default config" in caplog.text
+    finally:
+        del get_op("silu_and_mul").impls["test_tunable"]

@@ -17,6 +17,7 @@ from kiln.engine import FORMAT_VERSION, TOKENIZER_FILES, BuildConfig, manifest_o
 from kiln.engine.target import target_of
 from kiln.errors import BuildError
 from kiln.fsutil import staged_dir
+from kiln.ops.user_plugins import PLUGIN_DIR, load_plugin_file
 from kiln.version import __version__
 
 
@@ -27,11 +28,20 @@ def build(
     strip_weights: bool = False,
     device: str | torch.device | None = None,
     progress: bool = True,
+    tune: bool | None = None,
+    plugins: list[str | os.PathLike] = (),
 ) -> Path:
-    """Build the engine at ``out``; nothing is left there unless the build succeeds."""
+    """Build the engine at ``out``; nothing is left there unless the build succeeds.
+
+    The ops with a choice of kernels are timed at the engine's shapes (``tune``; None: on a GPU).
+    ``plugins`` are the user's plugin files: imported first (their plugins are candidates too) and
+    carried by the engine.
+    """
     config = config or BuildConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
+    for file in plugins:
+        load_plugin_file(file)
     with staged_dir(out, "engine") as stage:
         if is_checkpoint(source):
             checkpoint = read_checkpoint(source)
@@ -44,7 +54,7 @@ def build(
         _check_limits(checkpoint, config)
         steps = tqdm(total=4, desc="build", disable=not progress, leave=False)
         steps.set_postfix_str("plan ops")
-        plan = choose_plan(device, config.torch_dtype)
+        plan = choose_plan(device, checkpoint.config, config, tune=tune)
         steps.update()
         steps.set_postfix_str("fuse and cast weights")
         tensors = engine_tensors(checkpoint.config, source_tensors, config.torch_dtype)
@@ -53,6 +63,14 @@ def build(
         steps.set_postfix_str("write weights")
         if not strip_weights:
             save_file(tensors, str(stage / weights_file(0)), metadata={"format": "pt"})
+        carried = []
+        for file in plugins:
+            (stage / PLUGIN_DIR).mkdir(exist_ok=True)
+            rel = f"{PLUGIN_DIR}/{Path(file).name}"
+            if rel in carried:
+                raise BuildError(f"two plugin files are named {Path(file).name}")
+            shutil.copyfile(file, stage / rel)
+            carried.append(rel)
         for name in TOKENIZER_FILES:
             shutil.copyfile(checkpoint.path / name, stage / name)
         steps.update()
@@ -68,6 +86,7 @@ def build(
             "target": target_of(device),
             "weights": {"files": [weights_file(0)], "stripped": strip_weights, "tensors": manifest_of(tensors)},
             "tokenizer": tokenizer_facts(checkpoint),
+            **({"plugins": carried} if carried else {}),
         }
         write_engine_json(stage, meta)
         steps.update()

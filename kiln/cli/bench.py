@@ -71,8 +71,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
                    help="KV cache size in GiB (default: twice a full batch at max length, within free memory)")
-    p.add_argument("--decode-graphs", choices=["auto", "on", "off"], default="auto",
-                   help="CUDA graphs for decode steps (auto: on a GPU when the plan allows)")
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="CUDA graphs for decode and small mixed steps (auto: on a GPU when the plan allows)")
     g = p.add_argument_group("build options (when the model must be built first)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on GPU; a built engine keeps its own")
@@ -118,7 +118,7 @@ def _throughput(args: argparse.Namespace) -> None:
     llm = LLMEngine(str(engine_dir), RuntimeConfig(device=args.device, max_batch_size=args.max_batch_size,
                                                    max_num_tokens=args.max_num_tokens,
                                                    kv_cache_memory=_kv_bytes(args),
-                                                   decode_graphs=args.decode_graphs))
+                                                   cuda_graphs=args.cuda_graphs))
     result = run_throughput(llm, dataset, args.request_rate, args.warmup, args.seed)
     settings = {"request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
                 "warmup": args.warmup, "seed": args.seed}
@@ -165,7 +165,7 @@ def _latency(args: argparse.Namespace) -> None:
     llm = LLMEngine(str(engine_dir), RuntimeConfig(device=args.device, max_batch_size=b,
                                                    max_num_tokens=args.max_num_tokens,
                                                    kv_cache_memory=_kv_bytes(args),
-                                                   decode_graphs=args.decode_graphs))
+                                                   cuda_graphs=args.cuda_graphs))
     if llm.limits.max_batch_size < b:
         llm.shutdown()
         raise KilnError(f"engine {engine_dir} runs at most {llm.limits.max_batch_size} requests at "

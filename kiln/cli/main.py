@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", required=True, help="engine folder to create")
     _add_build_options(p)
     p.add_argument("--strip-weights", action="store_true", help="leave the weights out (fill with kiln refit)")
+    p.add_argument("--plugins", action="append", default=[], metavar="FILE.py",
+                   help="a Python file registering your own op implementations (repeatable); the engine carries it")
+    p.add_argument("--tune", choices=["auto", "on", "off"], default="auto",
+                   help="time each op's candidate kernels at the engine's shapes and keep the fastest "
+                        "(auto: on a GPU)")
     p.add_argument("--device", default=None, help="device to plan for (default: cuda if present, else cpu)")
     p.set_defaults(run=_build)
 
@@ -55,22 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_build_options(p, for_run=True)
     p.set_defaults(run=_run)
 
-    p = verbs.add_parser("serve", help="serve a model repository (Triton's KServe v2 HTTP and gRPC, metrics)")
-    p.add_argument("--model-repository", required=True, metavar="DIR", help="folder of model folders (Triton layout)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--http-port", type=int, default=8000, help="0 picks a free port (default 8000)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port (default 8001)")
-    p.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port (default 8002)")
-    p.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default="none",
-                   help="none: load all at start; explicit: load/unload on request; poll: follow the folder")
-    p.add_argument("--load-model", action="append", default=[], metavar="NAME",
-                   help="with explicit control: a model to load at start (repeatable; '*' for all)")
-    p.add_argument("--repository-poll-secs", type=float, default=15.0, help="poll mode: seconds between scans")
-    p.add_argument("--log-verbose", type=int, default=0, metavar="LEVEL", help="> 0 logs every request")
-    p.set_defaults(run=_serve)
+    from kiln.cli import bench, serve
 
-    from kiln.cli import bench
-
+    serve.add_parser(verbs, _add_build_options)
     bench.add_parser(verbs)
 
     args = parser.parse_args(argv)
@@ -111,7 +103,8 @@ def _build(args: argparse.Namespace) -> None:
     from kiln.builder.engine_cache import build_config
 
     config = build_config(args.source, args.dtype, args.device, **_build_limits(args))
-    out = build(args.source, args.output, config, strip_weights=args.strip_weights, device=args.device)
+    out = build(args.source, args.output, config, strip_weights=args.strip_weights, device=args.device,
+                tune={"auto": None, "on": True, "off": False}[args.tune], plugins=args.plugins)
     print(f"wrote engine {out}; see it with `kiln inspect {out}`")
 
 
@@ -148,18 +141,6 @@ def _run(args: argparse.Namespace) -> None:
     else:
         out = llm.generate([prompt], params)[0]
     print(out.text)
-
-
-def _serve(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from kiln.server.app import ServeOptions, run
-
-    logging.getLogger("kiln.server").setLevel(logging.DEBUG if args.log_verbose else logging.INFO)
-    run(ServeOptions(model_repository=Path(args.model_repository), model_control_mode=args.model_control_mode,
-                     load_models=args.load_model, repository_poll_secs=args.repository_poll_secs, host=args.host,
-                     http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                     log_verbose=args.log_verbose))
 
 
 if __name__ == "__main__":

@@ -126,6 +126,10 @@ class Engine:
         return bool(self.meta["weights"]["stripped"])
 
     @property
+    def plugins(self) -> list[str]:
+        return list(self.meta.get("plugins") or [])
+
+    @property
     def weights_path(self) -> Path:
         return self.path / weights_file(0)
 
@@ -147,7 +151,9 @@ ENGINE_SCHEMA = Record(
         "tokenizer": Record({**GENERATION_SCHEMA.required, "add_bos_token": BOOL, "chat_template": Nullable(STR)},
                             {"bos_token": Nullable(STR), "eos_token": Nullable(STR), "files": ListOf(STR)}),
     },
-    {"kiln_version": Nullable(STR), "created": STR, "source": Nullable(DictOf())},
+    {"kiln_version": Nullable(STR), "created": STR, "source": Nullable(DictOf()),
+     # The user's plugin files the engine carries (relative paths), imported before its plan is bound.
+     "plugins": ListOf(STR)},
 )
 
 

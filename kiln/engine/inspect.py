@@ -33,6 +33,7 @@ def describe(engine: Engine) -> dict:
         "build": b.to_dict(),
         "kv_cache_bytes_per_token": kv_per_token,
         "plan": engine.plan,
+        "plugins": engine.plugins,
         "target": engine.target,
         "tokenizer": {
             "vocab_size": vocab,
@@ -74,6 +75,17 @@ def format_text(d: dict) -> str:
     for op, entry in sorted(d["plan"].items()):
         config = f"  {entry['config']}" if entry.get("config") else ""
         lines.append(f"            {op:<19} {entry['impl']}{config}")
+        tuning = entry.get("tuning")
+        if tuning:
+            # The timed candidates, fastest first: ms summed over the shapes the op was timed at.
+            ranked = sorted((c for c in tuning["candidates"] if c["ms"] is not None), key=lambda c: c["ms"])
+            lines.append(f"            {'':<19} timed at {', '.join(tuning['shapes'])}:")
+            for c in ranked[:4]:
+                lines.append(f"            {'':<19}   {c['ms'] * 1000:9.1f} us  {c['impl']} {c['config'] or ''}")
+            if len(ranked) > 4:
+                lines.append(f"            {'':<19}   ... {len(ranked) - 4} more; `kiln inspect --json` has them all")
+    if d.get("plugins"):
+        lines.append(f"plugins     {', '.join(d['plugins'])} (carried by the engine, imported at load)")
     tgt = d["target"]
     lines += [
         "",

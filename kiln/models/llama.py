@@ -23,9 +23,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
         self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, ops, mapping)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it); the next norm adds them.
+
+        NOTE: carrying the residual lets each add fuse with the norm after it; the sums are the
+        ones transformers forms (in the activation dtype), so the numerics do not change.
+        """
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h = self.self_attn(h, cos_sin)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -39,9 +51,10 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(token_ids)
         # The rotary rows of this step's positions, gathered and cast once for all layers.
         cos_sin = rope_table[positions].to(x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos_sin)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos_sin)
+        return self.norm.add_and_norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,4 +1,4 @@
-"""Self-attention over the paged KV cache: fused QKV projection, RoPE, cache write, attention, output."""
+"""Self-attention over the paged KV cache: fused QKV projection, RoPE and cache write, attention, output."""
 from __future__ import annotations
 
 import torch
@@ -41,11 +41,7 @@ class Attention(nn.Module):
         ctx = get_forward_context()
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        # NOTE: per token, the query heads and key heads are adjacent, so one rotary call covers both.
-        qk = self.ops.rotary_embedding(qkv[:, : self.num_heads + self.num_kv_heads], cos_sin)
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
-        v = qkv[:, self.num_heads + self.num_kv_heads:]
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        self.ops.write_kv_cache(k, v, k_cache, v_cache, ctx.attn.slot_mapping)
+        q = self.ops.rotary_and_write_kv_cache(qkv, cos_sin, k_cache, v_cache, ctx.attn.slot_mapping, self.num_heads)
         o = self.ops.paged_attention(q, k_cache, v_cache, ctx.attn, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(num_tokens, self.q_size))

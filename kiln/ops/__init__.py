@@ -5,5 +5,8 @@ from kiln.ops.registry import REFERENCE, Implementation, Op, OpTable, all_ops, g
 
 __all__ = ["AttentionMetadata", "Implementation", "Op", "OpTable", "REFERENCE", "all_ops", "get_op", "plugin"]
 
+# NOTE: plugin order is preference order where several support a target (the plan takes the first),
+# so the CUDA-only Triton plugins come before the portable ones.
+from kiln.ops import triton_plugins as _triton_plugins  # noqa: E402,F401  (registers the plugins)
 from kiln.ops import batched_decode_attention as _batched_decode_attention  # noqa: E402,F401  (registers the plugin)
 from kiln.ops import onednn_linear as _onednn_linear  # noqa: E402,F401  (registers the plugin)

@@ -39,6 +39,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
+@reference("add_rms_norm")
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of x + residual; returns (normed, x + residual), the sum in x's dtype as transformers adds."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
 @reference("silu_and_mul")
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU on a fused [gate | up] projection: silu(gate) * up."""
@@ -46,7 +55,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@reference("rotary_embedding")
 def rotary_embedding(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE of x [T, heads, D] with each token's [cos; sin] rows, cos_sin [T, 2, D] in x's dtype."""
     cos = cos_sin[:, 0].unsqueeze(1)
@@ -59,13 +67,33 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-@reference("write_kv_cache")
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Store this step's keys and values ([T, Hk, D]) in their cache slots ([blocks, block, Hk, D])."""
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+@reference("rotary_and_write_kv_cache")
+def rotary_and_write_kv_cache(
+    qkv: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
+    """RoPE on a fused projection's query and key heads, keys and values stored in their cache slots.
+
+    ``qkv`` is [T, H + 2 Hk, D] (query heads, then key heads, then value heads) and ``cos_sin`` the
+    [T, 2, D] rotary rows in qkv's dtype. Returns the rotated queries [T, H, D].
+    """
+    num_kv_heads = (qkv.shape[1] - num_heads) // 2
+    # NOTE: per token, the query heads and key heads are adjacent, so one rotary call covers both.
+    qk = rotary_embedding(qkv[:, : num_heads + num_kv_heads], cos_sin)
+    write_kv_cache(qk[:, num_heads:], qkv[:, num_heads + num_kv_heads:], k_cache, v_cache, slot_mapping)
+    return qk[:, :num_heads]
 
 
 @reference("paged_attention", graph_safe=False)  # its loop reads lengths on the host

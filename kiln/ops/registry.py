@@ -8,12 +8,16 @@ recorded plugin cannot run on the device at hand (``fallbacks`` lists them for t
 """
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 REFERENCE = "reference"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,13 +27,27 @@ class Implementation:
     fn: Callable[..., Any]
     # Says whether this implementation can run on a device and dtype.
     supports: Callable[[torch.device, torch.dtype], bool]
-    # Tunable configurations the builder may try (e.g. block sizes); empty for the reference.
+    # Tunable configurations a tuner may time (keyword arguments of ``fn``, e.g. block sizes); the
+    # first is what ``fn`` does when called without one. Empty for the reference.
     configs: tuple[dict, ...] = ()
     # Converts a weight, once at load, into the form this implementation reads (e.g. a blocked
     # layout); None: the weight is used as the engine stores it.
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
     # True when a decode step through it reads nothing from the host, so a CUDA graph can replay it.
     graph_safe: bool = False
+
+    def with_config(self, config: dict | None) -> Callable[..., Any]:
+        """``fn`` with ``config``'s entries bound as keyword arguments (``fn`` itself for none).
+
+        Raises ValueError naming the keys that none of ``configs`` has.
+        """
+        if not config:
+            return self.fn
+        known = {key for c in self.configs for key in c}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"{self.op}:{self.name} takes no config keys {unknown}; it takes {sorted(known)}")
+        return functools.partial(self.fn, **config)
 
 
 @dataclass(slots=True)
@@ -116,10 +134,11 @@ class OpTable:
                 if impl_name != REFERENCE:
                     self.fallbacks.append(f"{name}:{impl_name}")
                 impl = op.reference
-            config = entry.get("config") or {}
-            fn = impl.fn
-            if config:
-                fn = _bind_config(fn, config)
+            try:
+                fn = impl.with_config(entry.get("config") if impl.name == impl_name else None)
+            except ValueError as e:  # a plan from another kiln version: its defaults still run
+                log.warning("%s; using its default config", e)
+                fn = impl.fn
             setattr(self, name, fn)
             self.choices[name] = impl.name
             self._prepare[name] = impl.prepare
@@ -137,10 +156,3 @@ class OpTable:
 
     def __getattr__(self, name: str) -> Any:  # only reached for ops not bound above
         raise AttributeError(f"no op {name!r} in this table; registered: {sorted(_OPS)}")
-
-
-def _bind_config(fn: Callable, config: dict) -> Callable:
-    def bound(*args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **config, **kwargs)
-
-    return bound

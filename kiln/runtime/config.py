@@ -18,9 +18,9 @@ class RuntimeConfig:
     policy: Policy = "max_utilization"
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    # CUDA graphs for decode steps: "auto" (on a GPU when the plan allows), "on", "off", or "static"
-    # (their padded fixed-shape path without capture, to test it on a CPU).
-    decode_graphs: str = "auto"
+    # CUDA graphs for decode steps and small mixed steps (step_graphs): "auto" (on a GPU when the plan
+    # allows), "on", "off", or "static" (their padded fixed-shape steps without capture, to test them on a CPU).
+    cuda_graphs: str = "auto"
     # Runtime limits at or below the engine's build limits (None: the build limit).
     max_batch_size: int | None = None
     max_num_tokens: int | None = None

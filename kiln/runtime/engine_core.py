@@ -83,7 +83,7 @@ class EngineCore:
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         max_batch = min(config.max_batch_size or build.max_batch_size, build.max_batch_size)
         max_tokens = min(config.max_num_tokens or build.max_num_tokens, build.max_num_tokens)
-        self.runner = ModelRunner(self.engine, self.device, config.decode_graphs, max_batch, max_tokens,
+        self.runner = ModelRunner(self.engine, self.device, config.cuda_graphs, max_batch, max_tokens,
                                   config.verify_weights)
         # On a GPU the pool takes what is left after the weights and a measured step's peak memory.
         reserved = self.runner.profile_step_memory() if config.kv_cache_memory is None else 0

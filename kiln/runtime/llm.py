@@ -16,7 +16,7 @@ class LLM:
     """Load an engine and generate: ``LLM(engine_dir).generate(prompts, SamplingParams(...))``.
 
     A prompt is a string or a list of token ids. Results come back in the order of the prompts.
-    ``options`` are ``RuntimeConfig``'s fields (``kv_cache_memory``, ``decode_graphs``, ...).
+    ``options`` are ``RuntimeConfig``'s fields (``kv_cache_memory``, ``cuda_graphs``, ...).
     """
 
     def __init__(self, engine: str | Engine, device: str | None = None, **options):

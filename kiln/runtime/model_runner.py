@@ -10,19 +10,20 @@ from kiln.engine.target import target_of
 from kiln.models import ModelConfig, create_model
 from kiln.nn import ForwardContext, forward_context
 from kiln.ops import OpTable
-from kiln.runtime.decode_graphs import DecodeGraphs
+from kiln.ops.user_plugins import load_engine_plugins
+from kiln.runtime.step_graphs import StepGraphs
 from kiln.runtime.kv_pool import KVCacheSpec, allocate_kv_caches, kv_cache_spec
 from kiln.runtime.step_inputs import Batch, PrevTokens, StepBatch, StepInputs
 
 log = logging.getLogger(__name__)
 
-DECODE_GRAPH_MODES = ("auto", "on", "off", "static")
+CUDA_GRAPH_MODES = ("auto", "on", "off", "static")
 
 
 class ModelRunner:
     """Owns the model's weights, the KV cache tensors and the step-input buffers on one device."""
 
-    def __init__(self, engine: Engine, device: torch.device, decode_graphs: str = "auto",
+    def __init__(self, engine: Engine, device: torch.device, cuda_graphs: str = "auto",
                  max_batch_size: int | None = None, max_num_tokens: int | None = None, verify_weights: bool = True):
         self.engine = engine
         self.device = device
@@ -33,9 +34,10 @@ class ModelRunner:
         self.max_batch_size = max_batch_size or build.max_batch_size
         self.max_num_tokens = max_num_tokens or build.max_num_tokens
         self.max_seq_len = build.max_seq_len
+        load_engine_plugins(engine.path, engine.plugins)
         self.ops = OpTable(engine.plan, device, self.dtype)
         _warn_if_target_differs(engine, device, self.ops)
-        self.decode_graphs_mode = decode_graph_mode(decode_graphs, device, self.ops)
+        self.cuda_graphs_mode = cuda_graph_mode(cuda_graphs, device, self.ops)
         with torch.device("meta"):
             self.model = create_model(self.config, self.ops, max_positions=build.max_seq_len)
         weights = load_weights(engine, device, verify=verify_weights)
@@ -49,7 +51,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.inputs: StepInputs | None = None
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
 
     @torch.inference_mode()
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -58,9 +60,9 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks + 1, self.device)
         self.inputs = StepInputs(self.max_num_tokens, self.max_batch_size, self.max_seq_len, self.block_size,
                                  self.device, dummy_block=num_blocks)
-        if self.decode_graphs_mode != "off":
-            self.graphs = DecodeGraphs(self._logits_of_every_row, self.inputs, self.max_batch_size,
-                                       self.max_seq_len, capture=self.decode_graphs_mode == "on")
+        if self.cuda_graphs_mode != "off":
+            self.graphs = StepGraphs(self._logits_of_last_tokens, self.inputs, self.max_batch_size,
+                                     self.max_seq_len, self.max_num_tokens, capture=self.cuda_graphs_mode == "on")
 
     @torch.inference_mode()
     def profile_step_memory(self) -> int:
@@ -74,8 +76,12 @@ class ModelRunner:
         from kiln.runtime.sampler import Sampler
         from kiln.runtime.sampling_params import SamplingParams
 
-        seqs = min(self.max_batch_size, self.max_num_tokens)
-        lens = [self.max_num_tokens - (seqs - 1)] + [1] * (seqs - 1)
+        # As many tokens as a step may hold, in sequences no longer than max_seq_len, one per batch slot.
+        slots = min(self.max_batch_size, self.max_num_tokens)
+        budget, lens = self.max_num_tokens, []
+        for i in range(slots):
+            lens.append(min(self.max_seq_len, budget - (slots - i - 1)))  # each later slot keeps one token
+            budget -= lens[-1]
         bs = self.block_size
         blocks = sum(-(-n // bs) for n in lens)
         params = SamplingParams(temperature=1.0, top_p=0.9, logprobs=20)
@@ -100,7 +106,7 @@ class ModelRunner:
         finally:
             self.kv_caches, self.inputs = caches, inputs
             torch.cuda.empty_cache()
-        return peak * (2 if self.decode_graphs_mode == "on" else 1)
+        return peak * (2 if self.cuda_graphs_mode == "on" else 1)
 
     @torch.inference_mode()
     def execute(self, batch: Batch, prev_tokens: PrevTokens | None = None) -> torch.Tensor:
@@ -109,8 +115,9 @@ class ModelRunner:
         A request is sampled when this step reaches its last token; rows come in batch order. The work
         is queued on the device: nothing here waits for it. ``prev_tokens``: see ``StepInputs.prepare``.
         """
-        if self.graphs is not None and self.graphs.fits(batch):
-            return self.graphs.run(batch, prev_tokens)
+        shape = self.graphs.shape_for(batch) if self.graphs is not None else None
+        if shape is not None:
+            return self.graphs.run(batch, shape, prev_tokens)
         step = self.inputs.prepare(batch, prev_tokens=prev_tokens)
         hidden = self._hidden(step)
         if step.logits_indices is not None:
@@ -126,24 +133,29 @@ class ModelRunner:
         with forward_context(ForwardContext(step.meta, self.kv_caches)):
             return self.model(step.token_ids, step.positions)
 
-    def _logits_of_every_row(self, step: StepBatch) -> torch.Tensor:
-        return self.model.compute_logits(self._hidden(step)).float()
+    def _logits_of_last_tokens(self, step: StepBatch) -> torch.Tensor:
+        """Logits of each row's last token, the rows read from the device (so a graph may replay it)."""
+        hidden = self._hidden(step)
+        if step.token_ids.shape[0] != step.meta.block_tables.shape[0]:
+            hidden = hidden[step.meta.query_start_loc_t[1:].long() - 1]
+        return self.model.compute_logits(hidden).float()
 
 
-def decode_graph_mode(asked: str, device: torch.device, ops: OpTable) -> str:
-    """"on" (capture CUDA graphs), "off", or "static" (the graphs' padded path, run eagerly).
+def cuda_graph_mode(asked: str, device: torch.device, ops: OpTable) -> str:
+    """"on" (capture CUDA graphs of decode and small mixed steps), "off", or "static" (the graphs'
+    padded fixed-shape steps, run eagerly).
 
     Both padded modes need a plan whose every implementation reads step lengths from device tensors
     (``graph_safe``), whatever the device: a padded step's host-side lengths only bound the shapes.
     """
-    if asked not in DECODE_GRAPH_MODES:
-        raise ValueError(f"decode_graphs must be one of {', '.join(DECODE_GRAPH_MODES)}, got {asked!r}")
+    if asked not in CUDA_GRAPH_MODES:
+        raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPH_MODES)}, got {asked!r}")
     unsafe = [f"{op}:{impl}" for op, impl in ops.choices.items() if not ops.graph_safe_ops[op]]
     if asked in ("on", "static") and unsafe:
-        raise ValueError(f"decode_graphs={asked!r} needs graph-safe implementations, but the plan runs "
+        raise ValueError(f"cuda_graphs={asked!r} needs graph-safe implementations, but the plan runs "
                          f"{', '.join(unsafe)}, which read step lengths on the host")
     if asked == "on" and device.type != "cuda":
-        raise ValueError(f"decode_graphs='on' captures CUDA graphs and needs a CUDA device, not {device}")
+        raise ValueError(f"cuda_graphs='on' captures CUDA graphs and needs a CUDA device, not {device}")
     if asked == "auto":
         return "on" if device.type == "cuda" and not unsafe else "off"
     return asked

@@ -18,6 +18,31 @@ from kiln.ops import AttentionMetadata
 from kiln.runtime.request import Request
 
 Batch = list[tuple[Request, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class StepShape:
+    """A fixed step shape (a captured graph's): ``rows`` sequences, ``tokens`` tokens, block tables
+    ``width`` blocks wide."""
+
+    rows: int
+    tokens: int
+    width: int
+
+
+def padding(lens: list[int], shape: StepShape, block_size: int) -> list[int] | None:
+    """Query lengths of the padding rows that bring a step of ``lens`` to ``shape``, or None if it
+    does not fit: each padding row takes at least one token, and at most a block table's width."""
+    pad_rows, pad_tokens = shape.rows - len(lens), shape.tokens - sum(lens)
+    if pad_rows < 0 or pad_tokens < pad_rows or (pad_rows == 0 and pad_tokens):
+        return None
+    pad = [1] * pad_rows
+    extra, cap = pad_tokens - pad_rows, shape.width * block_size
+    for i in range(pad_rows):
+        more = min(extra, cap - 1)
+        pad[i] += more
+        extra -= more
+    return None if extra else pad
 # The token ids a step in flight sampled (on the device), and each request's row in them.
 PrevTokens = tuple[torch.Tensor, dict[str, int]]
 
@@ -67,12 +92,14 @@ class StepInputs:
         self.device = device
         self.dummy_block = dummy_block
         self.max_blocks = -(-max_seq_len // block_size)
-        self._dev = _Buffers(max_num_tokens, max_batch_size, self.max_blocks, device)
+        # One row more than the batch: a mixed graph shape always has a padding row (step_graphs).
+        rows = max_batch_size + 1
+        self._dev = _Buffers(max_num_tokens, rows, self.max_blocks, device)
         # NOTE: on a GPU the buffers are filled from pinned host twins by copies that do not block the
         # host. With async scheduling the next step is prepared before this one's copies have surely
         # run, so there are two sets of twins, used in turn, each reused only once its copies are done.
         self._copy = device.type == "cuda"
-        self._hosts = ([_Buffers(max_num_tokens, max_batch_size, self.max_blocks, "cpu", pin=True) for _ in range(2)]
+        self._hosts = ([_Buffers(max_num_tokens, rows, self.max_blocks, "cpu", pin=True) for _ in range(2)]
                        if self._copy else [self._dev])
         self._turn = 0
 
@@ -81,17 +108,17 @@ class StepInputs:
             return getattr(self._dev, name)
         raise AttributeError(name)
 
-    def prepare(self, batch: Batch, pad_to: tuple[int, int] | None = None,
+    def prepare(self, batch: Batch, pad_to: StepShape | None = None,
                 prev_tokens: PrevTokens | None = None) -> StepBatch:
         """Fill the buffers for ``batch`` and return views of them.
 
         A request whose input token is a placeholder (sampled by the step in flight, async scheduling)
         takes it from ``prev_tokens``: that step's token ids on the device and each request's row there.
 
-        With ``pad_to=(rows, context)`` (a decode step: one token per sequence) the step is padded to
-        ``rows`` sequences and a block table ``context`` tokens wide, the shape of a captured graph;
-        its metadata's host-side lengths then only bound the shapes (``max_seq_len``), so only
-        implementations that read lengths from the device tensors may run it (graph-safe ones).
+        With ``pad_to`` the step is padded to that shape (a captured graph's) with rows that write
+        only the dummy block (see ``padding``); its metadata's host-side lengths then only bound the
+        shapes (``max_seq_len``), so only implementations that read lengths from the device tensors
+        may run it (graph-safe ones).
         """
         bs = self.block_size
         num_seqs = len(batch)
@@ -100,13 +127,13 @@ class StepInputs:
         seq_lens = [s + n for s, n in zip(starts, lens)]
         sampled = [start + n == req.num_tokens for (req, n), start in zip(batch, starts)]
         if pad_to is None:
-            rows, width = num_seqs, -(-max(seq_lens, default=0) // bs)
+            rows, width, pad = num_seqs, -(-max(seq_lens, default=0) // bs), []
         else:
-            rows, width = pad_to[0], pad_to[1] // bs
-            if sum(lens) != num_seqs or rows < num_seqs or width * bs < max(seq_lens, default=0):
-                raise ValueError(f"a padded step holds one token per sequence, at most {rows} sequences "
-                                 f"of at most {width * bs} tokens")
-        num_tokens = sum(lens) + rows - num_seqs
+            rows, width = pad_to.rows, pad_to.width
+            pad = padding(lens, pad_to, bs)
+            if pad is None or width * bs < max(seq_lens, default=0):
+                raise ValueError(f"a step of {len(lens)} sequences and {sum(lens)} tokens does not fit {pad_to}")
+        num_tokens = sum(lens) + sum(pad)
 
         h = self._hosts[self._turn]
         self._turn = (self._turn + 1) % len(self._hosts)
@@ -134,14 +161,16 @@ class StepInputs:
             slots[offset:offset + n] = blocks[pos // bs] * bs + pos % bs
             token_ids[offset:offset + n] = req.token_ids[start:start + n]
             offset += n
-        # Padding rows: one token 0 at position 0, written to the dummy block, context of one token.
+        # Padding rows: tokens 0 at positions 0.., written to the dummy block, which their tables name.
         token_ids[offset:] = 0
-        positions[offset:] = 0
         slots[offset:] = self.dummy_block * bs
+        for n in pad:
+            positions[offset:offset + n] = np.arange(n)
+            offset += n
         query_start_loc[0] = 0
-        np.cumsum(lens + [1] * (rows - num_seqs), out=query_start_loc[1:])
+        np.cumsum(lens + pad, out=query_start_loc[1:])
         lengths[:num_seqs] = seq_lens
-        lengths[num_seqs:] = 1
+        lengths[num_seqs:] = pad
 
         d = self._dev
         self._upload(h, "token_ids", num_tokens)

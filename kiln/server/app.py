@@ -1,5 +1,7 @@
 """``kiln serve``: the HTTP, gRPC and metrics endpoints and the model repository in one process, on one
-asyncio loop (uvicorn for HTTP and metrics, grpc.aio for gRPC).
+asyncio loop (uvicorn for HTTP and metrics, grpc.aio for gRPC). The HTTP port carries both KServe v2
+(``/v2/...``) and OpenAI's API (``/v1/...``, over the models of the kiln backend; with ``api_key``, only
+for requests that bear it).
 
 The endpoints start first (live at once, ready once the startup loads are done), then the models
 load. Port 0 means "pick a free port"; the bound address of each endpoint is logged as Triton logs it
@@ -20,11 +22,11 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from kiln.server import memory, metrics
 from kiln.server.errors import ServerError
-from kiln.server.protocols import kserve_grpc, kserve_http
+from kiln.server.protocols import kserve_grpc, kserve_http, openai
 from kiln.server.server import InferenceServer, ServerOptions
 
 log = logging.getLogger("kiln.server")
@@ -37,6 +39,7 @@ class ServeOptions(ServerOptions):
     grpc_port: int = 8001
     metrics_port: int = 8002
     log_verbose: int = 0
+    api_key: str | None = None  # asked of every OpenAI request (Authorization: Bearer KEY); None: open
 
 
 class _Uvicorn(uvicorn.Server):
@@ -45,14 +48,14 @@ class _Uvicorn(uvicorn.Server):
         return contextlib.nullcontext()
 
 
-def run(options: ServeOptions) -> None:
-    asyncio.run(serve(options))
+def run(options: ServeOptions, on_started: Callable[[InferenceServer, dict[str, str]], None] | None = None) -> None:
+    asyncio.run(serve(options, on_started=on_started))
 
 
 async def serve(options: ServeOptions, stop: asyncio.Event | None = None,
-                on_started: Callable[[dict[str, str]], None] | None = None) -> None:
-    """Serve until ``stop`` is set (or SIGINT / SIGTERM). ``on_started`` gets the bound addresses
-    ({"http", "grpc", "metrics"}: "host:port") once the models are loaded and the server is ready."""
+                on_started: Callable[[InferenceServer, dict[str, str]], None] | None = None) -> None:
+    """Serve until ``stop`` is set (or SIGINT / SIGTERM). ``on_started`` gets the server and the bound
+    addresses ({"http", "grpc", "metrics"}: "host:port") once the models are loaded and it is ready."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -73,7 +76,9 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None,
         raise ServerError.unavailable(f"cannot bind the gRPC port {options.host}:{options.grpc_port}")
 
     uvicorn_level = "info" if options.log_verbose else "warning"
-    http = _Uvicorn(uvicorn.Config(kserve_http.create_app(server), log_config=None,
+    http_app = Starlette(routes=[Mount("/v1", openai.create_app(server, options.api_key)),
+                                 Mount("", kserve_http.create_app(server))])
+    http = _Uvicorn(uvicorn.Config(http_app, log_config=None,
                                    access_log=bool(options.log_verbose), log_level=uvicorn_level, lifespan="off",
                                    timeout_graceful_shutdown=5))
     collector = metrics.TritonMetrics(server.repository)
@@ -93,7 +98,7 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None,
         await server.start()
         _log_models(server)
         if on_started is not None:
-            on_started(addresses)
+            on_started(server, addresses)
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()

@@ -23,7 +23,7 @@ from prometheus_client.utils import floatToGoString
 
 from kiln.server.devices import cuda_devices
 from kiln.server.repository import ModelRepository
-from kiln.server.stats import FAILURE_REASONS, ModelStats
+from kiln.server.stats import FAILURE_REASONS
 
 log = logging.getLogger("kiln.server")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -78,13 +78,20 @@ class TritonMetrics:
                 failure.add_metric(labels + [reason], m.stats.fail_reasons[reason])
             pending.add_metric(labels, m.stats.pending)
             load.add_metric(labels, m.load_seconds)
-            first.add_metric(labels, _buckets(m.stats), m.stats.first_response_ms.sum)
+            first.add_metric(labels, m.stats.first_response_ms.cumulative(), m.stats.first_response_ms.sum)
         yield from (failure, pending, load, first)
         yield from _cpu()
         yield from _gpu()
+        # Models of one backend report the same families: one family a name, with every model's samples.
+        merged: dict[str, Metric] = {}
         for m in models:
             if m.backend is not None:
-                yield from m.backend.metric_families()
+                for family in m.backend.metric_families():
+                    if family.name in merged:
+                        merged[family.name].samples.extend(family.samples)
+                    else:
+                        merged[family.name] = family
+        yield from merged.values()
 
 
 def render(families: Iterable[Metric]) -> bytes:
@@ -99,15 +106,6 @@ def render(families: Iterable[Metric]) -> bytes:
             lines.append(f"{name}{{{labels}}} {floatToGoString(s.value)}" if labels
                          else f"{name} {floatToGoString(s.value)}")
     return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-def _buckets(stats: ModelStats) -> list[tuple[str, float]]:
-    h = stats.first_response_ms
-    out, total = [], 0
-    for bound, count in zip(list(h.bounds) + [float("inf")], h.counts):
-        total += count
-        out.append((floatToGoString(bound), total))
-    return out
 
 
 def _cpu() -> Iterator[Metric]:

@@ -12,6 +12,7 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
+from prometheus_client.utils import floatToGoString
 from tritonclient.grpc import service_pb2 as pb
 
 # Triton's failure reasons (the ``reason`` label of nv_inference_request_failure).
@@ -55,6 +56,23 @@ class Histogram:
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
+
+    @classmethod
+    def merged(cls, histograms: list[Histogram]) -> Histogram:
+        """The sum of histograms with the same bounds."""
+        out = cls(histograms[0].bounds)
+        for h in histograms:
+            out.counts = [a + b for a, b in zip(out.counts, h.counts)]
+            out.sum += h.sum
+        return out
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """The buckets as Prometheus writes them: cumulative counts by ``le`` bound, +Inf last."""
+        out, total = [], 0
+        for bound, count in zip(list(self.bounds) + [float("inf")], self.counts):
+            total += count
+            out.append((floatToGoString(bound), total))
+        return out
 
 
 class ModelStats:

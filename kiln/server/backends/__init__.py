@@ -7,16 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.server.backends.base import Backend
+from kiln.server.backends.kiln import KilnBackend
 from kiln.server.backends.onnxruntime import OnnxRuntimeBackend
 from kiln.server.backends.python import PythonBackend
 from kiln.server.backends.pytorch import PyTorchBackend
 from kiln.server.errors import ServerError
 
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (OnnxRuntimeBackend, PyTorchBackend, PythonBackend)}
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (OnnxRuntimeBackend, PyTorchBackend, PythonBackend,
+                                                          KilnBackend)}
 
 
 def register(backend: type[Backend]) -> None:
-    """Add a backend (the python and kiln backends register here)."""
+    """Add a backend (a test's own, for example)."""
     BACKENDS[backend.name] = backend
 
 

@@ -8,7 +8,6 @@ Only wire translation lives here: a JSON (+ binary) body becomes an ``InferenceR
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gzip
 import json
@@ -19,12 +18,13 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kiln.server import datatypes
 from kiln.server.core import InferenceRequest, InferenceResponse, RequestedOutput, ShmRef, Tensor
-from kiln.server.errors import Code, ServerError
+from kiln.server.errors import ServerError
+from kiln.server.protocols.disconnect import EventStream, unless_disconnected
 from kiln.server.protocols.proto_json import to_json
 from kiln.server.server import InferenceServer, parse_version
 
@@ -166,7 +166,7 @@ class _Api:
         body = _decompress(await request.body(), request.headers.get("content-encoding"))
         ireq, kinds, default_kind = _parse_infer(p["model"], p.get("version", ""), body,
                                                  request.headers.get(HEADER_LENGTH))
-        response = await _unless_disconnected(request, self.server.infer_one(ireq))
+        response = await unless_disconnected(request, self.server.infer_one(ireq))
         content, headers = _encode_infer(response, kinds, default_kind)
         encoding = _accepted_encoding(request.headers.get("accept-encoding", ""))
         if encoding is not None:
@@ -176,7 +176,7 @@ class _Api:
 
     async def generate(self, request: Request) -> Response:
         ireq = await self._generate_request(request)
-        response = await _unless_disconnected(request, self.server.infer_one(ireq))
+        response = await unless_disconnected(request, self.server.infer_one(ireq))
         return JSONResponse(_generate_json(response))
 
     async def generate_stream(self, request: Request) -> Response:
@@ -200,7 +200,7 @@ class _Api:
                         return
                     response = await anext(responses)
 
-        return StreamingResponse(events(), media_type="text/event-stream; charset=utf-8")
+        return EventStream(events(), responses.aclose)
 
     async def _generate_request(self, request: Request) -> InferenceRequest:
         p = request.path_params
@@ -415,27 +415,6 @@ def _encode_infer(response: InferenceResponse, kinds: dict[str, str], default_ki
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-
-async def _unless_disconnected(request: Request, work):
-    """Await ``work``; if the client disconnects first, cancel it (the model then cancels the request)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, ServerError):
-        await task
-    raise ServerError(Code.CANCELLED, "the client disconnected")
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
 
 async def _json_body(request: Request) -> dict:
     body = await request.body()

@@ -1,0 +1,115 @@
+"""The ``triton`` plugins: Triton kernels for attention, rotary + cache write, RMSNorm and SwiGLU.
+
+They run on CUDA devices with Triton installed and never on the CPU, so CPU plans never pick them.
+Their kernels (``kiln/ops/triton_kernels/``) are imported on first call: Triton is not a dependency
+of CPU installs, and it reads ``TRITON_INTERPRET`` when a kernel is defined (see the CPU tests).
+
+Each ``*_CONFIGS`` tuple is what a tuner may time (``Implementation.configs``); its first entry is
+what a plugin does when the plan records no config, and every entry names every key.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from kiln.ops.attention_metadata import AttentionMetadata
+from kiln.ops.registry import plugin
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _on_cuda(device: torch.device, dtype: torch.dtype) -> bool:
+    """CUDA devices of compute capability 8.0 or newer (bf16 tensor cores), with Triton installed."""
+    return (device.type == "cuda" and dtype in _FLOAT_DTYPES and _triton_available()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+def _configs(defaults: dict, *alternatives: dict) -> tuple[dict, ...]:
+    """``defaults`` first, then ``defaults`` with each alternative's keys changed.
+
+    NOTE: one group of keys changes at a time (not every combination): prefill keys only matter at
+    prefill shapes and decode keys at decode shapes, so a tuner times each group where it matters.
+    """
+    return (defaults, *({**defaults, **alt} for alt in alternatives))
+
+
+# Prefill tiles (rows = query tokens × the KV head's query heads; keys per step) and decode tiles.
+# Defaults for Hopper: 64×64 tiles keep bf16 K/V stages for head_dim 128 within shared memory.
+PAGED_ATTENTION_CONFIGS = _configs(
+    dict(prefill_block_m=64, prefill_tile_n=64, prefill_warps=4, prefill_stages=2,
+         decode_tile_n=64, decode_warps=4, decode_stages=2, max_splits=16, split_min_tokens=256),
+    dict(prefill_block_m=128, prefill_tile_n=64, prefill_warps=8, prefill_stages=2),
+    dict(prefill_block_m=64, prefill_tile_n=32, prefill_warps=4, prefill_stages=3),
+    dict(prefill_block_m=128, prefill_tile_n=32, prefill_warps=8, prefill_stages=3),
+    dict(decode_tile_n=32, decode_warps=4, decode_stages=3),
+    dict(decode_tile_n=128, decode_warps=4, decode_stages=2),
+    dict(decode_tile_n=64, decode_warps=2, decode_stages=3),
+    dict(max_splits=1),  # split-K off
+    dict(max_splits=32, split_min_tokens=128),
+)
+ROTARY_KV_CONFIGS = ({"num_warps": 4}, {"num_warps": 1}, {"num_warps": 2}, {"num_warps": 8})
+# num_warps 0: chosen from the row width.
+RMS_NORM_CONFIGS = ({"num_warps": 0}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16})
+SILU_AND_MUL_CONFIGS = ({"block": 1024, "num_warps": 4}, {"block": 512, "num_warps": 2},
+                        {"block": 2048, "num_warps": 8}, {"block": 4096, "num_warps": 8})
+
+
+@plugin("paged_attention", "triton", supports=_on_cuda, configs=PAGED_ATTENTION_CONFIGS, graph_safe=True)
+def triton_paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    **config,
+) -> torch.Tensor:
+    from kiln.ops.triton_kernels.attention import paged_attention
+
+    return paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, {**PAGED_ATTENTION_CONFIGS[0], **config})
+
+
+@plugin("rotary_and_write_kv_cache", "triton", supports=_on_cuda, configs=ROTARY_KV_CONFIGS, graph_safe=True)
+def triton_rotary_and_write_kv_cache(
+    qkv: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    **config,
+) -> torch.Tensor:
+    from kiln.ops.triton_kernels.rotary_kv_cache import rotary_and_write_kv_cache
+
+    return rotary_and_write_kv_cache(qkv, cos_sin, k_cache, v_cache, slot_mapping, num_heads,
+                                     {**ROTARY_KV_CONFIGS[0], **config})
+
+
+@plugin("rms_norm", "triton", supports=_on_cuda, configs=RMS_NORM_CONFIGS, graph_safe=True)
+def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, **config) -> torch.Tensor:
+    from kiln.ops.triton_kernels.rms_norm import rms_norm
+
+    return rms_norm(x, None, weight, eps, {**RMS_NORM_CONFIGS[0], **config})[0]
+
+
+@plugin("add_rms_norm", "triton", supports=_on_cuda, configs=RMS_NORM_CONFIGS, graph_safe=True)
+def triton_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, **config
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from kiln.ops.triton_kernels.rms_norm import rms_norm
+
+    return rms_norm(x, residual, weight, eps, {**RMS_NORM_CONFIGS[0], **config})
+
+
+@plugin("silu_and_mul", "triton", supports=_on_cuda, configs=SILU_AND_MUL_CONFIGS, graph_safe=True)
+def triton_silu_and_mul(x: torch.Tensor, **config) -> torch.Tensor:
+    from kiln.ops.triton_kernels.silu_and_mul import silu_and_mul
+
+    return silu_and_mul(x, {**SILU_AND_MUL_CONFIGS[0], **config})

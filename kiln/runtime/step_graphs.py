@@ -1,0 +1,113 @@
+"""Steps replayed from CUDA graphs captured at load, one per step shape.
+
+A step runs every layer over its tokens: on a GPU that is about a thousand small kernels, and for
+small steps launching them from Python costs more than running them. So at load the runner captures
+the step for a set of fixed shapes into one memory pool, over the persistent buffers of
+``StepInputs``; a step then fills the buffers, padded to the smallest shape that holds it, and
+replays that graph. Two ladders of shapes:
+
+- decode steps (one token per sequence): every batch size up the ladder 1, 2, 4, ... max_batch_size,
+  for block tables of 256, 512, ... max_seq_len tokens (the attention's split decision reads the
+  table's width);
+- mixed steps (prefill chunks beside decodes) of up to 2048 tokens: token counts of the ladder
+  2^k and 1.5 * 2^k above max_batch_size, over max_batch_size + 1 rows (one is always padding), full
+  tables. Bigger steps are bound by their matrix products, where launch costs no longer matter and
+  padding would, so they run eagerly.
+
+Padding rows write only a dummy KV block that no request owns. ``capture=False`` runs the same
+padded, fixed-shape steps eagerly (the "static" mode, to test them without a GPU).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kiln.runtime.step_inputs import Batch, PrevTokens, StepBatch, StepInputs, StepShape, padding
+
+_SMALLEST_CONTEXT = 256
+# Steps of more tokens run eagerly (see above).
+MAX_GRAPH_TOKENS = 2048
+
+Forward = Callable[[StepBatch], torch.Tensor]
+
+
+def batch_ladder(max_batch_size: int) -> list[int]:
+    sizes = [1]
+    while sizes[-1] < max_batch_size:
+        sizes.append(min(sizes[-1] * 2, max_batch_size))
+    return sizes
+
+
+def context_ladder(max_seq_len: int, block_size: int) -> list[int]:
+    top = -(-max_seq_len // block_size) * block_size
+    sizes = [min(top, max(block_size, _SMALLEST_CONTEXT))]
+    while sizes[-1] < top:
+        sizes.append(min(sizes[-1] * 2, top))
+    return sizes
+
+
+def token_ladder(max_batch_size: int, max_num_tokens: int) -> list[int]:
+    """Token counts of the mixed-step graphs: 2^k and 1.5 * 2^k between max_batch_size + 1 and the cap."""
+    top = min(max_num_tokens, MAX_GRAPH_TOKENS)
+    sizes, k = [], 1
+    while k <= top:
+        sizes += [n for n in (k, k + k // 2) if max_batch_size + 1 < n <= top]
+        k *= 2
+    return sorted(set(sizes))
+
+
+class StepGraphs:
+    """``forward(step)`` computes float32 logits of every row's last token; it is captured per shape."""
+
+    def __init__(self, forward: Forward, inputs: StepInputs, max_batch_size: int, max_seq_len: int,
+                 max_num_tokens: int, capture: bool = True):
+        self.forward = forward
+        self.inputs = inputs
+        bs = inputs.block_size
+        self.decode_shapes = [StepShape(b, b, c // bs) for c in context_ladder(max_seq_len, bs)
+                              for b in batch_ladder(max_batch_size)]
+        self.mixed_shapes = [StepShape(max_batch_size + 1, t, inputs.max_blocks)
+                             for t in token_ladder(max_batch_size, max_num_tokens)]
+        self.captured = capture
+        self.graphs: dict[StepShape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if not capture:
+            return
+        pool = None
+        # Largest first, so the smaller graphs fit in the memory the largest took from the pool.
+        for shape in sorted(self.decode_shapes + self.mixed_shapes, key=lambda s: (s.tokens, s.width), reverse=True):
+            step = inputs.prepare([], pad_to=shape)
+            self.forward(step)  # warm-up: lazy initialisation must not happen during capture
+            torch.cuda.synchronize(inputs.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.forward(step)
+            pool = graph.pool()
+            self.graphs[shape] = (graph, logits)
+
+    def shape_for(self, batch: Batch) -> StepShape | None:
+        """The smallest captured shape that holds the step, or None (it runs eagerly)."""
+        if not batch:
+            return None
+        longest = max(req.num_computed_tokens + n for req, n in batch)
+        lens = [n for _, n in batch]
+        decode = all(n == 1 and req.num_computed_tokens + 1 == req.num_tokens for req, n in batch)
+        shapes = self.decode_shapes if decode else self.mixed_shapes
+        bs = self.inputs.block_size
+        for shape in shapes:
+            if shape.width * bs >= longest and padding(lens, shape, bs) is not None:
+                return shape
+        return None
+
+    def run(self, batch: Batch, shape: StepShape, prev_tokens: PrevTokens | None = None) -> torch.Tensor:
+        """Float32 logits of the step's sampled sequences, in batch order, from the graph of ``shape``."""
+        step = self.inputs.prepare(batch, pad_to=shape, prev_tokens=prev_tokens)
+        if self.captured:
+            graph, logits = self.graphs[shape]
+            graph.replay()
+        else:
+            logits = self.forward(step)
+        rows = [i for i, (req, n) in enumerate(batch) if req.num_computed_tokens + n == req.num_tokens]
+        if len(rows) == len(batch):
+            return logits[: len(batch)]
+        return logits[torch.tensor(rows, device=logits.device)]

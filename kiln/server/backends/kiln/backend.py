@@ -1,0 +1,266 @@
+"""The ``kiln`` backend: a kiln engine served as a decoupled Triton model, with TensorRT-LLM's tensor names.
+
+A model folder is an engine folder (``engine.json`` in the folder itself, served as version 1, or in
+a version folder), or a folder whose ``config.pbtxt`` says ``backend: "kiln"`` and names the engine
+with the parameter ``engine_dir`` (TensorRT-LLM's ``gpt_model_path`` is read too; a relative path is
+taken from the model folder), with an empty version folder ``1``. A config with no inputs and
+outputs, or no config at all, is completed from the engine: every input and output of ``tensors``,
+``max_batch_size`` = the engine's, and ``model_transaction_policy { decoupled: true }`` unless the
+config sets a policy. A config that lists inputs or outputs may use only those of ``tensors`` (any
+integer or float type for numbers); what it leaves out (all inputs, or all outputs) is filled in.
+
+Each instance runs one ``AsyncLLM`` (``ServedLLM``), which batches in flight by itself, so an instance
+takes many requests at once (parameter ``max_concurrency``, default 1024); the batch rows of one
+request are generated side by side. A streamed request (input ``stream``) gets a response per engine
+step with that step's new text and tokens, the last one final; otherwise one response with the whole
+text. A client that goes away cancels ``execute``, which aborts its engine requests and frees their
+KV blocks.
+
+Other parameters: ``RuntimeConfig``'s fields (``kv_cache_memory``, ``gpu_memory_utilization``,
+``enable_prefix_caching``, ``max_batch_size``, ...), and ``exclude_input_in_output`` (that input's
+default; true unless set). An unknown parameter is an error.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kiln.engine import ENGINE_FILE, read_engine
+from kiln.errors import KilnError, RequestError
+from kiln.runtime.outputs import RequestFailed
+from kiln.server import config as cfg
+from kiln.server.backends.base import Backend, InstanceSpec, ModelContext, ModelInstance
+from kiln.server.backends.kiln import tensors
+from kiln.server.backends.kiln.served_llm import ServedLLM, metric_families
+from kiln.server.core import InferenceRequest
+from kiln.server.devices import cuda_devices
+from kiln.server.errors import ServerError
+
+ENGINE_PARAMETERS = ("engine_dir", "gpt_model_path")
+DEFAULT_MAX_CONCURRENCY = 1024
+_OWN_PARAMETERS = (*ENGINE_PARAMETERS, "max_concurrency", "exclude_input_in_output")
+
+
+class KilnBackend(Backend):
+    name = "kiln"
+    platforms = ("kiln",)
+    default_model_filename = ENGINE_FILE
+
+    @classmethod
+    def gpus(cls) -> list[int]:
+        return list(cuda_devices())
+
+    @classmethod
+    def complete_config(cls, config: cfg.ModelConfig, version_dir: Path) -> None:
+        super().complete_config(config, version_dir)
+        written = bool(config.input or config.output)  # then its max_batch_size and policy are the config's
+        tensors.check_config(config)
+        tensors.fill_config(config)
+        if written:
+            return
+        # The version folder's parent is the model folder whenever a parameter names the engine.
+        path = _engine_path(config, version_dir.parent, version_dir)
+        try:
+            engine = read_engine(path, need_weights=False)
+        except KilnError as e:
+            raise ServerError.invalid(f"model '{config.name}': {e}") from None
+        config.max_batch_size = engine.build.max_batch_size
+        if not config.HasField("model_transaction_policy"):
+            config.model_transaction_policy.decoupled = True
+
+    def __init__(self, context: ModelContext):
+        super().__init__(context)
+        self.engine = _engine_path(context.config, context.model_dir, context.version_dir)
+        params = context.parameters
+        self.options = _runtime_options(params, context.name)
+        self.exclude_input = _parse(params.get("exclude_input_in_output", "true"), "bool",
+                                    "exclude_input_in_output", context.name)
+        self.max_concurrency = _parse(params.get("max_concurrency", str(DEFAULT_MAX_CONCURRENCY)), "int",
+                                      "max_concurrency", context.name)
+        self.instances: list[KilnInstance] = []
+        self.created = time.time()  # what OpenAI's model list reports as the model's creation time
+
+    def create_instance(self, spec: InstanceSpec) -> KilnInstance:
+        device = f"cuda:{spec.device_id}" if spec.kind == "gpu" else "cpu"
+        try:
+            llm = ServedLLM(self.engine, device, self.options)
+        except (KilnError, ValueError, TypeError) as e:
+            raise ServerError.invalid(f"cannot load engine {self.engine}: {e}") from None
+        instance = KilnInstance(spec, self, llm)
+        self.instances.append(instance)
+        return instance
+
+    def llm(self) -> ServedLLM:
+        """The least busy instance's engine, for a protocol that calls the engine itself (OpenAI)."""
+        live = [i.llm for i in self.instances if i.llm is not None]
+        if not live:
+            raise ServerError.unavailable(f"model '{self.context.name}' is unloading")
+        return min(live, key=lambda llm: llm.load)
+
+    def metric_families(self):
+        llms = [i.llm for i in self.instances if i.llm is not None]
+        return metric_families(llms, [self.context.name, str(self.context.version)]) if llms else ()
+
+    def close(self) -> None:
+        self.instances.clear()
+
+
+class KilnInstance(ModelInstance):
+    cancel_execute = True
+
+    def __init__(self, spec: InstanceSpec, backend: KilnBackend, llm: ServedLLM):
+        super().__init__(spec)
+        self.max_concurrency = backend.max_concurrency
+        self.config = backend.context.config
+        self.batched = self.config.max_batch_size > 0
+        self.exclude_input = backend.exclude_input
+        self.llm: ServedLLM | None = llm
+        self._ids = itertools.count()
+        self._prefix = f"triton-{uuid.uuid4().hex[:8]}"
+
+    async def execute(self, requests: list[InferenceRequest]) -> None:
+        await asyncio.gather(*(self._serve(r) for r in requests))
+
+    async def _serve(self, request: InferenceRequest) -> None:
+        try:
+            jobs = tensors.read_jobs(request, self.llm.tokenizer, self.batched, self.exclude_input)
+            if jobs.stream and not cfg.is_decoupled(self.config):
+                raise ServerError.invalid(
+                    f"model '{self.config.name}' is not decoupled, so it cannot stream: send 'stream' false, or "
+                    "set model_transaction_policy { decoupled: true } in its config")
+            solo = len(jobs.rows) == 1
+            rows = await _all(self._generate(request, job, jobs.stream, solo) for job in jobs.rows)
+            if not request.final_sent:
+                request.respond(None if jobs.stream or request.cancelled else self._outputs(rows))
+        except RequestFailed as e:
+            request.respond(error=ServerError.internal(str(e)))
+        except (ServerError, RequestError) as e:
+            request.respond(error=e if isinstance(e, ServerError) else ServerError.invalid(str(e)))
+
+    async def _generate(self, request: InferenceRequest, job: tensors.Job, stream: bool, solo: bool) -> _Row:
+        """Generate one batch row. Streaming, respond with each step's new tokens (the last response final
+        when the request has this one row). The row's whole result at the end."""
+        rid = f"{self._prefix}-{next(self._ids)}"
+        row = _Row(job)
+        last = None
+        async for out in self.llm.generate(job.prompt, job.params, rid):
+            last = out
+            c = out.outputs[0]
+            delta = _Row(job, c.delta_text, c.delta_token_ids, row.add_logprobs(c.delta_logprobs), row.cum)
+            if request.cancelled:
+                break  # leaving the stream aborts the engine request
+            if stream:
+                final = solo and out.finished
+                if delta.ids or final:
+                    request.respond(self._outputs([delta]) if delta.ids else None, final=final)
+        c = last.outputs[0]
+        row.text, row.ids = c.text, c.token_ids
+        if not job.exclude_input:
+            prompt = last.prompt_token_ids
+            row.text = (job.prompt if isinstance(job.prompt, str) else self.llm.tokenizer.decode(prompt)) + row.text
+            row.ids = prompt + row.ids
+        return row
+
+    def _outputs(self, rows: list[_Row]) -> dict[str, np.ndarray]:
+        """Outputs of ``rows`` stacked on the batch dimension; ``output_ids`` rows padded with their ``pad_id``."""
+        width = max(len(r.ids) for r in rows)
+        lp_width = max(len(r.logprobs) for r in rows)
+        ids = np.array([r.ids + [r.job.pad_id] * (width - len(r.ids)) for r in rows], dtype=np.int32)
+        lps = np.array([r.logprobs + [0.0] * (lp_width - len(r.logprobs)) for r in rows], dtype=np.float32)
+        out = {
+            "text_output": np.array([[r.text.encode("utf-8")] for r in rows], dtype=object),
+            "output_ids": ids.reshape(len(rows), 1, width),
+            "sequence_length": np.array([[len(r.ids)] for r in rows], dtype=np.int32),
+            "cum_log_probs": np.array([[r.cum] for r in rows], dtype=np.float32),
+            "output_log_probs": lps.reshape(len(rows), 1, lp_width),
+            "batch_index": np.array([[r.job.row] for r in rows], dtype=np.int32),
+        }
+        return out if self.batched else {name: array[0] for name, array in out.items()}
+
+    def close(self) -> None:
+        super().close()
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+
+@dataclass(slots=True)
+class _Row:
+    """A batch row's result, or one step's part of it."""
+
+    job: tensors.Job
+    text: str = ""
+    ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)  # of the generated tokens
+    cum: float = 0.0
+
+    def add_logprobs(self, logprobs) -> list[float]:
+        """Take a step's log probabilities (when they were asked for); return them."""
+        if not self.job.return_log_probs or not logprobs:
+            return []
+        values = [lp.logprob for lp in logprobs]
+        self.logprobs.extend(values)
+        self.cum += sum(values)
+        return values
+
+
+async def _all(coroutines) -> list:
+    """Await every coroutine side by side; if one fails, cancel the others (aborting their requests)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _engine_path(config: cfg.ModelConfig, model_dir: Path, version_dir: Path) -> Path:
+    """The engine a model serves: the one its parameters name, else its version folder."""
+    params = cfg.parameters(config)
+    named = [params[k] for k in ENGINE_PARAMETERS if params.get(k)]
+    if len(named) > 1:
+        raise ServerError.invalid(f"model '{config.name}' names its engine twice ({', '.join(ENGINE_PARAMETERS)})")
+    path = (model_dir / named[0]) if named else version_dir
+    if not (path / ENGINE_FILE).is_file():
+        raise ServerError.invalid(f"model '{config.name}': {path} is not a kiln engine (it has no {ENGINE_FILE})")
+    return path
+
+
+def _runtime_options(params: dict[str, str], model: str) -> dict:
+    """The config's parameters that are RuntimeConfig fields, parsed by their field's type."""
+    from kiln.runtime import RuntimeConfig
+
+    fields = {f.name: f.type for f in dataclasses.fields(RuntimeConfig) if f.name != "device"}
+    unknown = sorted(set(params) - set(fields) - set(_OWN_PARAMETERS))
+    if unknown:
+        raise ServerError.invalid(
+            f"model '{model}': unknown parameter(s) {', '.join(unknown)}; the kiln backend reads "
+            f"{', '.join([*_OWN_PARAMETERS, *fields])}")
+    return {k: _parse(v, fields[k], k, model) for k, v in params.items() if k in fields}
+
+
+def _parse(text: str, kind: str, name: str, model: str):
+    """A parameter's string as the type ``kind`` names (a dataclass field's annotation, e.g. "int | None")."""
+    value = text.strip().lower()
+    if "None" in kind and value in ("", "none", "null"):
+        return None
+    try:
+        if "bool" in kind:
+            if value not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return value in ("true", "1", "yes")
+        if "int" in kind:
+            return int(value)
+        if "float" in kind:
+            return float(value)
+    except ValueError:
+        raise ServerError.invalid(f"model '{model}': parameter '{name}' must be {kind}, got '{text}'") from None
+    return text.strip()

@@ -1,0 +1,572 @@
+"""OpenAI's API (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``) on the server's HTTP port.
+
+Requests and responses are the pydantic models of ``openai_models``; one serving class per endpoint.
+A request names a model of the repository served by the kiln backend and reaches that model's own
+engine (``KilnBackend.llm``: the instance's ``AsyncLLM``), so the Triton protocols and this one share
+one engine per model, its LLM metrics, and the model's statistics (``ServedModel.direct_request``
+keeps the request in flight for unload and counts it). A streamed response is server-sent events,
+one chunk per engine step, ending with ``data: [DONE]``; a client that goes away mid-stream aborts its
+requests and frees their KV blocks.
+
+Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed
+body, an invalid value or a prompt longer than the engine allows; 401 for a missing or wrong API key
+(when the server has one); 404 for an unknown model; 500 when the engine fails a request.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from kiln.errors import RequestError
+from kiln.runtime.outputs import RequestFailed
+from kiln.server.backends.kiln import KilnBackend
+from kiln.server.backends.kiln.served_llm import ServedLLM
+from kiln.server.errors import ServerError
+from kiln.server.model import ServedModel
+from kiln.server.protocols import openai_models as api
+from kiln.server.protocols.disconnect import EventStream, unless_disconnected
+from kiln.server.server import InferenceServer
+
+log = logging.getLogger("kiln.server")
+R = TypeVar("R", bound=BaseModel)
+# JSON has no -inf: the log probability of a token the sampler could never pick is written as this.
+MIN_LOGPROB = -9999.0
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.info = api.ErrorInfo(message=message, param=param, code=code,
+                                  type=type or ("server_error" if status >= 500 else "invalid_request_error"))
+
+    @classmethod
+    def invalid(cls, message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+        return cls(400, message, param, code)
+
+    @classmethod
+    def from_server_error(cls, e: ServerError) -> OpenAIError:
+        return cls(e.code.http_status, e.message)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(api.ErrorResponse(error=self.info).model_dump(), status_code=self.status)
+
+
+def create_app(server: InferenceServer, api_key: str | None = None) -> Starlette:
+    """The OpenAI routes, to be mounted at ``/v1``; with ``api_key``, each asks for ``Bearer <api_key>``."""
+    base = _Serving(server, api_key)
+    routes = [
+        Route("/models", ModelsServing(base).serve, methods=["GET"]),
+        Route("/completions", CompletionServing(base).serve, methods=["POST"]),
+        Route("/chat/completions", ChatServing(base).serve, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={
+        OpenAIError: _openai_error, ServerError: _server_error, HTTPException: _http_error,
+        Exception: _unexpected_error})
+
+
+async def _openai_error(request: Request, e: OpenAIError) -> Response:
+    return e.response()
+
+
+async def _server_error(request: Request, e: ServerError) -> Response:
+    return OpenAIError.from_server_error(e).response()
+
+
+async def _http_error(request: Request, e: HTTPException) -> Response:
+    return OpenAIError(e.status_code, str(e.detail)).response()
+
+
+async def _unexpected_error(request: Request, e: Exception) -> Response:
+    log.exception("OpenAI %s %s failed", request.method, request.url.path)
+    return OpenAIError(500, f"internal error: {type(e).__name__}: {e}").response()
+
+
+class _Serving:
+    """What every endpoint does first: check the key, read the body, find the model."""
+
+    def __init__(self, server: InferenceServer, api_key: str | None):
+        self.server = server
+        self.api_key = api_key
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise OpenAIError(401, "Incorrect API key provided: send it as 'Authorization: Bearer <key>'",
+                              code="invalid_api_key")
+
+    async def parse(self, request: Request, model: type[R]) -> R:
+        self.authorize(request)
+        try:
+            doc = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OpenAIError.invalid(f"the request body is not valid JSON: {e}") from None
+        try:
+            return model.model_validate(doc)
+        except ValidationError as e:
+            raise _validation_error(e) from None
+
+    def model(self, name: str) -> ServedModel:
+        """The ready model ``name`` served by the kiln backend (404 otherwise)."""
+        try:
+            model = self.server.repository.get(name)
+        except ServerError:
+            model = None
+        if model is None or not isinstance(model.backend, KilnBackend):
+            names = ", ".join(self.model_names()) or "none"
+            raise OpenAIError(404, f"The model `{name}` does not exist (served: {names}).", "model",
+                              "model_not_found")
+        return model
+
+    def model_names(self) -> list[str]:
+        return sorted({m.name for m in self.server.repository.served() if isinstance(m.backend, KilnBackend)})
+
+
+class ModelsServing:
+    """``GET /v1/models``: the ready models of the kiln backend."""
+
+    def __init__(self, base: _Serving):
+        self.base = base
+
+    async def serve(self, request: Request) -> Response:
+        self.base.authorize(request)
+        cards = []
+        for name in self.base.model_names():
+            model = self.base.model(name)
+            cards.append(api.ModelCard(id=name, created=int(model.backend.created),
+                                       max_model_len=model.backend.llm().max_seq_len))
+        return JSONResponse(api.ModelList(data=cards).model_dump())
+
+
+@dataclass(slots=True)
+class _Prompt:
+    ids: list[int]
+    text: str  # for echo
+
+
+class _Generation:
+    """One API request's engine requests, one a prompt (each with ``n`` completions), side by side."""
+
+    def __init__(self, model: ServedModel, llm: ServedLLM, prompts: list[_Prompt], params: list, prefix: str):
+        self.model = model
+        self.llm = llm
+        self.prompts = prompts
+        self.params = params
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.n = params[0].n
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.ids) for p in self.prompts)
+
+    def outputs(self) -> AsyncIterator[tuple[int, Any]]:
+        """(prompt index, RequestOutput) as the engine produces them; closing it aborts what still runs."""
+        return _merge([self.llm.generate(p.ids, sp, f"{self.id}-{i}")
+                       for i, (p, sp) in enumerate(zip(self.prompts, self.params))])
+
+    async def finals(self, request: Request) -> list:
+        """Every prompt's final output (a client that disconnects first cancels them)."""
+        ticket = self.model.direct_request()
+        try:
+            finals = await unless_disconnected(request, self._collect())
+        except BaseException as e:
+            ticket.finish(e)
+            raise _engine_error(e) from None
+        ticket.responded()
+        ticket.finish()
+        return finals
+
+    async def _collect(self) -> list:
+        finals: list = [None] * len(self.prompts)
+        async with contextlib.aclosing(self.outputs()) as outputs:
+            async for i, out in outputs:
+                if out.finished:
+                    finals[i] = out
+        return finals
+
+    async def stream(self, chunks: Callable[[int, Any], list[BaseModel]], usage_chunk: Callable[[], BaseModel] | None
+                     ) -> Response:
+        """Server-sent events: ``chunks(i, output)`` for each engine output, then ``usage_chunk()`` (if any),
+        then ``[DONE]``. Errors before the first output get a status code; later ones an error event."""
+        ticket = self.model.direct_request()
+        outputs = self.outputs()
+        try:
+            first = await anext(outputs)
+        except BaseException as e:
+            await outputs.aclose()
+            ticket.finish(e)
+            raise _engine_error(e) from None
+
+        async def events() -> AsyncIterator[bytes]:
+            error: BaseException | None = None
+            try:
+                ticket.responded()
+                for chunk in chunks(*first):
+                    yield _event(chunk.model_dump(mode="json"))
+                async for i, out in outputs:
+                    for chunk in chunks(i, out):
+                        yield _event(chunk.model_dump(mode="json"))
+                if usage_chunk is not None:
+                    yield _event(usage_chunk().model_dump(mode="json"))
+            except RequestFailed as e:
+                error = e
+                yield _event(api.ErrorResponse(error=_engine_error(e).info).model_dump())
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                await outputs.aclose()
+                ticket.finish(error)
+            yield b"data: [DONE]\n\n"
+
+        async def close() -> None:  # also when the response ends before its first event (the client left)
+            await outputs.aclose()
+            ticket.finish(asyncio.CancelledError("the client disconnected"))
+
+        return EventStream(events(), close)
+
+
+class CompletionServing:
+    """``POST /v1/completions``."""
+
+    def __init__(self, base: _Serving):
+        self.base = base
+
+    async def serve(self, request: Request) -> Response:
+        body = await self.base.parse(request, api.CompletionRequest)
+        model = self.base.model(body.model)
+        llm = model.backend.llm()
+        if body.echo and body.logprobs is not None:
+            raise OpenAIError.invalid("echo with logprobs is not supported: kiln does not compute the log "
+                                      "probabilities of prompt tokens", "echo")
+        prompts = [_Prompt(ids, text) for ids, text in _completion_prompts(body.prompt, llm.tokenizer)]
+        params = [_sampling_params(body, _max_tokens(body.max_tokens, len(p.ids), llm.max_seq_len, "prompt"),
+                                   body.logprobs) for p in prompts]
+        generation = _Generation(model, llm, prompts, params, "cmpl")
+        render = _CompletionRender(generation, body.echo, llm.tokenizer)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return await generation.stream(render.chunks, render.usage_chunk if include_usage else None)
+        if body.stream_options is not None:
+            raise OpenAIError.invalid("stream_options needs stream: true", "stream_options")
+        finals = await generation.finals(request)
+        return JSONResponse(render.response(finals).model_dump(mode="json"))
+
+
+class ChatServing:
+    """``POST /v1/chat/completions``, through the engine's own chat template."""
+
+    def __init__(self, base: _Serving):
+        self.base = base
+
+    async def serve(self, request: Request) -> Response:
+        body = await self.base.parse(request, api.ChatCompletionRequest)
+        model = self.base.model(body.model)
+        llm = model.backend.llm()
+        if body.top_logprobs is not None and not body.logprobs:
+            raise OpenAIError.invalid("top_logprobs needs logprobs: true", "top_logprobs")
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise OpenAIError.invalid("give max_tokens or max_completion_tokens, not both", "max_tokens")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        try:
+            ids = llm.tokenizer.encode_chat(messages)
+        except RequestError as e:
+            raise OpenAIError.invalid(str(e), "messages") from None
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = _sampling_params(body, _max_tokens(requested, len(ids), llm.max_seq_len, "messages"),
+                                  (body.top_logprobs or 0) if body.logprobs else None)
+        generation = _Generation(model, llm, [_Prompt(ids, "")], [params], "chatcmpl")
+        render = _ChatRender(generation, llm.tokenizer)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return await generation.stream(render.chunks, render.usage_chunk if include_usage else None)
+        if body.stream_options is not None:
+            raise OpenAIError.invalid("stream_options needs stream: true", "stream_options")
+        finals = await generation.finals(request)
+        return JSONResponse(render.response(finals).model_dump(mode="json"))
+
+
+# -- rendering engine outputs ---------------------------------------------------------------------------
+
+class _Render:
+    def __init__(self, generation: _Generation, tokenizer):
+        self.g = generation
+        self.tokenizer = tokenizer
+        self.completion_tokens: dict[int, int] = {}  # choice index -> tokens so far
+        self.finished: set[int] = set()
+        self._token_text: dict[int, str] = {}
+
+    def choice_index(self, prompt: int, completion) -> int:
+        return prompt * self.g.n + completion.index
+
+    def usage(self) -> api.Usage:
+        done = sum(self.completion_tokens.values())
+        return api.Usage(prompt_tokens=self.g.prompt_tokens, completion_tokens=done,
+                         total_tokens=self.g.prompt_tokens + done)
+
+    def count(self, finals: list) -> None:
+        for i, out in enumerate(finals):
+            for c in out.outputs:
+                self.completion_tokens[self.choice_index(i, c)] = len(c.token_ids)
+
+    def token(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def updates(self, prompt: int, out) -> list[tuple[int, Any, bool]]:
+        """(choice index, completion, it finished now) for the completions this output changed."""
+        changed = []
+        for c in out.outputs:
+            index = self.choice_index(prompt, c)
+            if index in self.finished:
+                continue
+            self.completion_tokens[index] = len(c.token_ids)
+            if c.finished:
+                self.finished.add(index)
+            if c.delta_text or c.delta_token_ids or c.finished:
+                changed.append((index, c, c.finished))
+        return changed
+
+
+class _CompletionRender(_Render):
+    def __init__(self, generation: _Generation, echo: bool, tokenizer):
+        super().__init__(generation, tokenizer)
+        self.echo = echo
+        self.offsets: dict[int, int] = {}  # choice index -> text offset of its next token
+        self.started: set[int] = set()
+
+    def logprobs(self, index: int, logprobs, start: int) -> api.CompletionLogprobs | None:
+        if logprobs is None:
+            return None
+        out = api.CompletionLogprobs()
+        offset = self.offsets.get(index, start)
+        for lp in logprobs:
+            text = self.token(lp.token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(max(lp.logprob, MIN_LOGPROB))
+            out.top_logprobs.append({self.token(t): max(v, MIN_LOGPROB) for t, v in lp.top})
+            out.text_offset.append(offset)
+            offset += len(text)
+        self.offsets[index] = offset
+        return out
+
+    def response(self, finals: list) -> api.CompletionResponse:
+        self.count(finals)
+        choices = []
+        for i, out in enumerate(finals):
+            prefix = self.g.prompts[i].text if self.echo else ""
+            for c in out.outputs:
+                index = self.choice_index(i, c)
+                choices.append(api.CompletionChoice(index=index, text=prefix + c.text, finish_reason=c.finish_reason,
+                                                    logprobs=self.logprobs(index, c.logprobs, len(prefix))))
+        choices.sort(key=lambda c: c.index)
+        return api.CompletionResponse(id=self.g.id, created=self.g.created, model=self.g.model.name,
+                                      choices=choices, usage=self.usage())
+
+    def chunks(self, prompt: int, out) -> list[api.CompletionResponse]:
+        chunks = []
+        for index, c, finished in self.updates(prompt, out):
+            text = c.delta_text
+            if self.echo and index not in self.started:
+                text = self.g.prompts[prompt].text + text
+            self.started.add(index)
+            chunks.append(api.CompletionResponse(
+                id=self.g.id, created=self.g.created, model=self.g.model.name,
+                choices=[api.CompletionChoice(index=index, text=text, finish_reason=c.finish_reason,
+                                              logprobs=self.logprobs(index, c.delta_logprobs, 0))]))
+        return chunks
+
+    def usage_chunk(self) -> api.CompletionResponse:
+        return api.CompletionResponse(id=self.g.id, created=self.g.created, model=self.g.model.name, choices=[],
+                                      usage=self.usage())
+
+
+class _ChatRender(_Render):
+    def __init__(self, generation: _Generation, tokenizer):
+        super().__init__(generation, tokenizer)
+        self.started: set[int] = set()
+
+    def logprobs(self, logprobs) -> api.ChatLogprobs | None:
+        if logprobs is None:
+            return None
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.token(token_id)
+            return {"token": text, "logprob": max(logprob, MIN_LOGPROB), "bytes": list(text.encode("utf-8"))}
+
+        return api.ChatLogprobs(content=[
+            api.TokenLogprob(**entry(lp.token_id, lp.logprob),
+                             top_logprobs=[api.TopLogprob(**entry(t, v)) for t, v in lp.top])
+            for lp in logprobs])
+
+    def response(self, finals: list) -> api.ChatCompletionResponse:
+        self.count(finals)
+        out = finals[0]
+        choices = [api.ChatChoice(index=c.index, message=api.AssistantMessage(content=c.text),
+                                  finish_reason=c.finish_reason, logprobs=self.logprobs(c.logprobs))
+                   for c in out.outputs]
+        return api.ChatCompletionResponse(id=self.g.id, created=self.g.created, model=self.g.model.name,
+                                          choices=choices, usage=self.usage())
+
+    def chunks(self, prompt: int, out) -> list[api.ChatCompletionChunk]:
+        choices = []
+        for index, c, finished in self.updates(prompt, out):
+            if index not in self.started:  # OpenAI's first chunk of a choice names the role
+                self.started.add(index)
+                choices.append(api.ChatChunkChoice(index=index, delta=api.Delta(role="assistant", content="")))
+            if c.delta_text or c.delta_logprobs or finished:
+                choices.append(api.ChatChunkChoice(index=index, delta=api.Delta(content=c.delta_text or None),
+                                                   finish_reason=c.finish_reason,
+                                                   logprobs=self.logprobs(c.delta_logprobs)))
+        return [api.ChatCompletionChunk(id=self.g.id, created=self.g.created, model=self.g.model.name,
+                                        choices=[choice]) for choice in choices]
+
+    def usage_chunk(self) -> api.ChatCompletionChunk:
+        return api.ChatCompletionChunk(id=self.g.id, created=self.g.created, model=self.g.model.name, choices=[],
+                                       usage=self.usage())
+
+
+# -- requests to engine inputs --------------------------------------------------------------------------
+
+def _completion_prompts(prompt, tokenizer) -> list[tuple[list[int], str]]:
+    """(token ids, text) of each prompt: a string, a list of strings, token ids, or a list of those."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise OpenAIError.invalid("prompt is empty", "prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            out.append((tokenizer.encode(p), p))
+        else:
+            if not p:
+                raise OpenAIError.invalid("prompt is empty", "prompt")
+            out.append((list(p), tokenizer.decode(list(p), skip_special_tokens=False)))
+    return out
+
+
+def _max_tokens(requested: int | None, prompt_tokens: int, max_seq_len: int, prompt_name: str) -> int:
+    """The completion's token budget: as asked (when it fits the engine), else what is left of max_seq_len."""
+    if requested is None and prompt_tokens < max_seq_len:
+        return max_seq_len - prompt_tokens
+    total = prompt_tokens + (requested or 1)
+    if total > max_seq_len:
+        raise OpenAIError.invalid(
+            f"This model's maximum context length is {max_seq_len} tokens. However, you requested {total} tokens "
+            f"({prompt_tokens} in the {prompt_name}, {requested or 1} in the completion). Please reduce the length "
+            f"of the {prompt_name} or completion.", prompt_name, "context_length_exceeded")
+    return requested
+
+
+def _sampling_params(body: api.SamplingRequest, max_tokens: int, logprobs: int | None):
+    from kiln.runtime import SamplingParams
+
+    kwargs: dict[str, Any] = dict(max_tokens=max_tokens, n=body.n, stop=body.stop, ignore_eos=body.ignore_eos,
+                                  min_tokens=body.min_tokens, skip_special_tokens=body.skip_special_tokens,
+                                  logprobs=logprobs, stop_token_ids=body.stop_token_ids or [],
+                                  logit_bias=body.logit_bias)
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                 "repetition_penalty"):
+        value = getattr(body, name)
+        if value is not None:
+            kwargs[name] = value
+    if body.seed is not None:
+        kwargs["seed"] = body.seed % 2**64
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        raise OpenAIError.invalid(str(e), field if field in type(body).model_fields else None) from None
+
+
+def _validation_error(e: ValidationError) -> OpenAIError:
+    errors = e.errors()
+    first = errors[0]
+    param = ".".join(str(part) for part in first["loc"] if not str(part).startswith(("list[", "str", "int")))
+    if first["type"] == "extra_forbidden":
+        return OpenAIError.invalid(f"Unrecognized request argument supplied: {param}", param)
+    same = [err for err in errors if err["loc"][:1] == first["loc"][:1]]
+    detail = first["msg"] if len(same) == 1 else "; or ".join(sorted({err["msg"] for err in same}))
+    got = first.get("input")
+    shown = "" if isinstance(got, (dict, list)) or first["type"] == "missing" else f" (got {got!r})"
+    return OpenAIError.invalid(f"{param or 'request'}: {detail}{shown}", param or None)
+
+
+def _engine_error(e: BaseException) -> BaseException:
+    """The error a request that failed at or after submission answers with."""
+    if isinstance(e, OpenAIError):
+        return e
+    if isinstance(e, RequestFailed):
+        return OpenAIError(500, str(e))
+    if isinstance(e, RequestError):
+        return OpenAIError.invalid(str(e))
+    if isinstance(e, ServerError):
+        return OpenAIError.from_server_error(e)
+    return e
+
+
+# -- streams ----------------------------------------------------------------------------------------------
+
+async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """Items of several async iterators as they come, tagged by iterator index. An error in one ends the
+    merge; closing the merge closes every iterator."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as stream:
+            async for item in stream:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for item in stream:
+                    queue.put_nowait((i, item, None))
+        except Exception as e:
+            queue.put_nowait((i, None, e))
+        else:
+            queue.put_nowait((i, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is None:
+                running -= 1
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _event(doc: dict) -> bytes:
+    return b"data: " + json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n\n"
