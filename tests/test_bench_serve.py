@@ -2,14 +2,12 @@
 token counting, failed requests, errors before the run, and no process left behind.
 
 Triton's ``generate_stream`` is driven against a decoupled Python-backend model that streams its prompt's
-words back (``ECHO``). The OpenAI path runs against ``kiln serve`` with a kiln engine, and is skipped
-while that server has no OpenAI routes (``openai_server`` is the one place to change when it does).
+words back (``ECHO``), which can fail on demand; every protocol (OpenAI completions and chat, Triton's
+generate_stream through the kiln backend) against ``kiln serve`` with a tiny kiln engine.
 """
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 
 import psutil
 import pytest
@@ -263,56 +261,39 @@ def test_errors_before_the_run(triton_server, tokenizer_dir, capsys, tmp_path):
 # -- the OpenAI protocols, against kiln serve with a kiln engine -------------------------------------------
 
 @pytest.fixture(scope="module")
-def openai_server(tmp_path_factory, tokenizer_dir):
-    """``kiln serve`` with the tiny engine, if it answers the OpenAI routes; the one place to change when
-    ``kiln serve`` takes a model (``kiln serve MODEL``)."""
-    root = tmp_path_factory.mktemp("llm-repository")
-    (root / "tiny").symlink_to(tokenizer_dir, target_is_directory=True)  # an engine folder is a model folder
-    try:
-        server = ServerProcess(root)
-    except (RuntimeError, TimeoutError) as e:
-        pytest.skip(f"kiln serve does not serve a kiln engine yet: {str(e).splitlines()[0]}")
-    try:
-        with urllib.request.urlopen(f"http://{server.http}/v1/models", timeout=10) as response:
-            assert response.status == 200
-    except urllib.error.HTTPError as e:
-        _stop_and_check(server)
-        pytest.skip(f"kiln serve has no OpenAI routes yet (GET /v1/models: HTTP {e.code})")
+def llm_server(tokenizer_dir):
+    """``kiln serve`` with the tiny engine: OpenAI's routes and the kiln backend's generate_stream."""
+    server = ServerProcess(None, str(tokenizer_dir), "--served-model-name", "tiny", ready_timeout=120)
     yield server
     _stop_and_check(server)
 
 
-@pytest.mark.parametrize("backend", ["openai-completions", "openai-chat"])
-def test_openai_against_kiln_serve(openai_server, tokenizer_dir, backend, capsys, tmp_path):
-    code, doc, table, _ = bench(capsys, tmp_path, "--url", f"http://{openai_server.http}", "--backend", backend,
+@pytest.mark.parametrize("backend", ["openai-completions", "openai-chat", "triton-generate"])
+def test_every_protocol_against_kiln_serve(llm_server, tokenizer_dir, backend, capsys, tmp_path):
+    url = f"http://{llm_server.http}"
+    model = ["--model", "tiny"] if backend == "triton-generate" else []  # OpenAI: the first model listed
+    code, doc, table, _ = bench(capsys, tmp_path, "--url", url, "--backend", backend, *model,
                                 "--tokenizer", str(tokenizer_dir), "--input-len", "10", "--output-len", "5",
-                                "--num-prompts", "4", "--max-concurrency", "2")
+                                "--num-prompts", "4", "--max-concurrency", "2", "--no-progress")
     assert code == 0
+    assert doc["server"]["model"] == "tiny"
     r = doc["results"]
     assert r["completed"] == 4 and r["failed"] == 0
-    # kiln's OpenAI routes give usage, and ignore_eos / min_tokens make every output as long as asked.
-    assert r["output_tokens_counted_by"] == {"usage": 4}
+    # kiln counts the tokens itself (OpenAI's usage, the kiln backend's output_ids), and ignore_eos /
+    # min_tokens / min_length make every output as long as asked.
+    counted_by = "output_ids" if backend == "triton-generate" else "usage"
+    assert r["output_tokens_counted_by"] == {counted_by: 4}
     assert r["output_len"]["not_as_asked"] == 0 and r["total_output_tokens"] == 4 * 5
+    assert r["finish_reasons"] == ({} if backend == "triton-generate" else {"length": 4})
+    # The server's prompt counts are the benchmark tokenizer's, but for the chat template's tokens.
+    by_tokenizer = doc["dataset"]["input_len"]["mean"] * 4
+    if backend == "openai-chat":
+        assert r["total_input_tokens"] > by_tokenizer
+    else:
+        assert r["total_input_tokens"] == pytest.approx(by_tokenizer, abs=0.1)
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_latency_ms"):
         check_percentiles(r[key])
-    assert doc["server"]["model"] in doc["server"]["models"]
     assert "time to first token" in table
-
-
-def test_tokenizer_from_a_hugging_face_folder_is_the_engines(hf_model_dir, tokenizer_dir):
-    from kiln.bench.serve import as_text, load_tokenizer
-
-    hf, hf_vocab, hf_source = load_tokenizer(str(hf_model_dir("llama")))
-    engine, vocab, source = load_tokenizer(str(tokenizer_dir))
-    assert hf_vocab == vocab and source == str(tokenizer_dir.resolve()) and hf_source != source
-    assert (hf.bos_token_id, hf.eos_token_ids, hf.add_bos_token) == (engine.bos_token_id, engine.eos_token_ids,
-                                                                     engine.add_bos_token)
-    text = "The quick brown fox, naïve café 🙂"
-    assert hf.encode(text) == engine.encode(text)
-    # Synthetic prompts: decoded ids cut back to the asked length when they encode longer.
-    ids = engine.encode(text, add_special_tokens=False)
-    prompt = as_text(ids + ids, engine, exact_len=len(ids))
-    assert prompt.input_len <= len(ids) and text.startswith(prompt.text.rstrip())
 
 
 # -- the wire formats, on events as servers sent them ------------------------------------------------------
