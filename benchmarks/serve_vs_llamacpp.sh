@@ -7,7 +7,8 @@
 #   bash benchmarks/serve_vs_llamacpp.sh [OUT_DIR]      (default: benchmarks/results/serve_vs_llamacpp)
 #
 # Writes OUT_DIR/{llamacpp,kiln}-c{C}.json (kiln bench serve's JSON, with the exact command in it), the
-# servers' logs, and OUT_DIR/summary.md, a table of both side by side.
+# servers' logs, OUT_DIR/load.txt (the machine's load average as each half starts and ends: other work
+# on the machine slows both) and OUT_DIR/summary.md, a table of both side by side.
 #
 # Environment:
 #   LLAMACPP_PYTHON  a python that has llama-cpp-python[server] (default: python3)
@@ -30,6 +31,8 @@ THREADS=${THREADS:-2}
 KILN_BACKEND=${KILN_BACKEND:-openai-completions}
 MODEL_NAME=smollm2
 mkdir -p "$OUT"
+: > "$OUT/load.txt"
+MAX_CONCURRENCY=$(printf '%s\n' $CONCURRENCY | sort -n | tail -1)
 
 GGUF=$(python3 -c 'from kiln.builder.engine_cache import default_model; print(default_model())')
 
@@ -75,6 +78,7 @@ bench() {
 
 for server in $SERVERS; do
     port=$(free_port)
+    echo "$server start: $(cat /proc/loadavg)" >> "$OUT/load.txt"
     case $server in
     llamacpp)
         # llama.cpp computes with the GGUF's own 4-bit (Q4_1) weights, one request at a time: by default
@@ -87,8 +91,10 @@ for server in $SERVERS; do
         bench llamacpp "http://127.0.0.1:$port" openai-completions
         ;;
     kiln)
-        # kiln builds the GGUF into a float32 engine (once, in its engine cache) and computes in float32.
+        # kiln builds the GGUF into a float32 engine (once, in its engine cache) and computes in float32,
+        # batching up to the highest concurrency in flight.
         OMP_NUM_THREADS=$THREADS python3 -m kiln.cli.main serve "$GGUF" --served-model-name "$MODEL_NAME" \
+            --max-batch-size "$(( MAX_CONCURRENCY > 8 ? MAX_CONCURRENCY : 8 ))" \
             --http-port "$port" --grpc-port 0 --metrics-port 0 > "$OUT/kiln-server.log" 2>&1 &
         SERVER_PID=$!
         wait_ready "http://127.0.0.1:$port/v2/health/ready" "$OUT/kiln-server.log"
@@ -99,6 +105,7 @@ for server in $SERVERS; do
         exit 2
         ;;
     esac
+    echo "$server end: $(cat /proc/loadavg)" >> "$OUT/load.txt"
     stop_server
 done
 

@@ -156,6 +156,7 @@ def format_serve(doc: dict) -> str:
     name = " ".join(str(server[k]) for k in ("name", "version") if server.get(k))
     out = r["output_len"]
     counted = ", ".join(f"{how} ({n})" for how, n in r["output_tokens_counted_by"].items()) or "-"
+    lengths = "exact (ignore_eos / min tokens asked)" if settings["exact_lengths"] else "up to the server"
     lines = [
         "=" * 72, " kiln bench serve", "=" * 72,
         f" command          {doc['command']}",
@@ -163,8 +164,7 @@ def format_serve(doc: dict) -> str:
         + (f", {name}" if name else ""),
         f" requests         {describe_dataset(doc['dataset'])}",
         f" load             {load}, warmup {settings['warmup']} requests, peak {r['peak_concurrency']} in flight",
-        f" output lengths   {'exact (ignore_eos / min tokens asked)' if settings['exact_lengths'] else 'up to the server'}"
-        f"; tokens counted by {counted}",
+        f" output lengths   {lengths}; tokens counted by {counted}",
         *([" finish reasons   " + ", ".join(f"{k} ({n})" for k, n in r["finish_reasons"].items())]
           if r["finish_reasons"] else []),
         "-" * 72,

@@ -4,7 +4,8 @@ Requests go out over HTTP (``clients``: OpenAI completions or chat, or Triton's 
 Poisson arrivals of a given rate, or all at once, and at most ``max_concurrency`` at a time. Each
 request's stream is timed as a client sees it:
 
-- TTFT: from sending the request to the first event that carries output;
+- TTFT: from sending the request (once a ``max_concurrency`` slot is free, as vLLM's benchmark times
+  it) to the first event that carries output;
 - ITL: each gap between two such events (one token each on kiln and vLLM; a server that sends several
   tokens an event shows fewer, longer gaps);
 - TPOT: (end to end - TTFT) / (output tokens - 1), for requests of two tokens or more;

@@ -25,7 +25,8 @@ DEFAULT_NUM_REQUESTS = 64
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("bench", help="measure an engine's throughput or latency (after trtllm-bench), or a running server's")
+    p = verbs.add_parser("bench", help="measure an engine's throughput or latency (after trtllm-bench), "
+                                       "or a running server's")
     benchmarks = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
 
     t = benchmarks.add_parser("throughput", help="serve many requests with in-flight batching; tokens/s and latencies")
