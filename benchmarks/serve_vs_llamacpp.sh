@@ -10,8 +10,12 @@
 # servers' logs, OUT_DIR/load.txt (the machine's load average as each half starts and ends: other work
 # on the machine slows both) and OUT_DIR/summary.md, a table of both side by side.
 #
+# llama.cpp's side, in a virtual environment of its own (its server brings FastAPI and its own pins, kept
+# away from kiln's server packages; pip builds llama.cpp from source, several minutes):
+#   python3 -m venv VENV && CMAKE_BUILD_PARALLEL_LEVEL=2 VENV/bin/pip install "llama-cpp-python[server]==0.3.36"
+#
 # Environment:
-#   LLAMACPP_PYTHON  a python that has llama-cpp-python[server] (default: python3)
+#   LLAMACPP_PYTHON  a python that has llama-cpp-python[server], e.g. VENV/bin/python (default: python3)
 #   SERVERS          which halves to run (default "llamacpp kiln")
 #   CONCURRENCY      default "1 4 16"; each level sends max(8, 4 x C) requests
 #   INPUT_LEN / OUTPUT_LEN  tokens per prompt / per output (default 128 / 128)
