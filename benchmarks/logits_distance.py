@@ -20,7 +20,8 @@ from kiln.runtime.request import Request
 
 def main() -> None:
     hf_dir, engine_dir = sys.argv[1], sys.argv[2]
-    llm = LLM(engine_dir)
+    # A small KV pool: this process also holds transformers' float32 and same-dtype copies of the model.
+    llm = LLM(engine_dir, kv_cache_memory=1 << 30)
     runner = llm.engine.call(lambda core: core.runner)
     device, dtype = runner.device, runner.dtype
     exact = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
