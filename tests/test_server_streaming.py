@@ -271,16 +271,25 @@ def _pending(server, model: str) -> float:
 
 
 def test_full_queue_rejects_requests(server):
-    client = httpclient.InferenceServerClient(server.http, concurrency=2)
-    running = client.async_infer("repeat_queue", repeat_inputs(httpclient, [1], delay_ms=500), request_id="q1")
+    # NOTE: the gRPC client's async_infer sends at once from its own thread; the HTTP client's sends
+    # only when its gevent loop runs (in get_result), which a plain wait never lets happen.
+    client = grpcclient.InferenceServerClient(server.grpc)
+    results: dict[str, queue.Queue] = {"q1": queue.Queue(), "q2": queue.Queue()}
+
+    def send(rid: str, values: list[int], delay_ms: int = 0) -> None:
+        client.async_infer("repeat_queue", repeat_inputs(grpcclient, values, delay_ms=delay_ms), request_id=rid,
+                           callback=lambda result, error: results[rid].put((result, error)))
+
+    send("q1", [1], delay_ms=500)
     assert _wait(lambda: "q1" in SEEN)  # executing: the one instance is busy
-    queued = client.async_infer("repeat_queue", repeat_inputs(httpclient, [2]), request_id="q2")
+    send("q2", [2])
     assert _wait(lambda: _pending(server, "repeat_queue") == 1)  # the queue holds its one request
     with pytest.raises(InferenceServerException, match="Exceeds maximum queue size") as e:
         grpcclient.InferenceServerClient(server.grpc).infer("repeat_queue", repeat_inputs(grpcclient, [3]))
     assert e.value.status() == "StatusCode.UNAVAILABLE"
-    assert running.get_result().as_numpy("OUT").tolist() == [1]
-    assert queued.get_result().as_numpy("OUT").tolist() == [2]
+    for rid, value in (("q1", 1), ("q2", 2)):
+        result, error = results[rid].get(timeout=30)
+        assert error is None and result.as_numpy("OUT").tolist() == [value]
     stats = httpclient.InferenceServerClient(server.http).get_inference_statistics("repeat_queue")["model_stats"][0]
     assert stats["inference_stats"]["success"]["count"] == 2 and stats["inference_stats"]["fail"]["count"] == 1
 

@@ -61,7 +61,7 @@ class HFBaseline:
         self.device = device
         kwargs: dict = {"gguf_file": source.gguf_file} if source.gguf_file else {}
         if source.gguf_file:
-            kwargs.update(_dense_gguf(source.gguf_file))
+            kwargs.update(dense_gguf(source.gguf_file))
         # transformers renamed torch_dtype to dtype in 4.56.
         major, minor = (int(x) for x in self.version.split(".")[:2])
         kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = dtype
@@ -153,7 +153,7 @@ def token_match(kiln_ids: Sequence[list[int]], hf_ids: Sequence[list[int]]) -> f
     return same / len(kiln_ids) if kiln_ids else 0.0
 
 
-def _dense_gguf(gguf_file: str) -> dict:
+def dense_gguf(gguf_file: str) -> dict:
     """Ask transformers for plain dense weights from a GGUF file, as kiln runs them.
 
     NOTE: transformers 5.24 and later keep GGUF weights in their quantized blocks unless told to

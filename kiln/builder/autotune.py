@@ -24,6 +24,7 @@ from kiln.models import ModelConfig
 from kiln.ops import Implementation, all_ops
 from kiln.ops.sample_inputs import norm_batch, paged_batch, rotary_batch, silu_batch
 from kiln.ops.timing import time_ms
+from kiln.ops.user_plugins import belongs
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +124,16 @@ def tune_op(op: str, candidates: list[Implementation], loads: list[Workload],
 
 
 def tune_plan(model: ModelConfig, build: BuildConfig, device: torch.device,
-              preferred: Callable[[str], str]) -> dict[str, dict]:
-    """A plan for ``device``: ops with a choice tuned, the others ``preferred(op)``."""
+              preferred: Callable[[str], str], plugins: set[str] = frozenset()) -> dict[str, dict]:
+    """A plan for ``device``: ops with a choice tuned, the others ``preferred(op)``; a user's plugins
+    are candidates only from this build's plugin modules (``plugins``)."""
     dtype = build.torch_dtype
     plan = {}
     for name, op in sorted(all_ops().items()):
         # On a GPU steps replay from CUDA graphs: a candidate that cannot be captured is no candidate.
         candidates = [impl for impl in op.impls.values()
-                      if impl.supports(device, dtype) and (impl.graph_safe or device.type != "cuda")]
+                      if impl.supports(device, dtype) and (impl.graph_safe or device.type != "cuda")
+                      and belongs(impl, plugins)]
         loads = workloads(name, model, build, device)
         choices = sum(len(impl.configs) or 1 for impl in candidates)
         if not loads or choices < 2:

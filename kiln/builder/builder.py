@@ -40,8 +40,7 @@ def build(
     config = config or BuildConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
-    for file in plugins:
-        load_plugin_file(file)
+    modules = {load_plugin_file(file) for file in plugins}
     with staged_dir(out, "engine") as stage:
         if is_checkpoint(source):
             checkpoint = read_checkpoint(source)
@@ -54,7 +53,7 @@ def build(
         _check_limits(checkpoint, config)
         steps = tqdm(total=4, desc="build", disable=not progress, leave=False)
         steps.set_postfix_str("plan ops")
-        plan = choose_plan(device, checkpoint.config, config, tune=tune)
+        plan = choose_plan(device, checkpoint.config, config, tune=tune, plugins=modules)
         steps.update()
         steps.set_postfix_str("fuse and cast weights")
         tensors = engine_tensors(checkpoint.config, source_tensors, config.torch_dtype)

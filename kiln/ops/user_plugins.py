@@ -16,6 +16,7 @@ from pathlib import Path
 from kiln.errors import KilnError
 
 PLUGIN_DIR = "plugins"
+_MODULE_PREFIX = "kiln_user_plugin_"
 
 
 def load_plugin_file(path: str | Path) -> str:
@@ -24,7 +25,7 @@ def load_plugin_file(path: str | Path) -> str:
     if not path.is_file() or path.suffix != ".py":
         raise KilnError(f"plugin {path} is not a Python file")
     source = path.read_bytes()
-    name = f"kiln_user_plugin_{path.stem}_{hashlib.sha256(source).hexdigest()[:12]}"
+    name = f"{_MODULE_PREFIX}{path.stem}_{hashlib.sha256(source).hexdigest()[:12]}"
     if name in sys.modules:
         return name
     spec = importlib.util.spec_from_file_location(name, path)
@@ -45,3 +46,11 @@ def load_engine_plugins(engine_dir: Path, files: list[str]) -> None:
         if not path.is_file():
             raise KilnError(f"engine {engine_dir} names plugin {rel}, which it does not hold")
         load_plugin_file(path)
+
+
+def belongs(impl, modules: set[str]) -> bool:
+    """Whether a build that named the plugin modules ``modules`` may choose ``impl``: kiln's own
+    implementations always; a user's only if its file was named for this build (plugins stay
+    registered for the life of the process, and one build's must not leak into another's plan)."""
+    module = getattr(impl.fn, "__module__", "") or ""
+    return not module.startswith(_MODULE_PREFIX) or module in modules
