@@ -81,9 +81,9 @@ def load_tokenizer(spec: str | None) -> tuple[EngineTokenizer, int, str]:
     path = Path(spec) if spec else None
     if path is not None and not (path / ENGINE_FILE).is_file() and (path / "tokenizer.json").is_file():
         from kiln.checkpoint.checkpoint import generation_facts
-        from kiln.checkpoint.hf_dir import _read_tokenizer
+        from kiln.checkpoint.hf_dir import read_tokenizer
 
-        tokenizer, config = _read_tokenizer(path)
+        tokenizer, config = read_tokenizer(path)
         hf_config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         facts = {**generation_facts(hf_config, tokenizer, config), "add_bos_token": bool(config.get("add_bos_token")),
                  "bos_token": config.get("bos_token"), "eos_token": config.get("eos_token"),

@@ -56,7 +56,7 @@ def read_hf_dir(path: str | os.PathLike) -> SourceModel:
         except Exception as e:  # safetensors raises its own error types for a bad header
             raise ConversionError(f"cannot read {file}: {e} (is the file truncated or not safetensors?)") from e
         _check_complete(file)
-    tokenizer, tokenizer_config = _read_tokenizer(path)
+    tokenizer, tokenizer_config = read_tokenizer(path)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for file in files:
@@ -116,7 +116,7 @@ def _check_complete(file: Path) -> None:
         )
 
 
-def _read_tokenizer(path: Path) -> tuple[Tokenizer, dict]:
+def read_tokenizer(path: Path) -> tuple[Tokenizer, dict]:
     file = path / "tokenizer.json"
     if not file.is_file():
         raise ConversionError(
