@@ -114,6 +114,16 @@ def torchscript_fails_on_negative(path: Path) -> Path:
     return _script(FailsOnNegative(), path)
 
 
+def wait_for(predicate, timeout: float = 30.0) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def write_config(model_dir: Path, text: str) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(text)

@@ -7,13 +7,12 @@ import json
 import queue
 import shutil
 import socket
-import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
-from server_harness import ServerProcess, write_config
+from server_harness import ServerProcess, wait_for, write_config
 
 tritonclient = pytest.importorskip("tritonclient")
 
@@ -121,14 +120,6 @@ def metric(server, name: str, **labels) -> float:
 def kv_blocks_used(server) -> float:
     return metric(server, "kiln_kv_cache_blocks_used")
 
-
-def wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_engine_folder_config_is_completed(server, engine):

@@ -4,13 +4,12 @@ served in a subprocess (one for the module, with an API key), greedy results che
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from server_harness import ServerProcess
+from server_harness import ServerProcess, wait_for
 
 openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -63,14 +62,6 @@ def metric(server, name, model="tiny", **labels) -> float:
     return next(s.value for s in family.samples
                 if s.labels.get("model") == model and labels.items() <= s.labels.items())
 
-
-def wait_for(predicate, timeout=30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_models_and_the_kserve_view(server, client, engine):

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.request
 
 import numpy as np
 import psutil
 import pytest
-from server_harness import ServerProcess, add_sub_config, onnx_add_sub, onnx_big_weight, write_config
+from server_harness import ServerProcess, add_sub_config, onnx_add_sub, onnx_big_weight, wait_for, write_config
 
 pytest.importorskip("onnx")
 tritonclient = pytest.importorskip("tritonclient")
@@ -172,24 +171,16 @@ def test_poll_mode_follows_the_folder(tmp_path):
         onnx_add_sub(staging / "1/model.onnx")
         write_config(staging, add_sub_config("b"))
         shutil.move(str(staging), str(root / "b"))
-        assert _wait(lambda: client.is_model_ready("b")), server.log
+        assert wait_for(lambda: client.is_model_ready("b")), server.log
         infer_add_sub(client, httpclient, "b")
 
         write_config(root / "a", add_sub_config("a", max_batch_size=4))
-        assert _wait(lambda: client.get_model_config("a")["max_batch_size"] == 4), server.log
+        assert wait_for(lambda: client.get_model_config("a")["max_batch_size"] == 4), server.log
 
         shutil.rmtree(root / "b")
-        assert _wait(lambda: "b" not in index(client)), server.log
+        assert wait_for(lambda: "b" not in index(client)), server.log
         assert not client.is_model_ready("b")
         infer_add_sub(client, httpclient, "a")
     finally:
         assert server.stop() == 0, server.log
 
-
-def _wait(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_harness import InProcessServer, add_sub_config, onnx_add_sub, write_config
+from server_harness import InProcessServer, add_sub_config, onnx_add_sub, wait_for, write_config
 
 pytest.importorskip("onnx")
 tritonclient = pytest.importorskip("tritonclient")
@@ -190,14 +190,6 @@ def test_http_infer_takes_exactly_one_response(server):
         grpcclient.InferenceServerClient(server.grpc).infer("repeat", repeat_inputs(grpcclient, [1, 2]))
 
 
-def _wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
 
 def test_cancelled_stream_stops_the_backend(server):
     stream = Stream(server)
@@ -206,7 +198,7 @@ def test_cancelled_stream_stops_the_backend(server):
     first, error = stream.next()
     assert error is None and int(first.as_numpy("OUT")[0]) == 0
     stream.close(cancel=True)
-    assert _wait(lambda: SEEN["cancel-me"]["cancelled"])
+    assert wait_for(lambda: SEEN["cancel-me"]["cancelled"])
     assert SEEN["cancel-me"]["sent"] < 200
 
 
@@ -217,8 +209,8 @@ def test_http_disconnect_cancels_the_request(server):
     with socket.create_connection((host, int(port))) as s:
         s.sendall(b"POST /v2/models/repeat/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        assert _wait(lambda: "hangup" in SEEN)
-    assert _wait(lambda: SEEN["hangup"]["cancelled"])
+        assert wait_for(lambda: "hangup" in SEEN)
+    assert wait_for(lambda: SEEN["hangup"]["cancelled"])
     assert SEEN["hangup"]["sent"] == 0
     stats = httpclient.InferenceServerClient(server.http).get_inference_statistics("repeat")["model_stats"][0]
     assert stats["inference_stats"]["fail"]["count"] >= 1
@@ -281,9 +273,9 @@ def test_full_queue_rejects_requests(server):
                            callback=lambda result, error: results[rid].put((result, error)))
 
     send("q1", [1], delay_ms=500)
-    assert _wait(lambda: "q1" in SEEN)  # executing: the one instance is busy
+    assert wait_for(lambda: "q1" in SEEN)  # executing: the one instance is busy
     send("q2", [2])
-    assert _wait(lambda: _pending(server, "repeat_queue") == 1)  # the queue holds its one request
+    assert wait_for(lambda: _pending(server, "repeat_queue") == 1)  # the queue holds its one request
     with pytest.raises(InferenceServerException, match="Exceeds maximum queue size") as e:
         grpcclient.InferenceServerClient(server.grpc).infer("repeat_queue", repeat_inputs(grpcclient, [3]))
     assert e.value.status() == "StatusCode.UNAVAILABLE"
@@ -335,5 +327,5 @@ def test_closing_an_event_stream_cancels_the_request(server):
         received = b""
         while b"data: " not in received:
             received += s.recv(4096)
-    assert _wait(lambda: SEEN["sse-hangup"]["cancelled"])
+    assert wait_for(lambda: SEEN["sse-hangup"]["cancelled"])
     assert SEEN["sse-hangup"]["sent"] < 200

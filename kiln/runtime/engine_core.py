@@ -12,7 +12,6 @@ blocks freed; the others continue as if nothing happened.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, replace
 
 import torch
