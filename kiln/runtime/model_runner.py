@@ -12,8 +12,10 @@ from kiln.engine.target import target_of
 from kiln.models import ModelConfig, create_model
 from kiln.nn import ForwardContext, forward_context
 from kiln.ops import AttentionMetadata, OpTable
+from kiln.runtime.cpu_threads import ThreadGovernor
 from kiln.runtime.decode_graphs import DecodeGraphs
 from kiln.runtime.request import Request
+from kiln.runtime.tuned_plan import load_op_table
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,9 @@ class ModelRunner:
         self.config = ModelConfig.from_dict(engine.model)
         self.dtype = build.torch_dtype
         self.block_size = build.kv_block_size
-        self.ops = OpTable(engine.plan, device, self.dtype)
+        # On a CPU the ops with a choice are timed here; self.tuning says what was chosen.
+        self.ops, self.tuning = load_op_table(engine, device, self.dtype)
+        self.threads = ThreadGovernor.for_device(device)
         _warn_if_target_differs(engine, device, self.ops)
         with torch.device("meta"):
             self.model = create_model(self.config, self.ops, max_positions=build.max_seq_len)
@@ -116,12 +120,13 @@ class ModelRunner:
             block_size=self.block_size,
             seq_lens_t=torch.tensor(seq_lens, dtype=torch.int64).to(self.device),
         )
-        with forward_context(ForwardContext(meta, self.kv_caches)):
-            hidden = self.model(torch.tensor(token_ids, device=self.device), pos.to(self.device))
-        if all_logits:
-            return self.model.compute_logits(hidden).float()
-        rows = hidden[torch.tensor(logits_rows, dtype=torch.int64, device=self.device)]
-        return self.model.compute_logits(rows).float()
+        with self.threads.step(len(token_ids)):
+            with forward_context(ForwardContext(meta, self.kv_caches)):
+                hidden = self.model(torch.tensor(token_ids, device=self.device), pos.to(self.device))
+            if all_logits:
+                return self.model.compute_logits(hidden).float()
+            rows = hidden[torch.tensor(logits_rows, dtype=torch.int64, device=self.device)]
+            return self.model.compute_logits(rows).float()
 
 
 def _decode_graphs_mode(asked: str, device: torch.device, ops: OpTable) -> str:
