@@ -85,6 +85,14 @@ def test_step_sizes_are_judged_apart(threads2):
     assert used[-1] == 2
 
 
+def test_a_rare_step_size_follows_the_others_until_it_has_its_own_baseline(threads2):
+    clock = Clock()
+    gov = ThreadGovernor(2, clock=clock)
+    run(gov, clock, QUIET, 3, tokens=128)  # the warmup's prefill, before anything was learned
+    run(gov, clock, BUSY, 40, tokens=1)  # decode learns that the machine is busy
+    assert run(gov, clock, {1: 0.3, 2: 1.5}, 1, tokens=128) == [1]
+
+
 def test_an_error_inside_a_step_restores_threads(threads2):
     gov = ThreadGovernor(2)
     with pytest.raises(RuntimeError):

@@ -58,8 +58,8 @@ class FakeOp:
 @pytest.fixture
 def always_stable(monkeypatch):
     # The fake timings are clear-cut, but on a shared machine two rounds of a microsecond-scale
-    # candidate can differ by more than the stability threshold, or be preempted twice in a row at two
-    # threads; the cache logic is what is tested.
+    # candidate can differ by more than the stability threshold, or one preempted pass with two
+    # threads can read as a busy machine; the cache logic is what is tested.
     monkeypatch.setattr(tuning, "STABLE_SPREAD", 1e9)
     monkeypatch.setattr(tuning, "COLLAPSE", 1e9)
 
@@ -69,15 +69,14 @@ def test_the_faster_candidate_wins_and_one_that_cannot_run_is_never_tried(tmp_pa
     choice = tuner(MACHINE, tmp_path).choose(fake.op, WORK)
     assert choice.impl == "quick" and not choice.cached
     assert fake.calls["gpu_only"] == 0 and fake.calls["reference"] > 0 and fake.calls["quick"] > 0
-    for cond, by_impl in choice.seconds.items():
-        assert set(by_impl) == {"reference", "quick"}
-        if not cond.startswith("threads=2"):  # two threads may wait for a core on a busy machine
-            assert by_impl["quick"] < by_impl["reference"]
-    assert [c.label for c in candidates(fake.op, CPU, torch.float32)] == ["reference", "quick"]
-    # Timed with all threads and with one, at each row count.
+    # Timed with one thread and with all, at each row count. (On a busy machine the multi-thread
+    # conditions may stop early: their passes time the machine, not the candidates.)
     threads = torch.get_num_threads()
-    expected = {f"threads={t} rows={r}" for t in {threads, 1} for r in (1, 3)} if threads > 1 else {"rows=1", "rows=3"}
-    assert set(choice.seconds) == expected
+    alone = {"threads=1 rows=1", "threads=1 rows=3"} if threads > 1 else {"rows=1", "rows=3"}
+    every = alone | {f"threads={threads} rows={r}" for r in (1, 3)}
+    assert alone <= set(choice.seconds) <= every
+    for cond in alone:
+        assert choice.seconds[cond]["quick"] < choice.seconds[cond]["reference"]
 
 
 def test_a_choice_is_cached_per_machine_and_work(tmp_path, always_stable):
@@ -105,6 +104,31 @@ def test_a_noisy_choice_is_not_reused(tmp_path, monkeypatch):
     first = tuner(MACHINE, tmp_path).choose(fake.op, WORK)
     assert not first.stable and "will be timed again" in first.describe()
     assert not tuner(MACHINE, tmp_path).choose(fake.op, WORK).cached
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs two threads")
+def test_a_busy_machine_stops_multi_thread_timing_and_is_not_cached(tmp_path):
+    calls = {"threads>1": 0}
+
+    def fragile(x, w):  # its threads wait for a busy core
+        if torch.get_num_threads() > 1:
+            calls["threads>1"] += 1
+            time.sleep(0.02)
+        return F.linear(x, w)
+
+    def steady(x, w):
+        time.sleep(0.001)
+        return F.linear(x, w)
+
+    op = Op("fake_linear", "a test op")
+    op.impls["reference"] = Implementation("fake_linear", "reference", steady, lambda d, t: True)
+    op.impls["fragile"] = Implementation("fake_linear", "fragile", fragile, lambda d, t: True)
+    choice = tuner(MACHINE, tmp_path).choose(op, WORK)
+    # One slow multi-thread pass is enough to stop them all.
+    assert calls["threads>1"] == len(WORK.weight_shapes)
+    assert not choice.stable and not list(tmp_path.glob("*.json"))
+    # Judged on one thread, which is what the runtime uses on a busy machine: fragile is faster there.
+    assert choice.impl == "fragile"
 
 
 def test_a_cache_naming_a_candidate_that_cannot_run_here_is_ignored(tmp_path, always_stable, caplog):

@@ -16,7 +16,7 @@ Timing on a machine that does other work is noisy, so the choice is made to hold
   judged twice: at its best thread count (a quiet machine) and at one thread (a busy one), and the
   choice is the one whose worst slowdown against the fastest of either is smallest: never a kernel
   that wins only while every core is free. A multi-thread pass far slower than the same candidate
-  alone means the machine is busy now; that condition is not timed again at this load;
+  alone means the machine is busy now; then nothing more is timed with several threads at this load;
 - a choice whose rounds disagreed, or that was made on a busy machine, is used for this load but not
   cached: the next load times again.
 """
@@ -150,7 +150,7 @@ class Tuner:
         seconds, stable = self._time(cands, workload)
         best = most_robust(_targets(seconds, self.threads, workload.rows))
         chosen = next(c for c in cands if c.label == best)
-        report = {_condition(t, r): by_impl for (t, r), by_impl in seconds.items()}
+        report = {_condition(t, r): by_impl for (t, r), by_impl in seconds.items() if by_impl}
         choice = Choice(op.name, chosen.impl.name, chosen.config, cached=False, stable=stable, seconds=report,
                         tuning_s=time.perf_counter() - start)
         if stable:
@@ -181,7 +181,7 @@ class Tuner:
         conditions = [(t, r) for t in reversed(self.threads) for r in workload.rows]
         rounds: dict[tuple[int | None, int], dict[str, list[float]]] = {k: {c.label: [] for c in cands}
                                                                          for k in conditions}
-        collapsed: set[tuple[int | None, int]] = set()
+        busy = False
         with _threads(self.threads[-1]):
             for c in cands:  # the first call of each builds its kernels
                 run(c, workload.rows[0])
@@ -192,23 +192,24 @@ class Tuner:
             # Rotate the order each round, so that no candidate always runs first after a switch.
             order = cands[i % len(cands):] + cands[:i % len(cands)]
             for threads, rows in conditions:
-                if (threads, rows) in collapsed:
+                many = threads not in (None, 1)
+                if many and busy:
                     continue
                 with _threads(threads):
                     for c in order:
-                        times = rounds[(threads, rows)][c.label]
-                        times.append(run(c, rows))
+                        seconds = run(c, rows)
+                        rounds[(threads, rows)][c.label].append(seconds)
                         alone = rounds.get((1, rows), {}).get(c.label)
-                        many = threads not in (None, 1) and len(times) >= 2
-                        if many and alone and _collapsed(min(times), min(alone)):
-                            # Other work holds a core: these threads wait on each other, not on the
-                            # kernel, and more passes would only cost load time.
-                            collapsed.add((threads, rows))
+                        if many and alone and _collapsed(seconds, min(alone)):
+                            # Other work holds a core: the threads wait for it, not for the kernel.
+                            # Such passes measure the machine, not the candidates, and each can take
+                            # a second: no more of them at this load.
+                            busy = True
                             break
         seconds = {k: {label: min(ts) * scale for label, ts in by_impl.items() if ts}
                    for k, by_impl in rounds.items()}
-        stable = not collapsed and all(len(ts) >= 2 and sorted(ts)[1] <= sorted(ts)[0] * (1 + STABLE_SPREAD)
-                                       for by_impl in rounds.values() for ts in by_impl.values())
+        stable = not busy and all(len(ts) >= 2 and sorted(ts)[1] <= sorted(ts)[0] * (1 + STABLE_SPREAD)
+                                  for by_impl in rounds.values() for ts in by_impl.values())
         return seconds, stable
 
     # ----- the cache -----
@@ -257,8 +258,8 @@ def _targets(seconds: dict[tuple[int | None, int], dict[str, float]], threads: t
 
 
 def _collapsed(seconds: float, alone: float) -> bool:
-    """Whether a multi-thread pass (the best of two or more) is so slow against one thread that the
-    threads must be waiting for cores (a scheduler time slice is milliseconds)."""
+    """Whether a multi-thread pass is so slow against one thread that the threads must be waiting
+    for cores (a scheduler time slice is milliseconds)."""
     return seconds > COLLAPSE * alone and seconds - alone > COLLAPSE_MIN_S
 
 

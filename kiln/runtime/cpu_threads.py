@@ -10,10 +10,11 @@ both a quiet and a busy machine, and a machine's load changes while it serves, s
 measured, not configured:
 
 each step runs under ``ThreadGovernor.step``, which times it. Steps are compared within classes of
-similar size (tokens per step, by powers of two). A class starts with the count the last class
-settled on (at first, all threads); now and then (every 16 steps, backing off to every 256 while
-the current count keeps winning, and at once when a step takes twice as long as usual) one step
-tries the next count up or down, and the class switches when that step beats its usual time by 10%.
+similar size (tokens per step, by powers of two). A class uses the count the others last settled
+on (at first, all threads) until it has a usual step time of its own. Then, now and then (every 16
+steps, backing off to every 256 while the current count keeps winning, and at once when a step
+takes twice as long as usual), one step tries the next count up or down, and the class switches
+when that step beats its usual time by 10%.
 """
 from __future__ import annotations
 
@@ -89,6 +90,8 @@ class ThreadGovernor:
         c = self._classes.get(key)
         if c is None:
             c = self._classes[key] = _Class(current=self._last)
+        elif c.usual is None:  # rare sizes (a prefill per request) follow the others until they have a baseline
+            c.current = self._last
         probe = self._probe_target(c)
         index = c.current if probe is None else probe
         threads = self.counts[index]
