@@ -9,12 +9,14 @@ decode of SmolLM2 fell from 36 to 1-8 tokens/s beside one spinning process, with
 both a quiet and a busy machine, and a machine's load changes while it serves, so the count is
 measured, not configured:
 
-each step runs under ``ThreadGovernor.step``, which times it. Steps are compared within classes of
-similar size (tokens per step, by powers of two). A class uses the count the others last settled
-on (at first, all threads) until it has a usual step time of its own. Then, now and then (every 16
-steps, backing off to every 256 while the current count keeps winning, and at once when a step
-takes twice as long as usual), one step tries the next count up or down, and the class switches
-when that step beats its usual time by 10%.
+each step runs under ``ThreadGovernor.step``, which times it. One count holds for all steps (the
+machine's load is one fact), and the steps that run most often measure it: steps are grouped by
+size (tokens per step, by powers of two), and only the most frequent size (decode, usually) keeps a
+usual step time and tries other counts. Now and then (every 16 of its steps, backing off to every
+256 while the current count keeps winning, and at once when a step takes twice as long as usual)
+one of its steps runs with the next count up or down, and that count takes over when the step
+beats the usual time by 10%. Rare sizes (a prefill per request) never try: a prefill with too many
+threads on a busy machine can take seconds.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ MAX_PROBE_INTERVAL = 256
 MARGIN = 0.10
 # A step this many times slower than usual means the machine changed: probe at once.
 SLOWDOWN = 2.0
-# Weight of the newest step in a class's usual step time.
+# Weight of the newest step in the usual step time.
 ALPHA = 0.25
 
 
@@ -43,16 +45,6 @@ def ladder(max_threads: int) -> list[int]:
         counts.add(n)
         n *= 2
     return sorted(counts)
-
-
-@dataclass(slots=True)
-class _Class:
-    current: int  # index in the ladder
-    usual: float | None = None  # moving average of the current count's step time (seconds)
-    steps: int = 0
-    countdown: int = 2  # steps until the next probe
-    interval: int = PROBE_INTERVAL
-    direction: int = -1  # where the next probe goes in the ladder
 
 
 @dataclass
@@ -68,8 +60,13 @@ class ThreadGovernor:
     def __post_init__(self) -> None:
         self.counts = ladder(self.max_threads)
         self.steps_by_threads = dict.fromkeys(self.counts, 0)
-        self._classes: dict[int, _Class] = {}
-        self._last = len(self.counts) - 1
+        self._current = len(self.counts) - 1  # index in counts: all threads until measured otherwise
+        self._steps_by_size: dict[int, int] = {}
+        self._measured: int | None = None  # the size class whose steps measure the machine
+        self._usual: float | None = None  # its moving-average step time at the current count (seconds)
+        self._countdown = 2  # of its steps until the next probe
+        self._interval = PROBE_INTERVAL
+        self._direction = -1  # where the next probe goes in counts
 
     @classmethod
     def for_device(cls, device: torch.device) -> ThreadGovernor:
@@ -86,14 +83,14 @@ class ThreadGovernor:
         if len(self.counts) == 1:  # nothing to choose: leave torch's count alone
             yield torch.get_num_threads()
             return
-        key = max(1, num_tokens).bit_length()
-        c = self._classes.get(key)
-        if c is None:
-            c = self._classes[key] = _Class(current=self._last)
-        elif c.usual is None:  # rare sizes (a prefill per request) follow the others until they have a baseline
-            c.current = self._last
-        probe = self._probe_target(c)
-        index = c.current if probe is None else probe
+        size = max(1, num_tokens).bit_length()
+        seen = self._steps_by_size[size] = self._steps_by_size.get(size, 0) + 1
+        if self._measured is None or (size != self._measured and seen > self._steps_by_size[self._measured]):
+            # Another size became the most frequent: it measures from now on, from a fresh baseline.
+            self._measured, self._usual, self._countdown = size, None, 2
+        measuring = size == self._measured
+        probe = self._probe_target() if measuring else None
+        index = self._current if probe is None else probe
         threads = self.counts[index]
         before = torch.get_num_threads()
         if threads != before:
@@ -104,43 +101,43 @@ class ThreadGovernor:
         finally:
             if threads != before:
                 torch.set_num_threads(before)
-        self._record(c, index, probe is not None, self.clock() - start)
+        seconds = self.clock() - start
+        self.steps_by_threads[threads] += 1
+        if measuring:
+            self._record(index, probe is not None, seconds, first=seen == 1)
 
     def summary(self) -> dict:
         return {"max_threads": self.max_threads, "counts": self.counts,
                 "steps_by_threads": {str(n): k for n, k in self.steps_by_threads.items()}, "switches": self.switches}
 
     # ----- the policy -----
-    def _probe_target(self, c: _Class) -> int | None:
-        if c.countdown > 0 or c.usual is None:
+    def _probe_target(self) -> int | None:
+        if self._countdown > 0 or self._usual is None:
             return None
-        target = c.current + c.direction
+        target = self._current + self._direction
         if not 0 <= target < len(self.counts):
-            c.direction = -c.direction
-            target = c.current + c.direction
+            self._direction = -self._direction
+            target = self._current + self._direction
         return target
 
-    def _record(self, c: _Class, index: int, probed: bool, seconds: float) -> None:
-        self.steps_by_threads[self.counts[index]] += 1
-        c.steps += 1
+    def _record(self, index: int, probed: bool, seconds: float, first: bool) -> None:
         if probed:
-            if seconds < c.usual * (1 - MARGIN):
-                c.current, c.usual, c.interval = index, seconds, PROBE_INTERVAL
+            if seconds < self._usual * (1 - MARGIN):
+                self._current, self._usual, self._interval = index, seconds, PROBE_INTERVAL
                 self.switches += 1
             else:
-                c.interval = min(2 * c.interval, MAX_PROBE_INTERVAL)
-                c.direction = -c.direction
-            c.countdown = c.interval
-            self._last = c.current
+                self._interval = min(2 * self._interval, MAX_PROBE_INTERVAL)
+                self._direction = -self._direction
+            self._countdown = self._interval
             return
-        if c.steps == 1:
-            return  # a class's first step pays for warm-up (allocations, kernel set-up)
-        if c.usual is None:
-            c.usual = seconds
-        elif seconds > SLOWDOWN * c.usual:
-            c.countdown = 0
-            c.usual += ALPHA * (seconds - c.usual)
+        if first:
+            return  # a size's first step pays for warm-up (allocations, kernel set-up)
+        if self._usual is None:
+            self._usual = seconds
+        elif seconds > SLOWDOWN * self._usual:
+            self._countdown = 0
+            self._usual += ALPHA * (seconds - self._usual)
             return
         else:
-            c.usual += ALPHA * (seconds - c.usual)
-        c.countdown -= 1
+            self._usual += ALPHA * (seconds - self._usual)
+        self._countdown -= 1
