@@ -10,13 +10,15 @@ is kept, cached under the machine's description so that later loads skip the tim
 Timing on a machine that does other work is noisy, so the choice is made to hold:
 
 - candidates run in interleaved rounds and each keeps its fastest round: other work only adds time,
-  and interleaving shows every candidate the same conditions;
+  and interleaving shows every candidate the same conditions. With one thread, the thread's CPU
+  time is measured, which the time other processes hold the core does not inflate;
 - on a CPU every candidate is timed with one thread and with all. The runtime runs with fewer
   threads when other processes keep cores busy (``kiln/runtime/cpu_threads.py``), so a candidate is
   judged twice: at its best thread count (a quiet machine) and at one thread (a busy one), and the
   choice is the one whose worst slowdown against the fastest of either is smallest: never a kernel
   that wins only while every core is free. A multi-thread pass far slower than the same candidate
   alone means the machine is busy now; then nothing more is timed with several threads at this load;
+- the plan's own choice stays unless another candidate is more than 10% better by that measure;
 - a choice whose rounds disagreed, or that was made on a busy machine, is used for this load but not
   cached: the next load times again.
 """
@@ -28,6 +30,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -48,6 +51,8 @@ DEFAULT_CACHE_BYTES = 32 << 20
 # slower (waiting for a core costs scheduler time slices), mean that other work holds a core.
 COLLAPSE = 3.0
 COLLAPSE_MIN_S = 0.002
+# The plan's own choice is kept unless another candidate is this much better.
+KEEP_MARGIN = 0.10
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,18 +142,21 @@ class Tuner:
         # On a CPU, the thread counts the runtime may run with: all of them, and one on a busy machine.
         self.threads: tuple[int | None, ...] = (max_threads, 1) if max_threads > 1 else (None,)
 
-    def choose(self, op: Op, workload: WeightWorkload) -> Choice:
+    def choose(self, op: Op, workload: WeightWorkload, prefer: str | None = None) -> Choice:
+        """The candidate of ``op`` for ``workload``: cached, or timed now; ``prefer`` (an implementation
+        name, the plan's choice) is kept unless another is clearly faster."""
         cands = candidates(op, self.device, self.dtype)
         if len(cands) == 1:
             return Choice(op.name, cands[0].impl.name, cands[0].config, cached=False, stable=True, seconds={})
         key = {"op": op.name, "dtype": str(self.dtype).removeprefix("torch."), **workload.describe(),
-               "candidates": [c.label for c in cands]}
+               "candidates": [c.label for c in cands], "prefer": prefer}
         hit = self._cached(key, cands)
         if hit is not None:
             return Choice(op.name, hit.impl.name, hit.config, cached=True, stable=True, seconds={})
         start = time.perf_counter()
         seconds, stable = self._time(cands, workload)
-        best = most_robust(_targets(seconds, self.threads, workload.rows))
+        preferred = next((c.label for c in cands if c.impl.name == prefer), None)
+        best = most_robust(_targets(seconds, self.threads, workload.rows), preferred)
         chosen = next(c for c in cands if c.label == best)
         report = {_condition(t, r): by_impl for (t, r), by_impl in seconds.items() if by_impl}
         choice = Choice(op.name, chosen.impl.name, chosen.config, cached=False, stable=stable, seconds=report,
@@ -170,12 +178,15 @@ class Tuner:
         inputs = {(rows, k): torch.rand(rows, k, dtype=self.dtype, device=self.device)
                   for rows in workload.rows for _, k in sample}
 
-        def run(c: Candidate, rows: int) -> float:
+        def run(c: Candidate, rows: int, threads: int | None) -> float:
+            # One CPU thread runs the kernel on this thread, so its CPU time measures the kernel and
+            # not the time other processes held the core; more threads are judged by the wall clock.
+            clock = time.thread_time if threads == 1 else partial(_now, self.device)
             fn, config = c.impl.fn, c.config
-            t0 = _now(self.device)
+            t0 = clock()
             for w, (_, k) in zip(prepared[c.label], sample):
                 fn(inputs[(rows, k)], w, **config)
-            return _now(self.device) - t0
+            return clock() - t0
 
         # One thread first: it is what a busy machine gets, and the yardstick for spotting a collapse.
         conditions = [(t, r) for t in reversed(self.threads) for r in workload.rows]
@@ -184,7 +195,7 @@ class Tuner:
         busy = False
         with _threads(self.threads[-1]):
             for c in cands:  # the first call of each builds its kernels
-                run(c, workload.rows[0])
+                run(c, workload.rows[0], self.threads[-1])
         start = time.perf_counter()
         for i in range(self.max_rounds):
             if i >= 2 and time.perf_counter() - start > self.budget_s:
@@ -197,7 +208,7 @@ class Tuner:
                     continue
                 with _threads(threads):
                     for c in order:
-                        seconds = run(c, rows)
+                        seconds = run(c, rows, threads)
                         rounds[(threads, rows)][c.label].append(seconds)
                         alone = rounds.get((1, rows), {}).get(c.label)
                         if many and alone and _collapsed(seconds, min(alone)):
@@ -263,16 +274,20 @@ def _collapsed(seconds: float, alone: float) -> bool:
     return seconds > COLLAPSE * alone and seconds - alone > COLLAPSE_MIN_S
 
 
-def most_robust(targets: list[dict[str, float]]) -> str:
+def most_robust(targets: list[dict[str, float]], prefer: str | None = None) -> str:
     """The candidate whose worst ratio to the fastest of any target is smallest; ties: least total time,
-    then the first listed."""
+    then the first listed. ``prefer`` (the plan's own choice) stays unless that ratio is worse than the
+    best one's by more than ``KEEP_MARGIN``, so that noise alone never moves a plan."""
     labels = list(targets[0])
 
     def score(label: str) -> tuple[float, float]:
         worst = max(by_impl[label] / min(by_impl.values()) for by_impl in targets)
         return worst, sum(by_impl[label] for by_impl in targets)
 
-    return min(labels, key=score)
+    best = min(labels, key=score)
+    if prefer in labels and score(prefer)[0] <= score(best)[0] * (1 + KEEP_MARGIN):
+        return prefer
+    return best
 
 
 def last_level_cache_bytes(device: torch.device) -> int:

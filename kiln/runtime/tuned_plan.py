@@ -22,6 +22,7 @@ from kiln.errors import KilnError
 from kiln.models import ModelConfig, create_model
 from kiln.ops import OpTable, get_op
 from kiln.ops.tuning import Choice, Tuner, WeightWorkload, candidates
+from kiln.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ def load_op_table(engine: Engine, device: torch.device, dtype: torch.dtype) -> t
     build = engine.build
     # Decode batch sizes: one sequence, and a full batch.
     rows = tuple(sorted({1, build.max_batch_size}))
-    machine = dict(target_of(device), threads=torch.get_num_threads())
+    # Where a timing holds: the CPU, its cores and the threads kiln may use, and the code that was timed.
+    machine = dict(target_of(device), cpus=os.cpu_count(), threads=torch.get_num_threads(), kiln=__version__)
     tuner = Tuner(device, dtype, machine, cache_dir() / "tuning")
     plan = {name: dict(entry) for name, entry in (engine.plan or {}).items()}
     choices = []
@@ -46,7 +48,7 @@ def load_op_table(engine: Engine, device: torch.device, dtype: torch.dtype) -> t
         op = get_op(name)
         if len(candidates(op, device, dtype)) < 2:
             continue
-        choice = tuner.choose(op, WeightWorkload(tuple(shapes), rows))
+        choice = tuner.choose(op, WeightWorkload(tuple(shapes), rows), prefer=plan.get(name, {}).get("impl"))
         plan[name] = {"impl": choice.impl, "config": choice.config}
         choices.append(choice)
     if choices:
