@@ -79,7 +79,7 @@ def _machine_lines(doc: dict) -> list[str]:
     threads = doc.get("threads") or {}
     if threads.get("max_threads", 1) > 1:
         steps = ", ".join(f"{n}: {k:,}" for n, k in threads["steps_by_threads"].items() if k)
-        lines.append(f" steps by threads {steps or '-'} (of {threads['max_threads']})")
+        lines.append(f" steps by threads {steps or '-'} (of {threads['max_threads']}; since load, warmup included)")
     n = doc["settings"].get("busy_neighbours", 0)
     if n:
         from kiln.bench.neighbours import DESCRIPTION
