@@ -19,8 +19,8 @@ Timing on a machine that does other work is noisy, so the choice is made to hold
   that wins only while every core is free. A multi-thread pass far slower than the same candidate
   alone means the machine is busy now; then nothing more is timed with several threads at this load;
 - the plan's own choice stays unless another candidate is more than 10% better by that measure;
-- a choice whose rounds disagreed, or that was made on a busy machine, is used for this load but not
-  cached: the next load times again.
+- a choice that the candidates' median rounds would not also make (noise decided it), or that was
+  made on a busy machine, is used for this load but not cached: the next load times again.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -41,8 +42,6 @@ from kiln.ops.registry import Implementation, Op
 
 log = logging.getLogger(__name__)
 
-# Two rounds of one candidate further apart than this make the measurement noisy (not cached).
-STABLE_SPREAD = 0.15
 # The timed weights span at least this many times the last-level cache, so that they stream from
 # memory as in a real forward pass instead of sitting in the cache.
 CACHE_MULTIPLE = 2
@@ -154,10 +153,16 @@ class Tuner:
         if hit is not None:
             return Choice(op.name, hit.impl.name, hit.config, cached=True, stable=True, seconds={})
         start = time.perf_counter()
-        seconds, stable = self._time(cands, workload)
+        rounds, busy = self._time(cands, workload)
         preferred = next((c.label for c in cands if c.impl.name == prefer), None)
+        seconds = {k: {label: min(ts) for label, ts in by_impl.items() if ts} for k, by_impl in rounds.items()}
         best = most_robust(_targets(seconds, self.threads, workload.rows), preferred)
         chosen = next(c for c in cands if c.label == best)
+        # The choice holds if each candidate's typical round (the median) leads to it as well.
+        typical = {k: {label: statistics.median(ts) for label, ts in by_impl.items() if ts}
+                   for k, by_impl in rounds.items()}
+        stable = (not busy and all(len(ts) >= 2 for by_impl in rounds.values() for ts in by_impl.values())
+                  and most_robust(_targets(typical, self.threads, workload.rows), preferred) == best)
         report = {_condition(t, r): by_impl for (t, r), by_impl in seconds.items() if by_impl}
         choice = Choice(op.name, chosen.impl.name, chosen.config, cached=False, stable=stable, seconds=report,
                         tuning_s=time.perf_counter() - start)
@@ -167,9 +172,9 @@ class Tuner:
 
     # ----- timing -----
     def _time(self, cands: list[Candidate], workload: WeightWorkload
-              ) -> tuple[dict[tuple[int | None, int], dict[str, float]], bool]:
-        """Seconds of one forward pass's work per (threads, rows) and candidate (best round), and whether
-        the rounds agreed."""
+              ) -> tuple[dict[tuple[int | None, int], dict[str, list[float]]], bool]:
+        """Each round's seconds of one forward pass's work per (threads, rows) and candidate, and
+        whether the machine was found busy."""
         sample, scale = _sample(workload.weight_shapes, self.dtype.itemsize,
                                 CACHE_MULTIPLE * last_level_cache_bytes(self.device))
         weights = [_weight(shape, self.dtype, self.device) for shape in sample]
@@ -217,11 +222,8 @@ class Tuner:
                             # a second: no more of them at this load.
                             busy = True
                             break
-        seconds = {k: {label: min(ts) * scale for label, ts in by_impl.items() if ts}
-                   for k, by_impl in rounds.items()}
-        stable = not busy and all(len(ts) >= 2 and sorted(ts)[1] <= sorted(ts)[0] * (1 + STABLE_SPREAD)
-                                  for by_impl in rounds.values() for ts in by_impl.values())
-        return seconds, stable
+        scaled = {k: {label: [t * scale for t in ts] for label, ts in by_impl.items()} for k, by_impl in rounds.items()}
+        return scaled, busy
 
     # ----- the cache -----
     def _entries(self) -> list[dict]:
