@@ -59,7 +59,9 @@ def test_busy_machine_drops_to_one_thread_and_stays(threads2):
     gov = ThreadGovernor(2, clock=clock)
     used = run(gov, clock, BUSY, 300)
     assert used.index(1) <= 4  # the first probe
-    assert used[10:].count(2) <= 6  # probes back up are rare and back off
+    # Probes back up are rare: a collapsed step costs five usual ones, so they back off far.
+    assert used[10:].count(2) <= 3
+    assert clock.now < 1.05 * 300 * BUSY[1] + 4 * BUSY[2]
     assert gov.summary()["steps_by_threads"] == {"1": used.count(1), "2": used.count(2)}
     assert torch.get_num_threads() == 2
 

@@ -12,15 +12,17 @@ measured, not configured:
 each step runs under ``ThreadGovernor.step``, which times it. One count holds for all steps (the
 machine's load is one fact), and the steps that run most often measure it: steps are grouped by
 size (tokens per step, by powers of two), and only the most frequent size (decode, usually) keeps a
-usual step time and tries other counts. Now and then (every 16 of its steps, backing off to every
-256 while the current count keeps winning, and at once when a step takes twice as long as usual)
-one of its steps runs with the next count up or down, and that count takes over when the step
-beats the usual time by 10%. Rare sizes (a prefill per request) never try: a prefill with too many
-threads on a busy machine can take seconds.
+usual step time and tries other counts. Now and then one of its steps runs with the next count up
+or down, and that count takes over when the step beats the usual time by 10%. The first try comes
+after a few steps, then every 16, backing off to every 256 while the current count keeps winning
+(the faster the more a try lost, so that losing tries cost about 2% of the time), and at once when
+a step takes twice as long as usual. Rare sizes (a prefill per request) never try: a prefill with
+too many threads on a busy machine can take seconds.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -29,6 +31,8 @@ import torch
 
 PROBE_INTERVAL = 16
 MAX_PROBE_INTERVAL = 256
+# The share of step time that losing probes may cost (they back off until they cost no more).
+PROBE_COST = 0.02
 # A probe must beat the current count's usual step time by this much to take over.
 MARGIN = 0.10
 # A step this many times slower than usual means the machine changed: probe at once.
@@ -126,7 +130,10 @@ class ThreadGovernor:
                 self._current, self._usual, self._interval = index, seconds, PROBE_INTERVAL
                 self.switches += 1
             else:
-                self._interval = min(2 * self._interval, MAX_PROBE_INTERVAL)
+                # Back off, the more the slower the probe was, so that losing probes cost at most
+                # about PROBE_COST of the time: a collapsed step can take five usual ones.
+                cost = seconds / self._usual - 1
+                self._interval = min(max(2 * self._interval, math.ceil(cost / PROBE_COST)), MAX_PROBE_INTERVAL)
                 self._direction = -self._direction
             self._countdown = self._interval
             return
