@@ -9,8 +9,9 @@ from kiln.ops import REFERENCE, all_ops
 def choose_plan(device: torch.device, dtype: torch.dtype) -> dict[str, dict]:
     """For each op, the first plugin that supports the target, else the reference implementation.
 
-    NOTE: when an op has several plugins with tunable configs, this is where they are timed on the
-    target; today every op has at most one candidate per device, so nothing needs timing.
+    NOTE: on a CPU the runtime times the ops that have a choice again at load, on the machine it
+    runs on (``kiln/runtime/tuned_plan.py``); a GPU build can time its candidates here with the
+    same tuner (``kiln/ops/tuning.py``).
     """
     plan = {}
     for name, op in sorted(all_ops().items()):
