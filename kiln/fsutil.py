@@ -38,8 +38,15 @@ def staged_dir(target: str | os.PathLike, what: str, overwrite: bool = False) ->
 
 
 def replace_file_atomically(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """Write ``path`` whole or not at all; each writer stages its own file, so concurrent writers
+    never mix their bytes (the last rename wins)."""
+    raw = data if isinstance(data, bytes) else data.encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

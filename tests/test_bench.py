@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from kiln.bench.dataset import load_jsonl
 from kiln.bench.measure import percentile, summarize_ms
+from kiln.bench.neighbours import busy_neighbours
 from kiln.cli.main import main
 from kiln.engine import read_engine
 from kiln.errors import KilnError
@@ -73,7 +79,11 @@ def test_throughput_synthetic_reports_every_field(engine, capsys, tmp_path):
     assert doc["engine"]["path"] == str(engine.resolve()) and doc["engine"]["max_batch_size"] == 3
     assert doc["dataset"]["kind"] == "synthetic" and doc["dataset"]["seed"] == 3
     assert doc["dataset"]["num_requests"] == 7 and doc["dataset"]["input_len"]["max"] == 20
-    assert doc["settings"] == {"request_rate": "inf", "warmup": 1, "seed": 3}
+    assert doc["settings"] == {"request_rate": "inf", "warmup": 1, "seed": 3, "busy_neighbours": 0}
+    # What ran: the plan as built, the implementations bound here, the steps' thread counts.
+    assert set(doc["plan"]) == {"built", "ran", "chosen_at_load"}
+    assert doc["plan"]["built"]["linear"] and doc["plan"]["ran"]["linear"]
+    assert doc["threads"]["max_threads"] == 1
     assert doc["hf"] is None
     r = doc["results"]
     assert r["num_requests"] == 7
@@ -197,3 +207,74 @@ def test_json_dash_keeps_stdout_for_the_json(engine, capsys):
     doc = json.loads(captured.out)
     assert doc["results"]["iterations"] == 2 and doc["results"]["batch_size"] == 1
     assert "decode tokens/s" in captured.err
+
+
+# ----- busy neighbours -----
+def _state(pid: int) -> str | None:
+    """A process's state letter (R, S, Z, ...) and None once it is gone; the state follows the last ')'."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _children() -> set[int]:
+    """This process's live (not zombie) children."""
+    me, found = os.getpid(), set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == me and fields[0] != "Z":
+                found.add(int(entry.name))
+    return found
+
+
+def test_neighbours_run_during_the_block_and_are_gone_after():
+    before = _children()
+    with busy_neighbours(2) as procs:
+        assert len(procs) == 2 and {p.pid for p in procs} <= _children()
+        assert all(p.poll() is None for p in procs)
+    assert all(p.returncode is not None for p in procs) and _children() == before
+    assert all(_state(p.pid) is None for p in procs)  # reaped, not left as zombies
+
+    with pytest.raises(RuntimeError):
+        with busy_neighbours(1) as procs:
+            raise RuntimeError("the benchmark failed")
+    assert procs[0].returncode is not None and _children() == before
+
+
+def test_neighbours_exit_by_themselves_when_the_benchmark_is_killed_hard():
+    code = ("import time; from kiln.bench.neighbours import busy_neighbours\n"
+            "with busy_neighbours(1) as p:\n    print(p[0].pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    try:
+        neighbour = int(parent.stdout.readline())
+        assert _state(neighbour) in ("R", "S")
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while _state(neighbour) not in (None, "Z") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _state(neighbour) in (None, "Z")
+
+
+def test_latency_with_busy_neighbours_records_them_and_stops_them(engine, capsys, tmp_path):
+    before = _children()
+    doc = run_json(capsys, ["bench", "latency", str(engine), "--input-len", "8", "--output-len", "4",
+                            "--iterations", "2", "--warmup", "0", "--busy-neighbours", "1"], tmp_path)
+    assert doc["settings"]["busy_neighbours"] == 1 and "--busy-neighbours 1" in doc["command"]
+    assert _children() == before
+    from kiln.bench.report import format_latency
+
+    assert " busy neighbours  1 (Python processes" in format_latency(doc)
+
+
+def test_negative_neighbours_fail_clearly(engine, capsys):
+    assert main(["bench", "latency", str(engine), "--input-len", "4", "--output-len", "2",
+                 "--busy-neighbours", "-1", *COMMON]) == 1
+    assert "--busy-neighbours must be at least 0" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ def environment(device: torch.device, dtype: str) -> dict:
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "dtype": dtype,
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "kiln": __version__,
     }
@@ -63,7 +65,27 @@ def _header(doc: dict) -> list[str]:
         f" limits           batch {engine['max_batch_size']}, {engine['max_num_tokens']} tokens/step, "
         f"seq {engine['max_seq_len']}, KV block {engine['kv_block_size']}",
         f" requests         {describe_dataset(doc['dataset'])}",
+        *_machine_lines(doc),
     ]
+
+
+def _machine_lines(doc: dict) -> list[str]:
+    """What ran and beside what: ops chosen at load, the steps' thread counts, busy neighbours."""
+    lines = []
+    chosen = doc.get("plan", {}).get("chosen_at_load") or []
+    if chosen:
+        how = ["cached" if c["cached"] else "timed {:.2f} s".format(c["tuning_s"]) for c in chosen]
+        lines.append(" chosen at load   " + ", ".join(f"{c['op']}={c['impl']} ({h})" for c, h in zip(chosen, how)))
+    threads = doc.get("threads") or {}
+    if threads.get("max_threads", 1) > 1:
+        steps = ", ".join(f"{n}: {k:,}" for n, k in threads["steps_by_threads"].items() if k)
+        lines.append(f" steps by threads {steps or '-'} (of {threads['max_threads']}; since load, warmup included)")
+    n = doc["settings"].get("busy_neighbours", 0)
+    if n:
+        from kiln.bench.neighbours import DESCRIPTION
+
+        lines.append(f" busy neighbours  {n} ({DESCRIPTION})")
+    return lines
 
 
 def _latency_rows(results: dict, e2e_label: str = "end to end") -> list[str]:

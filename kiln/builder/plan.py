@@ -24,8 +24,8 @@ def choose_plan(device: torch.device, model: ModelConfig, build: BuildConfig,
 
     With ``tune`` (None: on a GPU) the ops with a choice are timed at the engine's shapes and the
     fastest is recorded with the times (``autotune``). Otherwise each op takes its preferred
-    implementation; on a CPU the runtime times the matrix products, whose best kernel differs
-    between CPUs, at load.
+    implementation; on a CPU the runtime times the ops whose best kernel differs between CPUs (the
+    matrix products) again at load, on the machine it runs on (``kiln/runtime/tuned_plan.py``).
     """
     dtype = build.torch_dtype
 

@@ -45,6 +45,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     r = t.add_argument_group("runtime")
     r.add_argument("--max-batch-size", type=int, default=None, help="running requests at most (default: the engine's)")
     r.add_argument("--max-num-tokens", type=int, default=None, help="tokens per step at most (default: the engine's)")
+    _add_machine_options(t)
     _add_output_options(t)
     t.set_defaults(run=_throughput, bench_parser=t)
 
@@ -60,6 +61,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0, help="for the synthetic prompts")
     r = lat.add_argument_group("runtime")
     r.add_argument("--max-num-tokens", type=int, default=None, help="tokens per step at most (default: the engine's)")
+    _add_machine_options(lat)
     _add_output_options(lat)
     lat.set_defaults(run=_latency, bench_parser=lat)
 
@@ -81,6 +83,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-block-size", type=int, default=None, help=f"default {BuildConfig.kv_block_size}")
 
 
+def _add_machine_options(p: argparse.ArgumentParser) -> None:
+    from kiln.bench.neighbours import DESCRIPTION
+
+    g = p.add_argument_group("machine")
+    g.add_argument("--busy-neighbours", type=int, default=0, metavar="N",
+                   help=f"keep N other processes busy during the whole run, kiln's and transformers' ({DESCRIPTION})")
+
+
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--json", default=None, metavar="OUT",
@@ -94,12 +104,13 @@ def _throughput(args: argparse.Namespace) -> None:
     from kiln.bench.dataset import load_jsonl, ordinary_token_ids, synthetic
     from kiln.bench.hf_baseline import HFBaseline, hf_throughput, token_match
     from kiln.bench.measure import run_throughput
+    from kiln.bench.neighbours import busy_neighbours
     from kiln.bench.report import emit
     from kiln.runtime.config import RuntimeConfig
     from kiln.runtime.llm_engine import LLMEngine
 
     _require_positive(args, "max_batch_size", "max_num_tokens", "num_requests", "input_len", "output_len")
-    _require_at_least_zero(args, "warmup")
+    _require_at_least_zero(args, "warmup", "busy_neighbours")
     if not args.request_rate > 0:
         raise KilnError(f"--request-rate must be positive, got {args.request_rate}")
     if args.dataset and (args.input_len is not None or args.output_len is not None):
@@ -116,29 +127,30 @@ def _throughput(args: argparse.Namespace) -> None:
         dataset = synthetic(args.input_len, args.output_len, args.num_requests or DEFAULT_NUM_REQUESTS, args.seed,
                             ordinary_token_ids(tokenizer, vocab_size))
     _release(args.device)
-    llm = LLMEngine(str(engine_dir), RuntimeConfig(device=args.device, max_batch_size=args.max_batch_size,
-                                                   max_num_tokens=args.max_num_tokens,
-                                                   kv_cache_memory=_kv_bytes(args),
-                                                   cuda_graphs=args.cuda_graphs))
-    result = run_throughput(llm, dataset, args.request_rate, args.warmup, args.seed)
-    settings = {"request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
-                "warmup": args.warmup, "seed": args.seed}
-    doc = _document(args, llm, engine, dataset.description, settings, result.to_dict())
-    if source is not None:
-        batch_size = llm.limits.max_batch_size
-        device, dtype = llm.device, engine.build.torch_dtype
-        llm.shutdown()
-        del llm
-        _release(device)
-        baseline = HFBaseline(source, device, dtype)
-        hf = hf_throughput(baseline, [(r.prompt_ids, r.output_len) for r in dataset.requests], batch_size)
-        doc["hf"] = {
-            "source": str(source), "transformers": baseline.version, "batch_size": hf.batch_size,
-            "num_batches": hf.num_batches, "duration_s": hf.duration_s, "output_throughput": hf.output_throughput,
-            "kiln_output_throughput": result.output_throughput,
-            "ratio": result.output_throughput / hf.output_throughput,
-            "token_match": token_match(result.output_token_ids, hf.output_token_ids),
-        }
+    with busy_neighbours(args.busy_neighbours):
+        llm = LLMEngine(str(engine_dir), RuntimeConfig(device=args.device, max_batch_size=args.max_batch_size,
+                                                       max_num_tokens=args.max_num_tokens,
+                                                       kv_cache_memory=_kv_bytes(args),
+                                                       cuda_graphs=args.cuda_graphs))
+        result = run_throughput(llm, dataset, args.request_rate, args.warmup, args.seed)
+        settings = {"request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
+                    "warmup": args.warmup, "seed": args.seed, "busy_neighbours": args.busy_neighbours}
+        doc = _document(args, llm, engine, dataset.description, settings, result.to_dict())
+        if source is not None:
+            batch_size = llm.limits.max_batch_size
+            device, dtype = llm.device, engine.build.torch_dtype
+            llm.shutdown()
+            del llm
+            _release(device)
+            baseline = HFBaseline(source, device, dtype)
+            hf = hf_throughput(baseline, [(r.prompt_ids, r.output_len) for r in dataset.requests], batch_size)
+            doc["hf"] = {
+                "source": str(source), "transformers": baseline.version, "batch_size": hf.batch_size,
+                "num_batches": hf.num_batches, "duration_s": hf.duration_s, "output_throughput": hf.output_throughput,
+                "kiln_output_throughput": result.output_throughput,
+                "ratio": result.output_throughput / hf.output_throughput,
+                "token_match": token_match(result.output_token_ids, hf.output_token_ids),
+            }
     emit(doc, args.json)
 
 
@@ -146,12 +158,13 @@ def _latency(args: argparse.Namespace) -> None:
     from kiln.bench.dataset import ordinary_token_ids, synthetic
     from kiln.bench.hf_baseline import HFBaseline, hf_decode, token_match
     from kiln.bench.measure import run_latency
+    from kiln.bench.neighbours import busy_neighbours
     from kiln.bench.report import emit
     from kiln.runtime.config import RuntimeConfig
     from kiln.runtime.llm_engine import LLMEngine
 
     _require_positive(args, "input_len", "output_len", "batch_size", "iterations", "max_num_tokens")
-    _require_at_least_zero(args, "warmup")
+    _require_at_least_zero(args, "warmup", "busy_neighbours")
     b = args.batch_size
     engine_dir, engine = _engine(args, b)
     source = _hf_source(engine) if args.compare_hf else None
@@ -163,37 +176,40 @@ def _latency(args: argparse.Namespace) -> None:
     batches = [prompts[i:i + b] for i in range(0, len(prompts), b)]
     warmup, measured = batches[:args.warmup], batches[args.warmup:]
     _release(args.device)
-    llm = LLMEngine(str(engine_dir), RuntimeConfig(device=args.device, max_batch_size=b,
-                                                   max_num_tokens=args.max_num_tokens,
-                                                   kv_cache_memory=_kv_bytes(args),
-                                                   cuda_graphs=args.cuda_graphs))
-    if llm.limits.max_batch_size < b:
-        llm.shutdown()
-        raise KilnError(f"engine {engine_dir} runs at most {llm.limits.max_batch_size} requests at "
-                        f"once, fewer than --batch-size {b}; build it with a larger --max-batch-size")
-    result = run_latency(llm, measured, args.output_len, warmup)
-    description = dict(data.description, num_requests=b * args.iterations)
-    settings = {"batch_size": b, "iterations": args.iterations, "warmup": args.warmup, "seed": args.seed}
-    doc = _document(args, llm, engine, description, settings, result.to_dict())
-    from kiln.bench.roofline import decode_limit
+    with busy_neighbours(args.busy_neighbours):
+        llm = LLMEngine(str(engine_dir), RuntimeConfig(device=args.device, max_batch_size=b,
+                                                       max_num_tokens=args.max_num_tokens,
+                                                       kv_cache_memory=_kv_bytes(args),
+                                                       cuda_graphs=args.cuda_graphs))
+        if llm.limits.max_batch_size < b:
+            llm.shutdown()
+            raise KilnError(f"engine {engine_dir} runs at most {llm.limits.max_batch_size} requests at "
+                            f"once, fewer than --batch-size {b}; build it with a larger --max-batch-size")
+        result = run_latency(llm, measured, args.output_len, warmup)
+        description = dict(data.description, num_requests=b * args.iterations)
+        settings = {"batch_size": b, "iterations": args.iterations, "warmup": args.warmup, "seed": args.seed,
+                    "busy_neighbours": args.busy_neighbours}
+        doc = _document(args, llm, engine, description, settings, result.to_dict())
+        from kiln.bench.roofline import decode_limit
 
-    doc["limit"] = decode_limit(engine, llm.device)
-    if source is not None:
-        device, dtype = llm.device, engine.build.torch_dtype
-        llm.shutdown()
-        del llm
-        _release(device)
-        baseline = HFBaseline(source, device, dtype)
-        hf = hf_decode(baseline, measured, args.output_len)
-        kiln_rate, hf_rate = result.decode_tokens_per_s, hf.decode_tokens_per_s
-        doc["hf"] = {
-            "source": str(source), "transformers": baseline.version, "batch_size": b,
-            "decode_tokens_per_s": hf_rate, "decode_tokens_per_s_per_iteration": hf.decode_tokens_per_s_per_iteration,
-            "kiln_decode_tokens_per_s": kiln_rate,
-            "ratio": kiln_rate / hf_rate if kiln_rate is not None and hf_rate else None,
-            "token_match": token_match([s for it in result.output_token_ids for s in it],
-                                       [s for it in hf.output_token_ids for s in it]),
-        }
+        doc["limit"] = decode_limit(engine, llm.device)
+        if source is not None:
+            device, dtype = llm.device, engine.build.torch_dtype
+            llm.shutdown()
+            del llm
+            _release(device)
+            baseline = HFBaseline(source, device, dtype)
+            hf = hf_decode(baseline, measured, args.output_len)
+            kiln_rate, hf_rate = result.decode_tokens_per_s, hf.decode_tokens_per_s
+            doc["hf"] = {
+                "source": str(source), "transformers": baseline.version, "batch_size": b,
+                "decode_tokens_per_s": hf_rate,
+                "decode_tokens_per_s_per_iteration": hf.decode_tokens_per_s_per_iteration,
+                "kiln_decode_tokens_per_s": kiln_rate,
+                "ratio": kiln_rate / hf_rate if kiln_rate is not None and hf_rate else None,
+                "token_match": token_match([s for it in result.output_token_ids for s in it],
+                                           [s for it in hf.output_token_ids for s in it]),
+            }
     emit(doc, args.json)
 
 
@@ -240,6 +256,7 @@ def _document(args: argparse.Namespace, llm: LLMEngine, engine: Engine, dataset:
 
     limits = llm.limits
     source = engine.meta.get("source") or {}
+    runner = llm.call(lambda core: core.runner)
     return {
         "benchmark": args.benchmark,
         "command": _command_line(args),
@@ -251,6 +268,10 @@ def _document(args: argparse.Namespace, llm: LLMEngine, engine: Engine, dataset:
             "max_batch_size": limits.max_batch_size, "max_num_tokens": limits.max_num_tokens,
             "max_seq_len": limits.max_seq_len, "kv_block_size": engine.build.kv_block_size,
         },
+        # The plan as built, what ran (chosen at load on a CPU: kiln/runtime/tuned_plan.py) and how.
+        "plan": {"built": {op: entry.get("impl") for op, entry in (engine.plan or {}).items()},
+                 "ran": dict(runner.ops.choices), "chosen_at_load": [c.to_dict() for c in runner.tuning]},
+        "threads": runner.threads.summary(),
         "dataset": dataset,
         "settings": settings,
         "results": results,

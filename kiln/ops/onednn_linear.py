@@ -4,8 +4,10 @@ reordered at load.
 At decode batch sizes the CPU is bound by how fast it reads weights. oneDNN with its own blocked
 weight layout reads them at 20-24 GB/s on the 2-core dev machine, where the default float32 path
 (MKL over the [out, in] weight) gets 16 GB/s at one row and about 10 GB/s at eight, so decode runs
-1.6-1.9x faster (SmolLM2's shapes). In bfloat16 the default path is already as fast, so this
-plugin declines it. The engine keeps its weights portable ([out, in]); the reorder happens at load.
+1.6-1.9x faster (SmolLM2's shapes). That is one CPU: on a 2-core Xeon it was slower than the
+default path, so the runtime times both at load and keeps the faster (``kiln/ops/tuning.py``). In
+bfloat16 the default path is already as fast, so this plugin declines it. The engine keeps its
+weights portable ([out, in]); the reorder happens at load.
 """
 from __future__ import annotations
 

@@ -11,9 +11,11 @@ from kiln.models import ModelConfig, create_model
 from kiln.nn import ForwardContext, forward_context
 from kiln.ops import OpTable
 from kiln.ops.user_plugins import load_engine_plugins
-from kiln.runtime.step_graphs import StepGraphs
+from kiln.runtime.cpu_threads import ThreadGovernor
 from kiln.runtime.kv_pool import KVCacheSpec, allocate_kv_caches, kv_cache_spec
+from kiln.runtime.step_graphs import StepGraphs
 from kiln.runtime.step_inputs import Batch, PrevTokens, StepBatch, StepInputs
+from kiln.runtime.tuned_plan import load_op_table
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,10 @@ class ModelRunner:
         self.max_num_tokens = max_num_tokens or build.max_num_tokens
         self.max_seq_len = build.max_seq_len
         load_engine_plugins(engine.path, engine.plugins)
-        self.ops = OpTable(engine.plan, device, self.dtype)
+        # On a CPU the ops with a choice are timed here; self.tuning says what was chosen.
+        self.ops, self.tuning = load_op_table(engine, device, self.dtype)
+        # On a CPU each step's thread count follows what other processes leave free (cpu_threads).
+        self.threads = ThreadGovernor.for_device(device)
         _warn_if_target_differs(engine, device, self.ops)
         self.cuda_graphs_mode = cuda_graph_mode(cuda_graphs, device, self.ops)
         with torch.device("meta"):
@@ -115,14 +120,15 @@ class ModelRunner:
         A request is sampled when this step reaches its last token; rows come in batch order. The work
         is queued on the device: nothing here waits for it. ``prev_tokens``: see ``StepInputs.prepare``.
         """
-        shape = self.graphs.shape_for(batch) if self.graphs is not None else None
-        if shape is not None:
-            return self.graphs.run(batch, shape, prev_tokens)
-        step = self.inputs.prepare(batch, prev_tokens=prev_tokens)
-        hidden = self._hidden(step)
-        if step.logits_indices is not None:
-            hidden = hidden[step.logits_indices]
-        return self.model.compute_logits(hidden).float()
+        with self.threads.step(sum(n for _, n in batch)):
+            shape = self.graphs.shape_for(batch) if self.graphs is not None else None
+            if shape is not None:
+                return self.graphs.run(batch, shape, prev_tokens)
+            step = self.inputs.prepare(batch, prev_tokens=prev_tokens)
+            hidden = self._hidden(step)
+            if step.logits_indices is not None:
+                hidden = hidden[step.logits_indices]
+            return self.model.compute_logits(hidden).float()
 
     @torch.inference_mode()
     def all_logits(self, batch: Batch) -> torch.Tensor:
