@@ -29,7 +29,8 @@ from kiln.models import ModelConfig
 from kiln.ops import OpTable
 from kiln.runtime import model_runner
 from kiln.runtime.cpu_threads import ThreadGovernor
-from kiln.runtime.executor import Executor, ExecutorConfig
+from kiln.runtime.config import RuntimeConfig
+from kiln.runtime.llm_engine import LLMEngine
 from kiln.runtime.tokenizer import EngineTokenizer
 
 
@@ -43,15 +44,16 @@ def kiln_rates(engine_dir: Path, variant: str, batches: list, output_len: int, b
 
         model_runner.load_op_table, shipped = fixed_table, model_runner.load_op_table
     try:
-        executor = Executor(str(engine_dir), ExecutorConfig(device="cpu", max_batch_size=batch_size))
+        llm = LLMEngine(str(engine_dir), RuntimeConfig(device="cpu", max_batch_size=batch_size))
     finally:
         if impl:
             model_runner.load_op_table = shipped
-    runner = executor.runner
+    runner = llm.call(lambda core: core.runner)
     if threads:
         torch.set_num_threads(int(threads))
         runner.threads = ThreadGovernor(1)  # one count to choose from: leaves torch's alone
-    result = run_latency(executor, batches[1:], output_len, batches[:1])
+    result = run_latency(llm, batches[1:], output_len, batches[:1])
+    llm.shutdown()
     steps = runner.threads.summary()["steps_by_threads"] if not threads else {}
     return result.decode_tokens_per_s_per_iteration, f"{runner.ops.choices['linear']}, steps by threads {steps}"
 
