@@ -1,17 +1,20 @@
-"""``LLMEngine``: the synchronous front end over an engine core running in its own thread.
+"""``LLMEngine``: the synchronous front end over an engine core.
 
-``add_request`` checks and submits; ``step`` waits for the core's next outputs and turns them into
+``add_request`` checks and submits; ``step`` takes the core's next outputs and turns them into
 ``RequestOutput``s (detokenized, stop strings applied, n>1 merged). ``LLM`` and the benchmarks drive
-it; ``AsyncLLM`` is the same pieces delivered to asyncio callers.
+it; ``AsyncLLM`` is the same pieces delivered to asyncio callers. On a GPU the core steps in its own
+thread (so the host prepares the next step while the device runs this one); on a CPU it steps in
+the caller's thread, where torch's OpenMP regions run fastest (``core_thread.InlineCore``).
 """
 from __future__ import annotations
 
 import queue
+import time
 import weakref
 
 from kiln.engine import Engine
 from kiln.runtime.config import RuntimeConfig
-from kiln.runtime.core_thread import EngineCoreThread
+from kiln.runtime.core_thread import EngineCoreThread, InlineCore
 from kiln.runtime.engine_core import EngineCore
 from kiln.runtime.input_processor import InputProcessor, Prompt
 from kiln.runtime.output_processor import OutputProcessor
@@ -47,7 +50,11 @@ class LLMEngine:
         self._inputs = front.inputs
         self._outputs = front.outputs
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.core = EngineCoreThread(front.core, self._queue.put)
+        self.core: EngineCoreThread | InlineCore
+        if self.device.type == "cpu":
+            self.core = InlineCore(front.core)
+        else:
+            self.core = EngineCoreThread(front.core, self._queue.put)
         weakref.finalize(self, self.core.shutdown)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
@@ -56,7 +63,9 @@ class LLMEngine:
         self._outputs.add(new)
         try:
             for r in core_requests:
-                self.core.add_request(r)
+                refused = self.core.add_request(r)
+                if refused:  # inline: an admission error comes back at once, as the thread would send it
+                    self._queue.put(refused)
         except BaseException:
             self.abort(new.request_id)
             raise
@@ -77,9 +86,16 @@ class LLMEngine:
         A request the engine failed comes back finished, with ``finish_reason="error"`` and ``error`` set.
         """
         try:
-            core_outputs = self._queue.get(timeout=timeout)
+            core_outputs = self._queue.get_nowait() if isinstance(self.core, InlineCore) else \
+                self._queue.get(timeout=timeout)
         except queue.Empty:
-            return []
+            if not isinstance(self.core, InlineCore):
+                return []
+            if not self.core.has_unfinished():
+                if timeout:
+                    time.sleep(timeout)  # nothing to compute: wait as the thread's queue would
+                return []
+            core_outputs = self.core.step()
         processed = self._outputs.process(core_outputs)
         self.core.abort(processed.to_abort)
         return processed.outputs
