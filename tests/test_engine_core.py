@@ -85,6 +85,29 @@ def test_a_failing_request_fails_alone_with_its_message(engine):
     assert_idle(llm)
 
 
+@pytest.mark.parametrize("cuda_graphs", ["off", "static"])
+def test_a_prompt_chunk_beside_a_failing_request_goes_on(engine, cuda_graphs):
+    """Run alone after a failed step, a request in the middle of its prompt samples nothing: its step
+    gives no logits, which is not an error (the graph path once indexed with an empty float tensor)."""
+    llm = LLM(engine, device=DEVICE, cuda_graphs=cuda_graphs, enable_prefix_caching=False)
+    long_prompt = [(7 * i) % 250 + 3 for i in range(150)]
+    expected = llm.generate([long_prompt], GREEDY)[0].token_ids
+    poison(llm, {"req-bad"})
+    engine_ = llm.engine
+    # One step of 64 tokens holds req-bad's prompt (it samples, and fails) and the long prompt's first
+    # chunk, 54 tokens: alone, with 8 padding rows, it fits the graph shape of 64 tokens.
+    engine_.add_request(list(range(13, 23)), GREEDY, request_id="req-bad")
+    good = engine_.add_request(long_prompt, GREEDY)
+    ended = {}
+    while len(ended) < 2:
+        for out in engine_.step(timeout=1):
+            if out.finished:
+                ended[out.request_id] = out
+    assert "injected failure" in ended["req-bad"].error
+    assert ended[good].error is None and ended[good].token_ids == expected
+    assert_idle(llm)
+
+
 def _generate_with_id(llm: LLM, request_id: str, poisoned: set[str]):
     poison(llm, poisoned)
     engine_ = llm.engine

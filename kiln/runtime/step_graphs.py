@@ -110,4 +110,4 @@ class StepGraphs:
         rows = [i for i, (req, n) in enumerate(batch) if req.num_computed_tokens + n == req.num_tokens]
         if len(rows) == len(batch):
             return logits[: len(batch)]
-        return logits[torch.tensor(rows, device=logits.device)]
+        return logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]  # rows may be empty
