@@ -14,7 +14,7 @@ for which in 1b 8b; do
   cp "/tmp/$which-tuned/engine.json" "$out/h200_${which}_tuned_engine.json"
   python3 -m kiln.cli.main inspect "/tmp/$which-tuned" | sed -n '/^plan/,/^target/p' | head -40
   timeout 200 python3 -m kiln.cli.main bench latency "/tmp/$which-tuned" --input-len 128 --output-len 256 \
-    --iterations 3 --json "$out/h200_${which}_tuned_latency_b1.json" 2>&1 | grep -E "decode|limit|time per"
+    --iterations 3 --compare-hf --json "$out/h200_${which}_tuned_latency_b1.json" 2>&1 | grep -E "decode|limit|time per|kiln/hf"
   timeout 200 python3 -m kiln.cli.main bench throughput "/tmp/$which-tuned" --input-len 128 --output-len 128 \
     --num-requests 1000 --json "$out/h200_${which}_tuned_throughput.json" 2>&1 | grep -E "output tokens/s|time per"
 done

@@ -28,12 +28,13 @@ from kiln.ops.reference import add_rms_norm, paged_attention, rms_norm, rotary_a
 from kiln.ops.reference import silu_and_mul  # noqa: E402
 from kiln.ops.sample_inputs import norm_batch, paged_batch, rotary_batch, silu_batch  # noqa: E402
 from kiln.ops.triton_kernels import attention as attention_kernels  # noqa: E402
+from kiln.ops.triton_kernels import gemv as gemv_kernels  # noqa: E402
 from kiln.ops.triton_kernels import rms_norm as rms_norm_kernels  # noqa: E402
 from kiln.ops.triton_kernels import rotary_kv_cache as rotary_kernels  # noqa: E402
 from kiln.ops.triton_kernels import silu_and_mul as silu_kernels  # noqa: E402
 from kiln.ops.triton_kernels.common import interpreting  # noqa: E402
 from kiln.ops.triton_plugins import (  # noqa: E402
-    PAGED_ATTENTION_CONFIGS, RMS_NORM_CONFIGS, ROTARY_KV_CONFIGS, SILU_AND_MUL_CONFIGS,
+    LINEAR_CONFIGS, PAGED_ATTENTION_CONFIGS, RMS_NORM_CONFIGS, ROTARY_KV_CONFIGS, SILU_AND_MUL_CONFIGS, triton_linear,
 )
 from kiln.runtime.model_runner import ModelRunner  # noqa: E402
 from kiln.runtime.request import Request  # noqa: E402
@@ -204,13 +205,47 @@ def test_silu_and_mul_matches_reference(rows, n, block, dtype):
                                                         else bf16_tol(2)))
 
 
+# Small tiles, so that the test shapes cross several tiles, odd K leaves a partial last tile, and odd N a
+# partial last block of outputs.
+SMALL_GEMV = {**LINEAR_CONFIGS[0], "block_n": 8, "block_k": 32, "dot_block_n": 16, "dot_block_k": 32}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,k,n", [(1, 96, 40), (1, 100, 37), (3, 96, 40), (16, 70, 33)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_reference(rows, k, n, dtype, bias):
+    g = torch.Generator(device=DEVICE).manual_seed(rows * 1000 + k + n)
+    x = torch.randn(rows, k, generator=g, device=DEVICE).to(dtype)
+    w = (torch.randn(n, k, generator=g, device=DEVICE) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=g, device=DEVICE).to(dtype) if bias else None
+    got = gemv_kernels.gemv(x, w, b, SMALL_GEMV)
+    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    assert got.shape == (rows, n) and got.dtype == dtype
+    # float32 sums in another order; bfloat16 rounds the float32 sum once, as cuBLAS does (the
+    # interpreter truncates: one more step).
+    torch.testing.assert_close(got.float(), want, **({"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32
+                                                     else bf16_tol(2)))
+
+
+def test_linear_plugin_takes_few_rows_and_leaves_more_to_the_reference():
+    x = torch.randn(2, 3, 48, device=DEVICE)  # 6 rows, leading dimensions kept
+    w = torch.randn(24, 48, device=DEVICE)
+    want = torch.nn.functional.linear(x, w)
+    for max_rows in (1, 16):  # the reference path, then the kernel
+        got = triton_linear(x, w, None, **{**SMALL_GEMV, "max_rows": max_rows})
+        assert got.shape == (2, 3, 24)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        gemv_kernels.gemv(torch.randn(17, 48, device=DEVICE), w, None, SMALL_GEMV)
+
+
 def bf16_tol(roundings: int) -> dict:
     """Within ``roundings`` bfloat16 steps, relative (and absolute, for results near zero)."""
     return {"rtol": roundings * 2 ** -7, "atol": roundings * 2 ** -6}
 
 
 @pytest.mark.parametrize("op", ["paged_attention", "rotary_and_write_kv_cache", "rms_norm", "add_rms_norm",
-                                "silu_and_mul"])
+                                "silu_and_mul", "linear", "logits"])
 def test_plugins_are_cuda_only_graph_safe_and_declare_full_configs(op):
     impl = get_op(op).impls["triton"]
     assert not impl.supports(torch.device("cpu"), torch.float32)
@@ -235,7 +270,8 @@ def test_model_through_triton_plugins_matches_reference_ops(engine_dir):
 
     def prompt_logits(impl: str) -> torch.Tensor:
         # Every layer calls the runner's one table: rebinding its entries swaps the implementations.
-        for op in ("paged_attention", "rotary_and_write_kv_cache", "rms_norm", "add_rms_norm", "silu_and_mul"):
+        for op in ("paged_attention", "rotary_and_write_kv_cache", "rms_norm", "add_rms_norm", "silu_and_mul",
+                   "linear", "logits"):
             setattr(runner.ops, op, get_op(op).impls[impl].fn)
         req = Request("r", ids, SamplingParams())
         req.block_ids = [9, 2, 14, 5, 11, 0, 7][: math.ceil(len(ids) / runner.block_size)]

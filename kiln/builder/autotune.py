@@ -6,12 +6,14 @@ Candidates are the implementations that support the device and dtype and can run
 (the runtime replays steps from graphs, so a kernel that cannot be captured costs more than its own
 time), each with every config it declares. Each candidate runs the op's work at a few shapes the
 engine will see (decode at batch 1 and at the full batch, short and long contexts, a prefill chunk of
-max_num_tokens tokens, a mixed step) on fresh random inputs, and is timed as a CUDA graph of repeated
-calls, so launch costs (which the runtime's graphs remove) do not decide. The candidate with the
-least total time wins.
+max_num_tokens tokens, a mixed step; each of the model's projections at decode row counts) on fresh
+random inputs, and is timed as a CUDA graph of repeated calls, so launch costs (which the runtime's
+graphs remove) do not decide. Matrix products cycle through weights that together outgrow the GPU's
+L2 cache, as a step's do. The candidate with the least total time wins.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import statistics
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ import torch
 from kiln.engine import BuildConfig
 from kiln.models import ModelConfig
 from kiln.ops import Implementation, all_ops
-from kiln.ops.sample_inputs import norm_batch, paged_batch, rotary_batch, silu_batch
+from kiln.ops.sample_inputs import linear_batches, norm_batch, paged_batch, rotary_batch, silu_batch
 from kiln.ops.timing import time_ms
 from kiln.ops.user_plugins import belongs
 
@@ -30,12 +32,14 @@ log = logging.getLogger(__name__)
 
 CALLS_PER_GRAPH = 10
 REPLAYS = 5
+# More than any GPU's L2 cache (50 MB on an H100 or H200): the bytes of weights a matrix product cycles through.
+WEIGHT_BYTES_TIMED = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class Workload:
     label: str
-    make_args: Callable[[], tuple]
+    make_args: Callable[[], tuple | list[tuple]]  # a list: successive calls cycle through its argument tuples
 
 
 def workloads(op: str, model: ModelConfig, build: BuildConfig, device: torch.device) -> list[Workload]:
@@ -45,7 +49,7 @@ def workloads(op: str, model: ModelConfig, build: BuildConfig, device: torch.dev
                  block_size=build.kv_block_size, dtype=dtype, device=device)
     batch = build.max_batch_size
     chunk = min(build.max_num_tokens, build.max_seq_len)
-    contexts = sorted({min(1024, build.max_seq_len), build.max_seq_len})
+    contexts = sorted({min(256, build.max_seq_len), min(1024, build.max_seq_len), build.max_seq_len})
     rows = sorted({1, batch, build.max_num_tokens})
     if op == "paged_attention":
         scale = model.head_dim ** -0.5
@@ -63,6 +67,18 @@ def workloads(op: str, model: ModelConfig, build: BuildConfig, device: torch.dev
     if op == "rms_norm":
         return [Workload(f"rows={r}", lambda r=r: _drop_residual(norm_batch(r, model.hidden_size, dtype=dtype,
                                                                              device=device))) for r in rows]
+    if op in ("linear", "logits"):
+        # Decode steps of a few rows are where implementations differ; larger ones are cuBLAS's in all.
+        few = sorted({1, min(batch, 8)})
+        q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+        shapes = ({"logits": (model.hidden_size, model.vocab_size)} if op == "logits" else
+                  {"qkv": (model.hidden_size, q + 2 * kv), "o": (q, model.hidden_size),
+                   "gate_up": (model.hidden_size, 2 * model.intermediate_size),
+                   "down": (model.intermediate_size, model.hidden_size)})
+        return [Workload(f"{name} {k}->{n} rows={r}",
+                         lambda r=r, k=k, n=n: linear_batches(r, k, n, dtype=dtype, device=device, min_bytes=(
+                             WEIGHT_BYTES_TIMED if device.type == "cuda" else 0)))
+                for name, (k, n) in shapes.items() for r in few]
     if op == "silu_and_mul":
         return [Workload(f"rows={r}", lambda r=r: silu_batch(r, model.intermediate_size, dtype=dtype, device=device))
                 for r in rows]
@@ -107,8 +123,9 @@ def tune_op(op: str, candidates: list[Implementation], loads: list[Workload],
             fn = impl.with_config(config) if config else impl.fn
             total, error = 0.0, None
             for _, args in inputs:
+                calls = itertools.cycle(args if isinstance(args, list) else [args])
                 try:
-                    total += graph_time_ms(lambda: fn(*args), device)
+                    total += graph_time_ms(lambda: fn(*next(calls)), device)
                 except Exception as e:  # a config the device cannot run (e.g. too much shared memory)
                     error = f"{type(e).__name__}: {e}"
                     break

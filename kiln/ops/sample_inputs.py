@@ -136,3 +136,19 @@ def silu_batch(
     device = torch.device(device)
     g = _generator(device, generator)
     return ((3 * torch.randn(rows, 2 * intermediate, generator=g, device=device)).to(dtype),)
+
+
+def linear_batches(
+    rows: int, in_features: int, out_features: int, *, dtype: torch.dtype, device: torch.device | str = "cpu",
+    min_bytes: int = 0, generator: torch.Generator | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Arguments of ``linear`` (x [rows, in], weight [out, in], scaled like a trained model's), as many
+    distinct weights (at most 16) as reach ``min_bytes`` together: a timing loop that cycles through
+    them reads each weight from memory, not from a cache that holds one weight but not all."""
+    device = torch.device(device)
+    g = _generator(device, generator)
+    size = out_features * in_features * torch.empty((), dtype=dtype).element_size()
+    copies = min(16, max(1, -(-min_bytes // size)))
+    return [((torch.randn(rows, in_features, generator=g, device=device)).to(dtype),
+             (torch.randn(out_features, in_features, generator=g, device=device) / in_features ** 0.5).to(dtype))
+            for _ in range(copies)]

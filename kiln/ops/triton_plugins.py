@@ -1,4 +1,5 @@
-"""The ``triton`` plugins: Triton kernels for attention, rotary + cache write, RMSNorm and SwiGLU.
+"""The ``triton`` plugins: Triton kernels for attention, rotary + cache write, RMSNorm, SwiGLU, and the
+matrix products of decode steps of a few rows.
 
 They run on CUDA devices with Triton installed and never on the CPU, so CPU plans never pick them.
 Their kernels (``kiln/ops/triton_kernels/``) are imported on first call: Triton is not a dependency
@@ -13,6 +14,7 @@ import functools
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 
 from kiln.ops.attention_metadata import AttentionMetadata
 from kiln.ops.registry import plugin
@@ -44,7 +46,7 @@ def _configs(defaults: dict, *alternatives: dict) -> tuple[dict, ...]:
 # Defaults for Hopper: 64×64 tiles keep bf16 K/V stages for head_dim 128 within shared memory.
 PAGED_ATTENTION_CONFIGS = _configs(
     dict(prefill_block_m=64, prefill_tile_n=64, prefill_warps=4, prefill_stages=2,
-         decode_tile_n=64, decode_warps=4, decode_stages=2, max_splits=16, split_min_tokens=256),
+         decode_tile_n=64, decode_warps=4, decode_stages=2, max_splits=16, split_min_tokens=64),
     dict(prefill_block_m=128, prefill_tile_n=64, prefill_warps=8, prefill_stages=2),
     dict(prefill_block_m=64, prefill_tile_n=32, prefill_warps=4, prefill_stages=3),
     dict(prefill_block_m=128, prefill_tile_n=32, prefill_warps=8, prefill_stages=3),
@@ -53,10 +55,25 @@ PAGED_ATTENTION_CONFIGS = _configs(
     dict(decode_tile_n=64, decode_warps=2, decode_stages=3),
     dict(max_splits=1),  # split-K off
     dict(max_splits=32, split_min_tokens=128),
+    dict(split_min_tokens=256),
+    dict(split_min_tokens=32, decode_tile_n=32),
 )
 ROTARY_KV_CONFIGS = ({"num_warps": 4}, {"num_warps": 1}, {"num_warps": 2}, {"num_warps": 8})
 # num_warps 0: chosen from the row width.
 RMS_NORM_CONFIGS = ({"num_warps": 0}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16})
+# Few-row matrix products (triton_kernels/gemv.py); more rows than max_rows go to cuBLAS (F.linear).
+# Defaults from the H200 (benchmarks/gpu_gemv.py): one row with 8 x 1024 tiles beat cuBLAS on every
+# projection of the 1B and 8B shapes (o and down by 7-24%); from two rows on, the tensor-core path
+# was mostly slower than cuBLAS.
+LINEAR_CONFIGS = _configs(
+    dict(max_rows=1, block_n=8, block_k=1024, warps=4, stages=2,
+         dot_block_n=64, dot_block_k=128, dot_warps=4, dot_stages=4),
+    dict(block_n=16, block_k=512),
+    dict(block_n=4, block_k=2048),
+    dict(block_n=8, block_k=2048),
+    dict(block_n=8, block_k=1024, warps=8),
+    dict(max_rows=16),  # tensor-core tiles for 2-16 rows
+)
 SILU_AND_MUL_CONFIGS = ({"block": 1024, "num_warps": 4}, {"block": 512, "num_warps": 2},
                         {"block": 2048, "num_warps": 8}, {"block": 4096, "num_warps": 8})
 
@@ -113,3 +130,19 @@ def triton_silu_and_mul(x: torch.Tensor, **config) -> torch.Tensor:
     from kiln.ops.triton_kernels.silu_and_mul import silu_and_mul
 
     return silu_and_mul(x, {**SILU_AND_MUL_CONFIGS[0], **config})
+
+
+@plugin("linear", "triton", supports=_on_cuda, configs=LINEAR_CONFIGS, graph_safe=True)
+def triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **config) -> torch.Tensor:
+    config = {**LINEAR_CONFIGS[0], **config}
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not 0 < rows <= config["max_rows"] or weight.stride(-1) != 1:
+        return F.linear(x, weight, bias)
+    from kiln.ops.triton_kernels.gemv import gemv
+
+    return gemv(x, weight, bias, config)
+
+
+@plugin("logits", "triton", supports=_on_cuda, configs=LINEAR_CONFIGS, graph_safe=True)
+def triton_logits(hidden: torch.Tensor, weight: torch.Tensor, **config) -> torch.Tensor:
+    return triton_linear(hidden, weight, None, **config)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,7 +115,7 @@ class Sampler:
         want_logprobs = any(p.logprobs is not None for p in params)
         if not want_logprobs and all(p.greedy and not _has_penalties(p) and not p.logit_bias for p in params) \
                 and not any(_banned_now(r) for r in requests):
-            return PendingSample(logits.argmax(dim=-1))
+            return PendingSample(row_argmax(logits))
 
         logits = logits.to(torch.float32, copy=True)
         apply_logit_bias(logits, requests)
@@ -128,7 +129,7 @@ class Sampler:
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if greedy:
             rows = _index(greedy, logits.device)
-            chosen[rows] = logits[rows].argmax(dim=-1)
+            chosen[rows] = row_argmax(logits[rows])
         if sampled:
             rows = _index(sampled, logits.device)
             chosen[rows] = self._sample(logits[rows], [requests[i] for i in sampled])
@@ -158,7 +159,7 @@ class Sampler:
                     q[i].exponential_(generator=self._request_generator(r, device))
         # A zero draw would make 0/0 = nan for a masked token, which argmax would pick.
         q.clamp_(min=torch.finfo(torch.float32).tiny)
-        return (probs / q).argmax(dim=-1)
+        return row_argmax(probs / q)
 
     def _request_generator(self, request: Request, device: torch.device) -> torch.Generator:
         gen = self._seeded.get(request.request_id)
@@ -312,6 +313,29 @@ def _banned_now(request: Request) -> set[int]:
     if not p.ignore_eos:
         banned |= request.eos_token_ids
     return banned
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of [rows, vocab], the first index of each row's maximum (ties too).
+
+    On a GPU, few rows of a large vocabulary reduce in two passes: torch gives each row one thread
+    block, so one row of 128,256 logits took 27 us of an 8B model's 4.5 ms batch-1 step on an H200;
+    split into chunks, each chunk's maximum first, then the first chunk that holds the row's maximum.
+    """
+    rows, vocab = x.shape
+    chunks = math.gcd(vocab, 256)
+    if x.device.type != "cuda" or rows > 16 or vocab < 16384 or chunks < 16:
+        return x.argmax(dim=-1)
+    return chunked_argmax(x, chunks)
+
+
+def chunked_argmax(x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``row_argmax`` in two passes over ``chunks`` equal chunks of each row (max and argmax return
+    the first index of a maximum, so ties resolve as one pass does)."""
+    rows, vocab = x.shape
+    values, within = x.reshape(rows, chunks, vocab // chunks).max(dim=-1)
+    chunk = values.argmax(dim=-1, keepdim=True)
+    return (chunk * (vocab // chunks) + within.gather(1, chunk)).squeeze(1)
 
 
 def _has_penalties(p: SamplingParams) -> bool:
