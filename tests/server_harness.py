@@ -158,10 +158,11 @@ def _die_with_parent() -> None:
 
 class ServerProcess:
     """``kiln serve`` in a subprocess on ephemeral ports; ``stop()`` always ends it. ``repository`` None
-    leaves ``--model-repository`` out (``args`` then name a model, or none for the default one)."""
+    leaves ``--model-repository`` out (``args`` then name a model, or none for the default one). The
+    constructor returns once the server is ready, or with ``wait_ready=False`` once its ports are up."""
 
     def __init__(self, repository: Path | None, *args: str, ready_timeout: float = 60.0,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, wait_ready: bool = True):
         where = ["--model-repository", str(repository)] if repository is not None else []
         cmd = [sys.executable, "-m", "kiln.cli.main", "serve", *where,
                "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *args]
@@ -173,7 +174,7 @@ class ServerProcess:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         try:
-            self._wait_ready(ready_timeout)
+            self._wait_ready(ready_timeout, wait_ready)
         except BaseException:
             self.stop()
             raise
@@ -185,11 +186,13 @@ class ServerProcess:
             if m:
                 self._ports[m.group(1)] = m.group(2)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, ready: bool = True) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError("kiln serve exited:\n" + self.log)
+            if len(self._ports) == 3 and not ready:
+                return
             if len(self._ports) == 3:
                 try:
                     with urllib.request.urlopen(f"http://{self.http}/v2/health/ready", timeout=2) as r:

@@ -64,6 +64,50 @@ def metric(server, name, model="tiny", **labels) -> float:
 
 
 
+SLOW_INIT = """
+import time
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        time.sleep(4)
+
+    def execute(self, requests):
+        return []
+"""
+
+
+def test_a_request_while_the_models_load_gets_503_and_retry_after(engine, tmp_path):
+    """The ports open before the startup models load (live, not yet ready): meanwhile a model that is
+    loading answers 503 with Retry-After, which clients such as the openai package retry, not 404."""
+    import shutil
+
+    shutil.copytree(engine, tmp_path / "tiny")
+    (tmp_path / "slow" / "1").mkdir(parents=True)
+    (tmp_path / "slow" / "1" / "model.py").write_text(SLOW_INIT)
+    (tmp_path / "slow" / "config.pbtxt").write_text(
+        'backend: "python"\ninput [ { name: "IN" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+    s = ServerProcess(tmp_path, wait_ready=False, ready_timeout=120)
+    try:
+        body = json.dumps({"model": "slow", "prompt": "hi", "max_tokens": 1}).encode()
+        request = urllib.request.Request(f"http://{s.http}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as loading:
+            urllib.request.urlopen(request, timeout=30)
+        assert loading.value.code == 503 and loading.value.headers["Retry-After"] == "2"
+        assert "is loading" in json.loads(loading.value.read())["error"]["message"]
+        # The openai client retries until the server is ready, then gets the kiln model's answer.
+        client = openai.OpenAI(base_url=f"http://{s.http}/v1", api_key="unused", max_retries=5, timeout=60)
+        assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text is not None
+        assert wait_for(lambda: "kiln serve is ready" in s.log or "models:" in s.log, 30)
+        with pytest.raises(urllib.error.HTTPError) as not_kiln:  # ready: the python model is no LLM
+            urllib.request.urlopen(request, timeout=30)
+        assert not_kiln.value.code == 404
+    finally:
+        s.stop()
+
+
 def test_models_and_the_kserve_view(server, client, engine):
     from kiln.engine import read_engine
 

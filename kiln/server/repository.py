@@ -80,6 +80,11 @@ class ModelRepository:
     def served(self) -> list[ServedModel]:
         return [m for e in self._entries.values() for _, m in sorted(e.served.items())]
 
+    def is_loading(self, name: str) -> bool:
+        """Whether a version of ``name`` is being loaded now."""
+        entry = self._entries.get(name)
+        return entry is not None and any(state == LOADING for state, _ in entry.states.values())
+
     def get(self, name: str, version: int = -1) -> ServedModel:
         """The ready model version (-1: the latest ready one)."""
         entry = self._entries.get(name)

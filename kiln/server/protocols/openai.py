@@ -50,9 +50,10 @@ MIN_LOGPROB = -9999.0
 
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers
         self.info = api.ErrorInfo(message=message, param=param, code=code,
                                   type=type or ("server_error" if status >= 500 else "invalid_request_error"))
 
@@ -65,7 +66,8 @@ class OpenAIError(Exception):
         return cls(e.code.http_status, e.message)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(api.ErrorResponse(error=self.info).model_dump(), status_code=self.status)
+        return JSONResponse(api.ErrorResponse(error=self.info).model_dump(), status_code=self.status,
+                            headers=self.headers)
 
 
 def create_app(server: InferenceServer, api_key: str | None = None) -> Starlette:
@@ -125,11 +127,17 @@ class _Serving:
             raise _validation_error(e) from None
 
     def model(self, name: str) -> ServedModel:
-        """The ready model ``name`` served by the kiln backend (404 otherwise)."""
+        """The ready model ``name`` served by the kiln backend (503 while it or the server's startup
+        models load, 404 otherwise)."""
         try:
             model = self.server.repository.get(name)
         except ServerError:
             model = None
+        if model is None and (not self.server.ready or self.server.repository.is_loading(name)):
+            # Clients retry a 503 (the openai package does, after Retry-After): a request sent while
+            # `kiln serve` builds or loads its model gets its answer once the model is ready.
+            raise OpenAIError(503, f"The model `{name}` is loading; retry shortly.", "model", "model_loading",
+                              headers={"Retry-After": "2"})
         if model is None or not isinstance(model.backend, KilnBackend):
             names = ", ".join(self.model_names()) or "none"
             raise OpenAIError(404, f"The model `{name}` does not exist (served: {names}).", "model",
