@@ -14,8 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from kiln.errors import RequestError
-from kiln.runtime import LLM, RequestFailed, SamplingParams
+from kiln.errors import KilnError, RequestError
+from kiln.runtime import LLM, AsyncLLM, RequestFailed, SamplingParams
+from kiln.runtime.config import RuntimeConfig
+from kiln.runtime.core_thread import EngineCoreThread
+from kiln.runtime.engine_core import EngineCore
 from conftest import DEVICE
 from tests_support import block_bytes
 
@@ -106,6 +109,31 @@ def test_a_prompt_chunk_beside_a_failing_request_goes_on(engine, cuda_graphs):
     assert "injected failure" in ended["req-bad"].error
     assert ended[good].error is None and ended[good].token_ids == expected
     assert_idle(llm)
+
+
+def test_the_core_thread_builds_the_core_it_steps_and_reports_a_failed_build(engine):
+    """Loading (and, on a CPU, timing kernels) happens on the thread that will step the core, so the
+    caller's thread starts no OpenMP pool of its own (core_thread's note); a build error reaches the caller."""
+    built_on = []
+
+    def make():
+        built_on.append(threading.current_thread())
+        return EngineCore(str(engine), RuntimeConfig(device=DEVICE))
+
+    core = EngineCoreThread(make, lambda outputs: None)
+    try:
+        assert core.call(lambda c: threading.current_thread()) is built_on[0] is not threading.current_thread()
+        assert core.stats().kv_blocks_used == 0
+    finally:
+        core.shutdown()
+
+    def broken():
+        raise KilnError("no engine here")
+
+    with pytest.raises(KilnError, match="no engine here"):
+        EngineCoreThread(broken, lambda outputs: None)
+    with pytest.raises(KilnError, match="is not a kiln engine"):
+        AsyncLLM(str(engine) + "-missing", device=DEVICE)
 
 
 def _generate_with_id(llm: LLM, request_id: str, poisoned: set[str]):

@@ -22,7 +22,7 @@ from kiln.runtime.config import RuntimeConfig
 from kiln.runtime.core_thread import EngineCoreThread
 from kiln.runtime.engine_core import EngineCoreOutput
 from kiln.runtime.input_processor import Prompt
-from kiln.runtime.llm_engine import FrontEnd
+from kiln.runtime.llm_engine import FrontEnd, core_factory
 from kiln.runtime.output_processor import OutputProcessor
 from kiln.runtime.outputs import EngineStats, RequestFailed, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
@@ -31,16 +31,19 @@ from kiln.runtime.tokenizer import EngineTokenizer
 
 class AsyncLLM:
     def __init__(self, engine: str | Engine, device: str | None = None, **options):
-        front = FrontEnd(engine if isinstance(engine, Engine) else str(engine),
-                         RuntimeConfig.from_options(device, **options))
+        config = RuntimeConfig.from_options(device, **options)
+        self._streams = _Streams()
+        # The core is built on its own thread, where it steps (see core_thread's note on OpenMP).
+        self._core = EngineCoreThread(core_factory(engine if isinstance(engine, Engine) else str(engine), config),
+                                      self._streams.deliver)
+        weakref.finalize(self, self._core.shutdown)
+        front = FrontEnd(self._core.core)
         self.engine = front.engine
         self.tokenizer: EngineTokenizer = front.tokenizer
         self.max_seq_len = front.max_seq_len
         self._inputs = front.inputs
-        self._streams = _Streams(front.outputs)
-        self._core = EngineCoreThread(front.core, self._streams.deliver)
+        self._streams.processor = front.outputs
         self._streams.core = self._core
-        weakref.finalize(self, self._core.shutdown)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -94,8 +97,8 @@ class _Streams:
     """The open streams and their output processor. The core thread calls ``deliver``; the rest runs on
     the callers' event loops. It holds no reference to the ``AsyncLLM``, so that can be collected."""
 
-    def __init__(self, processor: OutputProcessor):
-        self.processor = processor
+    def __init__(self):
+        self.processor: OutputProcessor | None = None  # set once the core is built, before any request
         self.core: EngineCoreThread | None = None
         self._lock = threading.Lock()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

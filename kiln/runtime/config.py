@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import get_args
 
+import torch
+
 from kiln.runtime.scheduler import Policy
 
 
@@ -40,6 +42,10 @@ class RuntimeConfig:
         fraction = self.gpu_memory_utilization
         if fraction is not None and not 0 < fraction <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {fraction!r}")
+
+    def torch_device(self) -> torch.device:
+        """The device the engine runs on: ``device``, else cuda when present, else cpu."""
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     @classmethod
     def from_options(cls, device: str | None = None, **options) -> RuntimeConfig:

@@ -1,7 +1,8 @@
 """Clients of the engine core: ``EngineCoreThread`` steps it in a thread of its own, ``InlineCore`` in
 the caller's thread (for a synchronous caller on a CPU, see there).
 
-``EngineCoreThread``: the engine core stepping in a thread of its own, driven through a command queue.
+``EngineCoreThread``: the engine core built and stepping in a thread of its own, driven through a
+command queue.
 
 Callers never touch the core directly: they queue commands (add, abort, a function to run between
 steps, stop) and receive each step's outputs through a callback, called on the core thread. The
@@ -11,6 +12,13 @@ core never waits on its consumers.
 
 NOTE: the thread holds the core and the callback, never the client object that started it, so a
 client that is dropped can be garbage-collected; its finalizer stops the thread (``shutdown``).
+
+NOTE: on a CPU, torch's parallel work runs on GNU OpenMP (libgomp), which keeps a pool of worker
+threads for each thread that starts parallel regions. Once it manages more threads than there are
+CPUs, its idle workers stop spinning almost at once and every region pays a futex wake-up: a 2-thread
+torch.add of 200k floats took 12 us from one thread and 30-70 us from a second thread once the
+first had a pool, on the 2-core dev machine. So the core is built (weights loaded, CPU kernels timed)
+on the thread that steps it, and the caller's thread need not start a pool of its own.
 """
 from __future__ import annotations
 
@@ -34,13 +42,22 @@ _STOP = object()
 
 
 class EngineCoreThread:
-    def __init__(self, core: EngineCore, on_outputs: OnOutputs):
+    def __init__(self, make_core: Callable[[], EngineCore], on_outputs: OnOutputs):
+        """Build the core with ``make_core()`` on the new thread (raising here what building raised),
+        then step it there; ``core`` is it, for reading its fixed facts (engine, limits, tokenizer)."""
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._stats = _StatsBox(core.stats())
-        self._thread = threading.Thread(target=_loop, args=(core, self._commands, on_outputs, self._stats),
+        self._stats = _StatsBox(None)
+        built: Future = Future()
+        self._thread = threading.Thread(target=_build_and_loop,
+                                        args=(make_core, built, self._commands, on_outputs, self._stats),
                                         name="kiln-engine-core", daemon=True)
-        self._thread.start()
         self._stopped = False
+        self._thread.start()
+        try:
+            self.core: EngineCore = built.result()
+        except BaseException:
+            self.shutdown(timeout=0)  # interrupted while it builds: the thread stops once built
+            raise
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self._send(("add", request))
@@ -82,6 +99,19 @@ class _StatsBox:
 
     def __init__(self, value: EngineStats):
         self.value = value
+
+
+def _build_and_loop(make_core: Callable[[], EngineCore], built: Future, commands: queue.SimpleQueue,
+                    on_outputs: OnOutputs, stats: _StatsBox) -> None:
+    try:
+        core = make_core()
+        stats.value = core.stats()
+    except BaseException as e:
+        built.set_exception(e)
+        return
+    built.set_result(core)
+    del make_core
+    _loop(core, commands, on_outputs, stats)
 
 
 def _loop(core: EngineCore, commands: queue.SimpleQueue, on_outputs: OnOutputs, stats: _StatsBox) -> None:
@@ -147,57 +177,56 @@ def _emit(on_outputs: OnOutputs, outputs: list[EngineCoreOutput]) -> None:
 class InlineCore:
     """The engine core stepped in the caller's thread, by ``step()``: for ``LLMEngine`` on a CPU.
 
-    NOTE: on a CPU the forward pass is torch's OpenMP work, and libgomp runs parallel regions started
-    from a thread other than the process's first one about three times slower (measured: a 2-thread
-    torch.add of 200k floats 12 us from the main thread, 38-50 us from another; SmolLM2 at batch 8,
-    146 tokens/s against 93). A synchronous caller waits for every step anyway, so stepping in its
-    own thread loses no overlap. SIGINT is held back while a step runs, so Ctrl-C lands between steps
+    NOTE: on a CPU the forward pass is torch's OpenMP work, which runs slower on a second thread once
+    another has a pool of OpenMP workers (see the module's note; SmolLM2 at batch 8, 146 tokens/s
+    against 93 when a core thread stepped what the caller's thread had loaded). A synchronous caller
+    waits for every step anyway, so stepping in its thread loses no overlap. SIGINT is held back while a step runs, so Ctrl-C lands between steps
     and the caller can abort its requests from a consistent core.
     """
 
     def __init__(self, core: EngineCore):
-        self._core = core
+        self.core = core
         self._stopped = False
 
     def add_request(self, request: EngineCoreRequest) -> list[EngineCoreOutput]:
         """Queue a request; an admission error comes back as its error output."""
         self._check()
-        return _apply(self._core, ("add", request))
+        return _apply(self.core, ("add", request))
 
     def abort(self, request_ids: list[str]) -> None:
         if request_ids and not self._stopped:
-            self._core.abort(list(request_ids))
+            self.core.abort(list(request_ids))
 
     def call(self, fn: Callable[[EngineCore], Any], timeout: float | None = None) -> Any:
         self._check()
-        return fn(self._core)
+        return fn(self.core)
 
     def stats(self) -> EngineStats:
-        return self._core.stats()
+        return self.core.stats()
 
     @property
     def alive(self) -> bool:
         return not self._stopped
 
     def has_unfinished(self) -> bool:
-        return self._core.has_unfinished()
+        return self.core.has_unfinished()
 
     def step(self) -> list[EngineCoreOutput]:
         self._check()
         with _sigint_deferred():
             try:
-                return self._core.step()
+                return self.core.step()
             except Exception as e:  # as the thread does: fail what is in flight, keep the core usable
                 log.exception("engine step failed; failing every request in flight")
-                ids = self._core.request_ids()
-                self._core.abort(ids)
+                ids = self.core.request_ids()
+                self.core.abort(ids)
                 return [EngineCoreOutput(rid, [], finish_reason="error", error=f"engine step failed: "
                                          f"{type(e).__name__}: {e}") for rid in ids]
 
     def shutdown(self, timeout: float = 0.0) -> None:
         if not self._stopped:
             self._stopped = True
-            self._core.abort(self._core.request_ids())
+            self.core.abort(self.core.request_ids())
 
     def _check(self) -> None:
         if self._stopped:

@@ -79,7 +79,7 @@ class EngineCore:
         self.config = config
         self.engine = engine if isinstance(engine, Engine) else read_engine(engine)
         build = self.engine.build
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = config.torch_device()
         max_batch = min(config.max_batch_size or build.max_batch_size, build.max_batch_size)
         max_tokens = min(config.max_num_tokens or build.max_num_tokens, build.max_num_tokens)
         self.runner = ModelRunner(self.engine, self.device, config.cuda_graphs, max_batch, max_tokens,

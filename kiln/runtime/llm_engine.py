@@ -2,9 +2,10 @@
 
 ``add_request`` checks and submits; ``step`` takes the core's next outputs and turns them into
 ``RequestOutput``s (detokenized, stop strings applied, n>1 merged). ``LLM`` and the benchmarks drive
-it; ``AsyncLLM`` is the same pieces delivered to asyncio callers. On a GPU the core steps in its own
-thread (so the host prepares the next step while the device runs this one); on a CPU it steps in
-the caller's thread, where torch's OpenMP regions run fastest (``core_thread.InlineCore``).
+it; ``AsyncLLM`` is the same pieces delivered to asyncio callers. On a GPU the core is built and
+steps in its own thread (so the host prepares the next step while the device runs this one); on a
+CPU it steps in the caller's thread, which a synchronous caller gives up during a step anyway
+(``core_thread.InlineCore``).
 """
 from __future__ import annotations
 
@@ -23,12 +24,17 @@ from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.tokenizer import EngineTokenizer
 
 
-class FrontEnd:
-    """The pieces every client of an engine core builds: the core (loaded here), its tokenizer, and
-    the input and output processors."""
+def core_factory(engine: str | Engine, config: RuntimeConfig):
+    """``make_core`` for ``EngineCoreThread``: it holds the engine and config, never the client."""
+    return lambda: EngineCore(engine, config)
 
-    def __init__(self, engine: str | Engine, config: RuntimeConfig):
-        self.core = EngineCore(engine, config)
+
+class FrontEnd:
+    """The pieces every client of an engine core builds around it: its tokenizer and the input and
+    output processors."""
+
+    def __init__(self, core: EngineCore):
+        self.core = core
         self.engine = self.core.engine
         self.tokenizer = EngineTokenizer(self.engine)
         self.inputs = InputProcessor(self.tokenizer, self.core.vocab_size, self.core.scheduler.admission_error)
@@ -41,7 +47,15 @@ class FrontEnd:
 
 class LLMEngine:
     def __init__(self, engine: str | Engine, config: RuntimeConfig | None = None):
-        front = FrontEnd(engine, config or RuntimeConfig())
+        config = config or RuntimeConfig()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.core: EngineCoreThread | InlineCore
+        if config.torch_device().type == "cpu":
+            self.core = InlineCore(EngineCore(engine, config))
+        else:
+            self.core = EngineCoreThread(core_factory(engine, config), self._queue.put)
+        weakref.finalize(self, self.core.shutdown)
+        front = FrontEnd(self.core.core)
         self.engine = front.engine
         self.tokenizer = front.tokenizer
         self.device = front.core.device
@@ -49,13 +63,6 @@ class LLMEngine:
         self.limits = front.core.scheduler.config
         self._inputs = front.inputs
         self._outputs = front.outputs
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.core: EngineCoreThread | InlineCore
-        if self.device.type == "cpu":
-            self.core = InlineCore(front.core)
-        else:
-            self.core = EngineCoreThread(front.core, self._queue.put)
-        weakref.finalize(self, self.core.shutdown)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     arrival_time: float | None = None) -> str:
