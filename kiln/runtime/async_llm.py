@@ -33,7 +33,7 @@ class AsyncLLM:
     def __init__(self, engine: str | Engine, device: str | None = None, **options):
         config = RuntimeConfig.from_options(device, **options)
         self._streams = _Streams()
-        # The core is built on its own thread, where it steps (see core_thread's note on OpenMP).
+        # On a CPU the core is built on its own thread, where it steps (see core_thread's note on OpenMP).
         self._core = EngineCoreThread(core_factory(engine if isinstance(engine, Engine) else str(engine), config),
                                       self._streams.deliver)
         weakref.finalize(self, self._core.shutdown)

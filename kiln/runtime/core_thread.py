@@ -17,8 +17,9 @@ NOTE: on a CPU, torch's parallel work runs on GNU OpenMP (libgomp), which keeps 
 threads for each thread that starts parallel regions. Once it manages more threads than there are
 CPUs, its idle workers stop spinning almost at once and every region pays a futex wake-up: a 2-thread
 torch.add of 200k floats took 12 us from one thread and 30-70 us from a second thread once the
-first had a pool, on the 2-core dev machine. So the core is built (weights loaded, CPU kernels timed)
-on the thread that steps it, and the caller's thread need not start a pool of its own.
+first had a pool, on the 2-core dev machine. So on a CPU the core is built (weights loaded, CPU
+kernels timed) on the thread that steps it, and the caller's thread need not start a pool of its own
+(``llm_engine.core_factory`` decides).
 """
 from __future__ import annotations
 

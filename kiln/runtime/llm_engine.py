@@ -25,7 +25,15 @@ from kiln.runtime.tokenizer import EngineTokenizer
 
 
 def core_factory(engine: str | Engine, config: RuntimeConfig):
-    """``make_core`` for ``EngineCoreThread``: it holds the engine and config, never the client."""
+    """``make_core`` for ``EngineCoreThread``: it holds the engine and config, never the client.
+
+    On a CPU the core is built on the thread that steps it (torch's OpenMP pools, see core_thread);
+    on a GPU it is built here, in the caller's thread, where the H200 runs validated it (weights
+    loaded and CUDA graphs captured there, replayed on the core's thread).
+    """
+    if config.torch_device().type != "cpu":
+        core = EngineCore(engine, config)
+        return lambda: core
     return lambda: EngineCore(engine, config)
 
 
