@@ -2,9 +2,9 @@
 
 ``add_request`` checks and submits; ``step`` takes the core's next outputs and turns them into
 ``RequestOutput``s (detokenized, stop strings applied, n>1 merged). ``LLM`` and the benchmarks drive
-it; ``AsyncLLM`` is the same pieces delivered to asyncio callers. On a GPU the core is built and
-steps in its own thread (so the host prepares the next step while the device runs this one); on a
-CPU it steps in the caller's thread, which a synchronous caller gives up during a step anyway
+it; ``AsyncLLM`` is the same pieces delivered to asyncio callers. On a GPU the core steps in its
+own thread (so the host prepares the next step while the device runs this one); on a CPU it steps
+in the caller's thread, which a synchronous caller gives up during a step anyway
 (``core_thread.InlineCore``).
 """
 from __future__ import annotations
