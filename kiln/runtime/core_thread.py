@@ -1,8 +1,8 @@
 """Clients of the engine core: ``EngineCoreThread`` steps it in a thread of its own, ``InlineCore`` in
 the caller's thread (for a synchronous caller on a CPU, see there).
 
-``EngineCoreThread``: the engine core built and stepping in a thread of its own, driven through a
-command queue.
+``EngineCoreThread``: the engine core stepping in a thread of its own (on a CPU also built there),
+driven through a command queue.
 
 Callers never touch the core directly: they queue commands (add, abort, a function to run between
 steps, stop) and receive each step's outputs through a callback, called on the core thread. The
@@ -44,8 +44,9 @@ _STOP = object()
 
 class EngineCoreThread:
     def __init__(self, make_core: Callable[[], EngineCore], on_outputs: OnOutputs):
-        """Build the core with ``make_core()`` on the new thread (raising here what building raised),
-        then step it there; ``core`` is it, for reading its fixed facts (engine, limits, tokenizer)."""
+        """Get the core from ``make_core()`` on the new thread (raising here what it raised; on a CPU
+        it builds the core there, ``llm_engine.core_factory``), then step it there; ``core`` is it,
+        for reading its fixed facts (engine, limits, tokenizer)."""
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._stats = _StatsBox(None)
         built: Future = Future()
