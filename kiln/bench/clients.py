@@ -52,6 +52,14 @@ class Protocol:
         raise NotImplementedError
 
     def parse(self, event: Any) -> Delta:
+        """The event's delta; an event that is not a JSON object, or that carries an error, is an error."""
+        if not isinstance(event, dict):
+            return Delta(error=f"unexpected event {str(event)[:200]}")
+        if event.get("error") is not None:
+            return Delta(error=_error_text(event["error"]))
+        return self.parse_event(event)
+
+    def parse_event(self, event: dict) -> Delta:
         raise NotImplementedError
 
 
@@ -68,11 +76,7 @@ class OpenAICompletions(Protocol):
             body.update(ignore_eos=True, min_tokens=max_tokens)
         return body
 
-    def parse(self, event: Any) -> Delta:
-        if not isinstance(event, dict):
-            return Delta(error=f"unexpected event {str(event)[:200]}")
-        if event.get("error") is not None:
-            return Delta(error=_error_text(event["error"]))
+    def parse_event(self, event: dict) -> Delta:
         usage = event.get("usage")
         choices = event.get("choices") or []
         return Delta(text=self._text(choices[0]) if choices else "",
@@ -108,11 +112,7 @@ class TritonGenerate(Protocol):
             body["min_length"] = max_tokens  # TensorRT-LLM's name (kiln's backend reads it too)
         return body
 
-    def parse(self, event: Any) -> Delta:
-        if not isinstance(event, dict):
-            return Delta(error=f"unexpected event {str(event)[:200]}")
-        if event.get("error") is not None:
-            return Delta(error=_error_text(event["error"]))
+    def parse_event(self, event: dict) -> Delta:
         text = event.get("text_output", "")
         if isinstance(text, list):  # a [1]-shaped output may come as a list
             text = "".join(str(t) for t in text)

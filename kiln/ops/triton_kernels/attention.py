@@ -251,7 +251,7 @@ def paged_attention(
     check_last_dim_contiguous("out", out)
     if num_tokens == 0:
         return out
-    seq_lens = _device_seq_lens(meta, q.device)
+    seq_lens = _on_device(meta, "seq_lens", q.device)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     # NOTE: float32 runs ieee products on FMA units (tests, CPU-sized engines), which spill at the
     # half-precision tile sizes: the smallest tiles keep them in registers.
@@ -273,7 +273,7 @@ def paged_attention(
         warps, stages = config["prefill_warps"], config["prefill_stages"]
         splits = 1
         grid = (num_tokens // block_q + num_seqs, num_kv_heads, 1)
-        query_start = _device_query_start_loc(meta, q.device)
+        query_start = _on_device(meta, "query_start_loc", q.device)
     if splits > 1:
         part_acc = torch.empty((num_seqs, num_heads, splits, head_dim_pad), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((num_seqs, num_heads, splits, 2), dtype=torch.float32, device=q.device)
@@ -298,20 +298,14 @@ def paged_attention(
     return out
 
 
-def _device_seq_lens(meta: AttentionMetadata, device: torch.device) -> torch.Tensor:
-    if meta.seq_lens_t is not None:
-        return meta.seq_lens_t
-    # NOTE: a host-to-device copy, once per step; runners that capture graphs fill seq_lens_t.
-    t = meta.scratch.get("seq_lens_t")
+def _on_device(meta: AttentionMetadata, field: str, device: torch.device) -> torch.Tensor:
+    """``meta.<field>_t``, or the host list ``meta.<field>`` copied to the device once per step (into
+    ``meta.scratch``, shared by every layer); runners that capture graphs fill the ``_t`` tensors."""
+    given = getattr(meta, f"{field}_t")
+    if given is not None:
+        return given
+    t = meta.scratch.get(f"{field}_t")
     if t is None:
-        t = meta.scratch["seq_lens_t"] = torch.tensor(meta.seq_lens, dtype=torch.int32, device=device)
-    return t
-
-
-def _device_query_start_loc(meta: AttentionMetadata, device: torch.device) -> torch.Tensor:
-    if meta.query_start_loc_t is not None:
-        return meta.query_start_loc_t
-    t = meta.scratch.get("query_start_loc_t")
-    if t is None:
-        t = meta.scratch["query_start_loc_t"] = torch.tensor(meta.query_start_loc, dtype=torch.int32, device=device)
+        # NOTE: a host-to-device copy, once per step.
+        t = meta.scratch[f"{field}_t"] = torch.tensor(getattr(meta, field), dtype=torch.int32, device=device)
     return t

@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from kiln.server import config as cfg
+from kiln.server.devices import cuda_devices
 
 if TYPE_CHECKING:
     from prometheus_client import Metric
@@ -155,8 +156,8 @@ class Backend(ABC):
 
     @classmethod
     def gpus(cls) -> list[int]:
-        """GPU ids this backend can run instances on (KIND_AUTO picks GPU when non-empty)."""
-        return []
+        """GPU ids this backend can run instances on (KIND_AUTO picks GPU when non-empty): the machine's."""
+        return list(cuda_devices())
 
     def __init__(self, context: ModelContext):
         self.context = context

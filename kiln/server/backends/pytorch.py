@@ -18,7 +18,6 @@ import numpy as np
 from kiln.server import config as cfg
 from kiln.server.backends.base import Backend, InstanceSpec, ModelContext
 from kiln.server.backends.tensor import TensorInstance
-from kiln.server.devices import cuda_devices
 from kiln.server.errors import ServerError
 
 _INDEXED = re.compile(r"^.+__(\d+)$")
@@ -28,10 +27,6 @@ class PyTorchBackend(Backend):
     name = "pytorch"
     platforms = ("pytorch_libtorch",)
     default_model_filename = "model.pt"
-
-    @classmethod
-    def gpus(cls) -> list[int]:
-        return list(cuda_devices())
 
     @classmethod
     def complete_config(cls, config: cfg.ModelConfig, version_dir: Path) -> None:

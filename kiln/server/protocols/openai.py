@@ -270,14 +270,7 @@ class CompletionServing:
         params = [_sampling_params(body, _max_tokens(body.max_tokens, len(p.ids), llm.max_seq_len, "prompt"),
                                    body.logprobs) for p in prompts]
         generation = _Generation(model, llm, prompts, params, "cmpl")
-        render = _CompletionRender(generation, body.echo, llm.tokenizer)
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return await generation.stream(render.chunks, render.usage_chunk if include_usage else None)
-        if body.stream_options is not None:
-            raise OpenAIError.invalid("stream_options needs stream: true", "stream_options")
-        finals = await generation.finals(request)
-        return JSONResponse(render.response(finals).model_dump(mode="json"))
+        return await _respond(request, body, generation, _CompletionRender(generation, body.echo, llm.tokenizer))
 
 
 class ChatServing:
@@ -304,14 +297,19 @@ class ChatServing:
         params = _sampling_params(body, _max_tokens(requested, len(ids), llm.max_seq_len, "messages"),
                                   (body.top_logprobs or 0) if body.logprobs else None)
         generation = _Generation(model, llm, [_Prompt(ids, "")], [params], "chatcmpl")
-        render = _ChatRender(generation, llm.tokenizer)
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return await generation.stream(render.chunks, render.usage_chunk if include_usage else None)
-        if body.stream_options is not None:
-            raise OpenAIError.invalid("stream_options needs stream: true", "stream_options")
-        finals = await generation.finals(request)
-        return JSONResponse(render.response(finals).model_dump(mode="json"))
+        return await _respond(request, body, generation, _ChatRender(generation, llm.tokenizer))
+
+
+async def _respond(request: Request, body, generation: _Generation, render: _Render) -> Response:
+    """A completion or chat answer: server-sent events of ``render``'s chunks (and its usage chunk when
+    ``stream_options.include_usage``), or one JSON response once every choice has finished."""
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return await generation.stream(render.chunks, render.usage_chunk if include_usage else None)
+    if body.stream_options is not None:
+        raise OpenAIError.invalid("stream_options needs stream: true", "stream_options")
+    finals = await generation.finals(request)
+    return JSONResponse(render.response(finals).model_dump(mode="json"))
 
 
 # -- rendering engine outputs ---------------------------------------------------------------------------

@@ -40,7 +40,6 @@ from kiln.server.backends.base import Backend, InstanceSpec, ModelContext, Model
 from kiln.server.backends.kiln import tensors
 from kiln.server.backends.kiln.served_llm import ServedLLM, metric_families
 from kiln.server.core import InferenceRequest
-from kiln.server.devices import cuda_devices
 from kiln.server.errors import ServerError
 
 ENGINE_PARAMETERS = ("engine_dir", "gpt_model_path")
@@ -52,10 +51,6 @@ class KilnBackend(Backend):
     name = "kiln"
     platforms = ("kiln",)
     default_model_filename = ENGINE_FILE
-
-    @classmethod
-    def gpus(cls) -> list[int]:
-        return list(cuda_devices())
 
     @classmethod
     def complete_config(cls, config: cfg.ModelConfig, version_dir: Path) -> None:

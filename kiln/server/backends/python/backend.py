@@ -13,7 +13,6 @@ from kiln.server import config as cfg
 from kiln.server.backends.base import Backend, InstanceSpec
 from kiln.server.backends.python.instance import PythonInstance
 from kiln.server.backends.python.process import StubProcess
-from kiln.server.devices import cuda_devices
 from kiln.server.errors import ServerError
 from kiln.server.protocols.proto_json import to_json
 
@@ -25,10 +24,6 @@ AUTO_COMPLETE_TIMEOUT = 60.0
 class PythonBackend(Backend):
     name = "python"
     default_model_filename = "model.py"
-
-    @classmethod
-    def gpus(cls) -> list[int]:
-        return list(cuda_devices())
 
     @classmethod
     def complete_config(cls, config: cfg.ModelConfig, version_dir: Path) -> None:
