@@ -19,3 +19,7 @@ class EngineError(KilnError):
 
 class RequestError(KilnError):
     """A request can never be served as asked (too long, bad parameters)."""
+
+
+class PromptTooLong(RequestError):
+    """A prompt longer than the engine can take (told apart so APIs can say ``context_length_exceeded``)."""

@@ -56,7 +56,9 @@ def greedy(reference, prompt, max_tokens, chat=False, **kw):
 
 
 def metric(server, name, model="tiny", **labels) -> float:
-    with urllib.request.urlopen(f"http://{server.metrics}/metrics") as r:
+    # The server has an API key: the metrics page asks for it too.
+    request = urllib.request.Request(f"http://{server.metrics}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request) as r:
         page = r.read().decode()
     family = next(f for f in text_string_to_metric_families(page) if f.name == name)
     return next(s.value for s in family.samples

@@ -94,7 +94,10 @@ def test_load_and_unload_on_both_protocols(http, grpc):
         infer_add_sub(http, httpclient, "other")
     grpc.load_model("other")
     infer_add_sub(http, httpclient, "other")
-    http.unload_model("never_loaded")  # unloading what is not loaded is no error (as Triton)
+    http.unload_model("big")  # unloading a model of the repository that is not loaded is no error (as Triton)
+    # A name with no folder is an error that names it (Triton answers 200, which hides a typo).
+    with pytest.raises(InferenceServerException, match="failed to unload 'never_seen': no model folder"):
+        http.unload_model("never_seen")
 
 
 def test_load_with_config_override(http, grpc):

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 from kiln.errors import KilnError
+from kiln.server.access import GROUPS
+from kiln.server.limits import Limits
 
 API_KEY_ENV = "KILN_API_KEY"
 # GGUF file names end in their tensor type (SmolLM2-135M-Instruct.Q4_1.gguf); a served name does not.
@@ -36,7 +38,31 @@ def add_parser(verbs, add_build_options) -> None:
     p.add_argument("--model-repository", default=None, metavar="DIR",
                    help="serve this folder of model folders (Triton layout) instead of one model")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                   help=f"ask every OpenAI request for 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+                   help="ask every request (OpenAI, KServe HTTP and gRPC, metrics; not health) for "
+                        f"'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    p.add_argument("--restricted-api", action="append", default=[], metavar="GROUPS:KEY=VALUE",
+                   help="API groups that need the header KEY: VALUE instead (repeatable; e.g. "
+                        "model-repository,shared-memory:admin-key=SECRET); groups: " + ", ".join(GROUPS))
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (https://app.example) whose pages may call the HTTP port, with CORS "
+                        "(repeatable; '*' for any); others are refused")
+    limits = Limits()
+    p.add_argument("--max-request-size", type=_size, default=limits.max_request_size, metavar="BYTES",
+                   help="largest HTTP body (also after decompression) or gRPC message; K, M, G suffixes "
+                        "(default 64M)")
+    p.add_argument("--max-connections", type=int, default=limits.max_connections,
+                   help=f"open connections per port (default {limits.max_connections})")
+    p.add_argument("--header-timeout", type=float, default=limits.header_timeout, metavar="SECS",
+                   help=f"time for a request's head, and between pieces of its body (default {limits.header_timeout:g})")
+    p.add_argument("--idle-timeout", type=float, default=limits.idle_timeout, metavar="SECS",
+                   help=f"idle HTTP keep-alive and gRPC connections are closed after it (default {limits.idle_timeout:g})")
+    p.add_argument("--shm-max-regions", type=int, default=limits.shm_max_regions,
+                   help=f"registered shared-memory regions at most (default {limits.shm_max_regions})")
+    p.add_argument("--shm-max-bytes", type=_size, default=limits.shm_max_bytes, metavar="BYTES",
+                   help="total registered size of the shared-memory regions (default 64G)")
+    p.add_argument("--cancel-grace", type=float, default=limits.cancel_grace, metavar="SECS",
+                   help="time a model has to end a cancelled request, or its requests at unload, before its "
+                        f"instance is stopped (default {limits.cancel_grace:g})")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=8000, help="OpenAI and KServe HTTP; 0 picks a free port "
                                                                "(default 8000)")
@@ -61,10 +87,16 @@ def run(args: argparse.Namespace) -> None:
     logging.getLogger("kiln.server").setLevel(logging.DEBUG if args.log_verbose else logging.INFO)
     if args.model_repository and (args.model or args.served_model_name):
         raise KilnError("give a MODEL or --model-repository, not both")
+    try:
+        limits = Limits(args.max_request_size, args.max_connections, args.header_timeout, args.idle_timeout,
+                        args.shm_max_regions, args.shm_max_bytes, args.cancel_grace)
+    except ValueError as e:
+        raise KilnError(str(e).replace("_", "-")) from None
     options = dict(model_control_mode=args.model_control_mode, load_models=args.load_model,
                    repository_poll_secs=args.repository_poll_secs, host=args.host, http_port=args.http_port,
                    grpc_port=args.grpc_port, metrics_port=args.metrics_port, log_verbose=args.log_verbose,
-                   api_key=args.api_key or None)
+                   api_key=args.api_key or None, restricted_api=args.restricted_api,
+                   allowed_origins=args.allowed_origins, limits=limits)
     if args.model_repository:
         serve(ServeOptions(model_repository=Path(args.model_repository), **options), _banner(args))
         return
@@ -76,6 +108,17 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="kiln-serve-") as root:
         write_model_folder(Path(root), name, engine)
         serve(ServeOptions(model_repository=Path(root), **options), _banner(args))
+
+
+def _size(text: str) -> int:
+    """A byte count, with an optional K, M or G suffix (powers of 1024): 64M, 1G, 65536."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    value = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = units.get(value[-1:], 1)
+    try:
+        return int(float(value[:-1] if scale > 1 else value) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size (e.g. 64M, 1G, 65536)") from None
 
 
 def served_name(model: str | None) -> str:

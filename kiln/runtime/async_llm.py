@@ -26,7 +26,7 @@ from kiln.runtime.llm_engine import FrontEnd, core_factory
 from kiln.runtime.output_processor import OutputProcessor
 from kiln.runtime.outputs import EngineStats, RequestFailed, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
-from kiln.runtime.tokenizer import EngineTokenizer
+from kiln.runtime.tokenizer import LONG_TEXT, EngineTokenizer
 
 
 class AsyncLLM:
@@ -50,7 +50,10 @@ class AsyncLLM:
         """Stream a request's outputs; each carries the step's deltas (``delta_text``, ...)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        new, core_requests = self._inputs.process(prompt, params, request_id)
+        if isinstance(prompt, str) and len(prompt) >= LONG_TEXT:  # tokenized off the loop (see LONG_TEXT)
+            new, core_requests = await asyncio.to_thread(self._inputs.process, prompt, params, request_id)
+        else:
+            new, core_requests = self._inputs.process(prompt, params, request_id)
         self._streams.add(new, loop, queue)
         try:
             for r in core_requests:

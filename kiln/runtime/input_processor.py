@@ -36,8 +36,9 @@ class NewRequest:
 
 class InputProcessor:
     def __init__(self, tokenizer: EngineTokenizer, vocab_size: int,
-                 admission_error: Callable[[int, int], str | None]):
+                 admission_error: Callable[[int, int], str | None], max_prompt_tokens: int | None = None):
         self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens  # a longer text prompt is refused before tokenizing
         self.vocab_size = vocab_size
         self._admission_error = admission_error
         self._ids = itertools.count()
@@ -52,7 +53,8 @@ class InputProcessor:
         elif not isinstance(request_id, str) or not request_id:
             raise RequestError(f"a request id must be a non-empty string, got {request_id!r}")
         text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer.encode(prompt) if text is not None else prompt_token_ids(prompt)
+        ids = (self.tokenizer.encode(prompt, max_tokens=self.max_prompt_tokens) if text is not None
+               else prompt_token_ids(prompt))
         if not ids:
             raise RequestError("the prompt is empty")
         vocab = self.vocab_size

@@ -45,7 +45,8 @@ class FrontEnd:
         self.core = core
         self.engine = self.core.engine
         self.tokenizer = EngineTokenizer(self.engine)
-        self.inputs = InputProcessor(self.tokenizer, self.core.vocab_size, self.core.scheduler.admission_error)
+        self.inputs = InputProcessor(self.tokenizer, self.core.vocab_size, self.core.scheduler.admission_error,
+                                     self.max_seq_len)
         self.outputs = OutputProcessor(self.tokenizer)
 
     @property

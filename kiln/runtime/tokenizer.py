@@ -10,7 +10,11 @@ from tokenizers import Tokenizer
 
 from kiln.engine import Engine
 from kiln.engine.format import TOKENIZER_FILE
-from kiln.errors import EngineError, RequestError
+from kiln.errors import EngineError, PromptTooLong, RequestError
+
+# Texts this long (characters) are tokenized by a call that releases the GIL, so a caller may run it in
+# a worker thread without stalling the others (tokenizing takes about 1 s a megabyte).
+LONG_TEXT = 16384
 
 
 class EngineTokenizer:
@@ -29,13 +33,33 @@ class EngineTokenizer:
         self.bos_token: str = facts.get("bos_token") or ""
         self.eos_token: str = facts.get("eos_token") or ""
         self._template: jinja2.Template | None = None
+        self._max_token_chars: int | None = None
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token's text has: a text of N characters is at least N / this tokens."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_token_chars
+
+    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
+        """``text``'s token ids. With ``max_tokens``, a text too long to fit in that many tokens is refused
+        by its length alone, before any tokenizing (which takes seconds on megabytes)."""
+        if max_tokens is not None and len(text) > max_tokens * self.max_token_chars:
+            raise PromptTooLong(f"the prompt has {len(text)} characters, more than {max_tokens} tokens can hold "
+                               f"(a token of this tokenizer holds at most {self.max_token_chars}); the engine "
+                               f"takes at most {max_tokens} tokens")
+        try:
+            if len(text) < LONG_TEXT:
+                ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+            else:  # the batch call lets go of the interpreter's lock while it works: other threads run
+                ids = self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        except (TypeError, ValueError) as e:  # e.g. lone surrogates, which are not text
+            raise RequestError(f"the prompt cannot be tokenized: {e}") from None
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             if not ids or ids[0] != self.bos_token_id:
                 ids.insert(0, self.bos_token_id)
@@ -60,9 +84,9 @@ class EngineTokenizer:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token, eos_token=self.eos_token)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], max_tokens: int | None = None) -> list[int]:
         # The template writes any special tokens itself, as transformers' apply_chat_template assumes.
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False, max_tokens=max_tokens)
 
 
 def _raise(message: str) -> None:

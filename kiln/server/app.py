@@ -16,7 +16,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import uvicorn
 from starlette.applications import Starlette
@@ -24,9 +24,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
-from kiln.server import memory, metrics
+from kiln.server import access, memory, metrics
+from kiln.server.access import AccessPolicy, Restriction
 from kiln.server.errors import ServerError
+from kiln.server.limits import raise_descriptor_limit
 from kiln.server.protocols import kserve_grpc, kserve_http, openai
+from kiln.server.protocols.http_edge import EdgeMiddleware, connection_guard
 from kiln.server.server import InferenceServer, ServerOptions
 
 log = logging.getLogger("kiln.server")
@@ -39,7 +42,16 @@ class ServeOptions(ServerOptions):
     grpc_port: int = 8001
     metrics_port: int = 8002
     log_verbose: int = 0
-    api_key: str | None = None  # asked of every OpenAI request (Authorization: Bearer KEY); None: open
+    api_key: str | None = None  # asked of every request but health (Authorization: Bearer KEY); None: open
+    restricted_api: list[str] = field(default_factory=list)  # "GROUPS:KEY=VALUE" (access.Restriction)
+    allowed_origins: list[str] = field(default_factory=list)  # web origins that may call the HTTP port
+
+    def access_policy(self) -> AccessPolicy:
+        try:
+            return AccessPolicy(self.api_key, [Restriction.parse(r) for r in self.restricted_api],
+                                self.allowed_origins)
+        except ValueError as e:
+            raise ServerError.invalid(f"--restricted-api: {e}") from None
 
 
 class _Uvicorn(uvicorn.Server):
@@ -63,10 +75,13 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None,
             loop.add_signal_handler(sig, stop.set)
 
     memory.configure()
+    policy = options.access_policy()
+    limits = options.limits
+    raise_descriptor_limit(limits)
     server = InferenceServer(options)
     http_sock = _listen(options.host, options.http_port, "HTTP")
     metrics_sock = _listen(options.host, options.metrics_port, "metrics")
-    grpc_server = kserve_grpc.create_server(server)
+    grpc_server = kserve_grpc.create_server(server, policy, limits)
     grpc_host = f"[{options.host}]" if ":" in options.host else options.host
     try:
         grpc_port = grpc_server.add_insecure_port(f"{grpc_host}:{options.grpc_port}")
@@ -76,15 +91,18 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None,
         raise ServerError.unavailable(f"cannot bind the gRPC port {options.host}:{options.grpc_port}")
 
     uvicorn_level = "info" if options.log_verbose else "warning"
-    http_app = Starlette(routes=[Mount("/v1", openai.create_app(server, options.api_key)),
-                                 Mount("", kserve_http.create_app(server))])
-    http = _Uvicorn(uvicorn.Config(http_app, log_config=None,
-                                   access_log=bool(options.log_verbose), log_level=uvicorn_level, lifespan="off",
-                                   timeout_graceful_shutdown=5))
+    http_app = Starlette(routes=[Mount("/v1", openai.create_app(server, policy)),
+                                 Mount("", kserve_http.create_app(server, policy, limits))])
+    edge = dict(log_config=None, log_level=uvicorn_level, lifespan="off", timeout_graceful_shutdown=5,
+                http=connection_guard(limits), timeout_keep_alive=limits.idle_timeout)
+    http = _Uvicorn(uvicorn.Config(EdgeMiddleware(http_app, limits, policy), access_log=bool(options.log_verbose),
+                                   **edge))
     collector = metrics.TritonMetrics(server.repository)
-    metrics_app = Starlette(routes=[Route("/metrics", _metrics_endpoint(collector), methods=["GET"])])
-    metrics_http = _Uvicorn(uvicorn.Config(metrics_app, log_config=None, access_log=False, log_level=uvicorn_level,
-                                           lifespan="off", timeout_graceful_shutdown=5))
+    metrics_app = Starlette(routes=[Route("/metrics", access.guard_http(policy, access.METRICS,
+                                                                        _metrics_endpoint(collector)),
+                                          methods=["GET"])],
+                            exception_handlers={ServerError: _metrics_error})
+    metrics_http = _Uvicorn(uvicorn.Config(EdgeMiddleware(metrics_app, limits, policy), access_log=False, **edge))
 
     await grpc_server.start()
     tasks = [asyncio.create_task(http.serve(sockets=[http_sock])),
@@ -130,6 +148,10 @@ def _metrics_endpoint(collector: metrics.TritonMetrics):
         return Response(metrics.render(collector.collect()), media_type=metrics.CONTENT_TYPE)
 
     return endpoint
+
+
+async def _metrics_error(request: Request, e: ServerError) -> Response:
+    return Response(e.message + "\n", status_code=e.code.http_status, media_type="text/plain")
 
 
 def _log_models(server: InferenceServer) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from kiln.server.errors import ServerError
+from kiln.server.errors import ServerError, shown
 
 CONFIG_FILE = "config.pbtxt"
 ModelConfig = mc.ModelConfig
@@ -47,6 +48,21 @@ def parse_json(text: str | bytes) -> ModelConfig:
         return json_format.Parse(text, ModelConfig())
     except (json_format.ParseError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ServerError.invalid(f"failed to parse the model configuration JSON: {e}") from None
+
+
+def file_inside(folder: Path, name: str, what: str) -> Path:
+    """``folder / name`` when it resolves inside ``folder`` (links followed), else an error naming ``what``:
+    a config names its files within its own model folder, never ``../`` or an absolute path out of it."""
+    refused = f"{what} '{shown(name)}' must name a file inside {folder.name}/"
+    if not name or "\0" in name:
+        raise ServerError.invalid(refused)
+    try:
+        base, real = os.path.realpath(folder), os.path.realpath(folder / name)
+    except (OSError, ValueError, UnicodeError):
+        raise ServerError.invalid(refused) from None
+    if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
+        raise ServerError.invalid(refused)
+    return Path(real)
 
 
 def is_decoupled(config: ModelConfig) -> bool:

@@ -16,12 +16,15 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kiln.server.errors import ServerError
 from kiln.server.stats import ComputeTimes
+
+if TYPE_CHECKING:
+    from kiln.server.backends.base import ModelInstance
 
 
 @dataclass(slots=True)
@@ -100,6 +103,7 @@ class InferenceRequest:
         self.first_response_ns = 0
         self.final_ns = 0
         self.compute: ComputeTimes | None = None
+        self.instance: ModelInstance | None = None  # the instance that executed it (set by the scheduler)
         self.executed = False  # the scheduler is done with it (executed, failed or dropped from the queue)
         self.failure: str | None = None  # the failure reason once a response carried an error
         self.settled = False

@@ -97,6 +97,11 @@ def byte_size(array: np.ndarray, dtype: DataType) -> int:
     return array.size * dtype.itemsize
 
 
+# The kinds of numpy array (``dtype.kind``) a JSON list may parse as, for each kind of data type: integers
+# for integer types (never "5", 2.5 or true), numbers for floating types, booleans for BOOL.
+_JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+
+
 def from_list(dtype: DataType, shape: list[int], data: list, what: str) -> np.ndarray:
     """A tensor from JSON ``data`` or gRPC typed contents: a flat or nested list of ``prod(shape)`` values."""
     count = element_count(shape)
@@ -110,15 +115,20 @@ def from_list(dtype: DataType, shape: list[int], data: list, what: str) -> np.nd
                 elif not isinstance(v, bytes):
                     raise ValueError(f"element {i} is {type(v).__name__}, not a string")
                 array[i] = v
-        elif dtype.name in ("FP16", "BF16"):
-            array = np.asarray(data, dtype=np.float32).astype(dtype.numpy)
-        elif dtype.name == "BOOL":
-            array = np.asarray(data)
-            if array.size and array.dtype != np.bool_:
-                raise ValueError(f"holds {array.dtype} values, not booleans")
-            array = array.astype(np.bool_)
         else:
-            array = np.asarray(data, dtype=dtype.numpy)
+            parsed = np.asarray(data)
+            if dtype.numpy.kind == "u" and parsed.dtype.kind in "fO" and _all_ints(data):
+                parsed = np.asarray(data, dtype=object)  # integers past int64 (numpy would make floats)
+                parsed = parsed.astype(np.uint64) if parsed.size and parsed.min() >= 0 else parsed
+            allowed = _JSON_KINDS[dtype.numpy.kind if dtype.name != "BF16" else "f"]
+            if parsed.size and parsed.dtype.kind not in allowed:
+                raise ValueError(f"it holds {_kind_name(parsed.dtype)}, not {_kind_name(dtype.numpy)}")
+            if dtype.numpy.kind in "iu" and parsed.size:
+                info = np.iinfo(dtype.numpy)
+                if parsed.min() < info.min or parsed.max() > info.max:
+                    raise ValueError(f"a value is outside [{info.min}, {info.max}]")
+            array = parsed.astype(np.float32).astype(dtype.numpy) if dtype.name in ("FP16", "BF16") \
+                else parsed.astype(dtype.numpy)
     except (ValueError, TypeError, OverflowError) as e:
         raise ServerError.invalid(f"unable to parse the data of {what} as {dtype.name}: {e}") from None
     if array.size != count:
@@ -138,6 +148,9 @@ def to_list(array: np.ndarray, dtype: DataType, what: str) -> list:
                 f"{what} holds bytes that are not UTF-8 text; request it as binary data") from None
     if dtype.name in ("FP16", "BF16"):
         flat = flat.astype(np.float32)
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        raise ServerError.invalid(f"{what} holds NaN or infinity, which JSON cannot carry; request it as binary "
+                                  "data")
     return flat.tolist()
 
 
@@ -161,9 +174,12 @@ def _as_bytes(x) -> bytes:
 
 
 def _deserialize_bytes(raw: bytes | memoryview, count: int, what: str) -> np.ndarray:
+    # The elements are read into a list first and counted against the shape at the end: nothing is sized
+    # from the declared shape (each element takes at least its 4-byte length, so the list is bounded by
+    # the bytes that arrived).
     raw = memoryview(raw).cast("B")
-    out = np.empty(count, dtype=object)
-    offset, n = 0, 0
+    values: list[bytes] = []
+    offset = 0
     while offset < len(raw):
         if len(raw) - offset < 4:
             raise ServerError.invalid(
@@ -173,15 +189,24 @@ def _deserialize_bytes(raw: bytes | memoryview, count: int, what: str) -> np.nda
         offset += 4
         if length > len(raw) - offset:
             raise ServerError.invalid(
-                f"incomplete string data for {what}: element {n} says {length} bytes but only "
+                f"incomplete string data for {what}: element {len(values)} says {length} bytes but only "
                 f"{len(raw) - offset} remain")
-        if n < count:
-            out[n] = bytes(raw[offset:offset + length])
-        n += 1
+        values.append(bytes(raw[offset:offset + length]))
         offset += length
-    if n != count:
-        raise ServerError.invalid(f"unexpected number of string elements {n} for {what}, expecting {count}")
+    if len(values) != count:
+        raise ServerError.invalid(f"unexpected number of string elements {len(values)} for {what}, expecting {count}")
+    out = np.empty(count, dtype=object)
+    out[:] = values
     return out
+
+
+def _all_ints(data) -> bool:
+    return all(isinstance(x, int) and not isinstance(x, bool) for x in _flatten(data))
+
+
+def _kind_name(dtype: np.dtype) -> str:
+    return {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers", "U": "strings"}.get(
+        dtype.kind, "values of mixed types or out of range")
 
 
 def _flatten(data):

@@ -22,6 +22,12 @@ class Code(enum.Enum):
     UNSUPPORTED = (501, "UNIMPLEMENTED")
     ALREADY_EXISTS = (400, "ALREADY_EXISTS")
     CANCELLED = (400, "CANCELLED")
+    # kiln's, for the edge (Triton answers these outside its error codes): no or a wrong key, a key that
+    # does not open this API, a body or message over the server's limit.
+    UNAUTHENTICATED = (401, "UNAUTHENTICATED")
+    PERMISSION_DENIED = (403, "PERMISSION_DENIED")
+    TOO_LARGE = (413, "RESOURCE_EXHAUSTED")
+    REQUEST_TIMEOUT = (408, "DEADLINE_EXCEEDED")
 
     @property
     def http_status(self) -> int:
@@ -59,3 +65,11 @@ class ServerError(KilnError):
     @classmethod
     def unsupported(cls, message: str) -> "ServerError":
         return cls(Code.UNSUPPORTED, message)
+
+
+def shown(text: str, limit: int = 64) -> str:
+    """A name a client sent, as an error message shows it: at most ``limit`` characters, with control
+    characters and lone surrogates escaped (so the message is printable and encodes as UTF-8)."""
+    escaped = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                      for c in text[:limit])
+    return escaped + ("..." if len(text) > limit else "")

@@ -1,8 +1,15 @@
 """A served model version: its backend and instances, its scheduler, its statistics, and the path of
-one request through it (admit, queue, execute, respond), with in-flight tracking so unload can wait."""
+one request through it (admit, queue, execute, respond), with in-flight tracking so unload can wait.
+
+No request holds a model forever. One whose client left gets ``cancel_grace`` seconds to end; then its
+instance is reclaimed (a Python model's process is stopped; it starts again for the next request).
+Unload waits ``cancel_grace`` for the requests in flight, cancels them, waits again, reclaims every
+instance, and after one more grace period unloads whatever is left.
+"""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -10,16 +17,18 @@ from kiln.server import validation
 from kiln.server.backends.base import Backend, InstanceSpec, ModelContext, ModelInstance
 from kiln.server.config import is_decoupled, mc
 from kiln.server.core import InferenceRequest, InferenceResponse
-from kiln.server.errors import Code, ServerError
+from kiln.server.errors import Code, ServerError, shown
 from kiln.server.outputs import OutputBuilder, read_labels
 from kiln.server.scheduling import BatchPolicy, Scheduler
 from kiln.server.shm import SharedMemoryManager
 from kiln.server.stats import BACKEND, CANCELED, OTHER, REJECTED, ComputeTimes, ModelStats
 
+log = logging.getLogger("kiln.server")
+
 
 class ServedModel:
     def __init__(self, context: ModelContext, backend: Backend, instances: list[ModelInstance],
-                 shm: SharedMemoryManager, load_seconds: float):
+                 shm: SharedMemoryManager, load_seconds: float, cancel_grace: float = 10.0):
         self.context = context
         self.name = context.name
         self.version = context.version
@@ -34,13 +43,16 @@ class ServedModel:
                                    is_decoupled(self.config), self._settle,
                                    self.config.dynamic_batching.default_queue_policy.max_queue_size)
         self.ready = False
+        self.cancel_grace = cancel_grace
+        self._requests: set[InferenceRequest] = set()  # admitted, not yet settled
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._abandoned: set[asyncio.Task] = set()  # requests whose client left, finishing in the background
 
     @classmethod
-    def load(cls, context: ModelContext, backend_cls: type[Backend], shm: SharedMemoryManager) -> ServedModel:
+    def load(cls, context: ModelContext, backend_cls: type[Backend], shm: SharedMemoryManager,
+             cancel_grace: float = 10.0) -> ServedModel:
         """Load the backend and create every instance (blocking: call in a worker thread)."""
         start = time.monotonic()
         backend = backend_cls(context)
@@ -59,7 +71,7 @@ class ServedModel:
                 instance.close()
             backend.close()
             raise
-        return cls(context, backend, instances, shm, time.monotonic() - start)
+        return cls(context, backend, instances, shm, time.monotonic() - start, cancel_grace)
 
     async def start(self) -> None:
         """On the event loop: start each instance (``ModelInstance.start``), then take requests."""
@@ -89,6 +101,7 @@ class ServedModel:
             self.stats.record_failure(time.monotonic_ns() - request.received_ns, REJECTED)
             raise
         self._inflight += 1
+        self._requests.add(request)
         self._idle.clear()
         final = False
         try:
@@ -131,6 +144,7 @@ class ServedModel:
         if request.settled or not request.final_ns or not request.executed:
             return
         request.settled = True
+        self._requests.discard(request)
         duration = request.final_ns - request.received_ns
         if request.failure is not None:
             self.stats.record_failure(duration, request.failure)
@@ -140,8 +154,15 @@ class ServedModel:
         self._done()
 
     async def _finish_abandoned(self, request: InferenceRequest) -> None:
-        while not (await request.next_reply()).final:
-            pass
+        try:
+            await asyncio.wait_for(_drain(request), self.cancel_grace)
+        except asyncio.TimeoutError:
+            log.warning("request '%s' to model '%s' did not end within %g s of its cancellation (--cancel-grace): "
+                        "reclaiming its instance", shown(request.id), self.name, self.cancel_grace)
+            if request.instance is not None:
+                await request.instance.reclaim()
+            request.fail(ServerError(Code.CANCELLED, "request cancelled"))
+            await _drain(request)
         request.failure = CANCELED
         request.final_ns = time.monotonic_ns()
         self._settle(request)
@@ -152,12 +173,32 @@ class ServedModel:
             self._idle.set()
 
     async def unload(self) -> None:
-        """Stop taking requests, wait for those in flight, then free the backend's memory."""
+        """Stop taking requests, wait for those in flight (see the module's docstring), then free the
+        backend's memory."""
         self.ready = False
-        await self._idle.wait()
+        if not await self._wait_idle():
+            log.warning("model '%s' version %d: %d request(s) still in flight %g s into its unload; cancelling them",
+                        self.name, self.version, self._inflight, self.cancel_grace)
+            for request in list(self._requests):
+                request.cancel()
+                self.scheduler.cancel(request)
+            if not await self._wait_idle():
+                log.warning("model '%s' version %d: requests did not end once cancelled; reclaiming its instances",
+                            self.name, self.version)
+                await asyncio.gather(*(i.reclaim() for i in self.instances), return_exceptions=True)
+                if not await self._wait_idle():
+                    log.error("model '%s' version %d: %d request(s) never ended; unloading it anyway", self.name,
+                              self.version, self._inflight)
         await self.scheduler.stop()
         await asyncio.gather(*(instance.stop() for instance in self.instances), return_exceptions=True)
         await asyncio.to_thread(self._close)
+
+    async def _wait_idle(self) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.cancel_grace)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def _close(self) -> None:
         for instance in self.instances:
@@ -166,6 +207,11 @@ class ServedModel:
         self.scheduler.instances = []
         self.backend.close()
         self.backend = None
+
+
+async def _drain(request: InferenceRequest) -> None:
+    while not (await request.next_reply()).final:
+        pass
 
 
 class DirectRequest:

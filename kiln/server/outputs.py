@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.server import datatypes
+from kiln.server import config as cfg
 from kiln.server.config import WILDCARD, ModelConfig, is_decoupled
 from kiln.server.core import InferenceRequest, InferenceResponse, Reply, ShmRef, Tensor
 from kiln.server.errors import ServerError
@@ -48,10 +49,12 @@ class OutputBuilder:
             dtype = datatypes.by_config(io.data_type)
             array = _coerce(np.asarray(produced[name]) if not isinstance(produced[name], np.ndarray)
                             else produced[name], dtype, name, model)
+            batch = [request.batch_size] if self.config.max_batch_size > 0 else []
             if io.HasField("reshape"):
-                dims = ([request.batch_size] if self.config.max_batch_size > 0 else []) + list(io.dims)
-                if dims.count(WILDCARD) <= 1:
+                dims = batch + list(io.dims)
+                if dims.count(WILDCARD) <= 1 and array.size == _known_size(dims, array.size):
                     array = array.reshape(dims)
+            _check_shape(array, batch + list(io.dims), name, model)
             ro = requested.get(name)
             if ro is not None and ro.class_count > 0:
                 array = _classify(array, ro.class_count, self.labels.get(name), self.config.max_batch_size > 0)
@@ -65,11 +68,27 @@ class OutputBuilder:
         return out
 
 
+def _known_size(dims: list[int], size: int) -> int:
+    """The element count ``dims`` describe, a wildcard taking what ``size`` leaves it (-1 if it cannot)."""
+    known = int(np.prod([d for d in dims if d != WILDCARD]))
+    if WILDCARD not in dims:
+        return known
+    return size if known and size % known == 0 else -1
+
+
+def _check_shape(array: np.ndarray, expected: list[int], name: str, model: str) -> None:
+    """A model's output must have the shape its config declares (-1: any size there)."""
+    shape = list(array.shape)
+    if len(shape) != len(expected) or any(e != WILDCARD and e != d for e, d in zip(expected, shape)):
+        raise ServerError.internal(f"model '{model}' produced output '{name}' of shape {shape}, but its config "
+                                   f"declares {expected}")
+
+
 def read_labels(config: ModelConfig, model_dir) -> dict[str, list[str]]:
     labels = {}
     for io in config.output:
         if io.label_filename:
-            path = model_dir / io.label_filename
+            path = cfg.file_inside(model_dir, io.label_filename, f"label_filename of output '{io.name}'")
             try:
                 labels[io.name] = path.read_text().splitlines()
             except OSError as e:

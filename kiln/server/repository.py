@@ -27,9 +27,9 @@ from kiln.server import backends, memory
 from kiln.server import config as cfg
 from kiln.server.backends.base import Backend, ModelContext
 from kiln.server.core import InferenceRequest, InferenceResponse
-from kiln.server.errors import ServerError
+from kiln.server.errors import ServerError, shown
 from kiln.server.model import ServedModel
-from kiln.server.shm import SharedMemoryManager
+from kiln.server.shm import NAME_MAX, SharedMemoryManager
 
 log = logging.getLogger("kiln.server")
 
@@ -57,7 +57,8 @@ class LoadPlan:
 class ModelRepository:
     def __init__(self, root: Path, mode: str, shm: SharedMemoryManager, startup_models: list[str] | None = None,
                  poll_secs: float = 15.0,
-                 infer: Callable[[InferenceRequest], AsyncIterator[InferenceResponse]] | None = None):
+                 infer: Callable[[InferenceRequest], AsyncIterator[InferenceResponse]] | None = None,
+                 cancel_grace: float = 10.0):
         if mode not in MODES:
             raise ServerError.invalid(f"model control mode '{mode}' is not one of {', '.join(MODES)}")
         if startup_models and mode != "explicit":
@@ -70,6 +71,7 @@ class ModelRepository:
         self.startup_models = list(startup_models or [])
         self.poll_secs = poll_secs
         self.infer = infer  # the server's, handed to backends in ModelContext (BLS)
+        self.cancel_grace = cancel_grace  # see limits.py
         self._entries: dict[str, ModelEntry] = {}
 
     # -- reading -----------------------------------------------------------------------------------
@@ -88,19 +90,21 @@ class ModelRepository:
     def get(self, name: str, version: int = -1) -> ServedModel:
         """The ready model version (-1: the latest ready one)."""
         entry = self._entries.get(name)
+        if entry is not None and not entry.served and any(s == UNLOADING for s, _ in entry.states.values()):
+            raise ServerError.unavailable(f"model '{name}' is being unloaded")
         if entry is None or not entry.served:
             reason = entry.states.get(None, ("", ""))[1] if entry else ""
             if entry is not None and not reason:
                 reason = "; ".join(f"version {v}: {r}" for v, (s, r) in entry.states.items() if v is not None and r)
             detail = f" ({reason})" if reason and reason != "unloaded" else ""
-            raise ServerError.not_found(f"Request for unknown model: '{name}' is not found{detail}")
+            raise ServerError.not_found(f"Request for unknown model: '{shown(name)}' is not found{detail}")
         if version == -1:
             return entry.served[max(entry.served)]
         if version not in entry.served:
             state = entry.states.get(version)
             if state is not None and state[0] != READY:
                 raise ServerError.unavailable(f"'{name}' version {version} is not at ready state ({state[1]})")
-            raise ServerError.not_found(f"Request for unknown model: '{name}' version {version} is not found")
+            raise ServerError.not_found(f"Request for unknown model: '{shown(name)}' version {version} is not found")
         return entry.served[version]
 
     def versions(self, name: str) -> list[ServedModel]:
@@ -141,6 +145,8 @@ class ModelRepository:
 
     async def unload(self, name: str) -> None:
         self._check_control()
+        if name not in self._entries:
+            self.model_dir(name, "unload")  # a model never loaded: fine if its folder is there, as in Triton
         await self._unload(name)
 
     async def poll(self) -> None:
@@ -179,13 +185,31 @@ class ModelRepository:
                 "explicit model load / unload is not allowed in model control mode 'none' "
                 "(start the server with --model-control-mode=explicit)")
 
+    def model_dir(self, name: str, action: str = "load") -> Path:
+        """The folder of model ``name``: one folder directly in the repository, named by a name that is not a
+        path, and which resolves (links followed) inside the repository."""
+        failed = f"failed to {action} '{shown(name)}'"
+        if (not name or len(name) > NAME_MAX or name.startswith(".") or any(c in name for c in "/\\\0")
+                or not _encodable(name)):
+            raise ServerError.invalid(f"{failed}: a model name is a folder name of the repository (1 to {NAME_MAX} "
+                                      "characters, no '/', '\\' or NUL, not starting with '.')")
+        folder = self.root / name
+        root = os.path.realpath(self.root)
+        if not folder.is_dir() or not os.path.realpath(folder).startswith(root.rstrip(os.sep) + os.sep):
+            raise ServerError.invalid(f"{failed}: no model folder '{shown(name)}' in the model repository")
+        return folder
+
     async def _load(self, name: str, config_json: str | None = None) -> None:
+        try:
+            model_dir = self.model_dir(name)
+        except ServerError as e:
+            log.error("%s", e.message)
+            if name in self._entries and not self._entries[name].served:  # the folder went away
+                self._entries[name].states = {None: (UNAVAILABLE, e.message)}
+            raise
         entry = self._entries.setdefault(name, ModelEntry(name))
         async with entry.lock:
-            model_dir = self.root / name
             try:
-                if not model_dir.is_dir() or name.startswith("."):
-                    raise ServerError.invalid(f"no model folder '{name}' in the model repository {self.root}")
                 entry.fingerprint = await asyncio.to_thread(_fingerprint, model_dir)
                 plan = await asyncio.to_thread(_plan, name, model_dir, config_json)
             except ServerError as e:
@@ -227,7 +251,7 @@ class ModelRepository:
                             version_dir: Path) -> tuple[int, ServedModel | None, str]:
         context = ModelContext(name, version, plan.config, model_dir, version_dir, self.infer)
         try:
-            model = await asyncio.to_thread(ServedModel.load, context, plan.backend, self.shm)
+            model = await asyncio.to_thread(ServedModel.load, context, plan.backend, self.shm, self.cancel_grace)
             try:
                 await model.start()
             except BaseException:
@@ -278,6 +302,11 @@ def _plan(name: str, model_dir: Path, config_json: str | None) -> LoadPlan:
     latest = available[max(available)] if available else None
     backend = backends.resolve(config.backend, config.platform, latest, name)
     config.backend = backend.name
+    if config_json:  # a client's config names files only inside the model's folder
+        params = cfg.parameters(config)
+        for key in backend.path_parameters:
+            if params.get(key):
+                cfg.file_inside(model_dir, params[key], f"parameter '{key}'")
     # Complete from the latest version folder the policy selects (Triton completes from one version too).
     cfg.normalize(config)
     versions = cfg.versions_to_load(config, list(available))
@@ -301,3 +330,11 @@ def _fingerprint(model_dir: Path) -> tuple:
                 continue
             out.append((os.path.relpath(p, model_dir), st.st_size, st.st_mtime_ns))
     return tuple(out)
+
+
+def _encodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no file can have that name
+        return False
+    return True

@@ -16,6 +16,7 @@ from kiln.server import datatypes
 from kiln.server.config import ModelConfig
 from kiln.server.core import InferenceRequest, InferenceResponse
 from kiln.server.errors import ServerError
+from kiln.server.limits import Limits
 from kiln.server.model import ServedModel
 from kiln.server.repository import ModelRepository
 from kiln.server.shm import Region, SharedMemoryManager
@@ -31,14 +32,17 @@ class ServerOptions:
     model_control_mode: str = "none"
     load_models: list[str] = field(default_factory=list)
     repository_poll_secs: float = 15.0
+    limits: Limits = field(default_factory=Limits)
 
 
 class InferenceServer:
     def __init__(self, options: ServerOptions):
         self.options = options
-        self.shm = SharedMemoryManager()
+        limits = options.limits
+        self.shm = SharedMemoryManager(limits.shm_max_regions, limits.shm_max_bytes)
         self.repository = ModelRepository(options.model_repository, options.model_control_mode, self.shm,
-                                          options.load_models, options.repository_poll_secs, self.infer)
+                                          options.load_models, options.repository_poll_secs, self.infer,
+                                          limits.cancel_grace)
         self.ready = False
         self._poller: asyncio.Task | None = None
 

@@ -1,20 +1,31 @@
 """System shared memory (Triton's extension): regions a client registers by POSIX shm key, that
 requests then name for their inputs and outputs instead of carrying the bytes.
 
-A region maps the shm object read-write. Inputs are copied out on admission, so a client may rewrite
+A key names an object in ``/dev/shm`` and nothing else: it is opened relative to that folder with
+``O_NOFOLLOW`` (as ``shm_open`` does), so a key that is a symbolic link, or a path, is refused, and the
+object must be a regular file of the ``/dev/shm`` file system. The server keeps the descriptor and reads
+and writes the region with ``pread`` / ``pwrite``, never through a mapping: a client that shrinks its
+object after registering it gets a 400 for a request that reaches past the new end, where a mapping
+would have killed the server with SIGBUS. Inputs are copied out on admission, so a client may rewrite
 or unregister a region as soon as its request is admitted, and unregistering never waits on a request.
+
+Each region holds a descriptor, so their number is capped (``max_regions``), and so is the sum of
+their registered sizes (``max_bytes``).
 """
 from __future__ import annotations
 
-import mmap
+import errno
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.server.core import ShmRef
-from kiln.server.errors import Code, ServerError
+from kiln.server.errors import Code, ServerError, shown
+from kiln.server.limits import Limits
 
 SHM_DIR = Path("/dev/shm")
+NAME_MAX = 255  # the longest file name Linux allows: longer keys and region names are refused
 
 
 @dataclass(slots=True)
@@ -23,55 +34,94 @@ class Region:
     key: str
     offset: int
     byte_size: int
-    _map: mmap.mmap
+    fd: int
 
 
 class SharedMemoryManager:
-    def __init__(self) -> None:
+    def __init__(self, max_regions: int | None = None, max_bytes: int | None = None, shm_dir: Path = SHM_DIR):
+        self.max_regions = Limits().shm_max_regions if max_regions is None else max_regions
+        self.max_bytes = Limits().shm_max_bytes if max_bytes is None else max_bytes
+        self.shm_dir = shm_dir
         self._regions: dict[str, Region] = {}
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        what = f"shared memory region '{shown(name)}'"
+        if not name or len(name) > NAME_MAX or "\0" in name:
+            raise ServerError.invalid(f"failed to register {what}: a region name has 1 to {NAME_MAX} characters "
+                                      "and no NUL")
         if name in self._regions:
-            raise ServerError(Code.ALREADY_EXISTS, f"shared memory region '{name}' already in manager")
+            raise ServerError(Code.ALREADY_EXISTS, f"{what} already in manager")
         if offset < 0 or byte_size <= 0:
-            raise ServerError.invalid(f"failed to register shared memory region '{name}': invalid args "
-                                      f"(offset {offset}, byte_size {byte_size})")
-        if not key.lstrip("/") or "/" in key.lstrip("/"):
-            raise ServerError.invalid(f"Unable to open shared memory region: '{key}' (not a POSIX shm key)")
-        path = SHM_DIR / key.lstrip("/")
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError as e:
-            raise ServerError.invalid(f"Unable to open shared memory region: '{key}' ({e.strerror})") from None
+            raise ServerError.invalid(f"failed to register {what}: invalid args (offset {offset}, "
+                                      f"byte_size {byte_size})")
+        if len(self._regions) >= self.max_regions:
+            raise ServerError.invalid(
+                f"failed to register {what}: the server holds its limit of {self.max_regions} shared memory "
+                "regions (--shm-max-regions); unregister one first")
+        registered = sum(r.byte_size for r in self._regions.values())
+        if registered + byte_size > self.max_bytes:
+            raise ServerError.invalid(
+                f"failed to register {what}: its {byte_size} bytes would take the registered total past the "
+                f"server's limit of {self.max_bytes} bytes (--shm-max-bytes)")
+        fd = self._open(key)
         try:
             size = os.fstat(fd).st_size
             if offset + byte_size > size:
                 raise ServerError.invalid(
-                    f"failed to register shared memory region '{name}': invalid args (offset {offset} + "
-                    f"byte_size {byte_size} exceeds the {size} bytes of '{key}')")
-            # Map from the start so any offset works (mmap offsets must be page-aligned).
-            region_map = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+                    f"failed to register {what}: invalid args (offset {offset} + byte_size {byte_size} exceeds "
+                    f"the {size} bytes of '{shown(key)}')")
+        except BaseException:
             os.close(fd)
-        self._regions[name] = Region(name, key, offset, byte_size, region_map)
+            raise
+        self._regions[name] = Region(name, key, offset, byte_size, fd)
+
+    def _open(self, key: str) -> int:
+        """A descriptor of the regular file ``key`` names directly in the shm folder (no link, no path)."""
+        bare = key[1:] if key.startswith("/") else key
+        refused = f"Unable to open shared memory region: '{shown(key)}'"
+        if not bare or bare in (".", "..") or "/" in bare or "\0" in bare or len(bare) > NAME_MAX:
+            raise ServerError.invalid(f"{refused} (a POSIX shm key is '/' and a file name: no other '/', no NUL, "
+                                      f"at most {NAME_MAX} characters)")
+        try:
+            folder = os.open(self.shm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ServerError.unavailable(f"{refused} (this machine has no {self.shm_dir}: {e.strerror})") from None
+        try:
+            # O_NONBLOCK: a FIFO or device placed there cannot hang the open; it is refused below.
+            fd = os.open(bare, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY,
+                         dir_fd=folder)
+        except OSError as e:
+            reason = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+            raise ServerError.invalid(f"{refused} ({reason})") from None
+        else:
+            info, home = os.fstat(fd), os.fstat(folder)
+            if not stat.S_ISREG(info.st_mode) or info.st_dev != home.st_dev:
+                os.close(fd)
+                raise ServerError.invalid(f"{refused} (not a shared memory object of {self.shm_dir})")
+            return fd
+        finally:
+            os.close(folder)
 
     def unregister(self, name: str = "") -> None:
         """Unregister one region, or every region when ``name`` is empty (unknown names are no error)."""
         for n in ([name] if name else list(self._regions)):
             region = self._regions.pop(n, None)
             if region is not None:
-                region._map.close()
+                os.close(region.fd)
 
     def status(self, name: str = "") -> list[Region]:
         if not name:
             return list(self._regions.values())
         if name not in self._regions:
-            raise ServerError.not_found(f"Unable to find system shared memory region: '{name}'")
+            raise ServerError.not_found(f"Unable to find system shared memory region: '{shown(name)}'")
         return [self._regions[name]]
 
     def read(self, ref: ShmRef, what: str) -> bytes:
         region, start = self._locate(ref, what)
-        return region._map[start:start + ref.byte_size]
+        data = os.pread(region.fd, ref.byte_size, start)
+        if len(data) != ref.byte_size:
+            raise self._shrunk(region, what)
+        return data
 
     def write(self, ref: ShmRef, data: bytes, what: str) -> None:
         region, start = self._locate(ref, what)
@@ -79,7 +129,12 @@ class SharedMemoryManager:
             raise ServerError.invalid(
                 f"shared memory size specified with the request for {what} ({ref.byte_size} bytes) should be "
                 f"at least {len(data)} bytes to hold the results")
-        region._map[start:start + len(data)] = data
+        # A write past the end would grow the object instead of failing: check its size first.
+        if os.fstat(region.fd).st_size < start + len(data):
+            raise self._shrunk(region, what)
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(region.fd, view, start + len(data) - len(view)):]
 
     def close(self) -> None:
         self.unregister()
@@ -87,9 +142,17 @@ class SharedMemoryManager:
     def _locate(self, ref: ShmRef, what: str) -> tuple[Region, int]:
         region = self._regions.get(ref.region)
         if region is None:
-            raise ServerError.not_found(f"Unable to find shared memory region: '{ref.region}' (named by {what})")
+            raise ServerError.not_found(
+                f"Unable to find shared memory region: '{shown(ref.region)}' (named by {what})")
         if ref.offset < 0 or ref.byte_size < 0 or ref.offset + ref.byte_size > region.byte_size:
             raise ServerError.invalid(
-                f"Invalid offset + byte size for shared memory region: '{ref.region}' ({what} asks for "
+                f"Invalid offset + byte size for shared memory region: '{region.name}' ({what} asks for "
                 f"{ref.byte_size} bytes at offset {ref.offset}; the region holds {region.byte_size})")
         return region, region.offset + ref.offset
+
+    @staticmethod
+    def _shrunk(region: Region, what: str) -> ServerError:
+        return ServerError.invalid(
+            f"shared memory region '{region.name}' (key '{region.key}') is smaller than when it was registered; "
+            f"{what} reaches past its end")
+

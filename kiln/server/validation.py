@@ -13,7 +13,7 @@ import numpy as np
 from kiln.server import datatypes
 from kiln.server.config import WILDCARD, ModelConfig
 from kiln.server.core import InferenceRequest, ShmRef, Tensor
-from kiln.server.errors import ServerError
+from kiln.server.errors import ServerError, shown
 from kiln.server.shm import SharedMemoryManager
 
 _BATCH_NOTE = (" NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension to be "
@@ -24,10 +24,18 @@ _BATCH_NOTE = (" NOTE: Setting a non-zero max_batch_size in the model config req
 
 def admit(request: InferenceRequest, config: ModelConfig, shm: SharedMemoryManager) -> None:
     model = config.name
+    for key in request.parameters:
+        if key.startswith("triton_"):
+            raise ServerError.invalid(
+                "parameter keys starting with 'triton_' are reserved for Triton usage and should not be specified.")
+    for key in ("timeout", "priority"):  # Triton's reserved parameters: microseconds, and a level
+        value = request.parameters.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ServerError.invalid(f"Unable to parse '{key}': it must be an integer >= 0, got {shown(repr(value))}")
     inputs = {io.name: io for io in config.input}
     for name in request.inputs:
         if name not in inputs:
-            raise ServerError.invalid(f"unexpected inference input '{name}' for model '{model}'")
+            raise ServerError.invalid(f"unexpected inference input '{shown(name)}' for model '{model}'")
     missing = [io.name for io in config.input if not io.optional and io.name not in request.inputs]
     if missing:
         got = "[" + ",".join(f"'{n}'" for n in request.inputs) + "]"
@@ -46,7 +54,12 @@ def admit(request: InferenceRequest, config: ModelConfig, shm: SharedMemoryManag
     outputs = [io.name for io in config.output]
     for o in request.outputs:
         if o.name not in outputs:
-            raise ServerError.invalid(f"unexpected inference output '{o.name}' for model '{model}'")
+            raise ServerError.invalid(f"unexpected inference output '{shown(o.name)}' for model '{model}'")
+        if isinstance(o.class_count, bool) or not isinstance(o.class_count, int) or o.class_count < 0:
+            raise ServerError.invalid(f"Unable to set 'classification' of output '{o.name}': it must be an integer "
+                                      f">= 0, got {shown(repr(o.class_count))}")
+        if o.class_count and o.shm is not None:
+            raise ServerError.invalid("Output can't set both 'shared_memory_region' and 'classification'")
     request.output_names = [o.name for o in request.outputs] or outputs
     request.batch_size = batch
 

@@ -52,7 +52,8 @@ Executing requests
   stay in flight, and unload waits for them); the scheduler then gives it the next call.
 - Cancellation: ``request.cancelled`` turns True when the client goes away (HTTP disconnect, gRPC
   cancel, stream closed). A backend checks it between steps and ends the request with
-  ``respond(final=True)`` or an error. With ``cancel_execute = True`` the server also cancels the
+  ``respond(final=True)`` or an error; one that does not within the server's grace period has its
+  instance ``reclaim``-ed. With ``cancel_execute = True`` the server also cancels the
   ``execute`` coroutine (``asyncio.CancelledError``) once every request of the call is cancelled: the
   natural tool for asyncio backends (abort the engine request in a ``finally``).
 
@@ -125,6 +126,12 @@ class ModelInstance(ABC):
     async def stop(self) -> None:
         """On the event loop, after the last request and before ``close``."""
 
+    async def reclaim(self) -> None:
+        """Make the requests this instance holds end, after they outlived their cancellation by the grace
+        period (a model that never sends a decoupled request's final response). The default does nothing:
+        an instance whose ``execute`` is cancelled with its requests needs nothing more. The python backend
+        stops its process, which fails what it held; the next request starts it again."""
+
     async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on this instance's own thread (created on first use)."""
         if self._thread is None:
@@ -143,6 +150,9 @@ class Backend(ABC):
     platforms: ClassVar[tuple[str, ...]] = ()  # config `platform` values it serves; the first is reported
     default_model_filename: ClassVar[str | None] = None
     default_cpu_instance_count: ClassVar[int] = 1
+    # Config parameters that name files or folders: a config sent with a load request may name them only
+    # inside the model's folder (a config.pbtxt in the repository is the operator's, and may name any).
+    path_parameters: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def detect(cls, version_dir: Path) -> bool:
@@ -166,9 +176,15 @@ class Backend(ABC):
     def create_instance(self, spec: InstanceSpec) -> ModelInstance:
         ...
 
+    @classmethod
+    def model_path(cls, config: cfg.ModelConfig, version_dir: Path) -> Path:
+        """The version's model file: the config's ``default_model_filename`` (inside the version folder), or
+        the backend's default."""
+        return cfg.file_inside(version_dir, config.default_model_filename or cls.default_model_filename or "",
+                               "default_model_filename")
+
     def model_file(self) -> Path:
-        c = self.context
-        return c.version_dir / (c.config.default_model_filename or self.default_model_filename or "")
+        return self.model_path(self.context.config, self.context.version_dir)
 
     def metric_families(self) -> Iterable[Metric]:
         return ()

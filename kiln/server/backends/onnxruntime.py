@@ -47,7 +47,7 @@ class OnnxRuntimeBackend(Backend):
             return
         import onnxruntime as ort
 
-        path = version_dir / (config.default_model_filename or cls.default_model_filename)
+        path = cls.model_path(config, version_dir)
         try:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as e:

@@ -14,15 +14,18 @@ import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from kiln.server import datatypes
+from kiln.server import access, datatypes
+from kiln.server.access import AccessPolicy
 from kiln.server.core import InferenceRequest, InferenceResponse, RequestedOutput, ShmRef, Tensor
 from kiln.server.errors import ServerError
+from kiln.server.limits import Limits
 from kiln.server.server import InferenceServer, parse_version
 
 log = logging.getLogger("kiln.server")
@@ -32,20 +35,79 @@ _CONTENTS = {  # datatype -> typed contents field
     "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }
-MAX_MESSAGE = 2**31 - 1
-GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+MAX_SEND = 2**31 - 1
+# Each method's API group (access.py), as Triton's restricted-protocol groups them.
+GROUPS = {
+    "ServerLive": access.HEALTH, "ServerReady": access.HEALTH, "ModelReady": access.HEALTH,
+    "ServerMetadata": access.METADATA, "ModelMetadata": access.METADATA,
+    "ModelInfer": access.INFERENCE, "ModelStreamInfer": access.INFERENCE,
+    "ModelConfig": access.MODEL_CONFIG, "ModelStatistics": access.STATISTICS,
+    "RepositoryIndex": access.MODEL_REPOSITORY, "RepositoryModelLoad": access.MODEL_REPOSITORY,
+    "RepositoryModelUnload": access.MODEL_REPOSITORY,
+    "SystemSharedMemoryStatus": access.SHARED_MEMORY, "SystemSharedMemoryRegister": access.SHARED_MEMORY,
+    "SystemSharedMemoryUnregister": access.SHARED_MEMORY, "CudaSharedMemoryStatus": access.SHARED_MEMORY,
+    "CudaSharedMemoryRegister": access.SHARED_MEMORY, "CudaSharedMemoryUnregister": access.SHARED_MEMORY,
+    "TraceSetting": access.TRACE, "LogSettings": access.LOGGING,
+}
+_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 
-def create_server(server: InferenceServer) -> grpc.aio.Server:
-    grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcService(server), grpc_server)
+def create_server(server: InferenceServer, policy: AccessPolicy, limits: Limits) -> grpc.aio.Server:
+    options = [("grpc.max_send_message_length", MAX_SEND),
+               ("grpc.max_receive_message_length", limits.max_request_size),
+               ("grpc.max_allowed_incoming_connections", limits.max_connections),
+               ("grpc.max_connection_idle_ms", int(limits.idle_timeout * 1000)),
+               ("grpc.server_handshake_timeout_ms", int(limits.header_timeout * 1000))]
+    grpc_server = grpc.aio.server(options=options)
+    grpc_server.add_generic_rpc_handlers((_handlers(GrpcService(server, policy)),))
     return grpc_server
 
 
+def _handlers(service: GrpcService) -> grpc.GenericRpcHandler:
+    """The service's methods, as tritonclient's generated code registers them, but with requests parsed
+    leniently: a message that is not protobuf reaches the method as ``Malformed`` (an INVALID_ARGUMENT
+    answer), where grpcio would log a traceback and answer INTERNAL."""
+    handlers = {}
+    for method in _SERVICE.methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(service, method.name), request_deserializer=_lenient(request),
+                                     response_serializer=response.SerializeToString)
+    return grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers)
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    message_type: str
+    error: str
+
+    def as_error(self) -> ServerError:
+        return ServerError.invalid(f"the request is not a valid {self.message_type} message: {self.error}")
+
+
+def _lenient(message_class):
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception as e:  # protobuf's DecodeError, and what its C++ parser raises
+            return Malformed(message_class.DESCRIPTOR.full_name, str(e) or type(e).__name__)
+
+    return parse
+
+
+def _metadata(context) -> dict[str, str]:
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
 def _unary(method):
+    group = GROUPS[method.__name__]
+
     @functools.wraps(method)
     async def wrapper(self, request, context):
         try:
+            self.policy.check(group, _metadata(context).get, grpc=True)
+            if isinstance(request, Malformed):
+                raise request.as_error()
             return await method(self, request, context)
         except ServerError as e:
             await context.abort(grpc.StatusCode[e.code.grpc_name], e.message)
@@ -53,14 +115,16 @@ def _unary(method):
             raise
         except Exception as e:
             log.exception("gRPC %s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error: {type(e).__name__} (the server's log has the details)")
 
     return wrapper
 
 
 class GrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, server: InferenceServer):
+    def __init__(self, server: InferenceServer, policy: AccessPolicy):
         self.server = server
+        self.policy = policy
 
     @_unary
     async def ServerLive(self, request, context):
@@ -138,11 +202,17 @@ class GrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return _response(await self.server.infer_one(_request(request)))
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        try:
+            self.policy.check(access.INFERENCE, _metadata(context).get, grpc=True)
+        except ServerError as e:
+            await context.abort(grpc.StatusCode[e.code.grpc_name], e.message)
         out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task] = set()
 
-        async def serve(message: pb.ModelInferRequest) -> None:
+        async def serve(message: pb.ModelInferRequest | Malformed) -> None:
             try:
+                if isinstance(message, Malformed):
+                    raise message.as_error()
                 request = _request(message)
                 empty_final = bool(request.parameters.pop(EMPTY_FINAL, False))
                 async with contextlib.aclosing(self.server.infer(request)) as responses:
@@ -156,6 +226,10 @@ class GrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
                             out.put_nowait(pb.ModelStreamInferResponse(infer_response=wire))
             except ServerError as e:
                 out.put_nowait(pb.ModelStreamInferResponse(error_message=e.message))
+            except Exception as e:  # a fault of the server's: the stream still answers the request
+                log.exception("gRPC ModelStreamInfer failed")
+                out.put_nowait(pb.ModelStreamInferResponse(
+                    error_message=f"internal error: {type(e).__name__} (the server's log has the details)"))
 
         async def read() -> None:
             try:
@@ -208,7 +282,7 @@ def _request(message: pb.ModelInferRequest) -> InferenceRequest:
     outputs = []
     for o in message.outputs:
         params = _params(o.parameters)
-        output = RequestedOutput(o.name, class_count=int(params.get("classification", 0)))
+        output = RequestedOutput(o.name, class_count=params.get("classification", 0))  # checked on admission
         if "shared_memory_region" in params:
             output.shm = _shm_ref(params, f"output '{o.name}'")
         outputs.append(output)

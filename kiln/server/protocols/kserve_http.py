@@ -21,9 +21,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kiln.server import datatypes
+from kiln.server import access, datatypes
+from kiln.server.access import AccessPolicy
 from kiln.server.core import InferenceRequest, InferenceResponse, RequestedOutput, ShmRef, Tensor
-from kiln.server.errors import ServerError
+from kiln.server.errors import Code, ServerError, shown
+from kiln.server.limits import Limits
+from kiln.server.protocols import json_body
 from kiln.server.protocols.disconnect import EventStream, unless_disconnected
 from kiln.server.protocols.proto_json import to_json
 from kiln.server.server import InferenceServer, parse_version
@@ -33,37 +36,39 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY, JSON, SHM = "binary", "json", "shm"
 
 
-def create_app(server: InferenceServer) -> Starlette:
-    api = _Api(server)
+def create_app(server: InferenceServer, policy: AccessPolicy, limits: Limits) -> Starlette:
+    api = _Api(server, limits)
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
     routes = [
-        Route("/v2/health/live", api.live, methods=["GET"]),
-        Route("/v2/health/ready", api.ready, methods=["GET"]),
-        Route("/v2", api.server_metadata, methods=["GET"]),
-        Route("/v2/models/stats", api.statistics, methods=["GET"]),
-        Route("/v2/repository/index", api.repository_index, methods=["POST"]),
-        Route("/v2/repository/models/{model}/load", api.load, methods=["POST"]),
-        Route("/v2/repository/models/{model}/unload", api.unload, methods=["POST"]),
-        Route("/v2/systemsharedmemory/status", api.shm_status, methods=["GET"]),
-        Route("/v2/systemsharedmemory/region/{region}/status", api.shm_status, methods=["GET"]),
-        Route("/v2/systemsharedmemory/region/{region}/register", api.shm_register, methods=["POST"]),
-        Route("/v2/systemsharedmemory/region/{region}/unregister", api.shm_unregister, methods=["POST"]),
-        Route("/v2/systemsharedmemory/unregister", api.shm_unregister, methods=["POST"]),
-        Route("/v2/cudasharedmemory/{rest:path}", api.cuda_shm, methods=["GET", "POST"]),
+        (access.HEALTH, "/v2/health/live", api.live, "GET"),
+        (access.HEALTH, "/v2/health/ready", api.ready, "GET"),
+        (access.METADATA, "/v2", api.server_metadata, "GET"),
+        (access.STATISTICS, "/v2/models/stats", api.statistics, "GET"),
+        (access.MODEL_REPOSITORY, "/v2/repository/index", api.repository_index, "POST"),
+        (access.MODEL_REPOSITORY, "/v2/repository/models/{model}/load", api.load, "POST"),
+        (access.MODEL_REPOSITORY, "/v2/repository/models/{model}/unload", api.unload, "POST"),
+        (access.SHARED_MEMORY, "/v2/systemsharedmemory/status", api.shm_status, "GET"),
+        (access.SHARED_MEMORY, "/v2/systemsharedmemory/region/{region}/status", api.shm_status, "GET"),
+        (access.SHARED_MEMORY, "/v2/systemsharedmemory/region/{region}/register", api.shm_register, "POST"),
+        (access.SHARED_MEMORY, "/v2/systemsharedmemory/region/{region}/unregister", api.shm_unregister, "POST"),
+        (access.SHARED_MEMORY, "/v2/systemsharedmemory/unregister", api.shm_unregister, "POST"),
+        (access.SHARED_MEMORY, "/v2/cudasharedmemory/{rest:path}", api.cuda_shm, "GET,POST"),
     ]
     for prefix in (model, versioned):
         routes += [
-            Route(prefix, api.model_metadata, methods=["GET"]),
-            Route(prefix + "/ready", api.model_ready, methods=["GET"]),
-            Route(prefix + "/config", api.model_config, methods=["GET"]),
-            Route(prefix + "/stats", api.statistics, methods=["GET"]),
-            Route(prefix + "/infer", api.infer, methods=["POST"]),
-            Route(prefix + "/generate", api.generate, methods=["POST"]),
-            Route(prefix + "/generate_stream", api.generate_stream, methods=["POST"]),
+            (access.METADATA, prefix, api.model_metadata, "GET"),
+            (access.HEALTH, prefix + "/ready", api.model_ready, "GET"),
+            (access.MODEL_CONFIG, prefix + "/config", api.model_config, "GET"),
+            (access.STATISTICS, prefix + "/stats", api.statistics, "GET"),
+            (access.INFERENCE, prefix + "/infer", api.infer, "POST"),
+            (access.INFERENCE, prefix + "/generate", api.generate, "POST"),
+            (access.INFERENCE, prefix + "/generate_stream", api.generate_stream, "POST"),
         ]
-    return Starlette(routes=routes, exception_handlers={
-        ServerError: _server_error, HTTPException: _http_error, Exception: _unexpected_error})
+    return Starlette(routes=[Route(path, access.guard_http(policy, group, fn), methods=methods.split(","))
+                             for group, path, fn, methods in routes],
+                     exception_handlers={ServerError: _server_error, HTTPException: _http_error,
+                                         Exception: _unexpected_error})
 
 
 def _error(message: str, status: int) -> JSONResponse:
@@ -79,13 +84,14 @@ async def _http_error(request: Request, e: HTTPException) -> Response:
 
 
 async def _unexpected_error(request: Request, e: Exception) -> Response:
-    log.exception("HTTP %s %s failed", request.method, request.url.path)
-    return _error(f"internal error: {type(e).__name__}: {e}", 500)
+    log.error("HTTP %s %s failed", request.method, request.url.path, exc_info=e)
+    return _error(f"internal error: {type(e).__name__} (the server's log has the details)", 500)
 
 
 class _Api:
-    def __init__(self, server: InferenceServer):
+    def __init__(self, server: InferenceServer, limits: Limits):
         self.server = server
+        self.limits = limits
 
     async def live(self, request: Request) -> Response:
         return Response(status_code=200)
@@ -163,7 +169,8 @@ class _Api:
 
     async def infer(self, request: Request) -> Response:
         p = request.path_params
-        body = _decompress(await request.body(), request.headers.get("content-encoding"))
+        body = _decompress(await request.body(), request.headers.get("content-encoding"),
+                           self.limits.max_request_size)
         ireq, kinds, default_kind = _parse_infer(p["model"], p.get("version", ""), body,
                                                  request.headers.get(HEADER_LENGTH))
         response = await unless_disconnected(request, self.server.infer_one(ireq))
@@ -184,6 +191,8 @@ class _Api:
         responses = self.server.infer(ireq)
         try:
             first = await anext(responses)  # errors before the first response get a status code
+            if first.error is not None and first.final:
+                raise first.error
         except BaseException:
             await responses.aclose()
             raise
@@ -270,10 +279,7 @@ def _parse_infer(model: str, version: str, body: bytes, header_length: str | Non
         if not 0 <= n <= len(body):
             raise ServerError.invalid(f"{HEADER_LENGTH} is {n} but the request body has {len(body)} bytes")
         head, binary = body[:n], memoryview(body)[n:]
-    try:
-        doc = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ServerError.invalid(f"failed to parse the request JSON: {e}") from None
+    doc = json_body.loads(head)
     if not isinstance(doc, dict):
         raise ServerError.invalid("the request JSON must be an object")
 
@@ -284,10 +290,6 @@ def _parse_infer(model: str, version: str, body: bytes, header_length: str | Non
     binary_output = parameters.pop("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise ServerError.invalid("Unable to parse 'binary_data_output': it must be a boolean")
-    for key in parameters:
-        if key.startswith("triton_"):
-            raise ServerError.invalid(
-                "parameter keys starting with 'triton_' are reserved for Triton usage and should not be specified.")
 
     inputs_doc = doc.get("inputs")
     if not isinstance(inputs_doc, list):
@@ -362,13 +364,8 @@ def _parse_output(item: Any, default_kind: str) -> tuple[RequestedOutput, str]:
         if not isinstance(params["binary_data"], bool):
             raise ServerError.invalid(f"Unable to parse 'binary_data' of output '{name}'")
         kind = BINARY if params["binary_data"] else JSON
-    if "classification" in params:
-        if not _is_int(params["classification"]) or params["classification"] < 0:
-            raise ServerError.invalid(f"Unable to set 'classification' of output '{name}'")
-        output.class_count = params["classification"]
+    output.class_count = params.get("classification", 0)  # checked on admission, for both protocols
     if "shared_memory_region" in params:
-        if output.class_count:
-            raise ServerError.invalid("Output can't set both 'shared_memory_region' and 'classification'")
         if params.get("binary_data") is True:
             raise ServerError.invalid("Output can't set both 'shared_memory_region' and 'binary_data'")
         output.shm = _shm_ref(params, f"output '{name}'")
@@ -420,10 +417,7 @@ async def _json_body(request: Request) -> dict:
     body = await request.body()
     if not body.strip():
         return {}
-    try:
-        doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ServerError.invalid(f"failed to parse the request JSON: {e}") from None
+    doc = json_body.loads(body)
     if not isinstance(doc, dict):
         raise ServerError.invalid("the request JSON must be an object")
     return doc
@@ -436,17 +430,25 @@ def _parameters(doc: dict) -> dict:
     return params
 
 
-def _decompress(body: bytes, encoding: str | None) -> bytes:
+def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body as sent, inflated when ``encoding`` says so; no more than ``limit`` bytes either way."""
+    if encoding in (None, "", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ServerError.unsupported(f"unsupported Content-Encoding '{shown(encoding)}' (gzip, deflate)")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
-        if encoding == "gzip":
-            return gzip.decompress(body)
-        if encoding == "deflate":
-            return zlib.decompress(body)
-    except (OSError, zlib.error, EOFError) as e:
+        out = inflater.decompress(body, limit + 1)
+        if len(out) <= limit and not inflater.eof:
+            out += inflater.flush()
+    except zlib.error as e:
         raise ServerError.invalid(f"cannot decompress the {encoding} request body: {e}") from None
-    if encoding not in (None, "", "identity"):
-        raise ServerError.unsupported(f"unsupported Content-Encoding '{encoding}' (gzip, deflate)")
-    return body
+    if len(out) > limit:
+        raise ServerError(Code.TOO_LARGE, f"the {encoding} request body inflates past the server's limit of "
+                                          f"{limit} bytes (--max-request-size)")
+    if not inflater.eof:
+        raise ServerError.invalid(f"cannot decompress the {encoding} request body: it ends early")
+    return out
 
 
 def _accepted_encoding(accept: str) -> str | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -32,12 +31,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kiln.errors import RequestError
+from kiln.errors import PromptTooLong, RequestError
 from kiln.runtime.outputs import RequestFailed
+from kiln.runtime.tokenizer import LONG_TEXT
+from kiln.server import access
+from kiln.server.access import AccessPolicy
 from kiln.server.backends.kiln import KilnBackend
 from kiln.server.backends.kiln.served_llm import ServedLLM
-from kiln.server.errors import ServerError
+from kiln.server.errors import Code, ServerError
 from kiln.server.model import ServedModel
+from kiln.server.protocols import json_body
 from kiln.server.protocols import openai_models as api
 from kiln.server.protocols.disconnect import EventStream, unless_disconnected
 from kiln.server.server import InferenceServer
@@ -46,6 +49,8 @@ log = logging.getLogger("kiln.server")
 R = TypeVar("R", bound=BaseModel)
 # JSON has no -inf: the log probability of a token the sampler could never pick is written as this.
 MIN_LOGPROB = -9999.0
+_OPENAI_CODES = {Code.UNAUTHENTICATED: "invalid_api_key", Code.PERMISSION_DENIED: "permission_denied",
+                 Code.TOO_LARGE: "request_too_large", Code.REQUEST_TIMEOUT: "request_timeout"}
 
 
 class OpenAIError(Exception):
@@ -63,20 +68,23 @@ class OpenAIError(Exception):
 
     @classmethod
     def from_server_error(cls, e: ServerError) -> OpenAIError:
-        return cls(e.code.http_status, e.message)
+        return cls(e.code.http_status, e.message, code=_OPENAI_CODES.get(e.code))
 
     def response(self) -> JSONResponse:
         return JSONResponse(api.ErrorResponse(error=self.info).model_dump(), status_code=self.status,
                             headers=self.headers)
 
 
-def create_app(server: InferenceServer, api_key: str | None = None) -> Starlette:
-    """The OpenAI routes, to be mounted at ``/v1``; with ``api_key``, each asks for ``Bearer <api_key>``."""
-    base = _Serving(server, api_key)
+def create_app(server: InferenceServer, policy: AccessPolicy) -> Starlette:
+    """The OpenAI routes, to be mounted at ``/v1``, each checked by ``policy`` (the model list is the
+    ``metadata`` group, the completions ``inference``)."""
+    base = _Serving(server)
     routes = [
-        Route("/models", ModelsServing(base).serve, methods=["GET"]),
-        Route("/completions", CompletionServing(base).serve, methods=["POST"]),
-        Route("/chat/completions", ChatServing(base).serve, methods=["POST"]),
+        Route("/models", access.guard_http(policy, access.METADATA, ModelsServing(base).serve), methods=["GET"]),
+        Route("/completions", access.guard_http(policy, access.INFERENCE, CompletionServing(base).serve),
+              methods=["POST"]),
+        Route("/chat/completions", access.guard_http(policy, access.INFERENCE, ChatServing(base).serve),
+              methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={
         OpenAIError: _openai_error, ServerError: _server_error, HTTPException: _http_error,
@@ -96,35 +104,24 @@ async def _http_error(request: Request, e: HTTPException) -> Response:
 
 
 async def _unexpected_error(request: Request, e: Exception) -> Response:
-    log.exception("OpenAI %s %s failed", request.method, request.url.path)
-    return OpenAIError(500, f"internal error: {type(e).__name__}: {e}").response()
+    log.error("OpenAI %s %s failed", request.method, request.url.path, exc_info=e)
+    return OpenAIError(500, f"internal error: {type(e).__name__} (the server's log has the details)").response()
 
 
 class _Serving:
-    """What every endpoint does first: check the key, read the body, find the model."""
+    """What every endpoint does first: read the body, find the model."""
 
-    def __init__(self, server: InferenceServer, api_key: str | None):
+    def __init__(self, server: InferenceServer):
         self.server = server
-        self.api_key = api_key
-
-    def authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            raise OpenAIError(401, "Incorrect API key provided: send it as 'Authorization: Bearer <key>'",
-                              code="invalid_api_key")
 
     async def parse(self, request: Request, model: type[R]) -> R:
-        self.authorize(request)
-        try:
-            doc = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OpenAIError.invalid(f"the request body is not valid JSON: {e}") from None
+        doc = json_body.loads(await request.body(), "the request body")
         try:
             return model.model_validate(doc)
         except ValidationError as e:
             raise _validation_error(e) from None
+        except RecursionError:
+            raise OpenAIError.invalid("the request body is nested too deeply") from None
 
     def model(self, name: str) -> ServedModel:
         """The ready model ``name`` served by the kiln backend (503 while it or the server's startup
@@ -155,7 +152,6 @@ class ModelsServing:
         self.base = base
 
     async def serve(self, request: Request) -> Response:
-        self.base.authorize(request)
         cards = []
         for name in self.base.model_names():
             model = self.base.model(name)
@@ -266,7 +262,7 @@ class CompletionServing:
         if body.echo and body.logprobs is not None:
             raise OpenAIError.invalid("echo with logprobs is not supported: kiln does not compute the log "
                                       "probabilities of prompt tokens", "echo")
-        prompts = [_Prompt(ids, text) for ids, text in _completion_prompts(body.prompt, llm.tokenizer)]
+        prompts = [_Prompt(ids, text) for ids, text in await _completion_prompts(body.prompt, llm)]
         params = [_sampling_params(body, _max_tokens(body.max_tokens, len(p.ids), llm.max_seq_len, "prompt"),
                                    body.logprobs) for p in prompts]
         generation = _Generation(model, llm, prompts, params, "cmpl")
@@ -290,7 +286,12 @@ class ChatServing:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
-            ids = llm.tokenizer.encode_chat(messages)
+            if sum(len(m["content"]) for m in messages) >= LONG_TEXT:  # off the loop (see LONG_TEXT)
+                ids = await asyncio.to_thread(llm.tokenizer.encode_chat, messages, llm.max_seq_len)
+            else:
+                ids = llm.tokenizer.encode_chat(messages, llm.max_seq_len)
+        except PromptTooLong as e:
+            raise OpenAIError.invalid(str(e), "messages", "context_length_exceeded") from None
         except RequestError as e:
             raise OpenAIError.invalid(str(e), "messages") from None
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -456,7 +457,7 @@ class _ChatRender(_Render):
 
 # -- requests to engine inputs --------------------------------------------------------------------------
 
-def _completion_prompts(prompt, tokenizer) -> list[tuple[list[int], str]]:
+async def _completion_prompts(prompt, llm: ServedLLM) -> list[tuple[list[int], str]]:
     """(token ids, text) of each prompt: a string, a list of strings, token ids, or a list of those."""
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -464,13 +465,27 @@ def _completion_prompts(prompt, tokenizer) -> list[tuple[list[int], str]]:
         raise OpenAIError.invalid("prompt is empty", "prompt")
     if isinstance(prompt[0], int):
         prompt = [prompt]
+    tokenizer = llm.tokenizer
     out = []
     for p in prompt:
         if isinstance(p, str):
-            out.append((tokenizer.encode(p), p))
+            try:
+                if len(p) >= LONG_TEXT:  # off the loop (see LONG_TEXT)
+                    ids = await asyncio.to_thread(tokenizer.encode, p, True, llm.max_seq_len)
+                else:
+                    ids = tokenizer.encode(p, max_tokens=llm.max_seq_len)
+            except PromptTooLong as e:
+                raise OpenAIError.invalid(str(e), "prompt", "context_length_exceeded") from None
+            except RequestError as e:
+                raise OpenAIError.invalid(str(e), "prompt") from None
+            out.append((ids, p))
         else:
             if not p:
                 raise OpenAIError.invalid("prompt is empty", "prompt")
+            vocab = tokenizer.vocab_size
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise OpenAIError.invalid(f"prompt token ids out of range [0, {vocab}): {bad[:5]}", "prompt")
             out.append((list(p), tokenizer.decode(list(p), skip_special_tokens=False)))
     return out
 
@@ -512,9 +527,11 @@ def _sampling_params(body: api.SamplingRequest, max_tokens: int, logprobs: int |
 def _validation_error(e: ValidationError) -> OpenAIError:
     errors = e.errors()
     first = errors[0]
-    param = ".".join(str(part) for part in first["loc"] if not str(part).startswith(("list[", "str", "int")))
-    if first["type"] == "extra_forbidden":
+    if first["type"] == "extra_forbidden":  # the field's own name, whatever it begins with
+        param = str(first["loc"][-1])
         return OpenAIError.invalid(f"Unrecognized request argument supplied: {param}", param)
+    # Union members appear in the location by their type ("str", "list[int]"): the field's name is the rest.
+    param = ".".join(str(part) for part in first["loc"] if not str(part).startswith(("list[", "str", "int")))
     same = [err for err in errors if err["loc"][:1] == first["loc"][:1]]
     detail = first["msg"] if len(same) == 1 else "; or ".join(sorted({err["msg"] for err in same}))
     got = first.get("input")

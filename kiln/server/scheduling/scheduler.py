@@ -59,22 +59,33 @@ class Scheduler:
         self._queue.append(request)
         self.stats.pending += 1
         self._arrived.set()
+        timeout_us = request.parameters.get("timeout", 0)  # checked on admission
+        if timeout_us:
+            asyncio.get_running_loop().call_later(timeout_us / 1e6, self._expire, request)
+
+    def _expire(self, request: InferenceRequest) -> None:
+        """The request's ``timeout`` passed: reject it if it is still waiting in the queue."""
+        self._drop(request, ServerError.unavailable("Request timeout expired"))
 
     def cancel(self, request: InferenceRequest) -> None:
         """The client went away: drop the request if still queued, else stop its execution if it can be."""
-        try:
-            self._queue.remove(request)
-        except ValueError:
-            pass
-        else:
-            self.stats.pending -= 1
-            request.fail(ServerError(Code.CANCELLED, "request cancelled"))
-            request.executed = True
-            self.on_done(request)
+        if self._drop(request, ServerError(Code.CANCELLED, "request cancelled")):
             return
         for task, (instance, batch) in self._running.items():
             if request in batch and instance.cancel_execute and all(r.cancelled for r in batch):
                 task.cancel()
+
+    def _drop(self, request: InferenceRequest, error: ServerError) -> bool:
+        """Fail ``request`` with ``error`` if it is still queued (True), else leave it be (False)."""
+        try:
+            self._queue.remove(request)
+        except ValueError:
+            return False
+        self.stats.pending -= 1
+        request.fail(error)
+        request.executed = True
+        self.on_done(request)
+        return True
 
     async def _next_batch(self) -> list[InferenceRequest]:
         async with self._forming:
@@ -109,6 +120,8 @@ class Scheduler:
             await self._execute(instance, batch, start)
 
     async def _execute(self, instance: ModelInstance, batch: list[InferenceRequest], start: int) -> None:
+        for r in batch:
+            r.instance = instance
         task = asyncio.ensure_future(instance.execute(batch))
         self._running[task] = (instance, batch)
         error: ServerError | None = None

@@ -51,6 +51,7 @@ class KilnBackend(Backend):
     name = "kiln"
     platforms = ("kiln",)
     default_model_filename = ENGINE_FILE
+    path_parameters = ENGINE_PARAMETERS
 
     @classmethod
     def complete_config(cls, config: cfg.ModelConfig, version_dir: Path) -> None:

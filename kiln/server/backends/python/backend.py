@@ -28,7 +28,7 @@ class PythonBackend(Backend):
     @classmethod
     def complete_config(cls, config: cfg.ModelConfig, version_dir: Path) -> None:
         super().complete_config(config, version_dir)
-        path = version_dir / (config.default_model_filename or cls.default_model_filename)
+        path = cls.model_path(config, version_dir)
         if not path.is_file():
             raise ServerError.invalid(f"Python model file not found in '{path}'")
         try:

@@ -92,6 +92,14 @@ class PythonInstance(ModelInstance):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 
+    async def reclaim(self) -> None:
+        """Stop the process: its reader fails every request it held; the next ``execute`` starts it again."""
+        process = self._process
+        if process is not None and not process.exited:
+            log.warning("stopping the Python process of %s: it holds requests that outlived their cancellation",
+                        self.label)
+            await asyncio.to_thread(process.reclaim)
+
     def close(self) -> None:
         process, self._process = self._process, None
         if process is not None:
@@ -199,8 +207,12 @@ class PythonInstance(ModelInstance):
             running.cancel()
         if process.stopping:
             return
-        message = (f"the Python process of {self.label} ended unexpectedly ({status}); it is started again for "
-                   "the next request")
+        if process.reclaimed:
+            message = (f"the Python process of {self.label} was stopped: it held requests that did not end within "
+                       "the grace period after their cancellation; it is started again for the next request")
+        else:
+            message = (f"the Python process of {self.label} ended unexpectedly ({status}); it is started again "
+                       "for the next request")
         log.error(message)
         error = ServerError.internal(message)
         for request in pending:

@@ -44,6 +44,7 @@ class StubProcess:
         # Set (under the owner's lock) once the connection has ended; stopping: the server ended it.
         self.exited = False
         self.stopping = False
+        self.reclaimed = False  # killed by the server because requests outlived their cancellation
         self._reader: threading.Thread | None = None
 
     def request(self, message: dict[str, Any], reply_op: str) -> dict[str, Any]:
@@ -107,6 +108,12 @@ class StubProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.close()
+
+    def reclaim(self) -> None:
+        """Kill the process while it holds requests: its reader then fails them (``reclaimed`` says why)."""
+        self.reclaimed = True
+        if self.proc.poll() is None:
+            self.proc.kill()
 
     def kill(self) -> None:
         self.stopping = True

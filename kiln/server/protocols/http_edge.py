@@ -1,0 +1,175 @@
+"""The HTTP ports' edge, before any route: connections, request heads and bodies held to the server's
+``Limits``, browser origins checked, and errors that escape a route logged once.
+
+``EdgeMiddleware`` (ASGI) wraps every HTTP app:
+
+- the body is counted as it arrives: a ``Content-Length`` over ``max_request_size``, or more bytes than
+  that, make the route's read of the body raise ``ServerError`` (413), so each protocol answers in its
+  own error shape. What the client still sends is read and dropped (so it reads its 413 instead of a
+  reset connection) for at most ``header_timeout`` seconds (``connection_guard``), then the connection
+  is closed. A body whose next piece takes longer than ``header_timeout`` gets 408 and the connection
+  is closed.
+- a request with an ``Origin`` is refused (403) unless the access policy allows it; allowed origins get
+  CORS headers and preflight answers (Starlette's ``CORSMiddleware``).
+- an exception a route did not handle is answered (500) by the route's app, which logs it; here it ends,
+  instead of being logged a second time by uvicorn.
+
+``connection_guard`` makes uvicorn's HTTP/1.1 protocol close a connection beyond ``max_connections`` at
+once, and one whose request head is not complete ``header_timeout`` seconds after it began.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from starlette.middleware.cors import CORSMiddleware
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from kiln.server.access import AccessPolicy
+from kiln.server.errors import Code, ServerError
+from kiln.server.limits import Limits
+
+log = logging.getLogger("kiln.server")
+
+
+class EdgeMiddleware:
+    def __init__(self, app, limits: Limits, policy: AccessPolicy):
+        self.limits = limits
+        self.policy = policy
+        self.app = app
+        if policy.allowed_origins:
+            self.app = CORSMiddleware(app, allow_origins=sorted(policy.allowed_origins), allow_methods=["*"],
+                                      allow_headers=["*"], expose_headers=["*"])
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            self.policy.check_origin(headers.get("origin"), scope.get("scheme", "http"), headers.get("host"))
+        except ServerError as e:
+            await _plain_error(send, e, close=False)
+            return
+        body = _LimitedBody(receive, self.limits, headers.get("content-length"))
+
+        async def send_closing(message) -> None:
+            if message["type"] == "http.response.start" and body.stalled:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started = True
+            await send_closing(message)
+
+        try:
+            await self.app(scope, body.receive, tracking_send)
+        except Exception as e:  # the app answered it and logged it (its 500 handler); see the module's docstring
+            if not started:
+                log.error("HTTP %s %s failed before responding: %s: %s", scope.get("method"), scope.get("path"),
+                          type(e).__name__, e)
+                await _plain_error(send, ServerError.internal("internal error (see the server log)"), close=True)
+
+
+class _LimitedBody:
+    """``receive`` with the body's size and pace held to the limits (see the module's docstring)."""
+
+    def __init__(self, receive, limits: Limits, content_length: str | None):
+        self._receive = receive
+        self.limits = limits
+        self.declared = content_length
+        self.received = 0
+        self.done = False
+        self.stalled = False  # the body stopped arriving: the response closes the connection
+
+    async def receive(self):
+        if self.done:
+            return await self._receive()  # after the body: disconnect notices, as uvicorn sends them
+        limit = self.limits.max_request_size
+        if self.received == 0 and self.declared is not None:
+            try:
+                declared = int(self.declared)
+            except ValueError:
+                declared = 0  # h11 refused a malformed Content-Length before the app ran
+            if declared > limit:
+                raise self._refuse(Code.TOO_LARGE, f"the request body of {declared} bytes is over the server's "
+                                                   f"limit of {limit} bytes (--max-request-size)")
+        try:
+            message = await asyncio.wait_for(self._receive(), self.limits.header_timeout)
+        except asyncio.TimeoutError:
+            raise self._refuse(Code.REQUEST_TIMEOUT, f"the request body stopped arriving: nothing for "
+                                                     f"{self.limits.header_timeout:g} s (--header-timeout)") from None
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > limit:
+                raise self._refuse(Code.TOO_LARGE, f"the request body is over the server's limit of {limit} bytes "
+                                                   "(--max-request-size)")
+            self.done = not message.get("more_body", False)
+        else:
+            self.done = True
+        return message
+
+    def _refuse(self, code: Code, message: str) -> ServerError:
+        self.stalled = code == Code.REQUEST_TIMEOUT
+        self.done = True
+        return ServerError(code, message)
+
+
+async def _plain_error(send, error: ServerError, close: bool) -> None:
+    headers = [(b"content-type", b"application/json")] + ([(b"connection", b"close")] if close else [])
+    await send({"type": "http.response.start", "status": error.code.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": json.dumps({"error": error.message}).encode()})
+
+
+def connection_guard(limits: Limits) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a connection cap and a request-head deadline (``Config(http=...)``)."""
+
+    class GuardedH11Protocol(H11Protocol):
+        _refused_logged = 0.0
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_timer: asyncio.TimerHandle | None = None
+            if len(self.connections) > limits.max_connections:
+                now = time.monotonic()
+                if now - GuardedH11Protocol._refused_logged > 10:  # once in a while, not once a connection
+                    GuardedH11Protocol._refused_logged = now
+                    log.warning("refusing HTTP connections beyond the limit of %d open (--max-connections)",
+                                limits.max_connections)
+                transport.abort()
+                return
+            self._arm_head_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._head_timer is None and self._awaiting_head():
+                self._arm_head_timer()
+            super().data_received(data)
+            if not self._awaiting_head():
+                self._disarm_head_timer()
+
+        def _awaiting_head(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm_head_timer(self) -> None:
+            self._head_timer = self.loop.call_later(limits.header_timeout, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self._awaiting_head() and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
