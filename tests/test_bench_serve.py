@@ -205,7 +205,8 @@ def test_failed_requests_are_counted_and_the_run_goes_on(triton_server, tokenize
     assert r["num_requests"] == 5 and r["completed"] == 2 and r["failed"] == 3
     errors = {e["error"]: e["requests"] for e in r["errors"]}
     assert errors.pop("failed midway") == 1
-    assert errors == {f"max_tokens {LIMIT + 1} is more than this model makes ({LIMIT})": 2}
+    # Refused before its first response: a status code (as Triton answers), not an error event.
+    assert errors == {f"HTTP 400: max_tokens {LIMIT + 1} is more than this model makes ({LIMIT})": 2}
     assert [q["error"] is None for q in doc["requests"]] == [True, False, False, True, False]
     assert doc["requests"][1]["output_len"] is None and doc["requests"][1]["ttft_ms"] is None
     assert r["output_len"]["asked_mean"] == 3.5  # of the completed requests

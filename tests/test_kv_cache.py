@@ -214,6 +214,20 @@ def test_lru_eviction_order():
     assert not bm.allocate_slots(filler, 28)
 
 
+def test_cache_salt_isolates_prefixes():
+    """A request reuses only the cached blocks of requests with its own cache_salt (vLLM's field)."""
+    bm = Checked(16)
+    prefix = list(range(1, 13))
+    alice = Request("alice", prefix + [50], SamplingParams(max_tokens=8, cache_salt="alice"))
+    assert admit(bm, alice) == 0
+    bm.free(alice)
+    for name, salt, expected in (("bob", "bob", 0), ("anon", None, 0), ("alice2", "alice", 12)):
+        r = Request(name, prefix + [60], SamplingParams(max_tokens=8, cache_salt=salt))
+        assert bm.get_computed_blocks(r)[1] == expected, name
+    with pytest.raises(ValueError, match="cache_salt"):
+        SamplingParams(cache_salt="")
+
+
 def test_prefix_caching_off():
     bm = Checked(8, enable_prefix_caching=False)
     a = req("a", range(9))

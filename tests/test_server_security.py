@@ -74,6 +74,19 @@ class TritonPythonModel:
         return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.zeros(3, dtype=np.int32))]) for _ in requests]
 '''
 
+SLEEPY = '''
+import time
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        time.sleep(1.5)
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", pb_utils.get_input_tensor_by_name(r, "IN")
+                                                            .as_numpy())]) for r in requests]
+'''
+
 EVIL = '''
 from pathlib import Path
 Path(__file__).with_name("RAN").write_text("outside code ran")
@@ -117,6 +130,7 @@ output [ { name: "OUT_BYTES" data_type: TYPE_STRING dims: [ -1 ] } ]""")
           'output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
     _python_model(root, "hang", HANG, 'backend: "python"\nmodel_transaction_policy { decoupled: true }\n' + one)
     _python_model(root, "wrong_shape", WRONG_SHAPE, 'backend: "python"\n' + one)
+    _python_model(root, "sleepy", SLEEPY, 'backend: "python"\n' + one)
     shutil.copytree(engine_dir("llama"), root / "tiny")
     s = ServerProcess(
         root, "--model-control-mode", "explicit", "--load-model", "*", "--api-key", KEY,
@@ -635,4 +649,48 @@ def test_the_smaller_findings(server, http, grpc_client):
     request = simple_request()
     request.parameters["priority"].int64_param = -1
     assert "Unable to parse 'priority'" in raw_grpc_infer(server, request).details()
+    assert_serving(server)
+
+
+def test_queue_timeouts_and_requests_during_an_unload(server, http):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(value: int) -> httpclient.InferInput:
+        i = httpclient.InferInput("IN", [1], "INT32")
+        i.set_data_from_numpy(np.array([value], dtype=np.int32))
+        return i
+
+    def on_own_client(method: str, *args, **kwargs):  # tritonclient's HTTP client is not for two threads
+        client = httpclient.InferenceServerClient(server.http)
+        try:
+            return getattr(client, method)(*args, **kwargs)
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(2) as pool:
+        # A request that waits in the queue past its own timeout (microseconds) is rejected.
+        busy = pool.submit(on_own_client, "infer", "sleepy", [one(1)], headers=dict(AUTH))
+        time.sleep(0.3)
+        with pytest.raises(InferenceServerException, match="Request timeout expired"):
+            http.infer("sleepy", [one(2)], timeout=200_000, headers=dict(AUTH))
+        assert busy.result().as_numpy("OUT").tolist() == [1]
+        # While a model unloads (waiting for its request in flight), requests get 503, not 404.
+        busy = pool.submit(on_own_client, "infer", "sleepy", [one(3)], headers=dict(AUTH))
+        time.sleep(0.3)
+        unloading = pool.submit(on_own_client, "unload_model", "sleepy", headers=dict(CONTROL))
+        time.sleep(0.3)
+        with pytest.raises(InferenceServerException, match="being unloaded") as e:
+            http.infer("sleepy", [one(4)], headers=dict(AUTH))
+        assert e.value.status() == "503"
+        assert busy.result().as_numpy("OUT").tolist() == [3]
+        unloading.result()
+    http.load_model("sleepy", headers=dict(CONTROL))
+    assert http.infer("sleepy", [one(5)], headers=dict(AUTH)).as_numpy("OUT").tolist() == [5]
+    # cache_salt is taken by both LLM protocols (the KV manager's tests show what it isolates).
+    code, _ = status_of(lambda: post(server, "/v2/models/tiny/generate",
+                                     b'{"text_input": "hi", "max_tokens": 1, "cache_salt": "user-1"}'))
+    assert code == 200
+    client = openai.OpenAI(base_url=f"http://{server.http}/v1", api_key=KEY, max_retries=0)
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=1,
+                                      extra_body={"cache_salt": "user-1"}).choices
     assert_serving(server)

@@ -2,6 +2,7 @@
 request admission, the dynamic batcher's rules, protobuf JSON and the metrics page format."""
 from __future__ import annotations
 
+import os
 import struct
 
 import ml_dtypes
@@ -259,3 +260,72 @@ def test_metrics_page_keeps_triton_counter_names():
     families = {f.name: f for f in text_string_to_metric_families(page)}
     assert families["nv_inference_count"].samples[0].labels["model"] == 'we"ird\\name'
     assert [s.value for s in families["nv_inference_first_response_histogram_ms"].samples][-2:] == [2.0, 150.0]
+
+
+def test_an_unexpected_error_is_answered_and_logged_once(caplog):
+    """A route's fault: 500 in the protocol's shape, one traceback in the log (not a second from uvicorn)."""
+    import asyncio
+    import logging
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from kiln.server.access import AccessPolicy
+    from kiln.server.limits import Limits
+    from kiln.server.protocols import kserve_http
+    from kiln.server.protocols.http_edge import EdgeMiddleware
+
+    async def broken(request):
+        raise RuntimeError("a bug")
+
+    app = Starlette(routes=[Route("/x", broken)], exception_handlers={Exception: kserve_http._unexpected_error})
+    sent: list[dict] = []
+
+    async def call() -> None:  # one ASGI request, as uvicorn makes it; an exception here is what uvicorn logs
+        scope = {"type": "http", "method": "GET", "path": "/x", "raw_path": b"/x", "query_string": b"",
+                 "headers": [(b"host", b"127.0.0.1")], "scheme": "http", "root_path": "", "http_version": "1.1"}
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await EdgeMiddleware(app, Limits(), AccessPolicy())(scope, receive, send)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(call())  # raises nothing: uvicorn has nothing left to log
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert sent[0]["status"] == 500 and b"RuntimeError" in body
+    assert b"a bug" not in body  # the details are the log's, not the client's
+    assert sum(r.exc_info is not None for r in caplog.records) == 1
+
+
+def test_shared_memory_opens_only_regular_files_of_its_folder(tmp_path):
+    """Keys name files directly in the shm folder: no link, no path, no FIFO; reads and writes check the size."""
+    from kiln.server.core import ShmRef
+
+    (tmp_path / "real").write_bytes(b"0123456789abcdef")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    os.mkfifo(tmp_path / "fifo")
+    manager = SharedMemoryManager(max_regions=2, max_bytes=32, shm_dir=tmp_path)
+    for key, words in (("/link", "symbolic link"), ("/fifo", "not a shared memory object"),
+                       ("/../real", "POSIX shm key"), ("/a\0b", "POSIX shm key"), ("/missing", "No such file")):
+        with pytest.raises(ServerError, match=words):
+            manager.register("r", key, 0, 4)
+    manager.register("r", "/real", 4, 8)
+    assert manager.read(ShmRef("r", 4, 2), "input") == b"6789"
+    manager.write(ShmRef("r", 4, 0), b"WXYZ", "output")
+    assert (tmp_path / "real").read_bytes() == b"0123WXYZ89abcdef"
+    with pytest.raises(ServerError, match="max-bytes"):
+        manager.register("big", "/real", 0, 30)
+    manager.register("r2", "/real", 0, 4)
+    with pytest.raises(ServerError, match="max-regions"):
+        manager.register("r3", "/real", 0, 4)
+    os.truncate(tmp_path / "real", 6)
+    with pytest.raises(ServerError, match="smaller than when it was registered"):
+        manager.read(ShmRef("r", 4, 0), "input")
+    with pytest.raises(ServerError, match="smaller than when it was registered"):
+        manager.write(ShmRef("r", 4, 0), b"abcd", "output")
+    assert (tmp_path / "real").stat().st_size == 6  # a write never grows the client's object
+    manager.close()

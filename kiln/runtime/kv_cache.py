@@ -14,6 +14,15 @@ from kiln.runtime.request import Request
 ROOT_DIGEST = b""
 
 
+def root_digest(req: Request) -> bytes:
+    """The parent digest of ``req``'s first block: ROOT_DIGEST, or one of its ``cache_salt``, so that only
+    requests with the same salt share cached blocks."""
+    salt = req.sampling_params.cache_salt
+    if salt is None:
+        return ROOT_DIGEST
+    return hashlib.blake2b(b"cache_salt\0" + salt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 def hash_block(parent: bytes, token_ids: Sequence[int]) -> bytes:
     """Digest of one full block given its parent's digest: it names the whole prefix up to this block.
 
@@ -114,7 +123,7 @@ class BlockManager:
             return [], 0
         bs = self.block_size
         tokens = req.token_ids
-        parent = ROOT_DIGEST
+        parent = root_digest(req)
         hits: list[int] = []
         for i in range((req.num_tokens - 1) // bs):
             chunk = tokens[i * bs:(i + 1) * bs]
@@ -142,8 +151,9 @@ class BlockManager:
         if num_full > len(req.block_ids):
             raise ValueError(f"request {req.request_id!r}: {num_computed_tokens} computed tokens but only "
                              f"{len(req.block_ids)} blocks")
+        root = root_digest(req)
         for i in range(len(held.digests), num_full):
-            parent = held.digests[i - 1] if i else ROOT_DIGEST
+            parent = held.digests[i - 1] if i else root
             chunk = tuple(req.token_ids[i * bs:(i + 1) * bs])
             digest = hash_block(parent, chunk)
             held.digests.append(digest)
@@ -229,7 +239,7 @@ class BlockManager:
                 continue
             if block.digest is None and i < len(held.digests) and held.digests[i] not in self._cached:
                 # A duplicate whose original has been evicted since: keep this copy instead.
-                parent = held.digests[i - 1] if i else ROOT_DIGEST
+                parent = held.digests[i - 1] if i else root_digest(req)
                 self._register(block.block_id, held.digests[i], parent, tuple(req.token_ids[i * bs:(i + 1) * bs]))
             if block.digest is not None:
                 self._evictable[block.block_id] = None

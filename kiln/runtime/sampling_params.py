@@ -39,6 +39,9 @@ class SamplingParams:
     logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    # Prefix-cache isolation (vLLM's name): a request reuses only cached blocks of requests with the same
+    # salt, so one user cannot learn another's prompt from its time to first token. None: shared cache.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "top_k", "n", "min_tokens"):
@@ -80,6 +83,10 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt
+                                            or len(self.cache_salt) > 1024):
+            raise ValueError(f"cache_salt must be a non-empty string of at most 1024 characters, "
+                             f"got {type(self.cache_salt).__name__}")
         if self.top_k == -1:
             self.top_k = 0
 

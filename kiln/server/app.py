@@ -1,7 +1,8 @@
 """``kiln serve``: the HTTP, gRPC and metrics endpoints and the model repository in one process, on one
 asyncio loop (uvicorn for HTTP and metrics, grpc.aio for gRPC). The HTTP port carries both KServe v2
-(``/v2/...``) and OpenAI's API (``/v1/...``, over the models of the kiln backend; with ``api_key``, only
-for requests that bear it).
+(``/v2/...``) and OpenAI's API (``/v1/...``, over the models of the kiln backend). Who may call what is
+``access.py``'s; what a connection and a request may hold is ``limits.py``'s, kept at the HTTP ports'
+edge (``protocols/http_edge.py``) and by grpc's own options.
 
 The endpoints start first (live at once, ready once the startup loads are done), then the models
 load. Port 0 means "pick a free port"; the bound address of each endpoint is logged as Triton logs it

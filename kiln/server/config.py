@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from kiln.server.errors import ServerError, shown
 
 CONFIG_FILE = "config.pbtxt"
+NAME_MAX = 255  # the longest file name Linux allows: longer model names and shm keys are refused
 ModelConfig = mc.ModelConfig
 WILDCARD = -1
 

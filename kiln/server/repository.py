@@ -29,7 +29,7 @@ from kiln.server.backends.base import Backend, ModelContext
 from kiln.server.core import InferenceRequest, InferenceResponse
 from kiln.server.errors import ServerError, shown
 from kiln.server.model import ServedModel
-from kiln.server.shm import NAME_MAX, SharedMemoryManager
+from kiln.server.shm import SharedMemoryManager
 
 log = logging.getLogger("kiln.server")
 
@@ -189,9 +189,9 @@ class ModelRepository:
         """The folder of model ``name``: one folder directly in the repository, named by a name that is not a
         path, and which resolves (links followed) inside the repository."""
         failed = f"failed to {action} '{shown(name)}'"
-        if (not name or len(name) > NAME_MAX or name.startswith(".") or any(c in name for c in "/\\\0")
+        if (not name or len(name) > cfg.NAME_MAX or name.startswith(".") or any(c in name for c in "/\\\0")
                 or not _encodable(name)):
-            raise ServerError.invalid(f"{failed}: a model name is a folder name of the repository (1 to {NAME_MAX} "
+            raise ServerError.invalid(f"{failed}: a model name is a folder name of the repository (1 to {cfg.NAME_MAX} "
                                       "characters, no '/', '\\' or NUL, not starting with '.')")
         folder = self.root / name
         root = os.path.realpath(self.root)

@@ -20,12 +20,12 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln.server.config import NAME_MAX
 from kiln.server.core import ShmRef
 from kiln.server.errors import Code, ServerError, shown
 from kiln.server.limits import Limits
 
 SHM_DIR = Path("/dev/shm")
-NAME_MAX = 255  # the longest file name Linux allows: longer keys and region names are refused
 
 
 @dataclass(slots=True)

@@ -509,7 +509,7 @@ def _sampling_params(body: api.SamplingRequest, max_tokens: int, logprobs: int |
     kwargs: dict[str, Any] = dict(max_tokens=max_tokens, n=body.n, stop=body.stop, ignore_eos=body.ignore_eos,
                                   min_tokens=body.min_tokens, skip_special_tokens=body.skip_special_tokens,
                                   logprobs=logprobs, stop_token_ids=body.stop_token_ids or [],
-                                  logit_bias=body.logit_bias)
+                                  logit_bias=body.logit_bias, cache_salt=body.cache_salt)
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "repetition_penalty"):
         value = getattr(body, name)

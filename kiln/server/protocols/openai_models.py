@@ -48,6 +48,8 @@ class SamplingRequest(_Request):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # Prefix-cache isolation: only requests with the same salt reuse each other's cached prompt blocks.
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
 
 
 class CompletionRequest(SamplingRequest):

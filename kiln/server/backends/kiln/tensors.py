@@ -26,6 +26,7 @@ input (TensorRT-LLM's name too)             type        meaning
 ``beam_width``                              INT32       1 only (kiln does not search beams)
 ``return_log_probs``                        BOOL        fill ``cum_log_probs`` and ``output_log_probs``
 ``exclude_input_in_output``                 BOOL        default: the model's parameter, else true
+``cache_salt``                              BYTES       reuse cached prompt blocks only of requests with this salt
 ==========================================  ==========  ======================================================
 
 Outputs: ``text_output`` (BYTES), ``output_ids`` (INT32 [beam, tokens]), ``sequence_length`` (INT32
@@ -46,6 +47,8 @@ from kiln.server.core import InferenceRequest
 from kiln.server.errors import ServerError
 
 DEFAULT_MAX_TOKENS = 16
+# Request parameters Triton reserves for itself (the server reads them; they are no input of this backend).
+TRITON_PARAMETERS = frozenset({"timeout", "priority", "sequence_id", "sequence_start", "sequence_end", "headers"})
 _INT, _FLOAT, _BOOL, _TEXT = "integer", "number", "boolean", "string"
 _KINDS = {_INT: "iu", _FLOAT: "fiu", _BOOL: "b", _TEXT: "OSU"}
 _CONFIG_TYPES = {_INT: mc.TYPE_INT32, _FLOAT: mc.TYPE_FP32, _BOOL: mc.TYPE_BOOL, _TEXT: mc.TYPE_STRING}
@@ -88,6 +91,7 @@ INPUTS = [
     Input("beam_width", _INT),
     Input("return_log_probs", _BOOL),
     Input("exclude_input_in_output", _BOOL),
+    Input("cache_salt", _TEXT, param="cache_salt"),
 ]
 BY_NAME = {i.name: i for i in INPUTS}
 # Output name -> (config type, dims after the batch dimension).
@@ -156,11 +160,11 @@ class Jobs:
 
 def read_jobs(request: InferenceRequest, tokenizer: EngineTokenizer, batched: bool, exclude_input: bool) -> Jobs:
     """The request's batch rows as jobs; ServerError (invalid argument) naming the input that is wrong."""
-    if request.parameters:
+    unknown = sorted(set(request.parameters) - TRITON_PARAMETERS)
+    if unknown:
         # The generate extension turns the JSON fields that are not inputs into parameters.
         raise ServerError.invalid(
-            f"unknown field(s) {', '.join(sorted(request.parameters))}: the kiln backend reads only its inputs "
-            f"({', '.join(BY_NAME)})")
+            f"unknown field(s) {', '.join(unknown)}: the kiln backend reads only its inputs ({', '.join(BY_NAME)})")
     rows = max(request.batch_size, 1) if batched else 1
     reader = _Reader(request, batched)
     for name in ("text_input", "input_ids"):
