@@ -293,6 +293,11 @@ def test_model_control_cannot_load_or_run_anything_outside_the_repository(server
         code, text = status_of(lambda: post(server, "/v2/repository/models/simple/unload", body, headers))
         assert code == 403 and "cross-origin" in text
     assert http.is_model_ready("simple", headers=dict(AUTH))
+    # A config override that Python's JSON reader chokes on is a 400 too.
+    for config in ("[" * 100_000 + "]" * 100_000, '{"max_batch_size": 1' + "0" * 5000 + "}"):
+        with pytest.raises(InferenceServerException, match="model configuration JSON") as e:
+            http.load_model("simple", headers=dict(CONTROL), config=config)
+        assert e.value.status() == "400"
     # A load whose body is not JSON is refused, whatever its Content-Type.
     code, text = status_of(lambda: post(server, "/v2/repository/models/simple/load", b"config=x", CONTROL))
     assert code == 400 and "JSON" in text

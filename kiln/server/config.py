@@ -8,10 +8,8 @@ and the dynamic batcher's preferred batch size defaults to ``max_batch_size``.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -47,23 +45,21 @@ def parse_json(text: str | bytes) -> ModelConfig:
     """A config given as JSON (the load API's override), as Triton reads it."""
     try:
         return json_format.Parse(text, ModelConfig())
-    except (json_format.ParseError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise ServerError.invalid("failed to parse the model configuration JSON: it is nested too deeply") from None
+    except (json_format.ParseError, ValueError) as e:  # ValueError: json's errors, and Python's digit limit
         raise ServerError.invalid(f"failed to parse the model configuration JSON: {e}") from None
 
 
 def file_inside(folder: Path, name: str, what: str) -> Path:
-    """``folder / name`` when it resolves inside ``folder`` (links followed), else an error naming ``what``:
-    a config names its files within its own model folder, never ``../`` or an absolute path out of it."""
-    refused = f"{what} '{shown(name)}' must name a file inside {folder.name}/"
-    if not name or "\0" in name:
-        raise ServerError.invalid(refused)
-    try:
-        base, real = os.path.realpath(folder), os.path.realpath(folder / name)
-    except (OSError, ValueError, UnicodeError):
-        raise ServerError.invalid(refused) from None
-    if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
-        raise ServerError.invalid(refused)
-    return Path(real)
+    """``folder / name`` when ``name`` is a relative path that stays in ``folder`` (no ``..``, not absolute),
+    else an error naming ``what``: a config names its files within its own model folder. (Links the
+    operator placed in the repository are the operator's, and are followed.)"""
+    parts = PurePosixPath(name).parts
+    if not name or "\0" in name or name.startswith("/") or ".." in parts:
+        raise ServerError.invalid(f"{what} '{shown(name)}' must name a file inside {folder.name}/ (a relative "
+                                  "path, no '..')")
+    return folder / name
 
 
 def is_decoupled(config: ModelConfig) -> bool:

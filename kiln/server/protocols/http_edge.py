@@ -100,7 +100,11 @@ class _LimitedBody:
                 raise self._refuse(Code.TOO_LARGE, f"the request body of {declared} bytes is over the server's "
                                                    f"limit of {limit} bytes (--max-request-size)")
         try:
-            message = await asyncio.wait_for(self._receive(), self.limits.header_timeout)
+            if hasattr(asyncio, "timeout"):  # Python 3.11+: a timer on this task; wait_for starts a task a piece
+                async with asyncio.timeout(self.limits.header_timeout):
+                    message = await self._receive()
+            else:
+                message = await asyncio.wait_for(self._receive(), self.limits.header_timeout)
         except asyncio.TimeoutError:
             raise self._refuse(Code.REQUEST_TIMEOUT, f"the request body stopped arriving: nothing for "
                                                      f"{self.limits.header_timeout:g} s (--header-timeout)") from None
