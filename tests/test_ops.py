@@ -115,7 +115,7 @@ def test_matmul_plugins_match_reference(op_name, rows):
     for impl in op.impls.values():
         if impl.name == REFERENCE or not impl.supports(torch.device("cpu"), torch.float32):
             continue
-        weight = impl.prepare(w) if impl.prepare else w
+        weight = impl.prepare(w, torch.float32) if impl.prepare else w
         torch.testing.assert_close(impl.fn(x, weight, *extra), want, rtol=1e-5, atol=1e-4)
         checked += 1
     assert checked or op_name not in ("linear", "logits") or not torch.backends.mkldnn.is_available()

@@ -30,8 +30,12 @@ def build(
     progress: bool = True,
     tune: bool | None = None,
     plugins: list[str | os.PathLike] = (),
+    keep_packed: bool = True,
 ) -> Path:
     """Build the engine at ``out``; nothing is left there unless the build succeeds.
+
+    Packed weights (a GGUF file's blocks) stay packed, each in its format; ``keep_packed=False`` decodes
+    them into the build dtype instead.
 
     The ops with a choice of kernels are timed at the engine's shapes (``tune``; None: on a GPU).
     ``plugins`` are the user's plugin files: imported first (their plugins are candidates too) and
@@ -56,7 +60,8 @@ def build(
         plan = choose_plan(device, checkpoint.config, config, tune=tune, plugins=modules)
         steps.update()
         steps.set_postfix_str("fuse and cast weights")
-        tensors = engine_tensors(checkpoint.config, source_tensors, config.torch_dtype)
+        tensors, formats = engine_tensors(checkpoint.config, source_tensors, config.torch_dtype, checkpoint.formats,
+                                          keep_packed)
         del source_tensors
         steps.update()
         steps.set_postfix_str("write weights")
@@ -83,7 +88,8 @@ def build(
             "build": config.to_dict(),
             "plan": plan,
             "target": target_of(device),
-            "weights": {"files": [weights_file(0)], "stripped": strip_weights, "tensors": manifest_of(tensors)},
+            "weights": {"files": [weights_file(0)], "stripped": strip_weights,
+                        "tensors": manifest_of(tensors, formats)},
             "tokenizer": tokenizer_facts(checkpoint),
             **({"plugins": carried} if carried else {}),
         }

@@ -19,8 +19,8 @@ from kiln.models import ModelConfig
 def refit(engine_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Put the checkpoint's weights into the engine (in place, or into a copy at ``out``).
 
-    Every name, shape and dtype is checked before anything is written; on any mismatch the engine
-    is left as it was.
+    Every name, shape, dtype and format is checked before anything is written; on any mismatch the
+    engine is left as it was. A packed checkpoint (a GGUF file's blocks) refits a float engine decoded.
     """
     engine = read_engine(engine_dir, need_weights=False)
     checkpoint = read_checkpoint(checkpoint_dir)
@@ -30,12 +30,14 @@ def refit(engine_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, out:
         raise BuildError(f"checkpoint {checkpoint.path} is a different model than engine {engine.path} "
                          f"(config differs in {', '.join(diff)})")
     try:
-        tensors = engine_tensors(config, checkpoint.load_tensors(), engine.build.torch_dtype)
-        check_against_manifest(engine.manifest, tensors, f"refit of {engine.path} from {checkpoint.path}")
+        # A float engine takes a packed checkpoint's weights decoded; a packed one takes them as they are.
+        tensors, formats = engine_tensors(config, checkpoint.load_tensors(), engine.build.torch_dtype,
+                                          checkpoint.formats, keep_packed=bool(engine.weight_formats))
+        check_against_manifest(engine.manifest, tensors, f"refit of {engine.path} from {checkpoint.path}", formats)
     except EngineError as e:
         raise BuildError(str(e)) from None
     meta = dict(engine.meta)
-    meta["weights"] = {**meta["weights"], "stripped": False, "tensors": manifest_of(tensors)}
+    meta["weights"] = {**meta["weights"], "stripped": False, "tensors": manifest_of(tensors, formats)}
     target = Path(out) if out is not None else engine.path
     with staged_dir(target, "refit", overwrite=out is None) as stage:
         for item in engine.path.iterdir():

@@ -1,25 +1,45 @@
-"""Checkpoint tensors -> engine tensors: fuse projections the plan runs as one, cast to the build dtype."""
+"""Checkpoint tensors -> engine tensors: fuse projections the plan runs as one, cast to the build dtype.
+
+Packed weights (``kiln.weight_formats``) stay packed: a fused projection whose parts share one format is
+the parts' rows one after the other, still packed; parts of different formats (a Q4_K_M file's Q4_K
+query and Q6_K value projections) are decoded and fused as float, since one weight has one format.
+"""
 from __future__ import annotations
 
 import torch
 
 from kiln.errors import BuildError
 from kiln.models import ModelConfig, weight_sources
+from kiln.weight_formats import FLOAT, block_format
 
 
-def engine_tensors(config: ModelConfig, checkpoint: dict[str, torch.Tensor],
-                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The engine's weights, named as the model's parameters, from a checkpoint's (unfused) tensors."""
+def engine_tensors(config: ModelConfig, checkpoint: dict[str, torch.Tensor], dtype: torch.dtype,
+                   formats: dict[str, str] | None = None, keep_packed: bool = True
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The engine's weights, named as the model's parameters, from a checkpoint's (unfused) tensors, and
+    the formats of those that stay packed. ``formats``: the checkpoint's packed tensors;
+    ``keep_packed=False`` decodes them all (a float engine)."""
+    formats = formats or {}
     out: dict[str, torch.Tensor] = {}
+    out_formats: dict[str, str] = {}
     for name, parts in weight_sources(config).items():
-        tensors = []
+        tensors, part_formats = [], []
         for source, shape in parts:
             tensor = _take(checkpoint, source)
-            if tuple(tensor.shape) != shape:
-                raise BuildError(f"tensor {source!r} has shape {tuple(tensor.shape)}, the model needs {shape}")
+            fmt = formats.get(source, FLOAT)
+            want = shape if fmt == FLOAT else block_format(fmt).packed_shape(shape)
+            if tuple(tensor.shape) != tuple(want):
+                raise BuildError(f"tensor {source!r} has shape {tuple(tensor.shape)}, the model needs {tuple(want)}"
+                                 + ("" if fmt == FLOAT else f" (packed {fmt})"))
             tensors.append(tensor)
-        out[name] = (tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)).to(dtype).contiguous()
-    return out
+            part_formats.append(fmt)
+        if keep_packed and len(set(part_formats)) == 1 and part_formats[0] != FLOAT:
+            out[name] = torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0].contiguous()
+            out_formats[name] = part_formats[0]
+            continue
+        floats = [t if fmt == FLOAT else block_format(fmt).dequantize(t) for t, fmt in zip(tensors, part_formats)]
+        out[name] = (floats[0] if len(floats) == 1 else torch.cat(floats, dim=0)).to(dtype).contiguous()
+    return out, out_formats
 
 
 def _take(checkpoint: dict[str, torch.Tensor], name: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,12 +24,13 @@ from kiln.errors import ConversionError
 from kiln.fsutil import staged_dir
 from kiln.models import ModelConfig, checkpoint_layout, family
 from kiln.schema import INT, STR, DictOf, Nullable, Record, record_of, validate
+from kiln.weight_formats import block_format
 
 CHECKPOINT_VERSION = 1
 WEIGHTS_FILE = "rank0.safetensors"
 # Every key of a checkpoint's config.json that kiln reads.
 CONFIG_SCHEMA = Record({"kiln_checkpoint": INT, "model": record_of(ModelConfig, all_required=True),
-                        "generation": GENERATION_SCHEMA}, {"source": Nullable(STR)})
+                        "generation": GENERATION_SCHEMA}, {"source": Nullable(STR), "weight_formats": DictOf(STR)})
 # Tensors published checkpoints carry that no kiln model needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -42,6 +43,8 @@ class Checkpoint:
     generation: dict
     # What it was converted from (a Hugging Face folder or GGUF file), for the engine's record.
     source: str | None = None
+    # The tensors held packed (uint8 rows of blocks), by name: their format (kiln.weight_formats).
+    formats: dict[str, str] = field(default_factory=dict)
 
     @property
     def weights_file(self) -> Path:
@@ -117,9 +120,15 @@ def write_checkpoint(source: SourceModel, out: Path, progress: bool = True,
             continue
         if name not in layout:
             raise ConversionError(f"{source.source}: tensor {name!r} is not part of a {config.architecture} model")
-        if tuple(tensor.shape) != layout[name]:
+        expected = layout[name]
+        if name in source.formats:
+            try:
+                expected = block_format(source.formats[name]).packed_shape(expected)
+            except ValueError as e:
+                raise ConversionError(f"{source.source}: tensor {name!r}: {e}") from None
+        if tuple(tensor.shape) != expected:
             raise ConversionError(
-                f"{source.source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {layout[name]}"
+                f"{source.source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected}"
             )
         tensors[name] = tensor.contiguous()
     missing = sorted(set(layout) - set(tensors))
@@ -134,6 +143,8 @@ def write_checkpoint(source: SourceModel, out: Path, progress: bool = True,
         "model": config.to_dict(),
         "generation": generation_facts(source.hf_config, source.tokenizer, source.tokenizer_config),
         "source": source.source,
+        **({"weight_formats": {k: v for k, v in sorted(source.formats.items()) if k in tensors}}
+           if source.formats else {}),
     }
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return tensors
@@ -197,4 +208,10 @@ def read_checkpoint(path: str | os.PathLike, need_weights: bool = True) -> Check
     for name in ((WEIGHTS_FILE,) if need_weights else ()) + tuple(TOKENIZER_FILES):
         if not (path / name).is_file():
             raise ConversionError(f"checkpoint {path} is missing {name}")
-    return Checkpoint(path, config, meta["generation"], meta.get("source"))
+    formats = dict(meta.get("weight_formats") or {})
+    for name, fmt in formats.items():
+        try:
+            block_format(fmt)
+        except ValueError as e:
+            raise ConversionError(f"{file}: weight_formats[{name!r}]: {e}") from None
+    return Checkpoint(path, config, meta["generation"], meta.get("source"), formats)

@@ -1,4 +1,9 @@
-"""Read a GGUF file (llama.cpp's format) into a SourceModel: HF config, dequantized HF-named tensors, tokenizer."""
+"""Read a GGUF file (llama.cpp's format) into a SourceModel: HF config, HF-named tensors, tokenizer.
+
+Matrices in a block format kiln's kernels read (``kiln.weight_formats``: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
+Q6_K) stay packed as the file stores them, each with its own type (a Q4_K_M file keeps its Q4_K and
+Q6_K tensors apart); other quantized types are decoded to float32, float types kept as they are.
+"""
 from __future__ import annotations
 
 import functools
@@ -19,6 +24,7 @@ from kiln.checkpoint.gguf_tokenizer import tokenizer_from_gguf_metadata
 from kiln.checkpoint.source import SourceModel
 from kiln.errors import ConversionError
 from kiln.schema import INT, NUMBER, STR, AnyOf, ListOf, Record, validate
+from kiln.weight_formats import BY_GGML_TYPE, BlockFormat
 
 # GGUF architecture (also the HF model_type) -> transformers class.
 ARCHITECTURES: dict[str, str] = {
@@ -66,6 +72,13 @@ class _Planned:
     # Heads to undo llama.cpp's rotary row permutation over; None when the rows are as published.
     unpermute_heads: int | None = None
 
+    @property
+    def packed(self) -> BlockFormat | None:
+        """The block format the tensor is kept in (a matrix in one of kiln's formats), or None: decoded."""
+        if len(self.tensor.shape) != 2:
+            return None
+        return BY_GGML_TYPE.get(int(self.tensor.tensor_type))
+
 
 def read_gguf(path: str | os.PathLike) -> SourceModel:
     """Read a GGUF file of a supported architecture; tensors are dequantized lazily, one at a time."""
@@ -88,8 +101,9 @@ def read_gguf(path: str | os.PathLike) -> SourceModel:
             yield item.hf_name, _load(item)
 
     extra = {"gguf_file_type": metadata.get("general.file_type"), "gguf_name": metadata.get("general.name")}
+    formats = {item.hf_name: item.packed.name for item in plan if item.packed is not None}
     return SourceModel(hf_config, tensors, len(plan), tokenizer, tokenizer_config, source=str(path),
-                       extra={k: v for k, v in extra.items() if v is not None})
+                       extra={k: v for k, v in extra.items() if v is not None}, formats=formats)
 
 
 def read_metadata(reader: GGUFReader, path: Path | str = "") -> dict[str, Any]:
@@ -367,14 +381,18 @@ def _load(item: _Planned) -> torch.Tensor:
     # GGUF lists dimensions innermost first; torch wants them outermost first.
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     qtype = t.tensor_type
-    if qtype == GGMLQuantizationType.BF16:
+    fmt = item.packed
+    if fmt is not None:  # kept as the file stores it: uint8 rows of blocks (row permutations need no decoding)
+        tensor = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True)).reshape(fmt.packed_shape(shape))
+    elif qtype == GGMLQuantizationType.BF16:
         raw = np.ascontiguousarray(t.data).view(np.int16).copy()
         tensor = torch.from_numpy(raw).view(torch.bfloat16)
     elif qtype in _NATIVE_DTYPES:
         tensor = torch.from_numpy(np.array(t.data, copy=True))
     else:
         tensor = torch.from_numpy(np.ascontiguousarray(dequantize(t.data, qtype), dtype=np.float32))
-    tensor = tensor.reshape(shape)
+    if fmt is None:
+        tensor = tensor.reshape(shape)
     if item.unpermute_heads is not None:
         tensor = _unpermute_rows(tensor, item.unpermute_heads)
     return tensor

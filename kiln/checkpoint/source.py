@@ -29,3 +29,6 @@ class SourceModel:
     # Where it came from, for messages and the engine's record.
     source: str = ""
     extra: dict = field(default_factory=dict)
+    # Tensors that ``tensors()`` yields packed, by name: their format (kiln.weight_formats), the packed
+    # tensor uint8 [out, row bytes]. The others are float.
+    formats: dict[str, str] = field(default_factory=dict)

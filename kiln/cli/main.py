@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", required=True, help="engine folder to create")
     _add_build_options(p)
     p.add_argument("--strip-weights", action="store_true", help="leave the weights out (fill with kiln refit)")
+    p.add_argument("--decode-weights", action="store_true",
+                   help="decode packed weights (a GGUF file's Q4_K, Q8_0, ... blocks) into --dtype instead of "
+                        "keeping them packed")
     p.add_argument("--plugins", action="append", default=[], metavar="FILE.py",
                    help="a Python file registering your own op implementations (repeatable); the engine carries it")
     p.add_argument("--tune", choices=["auto", "on", "off"], default="auto",
@@ -104,7 +107,8 @@ def _build(args: argparse.Namespace) -> None:
 
     config = build_config(args.source, args.dtype, args.device, **_build_limits(args))
     out = build(args.source, args.output, config, strip_weights=args.strip_weights, device=args.device,
-                tune={"auto": None, "on": True, "off": False}[args.tune], plugins=args.plugins)
+                tune={"auto": None, "on": True, "off": False}[args.tune], plugins=args.plugins,
+                keep_packed=not args.decode_weights)
     print(f"wrote engine {out}; see it with `kiln inspect {out}`")
 
 

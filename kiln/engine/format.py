@@ -18,8 +18,10 @@ import torch
 from kiln.errors import EngineError
 from kiln.models.config import ModelConfig
 from kiln.schema import BOOL, INT, STR, DictOf, ListOf, Nullable, Record, record_of, validate
+from kiln.weight_formats import block_format
 
-FORMAT_VERSION = 1
+# 2: a weight may be packed in a block format (its manifest entry names the format).
+FORMAT_VERSION = 2
 ENGINE_FILE = "engine.json"
 # The tokenizer as a checkpoint and an engine both carry it (the builder copies these files as they are).
 TOKENIZER_FILE = "tokenizer.json"
@@ -122,6 +124,11 @@ class Engine:
         return self.meta["weights"]["tensors"]
 
     @property
+    def weight_formats(self) -> dict[str, str]:
+        """The packed weights' formats by name (the others are float)."""
+        return {t["name"]: t["format"] for t in self.manifest if "format" in t}
+
+    @property
     def stripped(self) -> bool:
         return bool(self.meta["weights"]["stripped"])
 
@@ -146,8 +153,11 @@ ENGINE_SCHEMA = Record(
         "target": Record({"device_type": STR}, {"name": Nullable(STR), "compute_capability": Nullable(STR),
                                                  "torch": Nullable(STR), "triton": Nullable(STR),
                                                  "memory_bytes": Nullable(INT)}),
+        # A packed weight's entry has its format (kiln.weight_formats) and the float shape it holds; its
+        # shape and dtype are those of the packed bytes as stored.
         "weights": Record({"stripped": BOOL, "tensors": ListOf(Record(
-            {"name": STR, "shape": ListOf(INT), "dtype": STR, "sha256": STR}))}, {"files": ListOf(STR)}),
+            {"name": STR, "shape": ListOf(INT), "dtype": STR, "sha256": STR},
+            {"format": STR, "logical_shape": ListOf(INT)}))}, {"files": ListOf(STR)}),
         "tokenizer": Record({**GENERATION_SCHEMA.required, "add_bos_token": BOOL, "chat_template": Nullable(STR)},
                             {"bos_token": Nullable(STR), "eos_token": Nullable(STR), "files": ListOf(STR)}),
     },
@@ -155,6 +165,19 @@ ENGINE_SCHEMA = Record(
      # The user's plugin files the engine carries (relative paths), imported before its plan is bound.
      "plugins": ListOf(STR)},
 )
+
+
+def _check_packed_entry(tensor: dict, what: str) -> None:
+    try:
+        fmt = block_format(tensor["format"])
+    except ValueError as e:
+        raise EngineError(f"{what}: {e}") from None
+    logical = tensor.get("logical_shape")
+    fits = (tensor["dtype"] == "uint8" and logical is not None and len(logical) == 2
+            and logical[1] % fmt.block == 0 and list(fmt.packed_shape(logical)) == tensor["shape"])
+    if not fits:
+        raise EngineError(f"{what}: a {fmt.name} weight is uint8 {fmt.block}-weight blocks of {fmt.type_size} bytes; "
+                          f"shape {tensor['shape']} ({tensor['dtype']}) does not hold logical_shape {logical}")
 
 
 def write_engine_json(directory: Path, meta: dict) -> None:
@@ -187,6 +210,8 @@ def read_engine(path: str | os.PathLike, need_weights: bool = True) -> Engine:
         if tensor["dtype"] not in WEIGHT_DTYPES:
             raise EngineError(f"{file}: weights.tensors[{i}].dtype {tensor['dtype']!r} is not one of "
                               f"{', '.join(WEIGHT_DTYPES)}")
+        if "format" in tensor:
+            _check_packed_entry(tensor, f"{file}: weights.tensors[{i}] ({tensor['name']})")
     engine = Engine(path, meta)
     for name in TOKENIZER_FILES:
         if not (path / name).is_file():

@@ -11,8 +11,15 @@ from kiln.errors import EngineError
 
 def describe(engine: Engine) -> dict:
     m, b = engine.model, engine.build
-    params = sum(math.prod(t["shape"]) for t in engine.manifest)
-    nbytes = sum(math.prod(t["shape"]) * WEIGHT_DTYPES[t["dtype"]].itemsize for t in engine.manifest)
+    formats: dict[str, dict[str, int]] = {}  # format -> tensors, parameters, bytes
+    for t in engine.manifest:
+        fmt = t.get("format", t["dtype"])
+        row = formats.setdefault(fmt, {"tensors": 0, "parameters": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["parameters"] += math.prod(t.get("logical_shape", t["shape"]))
+        row["bytes"] += math.prod(t["shape"]) * WEIGHT_DTYPES[t["dtype"]].itemsize
+    params = sum(row["parameters"] for row in formats.values())
+    nbytes = sum(row["bytes"] for row in formats.values())
     kv_dtype = b.kv_torch_dtype
     kv_per_token = 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * kv_dtype.itemsize
     tok = engine.tokenizer
@@ -29,6 +36,9 @@ def describe(engine: Engine) -> dict:
         "model": m,
         "parameters": params,
         "weight_bytes": nbytes,
+        # The same weights all in the build dtype: what the packed formats save.
+        "float_weight_bytes": params * b.torch_dtype.itemsize,
+        "weight_formats": formats,
         "weights_stripped": engine.stripped,
         "build": b.to_dict(),
         "kv_cache_bytes_per_token": kv_per_token,
@@ -61,9 +71,19 @@ def format_text(d: dict) -> str:
         f"rope        theta {m['rope_theta']:g}"
         f"{', scaling ' + str(m['rope_scaling']) if m['rope_scaling'] else ''}, "
         f"max positions {m['max_position_embeddings']}",
-        f"parameters  {d['parameters']:,} ({_size(d['weight_bytes'])} in {b['dtype']})"
+        f"parameters  {d['parameters']:,} ({_size(d['weight_bytes'])}"
+        f"{' in ' + b['dtype'] if len(d['weight_formats']) == 1 else ''})"
         f"{'  [weights stripped: run kiln refit]' if d['weights_stripped'] else ''}"
         f"{', tied embeddings' if m['tie_word_embeddings'] else ''}",
+    ]
+    if len(d["weight_formats"]) > 1 or d["weight_bytes"] != d["float_weight_bytes"]:
+        saved = d["float_weight_bytes"] - d["weight_bytes"]
+        lines.append("formats     " + ", ".join(
+            f"{fmt} {row['tensors']} tensor{'s' if row['tensors'] != 1 else ''} ({_size(row['bytes'])})"
+            for fmt, row in sorted(d["weight_formats"].items())))
+        lines.append(f"            {_size(saved)} less than all in {b['dtype']} "
+                     f"({_size(d['float_weight_bytes'])}, {d['weight_bytes'] / d['float_weight_bytes']:.0%} of it)")
+    lines += [
         "",
         f"limits      max batch {b['max_batch_size']}, max sequence {b['max_seq_len']}, "
         f"max tokens/step {b['max_num_tokens']}",

@@ -27,6 +27,7 @@ import torch
 from kiln.engine.format import SAFETENSORS_DTYPES, Engine, dtype_name
 from kiln.errors import EngineError
 from kiln.schema import INT, STR, DictOf, ListOf, Record, validate
+from kiln.weight_formats import FLOAT, block_format
 
 VERIFY_ENV = "KILN_VERIFY_WEIGHTS"
 _HEADER_SCHEMA = DictOf(Record({"dtype": STR, "shape": ListOf(INT), "data_offsets": ListOf(INT)}))
@@ -41,16 +42,29 @@ def tensor_checksum(t: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def manifest_of(tensors: dict[str, torch.Tensor]) -> list[dict]:
-    return [
-        {"name": name, "shape": list(t.shape), "dtype": dtype_name(t.dtype), "sha256": tensor_checksum(t)}
-        for name, t in sorted(tensors.items())
-    ]
+def manifest_of(tensors: dict[str, torch.Tensor], formats: dict[str, str] | None = None) -> list[dict]:
+    """The manifest of ``tensors``; ``formats`` names the packed ones' formats (kiln.weight_formats)."""
+    formats = formats or {}
+    out = []
+    for name, t in sorted(tensors.items()):
+        entry = {"name": name, "shape": list(t.shape), "dtype": dtype_name(t.dtype), "sha256": tensor_checksum(t)}
+        if name in formats:
+            entry["format"] = formats[name]
+            entry["logical_shape"] = list(block_format(formats[name]).logical_shape(tuple(t.shape)))
+        out.append(entry)
+    return out
 
 
-def check_against_manifest(manifest: list[dict], tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Every name, shape and dtype of ``tensors`` must be those of the manifest; raise naming the first misfit."""
+def check_against_manifest(manifest: list[dict], tensors: dict[str, torch.Tensor], what: str,
+                           formats: dict[str, str] | None = None) -> None:
+    """Every name, shape, dtype and format of ``tensors`` must be those of the manifest; raise naming the
+    first misfit."""
     _check_layout(manifest, {name: (dtype_name(t.dtype), list(t.shape)) for name, t in tensors.items()}, what)
+    formats = formats or {}
+    for m in manifest:
+        want, got = m.get("format", FLOAT), formats.get(m["name"], FLOAT)
+        if want != got:
+            raise EngineError(f"{what}: tensor {m['name']!r} is {got}, the engine holds it as {want}")
 
 
 def verification_enabled(verify: bool = True) -> bool:

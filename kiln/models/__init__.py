@@ -72,3 +72,17 @@ def checkpoint_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 __all__ += ["checkpoint_layout", "weight_sources"]
+
+
+def apply_weight_formats(model: nn.Module, formats: dict[str, str]) -> None:
+    """Before loading: give each parameter named in ``formats`` (an engine's packed weights) its format,
+    so the model holds it as the engine stores it."""
+    for name, fmt in formats.items():
+        module_name, _, param = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if param != "weight" or not hasattr(module, "set_weight_format"):
+            raise ValueError(f"{name} cannot hold a {fmt} weight: only linear and embedding weights are packed")
+        module.set_weight_format(fmt)
+
+
+__all__ += ["apply_weight_formats"]

@@ -11,6 +11,8 @@ from torch import nn
 from kiln.models.config import ModelConfig
 from kiln.nn import Attention, Embedding, GatedMLP, Mapping, RMSNorm, rotary_table
 from kiln.ops import OpTable
+from kiln.ops.packed_linear import op_name as packed_op
+from kiln.weight_formats import FLOAT
 
 
 class DecoderLayer(nn.Module):
@@ -83,16 +85,20 @@ class LlamaForCausalLM(nn.Module):
         return self.model(token_ids, positions, self.rope_table)
 
     def prepare_weights(self) -> None:
-        """After loading: the output projection in the form the bound ``logits`` implementation reads.
+        """After loading: the output projection in the form the bound ``logits`` implementation reads (for
+        a packed head, the op of its format).
 
-        NOTE: with tied embeddings and a plugin that reorders, this is a second copy of the matrix;
-        the reference implementation shares the embedding's.
+        NOTE: with tied embeddings and a plugin that reorders (or decodes a packed table), this is a second
+        copy of the matrix; the reference implementation shares the embedding's.
         """
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-        self.logits_weight = self.ops.prepare_weight("logits", head.weight.data)
+        self.logits_op = "logits" if head.weight_format == FLOAT else packed_op(head.weight_format)
+        self.logits_weight = self.ops.prepare_weight(self.logits_op, head.weight.data)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.ops.logits(hidden, self.logits_weight)
+        if self.logits_op == "logits":
+            return self.ops.logits(hidden, self.logits_weight)
+        return getattr(self.ops, self.logits_op)(hidden, self.logits_weight)
 
 
 def config_from_hf(hf: dict, *, qkv_bias: bool = False) -> ModelConfig:

@@ -9,16 +9,30 @@ from torch import nn
 from kiln.nn.linear import MergedColumnLinear, RowLinear
 from kiln.nn.mapping import Mapping
 from kiln.ops import OpTable
+from kiln.weight_formats import FLOAT, block_format
 
 
 class Embedding(nn.Module):
+    """Token embeddings (also an untied output projection's weight). A packed table stays packed: the
+    rows a step looks up are decoded, not the table."""
+
+    weight_format: str = FLOAT
+
     def __init__(self, vocab_size: int, hidden: int, ops: OpTable):
         super().__init__()
         self.ops = ops
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden), requires_grad=False)
 
+    def set_weight_format(self, fmt: str) -> None:
+        shape = block_format(fmt).packed_shape(tuple(self.weight.shape))
+        self.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8, device=self.weight.device),
+                                   requires_grad=False)
+        self.weight_format = fmt
+
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.ops.embedding(token_ids, self.weight)
+        if self.weight_format == FLOAT:
+            return self.ops.embedding(token_ids, self.weight)
+        return block_format(self.weight_format).dequantize(self.weight[token_ids], self.ops.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -15,12 +15,35 @@ from torch import nn
 
 from kiln.nn.mapping import Mapping
 from kiln.ops import OpTable
+from kiln.ops.packed_linear import op_name as packed_op
+from kiln.weight_formats import FLOAT, block_format
 
 
 class _Linear(nn.Module):
+    # The weight's format (kiln.weight_formats): float, or packed blocks that the op of that format reads.
+    weight_format: str = FLOAT
+
+    def set_weight_format(self, fmt: str) -> None:
+        """Before loading: hold the weight packed in ``fmt`` (uint8 rows of blocks) instead of as floats."""
+        shape = block_format(fmt).packed_shape(tuple(self.weight.shape))
+        self.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8, device=self.weight.device),
+                                   requires_grad=False)
+        self.weight_format = fmt
+
     def prepare_weights(self) -> None:
-        """After loading: convert the weight to the form the bound ``linear`` implementation reads."""
-        self.weight = nn.Parameter(self.ops.prepare_weight("linear", self.weight.data), requires_grad=False)
+        """After loading: convert the weight to the form the bound implementation of its op reads."""
+        if self.weight_format == FLOAT:
+            self.weight = nn.Parameter(self.ops.prepare_weight("linear", self.weight.data), requires_grad=False)
+        else:
+            # What the packed op's implementation reads (decoded floats, repacked blocks, ...) replaces the
+            # loaded bytes, so the layer holds one copy.
+            self.packed = self.ops.prepare_weight(packed_op(self.weight_format), self.weight.data)
+            self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_format == FLOAT:
+            return self.ops.linear(x, self.weight, self.bias)
+        return getattr(self.ops, packed_op(self.weight_format))(x, self.packed, self.bias)
 
 
 class ColumnLinear(_Linear):
@@ -33,9 +56,6 @@ class ColumnLinear(_Linear):
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.linear(x, self.weight, self.bias)
-
 
 class RowLinear(_Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool, ops: OpTable, mapping: Mapping = Mapping()):
@@ -46,9 +66,6 @@ class RowLinear(_Linear):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, self.in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.linear(x, self.weight, self.bias)
 
 
 class MergedColumnLinear(ColumnLinear):

@@ -10,3 +10,4 @@ __all__ = ["AttentionMetadata", "Implementation", "Op", "OpTable", "REFERENCE", 
 from kiln.ops import triton_plugins as _triton_plugins  # noqa: E402,F401  (registers the plugins)
 from kiln.ops import batched_decode_attention as _batched_decode_attention  # noqa: E402,F401  (registers the plugin)
 from kiln.ops import onednn_linear as _onednn_linear  # noqa: E402,F401  (registers the plugin)
+from kiln.ops import packed_linear as _packed_linear  # noqa: E402,F401  (registers the packed-weight ops)

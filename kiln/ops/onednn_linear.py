@@ -20,7 +20,7 @@ def _supports(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-def _reorder(weight: torch.Tensor) -> torch.Tensor:
+def _reorder(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight.to_mkldnn()
 
 

@@ -30,9 +30,10 @@ class Implementation:
     # Tunable configurations a tuner may time (keyword arguments of ``fn``, e.g. block sizes); the
     # first is what ``fn`` does when called without one. Empty for the reference.
     configs: tuple[dict, ...] = ()
-    # Converts a weight, once at load, into the form this implementation reads (e.g. a blocked
-    # layout); None: the weight is used as the engine stores it.
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Converts a weight, once at load, into the form this implementation reads (e.g. a blocked layout, a
+    # packed format decoded to the compute dtype): ``prepare(weight, dtype)`` with the model's compute
+    # dtype; it may return any object ``fn`` takes. None: the weight is used as the engine stores it.
+    prepare: Callable[[torch.Tensor, torch.dtype], Any] | None = None
     # True when a decode step through it reads nothing from the host, so a CUDA graph can replay it.
     graph_safe: bool = False
 
@@ -55,6 +56,9 @@ class Op:
     name: str
     doc: str
     impls: dict[str, Implementation] = field(default_factory=dict)
+    # The format of the weights it multiplies by (kiln.weight_formats): "float", or a packed one such as
+    # "q4_k" for the ops that read packed weights; the tuner makes sample weights of this format.
+    weight_format: str = "float"
 
     @property
     def reference(self) -> Implementation:
@@ -68,14 +72,16 @@ def _always(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
-def reference(name: str, graph_safe: bool = True) -> Callable[[Callable], Callable]:
+def reference(name: str, graph_safe: bool = True, prepare: Callable[[torch.Tensor, torch.dtype], Any] | None = None,
+              weight_format: str = "float") -> Callable[[Callable], Callable]:
     """Declare ``fn`` as the reference implementation of op ``name`` (which this creates)."""
 
     def wrap(fn: Callable) -> Callable:
         if name in _OPS:
             raise ValueError(f"op {name!r} is already registered")
-        _OPS[name] = Op(name, (fn.__doc__ or "").strip().split("\n")[0])
-        _OPS[name].impls[REFERENCE] = Implementation(name, REFERENCE, fn, _always, graph_safe=graph_safe)
+        _OPS[name] = Op(name, (fn.__doc__ or "").strip().split("\n")[0], weight_format=weight_format)
+        _OPS[name].impls[REFERENCE] = Implementation(name, REFERENCE, fn, _always, prepare=prepare,
+                                                     graph_safe=graph_safe)
         return fn
 
     return wrap
@@ -86,7 +92,7 @@ def plugin(
     impl_name: str,
     supports: Callable[[torch.device, torch.dtype], bool] = _always,
     configs: tuple[dict, ...] = (),
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prepare: Callable[[torch.Tensor, torch.dtype], Any] | None = None,
     graph_safe: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register ``fn`` as another implementation of an existing op."""
@@ -120,8 +126,9 @@ class OpTable:
     """
 
     def __init__(self, plan: dict[str, dict] | None, device: torch.device, dtype: torch.dtype):
+        self.dtype = dtype  # the compute dtype
         self.choices: dict[str, str] = {}
-        self._prepare: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {}
+        self._prepare: dict[str, Callable[[torch.Tensor, torch.dtype], Any] | None] = {}
         # For each op, whether its bound implementation can be captured in a CUDA graph.
         self.graph_safe_ops: dict[str, bool] = {}
         # "op:impl" entries of the plan that cannot run here and fell back to the reference.
@@ -149,10 +156,10 @@ class OpTable:
         """Whether every bound implementation can be captured in a CUDA graph."""
         return all(self.graph_safe_ops.values())
 
-    def prepare_weight(self, op: str, weight: torch.Tensor) -> torch.Tensor:
+    def prepare_weight(self, op: str, weight: torch.Tensor) -> Any:
         """``weight`` in the form the bound implementation of ``op`` reads."""
         prepare = self._prepare[op]
-        return weight if prepare is None else prepare(weight)
+        return weight if prepare is None else prepare(weight, self.dtype)
 
     def __getattr__(self, name: str) -> Any:  # only reached for ops not bound above
         raise AttributeError(f"no op {name!r} in this table; registered: {sorted(_OPS)}")

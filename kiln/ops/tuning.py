@@ -39,6 +39,7 @@ import torch
 
 from kiln.fsutil import replace_file_atomically
 from kiln.ops.registry import Implementation, Op
+from kiln.weight_formats import FLOAT, block_format, random_packed
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class Tuner:
         if hit is not None:
             return Choice(op.name, hit.impl.name, hit.config, cached=True, stable=True, seconds={})
         start = time.perf_counter()
-        rounds, busy = self._time(cands, workload)
+        rounds, busy = self._time(cands, workload, op.weight_format)
         preferred = next((c.label for c in cands if c.impl.name == prefer), None)
         seconds = {k: {label: min(ts) for label, ts in by_impl.items() if ts} for k, by_impl in rounds.items()}
         best = most_robust(_targets(seconds, self.threads, workload.rows), preferred)
@@ -171,14 +172,18 @@ class Tuner:
         return choice
 
     # ----- timing -----
-    def _time(self, cands: list[Candidate], workload: WeightWorkload
+    def _time(self, cands: list[Candidate], workload: WeightWorkload, weight_format: str = FLOAT
               ) -> tuple[dict[tuple[int | None, int], dict[str, list[float]]], bool]:
         """Each round's seconds of one forward pass's work per (threads, rows) and candidate, and
-        whether the machine was found busy."""
-        sample, scale = _sample(workload.weight_shapes, self.dtype.itemsize,
+        whether the machine was found busy. ``weight_format``: the format of the op's weights."""
+        packed = None if weight_format == FLOAT else block_format(weight_format)
+        weight_bytes = self.dtype.itemsize if packed is None else packed.type_size / packed.block
+        sample, scale = _sample(workload.weight_shapes, weight_bytes,
                                 CACHE_MULTIPLE * last_level_cache_bytes(self.device))
-        weights = [_weight(shape, self.dtype, self.device) for shape in sample]
-        prepared = {c.label: [c.impl.prepare(w) if c.impl.prepare else w for w in weights] for c in cands}
+        weights = [_weight(shape, self.dtype, self.device) if packed is None
+                   else random_packed(packed, shape, device=self.device) for shape in sample]
+        prepared = {c.label: [c.impl.prepare(w, self.dtype) if c.impl.prepare else w for w in weights]
+                    for c in cands}
         del weights
         inputs = {(rows, k): torch.rand(rows, k, dtype=self.dtype, device=self.device)
                   for rows in workload.rows for _, k in sample}
@@ -308,7 +313,7 @@ def last_level_cache_bytes(device: torch.device) -> int:
     return DEFAULT_CACHE_BYTES
 
 
-def _sample(shapes: tuple[tuple[int, int], ...], itemsize: int, min_bytes: int
+def _sample(shapes: tuple[tuple[int, int], ...], itemsize: float, min_bytes: int
             ) -> tuple[list[tuple[int, int]], float]:
     """The first weights in model order that span ``min_bytes`` (or all), and total bytes / their bytes."""
     sample: list[tuple[int, int]] = []

@@ -7,7 +7,7 @@ import torch
 
 from kiln.engine import Engine, load_weights
 from kiln.engine.target import target_of
-from kiln.models import ModelConfig, create_model
+from kiln.models import ModelConfig, apply_weight_formats, create_model
 from kiln.nn import ForwardContext, forward_context
 from kiln.ops import OpTable
 from kiln.ops.user_plugins import load_engine_plugins
@@ -45,6 +45,7 @@ class ModelRunner:
         self.cuda_graphs_mode = cuda_graph_mode(cuda_graphs, device, self.ops)
         with torch.device("meta"):
             self.model = create_model(self.config, self.ops, max_positions=build.max_seq_len)
+            apply_weight_formats(self.model, engine.weight_formats)
         weights = load_weights(engine, device, verify=verify_weights)
         self.model.load_state_dict(weights, strict=True, assign=True)
         for module in self.model.modules():

@@ -2,7 +2,8 @@
 
 An engine's plan was chosen on the machine that built it, and on a CPU the fastest kernel depends
 on the CPU (``kiln/ops/tuning.py``). So on a CPU the runner times the candidates of every op that
-multiplies by weights (``linear``, ``logits``) at this model's shapes and binds the fastest; the
+multiplies by weights (``linear``, ``logits``, ``linear_<format>`` for packed weights) at this model's
+shapes and binds the fastest; the
 engine's recorded plan stays as built. A machine's choices are cached, so only the first load on a
 machine pays for the timing (about a second for SmolLM2).
 
@@ -19,10 +20,11 @@ from kiln.cache import cache_dir
 from kiln.engine import Engine
 from kiln.engine.target import target_of
 from kiln.errors import KilnError
-from kiln.models import ModelConfig, create_model
+from kiln.models import ModelConfig, apply_weight_formats, create_model
 from kiln.ops import OpTable, get_op
 from kiln.ops.tuning import Choice, Tuner, WeightWorkload, candidates
 from kiln.version import __version__
+from kiln.weight_formats import FLOAT, block_format
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,9 @@ class _Recorder(OpTable):
 
     def prepare_weight(self, op: str, weight: torch.Tensor) -> torch.Tensor:
         if weight.dim() == 2:
-            self.weights.setdefault(op, []).append((weight.shape[0], weight.shape[1]))
+            fmt = get_op(op).weight_format
+            shape = tuple(weight.shape) if fmt == FLOAT else block_format(fmt).logical_shape(tuple(weight.shape))
+            self.weights.setdefault(op, []).append(shape)
         return weight
 
 
@@ -79,6 +83,7 @@ def weights_read(engine: Engine) -> dict[str, list[tuple[int, int]]]:
     recorder = _Recorder()
     with torch.device("meta"):
         model = create_model(ModelConfig.from_dict(engine.model), recorder, max_positions=engine.build.max_seq_len)
+        apply_weight_formats(model, engine.weight_formats)
     for module in model.modules():
         if hasattr(module, "prepare_weights"):
             module.prepare_weights()
