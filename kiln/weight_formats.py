@@ -124,7 +124,8 @@ def _decode_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     ql = ql.reshape(-1, 2, 2, 32)  # [n, half, which 32 bytes, 32]
     qh = qh.reshape(-1, 2, 1, 32)
     low = torch.cat((ql & 0x0F, ql >> 4), dim=2)  # [n, half, 4, 32]: runs 0..3 of each half
-    shifts = torch.tensor([0, 2, 4, 6], device=blocks.device, dtype=torch.uint8).reshape(1, 1, 4, 1)
+    # (arange, not a tensor from a list: no host-to-device copy, so a CUDA graph can capture it)
+    shifts = torch.arange(0, 8, 2, device=blocks.device, dtype=torch.uint8).reshape(1, 1, 4, 1)
     high = ((qh >> shifts) & 3) << 4
     q = (low | high).float() - 32  # [n, 2, 4, 32]
     # Each run of 32 has two scales, one per 16 weights: scales[8 half + 2 run + (l >= 16)].

@@ -11,6 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
+from conftest import DEVICE
 from gguf_helpers import write_tiny_gguf
 from kiln.builder import build, refit
 from kiln.checkpoint.checkpoint import convert
@@ -23,7 +24,8 @@ from kiln.runtime import LLM, SamplingParams
 from kiln.runtime.request import Request
 from kiln.weight_formats import FORMATS, block_format, random_packed
 
-# bfloat16 activations (PyTorch's int4 kernel) against float32: the relative error of a product.
+# bfloat16 activations (PyTorch's int4 kernel) or int8 ones per block (kiln's ggml kernels) against
+# float32: the relative error of one product (measured 3e-3 and 5e-3 to 8e-3 on these weights).
 KERNEL_TOLERANCE = 1.5e-2
 
 
@@ -40,7 +42,8 @@ def test_decoding_matches_the_gguf_package_bit_for_bit(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows", [1, 8])
-def test_every_kernel_of_a_format_matches_its_reference(fmt, rows):
+def test_every_kernel_of_a_format_matches_its_reference(fmt, rows, monkeypatch):
+    monkeypatch.setenv("KILN_INT8_ACTIVATIONS", "1")  # every kernel, those with int8 activations too
     f = FORMATS[fmt]
     op = get_op(op_name(fmt))
     assert op.weight_format == fmt
@@ -110,7 +113,7 @@ def test_a_packed_engine_computes_what_its_decoded_weights_do(mixed_engines, tmp
 
     prompts = [[1, 5, 9, 200], list(range(3, 40)), [7] * 17]
     packed, decoded = mixed_engines
-    want = last_logits(LLM(decoded, device="cpu"), prompts)
+    want = last_logits(LLM(decoded, device=DEVICE), prompts)
     # The same engine with every packed op's plan entry set to its reference, bound as recorded.
     as_reference = tmp_path / "reference-plan"
     shutil.copytree(packed, as_reference)
@@ -119,12 +122,12 @@ def test_a_packed_engine_computes_what_its_decoded_weights_do(mixed_engines, tmp
         meta["plan"][op_name(fmt)] = {"impl": REFERENCE}
     (as_reference / "engine.json").write_text(json.dumps(meta))
     monkeypatch.setenv("KILN_TUNING", "off")
-    exact = LLM(as_reference, device="cpu")
+    exact = LLM(as_reference, device=DEVICE)
     for got, ref in zip(last_logits(exact, prompts), want):
         assert float((got - ref).norm() / ref.norm()) < 1e-5
     exact.shutdown()
     monkeypatch.setenv("KILN_TUNING", "on")
-    fast = LLM(packed, device="cpu")
+    fast = LLM(packed, device=DEVICE)
     for got, ref in zip(last_logits(fast, prompts), want):
         assert float((got - ref).norm() / ref.norm()) < 5 * KERNEL_TOLERANCE
     fast.shutdown()
@@ -146,8 +149,8 @@ def test_smollm2_packed_against_its_decoded_weights(smollm2_packed_engine, smoll
     position's logits within 5%, the same top token for most prompts, and a sensible chat answer."""
     texts = ["The capital of France is", "Once upon a time, in a small village,", "The three primary colors are",
              "Water boils at a temperature of", "def fibonacci(n):\n    "]
-    packed = LLM(smollm2_packed_engine, device="cpu")
-    decoded = LLM(smollm2_engine, device="cpu")
+    packed = LLM(smollm2_packed_engine, device=DEVICE)
+    decoded = LLM(smollm2_engine, device=DEVICE)
     prompts = [packed.tokenizer.encode(t) for t in texts]
     agree = 0
     for got, ref in zip(last_logits(packed, prompts), last_logits(decoded, prompts)):

@@ -111,6 +111,9 @@ def _remembered_engine(path: Path) -> Path | None:
 
 
 def _kiln_version() -> str:
+    """What a cached engine was built by: kiln's version and the engine format it wrote (a new format, e.g.
+    packed GGUF weights, builds the engine again)."""
+    from kiln.engine import FORMAT_VERSION
     from kiln.version import __version__
 
-    return __version__
+    return f"{__version__}/format-{FORMAT_VERSION}"

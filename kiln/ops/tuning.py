@@ -38,7 +38,7 @@ from typing import Iterator
 import torch
 
 from kiln.fsutil import replace_file_atomically
-from kiln.ops.registry import Implementation, Op
+from kiln.ops.registry import REFERENCE, Implementation, Op
 from kiln.weight_formats import FLOAT, block_format, random_packed
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,16 @@ class Candidate:
 
 
 def candidates(op: Op, device: torch.device, dtype: torch.dtype) -> list[Candidate]:
-    """Every implementation of ``op`` (with each of its tunable configs) that can run on ``device`` in ``dtype``."""
-    return [Candidate(impl, dict(config)) for impl in op.impls.values() if impl.supports(device, dtype)
-            for config in (impl.configs or ({},))]
+    """Every implementation of ``op`` (with each of its tunable configs) that can run on ``device`` in ``dtype``.
+
+    A packed-weight op's reference decodes its weights to floats (several times their bytes, so it reads
+    several times the memory of any kernel of the format): it is a candidate only where no kernel runs,
+    which also spares the load the time of decoding sample weights for it.
+    """
+    found = [Candidate(impl, dict(config)) for impl in op.impls.values() if impl.supports(device, dtype)
+             for config in (impl.configs or ({},))]
+    kernels = [c for c in found if c.impl.name != REFERENCE]
+    return kernels if op.weight_format != FLOAT and kernels else found
 
 
 @dataclass(slots=True)

@@ -48,7 +48,11 @@ def load_op_table(engine: Engine, device: torch.device, dtype: torch.dtype) -> t
     choices = []
     for name, shapes in weights_read(engine).items():
         op = get_op(name)
-        if len(candidates(op, device, dtype)) < 2:
+        cands = candidates(op, device, dtype)
+        if len(cands) < 2:
+            # One kernel runs here: bind it, also where the plan names one that does not (built elsewhere).
+            if cands and plan.get(name, {}).get("impl") not in (c.impl.name for c in cands):
+                plan[name] = {"impl": cands[0].impl.name, "config": cands[0].config}
             continue
         choice = tuner.choose(op, WeightWorkload(tuple(shapes), rows), prefer=plan.get(name, {}).get("impl"))
         plan[name] = {"impl": choice.impl, "config": choice.config}

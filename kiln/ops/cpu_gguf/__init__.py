@@ -1,0 +1,171 @@
+"""Matrix products on the CPU that read GGUF (llama.cpp) block-quantized weights as the file stores them.
+
+``matmul(x, w, fmt, out_features, in_features)`` is ``x @ dequant(w).T`` for a weight of
+``out_features`` rows, each row its ``in_features / block`` blocks in ggml's layout, without ever
+dequantizing: the activations are quantized to int8 once per call and the kernels take integer dot
+products against the weight blocks, as llama.cpp does (``gguf_kernels.cpp`` says how). Decode reads
+each weight byte once, so a 4-bit weight costs about a seventh of the memory traffic of float32.
+
+The kernels are a C++ extension built at first use for the machine's own instruction set
+(``-march=native``: AVX-512 VNNI, AVX-VNNI, AVX2, or plain C++ elsewhere). The build lives under
+``<kiln cache>/torch_extensions/<hash>``, the hash taken over the CPU's flags, the sources, torch,
+Python and the compiler flags, so another CPU or changed sources build their own. ``available()``
+says whether the build worked here; it never raises. ``KILN_GGUF_MARCH`` (a gcc -march value such
+as ``haswell`` or ``x86-64``) builds for that CPU instead, which is how the tests reach the AVX2 and
+scalar paths on a machine that has better.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from kiln.cache import cache_dir
+from kiln.weight_formats import FORMATS as WEIGHT_FORMATS
+from kiln.weight_formats import BlockFormat
+
+log = logging.getLogger("kiln.ops.cpu_gguf")
+
+FORMATS = ("q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k")
+
+
+# The formats' block sizes and bytes are kiln.weight_formats'; this order is the kernels' format index.
+BLOCK_FORMATS: dict[str, BlockFormat] = {fmt: WEIGHT_FORMATS[fmt] for fmt in FORMATS}
+_SPECS: dict[str, tuple[int, BlockFormat]] = {fmt: (i, BLOCK_FORMATS[fmt]) for i, fmt in enumerate(FORMATS)}
+_HERE = Path(__file__).parent
+# torch.ops.kiln_gguf.matmul once the extension is loaded (looked up once: the lookup costs as
+# much as the checks).
+_matmul_op = None
+_SOURCES = ("gguf_kernels.cpp", "gguf_binding.cpp")
+_HEADERS = ("gguf_kernels.h", "simd.h")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):  # x86, ARM
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _build_key(cflags: list[str]) -> str:
+    h = hashlib.sha256()
+    for part in (_cpu_flags(), torch.__version__, sys.version, os.environ.get("CXX", "c++"), " ".join(cflags)):
+        h.update(part.encode() + b"\0")
+    for name in _SOURCES + _HEADERS:
+        h.update((_HERE / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _build(march: str) -> str:
+    """Compiles (or finds already compiled) and loads the extension; returns its ISA path's name.
+
+    All variants register the same ops, so a process holds only one.
+    """
+    from torch.utils import cpp_extension
+
+    # -fopenmp: at::parallel_for runs its body in an OpenMP region only where the including file
+    # is compiled with OpenMP; the link then reuses the libgomp torch has already loaded.
+    cflags = ["-O3", f"-march={march}", "-fopenmp"]
+    key = _build_key(cflags)
+    build_dir = cache_dir() / "torch_extensions" / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=f"kiln_gguf_{key}",
+        sources=[str(_HERE / s) for s in _SOURCES],
+        extra_cflags=cflags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    torch.library.register_fake("kiln_gguf::matmul")(_fake_matmul)
+    global _matmul_op
+    _matmul_op = torch.ops.kiln_gguf.matmul
+    return torch.ops.kiln_gguf.isa()
+
+
+def _fake_matmul(x: torch.Tensor, w: torch.Tensor, fmt: int, out_features: int, in_features: int) -> torch.Tensor:
+    # Shapes for torch.compile's tracing: the op is opaque to it.
+    return x.new_empty((x.shape[0], out_features))
+
+
+_LOAD_LOCK = threading.Lock()
+_loaded: list[str | None] = []  # the one outcome of _load_once, once there is one
+
+
+def _load() -> str | None:
+    """The compiled path's name ("avx512-vnni", "avx2", ...), or None with one warning if it failed."""
+    with _LOAD_LOCK:  # two threads' first calls: one builds and loads, the other waits for it
+        if not _loaded:
+            _loaded.append(_load_once())
+        return _loaded[0]
+
+
+def _load_once() -> str | None:
+    try:
+        isa = _build(os.environ.get("KILN_GGUF_MARCH", "native"))
+    except Exception as e:  # noqa: BLE001  (a compiler, ninja or header missing: all mean "not here")
+        log.warning("GGUF CPU kernels unavailable, could not build the extension: %s", _reason(e))
+        return None
+    log.info("GGUF CPU kernels built for %s", isa)
+    return isa
+
+
+def _reason(e: Exception) -> str:
+    # A failed build's message is ninja's log: the compiler's commands, then what went wrong.
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for key in ("error:", "not found", "No such file", "fatal"):
+        hit = next((ln for ln in lines if key in ln), None)
+        if hit:
+            return hit[:300]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+def available() -> bool:
+    """True when the extension compiled and loaded on this machine (builds it on first call)."""
+    return _load() is not None
+
+
+def isa() -> str | None:
+    """Which instruction set the loaded kernels use, or None when unavailable."""
+    return _load()
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
+    """``x @ dequant(w).T``: x [M, K] float32, w [N, K / block * block bytes] uint8 in GGUF's row layout.
+
+    Returns [M, N] float32. The activations go through int8 (a scale per 32 values, or per 256 for
+    the K-quants), so results differ from the float product by that rounding, as llama.cpp's do.
+    """
+    # NOTE: a decode step makes hundreds of these calls, so the checks stick to cheap attributes
+    # (x.device builds an object; x.is_cpu does not).
+    spec = _SPECS.get(fmt)
+    if spec is None:
+        raise ValueError(f"unknown GGUF format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    index, bf = spec
+    if in_features <= 0 or in_features % bf.block:
+        raise ValueError(f"{fmt}: in_features must be a positive multiple of {bf.block}, got {in_features}")
+    if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(f"x must be a CPU float32 tensor [M, {in_features}], got {x.dtype} {tuple(x.shape)} on {x.device}")
+    row_bytes = in_features // bf.block * bf.type_size
+    if w.dtype != torch.uint8 or not w.is_cpu or w.shape != (out_features, row_bytes):
+        raise ValueError(
+            f"{fmt} weight for {out_features}x{in_features} must be a CPU uint8 tensor [{out_features}, {row_bytes}], "
+            f"got {w.dtype} {tuple(w.shape)} on {w.device}"
+        )
+    op = _matmul_op
+    if op is None:
+        if _load() is None:
+            raise RuntimeError("the GGUF CPU kernels could not be built here; check available() first")
+        op = _matmul_op
+    return op(x if x.is_contiguous() else x.contiguous(), w if w.is_contiguous() else w.contiguous(), index,
+              out_features, in_features)

@@ -1,0 +1,42 @@
+// torch.ops.kiln_gguf: the kernels as dispatcher ops, so torch.compile and the profiler see them.
+// Python (__init__.py) checks arguments and raises ValueError; the checks here only guard the
+// kernels against a caller that goes around it.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "gguf_kernels.h"
+
+namespace {
+
+at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t fmt, int64_t out_features,
+                       int64_t in_features) {
+  TORCH_CHECK(fmt >= 0 && fmt < kiln_gguf::kFormatCount, "kiln_gguf::matmul: unknown format ", fmt);
+  const auto format = static_cast<kiln_gguf::Format>(fmt);
+  const kiln_gguf::FormatInfo fi = kiln_gguf::format_info(format);
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "kiln_gguf::matmul: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "kiln_gguf::matmul: x must be a contiguous 2-D float32 tensor");
+  TORCH_CHECK(in_features > 0 && in_features % fi.block == 0 && x.size(1) == in_features,
+              "kiln_gguf::matmul: bad in_features");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(0) == out_features &&
+                  w.size(1) == in_features / fi.block * fi.bytes,
+              "kiln_gguf::matmul: w must be a contiguous uint8 [out_features, blocks * block bytes] tensor");
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+  kiln_gguf::matmul(x.data_ptr<float>(), x.size(0), in_features, w.data_ptr<uint8_t>(), out_features, format,
+                    y.data_ptr<float>());
+  return y;
+}
+
+std::string gguf_isa() { return kiln_gguf::isa_name(); }
+
+}  // namespace
+
+TORCH_LIBRARY(kiln_gguf, m) {
+  m.def("matmul(Tensor x, Tensor w, int fmt, int out_features, int in_features) -> Tensor");
+  m.def("isa() -> str", &gguf_isa);
+}
+
+TORCH_LIBRARY_IMPL(kiln_gguf, CPU, m) { m.impl("matmul", &gguf_matmul); }

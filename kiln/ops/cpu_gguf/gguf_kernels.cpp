@@ -1,0 +1,591 @@
+// x @ dequant(w).T over GGUF block-quantized weights, read in place (llama.cpp's way on a CPU).
+//
+// Each call quantizes the activation rows once to int8 (a float scale per 32 values for the
+// 32-weight formats, as ggml's Q8_0; per 256 for the K-quants, as Q8_K) and takes integer dot
+// products against the weight blocks, applying the blocks' float scales once per block. Weights
+// are unpacked to unsigned bytes (a 4-bit nibble as 0..15, q8_0 shifted by 128), which is what
+// the u8 x s8 dot instructions take; the offset a format subtracts (8 for q4_0, 32 for q6_k, a
+// K-quant's min) then comes back as coef * (activation scale * sum of the activation's int8
+// values): one float per 16 or 32 weights kept aside and dotted once per output at the end.
+//
+// A decode step (one activation row) reads every weight byte once and is bound by memory; output
+// rows are split over torch's threads. With several activation rows each unpacked weight block
+// meets up to kRowTile rows while it is in registers, so the cost grows much slower than M. The
+// quantized activations are stored block-major ([block][row][values]) so that the rows of a tile
+// sit at fixed offsets from one pointer.
+#include "gguf_kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "simd.h"
+
+namespace kiln_gguf {
+
+FormatInfo format_info(Format fmt) {
+  switch (fmt) {
+    case Format::Q4_0: return {32, 18};
+    case Format::Q4_1: return {32, 20};
+    case Format::Q8_0: return {32, 34};
+    case Format::Q4_K: return {256, 144};
+    case Format::Q5_K: return {256, 176};
+    case Format::Q6_K: return {256, 210};
+  }
+  return {0, 0};
+}
+
+const char* isa_name() { return KILN_GGUF_ISA; }
+
+namespace {
+
+// Enough multiply-adds per task that waking a thread pays for itself.
+constexpr int64_t kMinTaskWork = int64_t(1) << 16;
+
+// ---------------------------------------------------------------------------------------------
+// Activations
+
+struct QuantizedActs {
+  int64_t M = 0;
+  int64_t K = 0;
+  int64_t group = 0;      // values per float scale: the weight format's block
+  int64_t sum_group = 0;  // values per entry of s: the granularity of the format's offsets
+  std::unique_ptr<int8_t[]> q;  // [K / group][M][group]
+  std::unique_ptr<float[]> d;   // [K / group][M]
+  std::unique_ptr<float[]> s;   // [M][K / sum_group]: d * (sum of q over the sum group)
+
+  const float* s_row(int64_t m) const { return s.get() + m * (K / sum_group); }
+};
+
+// One scale group (a multiple of 32 values) to int8 with d = max|x| / 127, rounding to nearest.
+void quantize_group(const float* x, int64_t n, int64_t sum_group, int8_t* q, float* d, float* s) {
+#ifdef KILN_GGUF_AVX2
+  __m256 vmax = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t i = 0; i < n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float amax = _mm_cvtss_f32(m);
+  const float dd = amax / 127.0f;
+  const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  *d = dd;
+  // packs_epi32 then packs_epi16 interleave the four vectors by 32-bit chunks; this undoes it.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t i = 0; i < n; i += 32) {
+    const __m256i v0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+    const __m256i v1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), inv));
+    const __m256i v2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 16), inv));
+    const __m256i v3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 24), inv));
+    if (sum_group == 32) {
+      s[i / 32] = dd * float(hsum_i32(_mm256_add_epi32(_mm256_add_epi32(v0, v1), _mm256_add_epi32(v2, v3))));
+    } else {
+      s[i / 16] = dd * float(hsum_i32(_mm256_add_epi32(v0, v1)));
+      s[i / 16 + 1] = dd * float(hsum_i32(_mm256_add_epi32(v2, v3)));
+    }
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(v0, v1), _mm256_packs_epi32(v2, v3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(packed, order));
+  }
+#else
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float dd = amax / 127.0f;
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  *d = dd;
+  for (int64_t g = 0; g < n; g += sum_group) {
+    int32_t total = 0;
+    for (int64_t i = g; i < g + sum_group; ++i) {
+      // lrintf rounds half to even, as cvtps_epi32 does on the SIMD path.
+      const long v = std::min(127L, std::max(-127L, lrintf(x[i] * inv)));
+      q[i] = int8_t(v);
+      total += int32_t(v);
+    }
+    s[g / sum_group] = dd * float(total);
+  }
+#endif
+}
+
+QuantizedActs quantize_acts(const float* x, int64_t M, int64_t K, int64_t group, int64_t sum_group) {
+  QuantizedActs a;
+  a.M = M;
+  a.K = K;
+  a.group = group;
+  a.sum_group = sum_group;
+  a.q.reset(new int8_t[M * K]);
+  a.d.reset(new float[M * (K / group)]);
+  a.s.reset(new float[M * (K / sum_group)]);
+  const int64_t groups = K / group;
+  at::parallel_for(0, M, std::max<int64_t>(1, kMinTaskWork / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t g = 0; g < groups; ++g) {
+        quantize_group(x + m * K + g * group, group, sum_group, a.q.get() + (g * M + m) * group,
+                       a.d.get() + g * M + m, a.s.get() + m * (K / sum_group) + g * (group / sum_group));
+      }
+    }
+  });
+  return a;
+}
+
+// Q4_K and Q5_K pack eight 6-bit scales and eight 6-bit mins into 12 bytes: bytes 0-3 hold the low
+// six bits of scales 0-3, bytes 4-7 those of mins 0-3, and the top two bits of bytes 0-7 with the
+// nibbles of bytes 8-11 make up scales and mins 4-7. Returned as two 8-byte words each.
+struct KScales {
+  uint64_t sc;
+  uint64_t mn;
+};
+
+inline KScales unpack_k_scales(const uint8_t* p) {
+  uint8_t sc[8], mn[8];
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = p[j] & 63;
+    mn[j] = p[j + 4] & 63;
+    sc[j + 4] = (p[j + 8] & 0x0f) | ((p[j] >> 6) << 4);
+    mn[j + 4] = (p[j + 8] >> 4) | ((p[j + 4] >> 6) << 4);
+  }
+  KScales out;
+  std::memcpy(&out.sc, sc, 8);
+  std::memcpy(&out.mn, mn, 8);
+  return out;
+}
+
+// Every kernel computes out[r * ldo + i] for activation rows m0 + r (r < MT) against weight rows
+// w[i] (i < the lanes type's kRows), and uses cw[i] (K / sum_group floats) as scratch for row i's
+// offset coefficients; cw[2 + i] is more scratch of that size.
+#define KILN_ROWS_ARGS                                                                                      \
+  const uint8_t *const *w, int64_t nblocks, const QuantizedActs &a, int64_t m0, float *out, int64_t ldo, \
+      float *const *cw
+
+// cw_scale multiplies every offset coefficient, so the block loop can store a scale as it is.
+template <class V, int MT>
+inline __attribute__((always_inline)) void finish_rows(const float (*tot)[V::kRows], const QuantizedActs& a,
+                                                       int64_t m0, float* out, int64_t ldo, float* const* cw,
+                                                       float cw_scale = 1.0f) {
+  const int64_t ncw = a.K / a.sum_group;
+  for (int r = 0; r < MT; ++r)
+    for (int i = 0; i < V::kRows; ++i)
+      out[r * ldo + i] = tot[r][i] + cw_scale * dot_f32(cw[i], a.s_row(m0 + r), ncw);
+}
+
+#ifdef KILN_GGUF_AVX2
+
+// ---------------------------------------------------------------------------------------------
+// 32-weight formats
+
+// How far ahead of the block in hand each weight row's stream is prefetched. Decode does little
+// work per byte, so a core waits on memory unless loads are in flight well ahead of it: this
+// took decode from 5 to 10 GB/s a core (the hardware prefetcher alone ramps up too slowly over
+// rows a few hundred bytes long). 4096 measured slower, probably loads aliasing stores 4 KiB apart.
+constexpr int64_t kPrefetchAhead = 4352;
+
+template <int kRows>
+inline void prefetch_rows(const uint8_t* const* w, int64_t off, int64_t bytes) {
+  for (int i = 0; i < kRows; ++i)
+    for (int64_t o = 0; o < bytes; o += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w[i] + off + o + kPrefetchAhead), _MM_HINT_T0);
+}
+
+struct Q4_0Block {
+  static constexpr int64_t kBytes = 18;
+  // Byte j holds weights j (low nibble) and j + 16 (high nibble).
+  template <class V>
+  static typename V::I unpack(const uint8_t* const* w, int64_t off) {
+    return v_and(V::nibbles16(w, off + 2), V::splat8(0x0f));
+  }
+  template <class V>
+  static typename V::I dot(typename V::I wq, typename V::I x) { return v_dot_u8s8(V::zero(), wq, x); }
+  // The offset is -8 * d: the block loop keeps d, the end multiplies.
+  static constexpr bool kOffsetIsScale = true;
+  static constexpr float kOffsetScale = -8.0f;
+};
+
+struct Q4_1Block {
+  static constexpr int64_t kBytes = 20;
+  template <class V>
+  static typename V::I unpack(const uint8_t* const* w, int64_t off) {
+    return v_and(V::nibbles16(w, off + 4), V::splat8(0x0f));
+  }
+  template <class V>
+  static typename V::I dot(typename V::I wq, typename V::I x) { return v_dot_u8s8(V::zero(), wq, x); }
+  // The offset is the block's m (fp16 after d).
+  static constexpr bool kOffsetIsScale = false;
+  static constexpr float kOffsetScale = 1.0f;
+};
+
+struct Q8_0Block {
+  static constexpr int64_t kBytes = 34;
+#ifdef KILN_GGUF_VNNI
+  // w + 128 as unsigned; the 128 comes back through the offset.
+  template <class V>
+  static typename V::I unpack(const uint8_t* const* w, int64_t off) {
+    return v_xor(V::bytes32(w, off + 2), V::splat8(int8_t(0x80)));
+  }
+  template <class V>
+  static typename V::I dot(typename V::I wq, typename V::I x) { return v_dot_u8s8(V::zero(), wq, x); }
+  static constexpr bool kOffsetIsScale = true;
+  static constexpr float kOffsetScale = -128.0f;
+#else
+  // maddubs would saturate on 255 * 127 * 2, so the weights' signs move onto the activations.
+  template <class V>
+  static typename V::I unpack(const uint8_t* const* w, int64_t off) { return V::bytes32(w, off + 2); }
+  template <class V>
+  static __m256i dot(__m256i wq, __m256i x) {
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(x, wq));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+  }
+  static constexpr bool kOffsetIsScale = true;
+  static constexpr float kOffsetScale = 0.0f;
+#endif
+};
+
+template <class V, class B, int MT>
+void rows_q32(KILN_ROWS_ARGS) {
+  using I = typename V::I;
+  using F = typename V::F;
+  F acc[MT];
+  for (int r = 0; r < MT; ++r) acc[r] = V::fzero();
+  const int8_t* xq = a.q.get() + m0 * 32;
+  const float* xd = a.d.get() + m0;
+  // The blocks' scales: in cw itself where the offset is a multiple of them, else beside it.
+  float* const* ds = B::kOffsetIsScale ? cw : cw + 2;
+  for (int64_t b = 0; b < nblocks; ++b, xq += a.M * 32, xd += a.M) {
+    const int64_t off = b * B::kBytes;
+    // Blocks smaller than half a cache line: one prefetch every other block still touches each line.
+    if (B::kBytes > 32 || (b & 1) == 0) prefetch_rows<V::kRows>(w, off, B::kBytes);
+    const I wq = B::template unpack<V>(w, off);
+    for (int i = 0; i < V::kRows; ++i) {
+      const __m128 dm = fp16x4_at(w[i] + off);  // d, then q4_1's m
+      ds[i][b] = _mm_cvtss_f32(dm);
+      if constexpr (!B::kOffsetIsScale) cw[i][b] = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+    }
+    // Read back from memory: broadcasting from there costs no shuffle.
+    const F vd = V::rows_at(ds, b);
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; ++r) {
+      const I p = B::template dot<V>(wq, V::act(xq + 32 * r));
+      acc[r] = v_fma(v_cvt(p), v_mul(vd, V::splat(xd[r])), acc[r]);
+    }
+  }
+  float tot[MT][V::kRows];
+#pragma GCC unroll 8
+  for (int r = 0; r < MT; ++r) V::hsum_rows(acc[r], tot[r]);
+  finish_rows<V, MT>(tot, a, m0, out, ldo, cw, B::kOffsetScale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// K-quants: 256-weight super-blocks of sub-blocks with 6-bit (Q4_K, Q5_K) or 8-bit (Q6_K) scales.
+// A sub-block's products go through int16 (maddubs), are scaled by the sub-block's integer scale
+// with a 16-bit multiply-add, and the float scales apply once per super-block.
+
+// Shuffle control that copies int16 lane j of each 128-bit lane to all eight lanes of that lane.
+template <class V>
+inline typename V::I broadcast_word(int j) { return V::splat16(int16_t(((2 * j + 1) << 8) | (2 * j))); }
+
+// Bit j of every byte moved to bit 4 (other bits are left for the caller to mask).
+template <class I>
+inline I bit_to_4(I v, int j) {
+  return j < 4 ? v_slli16(v, 4 - j) : j > 4 ? v_srli16(v, j - 4) : v;
+}
+
+template <class V, bool kFive, int MT>
+void rows_q45_k(KILN_ROWS_ARGS) {
+  using I = typename V::I;
+  using F = typename V::F;
+  constexpr int64_t kBytes = kFive ? 176 : 144;
+  const I low4 = V::splat8(0x0f);
+  const I bit4 = V::splat8(0x10);
+  F acc[MT];
+  for (int r = 0; r < MT; ++r) acc[r] = V::fzero();
+  const int8_t* xq = a.q.get() + m0 * 256;
+  const float* xd = a.d.get() + m0;
+  for (int64_t sb = 0; sb < nblocks; ++sb, xq += a.M * 256, xd += a.M) {
+    const int64_t off = sb * kBytes;
+    prefetch_rows<V::kRows>(w, off, kBytes);
+    float d[V::kRows];
+    __m128i sc16[V::kRows];
+    for (int i = 0; i < V::kRows; ++i) {
+      const uint8_t* blk = w[i] + off;
+      d[i] = fp16_to_f32(blk);
+      // The same unpacking as unpack_k_scales, four bytes at a time (x86 is little-endian).
+      uint32_t u[3];
+      std::memcpy(u, blk + 4, 12);
+      const uint32_t sc_lo = u[0] & 0x3f3f3f3f;
+      const uint32_t mn_lo = u[1] & 0x3f3f3f3f;
+      const uint32_t sc_hi = (u[2] & 0x0f0f0f0f) | ((u[0] >> 2) & 0x30303030);
+      const uint32_t mn_hi = ((u[2] >> 4) & 0x0f0f0f0f) | ((u[1] >> 2) & 0x30303030);
+      const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, int(mn_hi), int(mn_lo))));
+      _mm256_storeu_ps(cw[i] + 8 * sb, _mm256_mul_ps(mins, _mm256_set1_ps(-fp16_to_f32(blk + 2))));
+      sc16[i] = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, int(sc_hi), int(sc_lo)));
+    }
+    const I scales = V::rows128(sc16);
+    const int64_t qs = off + (kFive ? 48 : 16);
+    const I qh = kFive ? V::bytes32(w, off + 16) : V::zero();
+    I isum[MT];
+    for (int r = 0; r < MT; ++r) isum[r] = V::zero();
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      // 32 bytes: sub-block 2c in the low nibbles, 2c + 1 in the high ones.
+      const I bytes = V::bytes32(w, qs + 32 * c);
+      I w0 = v_and(bytes, low4);
+      I w1 = v_and(v_srli16(bytes, 4), low4);
+      if constexpr (kFive) {
+        // Bit j of qh's bytes is the fifth bit of sub-block j: shifted to bit 4 and masked there.
+        w0 = v_or(w0, v_and(bit_to_4(qh, 2 * c), bit4));
+        w1 = v_or(w1, v_and(bit_to_4(qh, 2 * c + 1), bit4));
+      }
+      const I s0 = v_shuffle8(scales, broadcast_word<V>(2 * c));
+      const I s1 = v_shuffle8(scales, broadcast_word<V>(2 * c + 1));
+#pragma GCC unroll 8
+      for (int r = 0; r < MT; ++r) {
+        const int8_t* xp = xq + 256 * r + 64 * c;
+        isum[r] = v_madd16(isum[r], v_maddubs(w0, V::act(xp)), s0);
+        isum[r] = v_madd16(isum[r], v_maddubs(w1, V::act(xp + 32)), s1);
+      }
+    }
+    const F vd = V::rows(d);
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; ++r) acc[r] = v_fma(v_cvt(isum[r]), v_mul(vd, V::splat(xd[r])), acc[r]);
+  }
+  float tot[MT][V::kRows];
+#pragma GCC unroll 8
+  for (int r = 0; r < MT; ++r) V::hsum_rows(acc[r], tot[r]);
+  finish_rows<V, MT>(tot, a, m0, out, ldo, cw);
+}
+
+template <class V, int MT>
+void rows_q6_k(KILN_ROWS_ARGS) {
+  using I = typename V::I;
+  using F = typename V::F;
+  const I low4 = V::splat8(0x0f);
+  const I top2 = V::splat8(0x30);
+  F acc[MT];
+  for (int r = 0; r < MT; ++r) acc[r] = V::fzero();
+  const int8_t* xq = a.q.get() + m0 * 256;
+  const float* xd = a.d.get() + m0;
+  for (int64_t sb = 0; sb < nblocks; ++sb, xq += a.M * 256, xd += a.M) {
+    // Layout: ql[128] (low nibbles), qh[64] (two high bits), int8 scales[16] (one per 16), fp16 d.
+    const int64_t off = sb * 210;
+    prefetch_rows<V::kRows>(w, off, 210);
+    float d[V::kRows];
+    __m128i sc8[V::kRows];
+    for (int i = 0; i < V::kRows; ++i) {
+      d[i] = fp16_to_f32(w[i] + off + 208);
+      sc8[i] = load128(w[i] + off + 192);
+      const __m256 m32d = _mm256_set1_ps(-32.0f * d[i]);
+      _mm256_storeu_ps(cw[i] + 16 * sb, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8[i])), m32d));
+      _mm256_storeu_ps(cw[i] + 16 * sb + 8,
+                       _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8[i], 8))), m32d));
+    }
+    const I sc16 = V::rows_i8_to_i16(sc8);
+    I isum[MT];
+    for (int r = 0; r < MT; ++r) isum[r] = V::zero();
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      // Each half of 128 weights: ql[64h + l] holds weight l (low nibble) and l + 64 (high), for
+      // l < 64; bits 2g, 2g + 1 of qh[32h + l] are the top bits of weight 32g + l. Shifts take
+      // the busiest port with 512-bit registers, so the top bits are masked where they land.
+      const I l0 = V::bytes32(w, off + 64 * h);
+      const I l1 = V::bytes32(w, off + 64 * h + 32);
+      const I hi = V::bytes32(w, off + 128 + 32 * h);
+      I g[4];
+      g[0] = v_or(v_and(l0, low4), v_and(v_slli16(hi, 4), top2));
+      g[1] = v_or(v_and(l1, low4), v_and(v_slli16(hi, 2), top2));
+      g[2] = v_or(v_and(v_srli16(l0, 4), low4), v_and(hi, top2));
+      g[3] = v_or(v_and(v_srli16(l1, 4), low4), v_and(v_srli16(hi, 2), top2));
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        // Scales 2j, 2j + 1 (j = 4h + k) for the two 16-weight halves of this sub-block.
+        const int j = 4 * h + k;
+        const I sv = V::pick_pair(sc16, sc8, j);
+#pragma GCC unroll 8
+        for (int r = 0; r < MT; ++r) isum[r] = v_madd16(isum[r], v_maddubs(g[k], V::act(xq + 256 * r + 32 * j)), sv);
+      }
+    }
+    const F vd = V::rows(d);
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; ++r) acc[r] = v_fma(v_cvt(isum[r]), v_mul(vd, V::splat(xd[r])), acc[r]);
+  }
+  float tot[MT][V::kRows];
+#pragma GCC unroll 8
+  for (int r = 0; r < MT; ++r) V::hsum_rows(acc[r], tot[r]);
+  finish_rows<V, MT>(tot, a, m0, out, ldo, cw);
+}
+
+template <class V, int MT>
+void rows_for(Format fmt, KILN_ROWS_ARGS) {
+  switch (fmt) {
+    case Format::Q4_0: return rows_q32<V, Q4_0Block, MT>(w, nblocks, a, m0, out, ldo, cw);
+    case Format::Q4_1: return rows_q32<V, Q4_1Block, MT>(w, nblocks, a, m0, out, ldo, cw);
+    case Format::Q8_0: return rows_q32<V, Q8_0Block, MT>(w, nblocks, a, m0, out, ldo, cw);
+    case Format::Q4_K: return rows_q45_k<V, false, MT>(w, nblocks, a, m0, out, ldo, cw);
+    case Format::Q5_K: return rows_q45_k<V, true, MT>(w, nblocks, a, m0, out, ldo, cw);
+    case Format::Q6_K: return rows_q6_k<V, MT>(w, nblocks, a, m0, out, ldo, cw);
+  }
+}
+
+#ifdef KILN_GGUF_AVX512
+using Lanes = Zmm;
+#else
+using Lanes = Ymm;
+#endif
+
+#else  // no AVX2: one scalar kernel over a decoded block
+
+struct Scalar {
+  static constexpr int kRows = 1;
+};
+using Lanes = Scalar;
+
+// A block decoded for the scalar path: unsigned weights, an integer scale per 16 weights, the
+// block's float scale, and the offset coefficients (one per sum group).
+struct DecodedBlock {
+  uint8_t u[256];
+  int32_t isc[16];
+  float d;
+  float cw[16];
+};
+
+void decode_block(Format fmt, const uint8_t* b, DecodedBlock& o) {
+  switch (fmt) {
+    case Format::Q4_0:
+    case Format::Q4_1: {
+      const uint8_t* qs = b + (fmt == Format::Q4_0 ? 2 : 4);
+      for (int j = 0; j < 16; ++j) {
+        o.u[j] = qs[j] & 0x0f;
+        o.u[j + 16] = qs[j] >> 4;
+      }
+      o.d = fp16_to_f32(b);
+      o.isc[0] = o.isc[1] = 1;
+      o.cw[0] = fmt == Format::Q4_0 ? -8.0f * o.d : fp16_to_f32(b + 2);
+      return;
+    }
+    case Format::Q8_0:
+      for (int j = 0; j < 32; ++j) o.u[j] = uint8_t(int(int8_t(b[2 + j])) + 128);
+      o.d = fp16_to_f32(b);
+      o.isc[0] = o.isc[1] = 1;
+      o.cw[0] = -128.0f * o.d;
+      return;
+    case Format::Q4_K:
+    case Format::Q5_K: {
+      const bool five = fmt == Format::Q5_K;
+      const uint8_t* qh = b + 16;
+      const uint8_t* qs = b + (five ? 48 : 16);
+      const KScales ks = unpack_k_scales(b + 4);
+      uint8_t sc[8], mn[8];
+      std::memcpy(sc, &ks.sc, 8);
+      std::memcpy(mn, &ks.mn, 8);
+      o.d = fp16_to_f32(b);
+      const float dmin = fp16_to_f32(b + 2);
+      for (int j = 0; j < 8; ++j) {
+        o.isc[2 * j] = o.isc[2 * j + 1] = sc[j];
+        o.cw[j] = -dmin * float(mn[j]);
+        for (int l = 0; l < 32; ++l) {
+          uint8_t v = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0f;
+          if (five) v |= ((qh[l] >> j) & 1) << 4;
+          o.u[32 * j + l] = v;
+        }
+      }
+      return;
+    }
+    case Format::Q6_K: {
+      const uint8_t* ql = b;
+      const uint8_t* qh = b + 128;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      o.d = fp16_to_f32(b + 208);
+      for (int i = 0; i < 16; ++i) {
+        o.isc[i] = sc[i];
+        o.cw[i] = -32.0f * o.d * float(sc[i]);
+      }
+      for (int h = 0; h < 2; ++h)
+        for (int g = 0; g < 4; ++g)
+          for (int l = 0; l < 32; ++l) {
+            const uint8_t low = (ql[64 * h + 32 * (g % 2) + l] >> (4 * (g / 2))) & 0x0f;
+            const uint8_t high = (qh[32 * h + l] >> (2 * g)) & 3;
+            o.u[128 * h + 32 * g + l] = uint8_t(low | (high << 4));
+          }
+      return;
+    }
+  }
+}
+
+template <class V, int MT>
+void rows_for(Format fmt, KILN_ROWS_ARGS) {
+  const FormatInfo fi = format_info(fmt);
+  const int64_t offsets = fi.block / a.sum_group;
+  float acc[MT] = {};
+  DecodedBlock blk;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    decode_block(fmt, w[0] + b * fi.bytes, blk);
+    for (int64_t c = 0; c < offsets; ++c) cw[0][b * offsets + c] = blk.cw[c];
+    for (int r = 0; r < MT; ++r) {
+      const int8_t* xq = a.q.get() + (b * a.M + m0 + r) * fi.block;
+      int32_t total = 0;
+      for (int64_t g = 0; g < fi.block / 16; ++g) {
+        int32_t part = 0;
+        for (int i = 0; i < 16; ++i) part += int32_t(blk.u[16 * g + i]) * int32_t(xq[16 * g + i]);
+        total += blk.isc[g] * part;
+      }
+      acc[r] += blk.d * a.d[b * a.M + m0 + r] * float(total);
+    }
+  }
+  float tot[MT][1];
+  for (int r = 0; r < MT; ++r) tot[r][0] = acc[r];
+  finish_rows<V, MT>(tot, a, m0, out, ldo, cw);
+}
+
+#endif
+
+// The kernel instantiated for exactly mt activation rows (1 <= mt <= kRowTile).
+template <class V, int MT = 1>
+void rows_tile(int mt, Format fmt, KILN_ROWS_ARGS) {
+  if constexpr (MT < kRowTile) {
+    if (mt != MT) return rows_tile<V, MT + 1>(mt, fmt, w, nblocks, a, m0, out, ldo, cw);
+  }
+  rows_for<V, MT>(fmt, w, nblocks, a, m0, out, ldo, cw);
+}
+
+// Output rows n .. n + count - 1 (count <= V::kRows) for all activation rows. A short group (the
+// odd row out of two-row kernels) repeats its last row into a scratch output instead of needing
+// kernels of its own.
+template <class V>
+void output_rows(Format fmt, const uint8_t* w, int64_t row_bytes, int64_t n, int64_t count, int64_t N,
+                 int64_t nblocks, const QuantizedActs& a, float* y, float* const* cw) {
+  const uint8_t* rows[V::kRows];
+  for (int i = 0; i < V::kRows; ++i) rows[i] = w + (n + std::min<int64_t>(i, count - 1)) * row_bytes;
+  for (int64_t m0 = 0; m0 < a.M; m0 += kRowTile) {
+    const int mt = int(std::min<int64_t>(kRowTile, a.M - m0));
+    if (count == V::kRows) {
+      rows_tile<V>(mt, fmt, rows, nblocks, a, m0, y + m0 * N + n, N, cw);
+    } else {
+      float part[kRowTile * V::kRows];
+      rows_tile<V>(mt, fmt, rows, nblocks, a, m0, part, V::kRows, cw);
+      for (int r = 0; r < mt; ++r)
+        for (int64_t i = 0; i < count; ++i) y[(m0 + r) * N + n + i] = part[r * V::kRows + i];
+    }
+  }
+}
+
+}  // namespace
+
+void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, Format fmt, float* y) {
+  if (M == 0 || N == 0) return;
+  const FormatInfo fi = format_info(fmt);
+  const int64_t nblocks = K / fi.block;
+  const int64_t row_bytes = nblocks * fi.bytes;
+  // Q6_K's scales cover 16 weights, so its offsets need activation sums per 16.
+  const int64_t sum_group = fmt == Format::Q6_K ? 16 : 32;
+  const QuantizedActs a = quantize_acts(x, M, K, fi.block, sum_group);
+  // An even grain keeps the two-row kernels' pairs whole.
+  const int64_t grain = std::max<int64_t>(2, kMinTaskWork / (K * M) + 1) & ~int64_t(1);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    const int64_t ncw = K / sum_group;
+    std::vector<float> scratch(4 * ncw);
+    float* cw[4] = {scratch.data(), scratch.data() + ncw, scratch.data() + 2 * ncw, scratch.data() + 3 * ncw};
+    for (int64_t n = n0; n < n1; n += Lanes::kRows)
+      output_rows<Lanes>(fmt, w, row_bytes, n, std::min<int64_t>(Lanes::kRows, n1 - n), N, nblocks, a, y, cw);
+  });
+}
+
+}  // namespace kiln_gguf

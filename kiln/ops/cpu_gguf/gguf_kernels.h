@@ -1,0 +1,28 @@
+// Matrix products over GGUF block-quantized weights on the CPU: the interface between the kernels
+// (gguf_kernels.cpp, no torch headers beyond ATen/Parallel.h, so it compiles in seconds) and the
+// torch binding (gguf_binding.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace kiln_gguf {
+
+// NOTE: the numbering is the order of FORMATS in __init__.py, which passes the index.
+enum class Format : int { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_K = 3, Q5_K = 4, Q6_K = 5 };
+constexpr int kFormatCount = 6;
+
+struct FormatInfo {
+  int64_t block;  // weights per block (32, or 256 for a K-quant super-block)
+  int64_t bytes;  // bytes per block, as ggml stores it
+};
+
+FormatInfo format_info(Format fmt);
+
+// y[M][N] = x[M][K] @ dequant(w).T, where w is N rows of K / block blocks each, row-major.
+// x and y are dense row-major float32; the caller checks shapes.
+void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, Format fmt, float* y);
+
+// Which SIMD path this build took ("avx512-vnni", "avx-vnni", "avx2" or "scalar").
+const char* isa_name();
+
+}  // namespace kiln_gguf

@@ -1,0 +1,235 @@
+"""The CPU GGUF kernels (kiln/ops/cpu_gguf) against the gguf package's own dequantization.
+
+Weights are real GGUF blocks: float weights quantized by gguf.quants where the package can
+(q4_0, q4_1, q8_0), random but valid blocks for the K-quants. Two checks per case:
+
+- against the float product ``x @ dequant(w).T``. The kernels round each activation to int8 with a
+  scale d = max|x| / 127 per group (32 values, or 256 for the K-quants), an error e_k uniform in
+  [-d/2, d/2] and independent of the weights, so an output's error has standard deviation
+  sigma = sqrt(sum_k w_k^2 d_k^2 / 12), computed per output from the actual groups. The test allows
+  6 sigma (plus float32 rounding): a real bug (a wrong nibble, bit or scale) is off by about
+  |x| |w| / sqrt(K), a hundred sigma or more;
+- against the same product with the activations rounded exactly as documented (numpy, half to
+  even): only float32 summation order may differ, so the tolerance is 1e-5 of |x| |w|.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from kiln.ops import cpu_gguf
+
+QTYPES = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}
+# Values per activation scale: llama.cpp's Q8_0 for the 32-weight formats, Q8_K for the K-quants.
+ACT_GROUP = {"q4_0": 32, "q4_1": 32, "q8_0": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}
+SIGMAS = 6.0
+FLOAT_RTOL = 1e-5
+
+
+def make_weights(fmt: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """[n, k / block * block bytes] uint8 of valid GGUF blocks."""
+    qtype = QTYPES[fmt]
+    if fmt in ("q4_0", "q4_1", "q8_0"):
+        return gguf.quants.quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), qtype)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    nb = n * k // block
+    raw = rng.integers(0, 256, size=(nb, size), dtype=np.uint8)  # quants, packed 6-bit scales and mins
+
+    def halves() -> np.ndarray:
+        return rng.uniform(1e-3, 2e-2, nb).astype(np.float16).view(np.uint8).reshape(nb, 2)
+
+    if fmt == "q6_k":
+        raw[:, 208:210] = halves()  # d; the 16 int8 scales stay random
+    else:
+        raw[:, 0:2] = halves()  # d
+        raw[:, 2:4] = halves()  # dmin
+    return raw.reshape(n, -1)
+
+
+def dequantize(fmt: str, w: np.ndarray, k: int) -> np.ndarray:
+    return gguf.quants.dequantize(w, QTYPES[fmt]).reshape(w.shape[0], k).astype(np.float64)
+
+
+def quantize_activations(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """int8 values [M, G, group] and scales [M, G, 1] as the kernels make them, in float32 as they do."""
+    g = x.astype(np.float32).reshape(x.shape[0], -1, group)
+    amax = np.abs(g).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    return np.clip(np.rint(g * inv), -127, 127), amax / np.float32(127)
+
+
+def check(fmt: str, x: np.ndarray, w: np.ndarray, n: int, k: int) -> None:
+    deq = dequantize(fmt, w, k)
+    out = cpu_gguf.matmul(torch.from_numpy(x), torch.from_numpy(w), fmt, n, k).double().numpy()
+    assert out.shape == (x.shape[0], n)
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)[:, None] * np.linalg.norm(deq, axis=1)[None, :]
+    group = ACT_GROUP[fmt]
+    q, d = quantize_activations(x, group)
+
+    exact = x.astype(np.float64) @ deq.T
+    w2 = (deq**2).reshape(n, -1, group).sum(axis=-1)  # [N, G]
+    sigma = np.sqrt((d[..., 0].astype(np.float64) ** 2 / 12) @ w2.T)
+    excess = np.abs(out - exact) - (SIGMAS * sigma + FLOAT_RTOL * norms + 1e-6)
+    assert excess.max() <= 0, f"{fmt} off the float product by {np.abs(out - exact).max():.3g} (worst excess {excess.max():.3g})"
+
+    emulated = (q * d).reshape(x.shape).astype(np.float64) @ deq.T
+    err = np.abs(out - emulated) - (FLOAT_RTOL * norms + 1e-6)
+    assert err.max() <= 0, f"{fmt} off its int8-activation emulation by {np.abs(out - emulated).max():.3g}"
+
+
+@pytest.fixture(scope="module")
+def portable_checks(request) -> dict[str, subprocess.Popen]:
+    """The AVX2 and scalar builds, checked in their own processes (a process holds one build).
+
+    Started before the native build so that the three compiles overlap on a cold cache.
+    """
+    procs: dict[str, subprocess.Popen] = {}
+    if any(item.name == "test_portable_builds" for item in request.session.items):
+        for march, isa in _portable_variants().items():
+            procs[march] = subprocess.Popen(
+                [sys.executable, "-c", _PORTABLE_CHECK, str(Path(__file__).parent), isa],
+                env={**os.environ, "KILN_GGUF_MARCH": march, "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels(portable_checks) -> None:
+    # A fixture, not a module-level call, so that importing this file (as the portable checks'
+    # processes do) builds nothing.
+    if not cpu_gguf.available():
+        pytest.skip("the GGUF CPU kernels could not be built here")
+
+
+def test_block_sizes_match_gguf():
+    for fmt, qtype in QTYPES.items():
+        bf = cpu_gguf.BLOCK_FORMATS[fmt]
+        assert (bf.block, bf.type_size) == gguf.GGML_QUANT_SIZES[qtype]
+    assert tuple(QTYPES) == cpu_gguf.FORMATS
+
+
+@pytest.mark.parametrize("fmt", cpu_gguf.FORMATS)
+@pytest.mark.parametrize("k", [256, 512, 2048])
+@pytest.mark.parametrize("n", [1, 7, 64, 300])
+def test_matmul_matches_dequantized_product(fmt: str, k: int, n: int):
+    rng = np.random.default_rng([k, n, cpu_gguf.FORMATS.index(fmt)])
+    w = make_weights(fmt, n, k, rng)
+    for m in (1, 3, 8):
+        check(fmt, rng.standard_normal((m, k)).astype(np.float32), w, n, k)
+
+
+@pytest.mark.parametrize("fmt", cpu_gguf.FORMATS)
+def test_many_rows_and_edge_activations(fmt: str):
+    # More rows than one register tile, odd output counts, and activation groups that are all zero,
+    # tiny, or huge.
+    rng = np.random.default_rng(7)
+    k, n = 512, 37
+    w = make_weights(fmt, n, k, rng)
+    x = rng.standard_normal((19, k)).astype(np.float32)
+    x[1] = 0.0
+    x[2, :256] = 0.0
+    x[3] *= 1e-30
+    x[4] *= 1e20
+    check(fmt, x, w, n, k)
+
+
+def test_threads_do_not_change_results():
+    rng = np.random.default_rng(3)
+    k, n = 512, 301
+    w = torch.from_numpy(make_weights("q4_k", n, k, rng))
+    x = torch.from_numpy(rng.standard_normal((5, k)).astype(np.float32))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_gguf.matmul(x, w, "q4_k", n, k)
+        torch.set_num_threads(max(2, before))
+        many = cpu_gguf.matmul(x, w, "q4_k", n, k)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(one, many, rtol=1e-6, atol=1e-5)
+
+
+def test_empty_batch():
+    w = torch.from_numpy(make_weights("q8_0", 4, 64, np.random.default_rng(0)))
+    assert cpu_gguf.matmul(torch.zeros(0, 64), w, "q8_0", 4, 64).shape == (0, 4)
+
+
+def test_bad_arguments_raise_value_error():
+    w = torch.from_numpy(make_weights("q4_0", 8, 256, np.random.default_rng(0)))
+    x = torch.randn(2, 256)
+    with pytest.raises(ValueError, match="unknown GGUF format"):
+        cpu_gguf.matmul(x, w, "q3_k", 8, 256)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        cpu_gguf.matmul(torch.randn(2, 96), torch.zeros(8, 96 // 256 * 144, dtype=torch.uint8), "q4_k", 8, 96)
+    with pytest.raises(ValueError, match="must be a CPU uint8 tensor"):
+        cpu_gguf.matmul(x, w, "q4_0", 9, 256)  # out_features disagrees with w
+    with pytest.raises(ValueError, match="must be a CPU uint8 tensor"):
+        cpu_gguf.matmul(x, w, "q4_1", 8, 256)  # q4_1 rows are longer
+    with pytest.raises(ValueError, match="must be a CPU uint8 tensor"):
+        cpu_gguf.matmul(x, w.float(), "q4_0", 8, 256)
+    with pytest.raises(ValueError, match="x must be"):
+        cpu_gguf.matmul(torch.randn(2, 128), w, "q4_0", 8, 256)
+    with pytest.raises(ValueError, match="x must be"):
+        cpu_gguf.matmul(x.double(), w, "q4_0", 8, 256)
+    with pytest.raises(ValueError, match="x must be"):
+        cpu_gguf.matmul(x[0], w, "q4_0", 8, 256)
+
+
+_PORTABLE_CHECK = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_cpu_gguf_kernels as t
+from kiln.ops import cpu_gguf
+assert cpu_gguf.isa() == sys.argv[2], cpu_gguf.isa()
+rng = np.random.default_rng(11)
+for fmt in cpu_gguf.FORMATS:
+    for k, n in ((256, 7), (512, 64)):
+        w = t.make_weights(fmt, n, k, rng)
+        for m in (1, 3, 9):
+            t.check(fmt, rng.standard_normal((m, k)).astype(np.float32), w, n, k)
+print("ok")
+"""
+
+
+def _cpu_has(*flags: str) -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(flags) <= set(line.split())
+
+
+def _portable_variants() -> dict[str, str]:
+    """-march value -> the ISA path that build takes, for the variants this CPU can run."""
+    variants = {}
+    if _cpu_has("sse2"):
+        variants["x86-64"] = "scalar"
+    if _cpu_has("avx2", "fma", "f16c"):
+        variants["haswell"] = "avx2"
+    return variants
+
+
+def test_portable_builds(portable_checks):
+    if not portable_checks:
+        pytest.skip("not an x86-64 machine")
+    for march, proc in portable_checks.items():
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0 and output.strip().endswith("ok"), f"{march}:\n{output[-3000:]}"
