@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packed GGUF engines on the CPU, side by side in one run: kiln with the file's blocks kept packed, kiln
 # with them decoded to float32 (--decode-weights), and llama.cpp on the same file, at batch 1, 2 threads,
-# 128 prompt / 128 output tokens. Each engine is built once into OUT_DIR; the JSON of every run lands there.
+# 128 prompt / 128 output tokens. Each engine is built once into ENGINES; the JSON of every run lands in OUT_DIR.
 #
 #   bash benchmarks/cpu_packed_vs_llamacpp.sh OUT_DIR [FILE.gguf ...]
 #
@@ -15,7 +15,7 @@
 # transformers, sentencepiece, safetensors, gguf, protobuf.)
 #
 # Environment: LLAMACPP_PYTHON (default /work/llamacpp-venv/bin/python), DECODED (default 1: also run the
-# float32 engine of the first file; 0 skips it), ITERATIONS (default 3).
+# float32 engine of the first file; 0 skips it), ITERATIONS (default 3), ENGINES (default /tmp/kiln-bench-engines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -23,6 +23,7 @@ OUT=${1:?usage: bash benchmarks/cpu_packed_vs_llamacpp.sh OUT_DIR [FILE.gguf ...
 shift
 LLAMACPP_PYTHON=${LLAMACPP_PYTHON:-/work/llamacpp-venv/bin/python}
 ITERATIONS=${ITERATIONS:-3}
+ENGINES=${ENGINES:-/tmp/kiln-bench-engines}  # built once, outside OUT_DIR (a 1B engine is about 1 GB)
 mkdir -p "$OUT"
 files=("$@")
 if [ ${#files[@]} -eq 0 ]; then
@@ -39,7 +40,7 @@ for file in "${files[@]}"; do
   first=0
   for spec in "${engines[@]}"; do
     IFS=: read -r kind dir flags envs <<< "$spec"
-    engine="$OUT/engines/$name-$dir"
+    engine="$ENGINES/$name-$dir"
     [ -f "$engine/engine.json" ] || python3 -m kiln.cli.main build "$file" -o "$engine" --max-seq-len 512 $flags
     echo "== kiln $name ($kind), load $(cut -d' ' -f1-3 /proc/loadavg)"
     env $envs python3 -m kiln.cli.main bench latency "$engine" --input-len 128 --output-len 128 --batch-size 1 \
