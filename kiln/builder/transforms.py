@@ -2,7 +2,8 @@
 
 Packed weights (``kiln.weight_formats``) stay packed: a fused projection whose parts share one format is
 the parts' rows one after the other, still packed; parts of different formats (a Q4_K_M file's Q4_K
-query and Q6_K value projections) are decoded and fused as float, since one weight has one format.
+query and Q6_K value projections) stay apart, one tensor each (``...weight_parts.i``), since one tensor
+has one format (``MergedColumnLinear`` multiplies by each).
 """
 from __future__ import annotations
 
@@ -36,9 +37,17 @@ def engine_tensors(config: ModelConfig, checkpoint: dict[str, torch.Tensor], dty
         if keep_packed and len(set(part_formats)) == 1 and part_formats[0] != FLOAT:
             out[name] = torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0].contiguous()
             out_formats[name] = part_formats[0]
-            continue
-        floats = [t if fmt == FLOAT else block_format(fmt).dequantize(t) for t, fmt in zip(tensors, part_formats)]
-        out[name] = (floats[0] if len(floats) == 1 else torch.cat(floats, dim=0)).to(dtype).contiguous()
+        elif keep_packed and len(set(part_formats)) > 1:
+            # One tensor has one format: the fused weight is held as its projections, each in its own.
+            prefix, _, param = name.rpartition(".")
+            for i, (tensor, fmt) in enumerate(zip(tensors, part_formats)):
+                part = f"{prefix}.{param}_parts.{i}"
+                out[part] = tensor.contiguous() if fmt != FLOAT else tensor.to(dtype).contiguous()
+                if fmt != FLOAT:
+                    out_formats[part] = fmt
+        else:
+            floats = [t if fmt == FLOAT else block_format(fmt).dequantize(t) for t, fmt in zip(tensors, part_formats)]
+            out[name] = (floats[0] if len(floats) == 1 else torch.cat(floats, dim=0)).to(dtype).contiguous()
     return out, out_formats
 
 

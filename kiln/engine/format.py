@@ -18,7 +18,7 @@ import torch
 from kiln.errors import EngineError
 from kiln.models.config import ModelConfig
 from kiln.schema import BOOL, INT, STR, DictOf, ListOf, Nullable, Record, record_of, validate
-from kiln.weight_formats import block_format
+from kiln.weight_formats import FLOAT, block_format
 
 # 2: a weight may be packed in a block format (its manifest entry names the format).
 FORMAT_VERSION = 2
@@ -127,6 +127,11 @@ class Engine:
     def weight_formats(self) -> dict[str, str]:
         """The packed weights' formats by name (the others are float)."""
         return {t["name"]: t["format"] for t in self.manifest if "format" in t}
+
+    @property
+    def tensor_formats(self) -> dict[str, str]:
+        """Every weight's format by name, "float" for the float ones."""
+        return {t["name"]: t.get("format", FLOAT) for t in self.manifest}
 
     @property
     def stripped(self) -> bool:

@@ -11,6 +11,7 @@ from kiln.models import llama, mistral, qwen2
 from kiln.models.config import ModelConfig
 from kiln.nn import Mapping, MergedColumnLinear
 from kiln.ops import OpTable
+from kiln.weight_formats import FLOAT
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,26 @@ __all__ += ["checkpoint_layout", "weight_sources"]
 
 
 def apply_weight_formats(model: nn.Module, formats: dict[str, str]) -> None:
-    """Before loading: give each parameter named in ``formats`` (an engine's packed weights) its format,
-    so the model holds it as the engine stores it."""
+    """Before loading: give each parameter its format (``formats``: every engine tensor's, float included), so
+    the model holds its weights as the engine stores them: packed weights as uint8 blocks, and fused weights
+    held per projection (``...weight_parts.i``, see ``MergedColumnLinear``) as their parts."""
+    parts: dict[str, dict[int, str]] = {}
     for name, fmt in formats.items():
         module_name, _, param = name.rpartition(".")
+        if module_name.endswith(".weight_parts"):
+            parts.setdefault(module_name.removesuffix(".weight_parts"), {})[int(param)] = fmt
+            continue
+        if fmt == FLOAT:
+            continue
         module = model.get_submodule(module_name)
         if param != "weight" or not hasattr(module, "set_weight_format"):
             raise ValueError(f"{name} cannot hold a {fmt} weight: only linear and embedding weights are packed")
         module.set_weight_format(fmt)
+    for module_name, by_index in parts.items():
+        module = model.get_submodule(module_name)
+        if not isinstance(module, MergedColumnLinear) or sorted(by_index) != list(range(len(module.sizes))):
+            raise ValueError(f"{module_name} cannot hold its weight in parts {sorted(by_index)}")
+        module.set_part_formats([by_index[i] for i in range(len(by_index))])
 
 
 __all__ += ["apply_weight_formats"]

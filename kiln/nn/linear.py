@@ -69,13 +69,50 @@ class RowLinear(_Linear):
 
 
 class MergedColumnLinear(ColumnLinear):
-    """Several column projections of the same input stored as one weight (e.g. gate and up)."""
+    """Several column projections of the same input stored as one weight (e.g. gate and up).
+
+    Where the projections come in different formats (a Q4_K_M file's Q4_K query and key, Q6_K value) one
+    tensor cannot hold them: the layer then holds one weight per projection (``weight_parts.i``, each in its
+    format), multiplies by each and puts the results side by side.
+    """
+
+    # One format per projection when the weight is held in parts (set_part_formats); None: one weight.
+    part_formats: list[str] | None = None
 
     def __init__(self, in_features: int, sizes: list[int], bias: bool, ops: OpTable, fused_from: tuple[str, ...],
                  mapping: Mapping = Mapping()):
         super().__init__(in_features, sum(sizes), bias, ops, mapping)
         self.sizes = [mapping.shard(s, name) for s, name in zip(sizes, fused_from)]
         self.fused_from = fused_from
+
+    def set_part_formats(self, formats: list[str]) -> None:
+        """Before loading: hold the weight as one tensor per projection, in ``formats`` (float or packed)."""
+        if len(formats) != len(self.sizes):
+            raise ValueError(f"{len(formats)} formats for the {len(self.sizes)} projections {self.fused_from}")
+        device, parts = self.weight.device, []
+        for rows, fmt in zip(self.sizes, formats):
+            shape = (rows, self.in_features)
+            tensor = (torch.empty(shape, device=device) if fmt == FLOAT else
+                      torch.empty(block_format(fmt).packed_shape(shape), dtype=torch.uint8, device=device))
+            parts.append(nn.Parameter(tensor, requires_grad=False))
+        self.weight = None
+        self.weight_parts = nn.ParameterList(parts)
+        self.part_formats = list(formats)
+
+    def prepare_weights(self) -> None:
+        if self.part_formats is None:
+            super().prepare_weights()
+            return
+        ops = ["linear" if fmt == FLOAT else packed_op(fmt) for fmt in self.part_formats]
+        self.parts = [(getattr(self.ops, op), self.ops.prepare_weight(op, part.data))
+                      for op, part in zip(ops, self.weight_parts)]
+        self.weight_parts = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.part_formats is None:
+            return super().forward(x)
+        y = torch.cat([linear(x, weight, None) for linear, weight in self.parts], dim=-1)
+        return y if self.bias is None else y + self.bias
 
 
 class QKVLinear(MergedColumnLinear):

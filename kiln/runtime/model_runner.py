@@ -45,7 +45,7 @@ class ModelRunner:
         self.cuda_graphs_mode = cuda_graph_mode(cuda_graphs, device, self.ops)
         with torch.device("meta"):
             self.model = create_model(self.config, self.ops, max_positions=build.max_seq_len)
-            apply_weight_formats(self.model, engine.weight_formats)
+            apply_weight_formats(self.model, engine.tensor_formats)
         weights = load_weights(engine, device, verify=verify_weights)
         self.model.load_state_dict(weights, strict=True, assign=True)
         for module in self.model.modules():

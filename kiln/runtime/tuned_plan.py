@@ -87,7 +87,7 @@ def weights_read(engine: Engine) -> dict[str, list[tuple[int, int]]]:
     recorder = _Recorder()
     with torch.device("meta"):
         model = create_model(ModelConfig.from_dict(engine.model), recorder, max_positions=engine.build.max_seq_len)
-        apply_weight_formats(model, engine.weight_formats)
+        apply_weight_formats(model, engine.tensor_formats)
     for module in model.modules():
         if hasattr(module, "prepare_weights"):
             module.prepare_weights()
