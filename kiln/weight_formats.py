@@ -19,6 +19,15 @@ Layouts (llama.cpp's; ``d``, ``dmin``, ``m`` are float16):
 - ``q5_k``: as ``q4_k`` plus 32 bytes holding each q's fifth bit.
 - ``q6_k``: 256 weights in 16 sub-blocks of 16: 128 bytes of low 4 bits, 64 bytes of high 2 bits,
   16 int8 scales, d; w = d sc (q - 32).
+
+kiln's own quantized formats (``kiln build --quantize``), which kiln also writes (``quantize``):
+
+- ``int4_g32`` ... ``int4_g256``: ``q4_1``'s layout over groups of 32 to 256 weights: d, m, then the 4-bit
+  q; w = d q + m, rounded to nearest from each group's minimum and maximum (``int4_g32`` is ``q4_1``'s
+  bytes, as llama.cpp's reference quantizer writes them).
+- ``int8``: per output channel: a float32 scale s, then the row's int8 q; w = s q (symmetric, s = max |w| / 127).
+- ``fp8``: per output channel: a float32 scale s, then the row's float8 e4m3 values e; w = s e
+  (s = max |w| / 448). Its op also rounds the activations to e4m3, per token (W8A8, dynamic scales).
 """
 from __future__ import annotations
 
@@ -33,10 +42,27 @@ FLOAT = "float"  # a plain tensor of the engine's dtype: no format of its own
 @dataclass(frozen=True, slots=True)
 class BlockFormat:
     name: str
-    ggml_type: int  # gguf.GGMLQuantizationType's value
+    ggml_type: int | None  # gguf.GGMLQuantizationType's value (None: a format of kiln's own)
     block: int  # weights per block
     type_size: int  # bytes per block
     _decode: Callable[[torch.Tensor], torch.Tensor]  # [n, type_size] uint8 -> [n, block] float32
+    _encode: Callable[[torch.Tensor], torch.Tensor] | None = None  # [n, block] float32 -> [n, type_size] uint8
+
+    @property
+    def bytes_per_weight(self) -> float:
+        return self.type_size / self.block
+
+    @property
+    def can_quantize(self) -> bool:
+        return self._encode is not None
+
+    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (float [out, in]) in this format, on its device (round to nearest)."""
+        if self._encode is None:
+            raise ValueError(f"kiln reads {self.name} weights but does not write them")
+        rows, row_bytes = self.packed_shape(tuple(weight.shape))
+        blocks = self._encode(weight.float().reshape(-1, self.block))
+        return blocks.reshape(rows, row_bytes)
 
     def packed_shape(self, shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
         """The uint8 shape that holds a float weight of ``shape`` ([out, in]) in this format."""
@@ -63,6 +89,52 @@ class BlockFormat:
         return values.reshape(*lead, -1).to(dtype)
 
 
+INT4_GROUPS = (32, 64, 128, 256)
+SCALE_BYTES = 4  # a row format's float32 scale
+
+
+@dataclass(frozen=True, slots=True)
+class RowFormat:
+    """A weight scaled per output channel: each row is its float32 scale, then one byte per weight
+    (``element``: int8 or float8 e4m3) with w = scale * value."""
+    name: str
+    element: torch.dtype
+    max_value: float  # the largest magnitude ``element`` holds: max |w| of a row maps to it
+    bytes_per_weight: float = 1.0
+    can_quantize: bool = True
+
+    def packed_shape(self, shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
+        out_features, in_features = shape
+        return out_features, SCALE_BYTES + in_features
+
+    def logical_shape(self, packed: tuple[int, ...] | list[int]) -> tuple[int, int]:
+        rows, row_bytes = packed
+        if row_bytes <= SCALE_BYTES:
+            raise ValueError(f"{self.name} rows are a {SCALE_BYTES}-byte scale and the weights, not {row_bytes} bytes")
+        return rows, row_bytes - SCALE_BYTES
+
+    def split(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values ([..., in] of ``element``) and the float32 scales ([..., 1]) of a packed weight."""
+        if packed.dtype != torch.uint8 or packed.shape[-1] <= SCALE_BYTES:
+            raise ValueError(f"a {self.name} tensor is uint8 rows of a scale and the weights; got "
+                             f"{packed.dtype} {list(packed.shape)}")
+        scales = packed[..., :SCALE_BYTES].contiguous().view(torch.float32)
+        return packed[..., SCALE_BYTES:].contiguous().view(self.element), scales
+
+    def dequantize(self, packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        values, scales = self.split(packed)
+        return (values.float() * scales).to(dtype)
+
+    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (float [out, in]) in this format, on its device (round to nearest)."""
+        weight = weight.float()
+        amax = weight.abs().amax(dim=-1, keepdim=True)
+        scales = torch.where(amax > 0, amax / self.max_value, torch.ones_like(amax))
+        scaled = (weight / scales).clamp(-self.max_value, self.max_value)
+        values = scaled.round().to(self.element) if not self.element.is_floating_point else scaled.to(self.element)
+        return torch.cat((scales.view(torch.uint8), values.view(torch.uint8)), dim=-1)
+
+
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """The float16 at byte ``start`` of each block, as float32 [n, 1]."""
     return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
@@ -79,6 +151,22 @@ def _decode_q4_0(blocks: torch.Tensor) -> torch.Tensor:
 
 def _decode_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     return _f16(blocks, 0) * _nibbles(blocks[:, 4:]).float() + _f16(blocks, 2)
+
+
+def _as_f16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """float [n, 1] -> their float16 bytes [n, 2]."""
+    return values.to(torch.float16).view(torch.uint8).reshape(-1, 2)
+
+
+def _encode_q4_1(weights: torch.Tensor) -> torch.Tensor:
+    """Groups [n, g] -> d, m, the 4-bit q: llama.cpp's ``quantize_row_q4_1_ref`` (q = trunc((w - m) / d + 0.5))."""
+    low = weights.amin(dim=-1, keepdim=True)
+    high = weights.amax(dim=-1, keepdim=True)
+    d = (high - low) / 15
+    inverse = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    q = ((weights - low) * inverse + 0.5).to(torch.int32).clamp(0, 15).to(torch.uint8)
+    half = weights.shape[-1] // 2
+    return torch.cat((_as_f16_bytes(d), _as_f16_bytes(low), q[:, :half] | (q[:, half:] << 4)), dim=-1)
 
 
 def _decode_q8_0(blocks: torch.Tensor) -> torch.Tensor:
@@ -134,18 +222,41 @@ def _decode_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return w.reshape(-1, 256)
 
 
-FORMATS: dict[str, BlockFormat] = {f.name: f for f in (
+FORMATS: dict[str, BlockFormat | RowFormat] = {f.name: f for f in (
     BlockFormat("q4_0", 2, 32, 18, _decode_q4_0),
-    BlockFormat("q4_1", 3, 32, 20, _decode_q4_1),
+    BlockFormat("q4_1", 3, 32, 20, _decode_q4_1, _encode_q4_1),
     BlockFormat("q8_0", 8, 32, 34, _decode_q8_0),
     BlockFormat("q4_k", 12, 256, 144, _decode_q4_k),
     BlockFormat("q5_k", 13, 256, 176, _decode_q5_k),
     BlockFormat("q6_k", 14, 256, 210, _decode_q6_k),
+    *(BlockFormat(f"int4_g{g}", None, g, 4 + g // 2, _decode_q4_1, _encode_q4_1) for g in INT4_GROUPS),
+    RowFormat("int8", torch.int8, 127.0),
+    RowFormat("fp8", torch.float8_e4m3fn, 448.0),
 )}
-BY_GGML_TYPE: dict[int, BlockFormat] = {f.ggml_type: f for f in FORMATS.values()}
+BY_GGML_TYPE: dict[int, BlockFormat] = {f.ggml_type: f for f in FORMATS.values()
+                                        if isinstance(f, BlockFormat) and f.ggml_type is not None}
 
 
-def block_format(name: str) -> BlockFormat:
+# The formats kiln quantizes float weights into (BuildConfig.quantization).
+QUANTIZED = (*(f"int4_g{g}" for g in INT4_GROUPS), "int8", "fp8")
+
+
+def quantized_format(kind: str, group_size: int | None = None) -> str:
+    """The format ``kiln build --quantize kind [--group-size N]`` writes: int4 in groups (128 by default);
+    int8 and fp8 scaled per output channel."""
+    if kind == "int4":
+        group = group_size or 128
+        if group not in INT4_GROUPS:
+            raise ValueError(f"int4 groups are {', '.join(map(str, INT4_GROUPS))} weights, not {group}")
+        return f"int4_g{group}"
+    if kind in ("int8", "fp8"):
+        if group_size is not None:
+            raise ValueError(f"{kind} weights are scaled per output channel: a group size is for int4")
+        return kind
+    raise ValueError(f"unknown quantization {kind!r}; kiln quantizes to int8, int4 or fp8")
+
+
+def block_format(name: str) -> BlockFormat | RowFormat:
     try:
         return FORMATS[name]
     except KeyError:
@@ -156,6 +267,9 @@ def random_packed(fmt: BlockFormat, shape: tuple[int, int], generator: torch.Gen
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """A packed weight of float ``shape`` [out, in] with random quants and scales of a trained model's size
     (values about N(0, 1/in)), valid in every field: for tests and for timing kernels."""
+    if fmt.can_quantize:
+        weight = torch.randn(shape, generator=generator) / shape[1] ** 0.5
+        return fmt.quantize(weight).to(device)
     rows, row_bytes = fmt.packed_shape(shape)
     blocks = torch.randint(0, 256, (rows * row_bytes // fmt.type_size, fmt.type_size), dtype=torch.uint8,
                            generator=generator)
@@ -183,12 +297,18 @@ def random_packed(fmt: BlockFormat, shape: tuple[int, int], generator: torch.Gen
     return blocks.reshape(rows, row_bytes).to(device)
 
 
-FOUR_BIT = ("q4_0", "q4_1", "q4_k")
+FOUR_BIT = ("q4_0", "q4_1", "q4_k", *(f"int4_g{g}" for g in INT4_GROUPS))
+
+
+def four_bit_group_size(fmt: BlockFormat) -> int:
+    """The weights that share a scale and an offset in a 4-bit format."""
+    return 32 if fmt.ggml_type is not None else fmt.block
 
 
 def four_bit_groups(fmt: BlockFormat, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A 4-bit format's weight as (q, scale, offset): uint8 quants [out, in] in 0..15, and float32 [out, in / 32]
-    per group of 32 weights, with w = scale * q + offset exactly (for kernels that read 4-bit groups)."""
+    """A 4-bit format's weight as (q, scale, offset): uint8 quants [out, in] in 0..15, and float32
+    [out, in / group] (``four_bit_group_size``), with w = scale * q + offset exactly (for kernels that read
+    4-bit groups)."""
     if fmt.name not in FOUR_BIT:
         raise ValueError(f"{fmt.name} is not a 4-bit format ({', '.join(FOUR_BIT)})")
     rows = packed.shape[0]
@@ -199,7 +319,7 @@ def four_bit_groups(fmt: BlockFormat, packed: torch.Tensor) -> tuple[torch.Tenso
         q = _k_quants(blocks[:, 16:144])
         scale, offset = d * sc, -(dmin * mn)
     else:
-        q = _nibbles(blocks[:, fmt.type_size - 16:])
+        q = _nibbles(blocks[:, fmt.type_size - fmt.block // 2:])
         d = _f16(blocks, 0)
         scale = d
         offset = -8 * d if fmt.name == "q4_0" else _f16(blocks, 2)

@@ -22,7 +22,10 @@ from kiln.ops import REFERENCE, get_op
 from kiln.ops.packed_linear import op_name
 from kiln.runtime import LLM, SamplingParams
 from kiln.runtime.request import Request
-from kiln.weight_formats import FORMATS, block_format, random_packed
+from kiln.weight_formats import BY_GGML_TYPE, block_format, random_packed
+
+# GGUF's block formats (kiln's own quantized formats: test_quantize.py).
+FORMATS = {f.name: f for f in BY_GGML_TYPE.values()}
 
 # bfloat16 activations (PyTorch's int4 kernel) or int8 ones per block (kiln's ggml kernels) against
 # float32: the relative error of one product (measured 3e-3 and 5e-3 to 8e-3 on these weights).

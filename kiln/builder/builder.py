@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from kiln.builder.plan import choose_plan
-from kiln.builder.transforms import engine_tensors
+from kiln.builder.transforms import engine_tensors, quantize_linear_weights
 from kiln.checkpoint.checkpoint import Checkpoint, is_checkpoint, open_source, read_checkpoint, write_checkpoint
 from kiln.engine import FORMAT_VERSION, TOKENIZER_FILES, BuildConfig, manifest_of, weights_file, write_engine_json
 from kiln.engine.target import target_of
@@ -35,7 +35,7 @@ def build(
     """Build the engine at ``out``; nothing is left there unless the build succeeds.
 
     Packed weights (a GGUF file's blocks) stay packed, each in its format; ``keep_packed=False`` decodes
-    them into the build dtype instead.
+    them into the build dtype instead. ``config.quantization`` quantizes the linear layers' float weights.
 
     The ops with a choice of kernels are timed at the engine's shapes (``tune``; None: on a GPU).
     ``plugins`` are the user's plugin files: imported first (their plugins are candidates too) and
@@ -63,6 +63,9 @@ def build(
         tensors, formats = engine_tensors(checkpoint.config, source_tensors, config.torch_dtype, checkpoint.formats,
                                           keep_packed)
         del source_tensors
+        if config.quantization:
+            steps.set_postfix_str(f"quantize to {config.quantization}")
+            quantize_linear_weights(checkpoint.config, tensors, formats, config.quantization, device)
         steps.update()
         steps.set_postfix_str("write weights")
         if not strip_weights:

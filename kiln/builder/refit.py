@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from kiln.builder.transforms import engine_tensors
+from kiln.builder.transforms import engine_tensors, quantize_linear_weights
 from kiln.checkpoint.checkpoint import read_checkpoint
 from kiln.engine import check_against_manifest, manifest_of, read_engine, weights_file, write_engine_json
 from kiln.errors import BuildError, EngineError
@@ -20,7 +20,8 @@ def refit(engine_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, out:
     """Put the checkpoint's weights into the engine (in place, or into a copy at ``out``).
 
     Every name, shape, dtype and format is checked before anything is written; on any mismatch the
-    engine is left as it was. A packed checkpoint (a GGUF file's blocks) refits a float engine decoded.
+    engine is left as it was. A packed checkpoint (a GGUF file's blocks) refits a float engine decoded; a
+    quantized engine (``kiln build --quantize``) takes float weights quantized as its build did.
     """
     engine = read_engine(engine_dir, need_weights=False)
     checkpoint = read_checkpoint(checkpoint_dir)
@@ -33,6 +34,8 @@ def refit(engine_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, out:
         # A float engine takes a packed checkpoint's weights decoded; a packed one takes them as they are.
         tensors, formats = engine_tensors(config, checkpoint.load_tensors(), engine.build.torch_dtype,
                                           checkpoint.formats, keep_packed=bool(engine.weight_formats))
+        if engine.build.quantization:  # float weights are quantized on the way, as the build did
+            quantize_linear_weights(config, tensors, formats, engine.build.quantization)
         check_against_manifest(engine.manifest, tensors, f"refit of {engine.path} from {checkpoint.path}", formats)
     except EngineError as e:
         raise BuildError(str(e)) from None

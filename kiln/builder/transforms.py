@@ -1,4 +1,5 @@
-"""Checkpoint tensors -> engine tensors: fuse projections the plan runs as one, cast to the build dtype.
+"""Checkpoint tensors -> engine tensors: fuse projections the plan runs as one, cast to the build dtype,
+quantize linear layers' weights (``kiln build --quantize``).
 
 Packed weights (``kiln.weight_formats``) stay packed: a fused projection whose parts share one format is
 the parts' rows one after the other, still packed; parts of different formats (a Q4_K_M file's Q4_K
@@ -7,11 +8,15 @@ has one format (``MergedColumnLinear`` multiplies by each).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from kiln.errors import BuildError
-from kiln.models import ModelConfig, weight_sources
-from kiln.weight_formats import FLOAT, block_format
+from kiln.models import ModelConfig, linear_weights, weight_sources
+from kiln.weight_formats import FLOAT, INT4_GROUPS, block_format
+
+log = logging.getLogger(__name__)
 
 
 def engine_tensors(config: ModelConfig, checkpoint: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -56,3 +61,33 @@ def _take(checkpoint: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         return checkpoint[name]
     except KeyError:
         raise BuildError(f"the checkpoint has no tensor {name!r}") from None
+
+
+def quantize_linear_weights(config: ModelConfig, tensors: dict[str, torch.Tensor], formats: dict[str, str],
+                            target: str, device: torch.device | str = "cpu") -> None:
+    """Quantize (in place) every float weight of a linear layer into format ``target`` (round to nearest,
+    computed on ``device``), and record its format. A fused projection is quantized as one: every format
+    kiln writes scales rows or groups within a row, so that equals quantizing each projection alone.
+    Packed weights keep their own format; embeddings and the output head stay float."""
+    linear = linear_weights(config)
+    for name in list(tensors):
+        owner = name.rsplit(".weight_parts.", 1)[0] + ".weight" if ".weight_parts." in name else name
+        if owner not in linear or name in formats:
+            continue
+        fmt = block_format(_fitting(target, tensors[name].shape[1], name))
+        tensors[name] = fmt.quantize(tensors[name].to(device)).cpu()
+        formats[name] = fmt.name
+
+
+def _fitting(target: str, in_features: int, name: str) -> str:
+    """``target``, or for int4 groups that do not divide a row, the largest smaller group that does
+    (SmolLM2's 576-wide rows take groups of 64 where 128 were asked)."""
+    if not target.startswith("int4_g") or in_features % int(target.removeprefix("int4_g")) == 0:
+        return target
+    wanted = int(target.removeprefix("int4_g"))
+    for group in sorted(INT4_GROUPS, reverse=True):
+        if group < wanted and in_features % group == 0:
+            log.info("%s: rows of %d weights take int4 groups of %d, not %d", name, in_features, group, wanted)
+            return f"int4_g{group}"
+    raise BuildError(f"cannot quantize {name} to {target}: its rows of {in_features} weights are no multiple of "
+                     f"{min(INT4_GROUPS)}")

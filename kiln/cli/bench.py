@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kiln.cli.build_options import add_quantize_options, quantization
 from kiln.engine.format import BuildConfig
 from kiln.errors import KilnError
 
@@ -81,6 +82,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="default: float32 on CPU, bfloat16 on GPU; a built engine keeps its own")
     g.add_argument("--max-seq-len", type=int, default=None, help="default: the model's limit, at most 4096")
     g.add_argument("--kv-block-size", type=int, default=None, help=f"default {BuildConfig.kv_block_size}")
+    add_quantize_options(g)
 
 
 def _add_machine_options(p: argparse.ArgumentParser) -> None:
@@ -226,11 +228,15 @@ def _engine(args: argparse.Namespace, batch: int | None) -> tuple[Path, Engine]:
         engine_dir = Path(engine_for(args.model, args.dtype, args.device, max_batch_size=build_batch,
                                      max_seq_len=args.max_seq_len, kv_block_size=args.kv_block_size,
                                      max_num_tokens=max(args.max_num_tokens or BuildConfig.max_num_tokens,
-                                                        build_batch)))
+                                                        build_batch), quantization=quantization(args)))
     engine = read_engine(engine_dir)
     if args.dtype is not None and engine.build.dtype != args.dtype:
         raise KilnError(f"engine {engine_dir} holds {engine.build.dtype} weights, not --dtype {args.dtype}; "
                         f"benchmark it without --dtype, or build another engine")
+    asked = quantization(args)
+    if asked is not None and engine.build.quantization != asked:
+        raise KilnError(f"engine {engine_dir} was built with quantization {engine.build.quantization}, not {asked}; "
+                        f"benchmark it without --quantize, or build another engine")
     return engine_dir, engine
 
 

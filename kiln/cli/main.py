@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from kiln.engine.format import BuildConfig
+from kiln.cli.build_options import add_build_options, build_fields
 from kiln.errors import KilnError
 
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p = verbs.add_parser("build", help="checkpoint, Hugging Face folder or GGUF file -> engine")
     p.add_argument("source", help="a kiln checkpoint, a Hugging Face model folder or a .gguf file")
     p.add_argument("-o", "--output", required=True, help="engine folder to create")
-    _add_build_options(p)
+    add_build_options(p)
     p.add_argument("--strip-weights", action="store_true", help="leave the weights out (fill with kiln refit)")
     p.add_argument("--decode-weights", action="store_true",
                    help="decode packed weights (a GGUF file's Q4_K, Q8_0, ... blocks) into --dtype instead of "
@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None)
-    _add_build_options(p, for_run=True)
+    add_build_options(p, for_run=True)
     p.set_defaults(run=_run)
 
     from kiln.cli import bench, serve
 
-    serve.add_parser(verbs, _add_build_options)
+    serve.add_parser(verbs, add_build_options)
     bench.add_parser(verbs)
 
     args = parser.parse_args(argv)
@@ -79,21 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _add_build_options(p: argparse.ArgumentParser, for_run: bool = False) -> None:
-    g = p.add_argument_group("build options" + (" (when the model must be built first)" if for_run else ""))
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weight and activation dtype (default: float32 on CPU, bfloat16 on GPU)")
-    g.add_argument("--max-batch-size", type=int, default=None, help=f"default {BuildConfig.max_batch_size}")
-    g.add_argument("--max-seq-len", type=int, default=None, help="default: the model's limit, at most 4096")
-    g.add_argument("--max-num-tokens", type=int, default=None,
-                   help=f"tokens computed per step (prefill chunk; default {BuildConfig.max_num_tokens})")
-    g.add_argument("--kv-block-size", type=int, default=None, help=f"default {BuildConfig.kv_block_size}")
-
-
-def _build_limits(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size")}
-
-
 def _convert(args: argparse.Namespace) -> None:
     from kiln.checkpoint.checkpoint import convert
 
@@ -105,7 +90,7 @@ def _build(args: argparse.Namespace) -> None:
     from kiln.builder import build
     from kiln.builder.engine_cache import build_config
 
-    config = build_config(args.source, args.dtype, args.device, **_build_limits(args))
+    config = build_config(args.source, args.dtype, args.device, **build_fields(args))
     out = build(args.source, args.output, config, strip_weights=args.strip_weights, device=args.device,
                 tune={"auto": None, "on": True, "off": False}[args.tune], plugins=args.plugins,
                 keep_packed=not args.decode_weights)
@@ -135,7 +120,7 @@ def _run(args: argparse.Namespace) -> None:
     from kiln.builder.engine_cache import engine_for
     from kiln.runtime import LLM, SamplingParams
 
-    engine_dir = engine_for(args.model, args.dtype, args.device, **_build_limits(args))
+    engine_dir = engine_for(args.model, args.dtype, args.device, **build_fields(args))
     llm = LLM(engine_dir, device=args.device)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)

@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> None:
         return
     from kiln.builder.engine_cache import engine_for
 
-    limits = {k: getattr(args, k) for k in ("max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size")}
-    engine = engine_for(args.model, args.dtype, **limits)
+    from kiln.cli.build_options import build_fields
+
+    engine = engine_for(args.model, args.dtype, **build_fields(args))
     name = args.served_model_name or served_name(args.model)
     with tempfile.TemporaryDirectory(prefix="kiln-serve-") as root:
         write_model_folder(Path(root), name, engine)

@@ -18,7 +18,7 @@ import torch
 from kiln.errors import EngineError
 from kiln.models.config import ModelConfig
 from kiln.schema import BOOL, INT, STR, DictOf, ListOf, Nullable, Record, record_of, validate
-from kiln.weight_formats import FLOAT, block_format
+from kiln.weight_formats import FLOAT, QUANTIZED, block_format
 
 # 2: a weight may be packed in a block format (its manifest entry names the format).
 FORMAT_VERSION = 2
@@ -58,6 +58,8 @@ class BuildConfig:
     max_num_tokens: int = 512
     kv_block_size: int = 16
     kv_cache_dtype: str | None = None  # None: the same as dtype
+    # The format kiln quantizes the float weights of linear layers into (kiln.weight_formats.QUANTIZED):
+    # "int8", "fp8", "int4_g128", ...; None: they stay in dtype. Packed weights (a GGUF file's) keep theirs.
     quantization: str | None = None
     tp_size: int = 1
 
@@ -75,8 +77,8 @@ class BuildConfig:
         if self.max_num_tokens < self.max_batch_size:
             problems.append(f"max_num_tokens ({self.max_num_tokens}) must be at least max_batch_size "
                             f"({self.max_batch_size}) so that every running request can decode in one step")
-        if self.quantization is not None:
-            problems.append(f"quantization {self.quantization!r} is not supported yet")
+        if self.quantization is not None and self.quantization not in QUANTIZED:
+            problems.append(f"quantization {self.quantization!r} is not one of {', '.join(QUANTIZED)}")
         if self.tp_size != 1:
             problems.append("tensor parallelism (tp_size > 1) is not supported yet")
         if problems:
@@ -178,11 +180,14 @@ def _check_packed_entry(tensor: dict, what: str) -> None:
     except ValueError as e:
         raise EngineError(f"{what}: {e}") from None
     logical = tensor.get("logical_shape")
-    fits = (tensor["dtype"] == "uint8" and logical is not None and len(logical) == 2
-            and logical[1] % fmt.block == 0 and list(fmt.packed_shape(logical)) == tensor["shape"])
+    try:
+        fits = (tensor["dtype"] == "uint8" and logical is not None and len(logical) == 2
+                and list(fmt.logical_shape(tensor["shape"])) == logical)
+    except ValueError:
+        fits = False
     if not fits:
-        raise EngineError(f"{what}: a {fmt.name} weight is uint8 {fmt.block}-weight blocks of {fmt.type_size} bytes; "
-                          f"shape {tensor['shape']} ({tensor['dtype']}) does not hold logical_shape {logical}")
+        raise EngineError(f"{what}: shape {tensor['shape']} ({tensor['dtype']}) does not hold a {fmt.name} weight "
+                          f"of logical_shape {logical}")
 
 
 def write_engine_json(directory: Path, meta: dict) -> None:

@@ -83,6 +83,8 @@ def format_text(d: dict) -> str:
             for fmt, row in sorted(d["weight_formats"].items())))
         lines.append(f"            {_size(saved)} less than all in {b['dtype']} "
                      f"({_size(d['float_weight_bytes'])}, {d['weight_bytes'] / d['float_weight_bytes']:.0%} of it)")
+    if b.get("quantization"):
+        lines.append(f"quantized   linear layers' float weights to {b['quantization']} at build (kiln build --quantize)")
     lines += [
         "",
         f"limits      max batch {b['max_batch_size']}, max sequence {b['max_seq_len']}, "

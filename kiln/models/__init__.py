@@ -9,7 +9,7 @@ from torch import nn
 
 from kiln.models import llama, mistral, qwen2
 from kiln.models.config import ModelConfig
-from kiln.nn import Mapping, MergedColumnLinear
+from kiln.nn import ColumnLinear, Mapping, MergedColumnLinear, RowLinear
 from kiln.ops import OpTable
 from kiln.weight_formats import FLOAT
 
@@ -67,12 +67,20 @@ def weight_sources(config: ModelConfig) -> dict[str, tuple[tuple[str, tuple[int,
     return sources
 
 
+def linear_weights(config: ModelConfig) -> set[str]:
+    """The engine tensors that are linear layers' weights (what ``kiln build --quantize`` quantizes; the
+    embeddings and the output head are not)."""
+    with torch.device("meta"):
+        model = create_model(config, OpTable(None, torch.device("cpu"), torch.float32), max_positions=1)
+    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, (ColumnLinear, RowLinear))}
+
+
 def checkpoint_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint of this config must hold (unfused names) and its shape."""
     return {src: shape for parts in weight_sources(config).values() for src, shape in parts}
 
 
-__all__ += ["checkpoint_layout", "weight_sources"]
+__all__ += ["checkpoint_layout", "linear_weights", "weight_sources"]
 
 
 def apply_weight_formats(model: nn.Module, formats: dict[str, str]) -> None:

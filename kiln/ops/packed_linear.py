@@ -1,4 +1,5 @@
-"""Matrix products with packed (GGUF block) weights: one op per format, ``linear_q4_0`` ... ``linear_q6_k``.
+"""Matrix products with packed weights: one op per format (``kiln.weight_formats``), ``linear_q4_0`` ...
+``linear_q6_k`` for a GGUF file's blocks, ``linear_int4_g128``, ``linear_int8``, ``linear_fp8`` for kiln's own.
 
 Each op is ``y = x W^T + b`` with W held in its format (``kiln.weight_formats``); one op per format so
 that a model mixing formats (a Q4_K_M file has Q4_K and Q6_K tensors) binds the fastest kernel for each,
@@ -15,7 +16,13 @@ timed at load like ``linear``. The reference decodes W once at load into the com
 - ``int4pack`` (q4_0, q4_1, q4_k; CPU): PyTorch's int4 weight-only kernel (``_weight_int4pack_mm_for_cpu``,
   AVX-512 / AVX2), over the weight repacked at load into 4-bit values with a bfloat16 scale and offset per
   32 weights (exact but for rounding the float16 block scales' products to bfloat16). Its activations
-  are bfloat16.
+  are bfloat16. Also kiln's ``int4_g*`` formats, at their group size.
+- ``tinygemm`` (the 4-bit formats; CUDA, compute capability 8.0+, bfloat16): PyTorch's int4 weight-only
+  CUDA kernel (``_weight_int4pack_mm``) over the same 4-bit values, scales and offsets.
+- ``int8pack`` (int8; CPU): PyTorch's int8 weight-only kernel (``_weight_int8pack_mm``), float activations.
+- ``scaled_mm`` (fp8; CUDA, compute capability 8.9+, bfloat16): ``torch._scaled_mm`` with the weight's
+  per-channel scales and each token's activations rounded to e4m3 with a scale of its own (one Triton
+  kernel quantizes the rows). ``linear_fp8``'s reference rounds the activations the same way.
 """
 from __future__ import annotations
 
@@ -26,9 +33,9 @@ import torch.nn.functional as F
 
 from kiln.ops import cpu_gguf
 from kiln.ops.registry import plugin, reference
-from kiln.weight_formats import FORMATS, FOUR_BIT, BlockFormat, four_bit_groups
+from kiln.weight_formats import FORMATS, FOUR_BIT, BlockFormat, RowFormat, four_bit_group_size, four_bit_groups
 
-GROUP = 32
+FP8_MAX = 448.0  # the largest float8 e4m3 value
 
 
 def op_name(fmt: str) -> str:
@@ -36,42 +43,141 @@ def op_name(fmt: str) -> str:
     return f"linear_{fmt}"
 
 
-def _register_reference(fmt: BlockFormat) -> None:
+def round_to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with each row rounded to float8 e4m3 at a scale of its own (max |row| -> 448), back in x's dtype:
+    what an FP8 matrix product with per-token activation scales multiplies by."""
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    return ((x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+
+
+def _register_reference(fmt: BlockFormat | RowFormat) -> None:
     def prepare(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return fmt.dequantize(weight, dtype)
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
-    linear.__doc__ = f"y = x W^T + b, W a {fmt.name} weight (decoded at load)."
-    reference(op_name(fmt.name), prepare=prepare, weight_format=fmt.name)(linear)
+    def linear_w8a8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(round_to_fp8(x), weight, bias)
+
+    fn = linear_w8a8 if fmt.name == "fp8" else linear
+    fn.__doc__ = (f"y = x W^T + b, W a {fmt.name} weight (decoded at load)"
+                  + (", x rounded to e4m3 per token." if fmt.name == "fp8" else "."))
+    reference(op_name(fmt.name), prepare=prepare, weight_format=fmt.name)(fn)
 
 
 def _int4pack_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
+def _int4_groups(fmt: BlockFormat, weight: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The weight's 4-bit values [rows padded to 16, in], and bfloat16 scales and zeros [in / group, rows
+    padded, 2] with w = (q - 8) * scale + zero, as PyTorch's int4 kernels read them; and the true rows."""
+    q, scale, offset = four_bit_groups(fmt, weight)
+    zero = offset + 8 * scale
+    rows = q.shape[0]
+    pad = -rows % 16
+    if pad:
+        q, scale, zero = (F.pad(t, (0, 0, 0, pad)) for t in (q, scale, zero))
+    scales_zeros = torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()
+    return q, scales_zeros, rows
+
+
 def _register_int4pack(fmt: BlockFormat) -> None:
+    group = four_bit_group_size(fmt)
+
     def prepare(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
-        q, scale, offset = four_bit_groups(fmt, weight)
-        # PyTorch's int4 kernels compute w = (q - 8) * scale + zero, over a multiple of 16 rows.
-        zero = offset + 8 * scale
-        rows = q.shape[0]
-        pad = -rows % 16
-        if pad:
-            q, scale, zero = (F.pad(t, (0, 0, 0, pad)) for t in (q, scale, zero))
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        scales_zeros = torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()
+        q, scales_zeros, rows = _int4_groups(fmt, weight)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1), scales_zeros, rows
+
+    def linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor, int],
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        packed, scales_zeros, rows = weight
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group, scales_zeros)
+        y = y[..., :rows].to(x.dtype)
+        return y if bias is None else y + bias
+
+    plugin(op_name(fmt.name), "int4pack", supports=_int4pack_supported, prepare=prepare, graph_safe=True)(linear)
+
+
+def _tinygemm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    return (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch.ops.aten, "_weight_int4pack_mm")
+            and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+TINYGEMM_INNER_K_TILES = 8  # the weight's layout for the kernel: in_features a multiple of 8 x 16
+
+
+def _register_tinygemm(fmt: BlockFormat) -> None:
+    group = four_bit_group_size(fmt)
+
+    def prepare(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+        q, scales_zeros, rows = _int4_groups(fmt, weight)
+        if q.shape[1] % (TINYGEMM_INNER_K_TILES * 16):
+            raise ValueError(f"the CUDA int4 kernel reads rows of a multiple of {TINYGEMM_INNER_K_TILES * 16} "
+                             f"weights, not {q.shape[1]}")
+        pairs = (q[:, ::2] << 4) | q[:, 1::2]  # two 4-bit values a byte, the first in the high nibble
+        packed = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), TINYGEMM_INNER_K_TILES)
         return packed, scales_zeros, rows
 
     def linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor, int],
                bias: torch.Tensor | None = None) -> torch.Tensor:
         packed, scales_zeros, rows = weight
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, GROUP, scales_zeros)
-        y = y[..., :rows].to(x.dtype)
+        lead = x.shape[:-1]
+        y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), packed, group,
+                                               scales_zeros)
+        y = y[:, :rows].reshape(*lead, rows).to(x.dtype)
         return y if bias is None else y + bias
 
-    plugin(op_name(fmt.name), "int4pack", supports=_int4pack_supported, prepare=prepare, graph_safe=True)(linear)
+    plugin(op_name(fmt.name), "tinygemm", supports=_tinygemm_supported, prepare=prepare, graph_safe=True)(linear)
+
+
+def _int8pack_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def _register_int8pack(fmt: RowFormat) -> None:
+    def prepare(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        values, scales = fmt.split(weight)
+        return values.contiguous(), scales.reshape(-1).to(dtype)
+
+    def linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor],
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        values, scales = weight
+        lead = x.shape[:-1]
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(scales.dtype), values, scales)
+        y = y.reshape(*lead, values.shape[0]).to(x.dtype)
+        return y if bias is None else y + bias
+
+    plugin(op_name(fmt.name), "int8pack", supports=_int8pack_supported, prepare=prepare, graph_safe=True)(linear)
+
+
+def _scaled_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    from kiln.ops.triton_plugins import _on_cuda
+
+    return (dtype == torch.bfloat16 and _on_cuda(device, dtype) and hasattr(torch, "_scaled_mm")
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def _register_scaled_mm(fmt: RowFormat) -> None:
+    def prepare(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        values, scales = fmt.split(weight)
+        # [in, out] column-major (the weight's rows as they are) and the scales as a row: what _scaled_mm reads.
+        return values.contiguous().t(), scales.reshape(1, -1).contiguous()
+
+    def linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor],
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        from kiln.ops.triton_kernels.fp8_rows import quantize_rows_fp8
+
+        values_t, scales = weight
+        lead = x.shape[:-1]
+        xq, x_scales = quantize_rows_fp8(x.reshape(-1, x.shape[-1]))
+        y = torch._scaled_mm(xq, values_t, scale_a=x_scales, scale_b=scales, out_dtype=torch.bfloat16)
+        y = y.reshape(*lead, values_t.shape[1])
+        return y if bias is None else y + bias
+
+    plugin(op_name(fmt.name), "scaled_mm", supports=_scaled_mm_supported, prepare=prepare, graph_safe=True)(linear)
 
 
 INT8_ACTIVATIONS_ENV = "KILN_INT8_ACTIVATIONS"
@@ -104,6 +210,10 @@ def _register_ggml(fmt: BlockFormat) -> None:
 
 for _fmt in FORMATS.values():
     _register_reference(_fmt)
-    _register_ggml(_fmt)
+    if _fmt.name in cpu_gguf.FORMATS:
+        _register_ggml(_fmt)
     if _fmt.name in FOUR_BIT:
         _register_int4pack(_fmt)
+        _register_tinygemm(_fmt)
+_register_int8pack(FORMATS["int8"])
+_register_scaled_mm(FORMATS["fp8"])

@@ -184,7 +184,7 @@ class Tuner:
         """Each round's seconds of one forward pass's work per (threads, rows) and candidate, and
         whether the machine was found busy. ``weight_format``: the format of the op's weights."""
         packed = None if weight_format == FLOAT else block_format(weight_format)
-        weight_bytes = self.dtype.itemsize if packed is None else packed.type_size / packed.block
+        weight_bytes = self.dtype.itemsize if packed is None else packed.bytes_per_weight
         sample, scale = _sample(workload.weight_shapes, weight_bytes,
                                 CACHE_MULTIPLE * last_level_cache_bytes(self.device))
         weights = [_weight(shape, self.dtype, self.device) if packed is None

@@ -1,0 +1,49 @@
+"""The build options that every verb which may build an engine takes (build, run, serve, bench), and the
+BuildConfig fields they give."""
+from __future__ import annotations
+
+import argparse
+
+from kiln.engine.format import BuildConfig
+from kiln.errors import KilnError
+from kiln.weight_formats import quantized_format
+
+LIMITS = ("max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size")
+
+
+def add_build_options(p: argparse.ArgumentParser, for_run: bool = False) -> None:
+    g = p.add_argument_group("build options" + (" (when the model must be built first)" if for_run else ""))
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weight and activation dtype (default: float32 on CPU, bfloat16 on GPU)")
+    g.add_argument("--max-batch-size", type=int, default=None, help=f"default {BuildConfig.max_batch_size}")
+    g.add_argument("--max-seq-len", type=int, default=None, help="default: the model's limit, at most 4096")
+    g.add_argument("--max-num-tokens", type=int, default=None,
+                   help=f"tokens computed per step (prefill chunk; default {BuildConfig.max_num_tokens})")
+    g.add_argument("--kv-block-size", type=int, default=None, help=f"default {BuildConfig.kv_block_size}")
+    add_quantize_options(g)
+
+
+def add_quantize_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--quantize", choices=["int8", "int4", "fp8"], default=None,
+                   help="quantize the linear layers' weights (round to nearest): int8 and fp8 scaled per output "
+                        "channel (fp8 also rounds activations per token: W8A8), int4 in groups; a GGUF file's "
+                        "packed weights keep their own format")
+    g.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="int4: weights per scale and offset, 32, 64, 128 (default) or 256")
+
+
+def quantization(args: argparse.Namespace) -> str | None:
+    """The weight format ``--quantize`` and ``--group-size`` ask for (BuildConfig.quantization)."""
+    if args.quantize is None:
+        if args.group_size is not None:
+            raise KilnError("--group-size is for --quantize int4")
+        return None
+    try:
+        return quantized_format(args.quantize, args.group_size)
+    except ValueError as e:
+        raise KilnError(str(e)) from None
+
+
+def build_fields(args: argparse.Namespace) -> dict:
+    """The BuildConfig fields the options give (None: not given)."""
+    return {**{name: getattr(args, name) for name in LIMITS}, "quantization": quantization(args)}
