@@ -4,6 +4,7 @@
 #   tests: the CUDA tests of the quantized and packed formats (tinygemm, scaled_mm, the fp8 row kernel)
 #   fp8:   1,000 requests of 128/128 at once, bf16 then --quantize fp8
 #   int4:  batch 1, 128 in / 256 out, bf16, --quantize int4 (groups of 128) and --quantize fp8
+#   main:  tests (2 minutes at most), then fp8
 # Needs the gguf wheel in .whl/ (README: Notes). Usage (repo root): bash benchmarks/h200_quantized.sh OUT {tests|fp8|int4}
 set -uo pipefail
 out="${1:-/tmp/out}"
@@ -25,16 +26,21 @@ bench() {  # name, then kiln bench arguments
   local name=$1; shift
   timeout 240 python3 -m kiln.cli.main bench "$@" --json "$out/h200_8b_$name.json" 2>&1 | grep -v "it/s\]" | tail -14
 }
-case "$stage" in
-  tests)
-    KILN_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_quantize.py \
+run_tests() {
+  KILN_TEST_DEVICE=cuda timeout "$1" python3 -m pytest -q -p no:cacheprovider tests/test_quantize.py \
       tests/test_packed_weights.py -k "not smollm2" 2>&1 | tee "$out/h200_quantized_tests.log" \
-      | grep -E "passed|failed|Error|FAILED" | tail -25 ;;
-  fp8)
-    for q in none fp8; do
-      engine $q
-      bench "throughput_$q" throughput /tmp/8b-$q --input-len 128 --output-len 128 --num-requests 1000
-    done ;;
+      | grep -E "passed|failed|Error|FAILED" | tail -25
+}
+run_fp8() {
+  for q in none fp8; do
+    engine $q
+    bench "throughput_$q" throughput /tmp/8b-$q --input-len 128 --output-len 128 --num-requests 1000
+  done
+}
+case "$stage" in
+  tests) run_tests 300 ;;
+  fp8) run_fp8 ;;
+  main) run_tests 120; run_fp8 ;;
   int4)
     for q in none int4 fp8; do
       engine $q

@@ -13,26 +13,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from tests_support import last_logits  # noqa: E402
 from kiln.builder import build
 from kiln.builder.engine_cache import default_model
 from kiln.engine import BuildConfig
-from kiln.runtime import LLM, SamplingParams
-from kiln.runtime.request import Request
+from kiln.runtime import LLM
 
 TEXT = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889 for the "
         "World's Fair. The city is also home to the Louvre, the world's largest art museum.")
-
-
-def prefix_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
-    runner = llm.engine.call(lambda core: core.runner)
-    out = []
-    for ids in prompts:
-        req = Request("r", ids, SamplingParams())
-        req.block_ids = list(range(-(-len(ids) // runner.block_size)))
-        out.append(runner.execute([(req, len(ids))])[0].float().cpu())
-    return torch.stack(out)
 
 
 def main() -> None:
@@ -51,11 +41,11 @@ def main() -> None:
         base = LLM(engine(None), device="cpu")
         ids = base.tokenizer.encode(TEXT)
         prompts = [ids[:i] for i in range(4, len(ids) + 1)]
-        want = prefix_logits(base, prompts)
+        want = last_logits(base, prompts)
         base.shutdown()
         for fmt in args.formats:
             llm = LLM(engine(fmt), device="cpu")
-            got = prefix_logits(llm, prompts)
+            got = last_logits(llm, prompts)
             llm.shutdown()
             rel = (got - want).norm(dim=-1) / want.norm(dim=-1)
             rows.append({"format": fmt, "prefixes": len(prompts), "rel_error_max": round(float(rel.max()), 4),

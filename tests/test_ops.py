@@ -154,3 +154,21 @@ def test_op_table_binds_a_plan_config_and_ignores_one_it_does_not_know(caplog):
         assert "takes no config keys ['tile']" in caplog.text and "using its default config" in caplog.text
     finally:
         del get_op("silu_and_mul").impls["test_tunable"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_attention_kernel_takes_prompt_chunks_and_half_precision(dtype, monkeypatch):
+    """The C++ kernel itself on chunks longer than the plugin gives it (it hands those to SDPA), and on
+    bfloat16 caches (float32 arithmetic, one rounding at the end)."""
+    from kiln.ops import cpu_attention
+
+    if not cpu_attention.available():
+        pytest.skip("the CPU attention extension could not be built here")
+    monkeypatch.setattr(cpu_attention, "MAX_QUERY_TOKENS_PER_SEQ", 10**6)
+    q, kc, vc, meta, kv = random_paged_batch([40, 3, 70], [40, 1, 25], heads=6, heads_kv=2)
+    want = dense_attention(q, kv, meta, 0.2, None)
+    got = cpu_attention.cpu_paged_attention(q.to(dtype), kc.to(dtype), vc.to(dtype), meta, 0.2, None).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+    windowed = cpu_attention.cpu_paged_attention(q, kc, vc, meta, 0.2, 7)
+    torch.testing.assert_close(windowed, dense_attention(q, kv, meta, 0.2, 7), rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ from gguf.quants import dequantize
 
 from conftest import DEVICE
 from gguf_helpers import write_tiny_gguf
+from tests_support import last_logits
 from kiln.builder import build, refit
 from kiln.checkpoint.checkpoint import convert
 from kiln.engine import BuildConfig, read_engine
@@ -21,7 +22,6 @@ from kiln.errors import BuildError
 from kiln.ops import REFERENCE, get_op
 from kiln.ops.packed_linear import op_name
 from kiln.runtime import LLM, SamplingParams
-from kiln.runtime.request import Request
 from kiln.weight_formats import BY_GGML_TYPE, block_format, random_packed
 
 # GGUF's block formats (kiln's own quantized formats: test_quantize.py).
@@ -99,16 +99,6 @@ def test_each_tensor_keeps_its_own_format(mixed_engines):
     assert set(d["weight_formats"]) == {"float32", "q4_k", "q6_k", "q8_0"}
     assert d["weight_bytes"] < 0.3 * d["float_weight_bytes"]
     assert "q6_k 4 tensors" in format_text(d)  # the two down projections and the two V projections
-
-
-def last_logits(llm: LLM, prompts: list[list[int]]) -> list[torch.Tensor]:
-    runner = llm.engine.call(lambda core: core.runner)
-    out = []
-    for ids in prompts:
-        req = Request("r", ids, SamplingParams())
-        req.block_ids = list(range(-(-len(ids) // runner.block_size)))
-        out.append(runner.execute([(req, len(ids))])[0].float().cpu())
-    return out
 
 
 def test_a_packed_engine_computes_what_its_decoded_weights_do(mixed_engines, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import DEVICE
 from hf_models import make_hf_model
+from tests_support import last_logits
 from kiln.builder import build, refit
 from kiln.checkpoint.checkpoint import convert
 from kiln.cli.main import main
@@ -31,7 +32,6 @@ from kiln.errors import EngineError
 from kiln.ops import REFERENCE, get_op
 from kiln.ops.packed_linear import op_name, round_to_fp8
 from kiln.runtime import LLM, SamplingParams
-from kiln.runtime.request import Request
 from kiln.weight_formats import FORMATS, QUANTIZED, block_format, quantized_format
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -140,23 +140,19 @@ def tiny_llama(tmp_path_factory):
 def float_logits(tiny_llama, tmp_path_factory):
     engine = build(tiny_llama, tmp_path_factory.mktemp("quant-float") / "e", BuildConfig(max_seq_len=128),
                    progress=False)
-    return last_logits(engine, PREFIXES)
+    return engine_logits(engine, PREFIXES)
 
 
 SEQUENCE = torch.randint(3, 300, (48,), generator=torch.Generator().manual_seed(0)).tolist()
 PREFIXES = [SEQUENCE[:i] for i in range(4, len(SEQUENCE) + 1)]
 
 
-def last_logits(engine, prompts: list[list[int]]) -> torch.Tensor:
+def engine_logits(engine, prompts: list[list[int]]) -> torch.Tensor:
     llm = LLM(engine, device=DEVICE)
-    runner = llm.engine.call(lambda core: core.runner)
-    out = []
-    for ids in prompts:
-        req = Request("r", ids, SamplingParams())
-        req.block_ids = list(range(-(-len(ids) // runner.block_size)))
-        out.append(runner.execute([(req, len(ids))])[0].float().cpu())
-    llm.shutdown()
-    return torch.stack(out)
+    try:
+        return last_logits(llm, prompts)
+    finally:
+        llm.shutdown()
 
 
 def with_weights_decoded(hf_dir, out_dir, fmt: str):
@@ -186,7 +182,7 @@ def test_a_quantized_engine_computes_what_its_decoded_weights_do(fmt, tiny_llama
     decoded = build(with_weights_decoded(tiny_llama, tmp_path / "hf-decoded", fmt), tmp_path / "f",
                     BuildConfig(max_seq_len=128), progress=False)
     prompts = PREFIXES[::10]
-    got, want = last_logits(engine, prompts), last_logits(decoded, prompts)
+    got, want = engine_logits(engine, prompts), engine_logits(decoded, prompts)
     assert float(((got - want).norm(dim=-1) / want.norm(dim=-1)).max()) < 1e-4
 
 
@@ -199,7 +195,7 @@ QUALITY = {"int8": (0.07, 0.8), "fp8": (0.3, 0.55), "int4_g32": (0.8, 0.3), "int
 def test_quantized_engines_stay_near_float32(fmt, tiny_llama, float_logits, tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_TUNING", "on")  # the kernels the machine would run
     engine = build(tiny_llama, tmp_path / "e", BuildConfig(max_seq_len=128, quantization=fmt), progress=False)
-    got = last_logits(engine, PREFIXES)
+    got = engine_logits(engine, PREFIXES)
     error = float(((got - float_logits).norm(dim=-1) / float_logits.norm(dim=-1)).max())
     agree = float((got.argmax(-1) == float_logits.argmax(-1)).float().mean())
     worst, least = QUALITY[fmt]
@@ -242,8 +238,8 @@ def test_smollm2_int8_keeps_its_top_tokens(smollm2_engine, tmp_path):
     ids = llm.tokenizer.encode(text)
     llm.shutdown()
     prefixes = [ids[:i] for i in range(6, len(ids) + 1, 2)]
-    want = last_logits(smollm2_engine, prefixes)
+    want = engine_logits(smollm2_engine, prefixes)
     int8 = build(default_model(), tmp_path / "int8", BuildConfig(max_seq_len=256, quantization="int8"),
                  progress=False, keep_packed=False)
-    got = last_logits(int8, prefixes)
+    got = engine_logits(int8, prefixes)
     assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9

@@ -8,3 +8,20 @@ def block_bytes(engine) -> int:
     from kiln.runtime.kv_pool import kv_cache_spec
 
     return kv_cache_spec(read_engine(engine)).bytes_per_block
+
+
+def last_logits(llm, prompts: list[list[int]]):
+    """For each prompt, the float32 logits of its last token from ``llm``'s runner (each prompt alone, one step):
+    teacher-forced outputs to compare engines by."""
+    import torch
+
+    from kiln.runtime import SamplingParams
+    from kiln.runtime.request import Request
+
+    runner = llm.engine.call(lambda core: core.runner)
+    out = []
+    for ids in prompts:
+        req = Request("r", ids, SamplingParams())
+        req.block_ids = list(range(-(-len(ids) // runner.block_size)))
+        out.append(runner.execute([(req, len(ids))])[0].float().cpu())
+    return torch.stack(out)

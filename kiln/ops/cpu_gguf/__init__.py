@@ -7,30 +7,18 @@ products against the weight blocks, as llama.cpp does (``gguf_kernels.cpp`` says
 each weight byte once, so a 4-bit weight costs about a seventh of the memory traffic of float32.
 
 The kernels are a C++ extension built at first use for the machine's own instruction set
-(``-march=native``: AVX-512 VNNI, AVX-VNNI, AVX2, or plain C++ elsewhere). The build lives under
-``<kiln cache>/torch_extensions/<hash>``, the hash taken over the CPU's flags, the sources, torch,
-Python and the compiler flags, so another CPU or changed sources build their own. ``available()``
-says whether the build worked here; it never raises. ``KILN_GGUF_MARCH`` (a gcc -march value such
-as ``haswell`` or ``x86-64``) builds for that CPU instead, which is how the tests reach the AVX2 and
-scalar paths on a machine that has better.
+(``kiln.ops.cpp_extension``: AVX-512 VNNI, AVX-VNNI, AVX2, or plain C++ elsewhere; ``KILN_GGUF_MARCH``
+builds for another -march). ``available()`` says whether the build worked here; it never raises.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import sys
-import threading
 from pathlib import Path
 
 import torch
 
-from kiln.cache import cache_dir
+from kiln.ops.cpp_extension import CppExtension
 from kiln.weight_formats import FORMATS as WEIGHT_FORMATS
 from kiln.weight_formats import BlockFormat
-
-log = logging.getLogger("kiln.ops.cpu_gguf")
 
 FORMATS = ("q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k")
 
@@ -46,47 +34,7 @@ _SOURCES = ("gguf_kernels.cpp", "gguf_binding.cpp")
 _HEADERS = ("gguf_kernels.h", "simd.h")
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):  # x86, ARM
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()}"
-
-
-def _build_key(cflags: list[str]) -> str:
-    h = hashlib.sha256()
-    for part in (_cpu_flags(), torch.__version__, sys.version, os.environ.get("CXX", "c++"), " ".join(cflags)):
-        h.update(part.encode() + b"\0")
-    for name in _SOURCES + _HEADERS:
-        h.update((_HERE / name).read_bytes())
-    return h.hexdigest()[:12]
-
-
-def _build(march: str) -> str:
-    """Compiles (or finds already compiled) and loads the extension; returns its ISA path's name.
-
-    All variants register the same ops, so a process holds only one.
-    """
-    from torch.utils import cpp_extension
-
-    # -fopenmp: at::parallel_for runs its body in an OpenMP region only where the including file
-    # is compiled with OpenMP; the link then reuses the libgomp torch has already loaded.
-    cflags = ["-O3", f"-march={march}", "-fopenmp"]
-    key = _build_key(cflags)
-    build_dir = cache_dir() / "torch_extensions" / key
-    build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=f"kiln_gguf_{key}",
-        sources=[str(_HERE / s) for s in _SOURCES],
-        extra_cflags=cflags,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+def _after_load() -> str:
     torch.library.register_fake("kiln_gguf::matmul")(_fake_matmul)
     global _matmul_op
     _matmul_op = torch.ops.kiln_gguf.matmul
@@ -98,36 +46,9 @@ def _fake_matmul(x: torch.Tensor, w: torch.Tensor, fmt: int, out_features: int, 
     return x.new_empty((x.shape[0], out_features))
 
 
-_LOAD_LOCK = threading.Lock()
-_loaded: list[str | None] = []  # the one outcome of _load_once, once there is one
-
-
-def _load() -> str | None:
-    """The compiled path's name ("avx512-vnni", "avx2", ...), or None with one warning if it failed."""
-    with _LOAD_LOCK:  # two threads' first calls: one builds and loads, the other waits for it
-        if not _loaded:
-            _loaded.append(_load_once())
-        return _loaded[0]
-
-
-def _load_once() -> str | None:
-    try:
-        isa = _build(os.environ.get("KILN_GGUF_MARCH", "native"))
-    except Exception as e:  # noqa: BLE001  (a compiler, ninja or header missing: all mean "not here")
-        log.warning("GGUF CPU kernels unavailable, could not build the extension: %s", _reason(e))
-        return None
-    log.info("GGUF CPU kernels built for %s", isa)
-    return isa
-
-
-def _reason(e: Exception) -> str:
-    # A failed build's message is ninja's log: the compiler's commands, then what went wrong.
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    for key in ("error:", "not found", "No such file", "fatal"):
-        hit = next((ln for ln in lines if key in ln), None)
-        if hit:
-            return hit[:300]
-    return (lines[-1] if lines else type(e).__name__)[:300]
+_EXTENSION = CppExtension("kiln_gguf", _HERE, _SOURCES, _HEADERS, "KILN_GGUF_MARCH", _after_load,
+                          "GGUF CPU kernels")
+_load = _EXTENSION.load
 
 
 def available() -> bool:

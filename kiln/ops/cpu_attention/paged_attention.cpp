@@ -1,0 +1,169 @@
+// Paged attention on the CPU: every query token of a step against its sequence's keys and values where the
+// paged cache holds them (no gather), one (token, KV head) pair per task, float32 arithmetic.
+//
+// Layouts (kiln.ops.reference.paged_attention's): q [T, H, D]; k_cache, v_cache [blocks, block_size, Hk, D];
+// block_tables [S, max_blocks] (int32 or int64); seq_lens [S] and query_start_loc [S + 1] int64. Query token j
+// of sequence s (q_len = query_start_loc[s+1] - query_start_loc[s] tokens, L = seq_lens[s] in all) sits at
+// position p = L - q_len + j and sees keys 0..p, or only those after p - window with a sliding window.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+
+// A row as float32: float rows in place, others converted into ``buffer``.
+inline const float* as_float(const float* src, float* /*buffer*/, int64_t /*n*/) { return src; }
+template <typename T>
+inline const float* as_float(const T* src, float* buffer, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) buffer[i] = to_float(src[i]);
+  return buffer;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T, typename I>
+void attend(const T* q, const T* k_cache, const T* v_cache, const I* block_tables, const int64_t* seq_lens,
+            const int64_t* query_start_loc, int64_t num_seqs, int64_t num_tokens, int64_t heads, int64_t heads_kv,
+            int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale, int64_t window, T* out) {
+  const int64_t group = heads / heads_kv;
+  // Each token's sequence, from the offsets.
+  std::vector<int64_t> seq_of(num_tokens);
+  for (int64_t s = 0; s < num_seqs; ++s)
+    for (int64_t t = query_start_loc[s]; t < query_start_loc[s + 1]; ++t) seq_of[t] = s;
+  const int64_t kv_row = heads_kv * head_dim;          // one cached token's stride
+  const int64_t kv_block = block_size * kv_row;        // one block's stride
+  at::parallel_for(0, num_tokens * heads_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * head_dim), acc(group * head_dim), kf(head_dim), vf(head_dim), scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task / heads_kv, hk = task % heads_kv;
+      const int64_t s = seq_of[t];
+      const int64_t q_len = query_start_loc[s + 1] - query_start_loc[s];
+      const int64_t pos = seq_lens[s] - q_len + (t - query_start_loc[s]);
+      const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+      const int64_t count = pos + 1 - first;
+      for (int64_t g = 0; g < group; ++g) {
+        const T* row = q + (t * heads + hk * group + g) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = to_float(row[d]);
+      }
+      scores.assign(group * count, 0.f);
+      const I* table = block_tables + s * max_blocks;
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t key = first + i;
+        const T* k = k_cache + static_cast<int64_t>(table[key / block_size]) * kv_block + (key % block_size) * kv_row +
+                     hk * head_dim;
+        const float* kr = as_float(k, kf.data(), head_dim);
+        for (int64_t g = 0; g < group; ++g) scores[g * count + i] = dot(qf.data() + g * head_dim, kr, head_dim) * scale;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::vector<float> sums(group, 0.f);
+      for (int64_t g = 0; g < group; ++g) {
+        float* row = scores.data() + g * count;
+        const float top = *std::max_element(row, row + count);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < count; ++i) {
+          row[i] = std::exp(row[i] - top);
+          sum += row[i];
+        }
+        sums[g] = sum;
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t key = first + i;
+        const T* v = v_cache + static_cast<int64_t>(table[key / block_size]) * kv_block + (key % block_size) * kv_row +
+                     hk * head_dim;
+        const float* vr = as_float(v, vf.data(), head_dim);
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * count + i];
+          float* a = acc.data() + g * head_dim;
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * vr[d];
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        T* o = out + (t * heads + hk * group + g) * head_dim;
+        const float inv = 1.f / sums[g];
+        for (int64_t d = 0; d < head_dim; ++d) o[d] = static_cast<T>(acc[g * head_dim + d] * inv);
+      }
+    }
+  });
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                           const at::Tensor& query_start_loc, double scale, int64_t window) {
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "kiln_cpu_attention::paged_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [tokens, heads, head_dim] tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.is_contiguous(),
+              "k_cache and v_cache must be contiguous [blocks, block_size, kv_heads, head_dim] tensors");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "q and the caches must share a dtype");
+  TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "head counts or sizes disagree");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.is_contiguous() &&
+                  (block_tables.scalar_type() == at::kInt || block_tables.scalar_type() == at::kLong),
+              "block_tables must be a contiguous int32 or int64 [seqs, max_blocks] tensor");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kLong && query_start_loc.scalar_type() == at::kLong &&
+                  seq_lens.is_contiguous() && query_start_loc.is_contiguous() &&
+                  query_start_loc.numel() == seq_lens.numel() + 1 && block_tables.size(0) >= seq_lens.numel(),
+              "seq_lens [S] and query_start_loc [S + 1] must be contiguous int64 tensors");
+  const int64_t num_seqs = seq_lens.numel(), num_tokens = q.size(0);
+  TORCH_CHECK(query_start_loc.data_ptr<int64_t>()[num_seqs] == num_tokens, "query_start_loc must end at the token count");
+  at::Tensor out = at::empty_like(q);
+  const auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(qp)>>;
+    if (block_tables.scalar_type() == at::kInt)
+      attend<T, int32_t>(qp, kp, vp, block_tables.data_ptr<int32_t>(), seq_lens.data_ptr<int64_t>(),
+                         query_start_loc.data_ptr<int64_t>(), num_seqs, num_tokens, q.size(1), k_cache.size(2),
+                         q.size(2), k_cache.size(1), block_tables.size(1), static_cast<float>(scale), window, op);
+    else
+      attend<T, int64_t>(qp, kp, vp, block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+                         query_start_loc.data_ptr<int64_t>(), num_seqs, num_tokens, q.size(1), k_cache.size(2),
+                         q.size(2), k_cache.size(1), block_tables.size(1), static_cast<float>(scale), window, op);
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      run(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      run(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(),
+          out.data_ptr<c10::BFloat16>());
+      break;
+    case at::kHalf:
+      run(q.data_ptr<c10::Half>(), k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(),
+          out.data_ptr<c10::Half>());
+      break;
+    default:
+      TORCH_CHECK(false, "kiln_cpu_attention::paged_attention: float32, bfloat16 or float16 only");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kiln_cpu_attention, m) {
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+        "Tensor query_start_loc, float scale, int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kiln_cpu_attention, CPU, m) { m.impl("paged_attention", &paged_attention); }
