@@ -160,7 +160,7 @@ def test_op_table_binds_a_plan_config_and_ignores_one_it_does_not_know(caplog):
 def test_cpu_attention_kernel_takes_prompt_chunks_and_half_precision(dtype, monkeypatch):
     """The C++ kernel itself on chunks longer than the plugin gives it (it hands those to SDPA), and on
     bfloat16 caches (float32 arithmetic, one rounding at the end)."""
-    from kiln.ops import cpu_attention
+    from kiln.ops import cpu_layer_ops as cpu_attention
 
     if not cpu_attention.available():
         pytest.skip("the CPU attention extension could not be built here")
@@ -172,3 +172,37 @@ def test_cpu_attention_kernel_takes_prompt_chunks_and_half_precision(dtype, monk
     torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
     windowed = cpu_attention.cpu_paged_attention(q, kc, vc, meta, 0.2, 7)
     torch.testing.assert_close(windowed, dense_attention(q, kv, meta, 0.2, 7), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_layer_kernels_match_their_references():
+    """The C++ plugins of the small ops (one pass a row, float32) against the references, and the keys and
+    values they write against the reference's cache writes."""
+    from kiln.ops import cpu_layer_ops as cpu
+    from kiln.ops import reference as ref
+
+    if not cpu.available():
+        pytest.skip("the CPU kernels could not be built here")
+    g = torch.Generator().manual_seed(0)
+    x, res = torch.randn(5, 96, generator=g), torch.randn(5, 96, generator=g)
+    w = torch.rand(96, generator=g) + 0.5
+    torch.testing.assert_close(cpu.cpu_rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5))
+    for got, want in zip(cpu.cpu_add_rms_norm(x, res, w, 1e-5), ref.add_rms_norm(x, res, w, 1e-5)):
+        torch.testing.assert_close(got, want)
+    gate_up = torch.randn(3, 2, 80, generator=g)
+    torch.testing.assert_close(cpu.cpu_silu_and_mul(gate_up), ref.silu_and_mul(gate_up))
+    tokens, heads, heads_kv, dim = 4, 6, 2, 16
+    qkv = torch.randn(tokens, heads + 2 * heads_kv, dim, generator=g)
+    cos_sin = torch.randn(tokens, 2, dim, generator=g)
+    caches = [torch.zeros(8, 4, heads_kv, dim) for _ in range(4)]
+    slots = torch.tensor([3, 17, 30, 5])
+    q = cpu.cpu_rotary_and_write_kv_cache(qkv, cos_sin, caches[0], caches[1], slots, heads)
+    want = ref.rotary_and_write_kv_cache(qkv, cos_sin, caches[2], caches[3], slots, heads)
+    torch.testing.assert_close(q, want)
+    torch.testing.assert_close(caches[0], caches[2])
+    torch.testing.assert_close(caches[1], caches[3])
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu.cpu_rotary_and_write_kv_cache(qkv, cos_sin, caches[0], caches[1], torch.tensor([3, 17, 32, 5]), heads)
+    # What the kernels do not take goes to the reference: bfloat16 rows, a strided x.
+    torch.testing.assert_close(cpu.cpu_rms_norm(x.bfloat16(), w.bfloat16(), 1e-5),
+                               ref.rms_norm(x.bfloat16(), w.bfloat16(), 1e-5))
+    torch.testing.assert_close(cpu.cpu_silu_and_mul(gate_up[:, :, :40]), ref.silu_and_mul(gate_up[:, :, :40]))

@@ -8,7 +8,7 @@ __all__ = ["AttentionMetadata", "Implementation", "Op", "OpTable", "REFERENCE", 
 # NOTE: plugin order is preference order where several support a target (the plan takes the first),
 # so the CUDA-only Triton plugins come before the portable ones.
 from kiln.ops import triton_plugins as _triton_plugins  # noqa: E402,F401  (registers the plugins)
-from kiln.ops import cpu_attention as _cpu_attention  # noqa: E402,F401  (registers the plugin)
+from kiln.ops import cpu_layer_ops as _cpu_layer_ops  # noqa: E402,F401  (registers the plugins)
 from kiln.ops import batched_decode_attention as _batched_decode_attention  # noqa: E402,F401  (registers the plugin)
 from kiln.ops import onednn_linear as _onednn_linear  # noqa: E402,F401  (registers the plugin)
 from kiln.ops import packed_linear as _packed_linear  # noqa: E402,F401  (registers the packed-weight ops)

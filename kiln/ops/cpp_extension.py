@@ -1,7 +1,7 @@
 """kiln's C++ extensions for the CPU: compiled at first use for the machine's own instruction set, cached.
 
-Each extension (``kiln/ops/cpu_gguf``: matrix products over GGUF blocks; ``kiln/ops/cpu_attention``: paged
-attention) is a folder of C++ sources registering torch dispatcher ops. It is built with ``-march=native``
+Each extension (``kiln/ops/cpu_gguf``: matrix products over GGUF blocks; ``kiln/ops/cpu_layer_ops``: attention,
+norms, rotary, SwiGLU) is a folder of C++ sources registering torch dispatcher ops. It is built with ``-march=native``
 (or the ``march_env`` variable's gcc -march value, e.g. ``haswell`` or ``x86-64``, which is how tests reach
 the AVX2 and scalar paths on a machine that has better) under ``<kiln cache>/torch_extensions/<hash>``, the
 hash taken over the CPU's flags, the sources, torch, Python and the compiler flags, so another CPU or

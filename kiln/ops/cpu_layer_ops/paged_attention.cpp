@@ -112,7 +112,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
                            const at::Tensor& query_start_loc, double scale, int64_t window) {
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
-              "kiln_cpu_attention::paged_attention: CPU tensors only");
+              "kiln_cpu::paged_attention: CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [tokens, heads, head_dim] tensor");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
                   v_cache.is_contiguous(),
@@ -154,16 +154,16 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
           out.data_ptr<c10::Half>());
       break;
     default:
-      TORCH_CHECK(false, "kiln_cpu_attention::paged_attention: float32, bfloat16 or float16 only");
+      TORCH_CHECK(false, "kiln_cpu::paged_attention: float32, bfloat16 or float16 only");
   }
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(kiln_cpu_attention, m) {
+TORCH_LIBRARY_FRAGMENT(kiln_cpu, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "Tensor query_start_loc, float scale, int window) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(kiln_cpu_attention, CPU, m) { m.impl("paged_attention", &paged_attention); }
+TORCH_LIBRARY_IMPL(kiln_cpu, CPU, m) { m.impl("paged_attention", &paged_attention); }
