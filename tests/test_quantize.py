@@ -183,7 +183,8 @@ def test_a_quantized_engine_computes_what_its_decoded_weights_do(fmt, tiny_llama
                     BuildConfig(max_seq_len=128), progress=False)
     prompts = PREFIXES[::10]
     got, want = engine_logits(engine, prompts), engine_logits(decoded, prompts)
-    assert float(((got - want).norm(dim=-1) / want.norm(dim=-1)).max()) < 1e-4
+    # float32 rounding; on a GPU the products of differently laid out weights sum in other orders (2e-4 seen)
+    assert float(((got - want).norm(dim=-1) / want.norm(dim=-1)).max()) < (1e-4 if DEVICE == "cpu" else 1e-3)
 
 
 # fmt: (largest relative logits error, least top-token agreement); measured 0.035/0.91, 0.175/0.71,
@@ -204,7 +205,9 @@ def test_quantized_engines_stay_near_float32(fmt, tiny_llama, float_logits, tmp_
 
 def test_a_quantized_engine_records_its_formats_and_refits_float_weights(tiny_llama, tmp_path):
     hf = make_hf_model("LlamaForCausalLM", tmp_path / "hf-320", hidden_size=320, intermediate_size=512)
-    engine = build(hf, tmp_path / "e", BuildConfig(max_seq_len=128, quantization="int4_g128"), progress=False)
+    # Built on the CPU, where refit quantizes too: the same bytes (a GPU may round a few quants differently).
+    engine = build(hf, tmp_path / "e", BuildConfig(max_seq_len=128, quantization="int4_g128"), progress=False,
+                   device="cpu")
     e = read_engine(engine)
     assert e.build.quantization == "int4_g128"
     formats = e.tensor_formats

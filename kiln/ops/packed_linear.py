@@ -22,7 +22,8 @@ timed at load like ``linear``. The reference decodes W once at load into the com
 - ``int8pack`` (int8; CPU): PyTorch's int8 weight-only kernel (``_weight_int8pack_mm``), float activations.
 - ``scaled_mm`` (fp8; CUDA, compute capability 8.9+, bfloat16): ``torch._scaled_mm`` with the weight's
   per-channel scales and each token's activations rounded to e4m3 with a scale of its own (one Triton
-  kernel quantizes the rows). ``linear_fp8``'s reference rounds the activations the same way.
+  kernel quantizes the rows; a weight whose sides are not multiples of 16, which it does not take, is
+  decoded at load as the reference does). ``linear_fp8``'s reference rounds the activations the same way.
 """
 from __future__ import annotations
 
@@ -161,15 +162,19 @@ def _scaled_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _register_scaled_mm(fmt: RowFormat) -> None:
-    def prepare(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         values, scales = fmt.split(weight)
+        if values.shape[0] % 16 or values.shape[1] % 16:  # _scaled_mm's constraint: the reference's way
+            return fmt.dequantize(weight, dtype)
         # [in, out] column-major (the weight's rows as they are) and the scales as a row: what _scaled_mm reads.
         return values.contiguous().t(), scales.reshape(1, -1).contiguous()
 
-    def linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor],
+    def linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
         from kiln.ops.triton_kernels.fp8_rows import quantize_rows_fp8
 
+        if isinstance(weight, torch.Tensor):  # a shape _scaled_mm does not take, decoded at load
+            return F.linear(round_to_fp8(x), weight, bias)
         values_t, scales = weight
         lead = x.shape[:-1]
         xq, x_scales = quantize_rows_fp8(x.reshape(-1, x.shape[-1]))

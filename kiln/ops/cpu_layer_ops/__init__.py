@@ -119,4 +119,8 @@ def cpu_rotary_and_write_kv_cache(qkv: torch.Tensor, cos_sin: torch.Tensor, k_ca
                                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int) -> torch.Tensor:
     if not _float_rows(qkv, cos_sin, k_cache, v_cache) or slot_mapping.dtype != torch.int64:
         return reference.rotary_and_write_kv_cache(qkv, cos_sin, k_cache, v_cache, slot_mapping, num_heads)
-    return _kernels().rotary_and_write_kv_cache(qkv, cos_sin, k_cache, v_cache, slot_mapping.contiguous(), num_heads)
+    q = _kernels().rotary_and_write_kv_cache(qkv, cos_sin, k_cache, v_cache, slot_mapping.contiguous(), num_heads)
+    if q.dim() == 1 and qkv.shape[0]:  # the kernel's answer to a slot outside the cache (it wrote nothing)
+        raise RuntimeError(f"kiln_cpu::rotary_and_write_kv_cache: a slot of {slot_mapping.tolist()} is outside "
+                           f"the cache of {k_cache.shape[0] * k_cache.shape[1]} slots")
+    return q

@@ -117,8 +117,10 @@ at::Tensor rotary_and_write_kv_cache(const at::Tensor& qkv, const at::Tensor& co
               "kiln_cpu::rotary_and_write_kv_cache: slot_mapping must be [T] int64");
   const int64_t slots = k_cache.size(0) * k_cache.size(1);
   const int64_t* sm = slot_mapping.data_ptr<int64_t>();
+  // A slot outside the cache: nothing is written and the result is empty, which the caller turns into an
+  // error. (Not a TORCH_CHECK: torch 2.11 crashes when an op that mutates its arguments throws.)
   for (int64_t t = 0; t < tokens; ++t)
-    TORCH_CHECK(sm[t] >= 0 && sm[t] < slots, "kiln_cpu::rotary_and_write_kv_cache: slot ", sm[t], " is outside the cache");
+    if (sm[t] < 0 || sm[t] >= slots) return at::empty({0}, qkv.options());
   at::Tensor q = at::empty({tokens, num_heads, d}, qkv.options());
   const float *xp = qkv.data_ptr<float>(), *cs = cos_sin.data_ptr<float>();
   float *qp = q.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();

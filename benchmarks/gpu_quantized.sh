@@ -5,7 +5,7 @@
 #   fp8:   1,000 requests of 128/128 at once, bf16 then --quantize fp8
 #   int4:  batch 1, 128 in / 256 out, bf16, --quantize int4 (groups of 128) and --quantize fp8
 #   main:  tests (2 minutes at most), then fp8
-# Needs the gguf wheel in .whl/ (README: Notes). Usage (repo root): bash benchmarks/h200_quantized.sh OUT {tests|fp8|int4}
+# Needs the gguf wheel in .whl/ (README: Notes). Usage (repo root): bash benchmarks/gpu_quantized.sh OUT {tests|fp8|int4}
 set -uo pipefail
 out="${1:-/tmp/out}"
 stage="${2:-tests}"
@@ -24,11 +24,11 @@ engine() {  # quantization (none|fp8|int4) -> builds /tmp/8b-<q> once
 }
 bench() {  # name, then kiln bench arguments
   local name=$1; shift
-  timeout 240 python3 -m kiln.cli.main bench "$@" --json "$out/h200_8b_$name.json" 2>&1 | grep -v "it/s\]" | tail -14
+  timeout 240 python3 -m kiln.cli.main bench "$@" --json "$out/gpu_8b_$name.json" 2>&1 | grep -v "it/s\]" | tail -14
 }
 run_tests() {
   KILN_TEST_DEVICE=cuda timeout "$1" python3 -m pytest -q -p no:cacheprovider tests/test_quantize.py \
-      tests/test_packed_weights.py -k "not smollm2" 2>&1 | tee "$out/h200_quantized_tests.log" \
+      tests/test_packed_weights.py -k "not smollm2" 2>&1 | tee "$out/gpu_quantized_tests.log" \
       | grep -E "passed|failed|Error|FAILED" | tail -25
 }
 run_fp8() {
