@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -36,7 +37,7 @@ SHAPES = {
 }
 
 
-def tensors_of(shape: dict, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+def tensors_of(shape: dict, dtype: torch.dtype, device: str) -> Iterator[tuple[str, torch.Tensor]]:
     h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
     d = shape.get("head_dim") or h // heads
@@ -49,21 +50,57 @@ def tensors_of(shape: dict, dtype: torch.dtype, device: str) -> dict[str, torch.
     def norm(n: int) -> torch.Tensor:
         return (1.0 + 0.1 * torch.randn(n, generator=g, device=device)).to(dtype).cpu()
 
-    t = {"model.embed_tokens.weight": weight(shape["vocab_size"], h), "model.norm.weight": norm(h)}
+    yield "model.embed_tokens.weight", weight(shape["vocab_size"], h)
+    yield "model.norm.weight", norm(h)
     if not shape["tie_word_embeddings"]:
-        t["lm_head.weight"] = weight(shape["vocab_size"], h)
+        yield "lm_head.weight", weight(shape["vocab_size"], h)
     for i in range(layers):
         p = f"model.layers.{i}."
-        t[p + "self_attn.q_proj.weight"] = weight(heads * d, h)
-        t[p + "self_attn.k_proj.weight"] = weight(kv * d, h)
-        t[p + "self_attn.v_proj.weight"] = weight(kv * d, h)
-        t[p + "self_attn.o_proj.weight"] = weight(h, heads * d)
-        t[p + "mlp.gate_proj.weight"] = weight(inter, h)
-        t[p + "mlp.up_proj.weight"] = weight(inter, h)
-        t[p + "mlp.down_proj.weight"] = weight(h, inter)
-        t[p + "input_layernorm.weight"] = norm(h)
-        t[p + "post_attention_layernorm.weight"] = norm(h)
-    return t
+        yield p + "self_attn.q_proj.weight", weight(heads * d, h)
+        yield p + "self_attn.k_proj.weight", weight(kv * d, h)
+        yield p + "self_attn.v_proj.weight", weight(kv * d, h)
+        yield p + "self_attn.o_proj.weight", weight(h, heads * d)
+        yield p + "mlp.gate_proj.weight", weight(inter, h)
+        yield p + "mlp.up_proj.weight", weight(inter, h)
+        yield p + "mlp.down_proj.weight", weight(h, inter)
+        yield p + "input_layernorm.weight", norm(h)
+        yield p + "post_attention_layernorm.weight", norm(h)
+
+
+def save_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, shard_bytes: int) -> None:
+    """``model.safetensors``, or shards of at most ``shard_bytes`` with Hugging Face's index where the weights
+    are larger (so that no more than a shard is in memory: an 8B model on a 24 GB machine)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = total = 0
+    files: list[Path] = []
+
+    def flush() -> None:
+        files.append(out / f"part-{len(files):05d}.safetensors")
+        save_file(shards[-1], str(files[-1]), metadata={"format": "pt"})
+        shards[-1] = {}
+
+    names: list[list[str]] = [[]]
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            flush()
+            names.append([])
+            size = 0
+        shards[-1][name] = t
+        names[-1].append(name)
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(files) == 1:
+        files[0].rename(out / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (file, group) in enumerate(zip(files, names)):
+        final = out / f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        file.rename(final)
+        weight_map.update({name: final.name for name in group})
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
 def main() -> None:
@@ -71,6 +108,7 @@ def main() -> None:
     parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("out")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--shard-gb", type=float, default=2.0, help="largest safetensors file (GB)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +122,7 @@ def main() -> None:
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    save_file(tensors_of(shape, dtype, device), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_shards(tensors_of(shape, dtype, device), out, int(args.shard_gb * 1e9))
     tokenizer.save_pretrained(out)
     print(f"wrote a random {args.shape} ({args.dtype}) to {out}")
 
