@@ -110,10 +110,15 @@ def _remembered_engine(path: Path) -> Path | None:
     return engine_dir if (engine_dir / ENGINE_FILE).is_file() else None
 
 
+# Raised when the plans kiln records change (e.g. new default kernels: the C++ CPU layer ops), so that
+# cached engines are built again and pick them up.
+PLAN_REVISION = 2
+
+
 def _kiln_version() -> str:
-    """What a cached engine was built by: kiln's version and the engine format it wrote (a new format, e.g.
-    packed GGUF weights, builds the engine again)."""
+    """What a cached engine was built by: kiln's version, the engine format it wrote (a new format, e.g.
+    packed GGUF weights, builds the engine again) and the plan revision."""
     from kiln.engine import FORMAT_VERSION
     from kiln.version import __version__
 
-    return f"{__version__}/format-{FORMAT_VERSION}"
+    return f"{__version__}/format-{FORMAT_VERSION}/plans-{PLAN_REVISION}"
