@@ -15,16 +15,15 @@ those tensors in another type).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from kiln.engine.target import device_name
 from kiln.ops import cpu_gguf
 
 
@@ -54,16 +53,6 @@ class Candidate:
     weights: list[torch.Tensor]
     nbytes: int  # bytes one call reads from its weight
     call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, weight) -> y
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def copy_bandwidth(mb: int = 512) -> float:
@@ -156,7 +145,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not cpu_gguf.available():
         raise SystemExit("the GGUF CPU kernels could not be built on this machine")
-    print(f"{cpu_name()}; kernels: {cpu_gguf.isa()}; torch {torch.__version__}; {args.threads} threads")
+    print(f"{device_name(torch.device('cpu'))}; kernels: {cpu_gguf.isa()}; torch {torch.__version__}; {args.threads} threads")
     print(f"copy bandwidth: {copy_bandwidth():.1f} GB/s (read + written)")
     print("cells: microseconds per call / effective weight GB/s\n")
     results: dict[tuple[Shape, int], list[tuple[str, float | None, int]]] = {}

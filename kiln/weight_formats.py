@@ -100,8 +100,9 @@ class RowFormat:
     name: str
     element: torch.dtype
     max_value: float  # the largest magnitude ``element`` holds: max |w| of a row maps to it
-    bytes_per_weight: float = 1.0
-    can_quantize: bool = True
+
+    bytes_per_weight = 1.0  # (and 4 bytes a row for its scale)
+    can_quantize = True
 
     def packed_shape(self, shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
         out_features, in_features = shape

@@ -30,7 +30,7 @@ from kiln.engine import BuildConfig, read_engine
 from kiln.engine.inspect import describe, format_text
 from kiln.errors import EngineError
 from kiln.ops import REFERENCE, get_op
-from kiln.ops.packed_linear import op_name, round_to_fp8
+from kiln.ops.packed_linear import FP8_MAX, FP8_MIN_SCALE, op_name, round_to_fp8
 from kiln.runtime import LLM, SamplingParams
 from kiln.weight_formats import FORMATS, QUANTIZED, block_format, quantized_format
 
@@ -120,7 +120,7 @@ def test_the_fp8_row_kernel_rounds_as_the_reference():
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(6, 3000, generator=g) * torch.rand(6, 1, generator=g) * 10).to(KERNEL_DEVICE)
     x[2] = 0
-    values, scales = quantize_rows_fp8(x, block=512)
+    values, scales = quantize_rows_fp8(x, FP8_MAX, FP8_MIN_SCALE, block=512)
     assert values.dtype == torch.float8_e4m3fn and scales.shape == (6, 1)
     assert torch.equal(scales[:, 0], (x.abs().amax(-1) / 448).clamp(min=1e-12))
     # NOTE: Triton 3.6's interpreter converts some float32 values to e4m3 wrongly (-10.36 / 0.078 becomes

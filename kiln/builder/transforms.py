@@ -82,9 +82,11 @@ def quantize_linear_weights(config: ModelConfig, tensors: dict[str, torch.Tensor
 def _fitting(target: str, in_features: int, name: str) -> str:
     """``target``, or for int4 groups that do not divide a row, the largest smaller group that does
     (SmolLM2's 576-wide rows take groups of 64 where 128 were asked)."""
-    if not target.startswith("int4_g") or in_features % int(target.removeprefix("int4_g")) == 0:
+    if not target.startswith("int4_g"):
         return target
-    wanted = int(target.removeprefix("int4_g"))
+    wanted = block_format(target).block
+    if in_features % wanted == 0:
+        return target
     for group in sorted(INT4_GROUPS, reverse=True):
         if group < wanted and in_features % group == 0:
             log.info("%s: rows of %d weights take int4 groups of %d, not %d", name, in_features, group, wanted)

@@ -223,17 +223,17 @@ def _engine(args: argparse.Namespace, batch: int | None) -> tuple[Path, Engine]:
     from kiln.engine import read_engine
 
     build_batch = max(batch or 0, BuildConfig.max_batch_size)
+    asked = quantization(args)
     # engine_for reports a build on stdout, which --json - keeps for the JSON.
     with contextlib.redirect_stdout(sys.stderr):
         engine_dir = Path(engine_for(args.model, args.dtype, args.device, max_batch_size=build_batch,
                                      max_seq_len=args.max_seq_len, kv_block_size=args.kv_block_size,
                                      max_num_tokens=max(args.max_num_tokens or BuildConfig.max_num_tokens,
-                                                        build_batch), quantization=quantization(args)))
+                                                        build_batch), quantization=asked))
     engine = read_engine(engine_dir)
     if args.dtype is not None and engine.build.dtype != args.dtype:
         raise KilnError(f"engine {engine_dir} holds {engine.build.dtype} weights, not --dtype {args.dtype}; "
                         f"benchmark it without --dtype, or build another engine")
-    asked = quantization(args)
     if asked is not None and engine.build.quantization != asked:
         raise KilnError(f"engine {engine_dir} was built with quantization {engine.build.quantization}, not {asked}; "
                         f"benchmark it without --quantize, or build another engine")

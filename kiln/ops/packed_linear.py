@@ -36,7 +36,8 @@ from kiln.ops import cpu_gguf
 from kiln.ops.registry import plugin, reference
 from kiln.weight_formats import FORMATS, FOUR_BIT, BlockFormat, RowFormat, four_bit_group_size, four_bit_groups
 
-FP8_MAX = 448.0  # the largest float8 e4m3 value
+FP8_MAX = FORMATS["fp8"].max_value  # the largest float8 e4m3 value
+FP8_MIN_SCALE = 1e-12  # an all-zero activation row keeps a finite scale
 
 
 def op_name(fmt: str) -> str:
@@ -47,7 +48,7 @@ def op_name(fmt: str) -> str:
 def round_to_fp8(x: torch.Tensor) -> torch.Tensor:
     """``x`` with each row rounded to float8 e4m3 at a scale of its own (max |row| -> 448), back in x's dtype:
     what an FP8 matrix product with per-token activation scales multiplies by."""
-    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=FP8_MIN_SCALE)
     return ((x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
 
 
@@ -177,7 +178,7 @@ def _register_scaled_mm(fmt: RowFormat) -> None:
             return F.linear(round_to_fp8(x), weight, bias)
         values_t, scales = weight
         lead = x.shape[:-1]
-        xq, x_scales = quantize_rows_fp8(x.reshape(-1, x.shape[-1]))
+        xq, x_scales = quantize_rows_fp8(x.reshape(-1, x.shape[-1]), FP8_MAX, FP8_MIN_SCALE)
         y = torch._scaled_mm(xq, values_t, scale_a=x_scales, scale_b=scales, out_dtype=torch.bfloat16)
         y = y.reshape(*lead, values_t.shape[1])
         return y if bias is None else y + bias

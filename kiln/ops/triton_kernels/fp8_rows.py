@@ -8,9 +8,6 @@ import triton.language as tl
 
 from kiln.ops.triton_kernels.common import check_last_dim_contiguous
 
-FP8_MAX = 448.0
-MIN_SCALE = 1e-12  # an all-zero row keeps a finite scale
-
 
 @triton.jit
 def _quantize_rows_kernel(out_ptr, scale_ptr, x_ptr, n, stride_o, stride_x, FP8_MAX: tl.constexpr,
@@ -30,14 +27,16 @@ def _quantize_rows_kernel(out_ptr, scale_ptr, x_ptr, n, stride_o, stride_x, FP8_
         tl.store(out_ptr + row * stride_o + c, q.to(out_ptr.dtype.element_ty), mask=c < n)
 
 
-def quantize_rows_fp8(x: torch.Tensor, block: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [rows, n] -> (its e4m3 values [rows, n], float32 scales [rows, 1]) with x ~ values * scales."""
+def quantize_rows_fp8(x: torch.Tensor, max_value: float, min_scale: float,
+                      block: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, n] -> (its e4m3 values [rows, n], float32 scales [rows, 1]) with x ~ values * scales: each
+    row's scale is max |row| / ``max_value``, at least ``min_scale``."""
     check_last_dim_contiguous("x", x)
     rows, n = x.shape
     out = torch.empty((rows, n), dtype=torch.float8_e4m3fn, device=x.device)
     scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows:
-        _quantize_rows_kernel[(rows,)](out, scales, x, n, out.stride(0), x.stride(0), FP8_MAX=FP8_MAX,
-                                       MIN_SCALE=MIN_SCALE, BLOCK=min(block, triton.next_power_of_2(n)),
+        _quantize_rows_kernel[(rows,)](out, scales, x, n, out.stride(0), x.stride(0), FP8_MAX=max_value,
+                                       MIN_SCALE=min_scale, BLOCK=min(block, triton.next_power_of_2(n)),
                                        num_warps=4)
     return out, scales
