@@ -7,8 +7,9 @@ call, one pass over its rows (``layer_ops.cpp``, float32).
 
 ``paged_attention.cpp``: each query token reads its sequence's keys and values where the paged cache
 holds them, one task per (token, KV head), instead of gathering the context every layer and step as
-the reference and ``batched_decode`` do (SmolLM2: 2.9 of a 22.7 ms step was that gather; the kernel is
-3x faster than ``batched_decode`` at batch 1 and 8). Steps whose sequences bring more than a few query
+the reference and ``batched_decode`` do (SmolLM2, profiled: about 2.9 ms of a decode step went to that
+gather; at a 200-token context, 9 query and 3 KV heads of 64, 2 threads, one run: 30 us against
+``batched_decode``'s 122 at batch 1, 157 against 509 at batch 8). Steps whose sequences bring more than a few query
 tokens each (prompt chunks) go to the reference, whose SDPA kernel is the faster one for long queries,
 except in the padded fixed-shape steps of ``cuda_graphs="static"`` (where only the device tensors hold
 the lengths, as in a captured graph; the kernel reads only those there).
