@@ -1,8 +1,10 @@
-"""Read a Hugging Face model folder (config.json, safetensors shards, tokenizer files)."""
+"""Read a Hugging Face model folder (config.json, safetensors shards, tokenizer files); quantized weights
+(a compressed-tensors ``quantization_config``) stay packed (``kiln.checkpoint.hf_quantized``)."""
 from __future__ import annotations
 
 import json
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterator
 
@@ -10,6 +12,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from kiln.checkpoint.hf_quantized import read_quantization
 from kiln.checkpoint.source import SourceModel
 from kiln.errors import ConversionError
 from kiln.models import FAMILIES
@@ -48,23 +51,33 @@ def read_hf_dir(path: str | os.PathLike) -> SourceModel:
     validate(hf_config, HF_CONFIG_SCHEMA, str(file), ConversionError)
     files = _safetensors_files(path)
     index: dict[str, Path] = {}
+    shapes: dict[str, list[int]] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
                     index[name] = file
+                    shapes[name] = f.get_slice(name).get_shape()
         except Exception as e:  # safetensors raises its own error types for a bad header
             raise ConversionError(f"cannot read {file}: {e} (is the file truncated or not safetensors?)") from e
         _check_complete(file)
+    quantized = read_quantization(hf_config, shapes, str(path))
     tokenizer, tokenizer_config = read_tokenizer(path)
+    # A quantized module's tensors (which may lie in different shards) become its one packed weight.
+    names = [name for name in index if name not in quantized.parts] + list(quantized.formats)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+        with ExitStack() as stack:
+            opened = {file: stack.enter_context(safe_open(str(file), framework="pt")) for file in files}
 
-    return SourceModel(hf_config, tensors, len(index), tokenizer, tokenizer_config, source=str(path))
+            def get(name: str) -> torch.Tensor:
+                return opened[index[name]].get_tensor(name)
+
+            for name in names:
+                yield name, quantized.load(name, get) if name in quantized.formats else get(name)
+
+    return SourceModel(hf_config, tensors, len(names), tokenizer, tokenizer_config, source=str(path),
+                       formats=quantized.formats)
 
 
 def _read_json(file: Path) -> dict:
