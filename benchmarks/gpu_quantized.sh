@@ -5,20 +5,24 @@
 #   fp8:   1,000 requests of 128/128 at once, bf16 then --quantize fp8
 #   int4:  batch 1, 128 in / 256 out, bf16, --quantize int4 (groups of 128) and --quantize fp8
 #   main:  tests (2 minutes at most), then fp8
-# Needs the gguf wheel in .whl/ (README: Notes). Usage (repo root): bash benchmarks/gpu_quantized.sh OUT {tests|fp8|int4}
+#   kv:    the KV cache's capacity (tokens the pool holds at --gpu-memory-utilization 0.9) in bf16 and
+#          --kv-cache-dtype fp8, then fp8's 1,000 requests of 128/128
+#   kv-bf16: the KV cache tests, then 1,000 requests of 128/128 with bf16 weights: bf16 and fp8 KV caches
+#   kv-fp8:  the same with --quantize fp8 weights
+# Needs the gguf wheel in .whl/ (README: Notes). Usage (repo root): bash benchmarks/gpu_quantized.sh OUT {tests|fp8|int4|kv}
 set -uo pipefail
 out="${1:-/tmp/out}"
 stage="${2:-tests}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | tail -2
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 KILN_VERIFY_WEIGHTS=0
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-engine() {  # quantization (none|fp8|int4) -> builds /tmp/8b-<q> once
-  local q=$1 dir=/tmp/8b-$1
+engine() {  # quantization (none|fp8|int4) [kv cache dtype] -> builds /tmp/8b-<q>[-kv<kv>] once
+  local q=$1 kv=${2:-} dir=/tmp/8b-$1${2:+-kv$2}
   [ -d /tmp/8b ] || python3 benchmarks/random_model.py llama-3.1-8b /tmp/8b > /dev/null
   if [ ! -f "$dir/engine.json" ]; then
-    /usr/bin/time -f "build $q: %e s" python3 -m kiln.cli.main build /tmp/8b -o "$dir" --dtype bfloat16 --tune off \
-      --max-seq-len 4096 --max-batch-size 256 --max-num-tokens 8192 $([ "$q" = none ] || echo --quantize "$q") \
-      2>&1 | grep -v "%|"
+    /usr/bin/time -f "build $q ${kv:-}: %e s" python3 -m kiln.cli.main build /tmp/8b -o "$dir" --dtype bfloat16 \
+      --tune off --max-seq-len 4096 --max-batch-size 256 --max-num-tokens 8192 \
+      $([ "$q" = none ] || echo --quantize "$q") ${kv:+--kv-cache-dtype $kv} 2>&1 | grep -v "%|"
     du -sh "$dir" | sed "s/^/engine size: /"
   fi
 }
@@ -28,8 +32,38 @@ bench() {  # name, then kiln bench arguments
 }
 run_tests() {
   KILN_TEST_DEVICE=cuda timeout "$1" python3 -m pytest -q -p no:cacheprovider tests/test_quantize.py \
-      tests/test_packed_weights.py -k "not smollm2" 2>&1 | tee "$out/gpu_quantized_tests.log" \
+      tests/test_packed_weights.py tests/test_kv_cache_dtype.py tests/test_compressed_tensors.py \
+      "tests/test_triton_kernels.py" -k "not smollm2" 2>&1 | tee "$out/gpu_quantized_tests.log" \
       | grep -E "passed|failed|Error|FAILED" | tail -25
+}
+capacity() {  # engine dir, name: the tokens the KV pool holds when the engine may fill 90% of the GPU
+  python3 - "$1" "$out/gpu_8b_kv_capacity_$2.json" <<'PY'
+import json, sys
+from kiln.runtime import LLM
+llm = LLM(sys.argv[1], gpu_memory_utilization=0.9, cuda_graphs="off")
+blocks, size = llm.engine.call(lambda core: (core.runner.num_blocks, core.runner.block_size))
+found = {"engine": sys.argv[1], "kv_blocks": blocks, "block_size": size, "kv_tokens": blocks * size}
+print(json.dumps(found))
+json.dump(found, open(sys.argv[2], "w"))
+llm.shutdown()
+PY
+}
+run_kv_tests() {
+  KILN_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kv_cache_dtype.py \
+      tests/test_triton_kernels.py -k "not smollm2 and (quantized or kv or folded or cache)" 2>&1 \
+      | tee "$out/gpu_kv_tests.log" | grep -E "passed|failed|Error|FAILED" | tail -15
+}
+throughput_pair() {  # weights quantization: 1,000 x 128/128 with a bf16 and an fp8 KV cache
+  for kv in "" fp8; do
+    engine "$1" $kv
+    bench "throughput_$1${kv:+_kv$kv}" throughput /tmp/8b-$1${kv:+-kv$kv} --input-len 128 --output-len 128 \
+      --num-requests 1000
+  done
+}
+run_kv() {
+  engine none; capacity /tmp/8b-none bf16
+  engine none fp8; capacity /tmp/8b-none-kvfp8 fp8
+  bench "throughput_kvfp8" throughput /tmp/8b-none-kvfp8 --input-len 128 --output-len 128 --num-requests 1000
 }
 run_fp8() {
   for q in none fp8; do
@@ -41,6 +75,9 @@ case "$stage" in
   tests) run_tests 300 ;;
   fp8) run_fp8 ;;
   main) run_tests 120; run_fp8 ;;
+  kv) run_kv ;;
+  kv-bf16) run_kv_tests; throughput_pair none ;;
+  kv-fp8) throughput_pair fp8 ;;
   int4)
     for q in none int4 fp8; do
       engine $q

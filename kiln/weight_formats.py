@@ -20,12 +20,14 @@ Layouts (llama.cpp's; ``d``, ``dmin``, ``m`` are float16):
 - ``q6_k``: 256 weights in 16 sub-blocks of 16: 128 bytes of low 4 bits, 64 bytes of high 2 bits,
   16 int8 scales, d; w = d sc (q - 32).
 
-kiln's own quantized formats (``kiln build --quantize``), which kiln also writes (``quantize``):
+kiln's own quantized formats (``kiln build --quantize``), which kiln also writes (``quantize``), and into which
+it reads compressed-tensors checkpoints (``kiln.checkpoint.hf_quantized``):
 
 - ``int4_g32`` ... ``int4_g256``: ``q4_1``'s layout over groups of 32 to 256 weights: d, m, then the 4-bit
   q; w = d q + m, rounded to nearest from each group's minimum and maximum (``int4_g32`` is ``q4_1``'s
   bytes, as llama.cpp's reference quantizer writes them).
-- ``int8``: per output channel: a float32 scale s, then the row's int8 q; w = s q (symmetric, s = max |w| / 127).
+- ``int8``: per output channel: a float32 scale s, then the row's int8 q; w = s q (symmetric; kiln's quantizer
+  takes s = max |w| / 127).
 - ``fp8``: per output channel: a float32 scale s, then the row's float8 e4m3 values e; w = s e
   (s = max |w| / 448). Its op also rounds the activations to e4m3, per token (W8A8, dynamic scales).
 """
@@ -46,6 +48,8 @@ class BlockFormat:
     block: int  # weights per block
     type_size: int  # bytes per block
     _decode: Callable[[torch.Tensor], torch.Tensor]  # [n, type_size] uint8 -> [n, block] float32
+    # Where in a block its float16 scales sit (d, and m or dmin where it has one): w is linear in them together.
+    scale_offsets: tuple[int, ...]
     _encode: Callable[[torch.Tensor], torch.Tensor] | None = None  # [n, block] float32 -> [n, type_size] uint8
 
     @property
@@ -77,6 +81,20 @@ class BlockFormat:
         if row_bytes % self.type_size:
             raise ValueError(f"{self.name} rows are whole blocks of {self.type_size} bytes, not {row_bytes} bytes")
         return rows, row_bytes // self.type_size * self.block
+
+    def scale_rows(self, packed: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """``packed`` (uint8 [out, row bytes]) with row i's weights times ``factors[i]``: each block's float16
+        scales multiplied (rounded to float16 once), its quants untouched. (Factors that push scales below
+        float16's normal range, 6.1e-5, cost them precision.)"""
+        blocks = packed.reshape(packed.shape[0], -1, self.type_size).clone()
+        for offset in self.scale_offsets:
+            field = blocks[..., offset:offset + 2].contiguous().view(torch.float16).float()
+            scaled = field * factors.float().reshape(-1, 1, 1)
+            if not torch.isfinite(scaled.to(torch.float16)).all():
+                raise ValueError(f"scaling {self.name} rows by up to {float(factors.abs().max()):g} overflows "
+                                 "their float16 scales")
+            blocks[..., offset:offset + 2] = scaled.to(torch.float16).view(torch.uint8)
+        return blocks.reshape(packed.shape)
 
     def dequantize(self, packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``packed`` (uint8 [..., row bytes]) holds, on its device, as ``dtype``."""
@@ -121,6 +139,12 @@ class RowFormat:
                              f"{packed.dtype} {list(packed.shape)}")
         scales = packed[..., :SCALE_BYTES].contiguous().view(torch.float32)
         return packed[..., SCALE_BYTES:].contiguous().view(self.element), scales
+
+    def scale_rows(self, packed: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """``packed`` with row i's weights times ``factors[i]`` (its float32 scale multiplied)."""
+        values, scales = self.split(packed)
+        scaled = (scales * factors.float().reshape(-1, 1)).contiguous()
+        return torch.cat((scaled.view(torch.uint8), values.view(torch.uint8)), dim=-1)
 
     def dequantize(self, packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         values, scales = self.split(packed)
@@ -224,13 +248,13 @@ def _decode_q6_k(blocks: torch.Tensor) -> torch.Tensor:
 
 
 FORMATS: dict[str, BlockFormat | RowFormat] = {f.name: f for f in (
-    BlockFormat("q4_0", 2, 32, 18, _decode_q4_0),
-    BlockFormat("q4_1", 3, 32, 20, _decode_q4_1, _encode_q4_1),
-    BlockFormat("q8_0", 8, 32, 34, _decode_q8_0),
-    BlockFormat("q4_k", 12, 256, 144, _decode_q4_k),
-    BlockFormat("q5_k", 13, 256, 176, _decode_q5_k),
-    BlockFormat("q6_k", 14, 256, 210, _decode_q6_k),
-    *(BlockFormat(f"int4_g{g}", None, g, 4 + g // 2, _decode_q4_1, _encode_q4_1) for g in INT4_GROUPS),
+    BlockFormat("q4_0", 2, 32, 18, _decode_q4_0, (0,)),
+    BlockFormat("q4_1", 3, 32, 20, _decode_q4_1, (0, 2), _encode_q4_1),
+    BlockFormat("q8_0", 8, 32, 34, _decode_q8_0, (0,)),
+    BlockFormat("q4_k", 12, 256, 144, _decode_q4_k, (0, 2)),
+    BlockFormat("q5_k", 13, 256, 176, _decode_q5_k, (0, 2)),
+    BlockFormat("q6_k", 14, 256, 210, _decode_q6_k, (208,)),
+    *(BlockFormat(f"int4_g{g}", None, g, 4 + g // 2, _decode_q4_1, (0, 2), _encode_q4_1) for g in INT4_GROUPS),
     RowFormat("int8", torch.int8, 127.0),
     RowFormat("fp8", torch.float8_e4m3fn, 448.0),
 )}

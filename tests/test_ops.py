@@ -174,6 +174,35 @@ def test_cpu_attention_kernel_takes_prompt_chunks_and_half_precision(dtype, monk
     torch.testing.assert_close(windowed, dense_attention(q, kv, meta, 0.2, 7), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+def test_cpu_kernels_write_and_read_a_quantized_cache(kv_dtype):
+    """The C++ cache write stores keys and values as reference.to_cache_dtype does (rounded, saturated), and the
+    attention kernel reads int8 and float8 caches as the reference reads their values."""
+    from kiln.ops import cpu_layer_ops as cpu
+    from kiln.ops import reference as ref
+
+    if not cpu.available():
+        pytest.skip("the CPU kernels could not be built here")
+    g = torch.Generator().manual_seed(1)
+    tokens, heads, heads_kv, dim = 5, 6, 2, 16
+    qkv = torch.randn(tokens, heads + 2 * heads_kv, dim, generator=g) * 150  # past both ranges
+    angles = torch.rand(tokens, 1, dim // 2, generator=g).repeat(1, 1, 2) * 6
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=1)
+    caches = [torch.zeros(8, 4, heads_kv, dim, dtype=kv_dtype) for _ in range(4)]
+    slots = torch.tensor([3, 17, 30, 5, 6])
+    q = cpu.cpu_rotary_and_write_kv_cache(qkv, cos_sin, caches[0], caches[1], slots, heads)
+    torch.testing.assert_close(q, ref.rotary_and_write_kv_cache(qkv, cos_sin, caches[2], caches[3], slots, heads))
+    for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
+        # (float32 rotations may differ in the last bit, so a key may round to the next step)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -3, atol=1)
+    assert float(caches[1].float().abs().max()) == ref.KV_CACHE_MAX[kv_dtype]
+
+    q, kc, vc, meta, _ = random_paged_batch([40, 3, 70], [1, 1, 1], heads=6, heads_kv=2)
+    kc, vc = (ref.to_cache_dtype(c * 20, kv_dtype) for c in (kc, vc))
+    want = paged_attention(q, kc, vc, meta, 0.05, None)
+    torch.testing.assert_close(cpu.cpu_paged_attention(q, kc, vc, meta, 0.05, None), want, rtol=1e-5, atol=1e-4)
+
+
 def test_cpu_layer_kernels_match_their_references():
     """The C++ plugins of the small ops (one pass a row, float32) against the references, and the keys and
     values they write against the reference's cache writes."""

@@ -203,6 +203,28 @@ def test_logprobs(client, reference):
     assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[-1].logprob
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, reference):
+    expected = greedy(reference, PROMPT, 3, ignore_eos=True, logprobs=2, prompt_logprobs=2)
+    prompt_ids = expected.prompt_token_ids
+    want = [None] + [lp.logprob for lp in expected.prompt_logprobs[1:]]
+    want += [lp.logprob for lp in expected.outputs[0].logprobs]
+    result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True,
+                                       extra_body={"ignore_eos": True})
+    choice = result.choices[0]
+    assert choice.text == PROMPT + expected.text
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(prompt_ids) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(want[1:], abs=1e-4)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    stream = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2,
+                                            echo=True, stream=True, extra_body={"ignore_eos": True}))
+    streamed = [v for chunk in stream for c in chunk.choices if c.logprobs for v in c.logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(want[1:], abs=1e-4)
+    assert "".join(c.text for chunk in stream for c in chunk.choices) == PROMPT + expected.text
+
+
 def _error_of(call) -> tuple[int, dict]:
     with pytest.raises(openai.APIStatusError) as e:
         call()

@@ -171,6 +171,37 @@ def test_rotary_and_write_kv_cache_matches_reference(shape, dtype):
     assert int((~kc.isnan()).all(-1).sum()) == tokens * kv_heads
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_write_stores_a_quantized_cache_as_the_reference(kv_dtype, dtype):
+    """Keys and values land as reference.to_cache_dtype stores them: rounded, and saturated where they
+    exceed the cache's range (the scaled inputs reach past 127 and 448)."""
+    qkv, cos_sin, kc, vc, slots, _ = rotary_batch(37, num_heads=9, num_kv_heads=3, head_dim=64, block_size=16,
+                                                  dtype=dtype, device=DEVICE, kv_dtype=kv_dtype)
+    qkv = qkv * 150
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    want = rotary_and_write_kv_cache(qkv, cos_sin, kc_ref, vc_ref, slots, 9)
+    got = rotary_kernels.rotary_and_write_kv_cache(qkv, cos_sin, kc, vc, slots, 9, ROTARY_KV_CONFIGS[0])
+    # bf16 under the interpreter: two bf16 steps of the inputs' scale (150) for the rotated values, and so
+    # a rotated key may land a step or two of the cache away.
+    exact = dtype != torch.bfloat16 or not interpreting()
+    exactly = {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(got, want, **(exactly if exact else {"rtol": 2 ** -6, "atol": 150 * 2 ** -5}))
+    k_tol = exactly if exact else {"rtol": 2 ** -6 if kv_dtype == torch.int8 else 2 ** -2, "atol": 150 * 2 ** -5}
+    torch.testing.assert_close(kc.float(), kc_ref.float(), equal_nan=True, **k_tol)
+    torch.testing.assert_close(vc.float(), vc_ref.float(), equal_nan=True, **exactly)
+    written = vc.view(-1, 3, 64)[slots].float()
+    assert float(written.abs().max()) == (127 if kv_dtype == torch.int8 else 448)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+@pytest.mark.parametrize("case", ["decode", "mixed"])
+def test_paged_attention_reads_a_quantized_cache(kv_dtype, case):
+    q, kc, vc, meta = paged_batch(*CASES[case], num_heads=6, num_kv_heads=2, head_dim=16, block_size=16,
+                                  dtype=torch.bfloat16, kv_dtype=kv_dtype, device=DEVICE)
+    check_attention(q, kc, vc, meta, None, SMALL_ATTENTION, scale=0.02 if kv_dtype == torch.int8 else 0.3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,hidden", [(1, 576), (7, 96)])
 @pytest.mark.parametrize("with_residual", [True, False])

@@ -54,7 +54,8 @@ def check_fits(engine: LLMEngine, requests: Sequence[BenchRequest]) -> None:
                             f"engine's max_seq_len={limit}; shorten it or build the engine with a larger --max-seq-len")
 
 
-def _drain(engine: LLMEngine, ids: set[str]) -> dict[str, RequestOutput]:
+def drain(engine: LLMEngine, ids: set[str]) -> dict[str, RequestOutput]:
+    """Step the engine until the requests ``ids`` finish; their final outputs (KilnError if one failed)."""
     done: dict[str, RequestOutput] = {}
     while len(done) < len(ids):
         for out in engine.step(timeout=1.0):
@@ -135,7 +136,7 @@ def run_throughput(engine: LLMEngine, dataset: Dataset, request_rate: float = ma
         ids = {engine.add_request(requests[i % len(requests)].prompt_ids,
                                   greedy(requests[i % len(requests)].output_len), f"warmup-{i}")
                for i in range(warmup)}
-        _drain(engine, ids)
+        drain(engine, ids)
     _fresh_prefix_cache(engine)
     before = engine.stats()
     offsets = arrival_offsets(len(requests), request_rate, seed)
@@ -217,7 +218,7 @@ def run_latency(engine: LLMEngine, batches: Sequence[Sequence[list[int]]], outpu
     check_fits(engine, [BenchRequest(p, output_len) for p in batches[0]])
     for i, batch in enumerate(warmup):
         _fresh_prefix_cache(engine)
-        _drain(engine, {engine.add_request(p, greedy(output_len), f"warmup-{i}-{j}") for j, p in enumerate(batch)})
+        drain(engine, {engine.add_request(p, greedy(output_len), f"warmup-{i}-{j}") for j, p in enumerate(batch)})
     ttft: list[float] = []
     tpot: list[float] = []
     e2e: list[float] = []
@@ -229,7 +230,7 @@ def run_latency(engine: LLMEngine, batches: Sequence[Sequence[list[int]]], outpu
         start = clock(engine.device)
         for rid, prompt in zip(ids, batch):
             engine.add_request(prompt, greedy(output_len), rid, arrival_time=start)
-        done = _drain(engine, set(ids))
+        done = drain(engine, set(ids))
         outs = [done[rid] for rid in ids]
         firsts = [_first_token_time(o) for o in outs]
         lasts = [_finish_time(o) for o in outs]

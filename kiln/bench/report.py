@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -52,7 +53,8 @@ def _ratio(kiln: float | None, hf: float | None) -> str:
     return f"{kiln / hf:.2f}x" if kiln is not None and hf else "-"
 
 
-def _header(doc: dict) -> list[str]:
+def _header(doc: dict, what: list[str] | None = None) -> list[str]:
+    """The lines every engine benchmark starts with; ``what`` it ran (default: its requests' line)."""
     env, engine = doc["environment"], doc["engine"]
     rule = "=" * 72
     return [
@@ -64,7 +66,7 @@ def _header(doc: dict) -> list[str]:
         f"{env['threads']} threads",
         f" limits           batch {engine['max_batch_size']}, {engine['max_num_tokens']} tokens/step, "
         f"seq {engine['max_seq_len']}, KV block {engine['kv_block_size']}",
-        f" requests         {describe_dataset(doc['dataset'])}",
+        *(what or [f" requests         {describe_dataset(doc['dataset'])}"]),
         *_machine_lines(doc),
     ]
 
@@ -168,6 +170,23 @@ def format_latency(doc: dict) -> str:
     return "\n".join(lines + ["=" * 72])
 
 
+def format_perplexity(doc: dict) -> str:
+    r, text = doc["results"], doc["dataset"]
+    window_ppl = [math.exp(x) for x in r["window_nll"]]
+    what = [f" text             {text['path']}: {_num(text['num_tokens'])} tokens",
+            f" windows          {r['num_windows']} of {r['window']} tokens, each scored on its last {r['window'] - 1} "
+            f"({_num(r['num_text_tokens'] - r['num_windows'] * r['window'])} tokens of the tail left out)"]
+    return "\n".join(_header(doc, what) + [
+        "-" * 72,
+        f" {'scored tokens':<30}{_num(r['num_scored_tokens']):>14}",
+        f" {'mean NLL (nats/token)':<30}{r['nll']:>14.4f}",
+        f" {'perplexity':<30}{r['perplexity']:>14.4f}",
+        f" {'window perplexity min / max':<30}{min(window_ppl):>14.4f} / {max(window_ppl):.4f}",
+        f" {'duration (s)':<30}{_num(r['duration_s'], 3):>14}",
+        f" {'scored tokens/s':<30}{_num(r['scored_tokens_per_s']):>14}",
+        "=" * 72])
+
+
 def format_serve(doc: dict) -> str:
     r, server, settings = doc["results"], doc["server"], doc["settings"]
     rate = settings["request_rate"]
@@ -213,7 +232,8 @@ def format_serve(doc: dict) -> str:
     return "\n".join(lines + ["=" * 72])
 
 
-FORMATS = {"throughput": format_throughput, "latency": format_latency, "serve": format_serve}
+FORMATS = {"throughput": format_throughput, "latency": format_latency, "perplexity": format_perplexity,
+           "serve": format_serve}
 
 
 def emit(doc: dict, json_target: str | None, out: TextIO | None = None) -> None:

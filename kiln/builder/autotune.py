@@ -46,7 +46,7 @@ def workloads(op: str, model: ModelConfig, build: BuildConfig, device: torch.dev
     """The shapes an op is timed at for this engine ([] for ops the tuner leaves alone)."""
     dtype = build.torch_dtype
     heads = dict(num_heads=model.num_heads, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
-                 block_size=build.kv_block_size, dtype=dtype, device=device)
+                 block_size=build.kv_block_size, dtype=dtype, kv_dtype=build.kv_torch_dtype, device=device)
     batch = build.max_batch_size
     chunk = min(build.max_num_tokens, build.max_seq_len)
     contexts = sorted({min(256, build.max_seq_len), min(1024, build.max_seq_len), build.max_seq_len})

@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from kiln.builder import kv_scales
 from kiln.builder.plan import choose_plan
 from kiln.builder.transforms import engine_tensors, quantize_linear_weights
 from kiln.checkpoint.checkpoint import Checkpoint, is_checkpoint, open_source, read_checkpoint, write_checkpoint
-from kiln.engine import FORMAT_VERSION, TOKENIZER_FILES, BuildConfig, manifest_of, weights_file, write_engine_json
+from kiln.engine import ENGINE_FILE, FORMAT_VERSION, TOKENIZER_FILES, BuildConfig, manifest_of, weights_file, write_engine_json
 from kiln.engine.target import target_of
 from kiln.errors import BuildError
 from kiln.fsutil import staged_dir
@@ -67,21 +68,6 @@ def build(
             steps.set_postfix_str(f"quantize to {config.quantization}")
             quantize_linear_weights(checkpoint.config, tensors, formats, config.quantization, device)
         steps.update()
-        steps.set_postfix_str("write weights")
-        if not strip_weights:
-            save_file(tensors, str(stage / weights_file(0)), metadata={"format": "pt"})
-        carried = []
-        for file in plugins:
-            (stage / PLUGIN_DIR).mkdir(exist_ok=True)
-            rel = f"{PLUGIN_DIR}/{Path(file).name}"
-            if rel in carried:
-                raise BuildError(f"two plugin files are named {Path(file).name}")
-            shutil.copyfile(file, stage / rel)
-            carried.append(rel)
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(checkpoint.path / name, stage / name)
-        steps.update()
-        steps.set_postfix_str("checksums")
         meta = {
             "format_version": FORMAT_VERSION,
             "kiln_version": __version__,
@@ -91,16 +77,55 @@ def build(
             "build": config.to_dict(),
             "plan": plan,
             "target": target_of(device),
-            "weights": {"files": [weights_file(0)], "stripped": strip_weights,
-                        "tensors": manifest_of(tensors, formats)},
+            "weights": {"files": [weights_file(0)], "stripped": strip_weights},
             "tokenizer": tokenizer_facts(checkpoint),
-            **({"plugins": carried} if carried else {}),
         }
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(checkpoint.path / name, stage / name)
+        carried = []
+        for file in plugins:
+            (stage / PLUGIN_DIR).mkdir(exist_ok=True)
+            rel = f"{PLUGIN_DIR}/{Path(file).name}"
+            if rel in carried:
+                raise BuildError(f"two plugin files are named {Path(file).name}")
+            shutil.copyfile(file, stage / rel)
+            carried.append(rel)
+        if carried:
+            meta["plugins"] = carried
+        if config.kv_cache_quantized:
+            steps.set_postfix_str(f"calibrate the {config.kv_cache_dtype} KV cache")
+            meta["kv_cache_scales"] = _calibrate_kv_cache(stage, meta, tensors, formats, device)
+            try:
+                kv_scales.fold(checkpoint.config, tensors, formats, meta["kv_cache_scales"])
+            except ValueError as e:
+                raise BuildError(f"cannot fold the KV cache's scales into the weights: {e}") from None
+        steps.set_postfix_str("write weights")
+        if not strip_weights:
+            save_file(tensors, str(stage / weights_file(0)), metadata={"format": "pt"})
+        steps.update()
+        steps.set_postfix_str("checksums")
+        meta["weights"]["tensors"] = manifest_of(tensors, formats)
         write_engine_json(stage, meta)
         steps.update()
         steps.close()
         shutil.rmtree(stage / ".checkpoint", ignore_errors=True)
     return out
+
+
+def _calibrate_kv_cache(stage: Path, meta: dict, tensors: dict[str, torch.Tensor], formats: dict[str, str],
+                        device: torch.device) -> dict:
+    """The quantized KV cache's scales, from running the engine as built so far with a float cache (its
+    weights and engine.json written to ``stage`` for that, and replaced after)."""
+    build = BuildConfig(**meta["build"])
+    save_file(tensors, str(stage / weights_file(0)), metadata={"format": "pt"})
+    float_kv = {**meta, "build": {**meta["build"], "kv_cache_dtype": None},
+                "weights": {**meta["weights"], "stripped": False, "tensors": manifest_of(tensors, formats)}}
+    write_engine_json(stage, float_kv)
+    try:
+        return kv_scales.calibrate(stage, build, device)
+    finally:
+        (stage / weights_file(0)).unlink()
+        (stage / ENGINE_FILE).unlink()
 
 
 def _check_limits(checkpoint: Checkpoint, config: BuildConfig) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from kiln.builder import kv_scales
 from kiln.builder.transforms import engine_tensors, quantize_linear_weights
 from kiln.checkpoint.checkpoint import read_checkpoint
 from kiln.engine import check_against_manifest, manifest_of, read_engine, weights_file, write_engine_json
@@ -21,7 +22,8 @@ def refit(engine_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, out:
 
     Every name, shape, dtype and format is checked before anything is written; on any mismatch the
     engine is left as it was. A packed checkpoint (a GGUF file's blocks) refits a float engine decoded; a
-    quantized engine (``kiln build --quantize``) takes float weights quantized as its build did.
+    quantized engine (``kiln build --quantize``) takes float weights quantized as its build did, and one with a
+    quantized KV cache takes the scales its build calibrated (``kv_scales``), folded in again.
     """
     engine = read_engine(engine_dir, need_weights=False)
     checkpoint = read_checkpoint(checkpoint_dir)
@@ -36,8 +38,10 @@ def refit(engine_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, out:
                                           checkpoint.formats, keep_packed=bool(engine.weight_formats))
         if engine.build.quantization:  # float weights are quantized on the way, as the build did
             quantize_linear_weights(config, tensors, formats, engine.build.quantization)
+        if engine.build.kv_cache_quantized:  # the build's KV cache scales, folded in as the build did
+            kv_scales.fold(config, tensors, formats, engine.meta["kv_cache_scales"])
         check_against_manifest(engine.manifest, tensors, f"refit of {engine.path} from {checkpoint.path}", formats)
-    except EngineError as e:
+    except (EngineError, ValueError) as e:
         raise BuildError(str(e)) from None
     meta = dict(engine.meta)
     meta["weights"] = {**meta["weights"], "stripped": False, "tensors": manifest_of(tensors, formats)}

@@ -1,4 +1,4 @@
-"""``kiln bench throughput``, ``kiln bench latency`` and ``kiln bench serve``: the CLI side of kiln.bench."""
+"""``kiln bench throughput``, ``latency``, ``perplexity`` and ``serve``: the CLI side of kiln.bench."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +65,22 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     _add_machine_options(lat)
     _add_output_options(lat)
     lat.set_defaults(run=_latency, bench_parser=lat)
+
+    ppl = benchmarks.add_parser("perplexity", help="perplexity on a text (by default kiln's shipped English text), "
+                                                   "in windows scored through prompt logprobs")
+    _add_model_options(ppl)
+    g = ppl.add_argument_group("text")
+    g.add_argument("--text", default=None, metavar="FILE",
+                   help="a UTF-8 text file (default: kiln's own English text, about 3,700 SmolLM2 tokens)")
+    g.add_argument("--window", type=int, default=512,
+                   help="tokens per window; windows do not overlap and each is scored on all its tokens after "
+                        "the first (default 512)")
+    r = ppl.add_argument_group("runtime")
+    r.add_argument("--max-num-tokens", type=int, default=None, help="tokens per step at most (default: the engine's)")
+    g = ppl.add_argument_group("output")
+    g.add_argument("--json", default=None, metavar="OUT",
+                   help="also write the numbers as JSON to OUT (-: stdout, and the table goes to stderr)")
+    ppl.set_defaults(run=_perplexity, bench_parser=ppl)
 
     _add_serve_parser(benchmarks)
 
@@ -215,6 +231,34 @@ def _latency(args: argparse.Namespace) -> None:
     emit(doc, args.json)
 
 
+def _perplexity(args: argparse.Namespace) -> None:
+    from kiln.bench.perplexity import DEFAULT_TEXT, run_perplexity, windows
+    from kiln.bench.report import emit
+    from kiln.runtime.config import RuntimeConfig
+    from kiln.runtime.llm_engine import LLMEngine
+
+    _require_positive(args, "max_num_tokens")
+    path = Path(args.text) if args.text else DEFAULT_TEXT
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise KilnError(f"cannot read the text {path}: {e}") from None
+    engine_dir, engine = _engine(args, None)
+    tokenizer, _ = _tokenizer(engine)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    windows(ids, args.window)  # a window too short, or a text too short, fails before the weights load
+    _release(args.device)
+    llm = LLMEngine(str(engine_dir), RuntimeConfig(device=args.device, max_num_tokens=args.max_num_tokens,
+                                                   kv_cache_memory=_kv_bytes(args), cuda_graphs=args.cuda_graphs))
+    try:
+        result = run_perplexity(llm, ids, args.window)
+        dataset = {"kind": "text", "path": str(path.resolve()), "num_tokens": len(ids)}
+        doc = _document(args, llm, engine, dataset, {"window": args.window}, result.to_dict())
+    finally:
+        llm.shutdown()
+    emit(doc, args.json)
+
+
 # ----- helpers -----
 def _engine(args: argparse.Namespace, batch: int | None) -> tuple[Path, Engine]:
     """The engine folder for ``args.model`` (built and cached if need be, for at least ``batch`` requests
@@ -229,7 +273,8 @@ def _engine(args: argparse.Namespace, batch: int | None) -> tuple[Path, Engine]:
         engine_dir = Path(engine_for(args.model, args.dtype, args.device, max_batch_size=build_batch,
                                      max_seq_len=args.max_seq_len, kv_block_size=args.kv_block_size,
                                      max_num_tokens=max(args.max_num_tokens or BuildConfig.max_num_tokens,
-                                                        build_batch), quantization=asked))
+                                                        build_batch), quantization=asked,
+                                     kv_cache_dtype=args.kv_cache_dtype))
     engine = read_engine(engine_dir)
     if args.dtype is not None and engine.build.dtype != args.dtype:
         raise KilnError(f"engine {engine_dir} holds {engine.build.dtype} weights, not --dtype {args.dtype}; "
@@ -237,6 +282,9 @@ def _engine(args: argparse.Namespace, batch: int | None) -> tuple[Path, Engine]:
     if asked is not None and engine.build.quantization != asked:
         raise KilnError(f"engine {engine_dir} was built with quantization {engine.build.quantization}, not {asked}; "
                         f"benchmark it without --quantize, or build another engine")
+    if args.kv_cache_dtype is not None and engine.build.kv_cache_dtype != args.kv_cache_dtype:
+        raise KilnError(f"engine {engine_dir} has a {engine.build.kv_torch_dtype} KV cache, not --kv-cache-dtype "
+                        f"{args.kv_cache_dtype}; benchmark it without --kv-cache-dtype, or build another engine")
     return engine_dir, engine
 
 

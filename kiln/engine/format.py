@@ -17,7 +17,7 @@ import torch
 
 from kiln.errors import EngineError
 from kiln.models.config import ModelConfig
-from kiln.schema import BOOL, INT, STR, DictOf, ListOf, Nullable, Record, record_of, validate
+from kiln.schema import BOOL, INT, NUMBER, STR, DictOf, ListOf, Nullable, Record, record_of, validate
 from kiln.weight_formats import FLOAT, QUANTIZED, block_format
 
 # 2: a weight may be packed in a block format (its manifest entry names the format).
@@ -29,6 +29,10 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
 # The dtypes an engine may be built in.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The KV cache's dtypes: a float dtype, or one byte per value (``kiln build --kv-cache-dtype``), whose
+# values are keys and values divided by scales calibrated at build (engine.json's kv_cache_scales).
+QUANTIZED_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+KV_CACHE_DTYPES = {**DTYPES, **QUANTIZED_KV_DTYPES}
 # The dtypes a weight may have, by safetensors' name; the manifest names them as torch does (dtype_name).
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -57,7 +61,7 @@ class BuildConfig:
     max_seq_len: int = 2048
     max_num_tokens: int = 512
     kv_block_size: int = 16
-    kv_cache_dtype: str | None = None  # None: the same as dtype
+    kv_cache_dtype: str | None = None  # None: the same as dtype; "fp8" or "int8": quantized (KV_CACHE_DTYPES)
     # The format kiln quantizes the float weights of linear layers into (kiln.weight_formats.QUANTIZED):
     # "int8", "fp8", "int4_g128", ...; None: they stay in dtype. Packed weights (a GGUF file's) keep theirs.
     quantization: str | None = None
@@ -67,8 +71,8 @@ class BuildConfig:
         problems = []
         if self.dtype not in DTYPES:
             problems.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in DTYPES:
-            problems.append(f"kv_cache_dtype {self.kv_cache_dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            problems.append(f"kv_cache_dtype {self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
         for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size", "tp_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -90,7 +94,11 @@ class BuildConfig:
 
     @property
     def kv_torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.kv_cache_dtype or self.dtype]
+        return KV_CACHE_DTYPES[self.kv_cache_dtype or self.dtype]
+
+    @property
+    def kv_cache_quantized(self) -> bool:
+        return self.kv_cache_dtype in QUANTIZED_KV_DTYPES
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -170,7 +178,9 @@ ENGINE_SCHEMA = Record(
     },
     {"kiln_version": Nullable(STR), "created": STR, "source": Nullable(DictOf()),
      # The user's plugin files the engine carries (relative paths), imported before its plan is bound.
-     "plugins": ListOf(STR)},
+     "plugins": ListOf(STR),
+     # A quantized KV cache's scales, a key scale and a value scale per layer (kiln.builder.kv_scales).
+     "kv_cache_scales": Record({"k": ListOf(NUMBER), "v": ListOf(NUMBER)})},
 )
 
 
@@ -190,9 +200,26 @@ def _check_packed_entry(tensor: dict, what: str) -> None:
                           f"of logical_shape {logical}")
 
 
+def _check_kv_cache_scales(scales: dict | None, build: BuildConfig, model: ModelConfig, what: str) -> None:
+    """A quantized KV cache has a key and a value scale per layer, positive and finite; a float one has none."""
+    if not build.kv_cache_quantized:
+        if scales is not None:
+            raise EngineError(f"{what}: kv_cache_scales are for a quantized KV cache, not {build.kv_torch_dtype}")
+        return
+    if scales is None:
+        raise EngineError(f"{what}: a {build.kv_cache_dtype} KV cache needs kv_cache_scales")
+    fits = len(scales["k"]) == len(scales["v"]) == model.num_layers
+    if not fits or not all(0 < s < float("inf") for s in (*scales["k"], *scales["v"])):
+        raise EngineError(f"{what}: kv_cache_scales must hold a positive key and value scale for each of the "
+                          f"{model.num_layers} layers")
+
+
 def write_engine_json(directory: Path, meta: dict) -> None:
     """Write engine.json, after checking it against the schema that reading it will check."""
-    validate(meta, ENGINE_SCHEMA, f"{ENGINE_FILE} to be written in {directory}", EngineError)
+    what = f"{ENGINE_FILE} to be written in {directory}"
+    validate(meta, ENGINE_SCHEMA, what, EngineError)
+    _check_kv_cache_scales(meta.get("kv_cache_scales"), BuildConfig(**meta["build"]),
+                           ModelConfig.from_dict(meta["model"]), what)
     (directory / ENGINE_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -212,10 +239,11 @@ def read_engine(path: str | os.PathLike, need_weights: bool = True) -> Engine:
         raise EngineError(f"{file} has format version {version!r}; this kiln reads versions up to {FORMAT_VERSION}")
     validate(meta, ENGINE_SCHEMA, str(file), EngineError)
     try:
-        BuildConfig(**meta["build"])
-        ModelConfig.from_dict(meta["model"])
+        build = BuildConfig(**meta["build"])
+        model = ModelConfig.from_dict(meta["model"])
     except (EngineError, ValueError, ArithmeticError) as e:
         raise EngineError(f"{file}: {e}") from None
+    _check_kv_cache_scales(meta.get("kv_cache_scales"), build, model, str(file))
     for i, tensor in enumerate(meta["weights"]["tensors"]):
         if tensor["dtype"] not in WEIGHT_DTYPES:
             raise EngineError(f"{file}: weights.tensors[{i}].dtype {tensor['dtype']!r} is not one of "

@@ -42,6 +42,8 @@ def describe(engine: Engine) -> dict:
         "weights_stripped": engine.stripped,
         "build": b.to_dict(),
         "kv_cache_bytes_per_token": kv_per_token,
+        "float_kv_cache_bytes_per_token": kv_per_token // kv_dtype.itemsize * b.torch_dtype.itemsize,
+        "kv_cache_scales": engine.meta.get("kv_cache_scales"),
         "plan": engine.plan,
         "plugins": engine.plugins,
         "target": engine.target,
@@ -90,7 +92,9 @@ def format_text(d: dict) -> str:
         f"limits      max batch {b['max_batch_size']}, max sequence {b['max_seq_len']}, "
         f"max tokens/step {b['max_num_tokens']}",
         f"kv cache    blocks of {b['kv_block_size']} tokens, {b['kv_cache_dtype'] or b['dtype']}, "
-        f"{_size(d['kv_cache_bytes_per_token'])} per token",
+        f"{_size(d['kv_cache_bytes_per_token'])} per token"
+        + (f" ({_size(d['float_kv_cache_bytes_per_token'])} in {b['dtype']}), scales calibrated at build"
+           if d.get("kv_cache_scales") else ""),
         "",
         "plan        op                  implementation",
     ]

@@ -67,12 +67,30 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+# The largest magnitude a one-byte KV cache holds; the build scales keys and values so that their calibrated
+# maximum lands there (kiln.builder.kv_scales), and a store saturates beyond it.
+KV_CACHE_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a KV cache of ``dtype`` stores it: a float dtype as cast; int8 rounded half up (floor(x + 0.5))
+    and saturated at +-127; float8 e4m3 saturated at +-448, then rounded to nearest even."""
+    if dtype == torch.int8:
+        return torch.floor(x.float() + 0.5).clamp(-127, 127).to(torch.int8)
+    if dtype == torch.float8_e4m3fn:
+        return x.float().clamp(-448, 448).to(dtype)
+    return x.to(dtype)
+
+
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Store this step's keys and values ([T, Hk, D]) in their cache slots ([blocks, block, Hk, D])."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        x = to_cache_dtype(x, cache.dtype)
+        if cache.dtype.itemsize == 1:  # (torch copies float8 by index as bytes only)
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, x)
 
 
 @reference("rotary_and_write_kv_cache")

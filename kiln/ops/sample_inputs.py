@@ -37,8 +37,9 @@ def paged_batch(
 
     Sequence i has ``seq_lens[i]`` tokens of context after the step, the last ``q_lens[i]`` of which
     are its queries. Its blocks are scattered at random over the cache. With ``poison``, every cache
-    slot no sequence owns is NaN and table padding points at an unowned block, so a kernel that reads
-    past a context shows NaN. The metadata's device tensors are all filled.
+    slot no sequence owns is NaN (-128 in an int8 cache, which no store writes) and table padding points
+    at an unowned block, so a kernel that reads past a context shows it. The metadata's device tensors
+    are all filled.
     """
     device = torch.device(device)
     if len(seq_lens) != len(q_lens) or any(not 0 < q <= n for n, q in zip(seq_lens, q_lens)):
@@ -57,15 +58,17 @@ def paged_batch(
     width = max(per_seq)
     table = torch.tensor([t + [spare] * (width - len(t)) for t in tables], dtype=table_dtype, device=device)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=g, device=device).to(kv_dtype)
-    v_cache = torch.randn(shape, generator=g, device=device).to(kv_dtype)
+    k_cache, v_cache = (_random_cache(shape, kv_dtype, g, device) for _ in range(2))
     if poison:
         owned = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=device)
         for t, n in zip(tables, seq_lens):
             slots = torch.tensor(t, device=device)[:, None] * block_size + torch.arange(block_size, device=device)
             owned[slots.flatten()[:n]] = True
         for cache in (k_cache, v_cache):
-            cache.view(-1, num_kv_heads, head_dim)[~owned] = float("nan")
+            if cache.dtype.itemsize == 1:  # (torch fills float8 by mask as bytes only)
+                cache.view(torch.uint8).view(-1, num_kv_heads, head_dim)[~owned] = _poison_byte(kv_dtype)
+            else:
+                cache.view(-1, num_kv_heads, head_dim)[~owned] = float("nan")
     # Each query token's own slot (what the step's cache write used).
     slots = [t[p // block_size] * block_size + p % block_size
              for t, n, q in zip(tables, seq_lens, q_lens) for p in range(n - q, n)]
@@ -83,6 +86,23 @@ def paged_batch(
     return q, k_cache, v_cache, meta
 
 
+def _random_cache(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator,
+                  device: torch.device) -> torch.Tensor:
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, shape, generator=g, device=device, dtype=torch.int8)
+    return torch.randn(shape, generator=g, device=device).to(dtype)
+
+
+def _poison(dtype: torch.dtype) -> float:
+    """What marks a cache slot nothing should read or has written yet."""
+    return -128 if dtype == torch.int8 else float("nan")
+
+
+def _poison_byte(dtype: torch.dtype) -> int:
+    """``_poison`` of a one-byte dtype as its byte: int8's -128, float8 e4m3's NaN."""
+    return torch.tensor([_poison(dtype)]).to(dtype).view(torch.uint8).item()
+
+
 def rotary_batch(
     num_tokens: int,
     *,
@@ -98,7 +118,7 @@ def rotary_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The arguments of ``rotary_and_write_kv_cache``: (qkv, cos_sin, k_cache, v_cache, slot_mapping, num_heads).
 
-    Tokens sit at random positions and write to distinct random slots of a NaN-filled cache.
+    Tokens sit at random positions and write to distinct random slots of a NaN-filled cache (-128 in int8).
     """
     device = torch.device(device)
     g = _generator(device, generator)
@@ -109,8 +129,8 @@ def rotary_batch(
     cos_sin = torch.stack((angles.cos(), angles.sin()), dim=1).to(dtype)
     num_blocks = -(-num_tokens // block_size) + 1
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=kv_dtype or dtype, device=device)
-    v_cache = torch.full(shape, float("nan"), dtype=kv_dtype or dtype, device=device)
+    k_cache = torch.full(shape, _poison(kv_dtype or dtype), dtype=kv_dtype or dtype, device=device)
+    v_cache = torch.full(shape, _poison(kv_dtype or dtype), dtype=kv_dtype or dtype, device=device)
     slots = torch.randperm(num_blocks * block_size, generator=g, device=device)[:num_tokens]
     return qkv, cos_sin, k_cache, v_cache, slots, num_heads
 

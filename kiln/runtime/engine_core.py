@@ -5,14 +5,15 @@ detokenization, stop strings, n>1 merging and streaming are the output processor
 thread (vLLM v1's split). ``EngineCoreThread`` runs it in a thread of its own.
 
 A step schedules by token counters, runs the model once for the whole mixed batch and samples the
-requests that reached their last known token. If the batch raises, each of its requests is run again
+requests that reached their last known token; the same pass scores the prompt tokens of requests that
+ask for prompt logprobs (``prompt_logprobs``). If the batch raises, each of its requests is run again
 alone: the ones that still raise finish with ``finish_reason="error"`` and their message, their KV
 blocks freed; the others continue as if nothing happened.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -23,6 +24,7 @@ from kiln.runtime.kv_cache import BlockManager
 from kiln.runtime.kv_pool import num_kv_blocks
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.outputs import EngineStats, TokenLogprob
+from kiln.runtime.prompt_logprobs import PendingPromptLogprobs, prompt_spans
 from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.sampler import PendingSample, Sampler
 from kiln.runtime.sampling_params import SamplingParams
@@ -56,6 +58,8 @@ class _Launched:
     # When the step was run request by request (after an error), its tokens are already on the host.
     host_ids: torch.Tensor | None = None
     host_logprobs: list[TokenLogprob | None] | None = None
+    # The prompt logprobs the step computed, for the requests that asked.
+    prompt: list[PendingPromptLogprobs] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -65,6 +69,8 @@ class EngineCoreOutput:
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprob] | None = None
+    # With the first new token of a request that asked: its prompt tokens' logprobs (from the second).
+    prompt_logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop", "length", "error" ("abort" is decided by the front end)
     stop_token_id: int | None = None  # the EOS or stop token that ended it
     error: str | None = None
@@ -168,7 +174,7 @@ class EngineCore:
         batch = list(zip(out.requests, out.num_new_tokens))
         to_sample = out.requests_to_sample
         try:
-            logits = self.runner.execute(batch, self._prev_tokens())
+            logits, prompt = self.runner.execute_and_score(batch, prompt_spans(batch), self._prev_tokens())
             if self._inflight is not None and any(self.sampler.needs_history(r) for r in to_sample):
                 # Penalties read earlier tokens' values: take the step in flight's tokens first.
                 outputs += self._resolve(self._inflight)
@@ -179,13 +185,15 @@ class EngineCore:
         except Exception as e:
             return self._launch_alone(out, batch, e, outputs)
         sampling = self.scheduler.advance(out)
-        return _Launched(sampling, pending, {r.request_id: i for i, r in enumerate(to_sample)})
+        return _Launched(sampling, pending, {r.request_id: i for i, r in enumerate(to_sample)},
+                         prompt=[prompt] if prompt is not None else [])
 
     def _launch_alone(self, out: SchedulerOutput, batch: Batch, error: Exception,
                       outputs: list[EngineCoreOutput]) -> _Launched | None:
         if self._inflight is not None:
             outputs += self._resolve(self._inflight)
             self._inflight = None
+        prompt: list[PendingPromptLogprobs] = []
         if len(batch) == 1:
             log.exception("a step failed for request %s", batch[0][0].request_id)
             failed = {batch[0][0].request_id: _message(error)}
@@ -199,7 +207,9 @@ class EngineCore:
                 if req.is_finished:
                     continue
                 try:
-                    logits = self.runner.execute([(req, n)])
+                    logits, scored = self.runner.execute_and_score([(req, n)], prompt_spans([(req, n)]))
+                    if scored is not None:
+                        prompt.append(scored)
                     if will_sample:
                         result = self.sampler(logits, [req])
                         sampled[req.request_id] = result.token_ids[0]
@@ -214,11 +224,13 @@ class EngineCore:
         sampling = self.scheduler.advance(out)
         ids = torch.tensor([sampled[r.request_id] for r in sampling], dtype=torch.long)
         parts = [logprobs.get(r.request_id) for r in sampling]
-        return _Launched(sampling, None, {r.request_id: i for i, r in enumerate(sampling)}, ids, parts)
+        return _Launched(sampling, None, {r.request_id: i for i, r in enumerate(sampling)}, ids, parts, prompt)
 
     def _resolve(self, launched: _Launched) -> list[EngineCoreOutput]:
         """Wait for a launched step's tokens; record them; the outputs of the requests that took one."""
         try:
+            for scored in launched.prompt:
+                scored.deliver()
             if launched.pending is not None:
                 result = launched.pending.result()
                 token_ids, logprobs = result.token_ids, result.logprobs
@@ -259,7 +271,9 @@ class EngineCore:
                 error: str | None = None) -> EngineCoreOutput:
         finish = req.status.value if req.is_finished else None
         stop_token = tokens[-1] if req.status == RequestStatus.FINISHED_STOPPED and tokens else None
-        return EngineCoreOutput(req.request_id, tokens, lps, finish, stop_token, error, req.scheduled_time,
+        first = bool(tokens) and req.num_known_tokens - req.num_prompt_tokens == len(tokens)
+        prompt = req.prompt_logprobs if first and req.sampling_params.prompt_logprobs is not None else None
+        return EngineCoreOutput(req.request_id, tokens, lps, prompt, finish, stop_token, error, req.scheduled_time,
                                 req.num_cached_tokens, req.num_preemptions)
 
     def _admit_deferred(self) -> None:
@@ -298,6 +312,7 @@ def _message(e: BaseException) -> str:
 
 
 def child_params(params: SamplingParams, i: int) -> SamplingParams:
-    """The i-th of n completions: its own seed (seed + i) so completions differ yet stay reproducible."""
+    """The i-th of n completions: its own seed (seed + i) so completions differ yet stay reproducible.
+    Only the first computes prompt logprobs (they are the request's, not a completion's)."""
     seed = None if params.seed is None else (params.seed + i) % 2**64
-    return replace(params, n=1, seed=seed)
+    return replace(params, n=1, seed=seed, prompt_logprobs=params.prompt_logprobs if i == 0 else None)

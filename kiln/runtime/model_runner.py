@@ -9,10 +9,12 @@ from kiln.engine import Engine, load_weights
 from kiln.engine.target import target_of
 from kiln.models import ModelConfig, apply_weight_formats, create_model
 from kiln.nn import ForwardContext, forward_context
+from kiln.nn.attention import set_kv_cache_scales
 from kiln.ops import OpTable
 from kiln.ops.user_plugins import load_engine_plugins
 from kiln.runtime.cpu_threads import ThreadGovernor
 from kiln.runtime.kv_pool import KVCacheSpec, allocate_kv_caches, kv_cache_spec
+from kiln.runtime.prompt_logprobs import PendingPromptLogprobs, PromptSpan, score_prompts
 from kiln.runtime.step_graphs import StepGraphs
 from kiln.runtime.step_inputs import Batch, PrevTokens, StepBatch, StepInputs
 from kiln.runtime.tuned_plan import load_op_table
@@ -52,6 +54,7 @@ class ModelRunner:
             if hasattr(module, "prepare_weights"):
                 module.prepare_weights()
         self.model.materialize_buffers(device)
+        set_kv_cache_scales(self.model, engine.meta.get("kv_cache_scales"))
         self.model.eval()
         self.kv_spec: KVCacheSpec = kv_cache_spec(engine)
         self.num_blocks = 0
@@ -121,15 +124,23 @@ class ModelRunner:
         A request is sampled when this step reaches its last token; rows come in batch order. The work
         is queued on the device: nothing here waits for it. ``prev_tokens``: see ``StepInputs.prepare``.
         """
+        return self.execute_and_score(batch, [], prev_tokens)[0]
+
+    @torch.inference_mode()
+    def execute_and_score(self, batch: Batch, spans: list[PromptSpan], prev_tokens: PrevTokens | None = None
+                          ) -> tuple[torch.Tensor, PendingPromptLogprobs | None]:
+        """``execute``, and the logprobs of the prompt tokens that ``spans`` name (``prompt_spans(batch)``)
+        from the same forward pass; a step with spans runs eagerly."""
         with self.threads.step(sum(n for _, n in batch)):
-            shape = self.graphs.shape_for(batch) if self.graphs is not None else None
+            shape = self.graphs.shape_for(batch) if self.graphs is not None and not spans else None
             if shape is not None:
-                return self.graphs.run(batch, shape, prev_tokens)
+                return self.graphs.run(batch, shape, prev_tokens), None
             step = self.inputs.prepare(batch, prev_tokens=prev_tokens)
             hidden = self._hidden(step)
+            scored = score_prompts(self.model.compute_logits, hidden, spans) if spans else None
             if step.logits_indices is not None:
                 hidden = hidden[step.logits_indices]
-            return self.model.compute_logits(hidden).float()
+            return self.model.compute_logits(hidden).float(), scored
 
     @torch.inference_mode()
     def all_logits(self, batch: Batch) -> torch.Tensor:

@@ -65,7 +65,8 @@ class _Completion:
 
 
 class _Group:
-    __slots__ = ("request", "completions", "scheduled_time", "num_cached_tokens", "num_preemptions", "error")
+    __slots__ = ("request", "completions", "scheduled_time", "num_cached_tokens", "num_preemptions", "error",
+                 "prompt_logprobs")
 
     def __init__(self, request: NewRequest):
         self.request = request
@@ -74,6 +75,7 @@ class _Group:
         self.scheduled_time: float | None = None
         self.num_cached_tokens = 0
         self.num_preemptions = 0
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -144,6 +146,8 @@ class OutputProcessor:
                 group.scheduled_time = out.scheduled_time
             group.num_cached_tokens = max(group.num_cached_tokens, out.num_cached_tokens)
             group.num_preemptions = max(group.num_preemptions, out.num_preemptions)
+            if out.prompt_logprobs is not None:
+                group.prompt_logprobs = [None, *out.prompt_logprobs]
             for i, token in enumerate(out.new_token_ids):
                 if c.first_token_time is None:
                     c.first_token_time = now
@@ -189,7 +193,7 @@ class OutputProcessor:
             self._forget(group)
         req = group.request
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished,
-                             self._metrics(group, finished, now), group.error)
+                             self._metrics(group, finished, now), group.error, group.prompt_logprobs)
 
     @staticmethod
     def _metrics(group: _Group, finished: bool, now: float) -> RequestMetrics:

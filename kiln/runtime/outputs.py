@@ -96,6 +96,10 @@ class RequestOutput:
     metrics: RequestMetrics
     # Why the engine failed this request (its finish_reason is then "error"); the others went on.
     error: str | None = None
+    # If asked (``SamplingParams.prompt_logprobs``), one entry per prompt token, as vLLM's: None for the
+    # first (nothing scores it), then each token's logprob and the most likely tokens in its place.
+    # Set from the output that brings the first generated token on.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     # The first completion's fields, for the common n=1 case.
     @property

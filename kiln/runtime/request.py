@@ -8,6 +8,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from kiln.runtime.outputs import TokenLogprob
 from kiln.runtime.sampling_params import SamplingParams
 
 # A sampled token whose value is still on the device (async scheduling): it holds its place in
@@ -55,6 +56,8 @@ class Request:
     num_preemptions: int = 0
     # Trailing PLACEHOLDER entries of token_ids: sampled, not yet known on the host.
     num_placeholders: int = 0
+    # Prompt logprobs so far (if asked): entry i scores prompt token i + 1, from the logits at position i.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     # Timestamps (time.monotonic) for the per-request metrics.
     scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -86,6 +89,13 @@ class Request:
     def max_total_tokens(self) -> int:
         """The most tokens this request can ever hold: prompt plus ``max_tokens``."""
         return self.num_prompt_tokens + self.sampling_params.max_tokens
+
+    @property
+    def lacks_prompt_logprobs(self) -> bool:
+        """It asks for prompt logprobs and some are still to come: its prompt's logits must be computed,
+        not taken from the prefix cache."""
+        return (self.sampling_params.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens - 1)
 
     @property
     def is_finished(self) -> bool:

@@ -21,22 +21,13 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None] | None = None
 
 
-class PendingSample:
-    """A batch's chosen tokens (and requested logprobs) still on the device.
+class HostCopy:
+    """Tensors on their way to the host. On a GPU the copies start at once without blocking; ``lists()``
+    waits for them. So the host can prepare and launch the next step meanwhile."""
 
-    On a GPU the copy to the host starts at once without blocking; ``result()`` waits for it. So the
-    host can prepare and launch the next step meanwhile, and ``token_ids`` (on the device) can feed
-    that step's inputs. Only these ids and logprobs ever cross to the host, once per step.
-    """
-
-    def __init__(self, token_ids: torch.Tensor, logprob_parts: tuple[torch.Tensor, ...] | None = None,
-                 logprob_rows: list[int] | None = None, params: list[SamplingParams] | None = None):
-        self.token_ids = token_ids
-        self._rows = logprob_rows or []
-        self._params = params or []
-        tensors = (token_ids, *(logprob_parts or ()))
+    def __init__(self, tensors: Sequence[torch.Tensor]):
         self._event = None
-        if token_ids.device.type == "cuda":
+        if tensors and tensors[0].device.type == "cuda":
             # Pinned destinations (from torch's caching host allocator), so the copies do not block.
             self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                           for t in tensors]
@@ -44,13 +35,32 @@ class PendingSample:
             self._event.record()
         else:
             self._host = list(tensors)
+
+    def lists(self) -> list[list]:
+        if self._event is not None:
+            self._event.synchronize()
+        return [t.tolist() for t in self._host]
+
+
+class PendingSample:
+    """A batch's chosen tokens (and requested logprobs) still on the device.
+
+    They cross to the host through a ``HostCopy``; ``result()`` waits for it, and ``token_ids`` (on the
+    device) can feed the next step's inputs meanwhile. Only these ids and logprobs ever cross to the
+    host, once per step.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, logprob_parts: tuple[torch.Tensor, ...] | None = None,
+                 logprob_rows: list[int] | None = None, params: list[SamplingParams] | None = None):
+        self.token_ids = token_ids
+        self._rows = logprob_rows or []
+        self._params = params or []
+        self._copy = HostCopy((token_ids, *(logprob_parts or ())))
         self._result: SamplerOutput | None = None
 
     def result(self) -> SamplerOutput:
         if self._result is None:
-            if self._event is not None:
-                self._event.synchronize()
-            ids, *parts = (t.tolist() for t in self._host)
+            ids, *parts = self._copy.lists()
             logprobs = None
             if parts:
                 chosen_lp, top_lp, top_ids = parts

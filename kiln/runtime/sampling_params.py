@@ -37,6 +37,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     # Prefix-cache isolation (vLLM's name): a request reuses only cached blocks of requests with the same
@@ -50,8 +51,9 @@ class SamplingParams:
             setattr(self, name, _real(name, getattr(self, name)))
         if self.seed is not None:
             self.seed = _integer("seed", self.seed)
-        if self.logprobs is not None:
-            self.logprobs = _integer("logprobs", self.logprobs)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _integer(name, getattr(self, name)))
         self.stop = _stop_strings(self.stop)
         self.stop_token_ids = [_integer("stop_token_ids[]", t) for t in _list("stop_token_ids", self.stop_token_ids)]
         for name in ("ignore_eos", "skip_special_tokens"):
@@ -75,6 +77,8 @@ class SamplingParams:
             (0 <= self.min_tokens <= self.max_tokens,
              f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, 2**64 - 1], got {self.seed}"),
             (all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be >= 0, got {self.stop_token_ids}"),
             (all(-100 <= v <= 100 for v in (self.logit_bias or {}).values()),

@@ -174,7 +174,9 @@ class Scheduler:
             # Reserve every running request's whole future, so the running loop can never run short.
             if cfg.policy == "guaranteed_no_evict" and reserved + own > bm.num_blocks:
                 break
-            computed_blocks, num_hit = bm.get_computed_blocks(req)
+            # NOTE: a request that still needs prompt logprobs takes no prefix hit: it needs the logits
+            # of every prompt position, and cached blocks hold keys and values, not logits.
+            computed_blocks, num_hit = ([], 0) if req.lacks_prompt_logprobs else bm.get_computed_blocks(req)
             remaining = req.num_tokens - num_hit
             # Without chunked prefill a request is split only if it could never fit a step whole (the
             # recompute of a preempted request, which has grown past its prompt).

@@ -3,7 +3,8 @@
 
 At batch 1 a small model's decode step is mostly dispatch: PyTorch runs each of these ops as 4 to 10
 calls (SmolLM2's step made about 2,400 torch calls for 120 matrix products). Each plugin here is one
-call, one pass over its rows (``layer_ops.cpp``, float32).
+call, one pass over its rows (``layer_ops.cpp``, float32; the KV cache may also be int8 or float8 e4m3, written
+and read as ``reference.to_cache_dtype`` stores it).
 
 ``paged_attention.cpp``: each query token reads its sequence's keys and values where the paged cache
 holds them, one task per (token, KV head), instead of gathering the context every layer and step as
@@ -68,6 +69,12 @@ def _float_rows(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
+def _cache_fits(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Caches the kernels read and write: contiguous, in ``dtype`` (the activations') or a one-byte quantized one."""
+    return (k_cache.dtype == v_cache.dtype and k_cache.dtype in (dtype, *reference.KV_CACHE_MAX)
+            and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
 def _step_tensors(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's lengths and offsets as int64 tensors (its device copies where it has them), made once per
     step and shared by the layers."""
@@ -85,8 +92,7 @@ def cpu_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         scale: float, sliding_window: int | None = None) -> torch.Tensor:
     q = q if q.is_contiguous() else q.contiguous()
     eager = not meta.max_seq_len  # a fixed-shape (graph) step's host lengths are only bounds
-    if eager and (q.shape[0] > MAX_QUERY_TOKENS_PER_SEQ * meta.num_seqs or k_cache.dtype != q.dtype
-                  or not k_cache.is_contiguous() or not v_cache.is_contiguous()):
+    if eager and (q.shape[0] > MAX_QUERY_TOKENS_PER_SEQ * meta.num_seqs or not _cache_fits(k_cache, v_cache, q.dtype)):
         return reference.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window)
     seq_lens, starts = _step_tensors(meta)
     tables = meta.block_tables if meta.block_tables.is_contiguous() else meta.block_tables.contiguous()
@@ -118,7 +124,8 @@ def cpu_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 @plugin("rotary_and_write_kv_cache", "cpu", supports=_float32_supported, graph_safe=True)
 def cpu_rotary_and_write_kv_cache(qkv: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
                                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int) -> torch.Tensor:
-    if not _float_rows(qkv, cos_sin, k_cache, v_cache) or slot_mapping.dtype != torch.int64:
+    if (not _float_rows(qkv, cos_sin) or not _cache_fits(k_cache, v_cache, torch.float32)
+            or slot_mapping.dtype != torch.int64):
         return reference.rotary_and_write_kv_cache(qkv, cos_sin, k_cache, v_cache, slot_mapping, num_heads)
     q = _kernels().rotary_and_write_kv_cache(qkv, cos_sin, k_cache, v_cache, slot_mapping.contiguous(), num_heads)
     if q.dim() == 1 and qkv.shape[0]:  # the kernel's answer to a slot outside the cache (it wrote nothing)

@@ -1,11 +1,13 @@
 // A transformer layer's small ops on the CPU, each one pass over its rows (float32): RMSNorm (with the
 // residual sum), SwiGLU's silu(gate) * up, and RoPE on the query and key heads with the keys and values
-// written to their cache slots. In PyTorch each is 4 to 10 calls, and at batch 1 a call costs more in
-// dispatch than in arithmetic. Semantics: kiln/ops/reference.py's ops of the same names.
+// written to their cache slots (float32, or int8 / float8 e4m3 as reference.to_cache_dtype stores them). In
+// PyTorch each is 4 to 10 calls, and at batch 1 a call costs more in dispatch than in arithmetic. Semantics:
+// kiln/ops/reference.py's ops of the same names.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -97,12 +99,43 @@ inline void rotate(const float* x, const float* cos, const float* sin, float* ou
   for (int64_t i = h; i < d; ++i) out[i] = x[i] * cos[i] + x[i - h] * sin[i];
 }
 
+// A row of keys or values into the cache: float32 as is; int8 rounded half up and saturated at +-127;
+// float8 e4m3 saturated at +-448, then rounded to nearest even (c10's conversion).
+inline void store(const float* x, float* out, int64_t n) { std::copy(x, x + n, out); }
+inline void store(const float* x, int8_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::floor(x[i] + 0.5f))));
+}
+inline void store(const float* x, c10::Float8_e4m3fn* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = c10::Float8_e4m3fn(std::min(448.f, std::max(-448.f, x[i])));
+}
+
+template <typename C>
+void rotate_and_store(const float* xp, const float* cs, float* qp, C* kc, C* vc, const int64_t* sm, int64_t tokens,
+                      int64_t num_heads, int64_t kv_heads, int64_t d) {
+  const int64_t width = (num_heads + 2 * kv_heads) * d, kv_row = kv_heads * d;
+  at::parallel_for(0, tokens, grain(width), [&](int64_t b, int64_t e) {
+    std::vector<float> k_row(kv_row);
+    for (int64_t t = b; t < e; ++t) {
+      const float *x = xp + t * width, *cos = cs + t * 2 * d, *sin = cos + d;
+      for (int64_t h = 0; h < num_heads; ++h) rotate(x + h * d, cos, sin, qp + (t * num_heads + h) * d, d);
+      for (int64_t h = 0; h < kv_heads; ++h) rotate(x + (num_heads + h) * d, cos, sin, k_row.data() + h * d, d);
+      store(k_row.data(), kc + sm[t] * kv_row, kv_row);
+      store(x + (num_heads + kv_heads) * d, vc + sm[t] * kv_row, kv_row);
+    }
+  });
+}
+
 at::Tensor rotary_and_write_kv_cache(const at::Tensor& qkv, const at::Tensor& cos_sin, const at::Tensor& k_cache,
                                      const at::Tensor& v_cache, const at::Tensor& slot_mapping, int64_t num_heads) {
   check_float_rows(qkv, "qkv");
   check_float_rows(cos_sin, "cos_sin");
-  check_float_rows(k_cache, "k_cache");
-  check_float_rows(v_cache, "v_cache");
+  const auto cache_type = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.device().is_cpu() && k_cache.is_contiguous() && v_cache.device().is_cpu() &&
+                  v_cache.is_contiguous() && v_cache.scalar_type() == cache_type &&
+                  (cache_type == at::kFloat || cache_type == at::kChar || cache_type == at::kFloat8_e4m3fn),
+              "kiln_cpu::rotary_and_write_kv_cache: caches must be contiguous float32, int8 or float8_e4m3fn "
+              "CPU tensors");
   TORCH_CHECK(qkv.dim() == 3 && cos_sin.dim() == 3 && cos_sin.size(0) == qkv.size(0) && cos_sin.size(1) == 2 &&
                   cos_sin.size(2) == qkv.size(2),
               "kiln_cpu::rotary_and_write_kv_cache: qkv [T, H + 2 Hk, D] and cos_sin [T, 2, D]");
@@ -123,18 +156,16 @@ at::Tensor rotary_and_write_kv_cache(const at::Tensor& qkv, const at::Tensor& co
     if (sm[t] < 0 || sm[t] >= slots) return at::empty({0}, qkv.options());
   at::Tensor q = at::empty({tokens, num_heads, d}, qkv.options());
   const float *xp = qkv.data_ptr<float>(), *cs = cos_sin.data_ptr<float>();
-  float *qp = q.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
-  const int64_t width = qkv.size(1) * d, kv_row = kv_heads * d;
-  at::parallel_for(0, tokens, grain(width), [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const float *x = xp + t * width, *cos = cs + t * 2 * d, *sin = cos + d;
-      for (int64_t h = 0; h < num_heads; ++h) rotate(x + h * d, cos, sin, qp + (t * num_heads + h) * d, d);
-      float *k = kc + sm[t] * kv_row, *v = vc + sm[t] * kv_row;
-      for (int64_t h = 0; h < kv_heads; ++h) rotate(x + (num_heads + h) * d, cos, sin, k + h * d, d);
-      const float* xv = x + (num_heads + kv_heads) * d;
-      for (int64_t i = 0; i < kv_row; ++i) v[i] = xv[i];
-    }
-  });
+  float* qp = q.data_ptr<float>();
+  if (cache_type == at::kChar)
+    rotate_and_store(xp, cs, qp, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), sm, tokens, num_heads,
+                     kv_heads, d);
+  else if (cache_type == at::kFloat8_e4m3fn)
+    rotate_and_store(xp, cs, qp, k_cache.data_ptr<c10::Float8_e4m3fn>(), v_cache.data_ptr<c10::Float8_e4m3fn>(), sm,
+                     tokens, num_heads, kv_heads, d);
+  else
+    rotate_and_store(xp, cs, qp, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), sm, tokens, num_heads,
+                     kv_heads, d);
   return q;
 }
 

@@ -1,7 +1,8 @@
 // Paged attention on the CPU: every query token of a step against its sequence's keys and values where the
 // paged cache holds them (no gather), one (token, KV head) pair per task, float32 arithmetic.
 //
-// Layouts (kiln.ops.reference.paged_attention's): q [T, H, D]; k_cache, v_cache [blocks, block_size, Hk, D];
+// Layouts (kiln.ops.reference.paged_attention's): q [T, H, D]; k_cache, v_cache [blocks, block_size, Hk, D]
+// in q's dtype, or int8 or float8 e4m3 (a quantized cache, whose scales the build folded into the weights);
 // block_tables [S, max_blocks] (int32 or int64); seq_lens [S] and query_start_loc [S + 1] int64. Query token j
 // of sequence s (q_len = query_start_loc[s+1] - query_start_loc[s] tokens, L = seq_lens[s] in all) sits at
 // position p = L - q_len + j and sees keys 0..p, or only those after p - window with a sliding window.
@@ -10,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -25,6 +27,8 @@ namespace {
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
+inline float to_float(int8_t v) { return static_cast<float>(v); }
+inline float to_float(c10::Float8_e4m3fn v) { return static_cast<float>(v); }
 
 // A row as float32: float rows in place, others converted into ``buffer``.
 inline const float* as_float(const float* src, float* /*buffer*/, int64_t /*n*/) { return src; }
@@ -41,8 +45,8 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-template <typename T, typename I>
-void attend(const T* q, const T* k_cache, const T* v_cache, const I* block_tables, const int64_t* seq_lens,
+template <typename T, typename C, typename I>
+void attend(const T* q, const C* k_cache, const C* v_cache, const I* block_tables, const int64_t* seq_lens,
             const int64_t* query_start_loc, int64_t num_seqs, int64_t num_tokens, int64_t heads, int64_t heads_kv,
             int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale, int64_t window, T* out) {
   const int64_t group = heads / heads_kv;
@@ -69,7 +73,7 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const I* block_table
       const I* table = block_tables + s * max_blocks;
       for (int64_t i = 0; i < count; ++i) {
         const int64_t key = first + i;
-        const T* k = k_cache + static_cast<int64_t>(table[key / block_size]) * kv_block + (key % block_size) * kv_row +
+        const C* k = k_cache + static_cast<int64_t>(table[key / block_size]) * kv_block + (key % block_size) * kv_row +
                      hk * head_dim;
         const float* kr = as_float(k, kf.data(), head_dim);
         for (int64_t g = 0; g < group; ++g) scores[g * count + i] = dot(qf.data() + g * head_dim, kr, head_dim) * scale;
@@ -89,7 +93,7 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const I* block_table
       }
       for (int64_t i = 0; i < count; ++i) {
         const int64_t key = first + i;
-        const T* v = v_cache + static_cast<int64_t>(table[key / block_size]) * kv_block + (key % block_size) * kv_row +
+        const C* v = v_cache + static_cast<int64_t>(table[key / block_size]) * kv_block + (key % block_size) * kv_row +
                      hk * head_dim;
         const float* vr = as_float(v, vf.data(), head_dim);
         for (int64_t g = 0; g < group; ++g) {
@@ -117,8 +121,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
                   v_cache.is_contiguous(),
               "k_cache and v_cache must be contiguous [blocks, block_size, kv_heads, head_dim] tensors");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "q and the caches must share a dtype");
+  const auto cache_type = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == cache_type &&
+                  (cache_type == q.scalar_type() || cache_type == at::kChar || cache_type == at::kFloat8_e4m3fn),
+              "the caches must be in q's dtype, int8 or float8_e4m3fn");
   TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "head counts or sizes disagree");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.is_contiguous() &&
                   (block_tables.scalar_type() == at::kInt || block_tables.scalar_type() == at::kLong),
@@ -132,26 +138,35 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   at::Tensor out = at::empty_like(q);
   const auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(qp)>>;
+    using C = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
     if (block_tables.scalar_type() == at::kInt)
-      attend<T, int32_t>(qp, kp, vp, block_tables.data_ptr<int32_t>(), seq_lens.data_ptr<int64_t>(),
-                         query_start_loc.data_ptr<int64_t>(), num_seqs, num_tokens, q.size(1), k_cache.size(2),
-                         q.size(2), k_cache.size(1), block_tables.size(1), static_cast<float>(scale), window, op);
+      attend<T, C, int32_t>(qp, kp, vp, block_tables.data_ptr<int32_t>(), seq_lens.data_ptr<int64_t>(),
+                            query_start_loc.data_ptr<int64_t>(), num_seqs, num_tokens, q.size(1), k_cache.size(2),
+                            q.size(2), k_cache.size(1), block_tables.size(1), static_cast<float>(scale), window, op);
     else
-      attend<T, int64_t>(qp, kp, vp, block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
-                         query_start_loc.data_ptr<int64_t>(), num_seqs, num_tokens, q.size(1), k_cache.size(2),
-                         q.size(2), k_cache.size(1), block_tables.size(1), static_cast<float>(scale), window, op);
+      attend<T, C, int64_t>(qp, kp, vp, block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+                            query_start_loc.data_ptr<int64_t>(), num_seqs, num_tokens, q.size(1), k_cache.size(2),
+                            q.size(2), k_cache.size(1), block_tables.size(1), static_cast<float>(scale), window, op);
+  };
+  // The cache as its element type, then q's.
+  const auto with_cache = [&](auto* qp, auto* op) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(qp)>>;
+    if (cache_type == at::kChar)
+      run(qp, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), op);
+    else if (cache_type == at::kFloat8_e4m3fn)
+      run(qp, k_cache.data_ptr<c10::Float8_e4m3fn>(), v_cache.data_ptr<c10::Float8_e4m3fn>(), op);
+    else
+      run(qp, k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), op);
   };
   switch (q.scalar_type()) {
     case at::kFloat:
-      run(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>());
+      with_cache(q.data_ptr<float>(), out.data_ptr<float>());
       break;
     case at::kBFloat16:
-      run(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(),
-          out.data_ptr<c10::BFloat16>());
+      with_cache(q.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>());
       break;
     case at::kHalf:
-      run(q.data_ptr<c10::Half>(), k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(),
-          out.data_ptr<c10::Half>());
+      with_cache(q.data_ptr<c10::Half>(), out.data_ptr<c10::Half>());
       break;
     default:
       TORCH_CHECK(false, "kiln_cpu::paged_attention: float32, bfloat16 or float16 only");

@@ -72,6 +72,9 @@ def _attend_tiles(
                         mask=d[:, None] < HEAD_DIM, other=0.0)
             v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + v_off,
                         mask=d[None, :] < HEAD_DIM, other=0.0)
+        if k.dtype != DTYPE:  # a quantized cache: through float32 (Triton 3.6's interpreter garbles int8 -> bf16)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
         k = k.to(DTYPE)
         v = v.to(DTYPE)
         if DOT_FP32:

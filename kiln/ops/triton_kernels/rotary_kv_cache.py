@@ -27,6 +27,30 @@ def _rotate(x1, x2, cos1, cos2, sin1, sin2):
 
 
 @triton.jit
+def _round_to_e4m3(x):
+    """``x`` (float32, |x| <= 448) rounded to the nearest float8 e4m3 value, ties to even, in float32
+    arithmetic, so that the cast after it is exact. (Triton 3.6's interpreter rounds that cast itself
+    wrongly: ties up, subnormals to zero, and a carry into the exponent lost, 127.9 -> 64.)"""
+    exponent = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    # Three mantissa bits: steps of 2^(e - 3); below e4m3's smallest normal, 2^-6, subnormal steps of 2^-9.
+    step = ((tl.maximum(exponent, 127 - 6) - 3) << 23).to(tl.float32, bitcast=True)
+    magic = 12582912.0  # 1.5 * 2^23: adding then subtracting it rounds to an integer, ties to even
+    return ((x / step + magic) - magic) * step
+
+
+@triton.jit
+def _to_cache(x, dtype: tl.constexpr):
+    """``x`` as the cache stores it (reference.to_cache_dtype): int8 rounded half up and saturated at +-127,
+    float8 e4m3 saturated at +-448, a float dtype cast."""
+    if dtype == tl.int8:
+        return tl.clamp(tl.floor(x.to(tl.float32) + 0.5), -127.0, 127.0).to(tl.int8)
+    elif dtype == tl.float8e4nv:
+        return _round_to_e4m3(tl.clamp(x.to(tl.float32), -448.0, 448.0)).to(tl.float8e4nv)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _rotary_write_kv_kernel(
     q_out_ptr, qkv_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_t, stride_h, stride_ct, stride_cc, stride_ot, stride_oh,
@@ -60,12 +84,12 @@ def _rotary_write_kv_kernel(
         src = row + (NUM_HEADS + h[:, None]) * stride_h + j[None, :]
         o1, o2 = _rotate(tl.load(src, mask=m), tl.load(src + HALF, mask=m), cos1, cos2, sin1, sin2)
         dst = k_cache_ptr + block * stride_kb + offset * stride_ks + h[:, None] * stride_kh + j[None, :]
-        tl.store(dst, o1.to(k_cache_ptr.dtype.element_ty), mask=m)
-        tl.store(dst + HALF, o2.to(k_cache_ptr.dtype.element_ty), mask=m)
+        tl.store(dst, _to_cache(o1, k_cache_ptr.dtype.element_ty), mask=m)
+        tl.store(dst + HALF, _to_cache(o2, k_cache_ptr.dtype.element_ty), mask=m)
         src = row + (NUM_HEADS + NUM_KV_HEADS + h[:, None]) * stride_h + j[None, :]
         dst = v_cache_ptr + block * stride_vb + offset * stride_vs + h[:, None] * stride_vh + j[None, :]
-        tl.store(dst, tl.load(src, mask=m).to(v_cache_ptr.dtype.element_ty), mask=m)
-        tl.store(dst + HALF, tl.load(src + HALF, mask=m).to(v_cache_ptr.dtype.element_ty), mask=m)
+        tl.store(dst, _to_cache(tl.load(src, mask=m), v_cache_ptr.dtype.element_ty), mask=m)
+        tl.store(dst + HALF, _to_cache(tl.load(src + HALF, mask=m), v_cache_ptr.dtype.element_ty), mask=m)
 
 
 def rotary_and_write_kv_cache(

@@ -259,12 +259,11 @@ class CompletionServing:
         body = await self.base.parse(request, api.CompletionRequest)
         model = self.base.model(body.model)
         llm = model.backend.llm()
-        if body.echo and body.logprobs is not None:
-            raise OpenAIError.invalid("echo with logprobs is not supported: kiln does not compute the log "
-                                      "probabilities of prompt tokens", "echo")
         prompts = [_Prompt(ids, text) for ids, text in await _completion_prompts(body.prompt, llm)]
+        # echo with logprobs shows the prompt's tokens with their logprobs too, as OpenAI's legacy API did.
+        prompt_logprobs = body.logprobs if body.echo else None
         params = [_sampling_params(body, _max_tokens(body.max_tokens, len(p.ids), llm.max_seq_len, "prompt"),
-                                   body.logprobs) for p in prompts]
+                                   body.logprobs, prompt_logprobs) for p in prompts]
         generation = _Generation(model, llm, prompts, params, "cmpl")
         return await _respond(request, body, generation, _CompletionRender(generation, body.echo, llm.tokenizer))
 
@@ -364,10 +363,13 @@ class _CompletionRender(_Render):
         self.offsets: dict[int, int] = {}  # choice index -> text offset of its next token
         self.started: set[int] = set()
 
-    def logprobs(self, index: int, logprobs, start: int) -> api.CompletionLogprobs | None:
+    def logprobs(self, index: int, logprobs, start: int, out: api.CompletionLogprobs | None = None
+                 ) -> api.CompletionLogprobs | None:
+        """The completion's tokens (appended to ``out``, if given), their text offsets from ``start``
+        (or where the choice's previous tokens ended)."""
         if logprobs is None:
             return None
-        out = api.CompletionLogprobs()
+        out = api.CompletionLogprobs() if out is None else out
         offset = self.offsets.get(index, start)
         for lp in logprobs:
             text = self.token(lp.token_id)
@@ -379,6 +381,22 @@ class _CompletionRender(_Render):
         self.offsets[index] = offset
         return out
 
+    def echoed(self, index: int, output, logprobs) -> api.CompletionLogprobs | None:
+        """With echo: the prompt's tokens first (the first has no logprob, as OpenAI's), then ``logprobs``."""
+        if logprobs is None or output.prompt_logprobs is None:
+            return self.logprobs(index, logprobs, 0)
+        prompt = api.CompletionLogprobs()
+        offset = 0
+        for token_id, lp in zip(output.prompt_token_ids, output.prompt_logprobs):
+            text = self.token(token_id)
+            prompt.tokens.append(text)
+            prompt.token_logprobs.append(None if lp is None else max(lp.logprob, MIN_LOGPROB))
+            prompt.top_logprobs.append(None if lp is None else {self.token(t): max(v, MIN_LOGPROB) for t, v in lp.top})
+            prompt.text_offset.append(offset)
+            offset += len(text)
+        self.offsets[index] = offset
+        return self.logprobs(index, logprobs, offset, prompt)
+
     def response(self, finals: list) -> api.CompletionResponse:
         self.count(finals)
         choices = []
@@ -386,8 +404,10 @@ class _CompletionRender(_Render):
             prefix = self.g.prompts[i].text if self.echo else ""
             for c in out.outputs:
                 index = self.choice_index(i, c)
+                logprobs = (self.echoed(index, out, c.logprobs) if self.echo
+                            else self.logprobs(index, c.logprobs, 0))
                 choices.append(api.CompletionChoice(index=index, text=prefix + c.text, finish_reason=c.finish_reason,
-                                                    logprobs=self.logprobs(index, c.logprobs, len(prefix))))
+                                                    logprobs=logprobs))
         choices.sort(key=lambda c: c.index)
         return api.CompletionResponse(id=self.g.id, created=self.g.created, model=self.g.model.name,
                                       choices=choices, usage=self.usage())
@@ -398,11 +418,14 @@ class _CompletionRender(_Render):
             text = c.delta_text
             if self.echo and index not in self.started:
                 text = self.g.prompts[prompt].text + text
+                logprobs = self.echoed(index, out, c.delta_logprobs)
+            else:
+                logprobs = self.logprobs(index, c.delta_logprobs, 0)
             self.started.add(index)
             chunks.append(api.CompletionResponse(
                 id=self.g.id, created=self.g.created, model=self.g.model.name,
                 choices=[api.CompletionChoice(index=index, text=text, finish_reason=c.finish_reason,
-                                              logprobs=self.logprobs(index, c.delta_logprobs, 0))]))
+                                              logprobs=logprobs)]))
         return chunks
 
     def usage_chunk(self) -> api.CompletionResponse:
@@ -503,13 +526,15 @@ def _max_tokens(requested: int | None, prompt_tokens: int, max_seq_len: int, pro
     return requested
 
 
-def _sampling_params(body: api.SamplingRequest, max_tokens: int, logprobs: int | None):
+def _sampling_params(body: api.SamplingRequest, max_tokens: int, logprobs: int | None,
+                     prompt_logprobs: int | None = None):
     from kiln.runtime import SamplingParams
 
     kwargs: dict[str, Any] = dict(max_tokens=max_tokens, n=body.n, stop=body.stop, ignore_eos=body.ignore_eos,
                                   min_tokens=body.min_tokens, skip_special_tokens=body.skip_special_tokens,
-                                  logprobs=logprobs, stop_token_ids=body.stop_token_ids or [],
-                                  logit_bias=body.logit_bias, cache_salt=body.cache_salt)
+                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                  stop_token_ids=body.stop_token_ids or [], logit_bias=body.logit_bias,
+                                  cache_salt=body.cache_salt)
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "repetition_penalty"):
         value = getattr(body, name)

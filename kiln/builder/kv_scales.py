@@ -1,0 +1,103 @@
+"""A quantized KV cache (``kiln build --kv-cache-dtype fp8|int8``): its scales, calibrated on a text the
+package ships, one for the keys and one for the values of each layer.
+
+The cache holds k / s_k and v / s_v, one byte a value (``reference.to_cache_dtype``). The division is
+folded into the weights: the key and value rows of the QKV projection (and its bias) are divided by s_k
+and s_v, so the projection itself writes what the cache stores (RoPE is linear, so it commutes with the
+scaling). The multiplication back is the attention layer's (``nn.attention.set_kv_cache_scales``): s_k
+joins the softmax scale, s_v multiplies the layer's attention output. Only rows are divided, by
+factors >= 1 for any activations below the cache's range, so packed weights keep their float16 scales'
+precision (multiplying the output projection by a small s_v instead would push them to subnormals).
+
+s_k is the largest norm over (i, i + D/2) pairs, the pairs RoPE rotates, of the layer's keys on the
+calibration text, over the cache's largest value (127 or 448): a bound on every rotated key at any
+position, not only the positions seen. s_v is the values' largest magnitude over the same. For float8 each
+is rounded up to a power of two, which costs a float format no precision and divides float weights
+exactly. Keys or values beyond what calibration saw saturate. ``kiln refit`` folds the engine's recorded
+scales into new weights.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from kiln.engine import BuildConfig
+from kiln.models import ModelConfig
+from kiln.ops.reference import KV_CACHE_MAX
+from kiln.weight_formats import FLOAT, block_format
+
+CALIBRATION_TEXT = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
+
+
+def calibrate(engine_dir: Path, build: BuildConfig, device: torch.device) -> dict:
+    """The scales of ``build.kv_cache_dtype`` (quantized) for the engine at ``engine_dir``, which has a float KV
+    cache: {"k": [s_k per layer], "v": [s_v per layer]}."""
+    from kiln.engine import read_engine
+    from kiln.runtime.kv_pool import kv_cache_spec
+    from kiln.runtime.llm import LLM
+    from kiln.runtime.sampling_params import SamplingParams
+
+    engine = read_engine(engine_dir)
+    spec = kv_cache_spec(engine)
+    blocks = -(-engine.build.max_seq_len // spec.block_size) + 1
+    llm = LLM(engine, device=str(device), kv_cache_memory=blocks * spec.bytes_per_block, cuda_graphs="off",
+              enable_prefix_caching=False, verify_weights=False)
+    try:
+        ids = llm.tokenizer.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"))
+        chunk = engine.build.max_seq_len - 1
+        peaks = None
+        for start in range(0, len(ids), chunk):
+            llm.generate([ids[start:start + chunk]], SamplingParams(max_tokens=1))
+            found = llm.engine.call(lambda core: _cache_peaks(core.runner.kv_caches))
+            peaks = found if peaks is None else [(max(k, k2), max(v, v2)) for (k, v), (k2, v2) in zip(peaks, found)]
+    finally:
+        llm.shutdown()
+    top, exact = KV_CACHE_MAX[build.kv_torch_dtype], build.kv_cache_dtype == "fp8"
+    return {"k": [_scale(k, top, exact) for k, _ in peaks], "v": [_scale(v, top, exact) for _, v in peaks]}
+
+
+def _cache_peaks(caches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[float, float]]:
+    """Per layer: the largest RoPE-pair norm of the cached keys, and the largest |value|."""
+    peaks = []
+    for k_cache, v_cache in caches:
+        pairs = k_cache.float().reshape(-1, 2, k_cache.shape[3] // 2)  # [slots x heads, halves, D/2]
+        peaks.append((float(pairs.square().sum(dim=1).sqrt().max()), float(v_cache.float().abs().max())))
+    return peaks
+
+
+def _scale(peak: float, top: float, power_of_two: bool) -> float:
+    """The scale that maps ``peak`` to ``top``; for float8, the next power of two up, which loses no precision
+    (a float format's relative steps are the same at any scale) and folds into float weights exactly."""
+    if peak <= 0:
+        return 1.0
+    return 2.0 ** math.ceil(math.log2(peak / top)) if power_of_two else peak / top
+
+
+def fold(model: ModelConfig, tensors: dict[str, torch.Tensor], formats: dict[str, str], scales: dict) -> None:
+    """Divide each layer's key and value rows of the QKV projection by its scales, in place."""
+    q_rows, kv_rows = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    for layer, (s_k, s_v) in enumerate(zip(scales["k"], scales["v"])):
+        factors = torch.tensor([1.0] * q_rows + [1 / s_k] * kv_rows + [1 / s_v] * kv_rows, dtype=torch.float64)
+        _scale_rows(tensors, formats, f"model.layers.{layer}.self_attn.qkv_proj", factors)
+
+
+def _scale_rows(tensors: dict[str, torch.Tensor], formats: dict[str, str], module: str,
+                factors: torch.Tensor) -> None:
+    """Multiply the output rows of a linear layer (its weight, held whole or in parts, and its bias); a part
+    whose factors are all 1 is left as it is."""
+    names = [f"{module}.weight"] if f"{module}.weight" in tensors else sorted(
+        (n for n in tensors if n.startswith(f"{module}.weight_parts.")), key=lambda n: int(n.rsplit(".", 1)[1]))
+    parts = factors.split([tensors[name].shape[0] for name in names])
+    if sum(len(p) for p in parts) != len(factors):
+        raise ValueError(f"{module} has other output rows than the {len(factors)} the KV cache scales")
+    for name, part in zip(names, parts):
+        if bool((part == 1).all()):
+            continue
+        fmt, tensor = formats.get(name, FLOAT), tensors[name]
+        tensors[name] = ((tensor.float() * part.float().reshape(-1, 1)).to(tensor.dtype) if fmt == FLOAT
+                         else block_format(fmt).scale_rows(tensor, part))
+    bias = tensors.get(f"{module}.bias")
+    if bias is not None:
+        tensors[f"{module}.bias"] = (bias.float() * factors.float()).to(bias.dtype)
