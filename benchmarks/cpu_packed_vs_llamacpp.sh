@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packed GGUF engines on the CPU, side by side in one run: kiln with the file's blocks kept packed, kiln
-# with them decoded to float32 (--decode-weights), and llama.cpp on the same file, at batch 1, 2 threads,
-# 128 prompt / 128 output tokens. Each engine is built once into ENGINES; the JSON of every run lands in OUT_DIR.
+# with them decoded to float32 (--decode-weights), and llama.cpp on the same file, at batch 1 (BATCH=B: B
+# sequences decoded together), 2 threads, 128 prompt / 128 output tokens. Each engine is built once into ENGINES; the JSON of every run lands in OUT_DIR.
 #
 #   bash benchmarks/cpu_packed_vs_llamacpp.sh OUT_DIR [FILE.gguf ...]
 #
@@ -15,7 +15,8 @@
 # transformers, sentencepiece, safetensors, gguf, protobuf.)
 #
 # Environment: LLAMACPP_PYTHON (default /work/llamacpp-venv/bin/python), DECODED (default 1: also run the
-# float32 engine of the first file; 0 skips it), ITERATIONS (default 3), ENGINES (default /tmp/kiln-bench-engines).
+# float32 engine of the first file; 0 skips it), ITERATIONS (default 3), ENGINES (default /tmp/kiln-bench-engines),
+# BATCH (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,6 +25,8 @@ shift
 LLAMACPP_PYTHON=${LLAMACPP_PYTHON:-/work/llamacpp-venv/bin/python}
 ITERATIONS=${ITERATIONS:-3}
 ENGINES=${ENGINES:-/tmp/kiln-bench-engines}  # built once, outside OUT_DIR (a 1B engine is about 1 GB)
+BATCH=${BATCH:-1}
+suffix=$([ "$BATCH" = 1 ] || echo "-b$BATCH")
 mkdir -p "$OUT"
 files=("$@")
 if [ ${#files[@]} -eq 0 ]; then
@@ -43,13 +46,14 @@ for file in "${files[@]}"; do
     engine="$ENGINES/$name-$dir"
     [ -f "$engine/engine.json" ] || python3 -m kiln.cli.main build "$file" -o "$engine" --max-seq-len 512 $flags
     echo "== kiln $name ($kind), load $(cut -d' ' -f1-3 /proc/loadavg)"
-    env $envs python3 -m kiln.cli.main bench latency "$engine" --input-len 128 --output-len 128 --batch-size 1 \
-      --iterations "$ITERATIONS" --warmup 1 --json "$OUT/kiln-$name-$kind.json" 2>&1 \
+    env $envs python3 -m kiln.cli.main bench latency "$engine" --input-len 128 --output-len 128 --batch-size "$BATCH" \
+      --iterations "$ITERATIONS" --warmup 1 --json "$OUT/kiln-$name-$kind$suffix.json" 2>&1 \
       | grep -E "chosen|time per output|decode tokens/s|weights \(MB\)"
   done
   echo "== llama.cpp $name, load $(cut -d' ' -f1-3 /proc/loadavg)"
   "$LLAMACPP_PYTHON" benchmarks/llamacpp_cpu_decode.py "$file" --threads 2 --input-len 128 --output-len 128 \
-    --runs "$ITERATIONS" --warmup 1 --max-others-share 0.05 --json "$OUT/llamacpp-$name.json" > /dev/null
-  python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(' decode tokens/s (median)', d['decode_tok_s_median'], [r['decode_tok_s'] for r in d['runs']])" "$OUT/llamacpp-$name.json"
+    --batch-size "$BATCH" --runs "$ITERATIONS" --warmup 1 --max-others-share 0.05 \
+    --json "$OUT/llamacpp-$name$suffix.json" > /dev/null
+  python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(' decode tokens/s (median)', d['decode_tok_s_median'], [r['decode_tok_s'] for r in d['runs']])" "$OUT/llamacpp-$name$suffix.json"
 done
 echo "load at the end $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -9,6 +9,9 @@
 #          --kv-cache-dtype fp8, then fp8's 1,000 requests of 128/128
 #   kv-bf16: the KV cache tests, then 1,000 requests of 128/128 with bf16 weights: bf16 and fp8 KV caches
 #   kv-fp8:  the same with --quantize fp8 weights
+#   int4-triton: the 4-bit Triton kernels' tests and their kernel benchmark (benchmarks/gpu_int4_gemv.py), then
+#          batch 1 (128 + 256) with bf16 and --quantize int4, the latter with the plan's Triton kernel and again
+#          with tinygemm (a copy of the engine whose plan names it)
 # Needs the gguf wheel in .whl/ (README: Notes). Usage (repo root): bash benchmarks/gpu_quantized.sh OUT {tests|fp8|int4|kv}
 set -uo pipefail
 out="${1:-/tmp/out}"
@@ -60,6 +63,29 @@ throughput_pair() {  # weights quantization: 1,000 x 128/128 with a bf16 and an 
       --num-requests 1000
   done
 }
+with_impl() {  # engine dir, op, implementation -> a copy whose plan runs the op with that implementation
+  local dir="$1-$3"
+  [ -d "$dir" ] || cp -r "$1" "$dir"
+  python3 - "$dir/engine.json" "$2" "$3" <<'PY'
+import json, sys
+path, op, impl = sys.argv[1:]
+meta = json.load(open(path))
+meta["plan"][op] = {"impl": impl}
+json.dump(meta, open(path, "w"), indent=2)
+PY
+}
+run_int4_triton() {
+  KILN_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+      tests/test_quantize.py -k "int4 or triton or quantized" 2>&1 | tee "$out/gpu_int4_tests.log" \
+      | grep -E "passed|failed|Error|FAILED" | tail -15
+  timeout 150 python3 benchmarks/gpu_int4_gemv.py "$out/gpu_int4_gemv.json" --formats int4_g128 2>&1 | tail -30
+  for q in none int4; do
+    engine $q
+    bench "latency_b1_$q" latency /tmp/8b-$q --input-len 128 --output-len 256 --iterations 3
+  done
+  with_impl /tmp/8b-int4 linear_int4_g128 tinygemm
+  bench "latency_b1_int4_tinygemm" latency /tmp/8b-int4-tinygemm --input-len 128 --output-len 256 --iterations 3
+}
 run_kv() {
   engine none; capacity /tmp/8b-none bf16
   engine none fp8; capacity /tmp/8b-none-kvfp8 fp8
@@ -78,6 +104,7 @@ case "$stage" in
   kv) run_kv ;;
   kv-bf16) run_kv_tests; throughput_pair none ;;
   kv-fp8) throughput_pair fp8 ;;
+  int4-triton) run_int4_triton ;;
   int4)
     for q in none int4 fp8; do
       engine $q

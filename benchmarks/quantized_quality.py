@@ -1,7 +1,8 @@
 """How far quantized engines move from float32 on a real model: the last-token logits of every prefix of a
 text (teacher-forced), their relative error in norm, and the share of prefixes whose top token is float32's.
 
-Usage: python benchmarks/quantized_quality.py [MODEL] [--formats int8 fp8 int4_g128 ...] [--json OUT]
+Usage: python benchmarks/quantized_quality.py [MODEL] [--formats int8 fp8 int4_g128 ...]
+       [--quantize-calibration awq|none] [--json OUT]
 MODEL: a Hugging Face folder or GGUF file (default: the bundled SmolLM2-135M-Instruct, decoded to float32).
 """
 from __future__ import annotations
@@ -29,14 +30,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--formats", nargs="+", default=["int8", "fp8", "int4_g32", "int4_g128"])
+    p.add_argument("--quantize-calibration", choices=["awq", "none"], default="awq",
+                   help="int4: activation-aware scales (default) or round to nearest only")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     source = Path(args.model) if args.model else default_model()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         def engine(quantization: str | None) -> Path:
-            return build(source, Path(tmp) / str(quantization), BuildConfig(max_seq_len=256, quantization=quantization),
-                         progress=False, keep_packed=False)
+            # (513: int4's activation-aware scales calibrate in requests of 512 tokens, as a default build's do)
+            return build(source, Path(tmp) / str(quantization), BuildConfig(max_seq_len=513, quantization=quantization),
+                         progress=False, keep_packed=False, quantize_calibration=args.quantize_calibration)
 
         base = LLM(engine(None), device="cpu")
         ids = base.tokenizer.encode(TEXT)
@@ -48,10 +52,12 @@ def main() -> None:
             got = last_logits(llm, prompts)
             llm.shutdown()
             rel = (got - want).norm(dim=-1) / want.norm(dim=-1)
-            rows.append({"format": fmt, "prefixes": len(prompts), "rel_error_max": round(float(rel.max()), 4),
+            rows.append({"format": fmt, "quantize_calibration": args.quantize_calibration if fmt.startswith("int4")
+                         else None, "prefixes": len(prompts), "rel_error_max": round(float(rel.max()), 4),
                          "rel_error_mean": round(float(rel.mean()), 4),
                          "top1_agreement": round(float((got.argmax(-1) == want.argmax(-1)).float().mean()), 4)})
-            print(f"{fmt:10s} top-1 agreement {rows[-1]['top1_agreement']:.1%}  logits error mean "
+            label = f"{fmt} ({args.quantize_calibration})" if fmt.startswith("int4") else fmt
+            print(f"{label:17s} top-1 agreement {rows[-1]['top1_agreement']:.1%}  logits error mean "
                   f"{rows[-1]['rel_error_mean']:.4f} max {rows[-1]['rel_error_max']:.4f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "model": str(source),

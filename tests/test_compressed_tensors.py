@@ -6,11 +6,13 @@ from it in float32: its decompressed weights (sha256 each; the asymmetric ones w
 prompt. kiln's engines keep each weight packed in its format, decode to exactly those weights (the asymmetric
 ones within the float16 rounding of their offsets), and give those logits to float32 rounding when their ops
 treat the activations as the checkpoint's scheme does (FP8_DYNAMIC: e4m3 per token; W4A16: float).
+``fp8_kv`` adds llm-compressor's static FP8 KV cache, whose scales an fp8 KV cache takes as stored.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -21,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import DEVICE
 from tests_support import last_logits
-from kiln.builder import build
-from kiln.checkpoint.checkpoint import convert
+from kiln.builder import build, kv_scales
+from kiln.checkpoint.checkpoint import convert, read_checkpoint
 from kiln.engine import BuildConfig, read_engine
 from kiln.engine.inspect import describe, format_text
 from kiln.errors import ConversionError
@@ -59,7 +61,7 @@ def reference(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return load_file(file), hashes
 
 
-@pytest.mark.parametrize("name", ENGINE_FORMATS)
+@pytest.mark.parametrize("name", [*ENGINE_FORMATS, "fp8_kv"])
 def test_weights_decode_to_what_compressed_tensors_decompresses(name, tmp_path):
     checkpoint = convert(DATA / name, tmp_path / "ckpt", progress=False)
     tensors = checkpoint.load_tensors()
@@ -134,6 +136,75 @@ def test_a_w4a16_engine_with_the_machines_kernels(tmp_path, monkeypatch):
     assert greedy == ref["greedy"].tolist()
 
 
+# ----- a static FP8 KV cache (kv_cache_scheme) -----
+def stored_kv_scales(name: str) -> dict[str, list[float]]:
+    with safe_open(str(DATA / name / "model.safetensors"), framework="pt") as f:
+        return {which: [float(f.get_tensor(f"model.layers.{i}.self_attn.{which}_scale").double()) for i in range(2)]
+                for which in ("k", "v")}
+
+
+def test_a_checkpoints_fp8_kv_cache_scales_are_carried_as_stored(tmp_path):
+    stored = stored_kv_scales("fp8_kv")
+    with safe_open(str(DATA / "fp8_kv" / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.k_scale").dtype == torch.bfloat16  # read exactly as float
+    checkpoint = convert(DATA / "fp8_kv", tmp_path / "ckpt", progress=False)
+    assert checkpoint.kv_cache_scales == stored
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["kv_cache_scales"] == stored
+    assert not any(name.endswith(("k_scale", "v_scale")) for name in checkpoint.load_tensors())
+    assert convert(DATA / "fp8_dynamic", tmp_path / "plain", progress=False).kv_cache_scales is None
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    for scales in ({"k": [1.0], "v": [1.0]}, {"k": [1.0, 0.0], "v": [1.0, 1.0]}, {"k": [1.0, 1.0]}):
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "kv_cache_scales": scales}))
+        with pytest.raises(ConversionError, match="kv_cache_scales"):
+            read_checkpoint(tmp_path / "ckpt")
+
+
+# Relative error of the logits of an fp8 KV cache on the checkpoint's scales against the tool's (its KV cache
+# quantized as vLLM does: post-RoPE keys and values over k_scale, v_scale in e4m3): measured 5.9e-7; the KV
+# cache's quantization itself moves the tool's logits by 0.18.
+FP8_KV_EXACT = 1e-5
+
+
+def test_an_fp8_kv_cache_takes_the_checkpoints_scales(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_TUNING", "off")
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("the KV cache was calibrated")
+
+    monkeypatch.setattr(kv_scales, "calibrate", no_calibration)
+    checkpoint = convert(DATA / "fp8_kv", tmp_path / "ckpt", progress=False)
+    engine = build(checkpoint.path, tmp_path / "e", BuildConfig(max_seq_len=128, kv_cache_dtype="fp8"),
+                   progress=False, tune=False)
+    meta = read_engine(engine).meta
+    assert meta["kv_cache_scales"] == stored_kv_scales("fp8_kv")
+    assert meta["build"]["kv_cache_dtype"] == "fp8"
+    ref, _ = reference("fp8_kv")
+    got, greedy = logits_and_greedy(reference_plan(engine), ref["prompt"].tolist())
+    assert relative_error(got, ref["logits"]) < (FP8_KV_EXACT if DEVICE == "cpu" else 1e-3)
+    assert greedy == ref["greedy"].tolist()
+
+
+def test_other_kv_caches_leave_the_checkpoints_scales(tmp_path, monkeypatch, caplog):
+    """Without --kv-cache-dtype the cache stays float (and the tool's logits without its KV quantization are
+    given, measured 1.6e-5 as fp8_dynamic's); an int8 cache calibrates its own."""
+    monkeypatch.setenv("KILN_TUNING", "off")
+    with caplog.at_level(logging.INFO, logger="kiln.builder"):
+        engine = build(DATA / "fp8_kv", tmp_path / "float", BuildConfig(max_seq_len=128), progress=False, tune=False)
+    assert [r.message for r in caplog.records if "KV cache scales" in r.message] == [
+        "the checkpoint has FP8 KV cache scales; without --kv-cache-dtype the KV cache stays in float32 and does "
+        "not use them (--kv-cache-dtype fp8 does)"]
+    e = read_engine(engine)
+    assert e.build.kv_cache_dtype is None and e.build.kv_torch_dtype == torch.float32
+    assert "kv_cache_scales" not in e.meta
+    ref, _ = reference("fp8_kv")
+    got, _ = logits_and_greedy(reference_plan(engine), ref["prompt"].tolist())
+    assert relative_error(got, ref["logits_float_kv"]) < (EXACT["fp8_dynamic"] if DEVICE == "cpu" else 1e-3)
+    int8 = build(DATA / "fp8_kv", tmp_path / "int8", BuildConfig(max_seq_len=128, kv_cache_dtype="int8"),
+                 progress=False, tune=False)
+    scales = read_engine(int8).meta["kv_cache_scales"]
+    assert len(scales["k"]) == 2 and scales != stored_kv_scales("fp8_kv")
+
+
 # ----- what kiln refuses -----
 def edited(tmp_path: Path, name: str, edit_config=None, edit_tensors=None) -> Path:
     """A copy of checkpoint ``name`` with its quantization_config (and tensors) changed by the edit functions."""
@@ -153,6 +224,12 @@ def edited(tmp_path: Path, name: str, edit_config=None, edit_tensors=None) -> Pa
 def weights_of(group: str, **changes):
     def edit(q: dict) -> None:
         q["config_groups"][group]["weights"].update(changes)
+    return edit
+
+
+def kv_cache_of(**changes):
+    def edit(q: dict) -> None:
+        q["kv_cache_scheme"].update(changes)
     return edit
 
 
@@ -179,8 +256,14 @@ REFUSED = {
                          "stored as 'marlin-24'"),
     "sparsity": ("w4a16_gptq", lambda q: q.update(sparsity_config={"format": "sparse-bitmask"}), "sparse weights"),
     "rotations": ("w4a16_gptq", lambda q: q.update(transform_config={"config_groups": {"u": {}}}), "rotated"),
-    "a quantized KV cache": ("fp8_dynamic", lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "float"}),
-                             "a quantized KV cache"),
+    "an int8 KV cache": ("fp8_kv", kv_cache_of(type="int"),
+                         "a KV cache of 8-bit int keys and values: kiln reads static FP8"),
+    "a KV cache per head": ("fp8_kv", kv_cache_of(strategy="attn_head"),
+                            "per attn_head: kiln's KV cache has one key scale and one value scale per layer"),
+    "dynamic KV cache scales": ("fp8_kv", kv_cache_of(dynamic=True), "dynamic scales"),
+    "KV cache zero points": ("fp8_kv", kv_cache_of(symmetric=False), "with zero points: kiln's KV cache is symmetric"),
+    "KV cache scales missing": ("fp8_dynamic", lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "float"}),
+                                "model.layers.0.self_attn.k_scale is missing"),
     "an untargeted module": ("w4a16_gptq", lambda q: q["config_groups"]["group_0"].update(targets=["re:nothing"]),
                              "layers.0.mlp.down_proj holds quantized weights but no config group"),
 }
@@ -208,3 +291,12 @@ def test_activation_ordered_groups_are_refused_and_contiguous_ones_read(tmp_path
     with pytest.raises(ConversionError, match=f"{module}: its weight_g_idx groups the columns out of order"):
         convert(edited(tmp_path / "b", "w4a16_gptq", edit_tensors=with_g_idx(shuffled)), tmp_path / "out",
                 progress=False)
+
+
+def test_a_kv_cache_scale_that_is_not_positive_is_refused(tmp_path):
+    def zero_scale(tensors: dict) -> None:
+        tensors["model.layers.1.self_attn.v_scale"] = torch.zeros(1, dtype=torch.bfloat16)
+
+    with pytest.raises(ConversionError, match="layers.1.self_attn.v_scale is 0.0; a KV cache scale must be positive"):
+        convert(edited(tmp_path, "fp8_kv", edit_tensors=zero_scale), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import DEVICE
 from hf_models import make_hf_model
-from tests_support import block_bytes, last_logits
+from tests_support import block_bytes, last_logits, text_prefixes
 from kiln.builder import build, refit
 from kiln.checkpoint.checkpoint import convert
 from kiln.engine import BuildConfig, read_engine
@@ -119,7 +119,7 @@ def test_a_quantized_cache_holds_one_byte_a_value_and_records_its_scales(tmp_pat
     assert block_bytes(engine) * 4 == block_bytes(float_engine)
     d = describe(read_engine(engine))
     assert d["kv_cache_bytes_per_token"] * 4 == d["float_kv_cache_bytes_per_token"]
-    assert "int8" in format_text(d) and "scales calibrated at build" in format_text(d)
+    assert "int8" in format_text(d) and "scaled per layer (calibrated at build" in format_text(d)
     # Refit folds the recorded scales into the new weights as the build did: the same weights, the same bytes.
     before = load_file(engine / "rank0.safetensors")
     refit(engine, convert(hf, tmp_path / "ckpt").path)
@@ -139,12 +139,7 @@ def test_a_quantized_cache_holds_one_byte_a_value_and_records_its_scales(tmp_pat
 def test_smollm2_with_a_quantized_cache_keeps_its_top_tokens(kv, least, worst, smollm2_engine, tmp_path):
     from kiln.builder.engine_cache import default_model
 
-    text = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889 for the "
-            "World's Fair, and for the Louvre, the largest art museum in the world.")
-    llm = LLM(smollm2_engine, device=DEVICE)
-    ids = llm.tokenizer.encode(text)
-    llm.shutdown()
-    prefixes = [ids[:i] for i in range(6, len(ids) + 1, 2)]
+    prefixes = text_prefixes(smollm2_engine)
     want = engine_logits(smollm2_engine, prefixes)
     engine = build(default_model(), tmp_path / kv, BuildConfig(max_seq_len=512, kv_cache_dtype=kv),
                    progress=False, keep_packed=False)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import DEVICE
 from hf_models import make_hf_model
-from tests_support import last_logits
+from tests_support import last_logits, text_prefixes
 from kiln.builder import build, refit
 from kiln.checkpoint.checkpoint import convert
 from kiln.cli.main import main
@@ -175,7 +175,7 @@ def test_a_quantized_engine_computes_what_its_decoded_weights_do(fmt, tiny_llama
     to float32 rounding: the quantized path keeps, fuses and binds the weights as it should."""
     monkeypatch.setenv("KILN_TUNING", "off")  # the plan as recorded: the references
     engine = build(tiny_llama, tmp_path / "q", BuildConfig(max_seq_len=128, quantization=fmt), progress=False,
-                   tune=False)
+                   tune=False, quantize_calibration="none")
     meta = json.loads((engine / "engine.json").read_text())
     meta["plan"][op_name(fmt)] = {"impl": REFERENCE}
     (engine / "engine.json").write_text(json.dumps(meta))
@@ -188,7 +188,8 @@ def test_a_quantized_engine_computes_what_its_decoded_weights_do(fmt, tiny_llama
 
 
 # fmt: (largest relative logits error, least top-token agreement); measured 0.035/0.91, 0.175/0.71,
-# 0.43/0.42 and 0.52/0.47 on this model.
+# 0.43/0.47 and 0.52/0.47 on this model (int4 with its default activation-aware scales; rounding to nearest:
+# 0.43/0.42 and 0.52/0.47; tests/test_awq.py compares the two).
 QUALITY = {"int8": (0.07, 0.8), "fp8": (0.3, 0.55), "int4_g32": (0.8, 0.3), "int4_g128": (0.9, 0.3)}
 
 
@@ -235,12 +236,7 @@ def test_a_quantized_engine_records_its_formats_and_refits_float_weights(tiny_ll
 def test_smollm2_int8_keeps_its_top_tokens(smollm2_engine, tmp_path):
     from kiln.builder.engine_cache import default_model
 
-    text = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889 for the "
-            "World's Fair, and for the Louvre, the largest art museum in the world.")
-    llm = LLM(smollm2_engine, device=DEVICE)
-    ids = llm.tokenizer.encode(text)
-    llm.shutdown()
-    prefixes = [ids[:i] for i in range(6, len(ids) + 1, 2)]
+    prefixes = text_prefixes(smollm2_engine)
     want = engine_logits(smollm2_engine, prefixes)
     int8 = build(default_model(), tmp_path / "int8", BuildConfig(max_seq_len=256, quantization="int8"),
                  progress=False, keep_packed=False)

@@ -29,16 +29,20 @@ from kiln.ops.reference import silu_and_mul  # noqa: E402
 from kiln.ops.sample_inputs import norm_batch, paged_batch, rotary_batch, silu_batch  # noqa: E402
 from kiln.ops.triton_kernels import attention as attention_kernels  # noqa: E402
 from kiln.ops.triton_kernels import gemv as gemv_kernels  # noqa: E402
+from kiln.ops.triton_kernels import int4_gemv as int4_kernels  # noqa: E402
 from kiln.ops.triton_kernels import rms_norm as rms_norm_kernels  # noqa: E402
 from kiln.ops.triton_kernels import rotary_kv_cache as rotary_kernels  # noqa: E402
 from kiln.ops.triton_kernels import silu_and_mul as silu_kernels  # noqa: E402
 from kiln.ops.triton_kernels.common import interpreting  # noqa: E402
+from kiln.ops.packed_linear import op_name  # noqa: E402
 from kiln.ops.triton_plugins import (  # noqa: E402
-    LINEAR_CONFIGS, PAGED_ATTENTION_CONFIGS, RMS_NORM_CONFIGS, ROTARY_KV_CONFIGS, SILU_AND_MUL_CONFIGS, triton_linear,
+    INT4_LINEAR_CONFIGS, LINEAR_CONFIGS, PAGED_ATTENTION_CONFIGS, RMS_NORM_CONFIGS, ROTARY_KV_CONFIGS,
+    SILU_AND_MUL_CONFIGS, triton_linear,
 )
 from kiln.runtime.model_runner import ModelRunner  # noqa: E402
 from kiln.runtime.request import Request  # noqa: E402
 from kiln.runtime.sampling_params import SamplingParams  # noqa: E402
+from kiln.weight_formats import FORMATS, FOUR_BIT, four_bit_group_size, four_bit_groups, random_packed  # noqa: E402
 
 # Small tiles so that short test sequences still cross several tiles and blocks.
 SMALL_ATTENTION = {**PAGED_ATTENTION_CONFIGS[0], "prefill_block_m": 16, "prefill_tile_n": 16, "decode_tile_n": 16}
@@ -270,13 +274,84 @@ def test_linear_plugin_takes_few_rows_and_leaves_more_to_the_reference():
         gemv_kernels.gemv(torch.randn(17, 48, device=DEVICE), w, None, SMALL_GEMV)
 
 
+def int4_case(fmt: str, shape: str, seed: int) -> tuple[torch.Tensor, dict, int, int]:
+    """A random packed weight of ``fmt`` [37, k] and small tiles that fit it: rows of 3 blocks are one and
+    a half K tiles ("odd"), rows of 4 two whole tiles ("even"); 37 outputs leave a partial last block of 32
+    (and 40 rows one of 32 tokens). Few programs and tiles: the interpreter takes ~0.1 s for each."""
+    f = FORMATS[fmt]
+    group = four_bit_group_size(f)
+    k = (3 if shape == "odd" else 4) * f.block
+    config = {**INT4_LINEAR_CONFIGS[0], "block_n": 32, "block_k": 2 * f.block, "gemm_block_n": 32,
+              "gemm_block_m": 32, "gemm_block_k": max(128, 2 * f.block), "dequant_rows": 10 ** 9}
+    w = random_packed(f, (37, k), torch.Generator().manual_seed(seed)).to(DEVICE)
+    return w, config, group, k
+
+
+@pytest.mark.parametrize("fmt", FOUR_BIT)
+def test_int4_layout_holds_the_formats_weights(fmt):
+    w, _, group, k = int4_case(fmt, "odd", 0)
+    words, scales, offsets = int4_kernels.pack(*four_bit_groups(FORMATS[fmt], w))
+    assert words.dtype == torch.int32 and words.shape == (37, k // 8)
+    # float16 holds the float16 fields of q4_0, q4_1 and int4_g* exactly; q4_k's products need float32.
+    assert scales.dtype == offsets.dtype == (torch.float32 if fmt == "q4_k" else torch.float16)
+    got = int4_kernels.dequantize((words, scales, offsets), group, torch.float32)
+    # Exact but for a fused multiply-add's one rounding where the reference rounds twice (on a GPU).
+    torch.testing.assert_close(got, FORMATS[fmt].dequantize(w), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fmt", FOUR_BIT)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,bias", [("odd", True), ("even", False)])
+def test_int4_linear_matches_the_ops_reference(fmt, dtype, shape, bias):
+    """1 to 4 rows through the GEMV, 40 through the tiled product and through the decoded weight and cuBLAS."""
+    w, config, group, k = int4_case(fmt, shape, 1)
+    ref = get_op(op_name(fmt)).reference
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    packed = int4_kernels.pack(*four_bit_groups(FORMATS[fmt], w))
+    b = torch.randn(37, generator=g, device=DEVICE).to(dtype) if bias else None
+    for rows, dequant_rows in ((1, None), (2, None), (3, None), (4, None), (40, None), (40, 40)):
+        x = torch.randn(rows, k, generator=g, device=DEVICE).to(dtype)
+        got = int4_kernels.int4_linear(x, packed, b, group, {**config, **({"dequant_rows": dequant_rows}
+                                                                         if dequant_rows else {})})
+        want = ref.fn(x.float(), ref.prepare(w, torch.float32), None if b is None else b.float())
+        assert got.shape == (rows, 37) and got.dtype == dtype
+        # float32: sums in another order. bfloat16: the GEMV multiplies the exact weights and rounds its
+        # float32 sum once; the tiled product and cuBLAS multiply the weights rounded to bfloat16 as the
+        # reference's decoded weight is (a relative 2^-9 each, in a sum of random signs), and round once.
+        # The interpreter truncates where a GPU rounds: one step more.
+        torch.testing.assert_close(got.float(), want, **({"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32
+                                                         else bf16_tol(2)), msg=lambda m: f"{rows} rows: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_plugin_keeps_leading_dimensions_and_routes_rows_by_config(dtype):
+    fmt = "int4_g64"
+    w, config, group, k = int4_case(fmt, "odd", 3)
+    impl = get_op(op_name(fmt)).impls["triton"]
+    packed = impl.prepare(w, dtype)
+    ref = get_op(op_name(fmt)).reference
+    for lead in ((1,), (2, 3), (0,)):
+        x = torch.randn(*lead, k, device=DEVICE).to(dtype)
+        want = ref.fn(x.float(), ref.prepare(w, torch.float32))
+        # One row through the GEMV; six through the tiled product, then through the decoded weight; none.
+        for max_rows, dequant_rows in ((4, 10 ** 9), (1, 10 ** 9), (2, 3)):
+            got = impl.with_config({**config, "max_rows": max_rows, "dequant_rows": dequant_rows})(x, packed)
+            assert got.shape == (*lead, 37) and got.dtype == dtype
+            # (float16 rounds 8 times finer than bfloat16)
+            torch.testing.assert_close(got.float(), want, **bf16_tol(2))
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        impl.fn(x, packed, None, **{**config, "max_rows": 8})
+    with pytest.raises(ValueError, match="features"):
+        impl.fn(torch.randn(1, k + 32, device=DEVICE), packed)
+
+
 def bf16_tol(roundings: int) -> dict:
     """Within ``roundings`` bfloat16 steps, relative (and absolute, for results near zero)."""
     return {"rtol": roundings * 2 ** -7, "atol": roundings * 2 ** -6}
 
 
 @pytest.mark.parametrize("op", ["paged_attention", "rotary_and_write_kv_cache", "rms_norm", "add_rms_norm",
-                                "silu_and_mul", "linear", "logits"])
+                                "silu_and_mul", "linear", "logits", *(op_name(f) for f in FOUR_BIT)])
 def test_plugins_are_cuda_only_graph_safe_and_declare_full_configs(op):
     impl = get_op(op).impls["triton"]
     assert not impl.supports(torch.device("cpu"), torch.float32)

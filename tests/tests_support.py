@@ -25,3 +25,20 @@ def last_logits(llm, prompts: list[list[int]]):
         req.block_ids = list(range(-(-len(ids) // runner.block_size)))
         out.append(runner.execute([(req, len(ids))])[0].float().cpu())
     return torch.stack(out)
+
+
+PARIS_TEXT = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889 for the "
+              "World's Fair, and for the Louvre, the largest art museum in the world.")
+
+
+def text_prefixes(engine, text: str = PARIS_TEXT) -> list[list[int]]:
+    """The prefixes of ``text`` (6, 8, ... tokens) in the tokenizer of the engine at ``engine``: the prompts that
+    quality tests compare engines' teacher-forced logits on."""
+    from kiln.runtime import LLM
+
+    llm = LLM(engine, device="cpu")
+    try:
+        ids = llm.tokenizer.encode(text)
+    finally:
+        llm.shutdown()
+    return [ids[:i] for i in range(6, len(ids) + 1, 2)]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from kiln.builder.awq import DEFAULT_METHOD, applies
 from kiln.cache import cache_dir
 from kiln.engine import ENGINE_FILE, BuildConfig
 from kiln.errors import KilnError
@@ -65,10 +66,11 @@ def _max_positions(source: str | os.PathLike) -> int:
 
 
 def engine_for(model: str | os.PathLike | None, dtype: str | None = None, device: str | None = None,
-               progress: bool = True, **limits: int | None) -> Path:
+               progress: bool = True, quantize_calibration: str = DEFAULT_METHOD, **limits: int | None) -> Path:
     """An engine folder for ``model`` (None: the default model): itself if it is one, else a cached build.
 
-    ``dtype`` and ``limits`` (BuildConfig's fields) apply only when a build is needed (``build_config``).
+    ``dtype``, ``quantize_calibration`` (``build``'s) and ``limits`` (BuildConfig's fields) apply only when a
+    build is needed (``build_config``).
     """
     from kiln.builder import build
 
@@ -82,19 +84,21 @@ def engine_for(model: str | os.PathLike | None, dtype: str | None = None, device
     # NOTE: the build config needs the model's own max_seq_len, and reading it from a GGUF file's metadata
     # takes seconds; so the engine that a request (source and options as given) led to is remembered, and
     # a later start finds it without opening the source.
-    asked = json.dumps([identity, _dtype(dtype, device), sorted(limits.items()), device, _kiln_version()])
+    # (int4 engines only name how they round: other engines' keys are as they were)
+    rounding = [quantize_calibration] if applies(quantize_calibration, limits.get("quantization")) else []
+    asked = json.dumps([identity, _dtype(dtype, device), sorted(limits.items()), device, _kiln_version(), *rounding])
     remembered = cache_dir() / "engine-index" / f"{hashlib.sha256(asked.encode()).hexdigest()[:16]}.json"
     engine_dir = _remembered_engine(remembered)
     if engine_dir is not None:
         return engine_dir
     config = build_config(source, dtype, device, **limits)
-    key = json.dumps([*identity, config.to_dict(), device, _kiln_version()])
+    key = json.dumps([*identity, config.to_dict(), device, _kiln_version(), *rounding])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     engine_dir = cache_dir() / "engines" / f"{source.stem}-{digest}"
     if not (engine_dir / ENGINE_FILE).is_file():
         if progress:
             print(f"building an engine for {source} in {engine_dir} (once)", flush=True)
-        build(source, engine_dir, config, device=device, progress=progress)
+        build(source, engine_dir, config, device=device, progress=progress, quantize_calibration=quantize_calibration)
     remembered.parent.mkdir(parents=True, exist_ok=True)
     replace_file_atomically(remembered, json.dumps({"engine": engine_dir.name}))
     return engine_dir
@@ -110,9 +114,9 @@ def _remembered_engine(path: Path) -> Path | None:
     return engine_dir if (engine_dir / ENGINE_FILE).is_file() else None
 
 
-# Raised when the plans kiln records change (e.g. new default kernels: the C++ CPU layer ops), so that
-# cached engines are built again and pick them up.
-PLAN_REVISION = 2
+# Raised when the plans kiln records change (e.g. new default kernels: the C++ CPU layer ops; 3: the Triton
+# kernels of the 4-bit formats on CUDA), so that cached engines are built again and pick them up.
+PLAN_REVISION = 3
 
 
 def _kiln_version() -> str:

@@ -1,5 +1,5 @@
 """A quantized KV cache (``kiln build --kv-cache-dtype fp8|int8``): its scales, calibrated on a text the
-package ships, one for the keys and one for the values of each layer.
+package ships (or for fp8, a checkpoint's own), one for the keys and one for the values of each layer.
 
 The cache holds k / s_k and v / s_v, one byte a value (``reference.to_cache_dtype``). The division is
 folded into the weights: the key and value rows of the QKV projection (and its bias) are divided by s_k
@@ -15,45 +15,57 @@ position, not only the positions seen. s_v is the values' largest magnitude over
 is rounded up to a power of two, which costs a float format no precision and divides float weights
 exactly. Keys or values beyond what calibration saw saturate. ``kiln refit`` folds the engine's recorded
 scales into new weights.
+
+A checkpoint with its own FP8 KV cache (``Checkpoint.kv_cache_scales``: a compressed-tensors
+``kv_cache_scheme``'s per-tensor ``k_scale`` and ``v_scale``, the same k / s_k and v / s_v in e4m3) gives an
+fp8 cache its scales as stored, and nothing is calibrated (``stored_scales``). They bound only the post-RoPE
+keys its tool saw (any others saturate, as in vLLM), and, not being powers of two, round float weights once
+in the build dtype as they are divided in (packed weights: their float scales, once). An int8 cache calibrates
+its own (the stored scales map to e4m3's 448); a build without ``--kv-cache-dtype`` keeps its cache in the
+build dtype and does not use them (logged).
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import torch
 
+from kiln.builder.calibration import run_text
 from kiln.engine import BuildConfig
 from kiln.models import ModelConfig
 from kiln.ops.reference import KV_CACHE_MAX
 from kiln.weight_formats import FLOAT, block_format
 
-CALIBRATION_TEXT = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
+log = logging.getLogger("kiln.builder")
+
+
+def stored_scales(stored: dict | None, build: BuildConfig) -> dict | None:
+    """The checkpoint's own KV cache scales (``stored``, its FP8 cache's) where ``build`` uses them as they are:
+    for an fp8 cache. None where it calibrates its own (int8) or keeps a float cache; either is logged."""
+    if stored is None or build.kv_cache_dtype == "fp8":
+        return stored
+    if build.kv_cache_quantized:
+        log.info("the checkpoint's FP8 KV cache scales are for float8 e4m3: the %s KV cache's are calibrated",
+                 build.kv_cache_dtype)
+    else:
+        log.info("the checkpoint has FP8 KV cache scales; without --kv-cache-dtype the KV cache stays in %s "
+                 "and does not use them (--kv-cache-dtype fp8 does)", build.dtype)
+    return None
 
 
 def calibrate(engine_dir: Path, build: BuildConfig, device: torch.device) -> dict:
     """The scales of ``build.kv_cache_dtype`` (quantized) for the engine at ``engine_dir``, which has a float KV
     cache: {"k": [s_k per layer], "v": [s_v per layer]}."""
-    from kiln.engine import read_engine
-    from kiln.runtime.kv_pool import kv_cache_spec
-    from kiln.runtime.llm import LLM
-    from kiln.runtime.sampling_params import SamplingParams
+    peaks: list[tuple[float, float]] | None = None
 
-    engine = read_engine(engine_dir)
-    spec = kv_cache_spec(engine)
-    blocks = -(-engine.build.max_seq_len // spec.block_size) + 1
-    llm = LLM(engine, device=str(device), kv_cache_memory=blocks * spec.bytes_per_block, cuda_graphs="off",
-              enable_prefix_caching=False, verify_weights=False)
-    try:
-        ids = llm.tokenizer.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"))
-        chunk = engine.build.max_seq_len - 1
-        peaks = None
-        for start in range(0, len(ids), chunk):
-            llm.generate([ids[start:start + chunk]], SamplingParams(max_tokens=1))
-            found = llm.engine.call(lambda core: _cache_peaks(core.runner.kv_caches))
-            peaks = found if peaks is None else [(max(k, k2), max(v, v2)) for (k, v), (k2, v2) in zip(peaks, found)]
-    finally:
-        llm.shutdown()
+    def after_chunk(core) -> None:
+        nonlocal peaks
+        found = _cache_peaks(core.runner.kv_caches)
+        peaks = found if peaks is None else [(max(k, k2), max(v, v2)) for (k, v), (k2, v2) in zip(peaks, found)]
+
+    run_text(engine_dir, device, after_chunk=after_chunk)
     top, exact = KV_CACHE_MAX[build.kv_torch_dtype], build.kv_cache_dtype == "fp8"
     return {"k": [_scale(k, top, exact) for k, _ in peaks], "v": [_scale(v, top, exact) for _, v in peaks]}
 

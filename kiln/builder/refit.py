@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from kiln.builder import kv_scales
+from kiln.builder import awq, kv_scales
 from kiln.builder.transforms import engine_tensors, quantize_linear_weights
 from kiln.checkpoint.checkpoint import read_checkpoint
 from kiln.engine import check_against_manifest, manifest_of, read_engine, weights_file, write_engine_json
@@ -22,8 +22,9 @@ def refit(engine_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, out:
 
     Every name, shape, dtype and format is checked before anything is written; on any mismatch the
     engine is left as it was. A packed checkpoint (a GGUF file's blocks) refits a float engine decoded; a
-    quantized engine (``kiln build --quantize``) takes float weights quantized as its build did, and one with a
-    quantized KV cache takes the scales its build calibrated (``kv_scales``), folded in again.
+    quantized engine (``kiln build --quantize``) takes float weights quantized as its build did (int4 after the
+    activation-aware scales its build chose, ``awq``), and one with a quantized KV cache takes the scales its
+    build calibrated (``kv_scales``), folded in again.
     """
     engine = read_engine(engine_dir, need_weights=False)
     checkpoint = read_checkpoint(checkpoint_dir)
@@ -36,6 +37,8 @@ def refit(engine_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, out:
         # A float engine takes a packed checkpoint's weights decoded; a packed one takes them as they are.
         tensors, formats = engine_tensors(config, checkpoint.load_tensors(), engine.build.torch_dtype,
                                           checkpoint.formats, keep_packed=bool(engine.weight_formats))
+        if "awq" in engine.meta:  # the build's activation-aware scales, folded in before rounding as it did
+            awq.fold(config, tensors, formats, awq.recorded(engine.path, engine.meta["awq"]))
         if engine.build.quantization:  # float weights are quantized on the way, as the build did
             quantize_linear_weights(config, tensors, formats, engine.build.quantization)
         if engine.build.kv_cache_quantized:  # the build's KV cache scales, folded in as the build did

@@ -74,12 +74,12 @@ def quantize_linear_weights(config: ModelConfig, tensors: dict[str, torch.Tensor
         owner = name.rsplit(".weight_parts.", 1)[0] + ".weight" if ".weight_parts." in name else name
         if owner not in linear or name in formats:
             continue
-        fmt = block_format(_fitting(target, tensors[name].shape[1], name))
+        fmt = block_format(fitting_format(target, tensors[name].shape[1], name))
         tensors[name] = fmt.quantize(tensors[name].to(device)).cpu()
         formats[name] = fmt.name
 
 
-def _fitting(target: str, in_features: int, name: str) -> str:
+def fitting_format(target: str, in_features: int, name: str) -> str:
     """``target``, or for int4 groups that do not divide a row, the largest smaller group that does
     (SmolLM2's 576-wide rows take groups of 64 where 128 were asked)."""
     if not target.startswith("int4_g"):

@@ -1,8 +1,9 @@
 """kiln's checkpoint: config.json + rank0.safetensors + tokenizer files; written from any reader.
 
 A checkpoint holds the weights as published (unfused, source dtype) under transformers' names, the
-architecture as a kiln ``ModelConfig``, and the tokenizer. It is the portable input of ``kiln build``
-and ``kiln refit``.
+architecture as a kiln ``ModelConfig``, the tokenizer, and where the source has them, its FP8 KV cache's
+scales (``kv_cache_scales``, which ``kiln build --kv-cache-dtype fp8`` uses). It is the portable input of
+``kiln build`` and ``kiln refit``.
 """
 from __future__ import annotations
 
@@ -23,14 +24,16 @@ from kiln.engine.format import GENERATION_SCHEMA, TOKENIZER_CONFIG_FILE, TOKENIZ
 from kiln.errors import ConversionError
 from kiln.fsutil import staged_dir
 from kiln.models import ModelConfig, checkpoint_layout, family
-from kiln.schema import INT, STR, DictOf, Nullable, Record, record_of, validate
+from kiln.schema import INT, NUMBER, STR, DictOf, ListOf, Nullable, Record, record_of, validate
 from kiln.weight_formats import block_format
 
 CHECKPOINT_VERSION = 1
 WEIGHTS_FILE = "rank0.safetensors"
 # Every key of a checkpoint's config.json that kiln reads.
 CONFIG_SCHEMA = Record({"kiln_checkpoint": INT, "model": record_of(ModelConfig, all_required=True),
-                        "generation": GENERATION_SCHEMA}, {"source": Nullable(STR), "weight_formats": DictOf(STR)})
+                        "generation": GENERATION_SCHEMA},
+                       {"source": Nullable(STR), "weight_formats": DictOf(STR),
+                        "kv_cache_scales": Record({"k": ListOf(NUMBER), "v": ListOf(NUMBER)}, closed=True)})
 # Tensors published checkpoints carry that no kiln model needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -45,6 +48,9 @@ class Checkpoint:
     source: str | None = None
     # The tensors held packed (uint8 rows of blocks), by name: their format (kiln.weight_formats).
     formats: dict[str, str] = field(default_factory=dict)
+    # The source's static FP8 KV cache (k / s_k and v / s_v in float8 e4m3): {"k": [s_k per layer], "v": [s_v per
+    # layer]}; None: the source has no quantized KV cache.
+    kv_cache_scales: dict[str, list[float]] | None = None
 
     @property
     def weights_file(self) -> Path:
@@ -112,6 +118,9 @@ def write_checkpoint(source: SourceModel, out: Path, progress: bool = True,
         layout = checkpoint_layout(config)
     except ValueError as e:  # a config the model's layers refuse (e.g. a rope scaling kiln lacks)
         raise ConversionError(f"{source.source}: {e}") from None
+    kv_cache_scales = source.extra.get("kv_cache_scales")
+    if kv_cache_scales is not None:
+        _check_kv_cache_scales(kv_cache_scales, config, source.source)
     tensors: dict[str, torch.Tensor] = {}
     bar = tqdm(source.tensors(), total=source.num_tensors, desc="convert", unit="tensor", disable=not progress,
                leave=False)
@@ -145,9 +154,18 @@ def write_checkpoint(source: SourceModel, out: Path, progress: bool = True,
         "source": source.source,
         **({"weight_formats": {k: v for k, v in sorted(source.formats.items()) if k in tensors}}
            if source.formats else {}),
+        **({"kv_cache_scales": kv_cache_scales} if kv_cache_scales is not None else {}),
     }
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return tensors
+
+
+def _check_kv_cache_scales(scales: dict, config: ModelConfig, what: str) -> None:
+    """One positive, finite key scale and value scale per layer."""
+    fits = all(len(scales[which]) == config.num_layers for which in ("k", "v"))
+    if not fits or not all(0 < s < float("inf") for s in (*scales["k"], *scales["v"])):
+        raise ConversionError(f"{what}: kv_cache_scales must hold a positive, finite key and value scale for each of "
+                              f"the {config.num_layers} layers")
 
 
 def model_config(source: SourceModel) -> ModelConfig:
@@ -214,4 +232,8 @@ def read_checkpoint(path: str | os.PathLike, need_weights: bool = True) -> Check
             block_format(fmt)
         except ValueError as e:
             raise ConversionError(f"{file}: weight_formats[{name!r}]: {e}") from None
-    return Checkpoint(path, config, meta["generation"], meta.get("source"), formats)
+    kv_cache_scales = meta.get("kv_cache_scales")
+    if kv_cache_scales is not None:
+        _check_kv_cache_scales(kv_cache_scales, config, str(file))
+        kv_cache_scales = {which: [float(s) for s in kv_cache_scales[which]] for which in ("k", "v")}
+    return Checkpoint(path, config, meta["generation"], meta.get("source"), formats, kv_cache_scales)

@@ -76,7 +76,14 @@ def read_hf_dir(path: str | os.PathLike) -> SourceModel:
             for name in names:
                 yield name, quantized.load(name, get) if name in quantized.formats else get(name)
 
-    return SourceModel(hf_config, tensors, len(names), tokenizer, tokenizer_config, source=str(path),
+    extra = {}
+    if quantized.kv_scales:
+        def get_one(name: str) -> torch.Tensor:
+            with safe_open(str(index[name]), framework="pt") as f:
+                return f.get_tensor(name)
+
+        extra["kv_cache_scales"] = quantized.kv_cache_scales(get_one)
+    return SourceModel(hf_config, tensors, len(names), tokenizer, tokenizer_config, source=str(path), extra=extra,
                        formats=quantized.formats)
 
 

@@ -20,6 +20,14 @@ under the module's ``.weight`` name:
   and is then rounded to nearest, as is a scale float16 cannot hold: a weight moves by at most
   2^-11 (|d q| + |m|), under 1.5% of one quantization step.
 
+A static FP8 KV cache (``kv_cache_scheme``: float8 e4m3 keys and values, one static scale per tensor, as
+llm-compressor calibrates it and vLLM applies it to the post-RoPE keys, k_fp8 = k / k_scale) is read as the
+checkpoint's KV cache scales: each layer's ``self_attn.k_scale`` and ``v_scale`` (float32, bfloat16 or float16
+as stored, each exactly as a float) become ``{"k": [...], "v": [...]}`` (``SourceModel.extra["kv_cache_scales"]``,
+then the kiln checkpoint's ``kv_cache_scales``), which ``kiln build --kv-cache-dtype fp8`` uses instead of
+calibrating its own; a build with another cache (int8, or none: the build dtype) does not use them
+(``kiln.builder.kv_scales``).
+
 The activations are the ops' own business: kiln's fp8 op rounds them to e4m3 per token with scales of their
 own, as FP8_DYNAMIC does; its int8 and int4 ops keep them float (bfloat16 in some int4 kernels). A scheme's
 other activation quantization is not reproduced: a static FP8 scheme's ``input_scale`` is not read, and a W8A8
@@ -27,9 +35,10 @@ scheme's int8 activations are not rounded.
 
 Refused with a ConversionError naming what kiln cannot hold as stored: other quantization methods
 (block-wise FP8 ``quant_method: "fp8"``, AutoGPTQ and AutoAWQ folders, bitsandbytes), sparse or rotated
-(``transform_config``) checkpoints, quantized KV caches, bit widths but 4 and 8, 4-bit floats, 8-bit
-integers in groups or with zero points, FP8 in groups or blocks, dynamic weight scales, and
-activation-ordered groups (a ``weight_g_idx`` that is not the contiguous grouping).
+(``transform_config``) checkpoints, quantized KV caches but static FP8 per tensor (int8, per head, dynamic, with
+zero points), bit widths but 4 and 8, 4-bit floats, 8-bit integers in groups or with zero points, FP8 in groups
+or blocks, dynamic weight scales, and activation-ordered groups (a ``weight_g_idx`` that is not the contiguous
+grouping).
 """
 from __future__ import annotations
 
@@ -50,6 +59,8 @@ _STORAGE = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantiz
 _PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale",
           "input_zero_point")
 _SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Where a static FP8 KV cache's scales are stored (llm-compressor's names; vLLM reads the same).
+_KV_SCALES = ("model.layers.{}.self_attn.k_scale", "model.layers.{}.self_attn.v_scale")
 
 _ARGS = Record({}, {"num_bits": INT, "type": STR, "symmetric": BOOL, "strategy": Nullable(STR),
                     "group_size": Nullable(INT), "dynamic": AnyOf((BOOL, STR), "true, false or a string")})
@@ -78,13 +89,35 @@ class _Module:
 
 @dataclass
 class QuantizedWeights:
-    """A checkpoint's quantized modules, as kiln's packed weights."""
+    """A checkpoint's quantized modules, as kiln's packed weights, and its static FP8 KV cache's scales."""
     # Every packed weight ("model.layers.0.self_attn.q_proj.weight"): its kiln format.
     formats: dict[str, str] = field(default_factory=dict)
-    # The stored tensors that make up the packed weights, or that kiln drops (input scales).
+    # The stored tensors that make up the packed weights, that kiln drops (input scales), or that are the KV
+    # cache's scales.
     parts: set[str] = field(default_factory=set)
     modules: dict[str, _Module] = field(default_factory=dict)
     source: str = ""
+    # Per layer, the names of its KV cache's key and value scale tensors; empty: the cache is not quantized.
+    kv_scales: list[tuple[str, str]] = field(default_factory=list)
+
+    def kv_cache_scales(self, get: Callable[[str], torch.Tensor]) -> dict | None:
+        """The KV cache's scales as kiln records them, {"k": [per layer], "v": [per layer]} (floats, each the
+        stored scale exactly), from the stored tensors (``get``: by name); None without a quantized KV cache."""
+        if not self.kv_scales:
+            return None
+        scales: dict[str, list[float]] = {"k": [], "v": []}
+        for names in self.kv_scales:
+            for which, name in zip(("k", "v"), names):
+                tensor = get(name)
+                if tensor.dtype not in _SCALE_DTYPES:
+                    raise ConversionError(f"{self.source}: {name} is {tensor.dtype}; kiln reads float32, float16 "
+                                          "and bfloat16 scales")
+                value = float(tensor.double().reshape(-1)[0])  # every float16 / bfloat16 / float32 is a double
+                if not 0 < value < float("inf"):
+                    raise ConversionError(f"{self.source}: {name} is {value}; a KV cache scale must be positive "
+                                          "and finite")
+                scales[which].append(value)
+        return scales
 
     def load(self, name: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """The packed weight ``name`` (a key of ``formats``), from its stored tensors (``get``: by name)."""
@@ -114,8 +147,7 @@ def read_quantization(hf_config: dict, shapes: dict[str, list[int]], source: str
         raise ConversionError(f"{where}: quant_method {method!r} is not read by kiln; it reads {METHOD!r} checkpoints "
                               "(llm-compressor's), or quantizes float weights itself (kiln build --quantize)")
     validate(config, _CONFIG, where, ConversionError)
-    for key, what in (("sparsity_config", "sparse weights"), ("transform_config", "rotated (transformed) weights"),
-                      ("kv_cache_scheme", "a quantized KV cache")):
+    for key, what in (("sparsity_config", "sparse weights"), ("transform_config", "rotated (transformed) weights")):
         if config.get(key):
             raise ConversionError(f"{where}: {key} describes {what}, which kiln does not read")
     schemes = {name: _weights(name, group, config.get("format"), where)
@@ -123,6 +155,9 @@ def read_quantization(hf_config: dict, shapes: dict[str, list[int]], source: str
     targets = [(target, name) for name, group in (config.get("config_groups") or {}).items() if name in schemes
                for target in group["targets"]]
     out = QuantizedWeights(source=source)
+    if config.get("kv_cache_scheme"):
+        out.kv_scales = _kv_cache(config["kv_cache_scheme"], hf_config["num_hidden_layers"], shapes, where)
+        out.parts |= {name for names in out.kv_scales for name in names}
     for module in sorted(name.removesuffix(".weight_scale") for name in shapes if name.endswith(".weight_scale")):
         group = _group_of(module, targets)
         if group is None:
@@ -167,6 +202,35 @@ def _weights(name: str, group: dict, default_storage: str | None, where: str) ->
     if problem:
         raise ConversionError(f"{where}.config_groups.{name}: {problem}")
     return w
+
+
+def _kv_cache(args: dict, num_layers: int, shapes: dict[str, list[int]], where: str) -> list[tuple[str, str]]:
+    """Per layer, the names of a static FP8 KV cache's key and value scales (``kv_cache_scheme``: compressed-tensors'
+    ``QuantizationArgs``, defaults filled); anything else is a ConversionError saying why."""
+    where = f"{where}.kv_cache_scheme"
+    validate(args, _ARGS, where, ConversionError)
+    group_size = args.get("group_size")
+    strategy = args.get("strategy") or ("tensor" if group_size is None else "channel" if group_size == -1 else "group")
+    kind = f"a KV cache of {args.get('num_bits', 8)}-bit {args.get('type', 'int')} keys and values"
+    problem = None
+    if (args.get("type", "int"), args.get("num_bits", 8)) != ("float", 8):
+        problem = f"{kind}: kiln reads static FP8 (float8 e4m3) KV cache scales"
+    elif not args.get("symmetric", True):
+        problem = f"{kind} with zero points: kiln's KV cache is symmetric"
+    elif args.get("dynamic"):
+        problem = f"{kind} with dynamic scales (computed at run time): kiln's KV cache needs stored ones"
+    elif strategy != "tensor":
+        problem = f"{kind} per {strategy}: kiln's KV cache has one key scale and one value scale per layer"
+    if problem:
+        raise ConversionError(f"{where}: {problem}")
+    key, value = _KV_SCALES
+    names = [(key.format(layer), value.format(layer)) for layer in range(num_layers)]
+    for name in (name for pair in names for name in pair):
+        if name not in shapes:
+            raise ConversionError(f"{where} describes a static FP8 KV cache, but {name} is missing")
+        if shapes[name] not in ([], [1]):
+            raise ConversionError(f"{where}: {name} has shape {shapes[name]}, not the one scale of a tensor")
+    return names
 
 
 def _match(module: str, target: str) -> bool:

@@ -28,6 +28,8 @@ class SourceModel:
     tokenizer_config: dict
     # Where it came from, for messages and the engine's record.
     source: str = ""
+    # What else the source says about the model: "kv_cache_scales" (a checkpoint's static FP8 KV cache,
+    # {"k": [per layer], "v": [per layer]}, floats; the kiln checkpoint carries it), "gguf_name", ...
     extra: dict = field(default_factory=dict)
     # Tensors that ``tensors()`` yields packed, by name: their format (kiln.weight_formats), the packed
     # tensor uint8 [out, row bytes]. The others are float.

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kiln.cli.build_options import add_quantize_options, quantization
+from kiln.cli.build_options import add_quantize_options, quantization, quantize_calibration
 from kiln.engine.format import BuildConfig
 from kiln.errors import KilnError
 
@@ -274,7 +274,8 @@ def _engine(args: argparse.Namespace, batch: int | None) -> tuple[Path, Engine]:
                                      max_seq_len=args.max_seq_len, kv_block_size=args.kv_block_size,
                                      max_num_tokens=max(args.max_num_tokens or BuildConfig.max_num_tokens,
                                                         build_batch), quantization=asked,
-                                     kv_cache_dtype=args.kv_cache_dtype))
+                                     kv_cache_dtype=args.kv_cache_dtype,
+                                     quantize_calibration=quantize_calibration(args)))
     engine = read_engine(engine_dir)
     if args.dtype is not None and engine.build.dtype != args.dtype:
         raise KilnError(f"engine {engine_dir} holds {engine.build.dtype} weights, not --dtype {args.dtype}; "

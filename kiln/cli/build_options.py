@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from kiln.builder.awq import DEFAULT_METHOD, METHODS
 from kiln.engine.format import KV_CACHE_DTYPES, BuildConfig
 from kiln.errors import KilnError
 from kiln.weight_formats import quantized_format
@@ -26,11 +27,15 @@ def add_build_options(p: argparse.ArgumentParser, for_run: bool = False) -> None
 def add_quantize_options(g: argparse._ArgumentGroup) -> None:
     """--quantize and --group-size for the weights, --kv-cache-dtype for the KV cache."""
     g.add_argument("--quantize", choices=["int8", "int4", "fp8"], default=None,
-                   help="quantize the linear layers' weights (round to nearest): int8 and fp8 scaled per output "
-                        "channel (fp8 also rounds activations per token: W8A8), int4 in groups; a GGUF file's "
-                        "packed weights keep their own format")
+                   help="quantize the linear layers' weights: int8 and fp8 scaled per output channel and rounded "
+                        "to nearest (fp8 also rounds activations per token: W8A8), int4 in groups, after "
+                        "activation-aware scaling (--quantize-calibration); a GGUF file's packed weights keep their "
+                        "own format")
     g.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="int4: weights per scale and offset, 32, 64, 128 (default) or 256")
+    g.add_argument("--quantize-calibration", choices=list(METHODS), default=None,
+                   help="int4 from float weights: awq (default) scales each input channel by the activations the "
+                        "model shows on a text kiln ships before rounding, as AWQ does; none rounds to nearest only")
     g.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=None,
                    help="the KV cache's dtype (default: the weights'); fp8 and int8 hold one byte a value, scaled "
                         "by factors calibrated at build on a text kiln ships: twice the context of a bfloat16 "
@@ -47,6 +52,15 @@ def quantization(args: argparse.Namespace) -> str | None:
         return quantized_format(args.quantize, args.group_size)
     except ValueError as e:
         raise KilnError(str(e)) from None
+
+
+def quantize_calibration(args: argparse.Namespace) -> str:
+    """How ``--quantize int4`` rounds float weights (``kiln.builder.awq``): the build's default unless asked."""
+    if args.quantize_calibration is None:
+        return DEFAULT_METHOD
+    if args.quantize != "int4":
+        raise KilnError("--quantize-calibration is for --quantize int4")
+    return args.quantize_calibration
 
 
 def build_fields(args: argparse.Namespace) -> dict:

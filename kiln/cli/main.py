@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from kiln.cli.build_options import add_build_options, build_fields
+from kiln.cli.build_options import add_build_options, build_fields, quantize_calibration
 from kiln.errors import KilnError
 
 
@@ -93,7 +93,7 @@ def _build(args: argparse.Namespace) -> None:
     config = build_config(args.source, args.dtype, args.device, **build_fields(args))
     out = build(args.source, args.output, config, strip_weights=args.strip_weights, device=args.device,
                 tune={"auto": None, "on": True, "off": False}[args.tune], plugins=args.plugins,
-                keep_packed=not args.decode_weights)
+                keep_packed=not args.decode_weights, quantize_calibration=quantize_calibration(args))
     print(f"wrote engine {out}; see it with `kiln inspect {out}`")
 
 
@@ -120,7 +120,8 @@ def _run(args: argparse.Namespace) -> None:
     from kiln.builder.engine_cache import engine_for
     from kiln.runtime import LLM, SamplingParams
 
-    engine_dir = engine_for(args.model, args.dtype, args.device, **build_fields(args))
+    engine_dir = engine_for(args.model, args.dtype, args.device, quantize_calibration=quantize_calibration(args),
+                            **build_fields(args))
     llm = LLM(engine_dir, device=args.device)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)

@@ -102,9 +102,9 @@ def run(args: argparse.Namespace) -> None:
         return
     from kiln.builder.engine_cache import engine_for
 
-    from kiln.cli.build_options import build_fields
+    from kiln.cli.build_options import build_fields, quantize_calibration
 
-    engine = engine_for(args.model, args.dtype, **build_fields(args))
+    engine = engine_for(args.model, args.dtype, quantize_calibration=quantize_calibration(args), **build_fields(args))
     name = args.served_model_name or served_name(args.model)
     with tempfile.TemporaryDirectory(prefix="kiln-serve-") as root:
         write_model_folder(Path(root), name, engine)

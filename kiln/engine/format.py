@@ -30,7 +30,8 @@ TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
 # The dtypes an engine may be built in.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The KV cache's dtypes: a float dtype, or one byte per value (``kiln build --kv-cache-dtype``), whose
-# values are keys and values divided by scales calibrated at build (engine.json's kv_cache_scales).
+# values are keys and values divided by per-layer scales (engine.json's kv_cache_scales: calibrated at build,
+# or a quantized checkpoint's).
 QUANTIZED_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 KV_CACHE_DTYPES = {**DTYPES, **QUANTIZED_KV_DTYPES}
 # The dtypes a weight may have, by safetensors' name; the manifest names them as torch does (dtype_name).
@@ -180,7 +181,11 @@ ENGINE_SCHEMA = Record(
      # The user's plugin files the engine carries (relative paths), imported before its plan is bound.
      "plugins": ListOf(STR),
      # A quantized KV cache's scales, a key scale and a value scale per layer (kiln.builder.kv_scales).
-     "kv_cache_scales": Record({"k": ListOf(NUMBER), "v": ListOf(NUMBER)})},
+     "kv_cache_scales": Record({"k": ListOf(NUMBER), "v": ListOf(NUMBER)}),
+     # int4's activation-aware scales (kiln.builder.awq): the file that holds them, its sha256, and how they
+     # were chosen; refit folds them into new weights.
+     "awq": Record({"file": STR, "sha256": STR}, {"calibration_tokens": INT, "sample_rows": INT,
+                                                  "alphas": DictOf(NUMBER), "error_vs_round_to_nearest": DictOf(NUMBER)})},
 )
 
 

@@ -44,6 +44,7 @@ def describe(engine: Engine) -> dict:
         "kv_cache_bytes_per_token": kv_per_token,
         "float_kv_cache_bytes_per_token": kv_per_token // kv_dtype.itemsize * b.torch_dtype.itemsize,
         "kv_cache_scales": engine.meta.get("kv_cache_scales"),
+        "awq": engine.meta.get("awq"),
         "plan": engine.plan,
         "plugins": engine.plugins,
         "target": engine.target,
@@ -87,13 +88,19 @@ def format_text(d: dict) -> str:
                      f"({_size(d['float_weight_bytes'])}, {d['weight_bytes'] / d['float_weight_bytes']:.0%} of it)")
     if b.get("quantization"):
         lines.append(f"quantized   linear layers' float weights to {b['quantization']} at build (kiln build --quantize)")
+    if d.get("awq"):
+        errors = ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["awq"].get("error_vs_round_to_nearest", {}).items()))
+        lines.append(f"            activation-aware scales ({d['awq']['file']}), calibrated on "
+                     f"{d['awq'].get('calibration_tokens', '?')} tokens" + (f"; output error over round to nearest's: {errors}"
+                                                                         if errors else ""))
     lines += [
         "",
         f"limits      max batch {b['max_batch_size']}, max sequence {b['max_seq_len']}, "
         f"max tokens/step {b['max_num_tokens']}",
         f"kv cache    blocks of {b['kv_block_size']} tokens, {b['kv_cache_dtype'] or b['dtype']}, "
         f"{_size(d['kv_cache_bytes_per_token'])} per token"
-        + (f" ({_size(d['float_kv_cache_bytes_per_token'])} in {b['dtype']}), scales calibrated at build"
+        + (f" ({_size(d['float_kv_cache_bytes_per_token'])} in {b['dtype']}), scaled per layer (calibrated at build, "
+           "or a quantized checkpoint's)"
            if d.get("kv_cache_scales") else ""),
         "",
         "plan        op                  implementation",

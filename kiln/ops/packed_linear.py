@@ -17,6 +17,11 @@ timed at load like ``linear``. The reference decodes W once at load into the com
   AVX-512 / AVX2), over the weight repacked at load into 4-bit values with a bfloat16 scale and offset per
   32 weights (exact but for rounding the float16 block scales' products to bfloat16). Its activations
   are bfloat16. Also kiln's ``int4_g*`` formats, at their group size.
+- ``triton`` (the 4-bit formats; CUDA, compute capability 8.0+, float16, bfloat16 or float32): kiln's Triton
+  kernels (``kiln/ops/triton_kernels/int4_gemv.py``) over the 4-bit values repacked at load, with float16 scales
+  and offsets where they hold them exactly (float32 for q4_k): a GEMV for decode steps of a few rows, a tiled
+  product that decodes weight tiles in registers for more, and the weight decoded for cuBLAS for long
+  prompt chunks. Its configs: ``INT4_LINEAR_CONFIGS`` (``triton_plugins.py``).
 - ``tinygemm`` (the 4-bit formats; CUDA, compute capability 8.0+, bfloat16): PyTorch's int4 weight-only
   CUDA kernel (``_weight_int4pack_mm``) over the same 4-bit values, scales and offsets.
 - ``int8pack`` (int8; CPU): PyTorch's int8 weight-only kernel (``_weight_int8pack_mm``), float activations.
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 
 from kiln.ops import cpu_gguf
 from kiln.ops.registry import plugin, reference
+from kiln.ops.triton_plugins import INT4_LINEAR_CONFIGS, _on_cuda
 from kiln.weight_formats import FORMATS, FOUR_BIT, BlockFormat, RowFormat, four_bit_group_size, four_bit_groups
 
 FP8_MAX = FORMATS["fp8"].max_value  # the largest float8 e4m3 value
@@ -135,6 +141,24 @@ def _register_tinygemm(fmt: BlockFormat) -> None:
     plugin(op_name(fmt.name), "tinygemm", supports=_tinygemm_supported, prepare=prepare, graph_safe=True)(linear)
 
 
+def _register_triton(fmt: BlockFormat) -> None:
+    group = four_bit_group_size(fmt)
+
+    def prepare(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from kiln.ops.triton_kernels.int4_gemv import pack
+
+        return pack(*four_bit_groups(fmt, weight))
+
+    def linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               bias: torch.Tensor | None = None, **config) -> torch.Tensor:
+        from kiln.ops.triton_kernels.int4_gemv import int4_linear
+
+        return int4_linear(x, weight, bias, group, {**INT4_LINEAR_CONFIGS[0], **config})
+
+    plugin(op_name(fmt.name), "triton", supports=_on_cuda, configs=INT4_LINEAR_CONFIGS, prepare=prepare,
+           graph_safe=True)(linear)
+
+
 def _int8pack_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
@@ -156,8 +180,6 @@ def _register_int8pack(fmt: RowFormat) -> None:
 
 
 def _scaled_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    from kiln.ops.triton_plugins import _on_cuda
-
     return (dtype == torch.bfloat16 and _on_cuda(device, dtype) and hasattr(torch, "_scaled_mm")
             and torch.cuda.get_device_capability(device) >= (8, 9))
 
@@ -216,6 +238,8 @@ def _register_ggml(fmt: BlockFormat) -> None:
 
 for _fmt in FORMATS.values():
     _register_reference(_fmt)
+    if _fmt.name in FOUR_BIT:  # first: the plan takes the first plugin that supports the target
+        _register_triton(_fmt)
     if _fmt.name in cpu_gguf.FORMATS:
         _register_ggml(_fmt)
     if _fmt.name in FOUR_BIT:

@@ -1,5 +1,6 @@
 """The ``triton`` plugins: Triton kernels for attention, rotary + cache write, RMSNorm, SwiGLU, and the
-matrix products of decode steps of a few rows.
+matrix products of decode steps of a few rows. (The Triton plugin of the 4-bit packed-weight ops is
+registered with those ops, in ``packed_linear.py``; its configs are here with the others.)
 
 They run on CUDA devices with Triton installed and never on the CPU, so CPU plans never pick them.
 Their kernels (``kiln/ops/triton_kernels/``) are imported on first call: Triton is not a dependency
@@ -73,6 +74,29 @@ LINEAR_CONFIGS = _configs(
     dict(block_n=8, block_k=2048),
     dict(block_n=8, block_k=1024, warps=8),
     dict(max_rows=16),  # tensor-core tiles for 2-16 rows
+)
+# Products with 4-bit weights in groups (triton_kernels/int4_gemv.py; the triton plugin of each linear_<fmt>
+# of kiln.weight_formats.FOUR_BIT, registered in packed_linear.py): the GEMV for up to max_rows rows
+# (block_n x block_k tiles at one row; each further row halves block_k, its accumulators taking the
+# registers), the tiled product that decodes weight tiles in registers for more rows (gemm_*), and from
+# dequant_rows rows on the weight decoded for cuBLAS. Defaults from the H100 (benchmarks/gpu_int4_gemv.py,
+# int4_g128 at the 8B projections, benchmarks/results/quantized/h100_int4_gemv.json): at one row 8 x 2048
+# tiles took 72.4 us a layer's four products (tinygemm 70.5, 16 x 2048 76.0); at 128 rows decoding for
+# cuBLAS from 128 rows on took 392 us (the tiled product 607, tinygemm 1,939).
+INT4_LINEAR_CONFIGS = _configs(
+    dict(max_rows=2, block_n=8, block_k=2048, warps=4, stages=2,
+         gemm_block_m=64, gemm_block_n=64, gemm_block_k=128, gemm_warps=4, gemm_stages=3, dequant_rows=128),
+    dict(block_n=16, block_k=1024),
+    dict(block_n=16, block_k=2048),
+    dict(block_n=32, block_k=1024),
+    dict(block_n=64, block_k=512, warps=8),
+    dict(max_rows=1),  # 2 rows and more on tensor cores
+    dict(max_rows=4),
+    dict(gemm_block_n=128, gemm_warps=8, dequant_rows=512),
+    dict(gemm_block_m=128, gemm_block_n=128, gemm_warps=8, dequant_rows=512),
+    dict(gemm_block_k=256, gemm_stages=2, dequant_rows=512),
+    dict(dequant_rows=512),
+    dict(dequant_rows=2048),
 )
 SILU_AND_MUL_CONFIGS = ({"block": 1024, "num_warps": 4}, {"block": 512, "num_warps": 2},
                         {"block": 2048, "num_warps": 8}, {"block": 4096, "num_warps": 8})

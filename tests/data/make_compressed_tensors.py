@@ -4,7 +4,9 @@ Run with a Python that has llmcompressor (it pins its own transformers, so not k
 here were made with llmcompressor 0.14.0.1, compressed-tensors 0.19.0, transformers 5.17.0 and torch 2.13.0 (CPU):
 
     python -m venv /tmp/llmc && /tmp/llmc/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
-    /tmp/llmc/bin/python tests/data/make_compressed_tensors.py
+    /tmp/llmc/bin/python tests/data/make_compressed_tensors.py [NAME ...]
+
+(names: only those checkpoints are written again; the others stay as they are).
 
 Each checkpoint is a tiny random bfloat16 Llama (tests/hf_models.py's tokenizer) quantized by llm-compressor's
 ``oneshot`` and saved compressed, as RedHatAI's published checkpoints are:
@@ -15,14 +17,17 @@ Each checkpoint is a tiny random bfloat16 Llama (tests/hf_models.py's tokenizer)
   attention, int8 per channel with int8 activations (W8A8, int-quantized) in gate/up, 8-bit packed weights per
   channel in layer 0's down projection, 4-bit asymmetric groups of 32 with zero points in layer 1's; layer 0's
   q_proj left float (ignored).
+- ``fp8_kv``: FP8_DYNAMIC weights and llm-compressor's FP8 KV cache (``kv_cache_scheme``: float8 e4m3 keys and
+  values, one static scale per tensor, ``self_attn.k_scale`` and ``v_scale``, calibrated on the same sentences
+  on the post-RoPE keys).
 
 Next to each, ``NAME.reference.safetensors`` holds what compressed-tensors itself computes, in float32: the
 weights decompressed (scales cast to float32 first, so each is the exact product scale * (q - zero)) as a
 sha256 per weight in its metadata (and the asymmetric weights whole, ``weight.NAME``); the logits of every
 position of ``prompt`` from the model as the tool runs it, its activation quantization included (``logits``),
 and, where kiln's ops treat the activations otherwise, as they do (``logits_kiln_activations``: FP8 layers'
-activations rounded to e4m3 per token, integer layers' left float); and the 8 greedy tokens after the prompt
-(``greedy``).
+activations rounded to e4m3 per token, integer layers' left float); for a quantized KV cache, also with the
+cache's quantization off (``logits_float_kv``); and the 8 greedy tokens after the prompt (``greedy``).
 """
 from __future__ import annotations
 
@@ -68,8 +73,9 @@ def int_weights(num_bits: int, strategy: str, symmetric: bool = True, group_size
 def recipes():
     int8_tokens = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
     fp8_tensor = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"}
+    fp8_dynamic = {"targets": "Linear", "scheme": "FP8_DYNAMIC", "ignore": ["lm_head"]}
     return {
-        "fp8_dynamic": (QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"]), False),
+        "fp8_dynamic": (QuantizationModifier(**fp8_dynamic), False),
         "w4a16_gptq": (GPTQModifier(config_groups={"group_0": {
             "targets": ["Linear"], "weights": int_weights(4, "group", group_size=64)}}, ignore=["lm_head"]), True),
         "mixed": (QuantizationModifier(config_groups={
@@ -81,6 +87,7 @@ def recipes():
             "down1_w4a16_asym": {"targets": [r"re:.*layers\.1\.mlp\.down_proj$"],
                                  "weights": int_weights(4, "group", symmetric=False, group_size=32)},
         }, ignore=["lm_head", r"re:.*layers\.0\.self_attn\.q_proj$"]), True),
+        "fp8_kv": (QuantizationModifier(**fp8_dynamic, kv_cache_scheme={**fp8_tensor, "dynamic": False}), True),
     }
 
 
@@ -125,8 +132,8 @@ def decompressed_float32(path: Path):
     model.ct_decompress_hook.remove()
     quantized = {}
     for name, module in model.named_modules():
-        if getattr(module, "quantization_scheme", None) is None:
-            continue
+        if getattr(module, "quantization_scheme", None) is None or module.quantization_scheme.weights is None:
+            continue  # (an attention module's scheme is the KV cache's: its k_scale, v_scale as stored)
         for param in module.parameters(recurse=False):
             if param.dtype in (torch.bfloat16, torch.float16):
                 param.data = param.data.float()
@@ -140,7 +147,10 @@ def reference(path: Path, tokenizer) -> tuple[dict[str, torch.Tensor], dict[str,
     prompt = torch.tensor(tokenizer(PROMPT_TEXT)["input_ids"])
     ids = prompt.clone()
     schemes = {name: module.quantization_scheme for name, module in model.named_modules()
-               if getattr(module, "quantization_scheme", None) is not None}
+               if getattr(module, "quantization_scheme", None) is not None
+               and module.quantization_scheme.weights is not None}
+    kv_cache = [module for module in model.modules() if getattr(module, "quantization_scheme", None) is not None
+                and module.quantization_scheme.weights is None]
     with torch.no_grad():
         logits = model(ids[None]).logits[0]
         for _ in range(GREEDY_TOKENS):
@@ -152,6 +162,10 @@ def reference(path: Path, tokenizer) -> tuple[dict[str, torch.Tensor], dict[str,
             for name, scheme in kiln_schemes.items():
                 model.get_submodule(name).quantization_scheme = scheme
             tensors["logits_kiln_activations"] = model(prompt[None]).logits[0].contiguous()
+        if kv_cache:
+            for module in kv_cache:
+                module.quantization_enabled = False
+            tensors["logits_float_kv"] = model(prompt[None]).logits[0].contiguous()
     asymmetric = sorted(name for name, s in schemes.items() if not s.weights.symmetric)
     tensors |= {f"weight.{name}.weight": weights[f"{name}.weight"].contiguous() for name in asymmetric}
     hashes = {name: hashlib.sha256(w.float().contiguous().numpy().tobytes()).hexdigest()
@@ -161,12 +175,18 @@ def reference(path: Path, tokenizer) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, {"weights_sha256": json.dumps(hashes), "made_by": made_by}
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
+    every = recipes()
+    unknown = sorted(set(names) - set(every))
+    if unknown:
+        sys.exit(f"no checkpoint named {', '.join(unknown)}; the names are {', '.join(every)}")
     OUT.mkdir(exist_ok=True)
     base = OUT / "_base"
     tokenizer = base_model(base)
     try:
-        for name, (recipe, calibrate) in recipes().items():
+        for name, (recipe, calibrate) in every.items():
+            if names and name not in names:
+                continue
             out = OUT / name
             shutil.rmtree(out, ignore_errors=True)
             quantize(base, out, recipe, calibrate, tokenizer)
@@ -179,4 +199,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
