@@ -16,14 +16,14 @@ from safetensors.torch import load_file, save_file
 
 from conftest import DEVICE
 from hf_models import make_hf_model
-from tests_support import last_logits, text_prefixes
+import tests_support
+from tests_support import text_prefixes
 from kiln.builder import awq, build, refit
 from kiln.checkpoint.checkpoint import convert
 from kiln.cli.main import main
 from kiln.engine import BuildConfig, manifest_of, read_engine, write_engine_json
 from kiln.errors import BuildError
 from kiln.models import ModelConfig
-from kiln.runtime import LLM
 from kiln.weight_formats import block_format
 
 SEQUENCE = torch.randint(3, 300, (40,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -31,11 +31,7 @@ PREFIXES = [SEQUENCE[:i] for i in range(4, len(SEQUENCE) + 1, 3)]
 
 
 def engine_logits(engine, prompts=PREFIXES) -> torch.Tensor:
-    llm = LLM(engine, device=DEVICE)
-    try:
-        return last_logits(llm, prompts)
-    finally:
-        llm.shutdown()
+    return tests_support.engine_logits(engine, prompts, DEVICE)
 
 
 def distance(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import DEVICE
 from hf_models import make_hf_model
+import tests_support
 from tests_support import block_bytes, last_logits, text_prefixes
 from kiln.builder import build, refit
 from kiln.checkpoint.checkpoint import convert
@@ -32,11 +33,12 @@ from kiln.weight_formats import FORMATS, random_packed
 def engine_logits(engine, prompts: list[list[int]], scales: dict | None = None) -> torch.Tensor:
     """Teacher-forced last-token logits; ``scales``: multiplied back by the attention layers (as for a
     quantized cache) whatever the cache."""
+    if scales is None:
+        return tests_support.engine_logits(engine, prompts, DEVICE)
     # (set after load, so no CUDA graph may have captured the layers before)
-    llm = LLM(engine, device=DEVICE, cuda_graphs="auto" if scales is None else "off")
+    llm = LLM(engine, device=DEVICE, cuda_graphs="off")
     try:
-        if scales is not None:
-            llm.engine.call(lambda core: set_kv_cache_scales(core.runner.model, scales))
+        llm.engine.call(lambda core: set_kv_cache_scales(core.runner.model, scales))
         return last_logits(llm, prompts)
     finally:
         llm.shutdown()

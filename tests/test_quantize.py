@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import DEVICE
 from hf_models import make_hf_model
-from tests_support import last_logits, text_prefixes
+import tests_support
+from tests_support import text_prefixes
 from kiln.builder import build, refit
 from kiln.checkpoint.checkpoint import convert
 from kiln.cli.main import main
@@ -148,11 +149,7 @@ PREFIXES = [SEQUENCE[:i] for i in range(4, len(SEQUENCE) + 1)]
 
 
 def engine_logits(engine, prompts: list[list[int]]) -> torch.Tensor:
-    llm = LLM(engine, device=DEVICE)
-    try:
-        return last_logits(llm, prompts)
-    finally:
-        llm.shutdown()
+    return tests_support.engine_logits(engine, prompts, DEVICE)
 
 
 def with_weights_decoded(hf_dir, out_dir, fmt: str):

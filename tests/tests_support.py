@@ -34,11 +34,19 @@ PARIS_TEXT = ("The capital of France is Paris. It is known for the Eiffel Tower,
 def text_prefixes(engine, text: str = PARIS_TEXT) -> list[list[int]]:
     """The prefixes of ``text`` (6, 8, ... tokens) in the tokenizer of the engine at ``engine``: the prompts that
     quality tests compare engines' teacher-forced logits on."""
+    from kiln.engine import read_engine
+    from kiln.runtime.tokenizer import EngineTokenizer
+
+    ids = EngineTokenizer(read_engine(engine, need_weights=False)).encode(text)
+    return [ids[:i] for i in range(6, len(ids) + 1, 2)]
+
+
+def engine_logits(engine, prompts: list[list[int]], device: str, **options):
+    """``last_logits`` of the engine at ``engine`` loaded on ``device`` (with runtime ``options``), then unloaded."""
     from kiln.runtime import LLM
 
-    llm = LLM(engine, device="cpu")
+    llm = LLM(engine, device=device, **options)
     try:
-        ids = llm.tokenizer.encode(text)
+        return last_logits(llm, prompts)
     finally:
         llm.shutdown()
-    return [ids[:i] for i in range(6, len(ids) + 1, 2)]

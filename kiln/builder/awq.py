@@ -65,7 +65,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kiln.builder.calibration import run_text
-from kiln.builder.transforms import fitting_format
+from kiln.builder.transforms import fitting_format, scale_output_rows
 from kiln.errors import BuildError
 from kiln.models import ModelConfig
 from kiln.weight_formats import block_format
@@ -291,10 +291,7 @@ def fold(config: ModelConfig, tensors: dict[str, torch.Tensor], formats: dict[st
         start, stop = group.rows
         factors = torch.ones(producer.shape[0])
         factors[start:stop] = 1 / s  # (exact: powers of two)
-        tensors[producer_name] = (producer.float() * factors.reshape(-1, 1)).to(producer.dtype)
-        bias = tensors.get(f"{group.producer}.bias")
-        if bias is not None:
-            tensors[f"{group.producer}.bias"] = (bias.float() * factors).to(bias.dtype)
+        scale_output_rows(tensors, formats, group.producer, factors)
 
 
 def write(directory: Path, choices: dict[str, Choice], acts: Activations) -> dict:

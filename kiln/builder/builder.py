@@ -129,11 +129,8 @@ def _scale_for_int4(stage: Path, meta: dict, model: ModelConfig, tensors: dict[s
     """Choose the activation-aware scales of ``chosen`` layers (``awq``) by running the float engine as built so
     far, fold them into the weights (in place), write them beside the weights; engine.json's entry for them."""
     float_build = {**meta["build"], "quantization": None, "kv_cache_dtype": None}
-    remove = staged_engine(stage, meta, tensors, formats, float_build)
-    try:
+    with staged_engine(stage, meta, tensors, formats, float_build):
         acts = awq.calibrate(stage, [g.consumer for g in chosen], device)
-    finally:
-        remove()
     choices = awq.choose(tensors, acts, chosen, meta["build"]["quantization"], device)
     awq.fold(model, tensors, formats, {name: c.scales for name, c in choices.items()})
     return awq.write(stage, choices, acts)
@@ -143,11 +140,8 @@ def _calibrate_kv_cache(stage: Path, meta: dict, tensors: dict[str, torch.Tensor
                         device: torch.device) -> dict:
     """The quantized KV cache's scales, from running the engine as built so far with a float cache (its
     weights and engine.json written to ``stage`` for that, and removed after)."""
-    remove = staged_engine(stage, meta, tensors, formats, {**meta["build"], "kv_cache_dtype": None})
-    try:
+    with staged_engine(stage, meta, tensors, formats, {**meta["build"], "kv_cache_dtype": None}):
         return kv_scales.calibrate(stage, BuildConfig(**meta["build"]), device)
-    finally:
-        remove()
 
 
 def _check_limits(checkpoint: Checkpoint, config: BuildConfig) -> None:

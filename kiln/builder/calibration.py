@@ -9,8 +9,9 @@ thread, between steps: to attach hooks to the model, or read the KV cache a chun
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 from kiln.engine import ENGINE_FILE, manifest_of, weights_file, write_engine_json
 
 CALIBRATION_TEXT = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
+
 
 def run_text(engine_dir: Path, device: torch.device, on_load: Callable[[Any, int], None] | None = None,
              after_chunk: Callable[[Any], None] | None = None, chunk: int | None = None) -> int:
@@ -47,18 +49,18 @@ def run_text(engine_dir: Path, device: torch.device, on_load: Callable[[Any, int
     return len(ids)
 
 
+@contextmanager
 def staged_engine(stage: Path, meta: dict, tensors: dict[str, torch.Tensor], formats: dict[str, str],
-                  build: dict) -> Callable[[], None]:
-    """Write the engine as built so far into ``stage`` (``tensors`` and ``meta`` with build config ``build``),
-    for ``run_text``; returns what removes it again."""
+                  build: dict) -> Iterator[None]:
+    """The engine as built so far, in ``stage`` while the block runs (``tensors`` and ``meta`` with build config
+    ``build``), for ``run_text``; removed after."""
     save_file(tensors, str(stage / weights_file(0)), metadata={"format": "pt"})
     staged = {**meta, "build": build,
               "weights": {**meta["weights"], "stripped": False, "tensors": manifest_of(tensors, formats)}}
     staged.pop("kv_cache_scales", None)
-    write_engine_json(stage, staged)
-
-    def remove() -> None:
+    try:
+        write_engine_json(stage, staged)
+        yield
+    finally:
         (stage / weights_file(0)).unlink()
-        (stage / ENGINE_FILE).unlink()
-
-    return remove
+        (stage / ENGINE_FILE).unlink(missing_ok=True)

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from kiln.builder.calibration import run_text
+from kiln.builder.transforms import scale_output_rows
 from kiln.engine import BuildConfig
 from kiln.models import ModelConfig
 from kiln.ops.reference import KV_CACHE_MAX
-from kiln.weight_formats import FLOAT, block_format
 
 log = logging.getLogger("kiln.builder")
 
@@ -92,24 +92,4 @@ def fold(model: ModelConfig, tensors: dict[str, torch.Tensor], formats: dict[str
     q_rows, kv_rows = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
     for layer, (s_k, s_v) in enumerate(zip(scales["k"], scales["v"])):
         factors = torch.tensor([1.0] * q_rows + [1 / s_k] * kv_rows + [1 / s_v] * kv_rows, dtype=torch.float64)
-        _scale_rows(tensors, formats, f"model.layers.{layer}.self_attn.qkv_proj", factors)
-
-
-def _scale_rows(tensors: dict[str, torch.Tensor], formats: dict[str, str], module: str,
-                factors: torch.Tensor) -> None:
-    """Multiply the output rows of a linear layer (its weight, held whole or in parts, and its bias); a part
-    whose factors are all 1 is left as it is."""
-    names = [f"{module}.weight"] if f"{module}.weight" in tensors else sorted(
-        (n for n in tensors if n.startswith(f"{module}.weight_parts.")), key=lambda n: int(n.rsplit(".", 1)[1]))
-    parts = factors.split([tensors[name].shape[0] for name in names])
-    if sum(len(p) for p in parts) != len(factors):
-        raise ValueError(f"{module} has other output rows than the {len(factors)} the KV cache scales")
-    for name, part in zip(names, parts):
-        if bool((part == 1).all()):
-            continue
-        fmt, tensor = formats.get(name, FLOAT), tensors[name]
-        tensors[name] = ((tensor.float() * part.float().reshape(-1, 1)).to(tensor.dtype) if fmt == FLOAT
-                         else block_format(fmt).scale_rows(tensor, part))
-    bias = tensors.get(f"{module}.bias")
-    if bias is not None:
-        tensors[f"{module}.bias"] = (bias.float() * factors.float()).to(bias.dtype)
+        scale_output_rows(tensors, formats, f"model.layers.{layer}.self_attn.qkv_proj", factors)

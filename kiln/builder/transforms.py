@@ -93,3 +93,24 @@ def fitting_format(target: str, in_features: int, name: str) -> str:
             return f"int4_g{group}"
     raise BuildError(f"cannot quantize {name} to {target}: its rows of {in_features} weights are no multiple of "
                      f"{min(INT4_GROUPS)}")
+
+
+def scale_output_rows(tensors: dict[str, torch.Tensor], formats: dict[str, str], module: str,
+                      factors: torch.Tensor) -> None:
+    """Multiply the output rows of a linear layer (its weight, held whole or in parts, float or packed, and its
+    bias) by ``factors``, in place; a part whose factors are all 1 is left as it is. A float weight is multiplied
+    in float32 and rounded to its dtype once; a packed one has its scales multiplied (``scale_rows``)."""
+    names = [f"{module}.weight"] if f"{module}.weight" in tensors else sorted(
+        (n for n in tensors if n.startswith(f"{module}.weight_parts.")), key=lambda n: int(n.rsplit(".", 1)[1]))
+    parts = factors.split([tensors[name].shape[0] for name in names])
+    if sum(len(p) for p in parts) != len(factors):
+        raise ValueError(f"{module} has other output rows than the {len(factors)} factors")
+    for name, part in zip(names, parts):
+        if bool((part == 1).all()):
+            continue
+        fmt, tensor = formats.get(name, FLOAT), tensors[name]
+        tensors[name] = ((tensor.float() * part.float().reshape(-1, 1)).to(tensor.dtype) if fmt == FLOAT
+                         else block_format(fmt).scale_rows(tensor, part))
+    bias = tensors.get(f"{module}.bias")
+    if bias is not None:
+        tensors[f"{module}.bias"] = (bias.float() * factors.float()).to(bias.dtype)

@@ -184,8 +184,9 @@ ENGINE_SCHEMA = Record(
      "kv_cache_scales": Record({"k": ListOf(NUMBER), "v": ListOf(NUMBER)}),
      # int4's activation-aware scales (kiln.builder.awq): the file that holds them, its sha256, and how they
      # were chosen; refit folds them into new weights.
-     "awq": Record({"file": STR, "sha256": STR}, {"calibration_tokens": INT, "sample_rows": INT,
-                                                  "alphas": DictOf(NUMBER), "error_vs_round_to_nearest": DictOf(NUMBER)})},
+     "awq": Record({"file": STR, "sha256": STR},
+                   {"calibration_tokens": INT, "sample_rows": INT, "alphas": DictOf(NUMBER),
+                    "error_vs_round_to_nearest": DictOf(NUMBER)})},
 )
 
 

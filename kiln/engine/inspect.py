@@ -20,8 +20,7 @@ def describe(engine: Engine) -> dict:
         row["bytes"] += math.prod(t["shape"]) * WEIGHT_DTYPES[t["dtype"]].itemsize
     params = sum(row["parameters"] for row in formats.values())
     nbytes = sum(row["bytes"] for row in formats.values())
-    kv_dtype = b.kv_torch_dtype
-    kv_per_token = 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * kv_dtype.itemsize
+    kv_values_per_token = 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"]
     tok = engine.tokenizer
     try:
         vocab = Tokenizer.from_file(str(engine.path / TOKENIZER_FILE)).get_vocab_size(with_added_tokens=True)
@@ -41,8 +40,8 @@ def describe(engine: Engine) -> dict:
         "weight_formats": formats,
         "weights_stripped": engine.stripped,
         "build": b.to_dict(),
-        "kv_cache_bytes_per_token": kv_per_token,
-        "float_kv_cache_bytes_per_token": kv_per_token // kv_dtype.itemsize * b.torch_dtype.itemsize,
+        "kv_cache_bytes_per_token": kv_values_per_token * b.kv_torch_dtype.itemsize,
+        "float_kv_cache_bytes_per_token": kv_values_per_token * b.torch_dtype.itemsize,
         "kv_cache_scales": engine.meta.get("kv_cache_scales"),
         "awq": engine.meta.get("awq"),
         "plan": engine.plan,
@@ -88,20 +87,20 @@ def format_text(d: dict) -> str:
                      f"({_size(d['float_weight_bytes'])}, {d['weight_bytes'] / d['float_weight_bytes']:.0%} of it)")
     if b.get("quantization"):
         lines.append(f"quantized   linear layers' float weights to {b['quantization']} at build (kiln build --quantize)")
-    if d.get("awq"):
-        errors = ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["awq"].get("error_vs_round_to_nearest", {}).items()))
-        lines.append(f"            activation-aware scales ({d['awq']['file']}), calibrated on "
-                     f"{d['awq'].get('calibration_tokens', '?')} tokens" + (f"; output error over round to nearest's: {errors}"
-                                                                         if errors else ""))
+    awq = d.get("awq")
+    if awq:
+        errors = ", ".join(f"{k} {v:.2f}" for k, v in sorted(awq.get("error_vs_round_to_nearest", {}).items()))
+        lines.append(f"            activation-aware scales ({awq['file']}), calibrated on "
+                     f"{awq.get('calibration_tokens', '?')} tokens"
+                     + (f"; output error over round to nearest's: {errors}" if errors else ""))
     lines += [
         "",
         f"limits      max batch {b['max_batch_size']}, max sequence {b['max_seq_len']}, "
         f"max tokens/step {b['max_num_tokens']}",
         f"kv cache    blocks of {b['kv_block_size']} tokens, {b['kv_cache_dtype'] or b['dtype']}, "
         f"{_size(d['kv_cache_bytes_per_token'])} per token"
-        + (f" ({_size(d['float_kv_cache_bytes_per_token'])} in {b['dtype']}), scaled per layer (calibrated at build, "
-           "or a quantized checkpoint's)"
-           if d.get("kv_cache_scales") else ""),
+        + (f" ({_size(d['float_kv_cache_bytes_per_token'])} in {b['dtype']}), scaled per layer "
+           "(calibrated at build, or a quantized checkpoint's)" if d.get("kv_cache_scales") else ""),
         "",
         "plan        op                  implementation",
     ]

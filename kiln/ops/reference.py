@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from kiln.ops.attention_metadata import AttentionMetadata
 from kiln.ops.registry import reference
+from kiln.weight_formats import FORMATS
 
 
 @reference("embedding")
@@ -69,17 +70,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 # The largest magnitude a one-byte KV cache holds; the build scales keys and values so that their calibrated
 # maximum lands there (kiln.builder.kv_scales), and a store saturates beyond it.
-KV_CACHE_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+KV_CACHE_MAX = {FORMATS["int8"].element: FORMATS["int8"].max_value, FORMATS["fp8"].element: FORMATS["fp8"].max_value}
 
 
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` as a KV cache of ``dtype`` stores it: a float dtype as cast; int8 rounded half up (floor(x + 0.5))
     and saturated at +-127; float8 e4m3 saturated at +-448, then rounded to nearest even."""
-    if dtype == torch.int8:
-        return torch.floor(x.float() + 0.5).clamp(-127, 127).to(torch.int8)
-    if dtype == torch.float8_e4m3fn:
-        return x.float().clamp(-448, 448).to(dtype)
-    return x.to(dtype)
+    top = KV_CACHE_MAX.get(dtype)
+    if top is None:
+        return x.to(dtype)
+    x = x.float()
+    return (torch.floor(x + 0.5) if dtype == torch.int8 else x).clamp(-top, top).to(dtype)
 
 
 def write_kv_cache(

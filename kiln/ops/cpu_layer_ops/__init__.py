@@ -92,7 +92,8 @@ def cpu_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         scale: float, sliding_window: int | None = None) -> torch.Tensor:
     q = q if q.is_contiguous() else q.contiguous()
     eager = not meta.max_seq_len  # a fixed-shape (graph) step's host lengths are only bounds
-    if eager and (q.shape[0] > MAX_QUERY_TOKENS_PER_SEQ * meta.num_seqs or not _cache_fits(k_cache, v_cache, q.dtype)):
+    if eager and (q.shape[0] > MAX_QUERY_TOKENS_PER_SEQ * meta.num_seqs
+                  or not _cache_fits(k_cache, v_cache, q.dtype)):
         return reference.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window)
     seq_lens, starts = _step_tensors(meta)
     tables = meta.block_tables if meta.block_tables.is_contiguous() else meta.block_tables.contiguous()
