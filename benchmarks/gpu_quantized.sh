@@ -9,9 +9,10 @@
 #          --kv-cache-dtype fp8, then fp8's 1,000 requests of 128/128
 #   kv-bf16: the KV cache tests, then 1,000 requests of 128/128 with bf16 weights: bf16 and fp8 KV caches
 #   kv-fp8:  the same with --quantize fp8 weights
-#   int4-triton: the 4-bit Triton kernels' tests and their kernel benchmark (benchmarks/gpu_int4_gemv.py), then
-#          batch 1 (128 + 256) with bf16 and --quantize int4, the latter with the plan's Triton kernel and again
-#          with tinygemm (a copy of the engine whose plan names it)
+#   int4-tests: the 4-bit Triton kernels' tests (5 minutes at most)
+#   int4-triton: the 4-bit Triton kernel benchmark (benchmarks/gpu_int4_gemv.py), then batch 1 (128 + 256)
+#          with bf16 and --quantize int4 (activation-aware scales, the default), the latter with the plan's
+#          Triton kernel and again with tinygemm (a copy of the engine whose plan names it)
 # Needs the gguf wheel in .whl/ (README: Notes). Usage (repo root): bash benchmarks/gpu_quantized.sh OUT {tests|fp8|int4|kv}
 set -uo pipefail
 out="${1:-/tmp/out}"
@@ -74,10 +75,12 @@ meta["plan"][op] = {"impl": impl}
 json.dump(meta, open(path, "w"), indent=2)
 PY
 }
-run_int4_triton() {
-  KILN_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+run_int4_tests() {
+  KILN_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
       tests/test_quantize.py -k "int4 or triton or quantized" 2>&1 | tee "$out/gpu_int4_tests.log" \
       | grep -E "passed|failed|Error|FAILED" | tail -15
+}
+run_int4_triton() {
   timeout 150 python3 benchmarks/gpu_int4_gemv.py "$out/gpu_int4_gemv.json" --formats int4_g128 2>&1 | tail -30
   for q in none int4; do
     engine $q
@@ -104,6 +107,7 @@ case "$stage" in
   kv) run_kv ;;
   kv-bf16) run_kv_tests; throughput_pair none ;;
   kv-fp8) throughput_pair fp8 ;;
+  int4-tests) run_int4_tests ;;
   int4-triton) run_int4_triton ;;
   int4)
     for q in none int4 fp8; do
