@@ -10,6 +10,7 @@ import weakref
 import pytest
 
 from kiln.runtime import AsyncLLM, RequestFailed, SamplingParams
+from kiln.runtime.engine_core import EngineCore
 from conftest import DEVICE
 from test_engine_core import FailingSampler
 
@@ -21,7 +22,7 @@ def engine(engine_dir):
 
 async def idle_stats(llm: AsyncLLM):
     """The core's figures once it has applied every command sent so far (aborts included)."""
-    return await llm.call(lambda core: (core.check_integrity(), core.stats())[1])
+    return await llm.call(EngineCore.checked_stats)
 
 
 async def drain(llm: AsyncLLM, prompt, params=None, request_id=None):
@@ -73,8 +74,8 @@ def test_abort_ends_the_stream_with_a_final_output(engine):
 
 
 def test_a_failing_request_fails_only_its_own_stream(engine):
-    async def scenario():
-        async with AsyncLLM(engine, device=DEVICE) as llm:
+    async def scenario():  # a thread's core, to plant a failing sampler in it
+        async with AsyncLLM(engine, device=DEVICE, engine_core="thread") as llm:
             await llm.call(lambda core: setattr(core, "sampler", FailingSampler(core.sampler, {"bad"})))
             params = SamplingParams(max_tokens=12, ignore_eos=True, seed=3)
             results = await asyncio.gather(*[drain(llm, [7, 8, i], params) for i in range(4)],
@@ -122,10 +123,11 @@ def test_the_event_loop_answers_while_a_long_prefill_runs(smollm2_engine):
 
 
 def test_a_dropped_engine_is_freed(engine):
+    """With the core in a thread, the pool's tensors are collected (test_core_process: a process exits)."""
     async def use(llm):
         await drain(llm, [5, 6, 7])
 
-    llm = AsyncLLM(engine, device=DEVICE)
+    llm = AsyncLLM(engine, device=DEVICE, engine_core="thread")
     asyncio.run(use(llm))
     core = llm._core
     kv = weakref.ref(core.call(lambda c: c.runner.kv_caches[0][0]))

@@ -1,9 +1,10 @@
-"""``AsyncLLM``: an engine core in its own thread, requests streamed to asyncio callers.
+"""``AsyncLLM``: an engine core in its own process, requests streamed to asyncio callers.
 
 Servers call ``generate`` for each request and ``async for`` over its outputs as tokens arrive. The
-engine core steps in its own thread; each step's outputs are handed to the event loop of the
-request they belong to, where the output processor detokenizes them, so the loop is never blocked
-by a forward pass and the core never waits for a consumer.
+engine core steps in a process of its own (``core_process``; or a thread, ``engine_core="thread"``);
+each step's outputs are handed to the event loop of the request they belong to, where the output
+processor detokenizes them, so the loop is never blocked by a forward pass and the core never waits
+for a consumer. A core process that dies ends the streams it held with an error and is restarted.
 
 ``abort`` ends a stream with a final output (``finish_reason="abort"``); a consumer that stops
 iterating aborts its request too. A request the engine fails raises ``RequestFailed`` in its own
@@ -19,10 +20,9 @@ from typing import AsyncIterator
 
 from kiln.engine import Engine
 from kiln.runtime.config import RuntimeConfig
-from kiln.runtime.core_thread import EngineCoreThread
 from kiln.runtime.engine_core import EngineCoreOutput
 from kiln.runtime.input_processor import Prompt
-from kiln.runtime.llm_engine import FrontEnd, core_factory
+from kiln.runtime.llm_engine import FrontEnd, start_core
 from kiln.runtime.output_processor import OutputProcessor
 from kiln.runtime.outputs import EngineStats, RequestFailed, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
@@ -33,11 +33,14 @@ class AsyncLLM:
     def __init__(self, engine: str | Engine, device: str | None = None, **options):
         config = RuntimeConfig.from_options(device, **options)
         self._streams = _Streams()
-        # On a CPU the core is built on its own thread, where it steps (see core_thread's note on OpenMP).
-        self._core = EngineCoreThread(core_factory(engine if isinstance(engine, Engine) else str(engine), config),
-                                      self._streams.deliver)
+        place = "process" if config.engine_core == "auto" else config.engine_core
+        if place == "inline":
+            raise ValueError("engine_core='inline' needs a synchronous caller (LLM); AsyncLLM takes "
+                             "'process' or 'thread'")
+        self._core = start_core(engine if isinstance(engine, Engine) else str(engine), config, self._streams.deliver,
+                                place)
         weakref.finalize(self, self._core.shutdown)
-        front = FrontEnd(self._core.core)
+        front = FrontEnd(self._core.engine, self._core.facts)
         self.engine = front.engine
         self.tokenizer: EngineTokenizer = front.tokenizer
         self.max_seq_len = front.max_seq_len
@@ -82,7 +85,8 @@ class AsyncLLM:
         return self._core.stats()
 
     async def call(self, fn):
-        """Run ``fn(engine_core)`` between steps on the core thread (checks, resets); its result."""
+        """Run ``fn(engine_core)`` between steps where the core runs (checks, resets); its result. With the
+        core in a process (the default), ``fn`` must pickle: a module-level function, not a lambda."""
         return await asyncio.to_thread(self._core.call, fn)
 
     def shutdown(self) -> None:
@@ -97,12 +101,12 @@ class AsyncLLM:
 
 
 class _Streams:
-    """The open streams and their output processor. The core thread calls ``deliver``; the rest runs on
-    the callers' event loops. It holds no reference to the ``AsyncLLM``, so that can be collected."""
+    """The open streams and their output processor. The core's client calls ``deliver`` from its thread
+    (the core thread, or the reader of the core process); the rest runs on the callers' event loops. It holds no reference to the ``AsyncLLM``, so that can be collected."""
 
     def __init__(self):
         self.processor: OutputProcessor | None = None  # set once the core is built, before any request
-        self.core: EngineCoreThread | None = None
+        self.core = None  # the core's client (a process or a thread), set with the processor
         self._lock = threading.Lock()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
 

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import get_args
+from typing import Literal, get_args
 
 import torch
 
 from kiln.runtime.scheduler import Policy
+
+EngineCorePlace = Literal["auto", "process", "thread", "inline"]
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,15 @@ class RuntimeConfig:
     async_scheduling: bool | None = None
     # Check every weight's sha256 against the engine's manifest at load (KILN_VERIFY_WEIGHTS=0 also skips it).
     verify_weights: bool = True
+    # Where the engine core steps: "process" (a process of its own, core_process: no interpreter lock shared
+    # with the front end), "thread" (a thread of this process), "inline" (the caller's thread, LLM only), or
+    # "auto": a process for AsyncLLM and the server; for LLM, inline on a CPU and a thread on a GPU.
+    engine_core: EngineCorePlace = "auto"
 
     def __post_init__(self) -> None:
-        if self.policy not in get_args(Policy):
-            raise ValueError(f"policy must be one of {', '.join(get_args(Policy))}, got {self.policy!r}")
+        for name, kind in (("policy", Policy), ("engine_core", EngineCorePlace)):
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(f"{name} must be one of {', '.join(get_args(kind))}, got {getattr(self, name)!r}")
         for name in ("kv_cache_memory", "max_batch_size", "max_num_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -60,6 +60,8 @@ class EngineCoreThread:
         except BaseException:
             self.shutdown(timeout=0)  # interrupted while it builds: the thread stops once built
             raise
+        self.engine = self.core.engine
+        self.facts = self.core.facts()
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self._send(("add", request))
@@ -137,27 +139,40 @@ def _loop(core: EngineCore, commands: queue.SimpleQueue, on_outputs: OnOutputs, 
         if not core.has_unfinished():
             stats.value = core.stats()
             continue
-        try:
-            outputs = core.step()
-        except Exception as e:  # a broken step (a bug, not one request's fault): fail what is in flight
-            log.exception("engine step failed; failing every request in flight")
-            message = f"engine step failed: {type(e).__name__}: {e}"
-            ids = core.request_ids()
-            core.abort(ids)
-            outputs = [EngineCoreOutput(rid, [], finish_reason="error", error=message) for rid in ids]
+        outputs = safe_step(core)
         stats.value = core.stats()
         if outputs:
             _emit(on_outputs, outputs)
 
 
+def add_or_error(core: EngineCore, request: EngineCoreRequest) -> list[EngineCoreOutput]:
+    """Queue a request; an admission error comes back as its error output (the front end checks first,
+    this is the backstop)."""
+    try:
+        core.add_request(request)
+    except Exception as e:
+        return [EngineCoreOutput(request.request_id, [], finish_reason="error", error=str(e))]
+    return []
+
+
+def safe_step(core: EngineCore) -> list[EngineCoreOutput]:
+    """One step; a broken step (a bug, not one request's fault) fails what is in flight and keeps the
+    core usable."""
+    try:
+        return core.step()
+    except Exception as e:
+        log.exception("engine step failed; failing every request in flight")
+        ids = core.request_ids()
+        core.abort(ids)
+        return [EngineCoreOutput(rid, [], finish_reason="error", error=f"engine step failed: {type(e).__name__}: {e}")
+                for rid in ids]
+
+
 def _apply(core: EngineCore, command: tuple) -> list[EngineCoreOutput]:
     kind, arg = command
     if kind == "add":
-        try:
-            core.add_request(arg)
-        except Exception as e:  # the front end checks first; this is the backstop
-            return [EngineCoreOutput(arg.request_id, [], finish_reason="error", error=str(e))]
-    elif kind == "abort":
+        return add_or_error(core, arg)
+    if kind == "abort":
         core.abort(arg)
     elif kind == "call":
         fn, future = arg
@@ -188,12 +203,14 @@ class InlineCore:
 
     def __init__(self, core: EngineCore):
         self.core = core
+        self.engine = core.engine
+        self.facts = core.facts()
         self._stopped = False
 
     def add_request(self, request: EngineCoreRequest) -> list[EngineCoreOutput]:
         """Queue a request; an admission error comes back as its error output."""
         self._check()
-        return _apply(self.core, ("add", request))
+        return add_or_error(self.core, request)
 
     def abort(self, request_ids: list[str]) -> None:
         if request_ids and not self._stopped:
@@ -216,14 +233,7 @@ class InlineCore:
     def step(self) -> list[EngineCoreOutput]:
         self._check()
         with _sigint_deferred():
-            try:
-                return self.core.step()
-            except Exception as e:  # as the thread does: fail what is in flight, keep the core usable
-                log.exception("engine step failed; failing every request in flight")
-                ids = self.core.request_ids()
-                self.core.abort(ids)
-                return [EngineCoreOutput(rid, [], finish_reason="error", error=f"engine step failed: "
-                                         f"{type(e).__name__}: {e}") for rid in ids]
+            return safe_step(self.core)
 
     def shutdown(self, timeout: float = 0.0) -> None:
         if not self._stopped:

@@ -28,7 +28,7 @@ from kiln.runtime.prompt_logprobs import PendingPromptLogprobs, prompt_spans
 from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.sampler import PendingSample, Sampler
 from kiln.runtime.sampling_params import SamplingParams
-from kiln.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from kiln.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, admission_error
 from kiln.runtime.step_inputs import Batch, PrevTokens
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,20 @@ class EngineCoreOutput:
     scheduled_time: float | None = None  # first time it was scheduled
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CoreFacts:
+    """What a front end reads of a built core: fixed for its life, so it crosses a process boundary once."""
+
+    vocab_size: int
+    device: str
+    limits: SchedulerConfig
+    num_blocks: int
+    block_size: int
+
+    def admission_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
+        return admission_error(self.limits, self.num_blocks, self.block_size, num_prompt_tokens, max_tokens)
 
 
 class EngineCore:
@@ -284,6 +298,10 @@ class EngineCore:
                     self.scheduler.add_request(req)
 
     # ----- what others may read -----
+    def facts(self) -> CoreFacts:
+        bm = self.block_manager
+        return CoreFacts(self.vocab_size, str(self.device), self.scheduler.config, bm.num_blocks, bm.block_size)
+
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
@@ -292,6 +310,11 @@ class EngineCore:
             prefix_cache_hit_rate=bm.prefix_cache_hit_rate, num_preemptions=self.scheduler.num_preemptions,
             steps=self.num_steps,
         )
+
+    def checked_stats(self) -> EngineStats:
+        """``check_integrity``, then the figures: what a client asks of an idle core (``call``; it pickles)."""
+        self.check_integrity()
+        return self.stats()
 
     def check_integrity(self) -> None:
         """The scheduler's and KV block manager's checks, plus: every live request is known to the core."""

@@ -12,16 +12,22 @@ from __future__ import annotations
 import queue
 import time
 import weakref
+from typing import TYPE_CHECKING
+
+import torch
 
 from kiln.engine import Engine
 from kiln.runtime.config import RuntimeConfig
 from kiln.runtime.core_thread import EngineCoreThread, InlineCore
-from kiln.runtime.engine_core import EngineCore
+from kiln.runtime.engine_core import CoreFacts, EngineCore
 from kiln.runtime.input_processor import InputProcessor, Prompt
 from kiln.runtime.output_processor import OutputProcessor
 from kiln.runtime.outputs import EngineStats, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.tokenizer import EngineTokenizer
+
+if TYPE_CHECKING:
+    from kiln.runtime.core_process import EngineCoreProcess
 
 
 def core_factory(engine: str | Engine, config: RuntimeConfig):
@@ -37,39 +43,47 @@ def core_factory(engine: str | Engine, config: RuntimeConfig):
     return lambda: EngineCore(engine, config)
 
 
+def start_core(engine: str | Engine, config: RuntimeConfig, on_outputs, place: str) -> EngineCoreProcess | EngineCoreThread:
+    """The engine core in a process of its own or in a thread (``place``), delivering to ``on_outputs``."""
+    if place == "process":
+        from kiln.runtime.core_process import EngineCoreProcess  # ZeroMQ and msgspec only when used
+
+        return EngineCoreProcess(engine, config, on_outputs)
+    return EngineCoreThread(core_factory(engine, config), on_outputs)
+
+
 class FrontEnd:
     """The pieces every client of an engine core builds around it: its tokenizer and the input and
-    output processors."""
+    output processors, from the engine's files and the core's facts."""
 
-    def __init__(self, core: EngineCore):
-        self.core = core
-        self.engine = self.core.engine
-        self.tokenizer = EngineTokenizer(self.engine)
-        self.inputs = InputProcessor(self.tokenizer, self.core.vocab_size, self.core.scheduler.admission_error,
-                                     self.max_seq_len)
+    def __init__(self, engine: Engine, facts: CoreFacts):
+        self.engine = engine
+        self.facts = facts
+        self.max_seq_len = facts.limits.max_seq_len
+        self.tokenizer = EngineTokenizer(engine)
+        self.inputs = InputProcessor(self.tokenizer, facts.vocab_size, facts.admission_error, self.max_seq_len)
         self.outputs = OutputProcessor(self.tokenizer)
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.core.scheduler.config.max_seq_len
 
 
 class LLMEngine:
     def __init__(self, engine: str | Engine, config: RuntimeConfig | None = None):
         config = config or RuntimeConfig()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.core: EngineCoreThread | InlineCore
-        if config.torch_device().type == "cpu":
+        self.core: EngineCoreProcess | EngineCoreThread | InlineCore
+        place = config.engine_core
+        if place == "auto":
+            place = "inline" if config.torch_device().type == "cpu" else "thread"
+        if place == "inline":
             self.core = InlineCore(EngineCore(engine, config))
         else:
-            self.core = EngineCoreThread(core_factory(engine, config), self._queue.put)
+            self.core = start_core(engine, config, self._queue.put, place)
         weakref.finalize(self, self.core.shutdown)
-        front = FrontEnd(self.core.core)
+        front = FrontEnd(self.core.engine, self.core.facts)
         self.engine = front.engine
         self.tokenizer = front.tokenizer
-        self.device = front.core.device
+        self.device = torch.device(front.facts.device)
         self.max_seq_len = front.max_seq_len
-        self.limits = front.core.scheduler.config
+        self.limits = front.facts.limits
         self._inputs = front.inputs
         self._outputs = front.outputs
 
@@ -120,7 +134,8 @@ class LLMEngine:
         return self.core.stats()
 
     def call(self, fn):
-        """Run ``fn(engine_core)`` between steps on the core thread (checks, resets) and return its result."""
+        """Run ``fn(engine_core)`` between steps where the core runs (checks, resets) and return its result;
+        with the core in a process, ``fn`` must pickle (a module-level function)."""
         return self.core.call(fn)
 
     def shutdown(self) -> None:

@@ -60,6 +60,25 @@ class SchedulerOutput:
         return len(self.requests)
 
 
+def admission_error(cfg: SchedulerConfig, num_blocks: int, block_size: int, num_prompt_tokens: int,
+                    max_tokens: int) -> str | None:
+    """Why a request of this size could never be served under these limits and a pool of ``num_blocks``
+    blocks, or None. Fixed facts only, so a front end may ask from another thread or process."""
+    total = num_prompt_tokens + max_tokens
+    if total > cfg.max_seq_len:
+        return (f"the prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) is {total} tokens, "
+                f"more than max_seq_len={cfg.max_seq_len}; shorten the prompt or lower max_tokens")
+    need = -(-total // block_size)
+    if need > num_blocks:
+        return (f"{total} tokens need {need} KV blocks of {block_size} tokens, but the whole KV cache has "
+                f"{num_blocks} blocks ({num_blocks * block_size} tokens); shorten the request or "
+                f"give the KV cache more memory")
+    if not cfg.enable_chunked_prefill and num_prompt_tokens > cfg.max_num_tokens:
+        return (f"the prompt has {num_prompt_tokens} tokens but a step computes at most "
+                f"max_num_tokens={cfg.max_num_tokens} and chunked prefill is off")
+    return None
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
         self.config = config
@@ -85,23 +104,9 @@ class Scheduler:
         self.waiting.append(req)
 
     def admission_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
-        """Why a request of this size could never be served here, or None. Reads only fixed limits, so
-        a front end may ask from another thread before it submits."""
-        cfg = self.config
+        """Why a request of this size could never be served here, or None (``admission_error``)."""
         bm = self.block_manager
-        total = num_prompt_tokens + max_tokens
-        if total > cfg.max_seq_len:
-            return (f"the prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) is {total} tokens, "
-                    f"more than max_seq_len={cfg.max_seq_len}; shorten the prompt or lower max_tokens")
-        need = bm.blocks_for_tokens(total)
-        if need > bm.num_blocks:
-            return (f"{total} tokens need {need} KV blocks of {bm.block_size} tokens, but the whole KV cache has "
-                    f"{bm.num_blocks} blocks ({bm.num_blocks * bm.block_size} tokens); shorten the request or "
-                    f"give the KV cache more memory")
-        if not cfg.enable_chunked_prefill and num_prompt_tokens > cfg.max_num_tokens:
-            return (f"the prompt has {num_prompt_tokens} tokens but a step computes at most "
-                    f"max_num_tokens={cfg.max_num_tokens} and chunked prefill is off")
-        return None
+        return admission_error(self.config, bm.num_blocks, bm.block_size, num_prompt_tokens, max_tokens)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> None:
         """Finish a request for a reason decided outside (a stop string, an abort); unknown ids are ignored."""
