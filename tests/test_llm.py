@@ -172,6 +172,26 @@ def test_kv_pool_is_sized_from_the_byte_budget(engine):
         LLM(engine, device=DEVICE, kv_cache_memory=per_block - 1)
 
 
+def test_the_batch_is_sized_from_the_pool_when_neither_is_given(engine, monkeypatch):
+    """The build's max_batch_size is a ceiling: with the pool sized by the runtime, it admits as many
+    sequences as the pool holds at the planned length; a pool or a batch given by hand is taken as meant."""
+    from kiln.runtime import kv_pool
+
+    assert kv_pool.batch_the_pool_holds(640, 16, 4096) == 10  # 1,024-token sequences: 64 blocks each
+    assert kv_pool.batch_the_pool_holds(640, 16, 256) == 40  # never planned past max_seq_len
+    assert kv_pool.batch_the_pool_holds(3, 16, 4096) == 1
+    if DEVICE != "cpu":
+        pytest.skip("the CPU pool's default budget")
+    per_block = _block_bytes(engine)
+    monkeypatch.setattr(kv_pool, "CPU_KV_CACHE_BYTES", 48 * per_block)  # 3 sequences of 256 tokens (16 blocks)
+    sized = LLM(engine, device=DEVICE).engine
+    assert sized.stats().kv_blocks_total == 48 and sized.limits.max_batch_size == 3
+    assert LLM(engine, device=DEVICE, max_batch_size=6).engine.limits.max_batch_size == 6
+    assert LLM(engine, device=DEVICE, kv_cache_memory=48 * per_block).engine.limits.max_batch_size == 8
+    monkeypatch.undo()
+    assert LLM(engine, device=DEVICE).engine.limits.max_batch_size == 8  # a full batch at max length fits
+
+
 def test_request_ids_may_not_collide(engine):
     engine_ = LLM(engine, device=DEVICE).engine
     engine_.add_request([5, 6], SamplingParams(n=2, max_tokens=2), request_id="a")

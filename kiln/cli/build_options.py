@@ -16,7 +16,9 @@ def add_build_options(p: argparse.ArgumentParser, for_run: bool = False) -> None
     g = p.add_argument_group("build options" + (" (when the model must be built first)" if for_run else ""))
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight and activation dtype (default: float32 on CPU, bfloat16 on GPU)")
-    g.add_argument("--max-batch-size", type=int, default=None, help=f"default {BuildConfig.max_batch_size}")
+    g.add_argument("--max-batch-size", type=int, default=None,
+                   help=f"the most sequences a step runs (default {BuildConfig.max_batch_size}; the runtime "
+                        f"admits fewer when its KV pool holds fewer)")
     g.add_argument("--max-seq-len", type=int, default=None, help="default: the model's limit, at most 4096")
     g.add_argument("--max-num-tokens", type=int, default=None,
                    help=f"tokens computed per step (prefill chunk; default {BuildConfig.max_num_tokens})")

@@ -58,9 +58,10 @@ class BuildConfig:
     """Limits and layout fixed at build time. The runtime may use less, never more."""
 
     dtype: str = "float32"
-    max_batch_size: int = 8
+    # Ceilings: the runtime admits fewer sequences when its KV pool holds fewer (kv_pool.batch_the_pool_holds).
+    max_batch_size: int = 256
     max_seq_len: int = 2048
-    max_num_tokens: int = 512
+    max_num_tokens: int = 2048
     kv_block_size: int = 16
     kv_cache_dtype: str | None = None  # None: the same as dtype; "fp8" or "int8": quantized (KV_CACHE_DTYPES)
     # The format kiln quantizes the float weights of linear layers into (kiln.weight_formats.QUANTIZED):

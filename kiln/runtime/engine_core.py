@@ -21,7 +21,7 @@ from kiln.engine import Engine, read_engine
 from kiln.errors import RequestError
 from kiln.runtime.config import RuntimeConfig
 from kiln.runtime.kv_cache import BlockManager
-from kiln.runtime.kv_pool import num_kv_blocks
+from kiln.runtime.kv_pool import batch_the_pool_holds, num_kv_blocks
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.outputs import EngineStats, TokenLogprob
 from kiln.runtime.prompt_logprobs import PendingPromptLogprobs, prompt_spans
@@ -110,6 +110,10 @@ class EngineCore:
                                    config.gpu_memory_utilization, reserved)
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, build.kv_block_size, config.enable_prefix_caching)
+        if config.max_batch_size is None and config.kv_cache_memory is None:
+            # Both sized here: as many sequences as the pool holds, the build's limit as the ceiling. (A pool
+            # sized by hand is taken as meant: the scheduler preempts when requests outgrow it.)
+            max_batch = min(max_batch, batch_the_pool_holds(num_blocks, build.kv_block_size, build.max_seq_len))
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_tokens=max_tokens, max_batch_size=max_batch, max_seq_len=build.max_seq_len,
                             policy=config.policy, enable_chunked_prefill=config.enable_chunked_prefill),

@@ -5,6 +5,7 @@ The block manager hands out block ids; this module decides how many there are an
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,14 +34,22 @@ def kv_cache_spec(engine: Engine) -> KVCacheSpec:
     return KVCacheSpec(m["num_layers"], build.kv_block_size, m["num_kv_heads"], m["head_dim"], build.kv_torch_dtype)
 
 
+# The CPU pool's default budget: at most this, and at most a quarter of the machine's memory (vLLM's CPU
+# backend reserves 4 GiB by default too). Its pages are mapped only as requests write them (allocate_kv_caches).
+CPU_KV_CACHE_BYTES = 4 << 30
+# The length a served sequence is planned for when the runtime sizes its batch from the pool: a request of a
+# few hundred prompt tokens and as many generated ones.
+PLANNED_SEQUENCE_TOKENS = 1024
+
+
 def num_kv_blocks(spec: KVCacheSpec, build: BuildConfig, device: torch.device, kv_cache_memory: int | None = None,
                   gpu_memory_utilization: float | None = None, reserved_bytes: int = 0) -> int:
     """Blocks for the pool: from a byte budget when one is given; else, on a GPU, what is left of a
     fraction of its memory (0.9 unless given) after everything in use now (weights, other processes)
     and ``reserved_bytes`` (the steps' peak activations and the decode graphs, measured by the
     runner), of which at most twice a full batch at max length when no fraction is given; on the
-    CPU, one full batch at max length (every batch slot at max_seq_len), which is all the engine's
-    limits can ever use at once.
+    CPU, ``CPU_KV_CACHE_BYTES`` or a quarter of the machine's memory, whichever is less, and never
+    more than a full batch at max length (every batch slot at max_seq_len: all the limits can use).
     """
     full_batch = -(-build.max_seq_len // build.kv_block_size) * build.max_batch_size
     budget = kv_cache_memory
@@ -50,12 +59,24 @@ def num_kv_blocks(spec: KVCacheSpec, build: BuildConfig, device: torch.device, k
         if gpu_memory_utilization is None:
             budget = min(budget, 2 * full_batch * spec.bytes_per_block)
     elif budget is None:
-        budget = full_batch * spec.bytes_per_block
+        budget = min(full_batch * spec.bytes_per_block, CPU_KV_CACHE_BYTES, _memory_bytes() // 4)
     blocks = budget // spec.bytes_per_block
     if blocks < 1:
         raise RequestError(f"the KV cache budget of {budget} bytes holds no block "
                            f"(one block of {build.kv_block_size} tokens needs {spec.bytes_per_block} bytes)")
     return blocks
+
+
+def batch_the_pool_holds(num_blocks: int, block_size: int, max_seq_len: int) -> int:
+    """Sequences a pool of ``num_blocks`` holds at once at ``PLANNED_SEQUENCE_TOKENS`` tokens each (at most
+    max_seq_len): how many the runtime admits unless told otherwise, below the build's ceiling."""
+    per_sequence = -(-min(PLANNED_SEQUENCE_TOKENS, max_seq_len) // block_size)
+    return max(1, num_blocks // per_sequence)
+
+
+def _memory_bytes() -> int:
+    """The machine's physical memory (a cgroup's limit below it is not seen: set kv_cache_memory there)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -29,6 +29,7 @@ from kiln.weight_formats import FLOAT, block_format
 log = logging.getLogger(__name__)
 
 TUNING_ENV = "KILN_TUNING"
+TUNED_BATCH = 8
 
 
 def load_op_table(engine: Engine, device: torch.device, dtype: torch.dtype) -> tuple[OpTable, list[Choice]]:
@@ -39,8 +40,9 @@ def load_op_table(engine: Engine, device: torch.device, dtype: torch.dtype) -> t
     if device.type != "cpu" or mode == "off":
         return OpTable(engine.plan, device, dtype), []
     build = engine.build
-    # Decode batch sizes: one sequence, and a full batch.
-    rows = tuple(sorted({1, build.max_batch_size}))
+    # Decode batch sizes: one sequence, and a batch of a few (a CPU's usual load; timing a 256-row product
+    # of every candidate would make an 8B engine's first load take minutes).
+    rows = tuple(sorted({1, min(build.max_batch_size, TUNED_BATCH)}))
     # Where a timing holds: the CPU, its cores and the threads kiln may use, and the code that was timed.
     machine = dict(target_of(device), cpus=os.cpu_count(), threads=torch.get_num_threads(), kiln=__version__)
     tuner = Tuner(device, dtype, machine, cache_dir() / "tuning")

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# On the GPU machine (issue 17): the engine core process's CUDA tests, then the 8B shape (bf16, random weights)
+# offline and served, one after the other on the same engine:
+#   kiln bench throughput (1,000 requests of 128/128, one process, no HTTP), then kiln serve with kiln bench serve
+#   as the client: OpenAI completions with all requests at once, at a Poisson rate of 50 req/s, and Triton's
+#   generate_stream route with all at once.
+# Needs wheels in .whl/ of what the GPU image lacks (README: Notes): gguf, pyzmq, msgspec, and for the server
+# uvicorn, starlette, pydantic (with pydantic-core, annotated-types, typing-inspection), tritonclient and
+# python-rapidjson. Usage (repo root), MODES to pick the served runs (default "all rate50 triton"):
+#   bash benchmarks/gpu_serve.sh OUT {tests|serve|all}
+set -uo pipefail
+out="${1:-/tmp/out}"
+stage="${2:-all}"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | grep -v "already exists" | tail -2
+export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 KILN_VERIFY_WEIGHTS=0
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+engine=/tmp/8b-none
+run_tests() {
+  KILN_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_core_process.py \
+      tests/test_async_llm.py 2>&1 | tee "$out/gpu_core_process_tests.log" | grep -E "passed|failed|Error|FAILED" | tail -15
+}
+run_serve() {
+  [ -d /tmp/8b ] || python3 benchmarks/random_model.py llama-3.1-8b /tmp/8b > /dev/null
+  [ -f $engine/engine.json ] || python3 -m kiln.cli.main build /tmp/8b -o $engine --dtype bfloat16 --tune off \
+      --max-seq-len 4096 --max-batch-size 256 --max-num-tokens 8192 2>&1 | grep -v "%|" | tail -2
+  [ -n "${SKIP_OFFLINE:-}" ] || timeout 200 python3 -m kiln.cli.main bench throughput $engine --input-len 128 --output-len 128 --num-requests 1000 \
+      --json "$out/gpu_8b_offline.json" 2>&1 | grep -v "it/s\]" | tail -12
+  python3 -m kiln.cli.main serve $engine --served-model-name kiln8b --http-port 8123 --grpc-port 8124 --metrics-port 8125 > "$out/server.log" 2>&1 &
+  server=$!
+  trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
+  for _ in $(seq 300); do
+    curl -sf localhost:8123/v2/health/ready > /dev/null && break
+    kill -0 $server 2>/dev/null || { echo "the server exited:"; tail -5 "$out/server.log"; return 1; }
+    sleep 1
+  done
+  for mode in ${MODES:-all rate50 triton}; do
+    args=(--url http://127.0.0.1:8123 --input-len 128 --output-len 128 --num-requests 1000 --tokenizer $engine --no-progress)
+    case $mode in
+      rate50) args+=(--request-rate 50) ;;
+      triton) args+=(--backend triton-generate --model kiln8b) ;;
+    esac
+    echo "== served: $mode"
+    timeout 240 python3 -m kiln.cli.main bench serve "${args[@]}" --json "$out/gpu_8b_served_$mode.json" 2>&1 | tail -14
+  done
+  kill $server; wait $server 2>/dev/null
+  tail -5 "$out/server.log"
+}
+case "$stage" in
+  tests) run_tests ;;
+  serve) run_serve ;;
+  all) run_tests; run_serve ;;
+esac
