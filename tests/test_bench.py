@@ -103,6 +103,11 @@ def test_throughput_synthetic_reports_every_field(engine, capsys, tmp_path):
     assert r["num_preemptions"] == 0
     # Three at a time: 7 requests need at least 3 rounds of 6 tokens.
     assert r["num_steps"] >= 3 * 6
+    # The steps' time per phase: every phase, none negative, together no more than the run took.
+    host = r["host_ms_per_step"]
+    assert list(host) == ["schedule", "prepare", "forward", "sample", "wait", "output"]
+    assert all(v >= 0 for v in host.values()) and host["forward"] > 0 and host["schedule"] > 0
+    assert sum(host.values()) * r["num_steps"] <= r["duration_s"] * 1e3
 
 
 def test_throughput_dataset_with_text_and_ids_and_poisson_arrivals(engine, capsys, tmp_path):

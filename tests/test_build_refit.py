@@ -131,7 +131,7 @@ def test_inspect_text_and_json(engine_dir):
     proc = subprocess.run([sys.executable, "-m", "kiln.cli.main", "inspect", str(path)], capture_output=True,
                           text=True, check=True)
     text = proc.stdout
-    for needle in ("Qwen2ForCausalLM", "QKV bias", "paged_attention", "reference", "max batch 8", "tokenizer",
+    for needle in ("Qwen2ForCausalLM", "QKV bias", "paged_attention", "reference", "max batch 256", "tokenizer",
                    "parameters", "tied embeddings"):
         assert needle in text, needle
     proc = subprocess.run([sys.executable, "-m", "kiln.cli.main", "inspect", str(path), "--json"],

@@ -11,6 +11,7 @@ import torch
 
 from kiln.bench.dataset import BenchRequest, Dataset
 from kiln.errors import KilnError
+from kiln.runtime.step_clock import per_step_ms
 from kiln.runtime.llm_engine import LLMEngine
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
@@ -103,6 +104,7 @@ class ThroughputResult:
     prefix_cache_hit_rate: float
     num_preemptions: int
     num_steps: int
+    host_ms_per_step: dict[str, float]  # per phase (runtime/step_clock.py)
     # Generated ids in request order, for checking the transformers baseline; not reported.
     output_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
@@ -179,6 +181,7 @@ def run_throughput(engine: LLMEngine, dataset: Dataset, request_rate: float = ma
         prefix_cache_hit_rate=after.prefix_cache_hit_rate,
         num_preemptions=after.num_preemptions - before.num_preemptions,
         num_steps=after.steps - before.steps,
+        host_ms_per_step=per_step_ms(before.step_seconds, after.step_seconds, after.steps - before.steps),
         output_token_ids=[list(o.token_ids) for o in outs],
     )
 
@@ -195,6 +198,7 @@ class LatencyResult:
     # B * (output_len - 1) / (the batch's first token -> its last token), mean over iterations.
     decode_tokens_per_s: float | None
     decode_tokens_per_s_per_iteration: list[float | None]
+    host_ms_per_step: dict[str, float]  # per phase (runtime/step_clock.py), over the timed iterations
     # Generated ids of each iteration's batch, for checking the transformers baseline; not reported.
     output_token_ids: list[list[list[int]]] = field(default_factory=list, repr=False)
 
@@ -224,6 +228,7 @@ def run_latency(engine: LLMEngine, batches: Sequence[Sequence[list[int]]], outpu
     e2e: list[float] = []
     rates: list[float | None] = []
     tokens: list[list[list[int]]] = []
+    before = engine.stats()
     for i, batch in enumerate(batches):
         _fresh_prefix_cache(engine)
         ids = [f"iter-{i}-{j}" for j in range(len(batch))]
@@ -240,9 +245,11 @@ def run_latency(engine: LLMEngine, batches: Sequence[Sequence[list[int]]], outpu
         rates.append(decode_rate(len(batch), output_len, max(lasts) - min(firsts)))
         tokens.append([list(o.token_ids) for o in outs])
     measured = [r for r in rates if r is not None]
+    after = engine.stats()
     return LatencyResult(
         batch_size=batch_size, input_len=input_len, output_len=output_len, iterations=len(batches),
         ttft_ms=summarize_ms(ttft), tpot_ms=summarize_ms(tpot), e2e_latency_ms=summarize_ms(e2e),
         decode_tokens_per_s=sum(measured) / len(measured) if measured else None,
         decode_tokens_per_s_per_iteration=rates, output_token_ids=tokens,
+        host_ms_per_step=per_step_ms(before.step_seconds, after.step_seconds, after.steps - before.steps),
     )

@@ -108,6 +108,16 @@ def _comparison(title: str, label: str, kiln: float | None, hf: float | None, ma
     return lines
 
 
+def _host_rows(r: dict) -> list[str]:
+    """The steps' time per phase (runtime/step_clock.py); the host's share is every phase but wait."""
+    host = r.get("host_ms_per_step") or {}
+    if not host:
+        return []
+    share = sum(v for k, v in host.items() if k != "wait")
+    return ["", f" {'host time per step (ms)':<30}{share:>14.3f}  (all but wait)",
+            "   " + ", ".join(f"{k} {v:.3f}" for k, v in host.items())]
+
+
 def format_throughput(doc: dict) -> str:
     r = doc["results"]
     rate = doc["settings"]["request_rate"]
@@ -129,6 +139,7 @@ def format_throughput(doc: dict) -> str:
         f" {'prefix-cache hit rate':<30}{r['prefix_cache_hit_rate']:>14.1%}",
         f" {'preemptions':<30}{_num(r['num_preemptions']):>14}",
         f" {'steps':<30}{_num(r['num_steps']):>14}",
+        *_host_rows(r),
     ]
     hf = doc.get("hf")
     if hf:
@@ -151,6 +162,7 @@ def format_latency(doc: dict) -> str:
         "",
         f" {'decode tokens/s (mean)':<30}{_num(r['decode_tokens_per_s']):>14}",
         f" {'  per iteration':<30}{per_iter:>14}",
+        *_host_rows(r),
     ]
     limit = doc.get("limit")
     if limit:

@@ -74,6 +74,9 @@ def add_parser(verbs, add_build_options) -> None:
                    help="with explicit control: a model to load at start (repeatable; '*' for all)")
     p.add_argument("--repository-poll-secs", type=float, default=15.0, help="poll mode: seconds between scans")
     p.add_argument("--log-verbose", type=int, default=0, metavar="LEVEL", help="> 0 logs every request")
+    p.add_argument("--engine-core", choices=["process", "thread"], default="process",
+                   help="where MODEL's engine core steps: a process of its own (default; no interpreter lock "
+                        "shared with the server) or a thread of the server's process")
     add_build_options(p, for_run=True)
     p.set_defaults(run=run)
 
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
     engine = engine_for(args.model, args.dtype, quantize_calibration=quantize_calibration(args), **build_fields(args))
     name = args.served_model_name or served_name(args.model)
     with tempfile.TemporaryDirectory(prefix="kiln-serve-") as root:
-        write_model_folder(Path(root), name, engine)
+        write_model_folder(Path(root), name, engine, {"engine_core": args.engine_core})
         serve(ServeOptions(model_repository=Path(root), **options), _banner(args))
 
 
@@ -132,13 +135,15 @@ def served_name(model: str | None) -> str:
     return source.name
 
 
-def write_model_folder(root: Path, name: str, engine: Path) -> None:
-    """A model folder for the kiln backend that names ``engine``, with its one (empty) version folder."""
+def write_model_folder(root: Path, name: str, engine: Path, parameters: dict[str, str] | None = None) -> None:
+    """A model folder for the kiln backend that names ``engine`` (and any runtime ``parameters``), with its
+    one (empty) version folder."""
     if not name or "/" in name or name.startswith(".") or name != name.strip():
         raise KilnError(f"--served-model-name {name!r} cannot name a model folder: no '/', no leading '.'")
     (root / name / "1").mkdir(parents=True)
-    (root / name / "config.pbtxt").write_text(
-        f'backend: "kiln"\nparameters {{ key: "engine_dir" value {{ string_value: {json.dumps(str(engine))} }} }}\n')
+    lines = ['backend: "kiln"'] + [f'parameters {{ key: "{key}" value {{ string_value: {json.dumps(str(value))} }} }}'
+                                   for key, value in {"engine_dir": engine, **(parameters or {})}.items()]
+    (root / name / "config.pbtxt").write_text("\n".join(lines) + "\n")
 
 
 def _banner(args: argparse.Namespace):

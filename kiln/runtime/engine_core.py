@@ -171,7 +171,9 @@ class EngineCore:
         scheduled and launched (its inputs take them from the device), so they come back one call
         later; otherwise they come back in the same call.
         """
-        out = self.scheduler.schedule()
+        clock = self.runner.clock
+        with clock.phase("schedule"):
+            out = self.scheduler.schedule()
         outputs: list[EngineCoreOutput] = []
         launched = self._launch(out, outputs) if out.requests else None
         if self._inflight is not None:
@@ -183,7 +185,8 @@ class EngineCore:
             else:
                 outputs += self._resolve(launched)
         self.num_steps += 1
-        self._admit_deferred()
+        with clock.phase("output"):
+            self._admit_deferred()
         return outputs
 
     def _launch(self, out: SchedulerOutput, outputs: list[EngineCoreOutput]) -> _Launched | None:
@@ -191,15 +194,18 @@ class EngineCore:
         fault by running each alone (they fail with their message, the others go on)."""
         batch = list(zip(out.requests, out.num_new_tokens))
         to_sample = out.requests_to_sample
+        clock = self.runner.clock
         try:
-            logits, prompt = self.runner.execute_and_score(batch, prompt_spans(batch), self._prev_tokens())
+            with clock.phase("forward"):
+                logits, prompt = self.runner.execute_and_score(batch, prompt_spans(batch), self._prev_tokens())
             if self._inflight is not None and any(self.sampler.needs_history(r) for r in to_sample):
                 # Penalties read earlier tokens' values: take the step in flight's tokens first.
                 outputs += self._resolve(self._inflight)
                 self._inflight = None
                 keep = [i for i, r in enumerate(to_sample) if not r.is_finished]
                 logits, to_sample = logits[keep], [to_sample[i] for i in keep]
-            pending = self.sampler.sample(logits, to_sample)
+            with clock.phase("sample"):
+                pending = self.sampler.sample(logits, to_sample)
         except Exception as e:
             return self._launch_alone(out, batch, e, outputs)
         sampling = self.scheduler.advance(out)
@@ -246,18 +252,25 @@ class EngineCore:
 
     def _resolve(self, launched: _Launched) -> list[EngineCoreOutput]:
         """Wait for a launched step's tokens; record them; the outputs of the requests that took one."""
+        clock = self.runner.clock
         try:
-            for scored in launched.prompt:
-                scored.deliver()
-            if launched.pending is not None:
-                result = launched.pending.result()
-                token_ids, logprobs = result.token_ids, result.logprobs
-            else:
-                token_ids, logprobs = launched.host_ids.tolist(), launched.host_logprobs
+            with clock.phase("wait"):
+                for scored in launched.prompt:
+                    scored.deliver()
+                if launched.pending is not None:
+                    result = launched.pending.result()
+                    token_ids, logprobs = result.token_ids, result.logprobs
+                else:
+                    token_ids, logprobs = launched.host_ids.tolist(), launched.host_logprobs
         except Exception as e:  # an error the device reported late: it cannot be pinned on one request
             log.exception("a step failed on the device")
             return [self._output(self._fail(r.request_id), [], None, error=_message(e))
                     for r in launched.requests if not r.is_finished]
+        with clock.phase("output"):
+            return self._record(launched, token_ids, logprobs)
+
+    def _record(self, launched: _Launched, token_ids: list[int], logprobs) -> list[EngineCoreOutput]:
+        """Record a step's tokens in its requests; the outputs of those that took one."""
         rows = launched.rows
         tokens = [(r, token_ids[rows[r.request_id]]) for r in launched.requests]
         took, finished = self.scheduler.resolve(tokens)
@@ -312,7 +325,7 @@ class EngineCore:
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used_blocks, kv_blocks_free=bm.num_free_blocks,
             prefix_cache_hit_rate=bm.prefix_cache_hit_rate, num_preemptions=self.scheduler.num_preemptions,
-            steps=self.num_steps,
+            steps=self.num_steps, step_seconds=self.runner.clock.snapshot(),
         )
 
     def checked_stats(self) -> EngineStats:

@@ -15,6 +15,7 @@ from kiln.ops.user_plugins import load_engine_plugins
 from kiln.runtime.cpu_threads import ThreadGovernor
 from kiln.runtime.kv_pool import KVCacheSpec, allocate_kv_caches, kv_cache_spec
 from kiln.runtime.prompt_logprobs import PendingPromptLogprobs, PromptSpan, score_prompts
+from kiln.runtime.step_clock import StepClock
 from kiln.runtime.step_graphs import StepGraphs
 from kiln.runtime.step_inputs import Batch, PrevTokens, StepBatch, StepInputs
 from kiln.runtime.tuned_plan import load_op_table
@@ -43,6 +44,8 @@ class ModelRunner:
         self.ops, self.tuning = load_op_table(engine, device, self.dtype)
         # On a CPU each step's thread count follows what other processes leave free (cpu_threads).
         self.threads = ThreadGovernor.for_device(device)
+        # The host's time per phase of the steps (the core times its own phases on it too).
+        self.clock = StepClock()
         _warn_if_target_differs(engine, device, self.ops)
         self.cuda_graphs_mode = cuda_graph_mode(cuda_graphs, device, self.ops)
         with torch.device("meta"):
@@ -70,7 +73,7 @@ class ModelRunner:
         self.inputs = StepInputs(self.max_num_tokens, self.max_batch_size, self.max_seq_len, self.block_size,
                                  self.device, dummy_block=num_blocks)
         if self.cuda_graphs_mode != "off":
-            self.graphs = StepGraphs(self._logits_of_last_tokens, self.inputs, self.max_batch_size,
+            self.graphs = StepGraphs(self._logits_of_last_tokens, self.inputs, self.clock, self.max_batch_size,
                                      self.max_seq_len, self.max_num_tokens, capture=self.cuda_graphs_mode == "on")
 
     @torch.inference_mode()
@@ -135,7 +138,8 @@ class ModelRunner:
             shape = self.graphs.shape_for(batch) if self.graphs is not None and not spans else None
             if shape is not None:
                 return self.graphs.run(batch, shape, prev_tokens), None
-            step = self.inputs.prepare(batch, prev_tokens=prev_tokens)
+            with self.clock.phase("prepare"):
+                step = self.inputs.prepare(batch, prev_tokens=prev_tokens)
             hidden = self._hidden(step)
             scored = score_prompts(self.model.compute_logits, hidden, spans) if spans else None
             if step.logits_indices is not None:

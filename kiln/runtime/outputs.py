@@ -125,3 +125,5 @@ class EngineStats:
     prefix_cache_hit_rate: float
     num_preemptions: int
     steps: int
+    # Host seconds per phase of the steps since load (runtime/step_clock.py).
+    step_seconds: dict[str, float] = field(default_factory=dict)

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from kiln.runtime.step_clock import StepClock
 from kiln.runtime.step_inputs import Batch, PrevTokens, StepBatch, StepInputs, StepShape, padding
 
 _SMALLEST_CONTEXT = 256
@@ -60,10 +61,11 @@ def token_ladder(max_batch_size: int, max_num_tokens: int) -> list[int]:
 class StepGraphs:
     """``forward(step)`` computes float32 logits of every row's last token; it is captured per shape."""
 
-    def __init__(self, forward: Forward, inputs: StepInputs, max_batch_size: int, max_seq_len: int,
+    def __init__(self, forward: Forward, inputs: StepInputs, clock: StepClock, max_batch_size: int, max_seq_len: int,
                  max_num_tokens: int, capture: bool = True):
         self.forward = forward
         self.inputs = inputs
+        self.clock = clock
         bs = inputs.block_size
         self.decode_shapes = [StepShape(b, b, c // bs) for c in context_ladder(max_seq_len, bs)
                               for b in batch_ladder(max_batch_size)]
@@ -101,7 +103,8 @@ class StepGraphs:
 
     def run(self, batch: Batch, shape: StepShape, prev_tokens: PrevTokens | None = None) -> torch.Tensor:
         """Float32 logits of the step's sampled sequences, in batch order, from the graph of ``shape``."""
-        step = self.inputs.prepare(batch, pad_to=shape, prev_tokens=prev_tokens)
+        with self.clock.phase("prepare"):
+            step = self.inputs.prepare(batch, pad_to=shape, prev_tokens=prev_tokens)
         if self.captured:
             graph, logits = self.graphs[shape]
             graph.replay()
