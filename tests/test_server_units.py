@@ -329,3 +329,14 @@ def test_shared_memory_opens_only_regular_files_of_its_folder(tmp_path):
         manager.write(ShmRef("r", 4, 0), b"abcd", "output")
     assert (tmp_path / "real").stat().st_size == 6  # a write never grows the client's object
     manager.close()
+
+
+def test_kiln_serve_writes_runtime_parameters_the_kiln_backend_reads(tmp_path):
+    """`kiln serve --engine-core thread` reaches the engine's RuntimeConfig through the model's config.pbtxt."""
+    from kiln.cli.serve import write_model_folder
+    from kiln.server.backends.kiln.backend import _runtime_options
+
+    write_model_folder(tmp_path, "m", tmp_path / "engine dir", {"engine_core": "thread"})
+    params = cfg.parameters(cfg.read_config(tmp_path / "m"))
+    assert params == {"engine_dir": str(tmp_path / "engine dir"), "engine_core": "thread"}
+    assert _runtime_options(params, "m") == {"engine_core": "thread"}
