@@ -8,7 +8,8 @@ admitted, prefilled and decoded a few steps, then S decode steps are timed and S
 torch.profiler (kernels replayed inside CUDA graphs are traced too). Printed: the step's wall time,
 the device's busy time per step (the union of kernel intervals), and per kernel group (matrix products,
 attention, norms, rotary + KV write, SiLU-mul, sampling, other) its time and launches per step. The gap
-between wall and busy time is launch latency and host work the device waited on.
+between wall and busy time is launch latency and host work the device waited on. On a CPU, torch's ops
+(kiln's C++ kernels among them) by their own time per step instead.
 """
 from __future__ import annotations
 
@@ -123,6 +124,10 @@ def main() -> None:
         "top_kernels": [{"name": n, "us_per_step": round(v[0] / steps, 2), "launches_per_step": round(v[1] / steps, 1)}
                         for n, v in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]],
     }
+    if not cuda:  # no device kernels: torch's CPU ops by their own time (kiln's C++ ops are named kiln_cpu::...)
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:14]
+        summary["cpu_ops"] = [{"name": e.key, "ms_per_step": round(e.self_cpu_time_total / steps / 1000, 4),
+                               "calls_per_step": round(e.count / steps, 1)} for e in ops]
     print(f"{args.model}: batch {args.batch}, context {args.context}, graphs {args.graphs}")
     print(f"  decode step {step_ms:.3f} ms wall; device busy {busy:.3f} ms, traced span {span:.3f} ms, "
           f"{summary['kernels_per_step']} kernels a step")
@@ -130,6 +135,8 @@ def main() -> None:
         print(f"  {g:16s} {v['ms_per_step']:8.4f} ms  {v['launches_per_step']:6.1f} launches")
     for k in summary["top_kernels"][:14]:
         print(f"    {k['us_per_step']:9.2f} us  x{k['launches_per_step']:<6} {k['name']}")
+    for op in summary.get("cpu_ops", []):
+        print(f"    {op['ms_per_step']:9.3f} ms  x{op['calls_per_step']:<6} {op['name']}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
 
