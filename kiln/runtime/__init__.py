@@ -1,8 +1,9 @@
 """The runtime: load an engine and generate (``LLM``), or serve requests as they come (``AsyncLLM``).
 
 An engine core (``engine_core``: scheduler, KV cache, model runner, sampler) turns requests of token
-ids into new token ids in a thread of its own (``core_thread``); the front end (``input_processor``,
-``output_processor``) checks requests and turns token ids into text in the caller's thread.
+ids into new token ids in a process of its own (``core_process``, for ``AsyncLLM`` and the server), a
+thread (``core_thread``) or the caller's thread; the front end (``input_processor``, ``output_processor``)
+checks requests and turns token ids into text in the caller's process.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 It owns the scheduler, the KV block manager, the model runner and the sampler, and nothing of text:
 detokenization, stop strings, n>1 merging and streaming are the output processor's, in the caller's
-thread (vLLM v1's split). ``EngineCoreThread`` runs it in a thread of its own.
+thread (vLLM v1's split). ``EngineCoreProcess`` runs it in a process of its own, ``EngineCoreThread`` in a
+thread, ``InlineCore`` in the caller's thread.
 
 A step schedules by token counters, runs the model once for the whole mixed batch and samples the
 requests that reached their last known token; the same pass scores the prompt tokens of requests that

@@ -2,10 +2,11 @@
 
 ``add_request`` checks and submits; ``step`` takes the core's next outputs and turns them into
 ``RequestOutput``s (detokenized, stop strings applied, n>1 merged). ``LLM`` and the benchmarks drive
-it; ``AsyncLLM`` is the same pieces delivered to asyncio callers. On a GPU the core steps in its
-own thread (so the host prepares the next step while the device runs this one); on a CPU it steps
-in the caller's thread, which a synchronous caller gives up during a step anyway
-(``core_thread.InlineCore``).
+it; ``AsyncLLM`` is the same pieces delivered to asyncio callers. By default (``engine_core="auto"``),
+on a GPU the core steps in its own thread (so the host prepares the next step while the device runs
+this one); on a CPU it steps in the caller's thread, which a synchronous caller gives up during a step
+anyway (``core_thread.InlineCore``); ``engine_core="process"`` puts it in a process of its own
+(``core_process``), as ``AsyncLLM`` does.
 """
 from __future__ import annotations
 
