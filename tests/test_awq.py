@@ -113,12 +113,6 @@ def with_large_channels(hf_dir, out_dir, factor: float = 20.0):
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    return make_hf_model("LlamaForCausalLM", tmp_path_factory.mktemp("awq") / "hf", hidden_size=256,
-                         intermediate_size=512)
-
-
-@pytest.fixture(scope="module")
 def large_channels(tiny_llama, tmp_path_factory):
     return with_large_channels(tiny_llama, tmp_path_factory.mktemp("awq-large") / "hf")
 

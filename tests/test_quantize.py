@@ -132,12 +132,6 @@ def test_the_fp8_row_kernel_rounds_as_the_reference():
 
 # ----- engines -----
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    return make_hf_model("LlamaForCausalLM", tmp_path_factory.mktemp("quant") / "hf", hidden_size=256,
-                         intermediate_size=512)
-
-
-@pytest.fixture(scope="module")
 def float_logits(tiny_llama, tmp_path_factory):
     engine = build(tiny_llama, tmp_path_factory.mktemp("quant-float") / "e", BuildConfig(max_seq_len=128),
                    progress=False)

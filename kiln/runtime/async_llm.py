@@ -22,7 +22,7 @@ from kiln.engine import Engine
 from kiln.runtime.config import RuntimeConfig
 from kiln.runtime.engine_core import EngineCoreOutput
 from kiln.runtime.input_processor import Prompt
-from kiln.runtime.llm_engine import FrontEnd, start_core
+from kiln.runtime.llm_engine import FrontEnd, core_place, start_core
 from kiln.runtime.output_processor import OutputProcessor
 from kiln.runtime.outputs import EngineStats, RequestFailed, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
@@ -33,12 +33,8 @@ class AsyncLLM:
     def __init__(self, engine: str | Engine, device: str | None = None, **options):
         config = RuntimeConfig.from_options(device, **options)
         self._streams = _Streams()
-        place = "process" if config.engine_core == "auto" else config.engine_core
-        if place == "inline":
-            raise ValueError("engine_core='inline' needs a synchronous caller (LLM); AsyncLLM takes "
-                             "'process' or 'thread'")
         self._core = start_core(engine if isinstance(engine, Engine) else str(engine), config, self._streams.deliver,
-                                place)
+                                core_place(config, synchronous=False))
         weakref.finalize(self, self._core.shutdown)
         front = FrontEnd(self._core.engine, self._core.facts)
         self.engine = front.engine
@@ -102,7 +98,8 @@ class AsyncLLM:
 
 class _Streams:
     """The open streams and their output processor. The core's client calls ``deliver`` from its thread
-    (the core thread, or the reader of the core process); the rest runs on the callers' event loops. It holds no reference to the ``AsyncLLM``, so that can be collected."""
+    (the core thread, or the reader of the core process); the rest runs on the callers' event loops. It
+    holds no reference to the ``AsyncLLM``, so that can be collected."""
 
     def __init__(self):
         self.processor: OutputProcessor | None = None  # set once the core is built, before any request

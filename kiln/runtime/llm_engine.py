@@ -44,7 +44,20 @@ def core_factory(engine: str | Engine, config: RuntimeConfig):
     return lambda: EngineCore(engine, config)
 
 
-def start_core(engine: str | Engine, config: RuntimeConfig, on_outputs, place: str) -> EngineCoreProcess | EngineCoreThread:
+def core_place(config: RuntimeConfig, synchronous: bool) -> str:
+    """Where a client's core steps (``RuntimeConfig.engine_core``), "auto" resolved: for a synchronous
+    caller (``LLM``) inline on a CPU and a thread on a GPU; for an asynchronous one (``AsyncLLM``, the
+    server) a process of its own. Only a synchronous caller can step a core inline."""
+    place = config.engine_core
+    if place == "auto":
+        place = ("inline" if config.torch_device().type == "cpu" else "thread") if synchronous else "process"
+    if place == "inline" and not synchronous:
+        raise ValueError("engine_core='inline' needs a synchronous caller (LLM); AsyncLLM takes 'process' or 'thread'")
+    return place
+
+
+def start_core(engine: str | Engine, config: RuntimeConfig, on_outputs,
+               place: str) -> EngineCoreProcess | EngineCoreThread:
     """The engine core in a process of its own or in a thread (``place``), delivering to ``on_outputs``."""
     if place == "process":
         from kiln.runtime.core_process import EngineCoreProcess  # ZeroMQ and msgspec only when used
@@ -71,9 +84,7 @@ class LLMEngine:
         config = config or RuntimeConfig()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.core: EngineCoreProcess | EngineCoreThread | InlineCore
-        place = config.engine_core
-        if place == "auto":
-            place = "inline" if config.torch_device().type == "cpu" else "thread"
+        place = core_place(config, synchronous=True)
         if place == "inline":
             self.core = InlineCore(EngineCore(engine, config))
         else:
