@@ -6,7 +6,10 @@
 #   generate_stream route with all at once.
 # Needs wheels in .whl/ of what the GPU image lacks (README: Notes): gguf, pyzmq, msgspec, and for the server
 # uvicorn, starlette, pydantic (with pydantic-core, annotated-types, typing-inspection), tritonclient and
-# python-rapidjson. Usage (repo root), MODES to pick the served runs (default "all rate50 triton"):
+# python-rapidjson, httptools. The random model gets SmolLM2's tokenizer where .gpu-inputs/smollm2-tokenizer holds
+# it (carried; benchmarks/random_model.py --tokenizer), so the streams carry real text to detokenize. Each served
+# run also prints the CPU seconds the server's process (the front end) and its engine core's process spent.
+# Usage (repo root), MODES to pick the served runs (default "all rate50 triton"):
 #   bash benchmarks/gpu_serve.sh OUT {tests|serve|all}
 set -uo pipefail
 out="${1:-/tmp/out}"
@@ -14,13 +17,18 @@ stage="${2:-all}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | grep -v "already exists" | tail -2
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 KILN_VERIFY_WEIGHTS=0
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-engine=/tmp/8b-none
+tokenizer=()
+[ -f .gpu-inputs/smollm2-tokenizer/tokenizer.json ] && tokenizer=(--tokenizer .gpu-inputs/smollm2-tokenizer)
+engine=/tmp/8b-engine
+cpu_seconds() {  # utime + stime of a process, in seconds
+  awk -v hz="$(getconf CLK_TCK)" '{sub(/.*\) /, ""); print ($12 + $13) / hz}' "/proc/$1/stat"
+}
 run_tests() {
   KILN_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_core_process.py \
       tests/test_async_llm.py 2>&1 | tee "$out/gpu_core_process_tests.log" | grep -E "passed|failed|Error|FAILED" | tail -15
 }
 run_serve() {
-  [ -d /tmp/8b ] || python3 benchmarks/random_model.py llama-3.1-8b /tmp/8b > /dev/null
+  [ -d /tmp/8b ] || python3 benchmarks/random_model.py llama-3.1-8b /tmp/8b "${tokenizer[@]}" > /dev/null
   [ -f $engine/engine.json ] || python3 -m kiln.cli.main build /tmp/8b -o $engine --dtype bfloat16 --tune off \
       --max-seq-len 4096 --max-batch-size 256 --max-num-tokens 8192 2>&1 | grep -v "%|" | tail -2
   [ -n "${SKIP_OFFLINE:-}" ] || timeout 200 python3 -m kiln.cli.main bench throughput $engine --input-len 128 --output-len 128 --num-requests 1000 \
@@ -40,7 +48,11 @@ run_serve() {
       triton) args+=(--backend triton-generate --model kiln8b) ;;
     esac
     echo "== served: $mode"
+    core=$(pgrep -P $server | head -1)
+    before=$(cpu_seconds $server); core_before=$(cpu_seconds $core)
     timeout 240 python3 -m kiln.cli.main bench serve "${args[@]}" --json "$out/gpu_8b_served_$mode.json" 2>&1 | tail -14
+    awk -v a="$before" -v b="$(cpu_seconds $server)" -v c="$core_before" -v d="$(cpu_seconds $core)" \
+        'BEGIN {printf "CPU seconds: server process %.2f, engine core process %.2f\n", b - a, d - c}'
   done
   kill $server; wait $server 2>/dev/null
   tail -5 "$out/server.log"

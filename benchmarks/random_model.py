@@ -2,8 +2,12 @@
 the GPU when there is one and written straight to safetensors, no transformers model in memory).
 
 For speed runs on a machine that lacks the real weights: speed depends on the shapes, not the values.
-The tokenizer is the tests' small byte-level BPE; prompts use token ids below its vocabulary.
+The tokenizer is the tests' small byte-level BPE, or a real one copied from a Hugging Face folder
+(``--tokenizer DIR``, e.g. SmolLM2's, so that a served run detokenizes real tokens); prompts use token ids
+below its vocabulary. The output head's rows of ids the tokenizer lacks are zero, so that greedy decoding
+picks tokens that decode to text (a server's stream then carries text, as with a real model).
 Usage: python benchmarks/random_model.py {smollm2-135m,llama-3.2-1b,llama-3.1-8b} OUT_DIR [--dtype bfloat16]
+         [--tokenizer DIR]
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ SHAPES = {
 }
 
 
-def tensors_of(shape: dict, dtype: torch.dtype, device: str) -> Iterator[tuple[str, torch.Tensor]]:
+def tensors_of(shape: dict, dtype: torch.dtype, device: str, known_ids: int) -> Iterator[tuple[str, torch.Tensor]]:
     h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
     d = shape.get("head_dim") or h // heads
@@ -50,10 +54,15 @@ def tensors_of(shape: dict, dtype: torch.dtype, device: str) -> Iterator[tuple[s
     def norm(n: int) -> torch.Tensor:
         return (1.0 + 0.1 * torch.randn(n, generator=g, device=device)).to(dtype).cpu()
 
-    yield "model.embed_tokens.weight", weight(shape["vocab_size"], h)
+    def head() -> torch.Tensor:
+        w = weight(shape["vocab_size"], h)
+        w[known_ids:] = 0
+        return w
+
+    yield "model.embed_tokens.weight", head() if shape["tie_word_embeddings"] else weight(shape["vocab_size"], h)
     yield "model.norm.weight", norm(h)
     if not shape["tie_word_embeddings"]:
-        yield "lm_head.weight", weight(shape["vocab_size"], h)
+        yield "lm_head.weight", head()
     for i in range(layers):
         p = f"model.layers.{i}."
         yield p + "self_attn.q_proj.weight", weight(heads * d, h)
@@ -109,12 +118,19 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--shard-gb", type=float, default=2.0, help="largest safetensors file (GB)")
+    parser.add_argument("--tokenizer", type=Path, help="a Hugging Face folder whose tokenizer to copy")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shape = SHAPES[args.shape]
     dtype = getattr(torch, args.dtype)
-    tokenizer = make_tokenizer()
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tokenizer = make_tokenizer()
+    if len(tokenizer) > shape["vocab_size"]:
+        sys.exit(f"the tokenizer has {len(tokenizer)} tokens, more than the model's {shape['vocab_size']}")
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": args.dtype,
         "rms_norm_eps": 1e-5, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
@@ -122,7 +138,7 @@ def main() -> None:
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    save_shards(tensors_of(shape, dtype, device), out, int(args.shard_gb * 1e9))
+    save_shards(tensors_of(shape, dtype, device, len(tokenizer)), out, int(args.shard_gb * 1e9))
     tokenizer.save_pretrained(out)
     print(f"wrote a random {args.shape} ({args.dtype}) to {out}")
 

@@ -37,9 +37,19 @@ def test_streaming_deltas_concatenate_to_the_final_text_and_leaving_frees_blocks
         async with AsyncLLM(engine, device=DEVICE) as llm:
             params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
             outs = await drain(llm, "Unicode: café, 日本語", params)
-            assert outs[-1].finished and len(outs) == 20
+            assert outs[-1].finished and len(outs[-1].token_ids) == 20 and len(outs) <= 20
             assert "".join(o.outputs[0].delta_text for o in outs) == outs[-1].text
             assert sum((o.outputs[0].delta_token_ids for o in outs), []) == outs[-1].token_ids
+            # A reader that falls behind (here it blocks its event loop) gets what it missed as one output
+            # with the deltas of all the steps it missed, in order.
+            slow = []
+            async for out in llm.generate("Unicode: café, 日本語", params):
+                slow.append(out)
+                if len(slow) == 1:
+                    time.sleep(0.5)
+            assert len(slow) < len(outs) and len(slow[1].outputs[0].delta_token_ids) > 1
+            assert "".join(o.outputs[0].delta_text for o in slow) == outs[-1].text
+            assert sum((o.outputs[0].delta_token_ids for o in slow), []) == outs[-1].token_ids
 
             async def leaves_early():
                 async for out in llm.generate([5] * 30, SamplingParams(max_tokens=200, ignore_eos=True)):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from kiln.engine import Engine
@@ -64,6 +65,8 @@ class AsyncLLM:
         try:
             while not finished:
                 item = await queue.get()
+                while not item.finished and not queue.empty():  # outputs this reader fell behind on: one
+                    item = merge_outputs(item, queue.get_nowait())
                 finished = item.finished
                 if item.error is not None:
                     raise RequestFailed(item.request_id, item.error)
@@ -99,73 +102,121 @@ class AsyncLLM:
 class _Streams:
     """The open streams and their output processor. The core's client calls ``deliver`` from its thread
     (the core thread, or the reader of the core process); the rest runs on the callers' event loops. It
-    holds no reference to the ``AsyncLLM``, so that can be collected."""
+    holds no reference to the ``AsyncLLM``, so that can be collected.
+
+    Outputs wait in a list per event loop until that loop drains it: a loop that keeps up drains each
+    step's outputs alone; one that falls behind (many streams, a fast engine) drains several steps at
+    once, with one decode and one stream event per request for all of them, so its cost per token falls
+    as its load grows. ``deliver`` takes only the short lock of that list, never the one held while a
+    loop detokenizes."""
 
     def __init__(self):
         self.processor: OutputProcessor | None = None  # set once the core is built, before any request
         self.core = None  # the core's client (a process or a thread), set with the processor
         self._lock = threading.Lock()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
+        self._loop_of: dict[str, asyncio.AbstractEventLoop] = {}  # core sequence id -> its caller's loop
+        self._pending_lock = threading.Lock()
+        self._pending: dict[asyncio.AbstractEventLoop, list[EngineCoreOutput]] = {}
 
     def add(self, new, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
         with self._lock:
             self.processor.add(new)
-            self._queues[new.request_id] = (loop, queue)
+            self._streams[new.request_id] = _Stream(loop, queue, list(new.seq_ids))
+            for seq_id in new.seq_ids:
+                self._loop_of[seq_id] = loop
 
     def deliver(self, outputs: list[EngineCoreOutput]) -> None:
-        """On the core thread: hand each event loop the outputs of its requests."""
+        """On the core's thread: queue each event loop the outputs of its requests."""
         by_loop: dict[asyncio.AbstractEventLoop, list[EngineCoreOutput]] = {}
-        with self._lock:
-            for out in outputs:
-                rid = self.processor.request_id_of(out.request_id)
-                stream = self._queues.get(rid) if rid is not None else None
-                if stream is not None:
-                    by_loop.setdefault(stream[0], []).append(out)
+        for out in outputs:
+            loop = self._loop_of.get(out.request_id)
+            if loop is not None:
+                by_loop.setdefault(loop, []).append(out)
         for loop, outs in by_loop.items():
+            with self._pending_lock:
+                pending = self._pending.get(loop)
+                if pending is not None:
+                    pending.extend(outs)
+                    continue
+                self._pending[loop] = outs
             try:
-                loop.call_soon_threadsafe(self._process, outs)
+                loop.call_soon_threadsafe(self._drain, loop)
             except RuntimeError:  # that loop is closed: nobody is listening any more
-                self._drop([self.processor.request_id_of(o.request_id) for o in outs])
+                with self._pending_lock:
+                    self._pending.pop(loop, None)
+                self._drop({self.processor.request_id_of(o.request_id) for o in outs})
 
-    def _process(self, outputs: list[EngineCoreOutput]) -> None:
-        """On a caller's event loop: detokenize, stop, merge; put each output on its stream."""
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On a caller's event loop: detokenize, stop, merge what arrived; put one output on each stream."""
+        with self._pending_lock:
+            outputs = self._pending.pop(loop, [])
         with self._lock:
             processed = self.processor.process(outputs)
             deliveries = []
             for out in processed.outputs:
-                stream = self._queues.get(out.request_id)
-                if out.finished:
-                    self._queues.pop(out.request_id, None)
+                stream = self._forget(out.request_id) if out.finished else self._streams.get(out.request_id)
                 if stream is not None:
-                    deliveries.append((stream[1], out))
+                    deliveries.append((stream.queue, out))
         self.core.abort(processed.to_abort)
         for queue, out in deliveries:
             queue.put_nowait(out)
 
+    def _forget(self, request_id: str) -> _Stream | None:
+        """Under ``_lock``: drop the request's stream and its sequences' routes; the stream."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            for seq_id in stream.seq_ids:
+                self._loop_of.pop(seq_id, None)
+        return stream
+
     def abort(self, request_id: str, notify: bool) -> None:
         with self._lock:
             final, seq_ids = self.processor.abort(request_id)
-            stream = self._queues.pop(request_id, None)
+            stream = self._forget(request_id)
         self.core.abort(seq_ids)
         if notify and final is not None and stream is not None:
-            loop, queue = stream
-            _put(loop, queue, final)
+            _put(stream.loop, stream.queue, final)
 
-    def _drop(self, request_ids: list[str | None]) -> None:
+    def _drop(self, request_ids) -> None:
         for rid in request_ids:
             if rid is not None:
                 self.abort(rid, notify=False)
 
     def fail_all(self, message: str) -> None:
         with self._lock:
-            streams = list(self._queues.items())
-        for rid, (loop, queue) in streams:
+            request_ids = list(self._streams)
+        for rid in request_ids:
             with self._lock:
                 final, _ = self.processor.abort(rid)
-                self._queues.pop(rid, None)
-            if final is not None:
+                stream = self._forget(rid)
+            if final is not None and stream is not None:
                 final.error = message
-                _put(loop, queue, final)
+                _put(stream.loop, stream.queue, final)
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    seq_ids: list[str]
+
+
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """``later`` with ``earlier``'s deltas in front of its own: two outputs a stream's reader had not yet
+    taken, read as one."""
+    before = {c.index: c for c in earlier.outputs}
+    for c in later.outputs:
+        e = before.get(c.index)
+        if e is None:
+            continue
+        c.delta_text = e.delta_text + c.delta_text
+        c.delta_token_ids = e.delta_token_ids + c.delta_token_ids
+        if e.delta_logprobs is not None:
+            c.delta_logprobs = e.delta_logprobs + (c.delta_logprobs or [])
+    if later.prompt_logprobs is None:
+        later.prompt_logprobs = earlier.prompt_logprobs
+    return later
 
 
 def _put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: RequestOutput) -> None:

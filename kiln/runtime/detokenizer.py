@@ -8,6 +8,8 @@ from tokenizers import Tokenizer
 # Tokens of left context decoded before the new ones. One non-special token is enough for the
 # decoders in use (byte-level, Metaspace, byte fallback); a few more cover decoders with pairwise rules.
 _CONTEXT_TOKENS = 4
+# The window's start moves (a second decode, of the new left context) only once it holds more tokens than this.
+_MAX_WINDOW = 2 * _CONTEXT_TOKENS
 # A UTF-8 character is at most 4 bytes, so a character split into byte tokens starts at most 3 tokens back.
 _MAX_CHAR_TOKENS = 4
 # Drop consumed token ids once this many pile up in front of the context window.
@@ -20,7 +22,8 @@ class IncrementalDetokenizer:
 
     ``add(ids)`` decodes a small window (a few already-emitted tokens of left context plus the new
     ones) and returns the part beyond the context's own text, so each call costs O(window), not
-    O(output). A delta is held back while the window's decode ends in U+FFFD: the last token ended
+    O(output): one decode, and a second one of the new left context when the window is moved on (every
+    few tokens). A delta is held back while the window's decode ends in U+FFFD: the last token ended
     inside a multi-byte character whose remaining bytes have not been sampled yet.
 
     The left context starts with the last prompt tokens, so the first output token keeps its
@@ -91,6 +94,10 @@ class IncrementalDetokenizer:
         delta = text[len(self._prefix_text):]
         self._read = len(self._ids)
         self._boundaries.append(self._read)
+        if self._read - self._prefix <= _MAX_WINDOW:
+            # The window keeps its start: its text up to _read is the text just decoded (one decode a call).
+            self._prefix_text = text
+            return delta
         self._prefix = self._pick_prefix()
         self._boundaries = [b for b in self._boundaries if b >= self._prefix]
         if self._prefix >= _TRIM_AT:

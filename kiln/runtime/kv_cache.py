@@ -227,6 +227,7 @@ class BlockManager:
         held = self._held.pop(req.request_id, None)
         if held is None:
             req.block_ids.clear()
+            req.blocks_epoch += 1
             return
         bs = self.block_size
         # Reverse order: a request's tail is released first, so it is evicted before its head, which
@@ -246,6 +247,7 @@ class BlockManager:
             else:
                 self._free.append(block.block_id)
         req.block_ids.clear()
+        req.blocks_epoch += 1
 
     # ----- internals -----
     def _take(self, block: _Block, request_id: str) -> None:

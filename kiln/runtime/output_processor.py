@@ -124,11 +124,12 @@ class OutputProcessor:
         return self._request_output(group, deltas, time.monotonic()), [c.seq_id for c in group.completions]
 
     def process(self, core_outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+        """The outputs of one or more steps (in order) as one ``RequestOutput`` per request they touched."""
         result = ProcessedOutputs()
         now = time.monotonic()
         # Per touched group, per completion: [delta text, delta token ids, delta logprobs].
         touched: dict[_Group, dict[_Completion, list]] = {}
-        for out in core_outputs:
+        for out in merge_steps(core_outputs):
             c = self._seqs.get(out.request_id)
             if c is None or c.finish_reason is not None:
                 continue  # aborted or stopped here already; the core has been told
@@ -148,24 +149,38 @@ class OutputProcessor:
             group.num_preemptions = max(group.num_preemptions, out.num_preemptions)
             if out.prompt_logprobs is not None:
                 group.prompt_logprobs = [None, *out.prompt_logprobs]
-            for i, token in enumerate(out.new_token_ids):
+            tokens = out.new_token_ids
+            if tokens:
                 if c.first_token_time is None:
                     c.first_token_time = now
                 c.last_token_time = now
-                c.tokens.append(token)
-                delta[1].append(token)
-                if c.logprobs is not None and out.new_logprobs is not None:
-                    c.logprobs.append(out.new_logprobs[i])
-                    delta[2].append(out.new_logprobs[i])
-                emit, hit = c.stops.feed(c.detokenizer.add([token]))
+            logprobs = out.new_logprobs if c.logprobs is not None else None
+            if not c.stops.stop:  # all of them at once: one decode for the step's (or steps') tokens
+                c.tokens.extend(tokens)
+                delta[1].extend(tokens)
+                if logprobs is not None:
+                    c.logprobs.extend(logprobs)
+                    delta[2].extend(logprobs)
+                emit = c.detokenizer.add(tokens)
                 if emit:
                     c.pieces.append(emit)
                     delta[0] += emit
-                if hit is not None:
-                    c.finish("stop", hit)
-                    if out.finish_reason is None:
-                        result.to_abort.append(c.seq_id)
-                    break
+            else:  # one at a time: no token past a stop string is kept
+                for i, token in enumerate(tokens):
+                    c.tokens.append(token)
+                    delta[1].append(token)
+                    if logprobs is not None:
+                        c.logprobs.append(logprobs[i])
+                        delta[2].append(logprobs[i])
+                    emit, hit = c.stops.feed(c.detokenizer.add([token]))
+                    if emit:
+                        c.pieces.append(emit)
+                        delta[0] += emit
+                    if hit is not None:
+                        c.finish("stop", hit)
+                        if out.finish_reason is None:
+                            result.to_abort.append(c.seq_id)
+                        break
             if c.finish_reason is None and out.finish_reason is not None:
                 emit = c.finish(out.finish_reason, out.stop_token_id)
                 if emit:
@@ -212,3 +227,28 @@ class OutputProcessor:
         if finished:
             m.e2e_latency = now - req.arrival_time
         return m
+
+
+def merge_steps(outputs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
+    """Several steps' outputs (in step order) with one per sequence: its new tokens and logprobs in order,
+    the first prompt logprobs and scheduling time, the last step's ending."""
+    by_seq: dict[str, list[EngineCoreOutput]] = {}
+    for out in outputs:
+        by_seq.setdefault(out.request_id, []).append(out)
+    if len(by_seq) == len(outputs):
+        return outputs
+    merged = []
+    for steps in by_seq.values():
+        if len(steps) == 1:
+            merged.append(steps[0])
+            continue
+        last = steps[-1]
+        logprobs = [s.new_logprobs for s in steps if s.new_logprobs is not None]
+        merged.append(EngineCoreOutput(
+            last.request_id, [t for s in steps for t in s.new_token_ids],
+            [lp for part in logprobs for lp in part] if logprobs else None,
+            next((s.prompt_logprobs for s in steps if s.prompt_logprobs is not None), None),
+            last.finish_reason, last.stop_token_id, last.error,
+            next((s.scheduled_time for s in steps if s.scheduled_time is not None), None),
+            max(s.num_cached_tokens for s in steps), max(s.num_preemptions for s in steps)))
+    return merged

@@ -52,6 +52,8 @@ class Request:
     # Prompt tokens that a prefix-cache hit supplied at (re)admission.
     num_cached_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # Counts the times block_ids was emptied (freed): a step's kept block-table row is then rewritten.
+    blocks_epoch: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     # Trailing PLACEHOLDER entries of token_ids: sampled, not yet known on the host.

@@ -6,6 +6,11 @@ block tables into buffers allocated once at the engine's limits, and returns vie
 path takes views of the exact batch; a CUDA-graph replay takes the same buffers padded to the captured
 shape (rows past the batch point at a dummy KV block that no request owns), so both paths read inputs
 built by the same code, and a graph captured over these buffers sees each step's values.
+
+Each running request's block table lives across steps in ``BlockRows`` (a row per request, written
+once and then only appended to as its blocks grow, rewritten when its blocks were freed), so a step
+gathers its tables, slots and positions with a few array operations instead of rebuilding them
+request by request; only prefill rows (more than one token) take a loop of their own.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import numpy as np
 import torch
 
 from kiln.ops import AttentionMetadata
-from kiln.runtime.request import Request
+from kiln.runtime.request import Request, RequestStatus
 
 Batch = list[tuple[Request, int]]
 
@@ -85,6 +90,61 @@ class _Buffers:
         self.copied: torch.cuda.Event | None = None
 
 
+class BlockRows:
+    """The block tables of the requests in flight, a row each, kept across steps (see the module's docstring).
+
+    ``rows(batch)`` returns the batch's rows, first bringing each up to date: a request seen for the first
+    time, or whose blocks were freed since (``Request.blocks_epoch``), gets its row written anew; one whose
+    block list grew gets the new entries. Entries past a request's blocks name ``dummy_block``. The row of
+    a request that no longer runs is reused once rows run short."""
+
+    def __init__(self, num_rows: int, max_blocks: int, dummy_block: int):
+        self.dummy_block = dummy_block
+        self.table = np.full((num_rows, max_blocks), dummy_block, dtype=np.int64)
+        self._count = [0] * num_rows  # blocks written in each row
+        self._owner: list[Request | None] = [None] * num_rows
+        self._epoch = [0] * num_rows
+        self._row_of: dict[str, int] = {}
+        self._free = list(range(num_rows - 1, -1, -1))
+
+    def rows(self, batch: Batch) -> list[int]:
+        if len(self._free) < len(batch):
+            self._reclaim({id(req) for req, _ in batch})
+        rows = []
+        for req, _ in batch:
+            row = self._row_of.get(req.request_id)
+            if row is None or self._owner[row] is not req or self._epoch[row] != req.blocks_epoch:
+                row = self._assign(req, row)
+            blocks = req.block_ids
+            count = self._count[row]
+            if len(blocks) > count:
+                self.table[row, count:len(blocks)] = blocks[count:]
+                self._count[row] = len(blocks)
+            rows.append(row)
+        return rows
+
+    def _assign(self, req: Request, row: int | None) -> int:
+        if row is None:
+            if not self._free:
+                raise RuntimeError(f"more than {len(self._owner)} requests in flight hold block-table rows")
+            row = self._free.pop()
+            self._row_of[req.request_id] = row
+        elif self._count[row]:
+            self.table[row, :self._count[row]] = self.dummy_block
+        self._owner[row], self._epoch[row], self._count[row] = req, req.blocks_epoch, 0
+        return row
+
+    def _reclaim(self, keep: set[int]) -> None:
+        """Free the rows of requests that no longer run (finished, preempted, dropped), but those in ``keep``."""
+        for rid, row in list(self._row_of.items()):
+            owner = self._owner[row]
+            if owner is None or (owner.status != RequestStatus.RUNNING and id(owner) not in keep):
+                del self._row_of[rid]
+                self.table[row, :self._count[row]] = self.dummy_block
+                self._owner[row], self._count[row] = None, 0
+                self._free.append(row)
+
+
 class StepInputs:
     def __init__(self, max_num_tokens: int, max_batch_size: int, max_seq_len: int, block_size: int,
                  device: torch.device, dummy_block: int = 0):
@@ -102,6 +162,7 @@ class StepInputs:
         self._hosts = ([_Buffers(max_num_tokens, rows, self.max_blocks, "cpu", pin=True) for _ in range(2)]
                        if self._copy else [self._dev])
         self._turn = 0
+        self.block_rows = BlockRows(2 * rows, self.max_blocks, dummy_block)
 
     def __getattr__(self, name: str) -> torch.Tensor:
         if name in _FIELDS:  # the device buffers, which captured graphs read
@@ -145,22 +206,7 @@ class StepInputs:
         table = h.block_tables[:rows, :width].numpy()
         query_start_loc = h.query_start_loc[: rows + 1].numpy()
         lengths = h.seq_lens[:rows].numpy()
-        table.fill(self.dummy_block)
-        fills: list[tuple[int, int]] = []
-        offset = 0
-        for i, ((req, n), start) in enumerate(zip(batch, starts)):
-            if req.num_placeholders and start + n > req.num_known_tokens:
-                if n != 1 or prev_tokens is None or req.request_id not in prev_tokens[1]:
-                    raise RuntimeError(f"request {req.request_id!r}: its input token is not known yet and the "
-                                       f"step that samples it is not in flight")
-                fills.append((offset, prev_tokens[1][req.request_id]))
-            blocks = np.asarray(req.block_ids[:width], dtype=np.int64)  # only those the context reaches
-            table[i, : len(blocks)] = blocks
-            pos = np.arange(start, start + n, dtype=np.int64)
-            positions[offset:offset + n] = pos
-            slots[offset:offset + n] = blocks[pos // bs] * bs + pos % bs
-            token_ids[offset:offset + n] = req.token_ids[start:start + n]
-            offset += n
+        offset = self._fill(batch, starts, lens, width, token_ids, positions, slots, table, prev_tokens)
         # Padding rows: tokens 0 at positions 0.., written to the dummy block, which their tables name.
         token_ids[offset:] = 0
         slots[offset:] = self.dummy_block * bs
@@ -180,6 +226,7 @@ class StepInputs:
         self._upload(h, "seq_lens", rows)
         if self._copy:
             d.block_tables[:rows, :width].copy_(h.block_tables[:rows, :width], non_blocking=True)
+        fills = self._fills
         if fills:
             k = len(fills)
             h.fill_dst[:k].numpy()[:] = [dst for dst, _ in fills]
@@ -207,6 +254,46 @@ class StepInputs:
             max_seq_len=width * bs if pad_to is not None else 0,
         )
         return StepBatch(d.token_ids[:num_tokens], d.positions[:num_tokens], meta, logits_indices, num_seqs)
+
+    def _fill(self, batch: Batch, starts: list[int], lens: list[int], width: int, token_ids: np.ndarray,
+              positions: np.ndarray, slots: np.ndarray, table: np.ndarray, prev_tokens: PrevTokens | None) -> int:
+        """The batch's token ids, positions, slots and block tables (rows taken from ``block_rows``); the
+        number of tokens written. Sets ``_fills``: (token offset, row in ``prev_tokens``) of input tokens
+        still on the device."""
+        bs = self.block_size
+        num_seqs = len(batch)
+        rows = self.block_rows.rows(batch)
+        source = self.block_rows.table
+        table[:num_seqs] = source[rows, :width]
+        table[num_seqs:] = self.dummy_block
+        self._fills = []
+        if all(n == 1 for n in lens):  # a decode step: one token a row, all at once
+            pos = np.asarray(starts, dtype=np.int64)
+            positions[:num_seqs] = pos
+            slots[:num_seqs] = source[rows, pos // bs] * bs + pos % bs
+            token_ids[:num_seqs] = [req.token_ids[start] for (req, _), start in zip(batch, starts)]
+            for i, ((req, _), start) in enumerate(zip(batch, starts)):
+                if req.num_placeholders and start + 1 > req.num_known_tokens:
+                    self._fills.append((i, self._in_flight(req, 1, prev_tokens)))
+            return num_seqs
+        offset = 0
+        for i, ((req, n), start) in enumerate(zip(batch, starts)):
+            if req.num_placeholders and start + n > req.num_known_tokens:
+                self._fills.append((offset, self._in_flight(req, n, prev_tokens)))
+            pos = np.arange(start, start + n, dtype=np.int64)
+            positions[offset:offset + n] = pos
+            slots[offset:offset + n] = source[rows[i], pos // bs] * bs + pos % bs
+            token_ids[offset:offset + n] = req.token_ids[start:start + n]
+            offset += n
+        return offset
+
+    @staticmethod
+    def _in_flight(req: Request, n: int, prev_tokens: PrevTokens | None) -> int:
+        """The row of ``req``'s input token in the step in flight's sampled tokens."""
+        if n != 1 or prev_tokens is None or req.request_id not in prev_tokens[1]:
+            raise RuntimeError(f"request {req.request_id!r}: its input token is not known yet and the "
+                               f"step that samples it is not in flight")
+        return prev_tokens[1][req.request_id]
 
     def _upload(self, host: _Buffers, name: str, n: int) -> None:
         if self._copy:

@@ -14,8 +14,9 @@
 - an exception a route did not handle is answered (500) by the route's app, which logs it; here it ends,
   instead of being logged a second time by uvicorn.
 
-``connection_guard`` makes uvicorn's HTTP/1.1 protocol close a connection beyond ``max_connections`` at
-once, and one whose request head is not complete ``header_timeout`` seconds after it began.
+``connection_guard`` makes uvicorn's HTTP/1.1 protocol (httptools, llhttp's C parser) close a connection
+beyond ``max_connections`` at once, and one whose request head is not complete ``header_timeout`` seconds
+after it began; a request head past ``MAX_HEAD_BYTES`` gets 431 and the connection is closed.
 """
 from __future__ import annotations
 
@@ -25,13 +26,15 @@ import logging
 import time
 
 from starlette.middleware.cors import CORSMiddleware
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from kiln.server.access import AccessPolicy
 from kiln.server.errors import Code, ServerError
 from kiln.server.limits import Limits
 
 log = logging.getLogger("kiln.server")
+# A request head (request line and headers) larger than this is refused: 431, and the connection closed.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class EdgeMiddleware:
@@ -95,7 +98,7 @@ class _LimitedBody:
             try:
                 declared = int(self.declared)
             except ValueError:
-                declared = 0  # h11 refused a malformed Content-Length before the app ran
+                declared = 0  # the parser refused a malformed Content-Length before the app ran
             if declared > limit:
                 raise self._refuse(Code.TOO_LARGE, f"the request body of {declared} bytes is over the server's "
                                                    f"limit of {limit} bytes (--max-request-size)")
@@ -130,19 +133,22 @@ async def _plain_error(send, error: ServerError, close: bool) -> None:
     await send({"type": "http.response.body", "body": json.dumps({"error": error.message}).encode()})
 
 
-def connection_guard(limits: Limits) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a connection cap and a request-head deadline (``Config(http=...)``)."""
+def connection_guard(limits: Limits) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with a connection cap, a request-head deadline and a request-head size
+    limit (``Config(http=...)``)."""
 
-    class GuardedH11Protocol(H11Protocol):
+    class GuardedHttpProtocol(HttpToolsProtocol):
         _refused_logged = 0.0
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._head_timer: asyncio.TimerHandle | None = None
+            # Parsing a request head; the bytes of pieces that ended inside it; its parsed size; refused.
+            self._in_head, self._head_bytes, self._head_size, self._head_refused = False, 0, 0, False
             if len(self.connections) > limits.max_connections:
                 now = time.monotonic()
-                if now - GuardedH11Protocol._refused_logged > 10:  # once in a while, not once a connection
-                    GuardedH11Protocol._refused_logged = now
+                if now - GuardedHttpProtocol._refused_logged > 10:  # once in a while, not once a connection
+                    GuardedHttpProtocol._refused_logged = now
                     log.warning("refusing HTTP connections beyond the limit of %d open (--max-connections)",
                                 limits.max_connections)
                 transport.abort()
@@ -159,6 +165,42 @@ def connection_guard(limits: Limits) -> type[H11Protocol]:
             super().data_received(data)
             if not self._awaiting_head():
                 self._disarm_head_timer()
+            if self._in_head and not self.transport.is_closing():
+                # A piece that leaves the parser inside a head: its bytes were all head (the parser holds
+                # an unfinished header line itself, so it is counted here, not in on_header).
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._head_refused = True
+                    self.send_400_response("")
+
+        # The parser's callbacks: a head's size, and a head over the limit stops the parser before a route runs.
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head_bytes, self._head_size = True, 0, 0
+
+        def on_url(self, url: bytes) -> None:
+            super().on_url(url)
+            self._head_size += len(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            super().on_header(name, value)
+            self._head_size += len(name) + len(value) + 4
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            if self._head_size > MAX_HEAD_BYTES:
+                self._head_refused = True
+                raise ValueError("request head too large")  # the parser's error: send_400_response below
+            super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            if not self._head_refused:
+                super().send_400_response(msg)
+                return
+            message = f"the request head is over the server's limit of {MAX_HEAD_BYTES} bytes".encode()
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(message), message))
+            self.transport.close()
 
         def _awaiting_head(self) -> bool:
             return self.cycle is None or self.cycle.response_complete
@@ -176,4 +218,4 @@ def connection_guard(limits: Limits) -> type[H11Protocol]:
             if self._awaiting_head() and not self.transport.is_closing():
                 self.transport.close()
 
-    return GuardedH11Protocol
+    return GuardedHttpProtocol
