@@ -19,8 +19,12 @@ class OutputBuilder:
         self.version = version
         self.labels = labels
         self.shm = shm
-        self.outputs = {io.name: io for io in config.output}
         self.decoupled = is_decoupled(config)
+        # Per output, what each response checks it against: its data type, its config dims (the batch
+        # dimension goes in front where the model batches) and whether the config reshapes it. Read once.
+        self._specs = {io.name: (datatypes.by_config(io.data_type), list(io.dims), io.HasField("reshape"))
+                       for io in config.output}
+        self._batched = config.max_batch_size > 0
 
     def response(self, request: InferenceRequest, reply: Reply) -> InferenceResponse:
         response = InferenceResponse(self.config.name, self.version, request.id, parameters=reply.parameters,
@@ -45,16 +49,13 @@ class OutputBuilder:
                 if self.decoupled:
                     continue  # a streamed response may carry only some outputs
                 raise ServerError.internal(f"model '{model}' did not produce output '{name}'")
-            io = self.outputs[name]
-            dtype = datatypes.by_config(io.data_type)
+            dtype, io_dims, reshape = self._specs[name]
             array = _coerce(np.asarray(produced[name]) if not isinstance(produced[name], np.ndarray)
                             else produced[name], dtype, name, model)
-            batch = [request.batch_size] if self.config.max_batch_size > 0 else []
-            if io.HasField("reshape"):
-                dims = batch + list(io.dims)
-                if dims.count(WILDCARD) <= 1 and array.size == _known_size(dims, array.size):
-                    array = array.reshape(dims)
-            _check_shape(array, batch + list(io.dims), name, model)
+            dims = [request.batch_size, *io_dims] if self._batched else io_dims
+            if reshape and dims.count(WILDCARD) <= 1 and array.size == _known_size(dims, array.size):
+                array = array.reshape(dims)
+            _check_shape(array, dims, name, model)
             ro = requested.get(name)
             if ro is not None and ro.class_count > 0:
                 array = _classify(array, ro.class_count, self.labels.get(name), self.config.max_batch_size > 0)

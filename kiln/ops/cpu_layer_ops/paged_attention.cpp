@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -38,13 +39,51 @@ inline const float* as_float(const T* src, float* buffer, int64_t n) {
   return buffer;
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+// exp(x) for the softmax's x <= 0, in plain arithmetic so that a loop over a row vectorizes (glibc's expf
+// does not): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 7 (relative error
+// under 1e-7, below float32's rounding), 2^n written into the exponent bits. Below -87 it is 0.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
 }
 
+// Dot products of ``G`` query rows with one key row of ``D`` values: the key is read once for all of them.
+template <int64_t D>
+inline void key_scores(const float* q, const float* k, int64_t group, float* out, int64_t stride) {
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * D;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < D; ++d) s += qg[d] * k[d];
+    out[g * stride] = s;
+  }
+}
+
+inline void key_scores_any(const float* q, const float* k, int64_t group, int64_t dim, float* out, int64_t stride) {
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * dim;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < dim; ++d) s += qg[d] * k[d];
+    out[g * stride] = s;
+  }
+}
+
+// Each task is one (query token, KV head): its ``group`` query heads against the keys it sees, walked
+// block by block through the table (no division per key), scores, softmax, then the values.
 template <typename T, typename C, typename I>
 void attend(const T* q, const C* k_cache, const C* v_cache, const I* block_tables, const int64_t* seq_lens,
             const int64_t* query_start_loc, int64_t num_seqs, int64_t num_tokens, int64_t heads, int64_t heads_kv,
@@ -57,7 +96,7 @@ void attend(const T* q, const C* k_cache, const C* v_cache, const I* block_table
   const int64_t kv_row = heads_kv * head_dim;          // one cached token's stride
   const int64_t kv_block = block_size * kv_row;        // one block's stride
   at::parallel_for(0, num_tokens * heads_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * head_dim), acc(group * head_dim), kf(head_dim), vf(head_dim), scores;
+    std::vector<float> qf(group * head_dim), acc(group * head_dim), kf(head_dim), scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task / heads_kv, hk = task % heads_kv;
       const int64_t s = seq_of[t];
@@ -65,20 +104,35 @@ void attend(const T* q, const C* k_cache, const C* v_cache, const I* block_table
       const int64_t pos = seq_lens[s] - q_len + (t - query_start_loc[s]);
       const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
       const int64_t count = pos + 1 - first;
-      for (int64_t g = 0; g < group; ++g) {
+      for (int64_t g = 0; g < group; ++g) {  // the query rows, scaled once here instead of every score
         const T* row = q + (t * heads + hk * group + g) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = to_float(row[d]);
+        for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = to_float(row[d]) * scale;
       }
-      scores.assign(group * count, 0.f);
+      scores.resize(group * count);
       const I* table = block_tables + s * max_blocks;
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t key = first + i;
-        const C* k = k_cache + static_cast<int64_t>(table[key / block_size]) * kv_block + (key % block_size) * kv_row +
-                     hk * head_dim;
-        const float* kr = as_float(k, kf.data(), head_dim);
-        for (int64_t g = 0; g < group; ++g) scores[g * count + i] = dot(qf.data() + g * head_dim, kr, head_dim) * scale;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
+      // Keys first..pos, a block's run at a time: (block, first slot in it, keys in it, index of the first).
+      const auto for_each_run = [&](auto&& body) {
+        for (int64_t i = 0; i < count;) {
+          const int64_t key = first + i;
+          const int64_t slot = key % block_size;
+          const int64_t n = std::min(block_size - slot, count - i);
+          body(static_cast<int64_t>(table[key / block_size]) * kv_block + slot * kv_row + hk * head_dim, n, i);
+          i += n;
+        }
+      };
+      for_each_run([&](int64_t offset, int64_t n, int64_t i) {
+        const C* k = k_cache + offset;
+        for (int64_t j = 0; j < n; ++j, k += kv_row) {
+          const float* kr = as_float(k, kf.data(), head_dim);
+          float* o = scores.data() + i + j;
+          if (head_dim == 64)
+            key_scores<64>(qf.data(), kr, group, o, count);
+          else if (head_dim == 128)
+            key_scores<128>(qf.data(), kr, group, o, count);
+          else
+            key_scores_any(qf.data(), kr, group, head_dim, o, count);
+        }
+      });
       std::vector<float> sums(group, 0.f);
       for (int64_t g = 0; g < group; ++g) {
         float* row = scores.data() + g * count;
@@ -86,23 +140,24 @@ void attend(const T* q, const C* k_cache, const C* v_cache, const I* block_table
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < count; ++i) {
-          row[i] = std::exp(row[i] - top);
+          row[i] = exp_nonpositive(row[i] - top);
           sum += row[i];
         }
         sums[g] = sum;
       }
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t key = first + i;
-        const C* v = v_cache + static_cast<int64_t>(table[key / block_size]) * kv_block + (key % block_size) * kv_row +
-                     hk * head_dim;
-        const float* vr = as_float(v, vf.data(), head_dim);
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * count + i];
-          float* a = acc.data() + g * head_dim;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for_each_run([&](int64_t offset, int64_t n, int64_t i) {
+        const C* v = v_cache + offset;
+        for (int64_t j = 0; j < n; ++j, v += kv_row) {
+          const float* vr = as_float(v, kf.data(), head_dim);
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * count + i + j];
+            float* a = acc.data() + g * head_dim;
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * vr[d];
+            for (int64_t d = 0; d < head_dim; ++d) a[d] += p * vr[d];
+          }
         }
-      }
+      });
       for (int64_t g = 0; g < group; ++g) {
         T* o = out + (t * heads + hk * group + g) * head_dim;
         const float inv = 1.f / sums[g];
