@@ -58,20 +58,18 @@ class EdgeMiddleware:
             return
         body = _LimitedBody(receive, self.limits, headers.get("content-length"))
 
-        async def send_closing(message) -> None:
-            if message["type"] == "http.response.start" and body.stalled:
-                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
-            await send(message)
-
         started = False
 
-        async def tracking_send(message) -> None:
+        async def edge_send(message) -> None:  # notes that the response began; closes a stalled body's connection
             nonlocal started
-            started = True
-            await send_closing(message)
+            if not started:
+                started = True
+                if message["type"] == "http.response.start" and body.stalled:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
 
         try:
-            await self.app(scope, body.receive, tracking_send)
+            await self.app(scope, body.receive, edge_send)
         except Exception as e:  # the app answered it and logged it (its 500 handler); see the module's docstring
             if not started:
                 log.error("HTTP %s %s failed before responding: %s: %s", scope.get("method"), scope.get("path"),
