@@ -4,7 +4,9 @@ Servers call ``generate`` for each request and ``async for`` over its outputs as
 engine core steps in a process of its own (``core_process``; or a thread, ``engine_core="thread"``);
 each step's outputs are handed to the event loop of the request they belong to, where the output
 processor detokenizes them, so the loop is never blocked by a forward pass and the core never waits
-for a consumer. A core process that dies ends the streams it held with an error and is restarted.
+for a consumer. Steps that arrive while the loop is busy are processed together and reach a stream as
+one output (its deltas those of all the steps; see ``_Streams``). A core process that dies ends the
+streams it held with an error and is restarted.
 
 ``abort`` ends a stream with a final output (``finish_reason="abort"``); a consumer that stops
 iterating aborts its request too. A request the engine fails raises ``RequestFailed`` in its own

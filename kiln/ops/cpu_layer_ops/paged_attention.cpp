@@ -60,24 +60,16 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-// Dot products of ``G`` query rows with one key row of ``D`` values: the key is read once for all of them.
+// Dot products of ``group`` query rows with one key row: the key is read once for all of them. D > 0 is a
+// head size known when compiling (the loop unrolls); D == 0 takes ``dim`` at run time.
 template <int64_t D>
-inline void key_scores(const float* q, const float* k, int64_t group, float* out, int64_t stride) {
+inline void key_scores(const float* q, const float* k, int64_t group, int64_t dim, float* out, int64_t stride) {
+  const int64_t n = D > 0 ? D : dim;
   for (int64_t g = 0; g < group; ++g) {
-    const float* qg = q + g * D;
+    const float* qg = q + g * n;
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < D; ++d) s += qg[d] * k[d];
-    out[g * stride] = s;
-  }
-}
-
-inline void key_scores_any(const float* q, const float* k, int64_t group, int64_t dim, float* out, int64_t stride) {
-  for (int64_t g = 0; g < group; ++g) {
-    const float* qg = q + g * dim;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < dim; ++d) s += qg[d] * k[d];
+    for (int64_t d = 0; d < n; ++d) s += qg[d] * k[d];
     out[g * stride] = s;
   }
 }
@@ -126,11 +118,11 @@ void attend(const T* q, const C* k_cache, const C* v_cache, const I* block_table
           const float* kr = as_float(k, kf.data(), head_dim);
           float* o = scores.data() + i + j;
           if (head_dim == 64)
-            key_scores<64>(qf.data(), kr, group, o, count);
+            key_scores<64>(qf.data(), kr, group, head_dim, o, count);
           else if (head_dim == 128)
-            key_scores<128>(qf.data(), kr, group, o, count);
+            key_scores<128>(qf.data(), kr, group, head_dim, o, count);
           else
-            key_scores_any(qf.data(), kr, group, head_dim, o, count);
+            key_scores<0>(qf.data(), kr, group, head_dim, o, count);
         }
       });
       std::vector<float> sums(group, 0.f);

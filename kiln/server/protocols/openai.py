@@ -5,7 +5,8 @@ A request names a model of the repository served by the kiln backend and reaches
 engine (``KilnBackend.llm``: the instance's ``AsyncLLM``), so the Triton protocols and this one share
 one engine per model, its LLM metrics, and the model's statistics (``ServedModel.direct_request``
 keeps the request in flight for unload and counts it). A streamed response is server-sent events,
-one chunk per engine step, ending with ``data: [DONE]``; a client that goes away mid-stream aborts its
+one chunk per engine step (or per few, when the server is busier than its engine), ending with
+``data: [DONE]``; a client that goes away mid-stream aborts its
 requests and frees their KV blocks.
 
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed

@@ -141,8 +141,8 @@ class KilnInstance(ModelInstance):
             request.respond(error=e if isinstance(e, ServerError) else ServerError.invalid(str(e)))
 
     async def _generate(self, request: InferenceRequest, job: tensors.Job, stream: bool, solo: bool) -> _Row:
-        """Generate one batch row. Streaming, respond with each step's new tokens (the last response final
-        when the request has this one row). The row's whole result at the end."""
+        """Generate one batch row. Streaming, respond with each output's new tokens (a step's, or a few
+        steps'; the last response final when the request has this one row). The row's whole result at the end."""
         rid = f"{self._prefix}-{next(self._ids)}"
         row = _Row(job)
         last = None
