@@ -38,7 +38,7 @@ def main() -> None:
         prepared[name] = []
         for op, w in weights:
             impl = get_op(op).impls[name]
-            prepared[name].append((impl.fn, impl.prepare(w) if impl.prepare else w, inputs[w.shape[1]]))
+            prepared[name].append((impl.fn, impl.prepare(w, torch.float32) if impl.prepare else w, inputs[w.shape[1]]))
     with busy_neighbours(args.busy_neighbours):
         time.sleep(0.3)
         for threads in (2, 1):
