@@ -292,8 +292,15 @@ def test_every_protocol_against_kiln_serve(llm_server, tokenizer_dir, backend, c
         assert r["total_input_tokens"] > by_tokenizer
     else:
         assert r["total_input_tokens"] == pytest.approx(by_tokenizer, abs=0.1)
-    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_latency_ms"):
+    for key in ("ttft_ms", "e2e_latency_ms"):
         check_percentiles(r[key])
+    # A server busier than its engine sends the steps a stream fell behind on as one chunk (kiln does), so
+    # five tokens from a tiny engine may come in one: no gap between chunks to time, and no figure.
+    for key in ("tpot_ms", "itl_ms"):
+        if r[key]["min"] is None:
+            assert all(v is None for v in r[key].values())
+        else:
+            check_percentiles(r[key])
     assert "time to first token" in table
 
 
