@@ -206,7 +206,7 @@ class StepInputs:
         table = h.block_tables[:rows, :width].numpy()
         query_start_loc = h.query_start_loc[: rows + 1].numpy()
         lengths = h.seq_lens[:rows].numpy()
-        offset = self._fill(batch, starts, lens, width, token_ids, positions, slots, table, prev_tokens)
+        offset, fills = self._fill(batch, starts, lens, width, token_ids, positions, slots, table, prev_tokens)
         # Padding rows: tokens 0 at positions 0.., written to the dummy block, which their tables name.
         token_ids[offset:] = 0
         slots[offset:] = self.dummy_block * bs
@@ -226,7 +226,6 @@ class StepInputs:
         self._upload(h, "seq_lens", rows)
         if self._copy:
             d.block_tables[:rows, :width].copy_(h.block_tables[:rows, :width], non_blocking=True)
-        fills = self._fills
         if fills:
             k = len(fills)
             h.fill_dst[:k].numpy()[:] = [dst for dst, _ in fills]
@@ -256,17 +255,18 @@ class StepInputs:
         return StepBatch(d.token_ids[:num_tokens], d.positions[:num_tokens], meta, logits_indices, num_seqs)
 
     def _fill(self, batch: Batch, starts: list[int], lens: list[int], width: int, token_ids: np.ndarray,
-              positions: np.ndarray, slots: np.ndarray, table: np.ndarray, prev_tokens: PrevTokens | None) -> int:
-        """The batch's token ids, positions, slots and block tables (rows taken from ``block_rows``); the
-        number of tokens written. Sets ``_fills``: (token offset, row in ``prev_tokens``) of input tokens
-        still on the device."""
+              positions: np.ndarray, slots: np.ndarray, table: np.ndarray, prev_tokens: PrevTokens | None
+              ) -> tuple[int, list[tuple[int, int]]]:
+        """Write the batch's token ids, positions, slots and block tables (rows taken from ``block_rows``);
+        return the number of tokens written and the input tokens still on the device, as (token offset,
+        row in ``prev_tokens``)."""
         bs = self.block_size
         num_seqs = len(batch)
         rows = self.block_rows.rows(batch)
         source = self.block_rows.table
         table[:num_seqs] = source[rows, :width]
         table[num_seqs:] = self.dummy_block
-        self._fills = []
+        fills: list[tuple[int, int]] = []
         if all(n == 1 for n in lens):  # a decode step: one token a row, all at once
             pos = np.asarray(starts, dtype=np.int64)
             positions[:num_seqs] = pos
@@ -274,18 +274,18 @@ class StepInputs:
             token_ids[:num_seqs] = [req.token_ids[start] for (req, _), start in zip(batch, starts)]
             for i, ((req, _), start) in enumerate(zip(batch, starts)):
                 if req.num_placeholders and start + 1 > req.num_known_tokens:
-                    self._fills.append((i, self._in_flight(req, 1, prev_tokens)))
-            return num_seqs
+                    fills.append((i, self._in_flight(req, 1, prev_tokens)))
+            return num_seqs, fills
         offset = 0
         for i, ((req, n), start) in enumerate(zip(batch, starts)):
             if req.num_placeholders and start + n > req.num_known_tokens:
-                self._fills.append((offset, self._in_flight(req, n, prev_tokens)))
+                fills.append((offset, self._in_flight(req, n, prev_tokens)))
             pos = np.arange(start, start + n, dtype=np.int64)
             positions[offset:offset + n] = pos
             slots[offset:offset + n] = source[rows[i], pos // bs] * bs + pos % bs
             token_ids[offset:offset + n] = req.token_ids[start:start + n]
             offset += n
-        return offset
+        return offset, fills
 
     @staticmethod
     def _in_flight(req: Request, n: int, prev_tokens: PrevTokens | None) -> int:

@@ -58,7 +58,7 @@ class OutputBuilder:
             _check_shape(array, dims, name, model)
             ro = requested.get(name)
             if ro is not None and ro.class_count > 0:
-                array = _classify(array, ro.class_count, self.labels.get(name), self.config.max_batch_size > 0)
+                array = _classify(array, ro.class_count, self.labels.get(name), self._batched)
                 dtype = datatypes.BY_NAME["BYTES"]
             tensor = Tensor(name, dtype.name, list(array.shape), array)
             if ro is not None and ro.shm is not None:

@@ -6,8 +6,7 @@ engine (``KilnBackend.llm``: the instance's ``AsyncLLM``), so the Triton protoco
 one engine per model, its LLM metrics, and the model's statistics (``ServedModel.direct_request``
 keeps the request in flight for unload and counts it). A streamed response is server-sent events,
 one chunk per engine step (or per few, when the server is busier than its engine), ending with
-``data: [DONE]``; a client that goes away mid-stream aborts its
-requests and frees their KV blocks.
+``data: [DONE]``; a client that goes away mid-stream aborts its requests and frees their KV blocks.
 
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed
 body, an invalid value or a prompt longer than the engine allows; 401 for a missing or wrong API key
