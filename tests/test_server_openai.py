@@ -289,3 +289,44 @@ def test_concurrent_streams_some_leaving_and_blocks_freed(server, client):
     assert metric(server, "kiln_num_requests_running") == 0 and metric(server, "kiln_num_requests_waiting") == 0
     # The OpenAI requests are the model's requests: the Triton statistics counted them.
     assert metric(server, "nv_inference_request_success") >= before + 10
+
+
+def _call(server, path: str, body: dict | None = None, key: str | None = KEY) -> tuple[int, str]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(f"http://{server.http}{path}", json.dumps(body).encode() if body else None,
+                                     headers, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_vllm_routes_tokenize_detokenize_health_version_and_metrics(server, reference):
+    status, body = _call(server, "/tokenize", {"model": "tiny", "prompt": PROMPT, "return_token_strs": True})
+    doc = json.loads(body)
+    ids = reference.tokenizer.encode(PROMPT)
+    assert status == 200 and doc["tokens"] == ids and doc["count"] == len(ids) and doc["max_model_len"] == 256
+    assert "".join(doc["token_strs"]).replace("Ġ", " ").endswith("fox")
+    status, body = _call(server, "/tokenize", {"messages": CONVERSATION})  # the one model, by default
+    assert status == 200 and json.loads(body)["tokens"] == reference.tokenizer.encode_chat(CONVERSATION)
+    status, body = _call(server, "/detokenize", {"model": "tiny", "tokens": ids})
+    assert status == 200 and json.loads(body)["prompt"] == reference.tokenizer.decode(ids, skip_special_tokens=False)
+    status, body = _call(server, "/detokenize", {"model": "tiny", "tokens": [10**9]})
+    assert status == 400 and json.loads(body)["error"]["param"] == "tokens"
+    status, body = _call(server, "/tokenize", {"model": "tiny", "prompt": "x", "messages": CONVERSATION})
+    assert status == 400 and "not both" in json.loads(body)["error"]["message"]
+    status, _ = _call(server, "/tokenize", {"model": "tiny", "prompt": "x"}, key="sk-wrong")
+    assert status == 401
+    assert _call(server, "/health", key=None)[0] == 200
+    assert json.loads(_call(server, "/version")[1])["version"]
+    status, page = _call(server, "/metrics")  # on the API's port too, as vLLM serves it
+    assert status == 200 and "nv_inference_request_success" in page
+    assert _call(server, "/metrics", key=None)[0] == 401
+
+
+def test_unknown_fields_are_named_whatever_they_begin_with(client):
+    for name in ("str_option", "int_limit", "list[x]", "structured_output"):
+        status, body = _error_of(lambda: client.completions.create(model="tiny", prompt="x",
+                                                                    extra_body={name: 1}))
+        assert status == 400 and body["param"] == name and body["message"].endswith(name)

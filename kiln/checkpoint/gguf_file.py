@@ -102,8 +102,16 @@ def read_gguf(path: str | os.PathLike) -> SourceModel:
 
     extra = {"gguf_file_type": metadata.get("general.file_type"), "gguf_name": metadata.get("general.name")}
     formats = {item.hf_name: item.packed.name for item in plan if item.packed is not None}
+    sampling = {hf: metadata[key] for key, hf in _SAMPLING_KEYS.items() if key in metadata}
     return SourceModel(hf_config, tensors, len(plan), tokenizer, tokenizer_config, source=str(path),
-                       extra={k: v for k, v in extra.items() if v is not None}, formats=formats)
+                       extra={k: v for k, v in extra.items() if v is not None}, formats=formats,
+                       generation_config=sampling)
+
+
+# The sampling defaults a GGUF file may carry (llama.cpp's general.sampling.*), by generation_config.json's names.
+_SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
+                  "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
+                  "general.sampling.penalty_repeat": "repetition_penalty"}
 
 
 def read_metadata(reader: GGUFReader, path: Path | str = "") -> dict[str, Any]:

@@ -83,8 +83,10 @@ def read_hf_dir(path: str | os.PathLike) -> SourceModel:
                 return f.get_tensor(name)
 
         extra["kv_cache_scales"] = quantized.kv_cache_scales(get_one)
+    generation = path / "generation_config.json"
     return SourceModel(hf_config, tensors, len(names), tokenizer, tokenizer_config, source=str(path), extra=extra,
-                       formats=quantized.formats)
+                       formats=quantized.formats,
+                       generation_config=_read_json(generation) if generation.is_file() else {})
 
 
 def _read_json(file: Path) -> dict:

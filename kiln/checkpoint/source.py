@@ -34,3 +34,6 @@ class SourceModel:
     # Tensors that ``tensors()`` yields packed, by name: their format (kiln.weight_formats), the packed
     # tensor uint8 [out, row bytes]. The others are float.
     formats: dict[str, str] = field(default_factory=dict)
+    # As a Hugging Face generation_config.json holds it: the model's own sampling defaults ("temperature",
+    # "top_p", "top_k", "min_p", "repetition_penalty") and "eos_token_id"; empty where the source has none.
+    generation_config: dict = field(default_factory=dict)

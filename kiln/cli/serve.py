@@ -77,6 +77,11 @@ def add_parser(verbs, add_build_options) -> None:
     p.add_argument("--engine-core", choices=["process", "thread"], default="process",
                    help="where MODEL's engine core steps: a process of its own (default; no interpreter lock "
                         "shared with the server) or a thread of the server's process")
+    p.add_argument("--generation-config", choices=["auto", "none"], default="auto",
+                   help="sampling defaults of a request that leaves them unset: the model's own (auto: its "
+                        "generation config, recorded in the engine) or kiln's (none)")
+    p.add_argument("--override-generation-config", default=None, metavar="JSON",
+                   help='sampling defaults over those, e.g. \'{"temperature": 0.5, "top_p": 0.95}\'')
     add_build_options(p, for_run=True)
     p.set_defaults(run=run)
 
@@ -103,14 +108,20 @@ def run(args: argparse.Namespace) -> None:
     if args.model_repository:
         serve(ServeOptions(model_repository=Path(args.model_repository), **options), _banner(args))
         return
-    from kiln.builder.engine_cache import engine_for
+    from kiln.builder.engine_cache import DEFAULT_MODEL_SAMPLING, engine_for
 
     from kiln.cli.build_options import build_fields, quantize_calibration
 
     engine = engine_for(args.model, args.dtype, quantize_calibration=quantize_calibration(args), **build_fields(args))
     name = args.served_model_name or served_name(args.model)
+    parameters = {"engine_core": args.engine_core, "generation_config": args.generation_config}
+    override = args.override_generation_config
+    if override is None and args.model is None and args.generation_config == "auto":
+        override = json.dumps(DEFAULT_MODEL_SAMPLING)  # the default model's GGUF has no generation config
+    if override:
+        parameters["override_generation_config"] = override
     with tempfile.TemporaryDirectory(prefix="kiln-serve-") as root:
-        write_model_folder(Path(root), name, engine, {"engine_core": args.engine_core})
+        write_model_folder(Path(root), name, engine, parameters)
         serve(ServeOptions(model_repository=Path(root), **options), _banner(args))
 
 

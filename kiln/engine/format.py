@@ -159,7 +159,10 @@ class Engine:
 
 
 # Token facts a checkpoint records and an engine copies into its tokenizer section.
-GENERATION_SCHEMA = Record({"bos_token_id": Nullable(INT), "eos_token_ids": ListOf(INT), "pad_token_id": Nullable(INT)})
+GENERATION_SCHEMA = Record({"bos_token_id": Nullable(INT), "eos_token_ids": ListOf(INT), "pad_token_id": Nullable(INT)},
+                           {"sampling_defaults": Record({}, {"temperature": NUMBER, "top_p": NUMBER, "top_k": INT,
+                                                             "min_p": NUMBER, "repetition_penalty": NUMBER},
+                                                        closed=True)})
 # Every key of engine.json that kiln reads; a missing or mistyped one is an error naming its path.
 ENGINE_SCHEMA = Record(
     {
@@ -176,7 +179,8 @@ ENGINE_SCHEMA = Record(
             {"name": STR, "shape": ListOf(INT), "dtype": STR, "sha256": STR},
             {"format": STR, "logical_shape": ListOf(INT)}))}, {"files": ListOf(STR)}),
         "tokenizer": Record({**GENERATION_SCHEMA.required, "add_bos_token": BOOL, "chat_template": Nullable(STR)},
-                            {"bos_token": Nullable(STR), "eos_token": Nullable(STR), "files": ListOf(STR)}),
+                            {"bos_token": Nullable(STR), "eos_token": Nullable(STR), "files": ListOf(STR),
+                             **GENERATION_SCHEMA.optional}),
     },
     {"kiln_version": Nullable(STR), "created": STR, "source": Nullable(DictOf()),
      # The user's plugin files the engine carries (relative paths), imported before its plan is bound.

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from kiln.engine import Engine, read_engine
+from kiln.engine.format import TOKENIZER_FILE
 from kiln.errors import RequestError
 from kiln.runtime.config import RuntimeConfig
 from kiln.runtime.kv_cache import BlockManager
@@ -31,6 +32,7 @@ from kiln.runtime.sampler import PendingSample, Sampler
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, admission_error
 from kiln.runtime.step_inputs import Batch, PrevTokens
+from kiln.runtime.structured_output import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,8 @@ class EngineCore:
         )
         self.sampler = Sampler()
         self.vocab_size = self.runner.config.vocab_size
+        self.grammars = Grammars(self.engine.path / TOKENIZER_FILE, self.vocab_size,
+                                 self.engine.tokenizer.get("eos_token_ids") or [])
         # Requests waiting for another to compute its prompt: that request's id -> (it, the waiting ones).
         self._deferred: dict[str, tuple[Request, list[Request]]] = {}
         self._requests: dict[str, Request] = {}
@@ -137,6 +141,8 @@ class EngineCore:
         r = core_request
         req = Request(r.request_id, r.prompt_token_ids, r.sampling_params, eos_token_ids=r.eos_token_ids,
                       arrival_time=r.arrival_time)
+        if r.sampling_params.structured is not None:
+            req.grammar = self.grammars.matcher(r.sampling_params.structured)
         leader = self._requests.get(r.after) if r.after is not None else None
         if leader is not None and not _prompt_done(leader):
             problem = self.scheduler.admission_error(req.num_prompt_tokens, req.sampling_params.max_tokens)
@@ -200,7 +206,7 @@ class EngineCore:
             with clock.phase("forward"):
                 logits, prompt = self.runner.execute_and_score(batch, prompt_spans(batch), self._prev_tokens())
             if self._inflight is not None and any(self.sampler.needs_history(r) for r in to_sample):
-                # Penalties read earlier tokens' values: take the step in flight's tokens first.
+                # Penalties and grammars read earlier tokens' values: take the step in flight's tokens first.
                 outputs += self._resolve(self._inflight)
                 self._inflight = None
                 keep = [i for i, r in enumerate(to_sample) if not r.is_finished]
@@ -302,7 +308,10 @@ class EngineCore:
     def _output(self, req: Request, tokens: list[int], lps: list[TokenLogprob] | None,
                 error: str | None = None) -> EngineCoreOutput:
         finish = req.status.value if req.is_finished else None
-        stop_token = tokens[-1] if req.status == RequestStatus.FINISHED_STOPPED and tokens else None
+        stop_token = None
+        if req.status == RequestStatus.FINISHED_STOPPED and tokens and (
+                tokens[-1] in req.eos_token_ids or tokens[-1] in req.sampling_params.stop_token_ids):
+            stop_token = tokens[-1]  # (a completed structured output stops on an ordinary token)
         first = bool(tokens) and req.num_known_tokens - req.num_prompt_tokens == len(tokens)
         prompt = req.prompt_logprobs if first and req.sampling_params.prompt_logprobs is not None else None
         return EngineCoreOutput(req.request_id, tokens, lps, prompt, finish, stop_token, error, req.scheduled_time,

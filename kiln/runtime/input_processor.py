@@ -45,7 +45,8 @@ class InputProcessor:
 
     def process(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                 arrival_time: float | None = None) -> tuple[NewRequest, list[EngineCoreRequest]]:
-        params = SamplingParams() if params is None else params
+        # No params: the model's own defaults (its generation config), as vLLM's LLM takes them.
+        params = SamplingParams(**self.tokenizer.sampling_defaults) if params is None else params
         if not isinstance(params, SamplingParams):
             raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if request_id is None:

@@ -30,10 +30,13 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         """Generate for every prompt. If one fails (``RequestFailed``) or the call is interrupted, the
-        call's other requests are aborted, so the ``LLM`` is ready for the next call."""
+        call's other requests are aborted, so the ``LLM`` is ready for the next call. No ``params``: the
+        model's own sampling defaults (its generation config, as the engine recorded it), else kiln's."""
         prompts = _as_list(prompts)
-        if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
+        if params is None:
+            params = SamplingParams(**self.tokenizer.sampling_defaults)
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         engine = self.engine

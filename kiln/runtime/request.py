@@ -60,6 +60,8 @@ class Request:
     num_placeholders: int = 0
     # Prompt logprobs so far (if asked): entry i scores prompt token i + 1, from the logits at position i.
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Its structured output's matcher (``structured_output``), advanced as its tokens become known.
+    grammar: object | None = None
     # Timestamps (time.monotonic) for the per-request metrics.
     scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kiln.runtime import structured_output
 from kiln.runtime.outputs import TokenLogprob
 from kiln.runtime.request import Request
 from kiln.runtime.sampling_params import SamplingParams
@@ -78,13 +79,14 @@ class Sampler:
     Order, each step a batched tensor op over the rows that need it: logit bias (OpenAI: added to
     the named tokens' logits), repetition penalty (HF: seen
     tokens of prompt and output have positive logits divided by it, negative ones multiplied),
-    frequency and presence penalties (OpenAI, over output tokens), the ``min_tokens`` ban of EOS and
+    frequency and presence penalties (OpenAI, over output tokens), a structured output's grammar (the
+    tokens it does not allow next set to -inf: ``structured_output``), the ``min_tokens`` ban of EOS and
     stop tokens, then for non-greedy rows temperature, top-k, top-p, min-p and a draw. Greedy rows
     (``SamplingParams.greedy``) take the argmax of the penalised, banned logits; a batch of greedy rows
     with nothing else to do is one argmax.
 
-    Logprobs are the log-softmax of the logits after the bias and penalties and before the ``min_tokens``
-    ban, temperature and the filters (vLLM reports the raw model distribution instead).
+    Logprobs are the log-softmax of the logits after the bias, penalties and grammar and before the
+    ``min_tokens`` ban, temperature and the filters (vLLM reports the raw model distribution instead).
 
     The draw is an exponential race: argmax(p / q) with q ~ Exponential(1) per token picks token i
     with probability p_i, and q for a row comes only from that row's generator. A request with a
@@ -123,13 +125,18 @@ class Sampler:
             raise ValueError(f"expected logits of shape [{len(requests)}, vocab], got {list(logits.shape)}")
         params = [r.sampling_params for r in requests]
         want_logprobs = any(p.logprobs is not None for p in params)
-        if not want_logprobs and all(p.greedy and not _has_penalties(p) and not p.logit_bias for p in params) \
+        constrained = [i for i, r in enumerate(requests) if r.grammar is not None]
+        if not want_logprobs and not constrained and \
+                all(p.greedy and not _has_penalties(p) and not p.logit_bias for p in params) \
                 and not any(_banned_now(r) for r in requests):
             return PendingSample(row_argmax(logits))
 
         logits = logits.to(torch.float32, copy=True)
         apply_logit_bias(logits, requests)
         apply_penalties(logits, requests)
+        if constrained:
+            masks = structured_output.fill_bitmasks([requests[i].grammar for i in constrained], logits.shape[1])
+            structured_output.apply_bitmasks(logits, constrained, masks)
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
         apply_min_tokens(logits, requests)
@@ -150,8 +157,9 @@ class Sampler:
 
     @staticmethod
     def needs_history(request: Request) -> bool:
-        """Whether sampling this request reads the values of its earlier output tokens (penalties)."""
-        return _has_penalties(request.sampling_params)
+        """Whether sampling this request reads the values of its earlier output tokens (penalties, or its
+        grammar's state)."""
+        return request.grammar is not None or _has_penalties(request.sampling_params)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         probs = torch.softmax(temper_and_filter(logits, [r.sampling_params for r in requests]), dim=-1)

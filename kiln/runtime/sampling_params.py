@@ -5,6 +5,8 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
+from kiln.runtime.structured_output import StructuredOutput
+
 # Temperatures below this are greedy: dividing by them overflows float32 logits.
 MIN_TEMPERATURE = 1e-5
 # torch.Generator.manual_seed takes any 64-bit unsigned value.
@@ -43,6 +45,8 @@ class SamplingParams:
     # Prefix-cache isolation (vLLM's name): a request reuses only cached blocks of requests with the same
     # salt, so one user cannot learn another's prompt from its time to first token. None: shared cache.
     cache_salt: str | None = None
+    # The output must match this JSON schema, regex, choice or grammar (``structured_output``).
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "top_k", "n", "min_tokens"):
@@ -91,6 +95,10 @@ class SamplingParams:
                                             or len(self.cache_salt) > 1024):
             raise ValueError(f"cache_salt must be a non-empty string of at most 1024 characters, "
                              f"got {type(self.cache_salt).__name__}")
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise ValueError(f"structured must be a StructuredOutput, got {type(self.structured).__name__}")
+            self.structured.check()
         if self.top_k == -1:
             self.top_k = 0
 

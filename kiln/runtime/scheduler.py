@@ -8,6 +8,7 @@ from typing import Literal, get_args
 
 from kiln.errors import RequestError
 from kiln.runtime.kv_cache import BlockManager
+from kiln.runtime import structured_output
 from kiln.runtime.request import Request, RequestStatus
 
 Policy = Literal["max_utilization", "guaranteed_no_evict"]
@@ -236,6 +237,8 @@ class Scheduler:
             if req.is_finished or not req.num_placeholders:
                 continue  # aborted or finished since the step was launched
             req.resolve_placeholder(token)
+            if req.grammar is not None:
+                structured_output.accept(req.grammar, token)
             took.append(req)
             status = self._stop_status(req, token)
             if status is None:
@@ -278,6 +281,8 @@ class Scheduler:
         """Whether ``token``, the request's latest known token, ends it."""
         params = req.sampling_params
         known_outputs = req.num_known_tokens - req.num_prompt_tokens
+        if req.grammar is not None and structured_output.is_done(req.grammar):
+            return RequestStatus.FINISHED_STOPPED  # its constraint is complete: nothing more may follow
         if known_outputs >= params.min_tokens:
             if token in params.stop_token_ids or (not params.ignore_eos and token in req.eos_token_ids):
                 return RequestStatus.FINISHED_STOPPED

@@ -32,6 +32,8 @@ class EngineTokenizer:
         self.chat_template: str | None = facts.get("chat_template")
         self.bos_token: str = facts.get("bos_token") or ""
         self.eos_token: str = facts.get("eos_token") or ""
+        # The model's own sampling defaults (its generation config, recorded at build): {} when it has none.
+        self.sampling_defaults: dict = dict(facts.get("sampling_defaults") or {})
         self._template: jinja2.Template | None = None
         self._max_token_chars: int | None = None
 

@@ -100,17 +100,20 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None,
         raise ServerError.unavailable(f"cannot bind the gRPC port {options.host}:{options.grpc_port}")
 
     uvicorn_level = "info" if options.log_verbose else "warning"
-    http_app = Starlette(routes=[Mount("/v1", openai.create_app(server, policy)),
-                                 Mount("", kserve_http.create_app(server, policy, limits))])
+    collector = metrics.TritonMetrics(server.repository)
+    # The metrics page is on the metrics port (Triton's) and on the API's port too (vLLM's).
+    metrics_route = Route("/metrics", access.guard_http(policy, access.METRICS, _metrics_endpoint(collector)),
+                          methods=["GET"])
+    vllm_root = openai.create_root_app(server, policy)  # its own error handlers, so routed to as an app
+    http_app = Starlette(routes=[Mount("/v1", openai.create_app(server, policy)), metrics_route,
+                                 *[Route(route.path, vllm_root) for route in vllm_root.routes],
+                                 Mount("", kserve_http.create_app(server, policy, limits))],
+                         exception_handlers={ServerError: _metrics_error})
     edge = dict(log_config=None, log_level=uvicorn_level, lifespan="off", timeout_graceful_shutdown=5,
                 http=connection_guard(limits), timeout_keep_alive=limits.idle_timeout)
     http = _Uvicorn(uvicorn.Config(EdgeMiddleware(http_app, limits, policy), access_log=bool(options.log_verbose),
                                    **edge))
-    collector = metrics.TritonMetrics(server.repository)
-    metrics_app = Starlette(routes=[Route("/metrics", access.guard_http(policy, access.METRICS,
-                                                                        _metrics_endpoint(collector)),
-                                          methods=["GET"])],
-                            exception_handlers={ServerError: _metrics_error})
+    metrics_app = Starlette(routes=[metrics_route], exception_handlers={ServerError: _metrics_error})
     metrics_http = _Uvicorn(uvicorn.Config(EdgeMiddleware(metrics_app, limits, policy), access_log=False, **edge))
 
     await grpc_server.start()

@@ -15,6 +15,9 @@ tokens each (prompt chunks) go to the reference, whose SDPA kernel is the faster
 except in the padded fixed-shape steps of ``cuda_graphs="static"`` (where only the device tensors hold
 the lengths, as in a captured graph; the kernel reads only those there).
 
+``token_bitmask.cpp``: a structured output's packed token bitmask applied to the sampler's logits
+(``apply_token_bitmask``, for ``runtime/structured_output.py``).
+
 The extension is compiled at first use (``kiln.ops.cpp_extension``); where that fails the plugins are
 no candidates. An argument these kernels do not take (another dtype, a strided tensor) goes to the
 reference.
@@ -42,13 +45,24 @@ def _after_load() -> str:
     return "native"
 
 
-_EXTENSION = CppExtension("kiln_cpu", Path(__file__).parent, ("paged_attention.cpp", "layer_ops.cpp"), (),
+_EXTENSION = CppExtension("kiln_cpu", Path(__file__).parent,
+                          ("paged_attention.cpp", "layer_ops.cpp", "token_bitmask.cpp"), (),
                           "KILN_CPU_MARCH", _after_load, "CPU layer kernels")
 
 
 def available() -> bool:
     """True when the extension compiled and loaded here (builds it on first call)."""
     return _EXTENSION.available()
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor) -> bool:
+    """Set ``logits[rows[i], t]`` to -inf where bit t of ``masks[i]`` is clear, in place; False (nothing done)
+    where the extension is not here or the tensors are not ones it takes."""
+    if not (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous()
+            and available()):
+        return False
+    _kernels().apply_token_bitmask(logits, rows, masks)
+    return True
 
 
 def _attention_supported(device: torch.device, dtype: torch.dtype) -> bool:

@@ -91,6 +91,35 @@ def create_app(server: InferenceServer, policy: AccessPolicy) -> Starlette:
         Exception: _unexpected_error})
 
 
+def create_root_app(server: InferenceServer, policy: AccessPolicy) -> Starlette:
+    """vLLM's routes beside the API, at the root: ``/health`` (200 once the server is ready, else 503; the
+    ``health`` group), ``/tokenize`` and ``/detokenize`` (``inference``) and ``/version`` (``metadata``)."""
+    base = _Serving(server)
+    tokens = TokenizeServing(base)
+    routes = [
+        Route("/health", access.guard_http(policy, access.HEALTH, _health(server)), methods=["GET"]),
+        Route("/version", access.guard_http(policy, access.METADATA, _version), methods=["GET"]),
+        Route("/tokenize", access.guard_http(policy, access.INFERENCE, tokens.tokenize), methods=["POST"]),
+        Route("/detokenize", access.guard_http(policy, access.INFERENCE, tokens.detokenize), methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={
+        OpenAIError: _openai_error, ServerError: _server_error, HTTPException: _http_error,
+        Exception: _unexpected_error})
+
+
+def _health(server: InferenceServer):
+    async def health(request: Request) -> Response:
+        return Response(status_code=200 if server.ready else 503)
+
+    return health
+
+
+async def _version(request: Request) -> Response:
+    from kiln.version import __version__
+
+    return JSONResponse({"version": __version__})
+
+
 async def _openai_error(request: Request, e: OpenAIError) -> Response:
     return e.response()
 
@@ -158,6 +187,55 @@ class ModelsServing:
             cards.append(api.ModelCard(id=name, created=int(model.backend.created),
                                        max_model_len=model.backend.llm().max_seq_len))
         return JSONResponse(api.ModelList(data=cards).model_dump())
+
+
+class TokenizeServing:
+    """``POST /tokenize`` and ``POST /detokenize`` (vLLM's): the model's own tokenizer and chat template."""
+
+    def __init__(self, base: _Serving):
+        self.base = base
+
+    def _llm(self, name: str | None) -> ServedLLM:
+        if name is None:
+            names = self.base.model_names()
+            if len(names) != 1:
+                raise OpenAIError.invalid(f"name the model: the server serves {len(names)} ({', '.join(names)})",
+                                          "model")
+            name = names[0]
+        return self.base.model(name).backend.llm()
+
+    async def tokenize(self, request: Request) -> Response:
+        body = await self.base.parse(request, api.TokenizeRequest)
+        if (body.prompt is None) == (body.messages is None):
+            raise OpenAIError.invalid("give a prompt or messages, not both", "prompt")
+        llm = self._llm(body.model)
+        tokenizer = llm.tokenizer
+        try:
+            if body.prompt is not None:
+                special = True if body.add_special_tokens is None else body.add_special_tokens
+                ids = await asyncio.to_thread(tokenizer.encode, body.prompt, special)
+            else:
+                text = tokenizer.apply_chat_template([_message(m) for m in body.messages], body.add_generation_prompt)
+                ids = await asyncio.to_thread(tokenizer.encode, text, bool(body.add_special_tokens))
+        except RequestError as e:
+            raise OpenAIError.invalid(str(e), "prompt" if body.prompt is not None else "messages") from None
+        strs = [tokenizer.token_text(t) or "" for t in ids] if body.return_token_strs else None
+        return JSONResponse(api.TokenizeResponse(count=len(ids), max_model_len=llm.max_seq_len, tokens=ids,
+                                                 token_strs=strs).model_dump(exclude_none=True))
+
+    async def detokenize(self, request: Request) -> Response:
+        body = await self.base.parse(request, api.DetokenizeRequest)
+        tokenizer = self._llm(body.model).tokenizer
+        vocab = tokenizer.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise OpenAIError.invalid(f"token ids out of range [0, {vocab}): {bad[:5]}", "tokens")
+        return JSONResponse(api.DetokenizeResponse(prompt=tokenizer.decode(body.tokens, skip_special_tokens=False))
+                            .model_dump())
+
+
+def _message(m: api.ChatMessage) -> dict:
+    return {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
 
 
 @dataclass(slots=True)
@@ -262,7 +340,8 @@ class CompletionServing:
         prompts = [_Prompt(ids, text) for ids, text in await _completion_prompts(body.prompt, llm)]
         # echo with logprobs shows the prompt's tokens with their logprobs too, as OpenAI's legacy API did.
         prompt_logprobs = body.logprobs if body.echo else None
-        params = [_sampling_params(body, _max_tokens(body.max_tokens, len(p.ids), llm.max_seq_len, "prompt"),
+        params = [_sampling_params(body, model.backend.sampling_defaults,
+                                   _max_tokens(body.max_tokens, len(p.ids), llm.max_seq_len, "prompt"),
                                    body.logprobs, prompt_logprobs) for p in prompts]
         generation = _Generation(model, llm, prompts, params, "cmpl")
         return await _respond(request, body, generation, _CompletionRender(generation, body.echo, llm.tokenizer))
@@ -282,8 +361,7 @@ class ChatServing:
             raise OpenAIError.invalid("top_logprobs needs logprobs: true", "top_logprobs")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise OpenAIError.invalid("give max_tokens or max_completion_tokens, not both", "max_tokens")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        messages = [_message(m) for m in body.messages]
         try:
             if sum(len(m["content"]) for m in messages) >= LONG_TEXT:  # off the loop (see LONG_TEXT)
                 ids = await asyncio.to_thread(llm.tokenizer.encode_chat, messages, llm.max_seq_len)
@@ -294,7 +372,8 @@ class ChatServing:
         except RequestError as e:
             raise OpenAIError.invalid(str(e), "messages") from None
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = _sampling_params(body, _max_tokens(requested, len(ids), llm.max_seq_len, "messages"),
+        params = _sampling_params(body, model.backend.sampling_defaults,
+                                  _max_tokens(requested, len(ids), llm.max_seq_len, "messages"),
                                   (body.top_logprobs or 0) if body.logprobs else None)
         generation = _Generation(model, llm, [_Prompt(ids, "")], [params], "chatcmpl")
         return await _respond(request, body, generation, _ChatRender(generation, llm.tokenizer))
@@ -526,7 +605,7 @@ def _max_tokens(requested: int | None, prompt_tokens: int, max_seq_len: int, pro
     return requested
 
 
-def _sampling_params(body: api.SamplingRequest, max_tokens: int, logprobs: int | None,
+def _sampling_params(body: api.SamplingRequest, defaults: dict, max_tokens: int, logprobs: int | None,
                      prompt_logprobs: int | None = None):
     from kiln.runtime import SamplingParams
 
@@ -538,15 +617,68 @@ def _sampling_params(body: api.SamplingRequest, max_tokens: int, logprobs: int |
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "repetition_penalty"):
         value = getattr(body, name)
+        if value is None:
+            value = defaults.get(name)  # the model's own (its generation config), as vLLM applies them
         if value is not None:
             kwargs[name] = value
     if body.seed is not None:
         kwargs["seed"] = body.seed % 2**64
+    kwargs["structured"] = _structured_output(body)
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:
         field = str(e).split(" ", 1)[0]
         raise OpenAIError.invalid(str(e), field if field in type(body).model_fields else None) from None
+
+
+def _structured_output(body: api.SamplingRequest):
+    """The request's constraint on its output (``response_format`` or ``structured_outputs``), checked, or
+    None."""
+    fmt, so = body.response_format, body.structured_outputs
+    if fmt is not None and so is not None:
+        raise OpenAIError.invalid("give response_format or structured_outputs, not both", "response_format")
+    param = "response_format" if fmt is not None else "structured_outputs"
+    try:
+        constraint = (_response_format(fmt) if fmt is not None
+                      else _structured_outputs(so) if so is not None else None)
+        if constraint is not None:
+            constraint.check()
+    except ValueError as e:
+        raise OpenAIError.invalid(str(e), param) from None
+    return constraint
+
+
+def _response_format(fmt: api.ResponseFormat):
+    from kiln.runtime.structured_output import StructuredOutput
+
+    if fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutput("json_object")
+    if fmt.json_schema is None:
+        raise OpenAIError.invalid("response_format of type json_schema needs its json_schema", "response_format")
+    schema = fmt.json_schema.json_schema
+    return StructuredOutput("json_object") if schema is None else StructuredOutput("json", to_json(schema).decode())
+
+
+def _structured_outputs(so: api.StructuredOutputs):
+    from kiln.runtime.structured_output import StructuredOutput
+
+    given = [name for name in ("json_", "regex", "choice", "grammar", "json_object")
+             if getattr(so, name) not in (None, False)]
+    if len(given) != 1:
+        raise OpenAIError.invalid("structured_outputs takes exactly one of json, regex, choice, grammar and "
+                                  f"json_object; got {len(given)}", "structured_outputs")
+    flexible = not so.disable_any_whitespace
+    kind = given[0]
+    if kind == "json_":
+        spec = so.json_ if isinstance(so.json_, str) else to_json(so.json_).decode()
+        return StructuredOutput("json", spec, flexible)
+    if kind == "json_object":
+        return StructuredOutput("json_object", "", flexible)
+    if kind == "choice":
+        return StructuredOutput("choice", to_json(so.choice).decode())
+    return StructuredOutput(kind, getattr(so, kind))
 
 
 def _validation_error(e: ValidationError) -> OpenAIError:

@@ -3,9 +3,9 @@ and a request that breaks it is a 400 naming the field (``openai.py`` turns the 
 into OpenAI's error shape).
 
 Requests refuse fields they do not know (as OpenAI's API does), so a client asking for something
-kiln does not do (tools, response formats) learns it at once. Beyond OpenAI's fields, requests take
-kiln's sampling extras under vLLM's names: ``top_k``, ``min_p``, ``repetition_penalty``,
-``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``skip_special_tokens``.
+kiln does not do (tools) learns it at once. Beyond OpenAI's fields, requests take kiln's sampling
+extras under vLLM's names: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``,
+``stop_token_ids``, ``skip_special_tokens``, ``cache_salt`` and ``structured_outputs``.
 """
 from __future__ import annotations
 
@@ -22,6 +22,32 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # "schema" is a BaseModel attribute, so the field takes another name and reads "schema" from the JSON.
+    json_schema: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's ``structured_outputs``: exactly one constraint on the output."""
+
+    json_: str | dict | None = Field(None, alias="json")  # a JSON schema (as an object or its text)
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None  # Lark (llguidance's syntax) or GBNF (llama.cpp's)
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False  # JSON without whitespace between its tokens
 
 
 class SamplingRequest(_Request):
@@ -50,6 +76,9 @@ class SamplingRequest(_Request):
     skip_special_tokens: bool = True
     # Prefix-cache isolation: only requests with the same salt reuse each other's cached prompt blocks.
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)
+    # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs (not both).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -80,6 +109,22 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class TokenizeRequest(_Request):
+    """vLLM's ``/tokenize``: a prompt, or chat messages rendered by the model's template (not both)."""
+
+    model: str | None = None  # None: the one model served
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template has them)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
 
 
 # -- responses ------------------------------------------------------------------------------------------
@@ -194,3 +239,14 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

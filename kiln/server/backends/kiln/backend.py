@@ -17,8 +17,11 @@ text. A client that goes away cancels ``execute``, which aborts its engine reque
 KV blocks.
 
 Other parameters: ``RuntimeConfig``'s fields (``kv_cache_memory``, ``gpu_memory_utilization``,
-``enable_prefix_caching``, ``max_batch_size``, ...), and ``exclude_input_in_output`` (that input's
-default; true unless set). An unknown parameter is an error.
+``enable_prefix_caching``, ``max_batch_size``, ...), ``exclude_input_in_output`` (that input's
+default; true unless set), ``generation_config`` ("auto": a request that leaves temperature, top-p,
+top-k, min-p or the repetition penalty unset gets the model's own value, from its generation config as
+the engine recorded it; "none": kiln's) and ``override_generation_config`` (a JSON object of those
+defaults, over either). An unknown parameter is an error.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ from kiln.server.errors import ServerError
 
 ENGINE_PARAMETERS = ("engine_dir", "gpt_model_path")
 DEFAULT_MAX_CONCURRENCY = 1024
-_OWN_PARAMETERS = (*ENGINE_PARAMETERS, "max_concurrency", "exclude_input_in_output")
+_OWN_PARAMETERS = (*ENGINE_PARAMETERS, "max_concurrency", "exclude_input_in_output", "generation_config",
+                   "override_generation_config")
 
 
 class KilnBackend(Backend):
@@ -80,6 +84,7 @@ class KilnBackend(Backend):
                                     "exclude_input_in_output", context.name)
         self.max_concurrency = _parse(params.get("max_concurrency", str(DEFAULT_MAX_CONCURRENCY)), "int",
                                       "max_concurrency", context.name)
+        self.sampling_defaults = _sampling_defaults(self.engine, params, context.name)
         self.instances: list[KilnInstance] = []
         self.created = time.time()  # what OpenAI's model list reports as the model's creation time
 
@@ -117,6 +122,7 @@ class KilnInstance(ModelInstance):
         self.config = backend.context.config
         self.batched = self.config.max_batch_size > 0
         self.exclude_input = backend.exclude_input
+        self.sampling_defaults = backend.sampling_defaults
         self.llm: ServedLLM | None = llm
         self._ids = itertools.count()
         self._prefix = f"triton-{uuid.uuid4().hex[:8]}"
@@ -126,7 +132,8 @@ class KilnInstance(ModelInstance):
 
     async def _serve(self, request: InferenceRequest) -> None:
         try:
-            jobs = tensors.read_jobs(request, self.llm.tokenizer, self.batched, self.exclude_input)
+            jobs = tensors.read_jobs(request, self.llm.tokenizer, self.batched, self.exclude_input,
+                                     self.sampling_defaults)
             if jobs.stream and not cfg.is_decoupled(self.config):
                 raise ServerError.invalid(
                     f"model '{self.config.name}' is not decoupled, so it cannot stream: send 'stream' false, or "
@@ -241,6 +248,44 @@ def _runtime_options(params: dict[str, str], model: str) -> dict:
             f"model '{model}': unknown parameter(s) {', '.join(unknown)}; the kiln backend reads "
             f"{', '.join([*_OWN_PARAMETERS, *fields])}")
     return {k: _parse(v, fields[k], k, model) for k, v in params.items() if k in fields}
+
+
+def _sampling_defaults(engine: Path, params: dict[str, str], model: str) -> dict:
+    """What a request that leaves a sampling field unset gets: the model's own defaults (its generation config,
+    recorded in the engine at build) with parameter ``generation_config`` "auto" (the default), kiln's with
+    "none"; then parameter ``override_generation_config`` (a JSON object, e.g. ``{"temperature": 0.5}``) on top."""
+    import json
+
+    from kiln.checkpoint.checkpoint import SAMPLING_DEFAULTS
+    from kiln.runtime import SamplingParams
+
+    source = params.get("generation_config", "auto").strip().lower()
+    if source not in ("auto", "none"):
+        raise ServerError.invalid(f"model '{model}': parameter 'generation_config' is 'auto' (the model's own "
+                                  f"sampling defaults) or 'none' (kiln's), got '{source}'")
+    defaults = {}
+    if source == "auto":
+        try:
+            defaults = dict(read_engine(engine, need_weights=False).tokenizer.get("sampling_defaults") or {})
+        except KilnError as e:
+            raise ServerError.invalid(f"model '{model}': {e}") from None
+    override = params.get("override_generation_config", "").strip()
+    if override:
+        try:
+            extra = json.loads(override)
+        except json.JSONDecodeError as e:
+            raise ServerError.invalid(f"model '{model}': parameter 'override_generation_config' is not JSON: "
+                                      f"{e}") from None
+        unknown = sorted(set(extra) - set(SAMPLING_DEFAULTS)) if isinstance(extra, dict) else None
+        if unknown is None or unknown:
+            raise ServerError.invalid(f"model '{model}': parameter 'override_generation_config' is a JSON object of "
+                                      f"{', '.join(SAMPLING_DEFAULTS)}; got {override[:200]}")
+        defaults.update(extra)
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise ServerError.invalid(f"model '{model}': the sampling defaults {defaults}: {e}") from None
+    return defaults
 
 
 def _parse(text: str, kind: str, name: str, model: str):

@@ -27,6 +27,9 @@ input (TensorRT-LLM's name too)             type        meaning
 ``return_log_probs``                        BOOL        fill ``cum_log_probs`` and ``output_log_probs``
 ``exclude_input_in_output``                 BOOL        default: the model's parameter, else true
 ``cache_salt``                              BYTES       reuse cached prompt blocks only of requests with this salt
+``guided_decoding_guide_type``              BYTES       ``json`` (any object), ``json_schema``, ``regex``,
+                                                        ``ebnf_grammar`` (GBNF or Lark) or ``choice``
+``guided_decoding_guide``                   BYTES       the schema, regex, grammar or JSON list of choices
 ==========================================  ==========  ======================================================
 
 Outputs: ``text_output`` (BYTES), ``output_ids`` (INT32 [beam, tokens]), ``sequence_length`` (INT32
@@ -92,7 +95,12 @@ INPUTS = [
     Input("return_log_probs", _BOOL),
     Input("exclude_input_in_output", _BOOL),
     Input("cache_salt", _TEXT, param="cache_salt"),
+    Input("guided_decoding_guide_type", _TEXT),
+    Input("guided_decoding_guide", _TEXT),
 ]
+# TensorRT-LLM's guide types -> kiln's structured output kinds.
+GUIDE_TYPES = {"json": "json_object", "json_schema": "json", "regex": "regex", "ebnf_grammar": "grammar",
+               "choice": "choice"}
 BY_NAME = {i.name: i for i in INPUTS}
 # Output name -> (config type, dims after the batch dimension).
 OUTPUTS = {
@@ -158,8 +166,10 @@ class Jobs:
     stream: bool
 
 
-def read_jobs(request: InferenceRequest, tokenizer: EngineTokenizer, batched: bool, exclude_input: bool) -> Jobs:
-    """The request's batch rows as jobs; ServerError (invalid argument) naming the input that is wrong."""
+def read_jobs(request: InferenceRequest, tokenizer: EngineTokenizer, batched: bool, exclude_input: bool,
+              sampling_defaults: dict | None = None) -> Jobs:
+    """The request's batch rows as jobs; ServerError (invalid argument) naming the input that is wrong. A
+    sampling field no input sets takes its value from ``sampling_defaults`` (the model's), else kiln's."""
     unknown = sorted(set(request.parameters) - TRITON_PARAMETERS)
     if unknown:
         # The generate extension turns the JSON fields that are not inputs into parameters.
@@ -181,10 +191,11 @@ def read_jobs(request: InferenceRequest, tokenizer: EngineTokenizer, batched: bo
                for row in range(rows)}
     if len(streams) > 1:
         raise ServerError.invalid("input 'stream' must be the same for every batch row")
-    return Jobs([_job(reader, row, tokenizer, exclude_input) for row in range(rows)], True in streams)
+    return Jobs([_job(reader, row, tokenizer, exclude_input, sampling_defaults or {}) for row in range(rows)],
+                True in streams)
 
 
-def _job(reader: _Reader, row: int, tokenizer: EngineTokenizer, exclude_input: bool) -> Job:
+def _job(reader: _Reader, row: int, tokenizer: EngineTokenizer, exclude_input: bool, defaults: dict) -> Job:
     if "text_input" in reader.request.inputs:
         prompt: str | list[int] = reader.scalar("text_input", row)
     else:
@@ -200,7 +211,7 @@ def _job(reader: _Reader, row: int, tokenizer: EngineTokenizer, exclude_input: b
         raise ServerError.invalid(
             f"input 'beam_width' is {beam_width}: kiln decodes one sequence per request (beam_width 1); "
             "for several completions use the OpenAI API's n")
-    kwargs: dict = {"max_tokens": DEFAULT_MAX_TOKENS}
+    kwargs: dict = {**defaults, "max_tokens": DEFAULT_MAX_TOKENS}
     given: dict[str, str] = {}  # SamplingParams field -> the input that set it
     for spec in INPUTS:
         if spec.param is not None and spec.name in reader.request.inputs:
@@ -216,6 +227,7 @@ def _job(reader: _Reader, row: int, tokenizer: EngineTokenizer, exclude_input: b
     return_log_probs = reader.scalar("return_log_probs", row, False)
     if return_log_probs:
         kwargs["logprobs"] = 0
+    kwargs["structured"] = _guide(reader, row)
     try:
         params = SamplingParams(**kwargs)
     except ValueError as e:
@@ -228,6 +240,30 @@ def _job(reader: _Reader, row: int, tokenizer: EngineTokenizer, exclude_input: b
         pad_id = end_id if end_id is not None else (tokenizer.pad_token_id or 0)
     return Job(row, prompt, params, reader.scalar("exclude_input_in_output", row, exclude_input), return_log_probs,
                pad_id)
+
+
+def _guide(reader: _Reader, row: int):
+    """The row's structured output, from TensorRT-LLM's guided decoding inputs (checked here), or None."""
+    from kiln.runtime.structured_output import StructuredOutput
+
+    kind = reader.scalar("guided_decoding_guide_type", row, None)
+    guide = reader.scalar("guided_decoding_guide", row, None)
+    if kind is None:
+        if guide is not None:
+            raise ServerError.invalid("input 'guided_decoding_guide' needs 'guided_decoding_guide_type'")
+        return None
+    if kind not in GUIDE_TYPES:
+        raise ServerError.invalid(f"input 'guided_decoding_guide_type' is {kind!r}; it takes "
+                                  f"{', '.join(GUIDE_TYPES)}")
+    if (guide is None) != (kind == "json"):
+        raise ServerError.invalid(f"input 'guided_decoding_guide' is {'needed' if guide is None else 'not taken'} "
+                                  f"with guide type {kind!r}")
+    try:
+        constraint = StructuredOutput(GUIDE_TYPES[kind], guide or "")
+        constraint.check()
+    except ValueError as e:
+        raise ServerError.invalid(f"input 'guided_decoding_guide': {e}") from None
+    return constraint
 
 
 def _bad_word_ids(words: list[str], tokenizer: EngineTokenizer) -> list[int]:
