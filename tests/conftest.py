@@ -84,6 +84,17 @@ def smollm2_engine(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smollm2_server(smollm2_engine):
+    """``kiln serve`` of the float32 SmolLM2 engine as model ``smol`` (no API key), shared by the structured
+    output and tool calling tests: a server of the real model takes seconds to start."""
+    from server_harness import ServerProcess
+
+    server = ServerProcess(None, str(smollm2_engine), "--served-model-name", "smol", ready_timeout=180)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def smollm2_packed_engine(tmp_path_factory):
     """SmolLM2-135M-Instruct with its GGUF blocks kept packed (Q4_1 projections, Q8_0 embeddings)."""
     from kiln.builder import build

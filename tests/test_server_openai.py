@@ -330,3 +330,25 @@ def test_unknown_fields_are_named_whatever_they_begin_with(client):
         status, body = _error_of(lambda: client.completions.create(model="tiny", prompt="x",
                                                                     extra_body={name: 1}))
         assert status == 400 and body["param"] == name and body["message"].endswith(name)
+
+
+def test_prompt_logprobs_field_matches_the_engine(client, reference):
+    """vLLM's ``prompt_logprobs`` on both endpoints: per prompt token (None first) its logprob and rank among
+    the top k, as the engine computed them (which tests/test_prompt_logprobs.py holds against transformers)."""
+    params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3)
+    want = reference.generate([PROMPT], params)[0]
+    got = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0,
+                                    extra_body={"prompt_logprobs": 3}).choices[0].prompt_logprobs
+    assert got[0] is None and len(got) == len(want.prompt_token_ids)
+    for entry, token, lp in zip(got[1:], want.prompt_token_ids[1:], want.prompt_logprobs[1:]):
+        assert entry[str(token)]["logprob"] == pytest.approx(lp.logprob, abs=1e-5)
+        ranked = sorted((v["rank"], int(t)) for t, v in entry.items() if v["rank"] is not None)
+        assert [t for _, t in ranked][:3] == [t for t, _ in lp.top[:3]]
+    chat = client.chat.completions.create(model="tiny", messages=CONVERSATION, max_tokens=2, temperature=0,
+                                          extra_body={"prompt_logprobs": 1})
+    assert chat.prompt_logprobs[0] is None and len(chat.prompt_logprobs) == len(
+        reference.tokenizer.encode_chat(CONVERSATION))
+    stream = client.chat.completions.create(model="tiny", messages=CONVERSATION, max_tokens=2, temperature=0,
+                                            stream=True, extra_body={"prompt_logprobs": 1})
+    firsts = [chunk.prompt_logprobs for chunk in stream if getattr(chunk, "prompt_logprobs", None)]
+    assert firsts == [chat.prompt_logprobs]

@@ -145,12 +145,8 @@ def test_bad_constraints_are_refused_when_the_params_are_made(llm):
 # -- served: the openai client as it is, and Triton's generate route with TensorRT-LLM's guide inputs -------
 
 @pytest.fixture(scope="module")
-def server(smollm2_engine):
-    from server_harness import ServerProcess
-
-    s = ServerProcess(None, str(smollm2_engine), "--served-model-name", "smol", ready_timeout=120)
-    yield s
-    s.stop()
+def server(smollm2_server):
+    return smollm2_server
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +237,30 @@ def test_triton_generate_with_tensorrt_llm_guide_inputs(server):
     assert status == 400 and "guided_decoding_guide" in body["error"]
     status, body = post({"text_input": "x", "guided_decoding_guide_type": "xml", "guided_decoding_guide": "<a/>"})
     assert status == 400 and "guided_decoding_guide_type" in body["error"]
+
+
+def test_responses_api_text_json_and_stream(client):
+    """``/v1/responses`` through the ``openai`` client: instructions and input, a JSON schema answer, the
+    streamed events whose deltas make the final text."""
+    answer = client.responses.create(model="smol", instructions="Answer in one word.", input="Capital of France?",
+                                     max_output_tokens=8, temperature=0)
+    assert answer.status in ("completed", "incomplete") and answer.output_text
+    assert answer.usage.output_tokens <= 8 and answer.usage.input_tokens > 5
+    schema = SCHEMAS[0]
+    structured = client.responses.create(
+        model="smol", input=[{"role": "user", "content": "A person as JSON."}], max_output_tokens=80, temperature=0,
+        text={"format": {"type": "json_schema", "name": "person", "schema": schema, "strict": True}})
+    assert structured.status == "completed"
+    jsonschema.validate(json.loads(structured.output_text), schema)
+    events = list(client.responses.create(model="smol", input="Say hello.", max_output_tokens=12, temperature=0,
+                                          stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-1].response.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="smol", input="x", store=True)

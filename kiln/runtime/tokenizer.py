@@ -73,8 +73,10 @@ class EngineTokenizer:
     def token_text(self, token_id: int) -> str | None:
         return self.tokenizer.id_to_token(token_id)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the engine's chat template (as transformers renders it)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """Render ``messages`` (and the ``tools`` offered, OpenAI's function definitions) with the engine's chat
+        template (as transformers renders it)."""
         if not self.chat_template:
             raise RequestError("this engine's tokenizer has no chat template; send a plain prompt instead")
         if self._template is None:
@@ -84,11 +86,13 @@ class EngineTokenizer:
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             self._template = env.from_string(self.chat_template)
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token, eos_token=self.eos_token)
+                                     bos_token=self.bos_token, eos_token=self.eos_token, tools=tools)
 
-    def encode_chat(self, messages: list[dict], max_tokens: int | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict], max_tokens: int | None = None,
+                    tools: list[dict] | None = None) -> list[int]:
         # The template writes any special tokens itself, as transformers' apply_chat_template assumes.
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False, max_tokens=max_tokens)
+        return self.encode(self.apply_chat_template(messages, tools=tools), add_special_tokens=False,
+                           max_tokens=max_tokens)
 
 
 def _raise(message: str) -> None:

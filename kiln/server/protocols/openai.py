@@ -40,7 +40,7 @@ from kiln.server.backends.kiln import KilnBackend
 from kiln.server.backends.kiln.served_llm import ServedLLM
 from kiln.server.errors import Code, ServerError
 from kiln.server.model import ServedModel
-from kiln.server.protocols import json_body
+from kiln.server.protocols import json_body, tool_calls
 from kiln.server.protocols import openai_models as api
 from kiln.server.protocols.disconnect import EventStream, unless_disconnected
 from kiln.server.server import InferenceServer
@@ -84,6 +84,8 @@ def create_app(server: InferenceServer, policy: AccessPolicy) -> Starlette:
         Route("/completions", access.guard_http(policy, access.INFERENCE, CompletionServing(base).serve),
               methods=["POST"]),
         Route("/chat/completions", access.guard_http(policy, access.INFERENCE, ChatServing(base).serve),
+              methods=["POST"]),
+        Route("/responses", access.guard_http(policy, access.INFERENCE, ResponsesServing(base).serve),
               methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={
@@ -215,7 +217,8 @@ class TokenizeServing:
                 special = True if body.add_special_tokens is None else body.add_special_tokens
                 ids = await asyncio.to_thread(tokenizer.encode, body.prompt, special)
             else:
-                text = tokenizer.apply_chat_template([_message(m) for m in body.messages], body.add_generation_prompt)
+                text = tokenizer.apply_chat_template(tool_calls.template_messages(body.messages),
+                                                     body.add_generation_prompt)
                 ids = await asyncio.to_thread(tokenizer.encode, text, bool(body.add_special_tokens))
         except RequestError as e:
             raise OpenAIError.invalid(str(e), "prompt" if body.prompt is not None else "messages") from None
@@ -232,10 +235,6 @@ class TokenizeServing:
             raise OpenAIError.invalid(f"token ids out of range [0, {vocab}): {bad[:5]}", "tokens")
         return JSONResponse(api.DetokenizeResponse(prompt=tokenizer.decode(body.tokens, skip_special_tokens=False))
                             .model_dump())
-
-
-def _message(m: api.ChatMessage) -> dict:
-    return {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
 
 
 @dataclass(slots=True)
@@ -285,10 +284,11 @@ class _Generation:
                     finals[i] = out
         return finals
 
-    async def stream(self, chunks: Callable[[int, Any], list[BaseModel]], usage_chunk: Callable[[], BaseModel] | None
-                     ) -> Response:
+    async def stream(self, chunks: Callable[[int, Any], list[BaseModel | dict]],
+                     usage_chunk: Callable[[], BaseModel] | None, done: bool = True) -> Response:
         """Server-sent events: ``chunks(i, output)`` for each engine output, then ``usage_chunk()`` (if any),
-        then ``[DONE]``. Errors before the first output get a status code; later ones an error event."""
+        then ``[DONE]`` (unless not ``done``: the Responses API's stream ends with its own event). Errors
+        before the first output get a status code; later ones an error event."""
         ticket = self.model.direct_request()
         outputs = self.outputs()
         try:
@@ -318,7 +318,8 @@ class _Generation:
             finally:
                 await outputs.aclose()
                 ticket.finish(error)
-            yield b"data: [DONE]\n\n"
+            if done:
+                yield b"data: [DONE]\n\n"
 
         async def close() -> None:  # also when the response ends before its first event (the client left)
             await outputs.aclose()
@@ -339,12 +340,15 @@ class CompletionServing:
         llm = model.backend.llm()
         prompts = [_Prompt(ids, text) for ids, text in await _completion_prompts(body.prompt, llm)]
         # echo with logprobs shows the prompt's tokens with their logprobs too, as OpenAI's legacy API did.
-        prompt_logprobs = body.logprobs if body.echo else None
+        echoed = body.logprobs if body.echo else None
+        asked = [k for k in (echoed, body.prompt_logprobs) if k is not None]
+        prompt_logprobs = max(asked) if asked else None
         params = [_sampling_params(body, model.backend.sampling_defaults,
                                    _max_tokens(body.max_tokens, len(p.ids), llm.max_seq_len, "prompt"),
                                    body.logprobs, prompt_logprobs) for p in prompts]
         generation = _Generation(model, llm, prompts, params, "cmpl")
-        return await _respond(request, body, generation, _CompletionRender(generation, body.echo, llm.tokenizer))
+        render = _CompletionRender(generation, body.echo, llm.tokenizer, body.logprobs, body.prompt_logprobs)
+        return await _respond(request, body, generation, render)
 
 
 class ChatServing:
@@ -361,12 +365,14 @@ class ChatServing:
             raise OpenAIError.invalid("top_logprobs needs logprobs: true", "top_logprobs")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise OpenAIError.invalid("give max_tokens or max_completion_tokens, not both", "max_tokens")
-        messages = [_message(m) for m in body.messages]
+        tools = _ToolMode.of(body, llm.tokenizer.chat_template)
+        messages = tool_calls.template_messages(body.messages)
+        shown = [t.model_dump(exclude_none=True) for t in body.tools] if tools.shown else None
         try:
             if sum(len(m["content"]) for m in messages) >= LONG_TEXT:  # off the loop (see LONG_TEXT)
-                ids = await asyncio.to_thread(llm.tokenizer.encode_chat, messages, llm.max_seq_len)
+                ids = await asyncio.to_thread(llm.tokenizer.encode_chat, messages, llm.max_seq_len, shown)
             else:
-                ids = llm.tokenizer.encode_chat(messages, llm.max_seq_len)
+                ids = llm.tokenizer.encode_chat(messages, llm.max_seq_len, shown)
         except PromptTooLong as e:
             raise OpenAIError.invalid(str(e), "messages", "context_length_exceeded") from None
         except RequestError as e:
@@ -374,9 +380,190 @@ class ChatServing:
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = _sampling_params(body, model.backend.sampling_defaults,
                                   _max_tokens(requested, len(ids), llm.max_seq_len, "messages"),
-                                  (body.top_logprobs or 0) if body.logprobs else None)
+                                  (body.top_logprobs or 0) if body.logprobs else None, body.prompt_logprobs,
+                                  constraint=tools.constraint)
         generation = _Generation(model, llm, [_Prompt(ids, "")], [params], "chatcmpl")
-        return await _respond(request, body, generation, _ChatRender(generation, llm.tokenizer))
+        render = _ChatRender(generation, llm.tokenizer, tools, body.prompt_logprobs)
+        return await _respond(request, body, generation, render)
+
+
+class _ToolMode:
+    """How a chat request's answer becomes tool calls (``tool_calls``): "none", "auto", "required" or
+    "named"; the constraint that enforces the last two; the parser of the model's format for "auto"."""
+
+    def __init__(self, mode: str, parser: tool_calls.ToolParser | None = None, constraint=None,
+                 name: str | None = None):
+        self.mode, self.parser, self.constraint, self.name = mode, parser, constraint, name
+
+    @property
+    def shown(self) -> bool:
+        """The tools go into the prompt (through the chat template)."""
+        return self.mode != "none"
+
+    @classmethod
+    def of(cls, body: api.ChatCompletionRequest, chat_template: str | None) -> _ToolMode:
+        choice = body.tool_choice
+        if not body.tools:
+            if choice not in (None, "none"):
+                raise OpenAIError.invalid("tool_choice needs tools", "tool_choice")
+            return cls("none")
+        names = [t.function.name for t in body.tools]
+        if len(set(names)) != len(names):
+            raise OpenAIError.invalid(f"tools have the same name twice: {sorted(names)}", "tools")
+        if choice == "none":
+            return cls("none")
+        if choice is None or choice == "auto":
+            return cls("auto", tool_calls.parser_for(chat_template))
+        if body.response_format is not None or body.structured_outputs is not None:
+            raise OpenAIError.invalid("a forced tool call (tool_choice required or a named function) takes no "
+                                      "response_format or structured_outputs", "tool_choice")
+        if choice == "required":
+            constraint = tool_calls.required_constraint(body.tools, body.parallel_tool_calls)
+            mode = cls("required", constraint=constraint)
+        else:
+            tool = next((t for t in body.tools if t.function.name == choice.function.name), None)
+            if tool is None:
+                raise OpenAIError.invalid(f"tool_choice names the function {choice.function.name!r}, which is not "
+                                          f"among the tools ({', '.join(names)})", "tool_choice")
+            mode = cls("named", constraint=tool_calls.named_constraint(tool), name=tool.function.name)
+        try:
+            mode.constraint.check()
+        except ValueError as e:
+            raise OpenAIError.invalid(f"a tool's parameters are not a usable JSON schema: {e}", "tools") from None
+        return mode
+
+
+class ResponsesServing:
+    """``POST /v1/responses``: OpenAI's Responses API, stateless (no ``store``, no ``previous_response_id``):
+    ``instructions`` and ``input`` (text or messages) through the chat template, one text answer (JSON under
+    ``text.format``), streamed as the API's typed events."""
+
+    def __init__(self, base: _Serving):
+        self.base = base
+
+    async def serve(self, request: Request) -> Response:
+        body = await self.base.parse(request, api.ResponsesRequest)
+        if body.store:
+            raise OpenAIError.invalid("kiln keeps no responses: send store false (or leave it out)", "store")
+        model = self.base.model(body.model)
+        llm = model.backend.llm()
+        messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+        if isinstance(body.input, str):
+            messages.append({"role": "user", "content": body.input})
+        else:
+            messages += [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                         for m in body.input]
+        if not messages:
+            raise OpenAIError.invalid("input is empty", "input")
+        try:
+            ids = await asyncio.to_thread(llm.tokenizer.encode_chat, messages, llm.max_seq_len)
+        except PromptTooLong as e:
+            raise OpenAIError.invalid(str(e), "input", "context_length_exceeded") from None
+        except RequestError as e:
+            raise OpenAIError.invalid(str(e), "input") from None
+        fmt = body.text.format if body.text is not None else None
+        constraint = None
+        if fmt is not None and fmt.type != "text":
+            from kiln.runtime.structured_output import StructuredOutput
+
+            schema = fmt.json_schema if fmt.type == "json_schema" else None
+            try:
+                constraint = (StructuredOutput("json", to_json(schema).decode()) if schema is not None
+                              else StructuredOutput("json_object"))
+                constraint.check()
+            except ValueError as e:
+                raise OpenAIError.invalid(str(e), "text.format") from None
+        params = _responses_params(body, model.backend.sampling_defaults,
+                                   _max_tokens(body.max_output_tokens, len(ids), llm.max_seq_len, "input"), constraint)
+        generation = _Generation(model, llm, [_Prompt(ids, "")], [params], "resp")
+        render = _ResponsesRender(generation, body)
+        if body.stream:
+            return await generation.stream(render.events, None, done=False)
+        finals = await generation.finals(request)
+        return JSONResponse(render.response(finals[0].outputs[0]).model_dump(mode="json"))
+
+
+def _responses_params(body: api.ResponsesRequest, defaults: dict, max_tokens: int, constraint):
+    from kiln.runtime import SamplingParams
+
+    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "structured": constraint}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        value = getattr(body, name)
+        value = defaults.get(name) if value is None else value
+        if value is not None:
+            kwargs[name] = value
+    if body.seed is not None:
+        kwargs["seed"] = body.seed % 2**64
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:
+        raise OpenAIError.invalid(str(e)) from None
+
+
+class _ResponsesRender:
+    """A Responses API answer: the response object, or its stream of typed events (``response.created``, the
+    message's ``output_text.delta`` events, ..., ``response.completed`` or ``response.incomplete``)."""
+
+    def __init__(self, generation: _Generation, body: api.ResponsesRequest):
+        self.g = generation
+        self.body = body
+        self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.sequence = 0
+        self.text = ""
+        self.started = False
+
+    def response(self, c, status: str | None = None) -> api.ResponseObject:
+        body = self.body
+        incomplete = c is not None and c.finish_reason == "length"
+        if status is None:
+            status = "incomplete" if incomplete else "completed"
+        output = [] if c is None else [api.OutputMessage(id=self.message_id, status=status if status != "failed"
+                                                         else "incomplete", content=[api.OutputText(text=c.text)])]
+        usage = None
+        if c is not None:
+            done = len(c.token_ids)
+            usage = api.ResponseUsage(input_tokens=self.g.prompt_tokens, output_tokens=done,
+                                      total_tokens=self.g.prompt_tokens + done)
+        fmt = {"format": body.text.format.model_dump(by_alias=True, exclude_none=True)} if (
+            body.text is not None and body.text.format is not None) else {"format": {"type": "text"}}
+        return api.ResponseObject(
+            id=self.g.id, created_at=self.g.created, status=status, model=self.g.model.name, output=output,
+            usage=usage, incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
+            instructions=body.instructions, max_output_tokens=body.max_output_tokens,
+            temperature=body.temperature, top_p=body.top_p, text=fmt, metadata=body.metadata or {})
+
+    def _event(self, kind: str, **fields) -> dict:
+        self.sequence += 1
+        return {"type": kind, "sequence_number": self.sequence - 1, **fields}
+
+    def events(self, prompt: int, out) -> list[dict]:
+        c = out.outputs[0]
+        events = []
+        if not self.started:
+            self.started = True
+            shell = self.response(None, "in_progress").model_dump(mode="json")
+            item = {"type": "message", "id": self.message_id, "status": "in_progress", "role": "assistant",
+                    "content": []}
+            part = {"type": "output_text", "text": "", "annotations": []}
+            events += [self._event("response.created", response=shell),
+                       self._event("response.in_progress", response=shell),
+                       self._event("response.output_item.added", output_index=0, item=item),
+                       self._event("response.content_part.added", item_id=self.message_id, output_index=0,
+                                   content_index=0, part=part)]
+        if c.delta_text:
+            self.text += c.delta_text
+            events.append(self._event("response.output_text.delta", item_id=self.message_id, output_index=0,
+                                      content_index=0, delta=c.delta_text, logprobs=[]))
+        if c.finished:
+            final = self.response(c)
+            item = final.output[0].model_dump(mode="json")
+            events += [self._event("response.output_text.done", item_id=self.message_id, output_index=0,
+                                   content_index=0, text=c.text, logprobs=[]),
+                       self._event("response.content_part.done", item_id=self.message_id, output_index=0,
+                                   content_index=0, part=item["content"][0]),
+                       self._event("response.output_item.done", output_index=0, item=item),
+                       self._event(f"response.{final.status}", response=final.model_dump(mode="json"))]
+        return events
 
 
 async def _respond(request: Request, body, generation: _Generation, render: _Render) -> Response:
@@ -414,6 +601,25 @@ class _Render:
             for c in out.outputs:
                 self.completion_tokens[self.choice_index(i, c)] = len(c.token_ids)
 
+    def prompt_logprobs(self, output, k: int | None) -> api.PromptLogprobs | None:
+        """vLLM's ``prompt_logprobs`` of a prompt's output (None unless the request asked): per prompt token,
+        it and the ``k`` most likely tokens in its place."""
+        if k is None or output.prompt_logprobs is None:
+            return None
+        out: api.PromptLogprobs = []
+        for token_id, lp in zip(output.prompt_token_ids, output.prompt_logprobs):
+            if lp is None:
+                out.append(None)
+                continue
+            top = lp.top[:k]
+            ranks = {t: r for r, (t, _) in enumerate(lp.top, 1)}
+            entry = {str(t): api.PromptLogprob(logprob=max(v, MIN_LOGPROB), rank=r, decoded_token=self.token(t))
+                     for r, (t, v) in enumerate(top, 1)}
+            entry[str(token_id)] = api.PromptLogprob(logprob=max(lp.logprob, MIN_LOGPROB), rank=ranks.get(token_id),
+                                                     decoded_token=self.token(token_id))
+            out.append(entry)
+        return out
+
     def token(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
         if text is None:
@@ -436,9 +642,12 @@ class _Render:
 
 
 class _CompletionRender(_Render):
-    def __init__(self, generation: _Generation, echo: bool, tokenizer):
+    def __init__(self, generation: _Generation, echo: bool, tokenizer, logprobs: int | None = None,
+                 prompt_logprobs: int | None = None):
         super().__init__(generation, tokenizer)
         self.echo = echo
+        self.echo_top = logprobs or 0  # the top tokens an echoed prompt shows (the engine may have more)
+        self.prompt_top = prompt_logprobs
         self.offsets: dict[int, int] = {}  # choice index -> text offset of its next token
         self.started: set[int] = set()
 
@@ -470,7 +679,8 @@ class _CompletionRender(_Render):
             text = self.token(token_id)
             prompt.tokens.append(text)
             prompt.token_logprobs.append(None if lp is None else max(lp.logprob, MIN_LOGPROB))
-            prompt.top_logprobs.append(None if lp is None else {self.token(t): max(v, MIN_LOGPROB) for t, v in lp.top})
+            prompt.top_logprobs.append(None if lp is None else {self.token(t): max(v, MIN_LOGPROB)
+                                                                for t, v in lp.top[:self.echo_top]})
             prompt.text_offset.append(offset)
             offset += len(text)
         self.offsets[index] = offset
@@ -486,7 +696,8 @@ class _CompletionRender(_Render):
                 logprobs = (self.echoed(index, out, c.logprobs) if self.echo
                             else self.logprobs(index, c.logprobs, 0))
                 choices.append(api.CompletionChoice(index=index, text=prefix + c.text, finish_reason=c.finish_reason,
-                                                    logprobs=logprobs))
+                                                    logprobs=logprobs,
+                                                    prompt_logprobs=self.prompt_logprobs(out, self.prompt_top)))
         choices.sort(key=lambda c: c.index)
         return api.CompletionResponse(id=self.g.id, created=self.g.created, model=self.g.model.name,
                                       choices=choices, usage=self.usage())
@@ -495,7 +706,8 @@ class _CompletionRender(_Render):
         chunks = []
         for index, c, finished in self.updates(prompt, out):
             text = c.delta_text
-            if self.echo and index not in self.started:
+            first = index not in self.started
+            if self.echo and first:
                 text = self.g.prompts[prompt].text + text
                 logprobs = self.echoed(index, out, c.delta_logprobs)
             else:
@@ -504,7 +716,8 @@ class _CompletionRender(_Render):
             chunks.append(api.CompletionResponse(
                 id=self.g.id, created=self.g.created, model=self.g.model.name,
                 choices=[api.CompletionChoice(index=index, text=text, finish_reason=c.finish_reason,
-                                              logprobs=logprobs)]))
+                                              logprobs=logprobs, prompt_logprobs=self.prompt_logprobs(
+                                                  out, self.prompt_top if first else None))]))
         return chunks
 
     def usage_chunk(self) -> api.CompletionResponse:
@@ -513,9 +726,15 @@ class _CompletionRender(_Render):
 
 
 class _ChatRender(_Render):
-    def __init__(self, generation: _Generation, tokenizer):
+    def __init__(self, generation: _Generation, tokenizer, tools: _ToolMode, prompt_logprobs: int | None = None):
         super().__init__(generation, tokenizer)
+        self.tools = tools
+        self.prompt_top = prompt_logprobs
         self.started: set[int] = set()
+        self.held: dict[int, str] = {}  # choice index -> the text of a "required" answer so far
+        self.auto: dict[int, tool_calls.AutoStream] = {}
+        self.call_ids: dict[int, str] = {}  # choice index -> the id of its named call
+        self.sent_prompt = False  # a stream's prompt logprobs go in its first chunk that has them
 
     def logprobs(self, logprobs) -> api.ChatLogprobs | None:
         if logprobs is None:
@@ -530,27 +749,90 @@ class _ChatRender(_Render):
                              top_logprobs=[api.TopLogprob(**entry(t, v)) for t, v in lp.top])
             for lp in logprobs])
 
+    def _calls(self, text: str) -> tuple[str | None, list[tool_calls.Call]]:
+        """A whole answer's (content, calls) under the request's tool choice."""
+        mode = self.tools.mode
+        if mode == "auto":
+            return self.tools.parser.parse(text)
+        if mode == "required":
+            calls = tool_calls.parse_required(text)
+            return (None, calls) if calls else (text, [])
+        if mode == "named":
+            return None, [tool_calls.Call(self.tools.name, text)]
+        return text, []
+
+    def _finish_reason(self, reason: str | None, calls: list) -> str | None:
+        # OpenAI: "tool_calls" when the model chose to call (auto, required); a named call ends with "stop".
+        if calls and reason == "stop" and self.tools.mode in ("auto", "required"):
+            return "tool_calls"
+        return reason
+
     def response(self, finals: list) -> api.ChatCompletionResponse:
         self.count(finals)
         out = finals[0]
-        choices = [api.ChatChoice(index=c.index, message=api.AssistantMessage(content=c.text),
-                                  finish_reason=c.finish_reason, logprobs=self.logprobs(c.logprobs))
-                   for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            content, calls = self._calls(c.text)
+            message = api.AssistantMessage(content=content, tool_calls=[
+                api.AssistantToolCall(id=tool_calls.call_id(), function=api.CalledFunction(name=k.name,
+                                                                                          arguments=k.arguments))
+                for k in calls])
+            choices.append(api.ChatChoice(index=c.index, message=message, logprobs=self.logprobs(c.logprobs),
+                                          finish_reason=self._finish_reason(c.finish_reason, calls)))
         return api.ChatCompletionResponse(id=self.g.id, created=self.g.created, model=self.g.model.name,
-                                          choices=choices, usage=self.usage())
+                                          choices=choices, usage=self.usage(),
+                                          prompt_logprobs=self.prompt_logprobs(out, self.prompt_top))
 
     def chunks(self, prompt: int, out) -> list[api.ChatCompletionChunk]:
         choices = []
         for index, c, finished in self.updates(prompt, out):
             if index not in self.started:  # OpenAI's first chunk of a choice names the role
                 self.started.add(index)
-                choices.append(api.ChatChunkChoice(index=index, delta=api.Delta(role="assistant", content="")))
+                first = api.Delta(role="assistant", content="")
+                if self.tools.mode == "named":  # the call's name and id come first, its arguments stream
+                    self.call_ids[index] = tool_calls.call_id()
+                    first = api.Delta(role="assistant", tool_calls=[api.DeltaToolCall(
+                        index=0, id=self.call_ids[index], type="function",
+                        function=api.DeltaFunction(name=self.tools.name))])
+                choices.append(api.ChatChunkChoice(index=index, delta=first))
             if c.delta_text or c.delta_logprobs or finished:
-                choices.append(api.ChatChunkChoice(index=index, delta=api.Delta(content=c.delta_text or None),
-                                                   finish_reason=c.finish_reason,
+                delta, reason = self._delta(index, c.delta_text, finished, c.finish_reason)
+                if delta.content is None and delta.tool_calls is None and reason is None and not c.delta_logprobs:
+                    continue  # text held back (a tool call may be beginning)
+                choices.append(api.ChatChunkChoice(index=index, delta=delta, finish_reason=reason,
                                                    logprobs=self.logprobs(c.delta_logprobs)))
-        return [api.ChatCompletionChunk(id=self.g.id, created=self.g.created, model=self.g.model.name,
-                                        choices=[choice]) for choice in choices]
+        chunks = [api.ChatCompletionChunk(id=self.g.id, created=self.g.created, model=self.g.model.name,
+                                          choices=[choice]) for choice in choices]
+        if chunks and self.prompt_top is not None and not self.sent_prompt:
+            chunks[0].prompt_logprobs = self.prompt_logprobs(out, self.prompt_top)
+            self.sent_prompt = chunks[0].prompt_logprobs is not None
+        return chunks
+
+    def _delta(self, index: int, text: str, finished: bool, reason: str | None) -> tuple[api.Delta, str | None]:
+        """One streamed step of a choice: its content or tool-call delta, and its finish reason."""
+        mode = self.tools.mode
+        if mode == "none":
+            return api.Delta(content=text or None), reason
+        if mode == "named":
+            calls = [api.DeltaToolCall(index=0, function=api.DeltaFunction(arguments=text))] if text else None
+            return api.Delta(tool_calls=calls), reason
+        calls: list[tool_calls.Call] = []
+        if mode == "required":
+            self.held[index] = self.held.get(index, "") + text
+            content = ""
+            if finished:
+                content, calls = self._calls(self.held.pop(index))
+                content = content or ""
+        else:
+            stream = self.auto.setdefault(index, tool_calls.AutoStream(self.tools.parser))
+            content = stream.feed(text)
+            if finished:
+                rest, calls = stream.finish()
+                content += rest
+        deltas = [api.DeltaToolCall(index=i, id=tool_calls.call_id(), type="function",
+                                    function=api.DeltaFunction(name=k.name, arguments=k.arguments))
+                  for i, k in enumerate(calls)]
+        return api.Delta(content=content or None, tool_calls=deltas or None), self._finish_reason(reason, calls)
 
     def usage_chunk(self) -> api.ChatCompletionChunk:
         return api.ChatCompletionChunk(id=self.g.id, created=self.g.created, model=self.g.model.name, choices=[],
@@ -606,7 +888,7 @@ def _max_tokens(requested: int | None, prompt_tokens: int, max_seq_len: int, pro
 
 
 def _sampling_params(body: api.SamplingRequest, defaults: dict, max_tokens: int, logprobs: int | None,
-                     prompt_logprobs: int | None = None):
+                     prompt_logprobs: int | None = None, constraint=None):
     from kiln.runtime import SamplingParams
 
     kwargs: dict[str, Any] = dict(max_tokens=max_tokens, n=body.n, stop=body.stop, ignore_eos=body.ignore_eos,
@@ -623,7 +905,7 @@ def _sampling_params(body: api.SamplingRequest, defaults: dict, max_tokens: int,
             kwargs[name] = value
     if body.seed is not None:
         kwargs["seed"] = body.seed % 2**64
-    kwargs["structured"] = _structured_output(body)
+    kwargs["structured"] = constraint if constraint is not None else _structured_output(body)
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:
@@ -748,6 +1030,6 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _event(message: BaseModel) -> bytes:
+def _event(message: BaseModel | dict) -> bytes:
     """One server-sent event: the message as compact UTF-8 JSON (pydantic's own encoder, in Rust)."""
     return b"data: " + to_json(message) + b"\n\n"

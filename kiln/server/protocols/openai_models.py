@@ -3,7 +3,7 @@ and a request that breaks it is a 400 naming the field (``openai.py`` turns the 
 into OpenAI's error shape).
 
 Requests refuse fields they do not know (as OpenAI's API does), so a client asking for something
-kiln does not do (tools) learns it at once. Beyond OpenAI's fields, requests take kiln's sampling
+kiln does not do learns it at once. Beyond OpenAI's fields, requests take kiln's sampling
 extras under vLLM's names: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``,
 ``stop_token_ids``, ``skip_special_tokens``, ``cache_salt`` and ``structured_outputs``.
 """
@@ -76,6 +76,8 @@ class SamplingRequest(_Request):
     skip_special_tokens: bool = True
     # Prefix-cache isolation: only requests with the same salt reuse each other's cached prompt blocks.
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)
+    # vLLM's: each prompt token's logprob and the this-many most likely tokens in its place.
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs (not both).
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -93,17 +95,56 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None only for an assistant's message of tool calls
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
     # None: up to the engine's max_seq_len, as OpenAI does for chat.
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -120,6 +161,60 @@ class TokenizeRequest(_Request):
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template has them)
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+
+
+class InputText(_Request):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+    annotations: list | None = None  # an earlier answer's output_text part, sent back as history
+
+
+class InputMessage(_Request):
+    """An item of the Responses API's ``input``: a message (the only kind of item kiln takes)."""
+
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[InputText]
+    id: str | None = None
+    status: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class TextFormat(_Request):
+    """The Responses API's ``text.format``: text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextOptions(_Request):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(_Request):
+    """``POST /v1/responses`` (OpenAI's Responses API), stateless: text in, text out."""
+
+    model: str
+    input: str | list[InputMessage]
+    instructions: str | None = None  # a system message before the input
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool = False
+    text: TextOptions | None = None
+    store: bool | None = None  # kiln keeps no responses: store true is refused
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    # kiln's extras, as vLLM names them
+    seed: int | None = Field(None, ge=-(2**63), le=MAX_SEED)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
 
 
 class DetokenizeRequest(_Request):
@@ -143,11 +238,24 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry of ``prompt_logprobs``: one token's logprob at a prompt position."""
+
+    logprob: float
+    rank: int | None  # its place among the most likely tokens (1: the likeliest); None: below those reported
+    decoded_token: str
+
+
+# One entry per prompt token (None for the first, which nothing scores): token id (as text) -> its logprob.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -175,9 +283,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class AssistantToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[AssistantToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -194,11 +314,25 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
+
+
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
 
 
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -215,6 +349,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # in a stream's first chunk
 
 
 class ModelCard(BaseModel):
@@ -250,3 +385,47 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list = Field(default_factory=list)
+
+
+class OutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] = "assistant"
+    content: list[OutputText]
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: dict = Field(default_factory=lambda: {"cached_tokens": 0})
+    output_tokens_details: dict = Field(default_factory=lambda: {"reasoning_tokens": 0})
+
+
+class ResponseObject(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    model: str
+    output: list[OutputMessage]
+    usage: ResponseUsage | None = None
+    incomplete_details: dict | None = None  # {"reason": "max_output_tokens"}
+    error: ErrorInfo | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    text: dict = Field(default_factory=lambda: {"format": {"type": "text"}})
+    tools: list = Field(default_factory=list)
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
+    metadata: dict = Field(default_factory=dict)
+    store: bool = False
