@@ -100,7 +100,9 @@ def test_a_request_while_the_models_load_gets_503_and_retry_after(engine, tmp_pa
         assert loading.value.code == 503 and loading.value.headers["Retry-After"] == "2"
         assert "is loading" in json.loads(loading.value.read())["error"]["message"]
         # The openai client retries until the server is ready, then gets the kiln model's answer.
-        client = openai.OpenAI(base_url=f"http://{s.http}/v1", api_key="unused", max_retries=5, timeout=60)
+        # (Retries 2 s apart for up to a minute: a loaded box, or a first start that compiles kiln's CPU kernels,
+        # takes longer than the slow model's 4 s.)
+        client = openai.OpenAI(base_url=f"http://{s.http}/v1", api_key="unused", max_retries=30, timeout=60)
         assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text is not None
         assert wait_for(lambda: "kiln serve is ready" in s.log or "models:" in s.log, 30)
         with pytest.raises(urllib.error.HTTPError) as not_kiln:  # ready: the python model is no LLM
