@@ -181,6 +181,9 @@ def test_openai_structured_outputs_on_completions(client):
     regex = client.completions.create(model="smol", prompt="A phone number: ", max_tokens=20, temperature=0,
                                       extra_body={"structured_outputs": {"regex": r"[0-9]{3}-[0-9]{4}"}})
     assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", regex.choices[0].text)
+    cut = client.completions.create(model="smol", prompt="A phone number: ", max_tokens=20, temperature=0, stop=["-"],
+                                    extra_body={"structured_outputs": {"regex": r"[0-9]{3}-[0-9]{4}"}})
+    assert cut.choices[0].text == regex.choices[0].text[:3] and cut.choices[0].finish_reason == "stop"
 
 
 def _status(call) -> tuple[int, dict]:
@@ -264,3 +267,28 @@ def test_responses_api_text_json_and_stream(client):
     openai = pytest.importorskip("openai")
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model="smol", input="x", store=True)
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 77])
+def test_the_mask_kernel_and_the_tensor_ops_match_a_plain_reference(vocab):
+    """The CPU kernel (a table add per mask byte, a scalar tail) and the tensor ops a GPU runs set exactly the
+    logits of disallowed tokens to -inf, in the rows named, and touch nothing else."""
+    import torch
+
+    from kiln.runtime import structured_output as so
+
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=gen)
+    masks = torch.randint(-2**31, 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32, generator=gen)
+    masks[0] = 0
+    masks[1, ::2] = -1
+    rows = [4, 0, 2]
+    expected = logits.clone()
+    for i, row in enumerate(rows):
+        for t in range(vocab):
+            if not (int(masks[i, t // 32]) >> (t % 32)) & 1:
+                expected[row, t] = float("-inf")
+    kernel, ops = logits.clone(), logits.clone()
+    so.apply_bitmasks(kernel, rows, masks)
+    so.apply_bitmasks_with_tensor_ops(ops, torch.tensor(rows), masks)
+    assert torch.equal(kernel, expected) and torch.equal(ops, expected)

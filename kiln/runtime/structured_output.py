@@ -189,10 +189,15 @@ def apply_bitmasks(logits: torch.Tensor, rows: Sequence[int], masks: torch.Tenso
 
         if cpu_layer_ops.apply_token_bitmask(logits, index, masks):
             return
+    apply_bitmasks_with_tensor_ops(logits, index, masks)
+
+
+def apply_bitmasks_with_tensor_ops(logits: torch.Tensor, index: torch.Tensor, masks: torch.Tensor) -> None:
+    """``apply_bitmasks`` in PyTorch ops, on any device (``index``: the rows, int64 on the host)."""
     index = index.to(logits.device, non_blocking=True)
     words = masks.to(logits.device, non_blocking=True)
     shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :logits.shape[1]].bool()
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(index), -1)[:, :logits.shape[1]].bool()
     picked = logits.index_select(0, index)
     picked.masked_fill_(~allowed, float("-inf"))
     logits.index_copy_(0, index, picked)
