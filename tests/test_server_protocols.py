@@ -421,6 +421,26 @@ def test_shared_memory_inputs_and_outputs(clients, proto):
     assert not status or not status.get("regions") if proto == "grpc" else status == []
 
 
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_cuda_shared_memory_answers_as_triton_with_no_region(clients, proto):
+    """kiln holds no CUDA regions: status lists none, unregister is no error (tritonclient's shm examples call it
+    to clean up first), a named region is not found, and register is refused with the reason."""
+    from tritonclient.utils import InferenceServerException
+
+    c = clients[proto]
+    status = c.get_cuda_shared_memory_status(**({"as_json": True} if proto == "grpc" else {}))
+    assert status == [] if proto == "http" else not status.get("regions")
+    c.unregister_cuda_shared_memory()
+    c.unregister_cuda_shared_memory("never_registered")
+    with pytest.raises(InferenceServerException, match="Unable to find cuda shared memory region: 'gone'"):
+        c.get_cuda_shared_memory_status("gone")
+    with pytest.raises(InferenceServerException, match="system shared memory") as e:
+        c.register_cuda_shared_memory("r", b"\x00" * 64, 0, 64)
+    assert "400" in str(e.value.status()) or "INVALID_ARGUMENT" in str(e.value.status())
+    meta = c.get_server_metadata(**({"as_json": True} if proto == "grpc" else {}))
+    assert "cuda_shared_memory" in meta["extensions"]
+
+
 def test_dynamic_batching(clients):
     """Four concurrent requests of batch 1 reach the preferred batch size: one execution of 4."""
     batches = [add_sub_arrays(batch=1, dtype=np.float32) for _ in range(4)]

@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2 as pb
 from kiln.server import datatypes
 from kiln.server.config import ModelConfig
 from kiln.server.core import InferenceRequest, InferenceResponse
-from kiln.server.errors import ServerError
+from kiln.server.errors import ServerError, shown
 from kiln.server.limits import Limits
 from kiln.server.model import ServedModel
 from kiln.server.repository import ModelRepository
@@ -23,7 +23,8 @@ from kiln.server.shm import Region, SharedMemoryManager
 from kiln.version import __version__
 
 EXTENSIONS = ["classification", "model_repository", "model_repository(unload_dependents)",
-              "model_configuration", "system_shared_memory", "binary_tensor_data", "parameters", "statistics"]
+              "model_configuration", "system_shared_memory", "cuda_shared_memory", "binary_tensor_data", "parameters",
+              "statistics"]
 
 
 @dataclass
@@ -124,6 +125,19 @@ class InferenceServer:
 
     def shm_status(self, name: str = "") -> list[Region]:
         return self.shm.status(name)
+
+    # CUDA shared memory: kiln reads and writes tensors in system shared memory only, so it never holds a CUDA
+    # region. Status and unregister answer as Triton does with none registered (an empty list; a named region
+    # is not found; unregistering is no error); registering is refused with the reason.
+    def cuda_shm_register(self, name: str) -> None:
+        raise ServerError.invalid(f"failed to register CUDA shared memory region '{shown(name)}': kiln does not "
+                                  "read CUDA IPC handles; register the tensors' memory as system shared memory "
+                                  "(/v2/systemsharedmemory) instead")
+
+    def cuda_shm_status(self, name: str = "") -> list:
+        if name:
+            raise ServerError.not_found(f"Unable to find cuda shared memory region: '{shown(name)}'")
+        return []
 
     # -- inference -----------------------------------------------------------------------------------
 

@@ -193,9 +193,16 @@ class GrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     async def CudaSharedMemoryStatus(self, request, context):
-        raise ServerError.unsupported("CUDA shared memory is not supported by this server; use system shared memory")
+        self.server.cuda_shm_status(request.name)
+        return pb.CudaSharedMemoryStatusResponse()
 
-    CudaSharedMemoryRegister = CudaSharedMemoryUnregister = CudaSharedMemoryStatus
+    @_unary
+    async def CudaSharedMemoryRegister(self, request, context):
+        self.server.cuda_shm_register(request.name)
+
+    @_unary
+    async def CudaSharedMemoryUnregister(self, request, context):
+        return pb.CudaSharedMemoryUnregisterResponse()  # no CUDA region is ever registered here
 
     @_unary
     async def ModelInfer(self, request, context):

@@ -53,7 +53,11 @@ def create_app(server: InferenceServer, policy: AccessPolicy, limits: Limits) ->
         (access.SHARED_MEMORY, "/v2/systemsharedmemory/region/{region}/register", api.shm_register, "POST"),
         (access.SHARED_MEMORY, "/v2/systemsharedmemory/region/{region}/unregister", api.shm_unregister, "POST"),
         (access.SHARED_MEMORY, "/v2/systemsharedmemory/unregister", api.shm_unregister, "POST"),
-        (access.SHARED_MEMORY, "/v2/cudasharedmemory/{rest:path}", api.cuda_shm, "GET,POST"),
+        (access.SHARED_MEMORY, "/v2/cudasharedmemory/status", api.cuda_shm_status, "GET"),
+        (access.SHARED_MEMORY, "/v2/cudasharedmemory/region/{region}/status", api.cuda_shm_status, "GET"),
+        (access.SHARED_MEMORY, "/v2/cudasharedmemory/region/{region}/register", api.cuda_shm_register, "POST"),
+        (access.SHARED_MEMORY, "/v2/cudasharedmemory/region/{region}/unregister", api.cuda_shm_unregister, "POST"),
+        (access.SHARED_MEMORY, "/v2/cudasharedmemory/unregister", api.cuda_shm_unregister, "POST"),
     ]
     for prefix in (model, versioned):
         routes += [
@@ -164,8 +168,15 @@ class _Api:
         self.server.shm_unregister(request.path_params.get("region", ""))
         return Response(status_code=200)
 
-    async def cuda_shm(self, request: Request) -> Response:
-        raise ServerError.unsupported("CUDA shared memory is not supported by this server; use system shared memory")
+    async def cuda_shm_status(self, request: Request) -> Response:
+        return JSONResponse(self.server.cuda_shm_status(request.path_params.get("region", "")))
+
+    async def cuda_shm_register(self, request: Request) -> Response:
+        await _json_body(request)
+        self.server.cuda_shm_register(request.path_params["region"])
+
+    async def cuda_shm_unregister(self, request: Request) -> Response:
+        return Response(status_code=200)  # no CUDA region is ever registered here
 
     async def infer(self, request: Request) -> Response:
         p = request.path_params
