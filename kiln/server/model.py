@@ -88,11 +88,9 @@ class ServedModel:
         """
         if not self.ready:
             raise ServerError.unavailable(f"'{self.name}' version {self.version} is not at ready state")
-        try:
-            validation.admit(request, self.config, self.shm)
-        except ServerError:
-            self.stats.record_failure(time.monotonic_ns() - request.received_ns, OTHER)
-            raise
+        # A request its model refuses at validation (a wrong shape, type or input) is no failure of the model:
+        # Triton counts it neither in the statistics' fail nor in nv_inference_request_failure.
+        validation.admit(request, self.config, self.shm)
         request.model_version = self.version
         request.attach(asyncio.get_running_loop())
         try:
