@@ -107,7 +107,10 @@ def test_load_with_config_override(http, grpc):
     assert http.get_model_config("other")["max_batch_size"] == 2
     with pytest.raises(InferenceServerException, match="batch-size must be <= 2 for 'other'"):
         infer_add_sub(grpc, grpcclient, "other", batch=3)
-    grpc.load_model("other")  # without the override: config.pbtxt again
+    grpc.load_model("other")  # a load without a config keeps the last override, as Triton does
+    assert grpc.get_model_config("other").config.max_batch_size == 2
+    config.update(max_batch_size=8)
+    http.load_model("other", config=json.dumps(config))  # a new override replaces it
     assert grpc.get_model_config("other").config.max_batch_size == 8
     infer_add_sub(grpc, grpcclient, "other", batch=3)
 
@@ -121,6 +124,7 @@ def test_failed_loads_name_the_model_and_change_nothing_else(http, grpc):
     with pytest.raises(InferenceServerException, match="failed to load 'ghost'.*no model folder 'ghost'") as e:
         grpc.load_model("ghost")
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "ghost" not in index(http)  # a model with no folder leaves no row behind
     with pytest.raises(InferenceServerException, match="failed to load 'simple'.*model configuration JSON"):
         http.load_model("simple", config="{not json")
     # A reload that fails leaves the loaded version serving.

@@ -45,6 +45,8 @@ class ModelEntry:
     states: dict[int | None, tuple[str, str]] = field(default_factory=dict)
     fingerprint: tuple = ()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The config of the last load that gave one (JSON): a later load that gives none keeps it, as Triton does.
+    config_override: str | None = None
 
 
 @dataclass
@@ -208,6 +210,8 @@ class ModelRepository:
             raise
         entry = self._entries.setdefault(name, ModelEntry(name))
         async with entry.lock:
+            if config_json is None:
+                config_json = entry.config_override
             try:
                 entry.fingerprint = await asyncio.to_thread(_fingerprint, model_dir)
                 plan = await asyncio.to_thread(_plan, name, model_dir, config_json)
@@ -237,6 +241,8 @@ class ModelRepository:
                     entry.states[v] = (UNAVAILABLE, reason)
                     failures.append(f"version {v} is at UNAVAILABLE state: {reason}")
             entry.served = new
+            if not failures:  # (a failed reload keeps the old copy serving, and the config it was loaded with)
+                entry.config_override = config_json
             retired = [m for v, m in old.items() if new.get(v) is not m]
             old.clear()  # no reference may outlive the unload, or its memory would stay
             for v in list(entry.states):
