@@ -191,3 +191,27 @@ def test_poll_mode_follows_the_folder(tmp_path):
     finally:
         assert server.stop() == 0, server.log
 
+
+
+def test_logging_extension_changes_what_is_logged(server, http, grpc):
+    """Triton's logging extension over HTTP and gRPC: the settings read back as set, and log_info really hides
+    the INFO lines (here, a load's) until it is on again; bad settings change nothing."""
+    settings = http.get_log_settings()
+    assert settings["log_info"] is True and settings["log_file"] == "" and settings["log_format"] == "default"
+    assert http.update_log_settings({"log_info": False})["log_info"] is False
+    assert grpc.get_log_settings().settings["log_info"].bool_param is False
+    before = len(server.lines)
+    grpc.load_model("other")
+    assert not any("successfully loaded 'other'" in line for line in server.lines[before:])
+    grpc.update_log_settings({"log_info": True, "log_verbose_level": 0})
+    before = len(server.lines)
+    http.load_model("other")
+    assert wait_for(lambda: any("successfully loaded 'other'" in line for line in server.lines[before:]), 10)
+    for bad, message in (({"log_file": "/tmp/kiln.log"}, "log_file must be empty"),
+                         ({"log_info": "yes"}, "must be a bool"), ({"log_colour": True}, "unknown log setting"),
+                         ({"log_format": "json"}, "log_format must be one of")):
+        for client in (http, grpc) if "log_info" not in bad else (http,):  # (gRPC's client types the values)
+            with pytest.raises(InferenceServerException, match=message):
+                client.update_log_settings(bad)
+    assert http.get_log_settings() == {**settings, "log_info": True}
+    assert "logging" in http.get_server_metadata()["extensions"]

@@ -42,7 +42,6 @@ class ServeOptions(ServerOptions):
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    log_verbose: int = 0
     api_key: str | None = None  # asked of every request but health (Authorization: Bearer KEY); None: open
     restricted_api: list[str] = field(default_factory=list)  # "GROUPS:KEY=VALUE" (access.Restriction)
     allowed_origins: list[str] = field(default_factory=list)  # web origins that may call the HTTP port

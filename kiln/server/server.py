@@ -16,6 +16,7 @@ from kiln.server import datatypes
 from kiln.server.config import ModelConfig
 from kiln.server.core import InferenceRequest, InferenceResponse
 from kiln.server.errors import ServerError, shown
+from kiln.server.log_settings import LogSettings
 from kiln.server.limits import Limits
 from kiln.server.model import ServedModel
 from kiln.server.repository import ModelRepository
@@ -24,7 +25,7 @@ from kiln.version import __version__
 
 EXTENSIONS = ["classification", "model_repository", "model_repository(unload_dependents)",
               "model_configuration", "system_shared_memory", "cuda_shared_memory", "binary_tensor_data", "parameters",
-              "statistics"]
+              "statistics", "logging"]
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ServerOptions:
     load_models: list[str] = field(default_factory=list)
     repository_poll_secs: float = 15.0
     limits: Limits = field(default_factory=Limits)
+    log_verbose: int = 0  # the logging extension's log_verbose_level at start
 
 
 class InferenceServer:
@@ -44,6 +46,7 @@ class InferenceServer:
         self.repository = ModelRepository(options.model_repository, options.model_control_mode, self.shm,
                                           options.load_models, options.repository_poll_secs, self.infer,
                                           limits.cancel_grace)
+        self.log_settings = LogSettings(options.log_verbose)
         self.ready = False
         self._poller: asyncio.Task | None = None
 
@@ -61,6 +64,7 @@ class InferenceServer:
                 await self._poller
         await self.repository.close()
         self.shm.close()
+        self.log_settings.close()
 
     # -- health and metadata -------------------------------------------------------------------------
 

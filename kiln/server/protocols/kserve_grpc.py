@@ -192,6 +192,15 @@ class GrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @_unary
+    async def LogSettings(self, request, context):
+        changes = {}
+        for name, value in request.settings.items():
+            which = value.WhichOneof("parameter_choice")
+            changes[name] = getattr(value, which) if which else None
+        values = self.server.log_settings.update(changes) if changes else dict(self.server.log_settings.values)
+        return pb.LogSettingsResponse(settings={name: _log_value(v) for name, v in values.items()})
+
+    @_unary
     async def CudaSharedMemoryStatus(self, request, context):
         self.server.cuda_shm_status(request.name)
         return pb.CudaSharedMemoryStatusResponse()
@@ -340,3 +349,11 @@ def _shm_ref(params: dict, what: str) -> ShmRef:
     if not isinstance(region, str) or not isinstance(size, int) or not isinstance(offset, int):
         raise ServerError.invalid(f"{what} needs 'shared_memory_region' and 'shared_memory_byte_size'")
     return ShmRef(region, size, offset)
+
+
+def _log_value(value: object) -> pb.LogSettingsResponse.SettingValue:
+    if isinstance(value, bool):
+        return pb.LogSettingsResponse.SettingValue(bool_param=value)
+    if isinstance(value, int):
+        return pb.LogSettingsResponse.SettingValue(uint32_param=value)
+    return pb.LogSettingsResponse.SettingValue(string_param=str(value))

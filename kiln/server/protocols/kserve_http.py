@@ -53,6 +53,7 @@ def create_app(server: InferenceServer, policy: AccessPolicy, limits: Limits) ->
         (access.SHARED_MEMORY, "/v2/systemsharedmemory/region/{region}/register", api.shm_register, "POST"),
         (access.SHARED_MEMORY, "/v2/systemsharedmemory/region/{region}/unregister", api.shm_unregister, "POST"),
         (access.SHARED_MEMORY, "/v2/systemsharedmemory/unregister", api.shm_unregister, "POST"),
+        (access.LOGGING, "/v2/logging", api.logging, "GET,POST"),
         (access.SHARED_MEMORY, "/v2/cudasharedmemory/status", api.cuda_shm_status, "GET"),
         (access.SHARED_MEMORY, "/v2/cudasharedmemory/region/{region}/status", api.cuda_shm_status, "GET"),
         (access.SHARED_MEMORY, "/v2/cudasharedmemory/region/{region}/register", api.cuda_shm_register, "POST"),
@@ -167,6 +168,16 @@ class _Api:
     async def shm_unregister(self, request: Request) -> Response:
         self.server.shm_unregister(request.path_params.get("region", ""))
         return Response(status_code=200)
+
+    async def logging(self, request: Request) -> Response:
+        """Triton's logging extension: GET the settings, POST some of them (``log_settings``)."""
+        settings = self.server.log_settings
+        if request.method == "GET":
+            return JSONResponse(dict(settings.values))
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise ServerError.invalid("the log settings are a JSON object")
+        return JSONResponse(settings.update(body))
 
     async def cuda_shm_status(self, request: Request) -> Response:
         return JSONResponse(self.server.cuda_shm_status(request.path_params.get("region", "")))
