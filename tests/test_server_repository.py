@@ -215,3 +215,28 @@ def test_logging_extension_changes_what_is_logged(server, http, grpc):
                 client.update_log_settings(bad)
     assert http.get_log_settings() == {**settings, "log_info": True}
     assert "logging" in http.get_server_metadata()["extensions"]
+
+
+def test_load_with_files_sent_in_the_request(server, http, grpc, tmp_path):
+    """Triton's ``file:`` load parameters: the model's files come with the request (and its config), are written
+    to a private temporary folder and served from there; a path that leaves the model folder is refused and
+    nothing is written; files need the config."""
+    model = onnx_add_sub(tmp_path / "model.onnx").read_bytes()
+    config = json.dumps({"name": "sent", "backend": "onnxruntime", "max_batch_size": 8,
+                         "input": [{"name": n, "data_type": "TYPE_FP32", "dims": [16]} for n in ("INPUT0", "INPUT1")],
+                         "output": [{"name": n, "data_type": "TYPE_FP32", "dims": [16]}
+                                    for n in ("OUTPUT0", "OUTPUT1")]})
+    http.load_model("sent", config=config, files={"file:1/model.onnx": model})
+    infer_add_sub(grpc, grpcclient, "sent")
+    assert index(http)["sent"]["state"] == "READY"
+    grpc.load_model("sent2", config=config.replace('"sent"', '"sent2"'), files={"file:1/model.onnx": model})
+    infer_add_sub(http, httpclient, "sent2")
+    for client in (http, grpc):
+        for path in ("../escape.onnx", "1/../../escape", "/abs/model.onnx", "1/.hidden"):
+            with pytest.raises(InferenceServerException, match="must be relative to the model folder"):
+                client.load_model("evil", config=config, files={f"file:{path}": b"x"})
+        with pytest.raises(InferenceServerException, match="needs the model configuration"):
+            client.load_model("evil", files={"file:1/model.onnx": model})
+    assert not list(tmp_path.parent.glob("escape*")) and "evil" not in index(http)
+    http.unload_model("sent")
+    http.unload_model("sent2")

@@ -47,6 +47,8 @@ class ModelEntry:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The config of the last load that gave one (JSON): a later load that gives none keeps it, as Triton does.
     config_override: str | None = None
+    # The model folder a load's files were written to (``load(files=...)``), used instead of the repository's.
+    files_dir: Path | None = None
 
 
 @dataclass
@@ -141,8 +143,27 @@ class ModelRepository:
             if isinstance(r, BaseException) and not isinstance(r, ServerError):
                 raise r
 
-    async def load(self, name: str, config_json: str | None = None) -> None:
+    async def load(self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None) -> None:
+        """Load (or reload) ``name``. ``files`` (Triton's ``file:PATH`` parameters: path in the model folder ->
+        content) come with a ``config_json`` and make the model's folder: they are written to a private
+        temporary folder, which the model is loaded from instead of the repository's."""
         self._check_control()
+        if files:
+            if config_json is None:
+                raise ServerError.invalid(f"failed to load '{shown(name)}': a load with files needs the model "
+                                          "configuration too (parameter 'config')")
+            check_name(name, "load")
+            folder = await asyncio.to_thread(write_model_files, name, files)
+            entry = self._entries.setdefault(name, ModelEntry(name))
+            previous, entry.files_dir = entry.files_dir, folder
+            try:
+                await self._load(name, config_json)
+            except BaseException:
+                entry.files_dir = previous
+                _remove_files(folder)
+                raise
+            _remove_files(previous)
+            return
         await self._load(name, config_json)
 
     async def unload(self, name: str) -> None:
@@ -178,6 +199,7 @@ class ModelRepository:
     async def close(self) -> None:
         for name in list(self._entries):
             await self._unload(name)
+            _remove_files(self._entries[name].files_dir)
 
     def _check_control(self) -> None:
         if self.mode == "poll":
@@ -188,13 +210,14 @@ class ModelRepository:
                 "(start the server with --model-control-mode=explicit)")
 
     def model_dir(self, name: str, action: str = "load") -> Path:
-        """The folder of model ``name``: one folder directly in the repository, named by a name that is not a
-        path (a link the operator placed there is the operator's, and is followed)."""
+        """The folder of model ``name``: the one its last load's files were written to, else one folder directly
+        in the repository, named by a name that is not a path (a link the operator placed there is the
+        operator's, and is followed)."""
         failed = f"failed to {action} '{shown(name)}'"
-        if (not name or len(name) > cfg.NAME_MAX or name.startswith(".") or any(c in name for c in "/\\\0")
-                or not _encodable(name)):
-            raise ServerError.invalid(f"{failed}: a model name is a folder name of the repository (1 to {cfg.NAME_MAX} "
-                                      "characters, no '/', '\\' or NUL, not starting with '.')")
+        check_name(name, action)
+        entry = self._entries.get(name)
+        if entry is not None and entry.files_dir is not None:
+            return entry.files_dir / name
         folder = self.root / name
         if not folder.is_dir():
             raise ServerError.invalid(f"{failed}: no model folder '{shown(name)}' in the model repository")
@@ -343,3 +366,51 @@ def _encodable(name: str) -> bool:
     except UnicodeEncodeError:  # a lone surrogate: no file can have that name
         return False
     return True
+
+
+def check_name(name: str, action: str) -> None:
+    """A model name is a folder name: 1 to NAME_MAX characters, no '/', '\\' or NUL, not starting with '.'."""
+    if (not name or len(name) > cfg.NAME_MAX or name.startswith(".") or any(c in name for c in "/\\\0")
+            or not _encodable(name)):
+        raise ServerError.invalid(f"failed to {action} '{shown(name)}': a model name is a folder name of the "
+                                  f"repository (1 to {cfg.NAME_MAX} characters, no '/', '\\' or NUL, not starting "
+                                  "with '.')")
+
+
+MAX_LOAD_FILES = 1024
+
+
+def write_model_files(name: str, files: dict[str, bytes]) -> Path:
+    """A private temporary folder holding ``NAME/PATH`` for each file; a path must stay inside the model folder
+    (relative, no '..', no empty or hidden part, no '\\' or NUL). Returns the folder that holds ``NAME``."""
+    import shutil
+    import tempfile
+
+    if len(files) > MAX_LOAD_FILES:
+        raise ServerError.invalid(f"failed to load '{shown(name)}': {len(files)} files, more than {MAX_LOAD_FILES}")
+    base = Path(tempfile.mkdtemp(prefix="kiln-load-"))
+    try:
+        model = base / name
+        model.mkdir()
+        for path, data in files.items():
+            parts = path.split("/")
+            if (not path or path.startswith("/") or any(not p or p.startswith(".") for p in parts)
+                    or "\\" in path or "\0" in path or not _encodable(path)):
+                raise ServerError.invalid(f"failed to load '{shown(name)}': file path '{shown(path)}' must be "
+                                          "relative to the model folder, with no empty, '.' or '..' part")
+            target = model.joinpath(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+    return base
+
+
+def _remove_files(folder: Path | None) -> None:
+    if folder is not None:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)

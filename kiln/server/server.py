@@ -113,8 +113,8 @@ class InferenceServer:
             pb.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=s, reason=r)
             for n, v, s, r in self.repository.index(ready_only)])
 
-    async def load(self, name: str, config_json: str | None = None) -> None:
-        await self.repository.load(name, config_json)
+    async def load(self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None) -> None:
+        await self.repository.load(name, config_json, files)
 
     async def unload(self, name: str) -> None:
         await self.repository.unload(name)

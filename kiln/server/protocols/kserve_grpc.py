@@ -160,13 +160,9 @@ class GrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     async def RepositoryModelLoad(self, request, context):
-        files = [k for k in request.parameters if k.startswith("file:")]
-        if files:
-            raise ServerError.unsupported(
-                f"loading a model from files sent with the request ({', '.join(files)}) is not supported; "
-                "put the files in the model repository")
+        files = {k[5:]: v.bytes_param for k, v in request.parameters.items() if k.startswith("file:")}
         config = request.parameters["config"].string_param if "config" in request.parameters else None
-        await self.server.load(request.model_name, config)
+        await self.server.load(request.model_name, config, files)
         return pb.RepositoryModelLoadResponse()
 
     @_unary

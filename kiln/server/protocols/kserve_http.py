@@ -8,6 +8,9 @@ Only wire translation lives here: a JSON (+ binary) body becomes an ``InferenceR
 """
 from __future__ import annotations
 
+import base64
+import binascii
+
 import contextlib
 import gzip
 import json
@@ -132,15 +135,18 @@ class _Api:
 
     async def load(self, request: Request) -> Response:
         params = _parameters(await _json_body(request))
-        files = [k for k in params if k.startswith("file:")]
-        if files:
-            raise ServerError.unsupported(
-                f"loading a model from files sent with the request ({', '.join(files)}) is not supported; "
-                "put the files in the model repository")
+        files = {}
+        for key, value in params.items():
+            if key.startswith("file:"):  # the file's content, base64 (Triton's HTTP form)
+                try:
+                    files[key[5:]] = base64.b64decode(value, validate=True)
+                except (TypeError, ValueError, binascii.Error):
+                    raise ServerError.invalid(f"parameter '{shown(key)}' must be the file's content in base64") \
+                        from None
         config = params.get("config")
         if config is not None and not isinstance(config, str):
             raise ServerError.invalid("parameter 'config' must be a string holding the model configuration JSON")
-        await self.server.load(request.path_params["model"], config)
+        await self.server.load(request.path_params["model"], config, files)
         return Response(status_code=200)
 
     async def unload(self, request: Request) -> Response:
