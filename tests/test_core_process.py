@@ -168,3 +168,9 @@ def test_the_core_process_never_outlives_its_client(engine):
     finally:
         client.kill()
         client.stdout.close()
+    # A core whose client was gone before it started (its parent is not the client it was told of) exits at
+    # once, before it builds anything.
+    started = time.monotonic()
+    late = subprocess.run([sys.executable, "-m", "kiln.runtime.core_process", "ipc:///nowhere/in",
+                           "ipc:///nowhere/out", str(engine), "{}", "30", str(os.getpid() + 1_000_000)], timeout=60)
+    assert late.returncode == 0 and time.monotonic() - started < 30

@@ -211,7 +211,7 @@ class EngineCoreProcess:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "kiln.runtime.core_process", f"ipc://{self._dir}/in", f"ipc://{self._dir}/out",
              str(self.engine.path), msgspec.json.encode(self._config).decode(),
-             str(logging.getLogger("kiln").getEffectiveLevel())],
+             str(logging.getLogger("kiln").getEffectiveLevel()), str(os.getpid())],
             env=env, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -331,12 +331,15 @@ def _pickled(value: Any) -> bytes:
 
 
 # ----- the process's side -----
-def serve(input_address: str, output_address: str, engine: str, config: RuntimeConfig) -> int:
-    """Build the core, then step it for the client at these addresses until told to stop or orphaned."""
+def serve(input_address: str, output_address: str, engine: str, config: RuntimeConfig, parent: int) -> int:
+    """Build the core, then step it for the client at these addresses until told to stop or orphaned (its
+    parent is no longer the client's process ``parent``: given by the client, as the client may already be
+    gone when this process starts)."""
     from kiln.runtime.engine_core import EngineCore
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle; it stops us
-    parent = os.getppid()
+    if os.getppid() != parent:
+        return 0
     context = zmq.Context()
     commands = context.socket(zmq.PULL)
     commands.setsockopt(zmq.RCVHWM, 0)
@@ -395,10 +398,11 @@ def _run_call(core, message: _Call) -> _Reply:
 
 
 def main(argv: list[str]) -> int:
-    input_address, output_address, engine, config, level = argv
+    input_address, output_address, engine, config, level, parent = argv
     # The client's level for kiln's loggers, in the CLI's format (the process writes to the client's stderr).
     logging.basicConfig(level=int(level), format="%(levelname)s %(message)s")
-    return serve(input_address, output_address, engine, msgspec.json.decode(config, type=RuntimeConfig))
+    return serve(input_address, output_address, engine, msgspec.json.decode(config, type=RuntimeConfig),
+                 int(parent))
 
 
 if __name__ == "__main__":
