@@ -72,6 +72,22 @@ def test_invalid_configs_are_refused_with_the_reason(change, message):
         parsed(SIMPLE.replace(*change))
 
 
+@pytest.mark.parametrize("extra,field", [
+    ("sequence_batching { max_sequence_idle_microseconds: 5000000 }", "sequence_batching"),
+    ('ensemble_scheduling { step [ { model_name: "a" model_version: -1 } ] }', "ensemble_scheduling"),
+    ("dynamic_batching { priority_levels: 2 default_priority_level: 1 }", "dynamic_batching.priority_levels"),
+    ("dynamic_batching { default_queue_policy { timeout_action: DELAY default_timeout_microseconds: 100 } }",
+     "dynamic_batching.default_queue_policy.timeout_action"),
+    ("dynamic_batching { priority_queue_policy { key: 1 value: { max_queue_size: 2 } } }",
+     "dynamic_batching.priority_queue_policy"),
+])
+def test_settings_kiln_does_not_do_are_refused_by_name(extra, field):
+    """A config field kiln's scheduling does not implement yet is refused at load, naming it, never ignored."""
+    with pytest.raises(ServerError, match=f"sets .*{field}.*which kiln does not implement"):
+        parsed(SIMPLE + extra)
+    parsed(SIMPLE + "dynamic_batching { default_queue_policy { max_queue_size: 4 } }")  # implemented
+
+
 def test_reshape_with_variable_dims_checks_each_segment():
     ok = SIMPLE.replace("dims: [ 2, 2 ] reshape: { shape: [ 4 ] }", "dims: [ -1, 4 ] reshape: { shape: [ -1, 2, 2 ] }")
     parsed(ok)

@@ -158,6 +158,31 @@ def validate(config: ModelConfig) -> None:
     policy = config.version_policy
     if policy.WhichOneof("policy_choice") == "latest" and policy.latest.num_versions < 1:
         raise ServerError.invalid(f"version policy of '{name}': 'latest' needs num_versions >= 1")
+    unimplemented = not_implemented(config)
+    if unimplemented:
+        raise ServerError.invalid(f"model '{name}' sets {', '.join(unimplemented)}, which kiln does not implement "
+                                  "yet; remove it (kiln refuses a setting it would otherwise ignore)")
+
+
+def not_implemented(config: ModelConfig) -> list[str]:
+    """The fields ``config`` sets that kiln's scheduling does not do yet (issue 16): stateful sequences,
+    ensembles, priorities and queue timeouts. A config that sets them is refused, never served as if it did not."""
+    out = []
+    if config.HasField("sequence_batching"):
+        out.append("sequence_batching")
+    if config.HasField("ensemble_scheduling") or config.platform == "ensemble":
+        out.append("ensemble_scheduling")
+    if config.HasField("dynamic_batching"):
+        batching = config.dynamic_batching
+        if batching.priority_levels or batching.default_priority_level:
+            out.append("dynamic_batching.priority_levels")
+        if batching.priority_queue_policy:
+            out.append("dynamic_batching.priority_queue_policy")
+        queue = batching.default_queue_policy
+        for field in ("timeout_action", "default_timeout_microseconds", "allow_timeout_override"):
+            if getattr(queue, field):
+                out.append(f"dynamic_batching.default_queue_policy.{field}")
+    return out
 
 
 def _validate_io(io, max_batch_size: int, prefix: str) -> None:
