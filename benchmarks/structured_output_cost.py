@@ -73,7 +73,7 @@ def check_answers(llm: LLM, batch: int) -> str:
     """Every answer of a batch under a bounded schema (greedy and sampled) parses and fits it (checked by
     hand: the GPU machine has no jsonschema); a batch with a free request beside them."""
     prompt = llm.tokenizer.encode_chat([{"role": "user", "content": "Describe a shirt as JSON."}])
-    constraint = StructuredOutput("json", json.dumps(CHECKED))
+    constraint = StructuredOutput("json", json.dumps(CHECKED), whitespace_flexible=False)
     params = [SamplingParams(max_tokens=80, temperature=0 if i % 2 else 1.0, seed=i, structured=constraint)
               for i in range(batch)] + [SamplingParams(max_tokens=20, temperature=0)]
     outs = llm.generate([prompt] * len(params), params)
