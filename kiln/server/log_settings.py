@@ -29,7 +29,7 @@ class LogSettings:
                                           "log_verbose_level": max(int(verbose), 0), "log_format": "default"}
         self._filter = _SeverityFilter(self)
         logging.getLogger(LOGGER).addFilter(self._filter)
-        self._apply()
+        self._set_level()
 
     def close(self) -> None:
         logging.getLogger(LOGGER).removeFilter(self._filter)
@@ -52,7 +52,11 @@ class LogSettings:
         if "log_verbose_level" in changes and not 0 <= changes["log_verbose_level"] < 2**32:
             raise ServerError.invalid("log_verbose_level must be an unsigned 32-bit integer")
         self.values.update(changes)
-        self._apply()
+        self._set_level()
+        if "log_format" in changes:  # (at start the handlers keep the CLI's format, which is "default")
+            formatter = logging.Formatter(FORMATS[str(self.values["log_format"])])
+            for handler in logging.getLogger().handlers:
+                handler.setFormatter(formatter)
         return dict(self.values)
 
     @property
@@ -69,11 +73,8 @@ class LogSettings:
             return bool(v["log_info"])
         return self.verbose
 
-    def _apply(self) -> None:
+    def _set_level(self) -> None:
         logging.getLogger(LOGGER).setLevel(logging.DEBUG if self.verbose else logging.INFO)
-        formatter = logging.Formatter(FORMATS[str(self.values["log_format"])])
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(formatter)
 
 
 class _SeverityFilter(logging.Filter):

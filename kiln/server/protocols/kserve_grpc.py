@@ -193,7 +193,7 @@ class GrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
         for name, value in request.settings.items():
             which = value.WhichOneof("parameter_choice")
             changes[name] = getattr(value, which) if which else None
-        values = self.server.log_settings.update(changes) if changes else dict(self.server.log_settings.values)
+        values = self.server.log_settings.update(changes)  # no changes: the settings as they are
         return pb.LogSettingsResponse(settings={name: _log_value(v) for name, v in values.items()})
 
     @_unary

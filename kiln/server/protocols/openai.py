@@ -366,17 +366,8 @@ class ChatServing:
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise OpenAIError.invalid("give max_tokens or max_completion_tokens, not both", "max_tokens")
         tools = _ToolMode.of(body, llm.tokenizer.chat_template)
-        messages = tool_calls.template_messages(body.messages)
         shown = [t.model_dump(exclude_none=True) for t in body.tools] if tools.shown else None
-        try:
-            if sum(len(m["content"]) for m in messages) >= LONG_TEXT:  # off the loop (see LONG_TEXT)
-                ids = await asyncio.to_thread(llm.tokenizer.encode_chat, messages, llm.max_seq_len, shown)
-            else:
-                ids = llm.tokenizer.encode_chat(messages, llm.max_seq_len, shown)
-        except PromptTooLong as e:
-            raise OpenAIError.invalid(str(e), "messages", "context_length_exceeded") from None
-        except RequestError as e:
-            raise OpenAIError.invalid(str(e), "messages") from None
+        ids = await _encode_chat(llm, tool_calls.template_messages(body.messages), "messages", shown)
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = _sampling_params(body, model.backend.sampling_defaults,
                                   _max_tokens(requested, len(ids), llm.max_seq_len, "messages"),
@@ -451,25 +442,15 @@ class ResponsesServing:
         if isinstance(body.input, str):
             messages.append({"role": "user", "content": body.input})
         else:
-            messages += [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                         for m in body.input]
+            messages += [{"role": tool_calls.template_role(m.role), "content": m.text()} for m in body.input]
         if not messages:
             raise OpenAIError.invalid("input is empty", "input")
-        try:
-            ids = await asyncio.to_thread(llm.tokenizer.encode_chat, messages, llm.max_seq_len)
-        except PromptTooLong as e:
-            raise OpenAIError.invalid(str(e), "input", "context_length_exceeded") from None
-        except RequestError as e:
-            raise OpenAIError.invalid(str(e), "input") from None
+        ids = await _encode_chat(llm, messages, "input")
         fmt = body.text.format if body.text is not None else None
         constraint = None
         if fmt is not None and fmt.type != "text":
-            from kiln.runtime.structured_output import StructuredOutput
-
-            schema = fmt.json_schema if fmt.type == "json_schema" else None
             try:
-                constraint = (StructuredOutput("json", to_json(schema).decode()) if schema is not None
-                              else StructuredOutput("json_object"))
+                constraint = _json_format(fmt.json_schema if fmt.type == "json_schema" else None)
                 constraint.check()
             except ValueError as e:
                 raise OpenAIError.invalid(str(e), "text.format") from None
@@ -486,12 +467,9 @@ class ResponsesServing:
 def _responses_params(body: api.ResponsesRequest, defaults: dict, max_tokens: int, constraint):
     from kiln.runtime import SamplingParams
 
-    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "structured": constraint}
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-        value = getattr(body, name)
-        value = defaults.get(name) if value is None else value
-        if value is not None:
-            kwargs[name] = value
+    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "structured": constraint,
+                              **_given_or_default(body, ("temperature", "top_p", "top_k", "min_p",
+                                                         "repetition_penalty"), defaults)}
     if body.seed is not None:
         kwargs["seed"] = body.seed % 2**64
     try:
@@ -509,7 +487,6 @@ class _ResponsesRender:
         self.body = body
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.sequence = 0
-        self.text = ""
         self.started = False
 
     def response(self, c, status: str | None = None) -> api.ResponseObject:
@@ -517,8 +494,8 @@ class _ResponsesRender:
         incomplete = c is not None and c.finish_reason == "length"
         if status is None:
             status = "incomplete" if incomplete else "completed"
-        output = [] if c is None else [api.OutputMessage(id=self.message_id, status=status if status != "failed"
-                                                         else "incomplete", content=[api.OutputText(text=c.text)])]
+        output = [] if c is None else [api.OutputMessage(id=self.message_id, status=status,
+                                                         content=[api.OutputText(text=c.text)])]
         usage = None
         if c is not None:
             done = len(c.token_ids)
@@ -551,7 +528,6 @@ class _ResponsesRender:
                        self._event("response.content_part.added", item_id=self.message_id, output_index=0,
                                    content_index=0, part=part)]
         if c.delta_text:
-            self.text += c.delta_text
             events.append(self._event("response.output_text.delta", item_id=self.message_id, output_index=0,
                                       content_index=0, delta=c.delta_text, logprobs=[]))
         if c.finished:
@@ -896,13 +872,8 @@ def _sampling_params(body: api.SamplingRequest, defaults: dict, max_tokens: int,
                                   logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                   stop_token_ids=body.stop_token_ids or [], logit_bias=body.logit_bias,
                                   cache_salt=body.cache_salt)
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
-                 "repetition_penalty"):
-        value = getattr(body, name)
-        if value is None:
-            value = defaults.get(name)  # the model's own (its generation config), as vLLM applies them
-        if value is not None:
-            kwargs[name] = value
+    kwargs.update(_given_or_default(body, ("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                                           "top_k", "min_p", "repetition_penalty"), defaults))
     if body.seed is not None:
         kwargs["seed"] = body.seed % 2**64
     kwargs["structured"] = constraint if constraint is not None else _structured_output(body)
@@ -911,6 +882,32 @@ def _sampling_params(body: api.SamplingRequest, defaults: dict, max_tokens: int,
     except ValueError as e:
         field = str(e).split(" ", 1)[0]
         raise OpenAIError.invalid(str(e), field if field in type(body).model_fields else None) from None
+
+
+def _given_or_default(body, names: tuple[str, ...], defaults: dict) -> dict[str, Any]:
+    """Each named sampling field as the request gives it, else the model's own default (its generation config,
+    as vLLM applies them); fields that are neither are left out (kiln's default)."""
+    out = {}
+    for name in names:
+        value = getattr(body, name)
+        if value is None:
+            value = defaults.get(name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+async def _encode_chat(llm: ServedLLM, messages: list[dict], param: str, tools: list[dict] | None = None
+                       ) -> list[int]:
+    """The prompt of ``messages`` through the engine's chat template; a 400 naming ``param`` if it cannot be."""
+    try:
+        if sum(len(m["content"]) for m in messages) >= LONG_TEXT:  # off the loop (see LONG_TEXT)
+            return await asyncio.to_thread(llm.tokenizer.encode_chat, messages, llm.max_seq_len, tools)
+        return llm.tokenizer.encode_chat(messages, llm.max_seq_len, tools)
+    except PromptTooLong as e:
+        raise OpenAIError.invalid(str(e), param, "context_length_exceeded") from None
+    except RequestError as e:
+        raise OpenAIError.invalid(str(e), param) from None
 
 
 def _structured_output(body: api.SamplingRequest):
@@ -931,15 +928,19 @@ def _structured_output(body: api.SamplingRequest):
 
 
 def _response_format(fmt: api.ResponseFormat):
-    from kiln.runtime.structured_output import StructuredOutput
-
     if fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return StructuredOutput("json_object")
+        return _json_format(None)
     if fmt.json_schema is None:
         raise OpenAIError.invalid("response_format of type json_schema needs its json_schema", "response_format")
-    schema = fmt.json_schema.json_schema
+    return _json_format(fmt.json_schema.json_schema)
+
+
+def _json_format(schema: dict | None):
+    """JSON output: matching ``schema``, or any JSON object when there is none."""
+    from kiln.runtime.structured_output import StructuredOutput
+
     return StructuredOutput("json_object") if schema is None else StructuredOutput("json", to_json(schema).decode())
 
 

@@ -65,7 +65,7 @@ def template_messages(messages: list) -> list[dict]:
     with their arguments as objects (OpenAI sends JSON text), a tool's answer with its ``tool_call_id``."""
     out = []
     for m in messages:
-        entry = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        entry = {"role": template_role(m.role), "content": m.text()}
         if m.tool_calls:
             entry["tool_calls"] = [{"id": c.id, "type": "function",
                                     "function": {"name": c.function.name, "arguments": _arguments(c.function)}}
@@ -76,6 +76,11 @@ def template_messages(messages: list) -> list[dict]:
             entry["name"] = m.name
         out.append(entry)
     return out
+
+
+def template_role(role: str) -> str:
+    """A message's role as chat templates know it: OpenAI's "developer" is their "system"."""
+    return "system" if role == "developer" else role
 
 
 def _arguments(function) -> object:
