@@ -235,6 +235,9 @@ def test_load_with_files_sent_in_the_request(server, http, grpc, tmp_path):
         for path in ("../escape.onnx", "1/../../escape", "/abs/model.onnx", "1/.hidden"):
             with pytest.raises(InferenceServerException, match="must be relative to the model folder"):
                 client.load_model("evil", config=config, files={f"file:{path}": b"x"})
+        with pytest.raises(InferenceServerException, match="clashes with another file's path") as clash:
+            client.load_model("evil", config=config, files={"file:1/a": b"x", "file:1/a/b": b"y"})
+        assert "400" in str(clash.value.status()) or "INVALID_ARGUMENT" in str(clash.value.status())
         with pytest.raises(InferenceServerException, match="needs the model configuration"):
             client.load_model("evil", files={"file:1/model.onnx": model})
     assert not list(tmp_path.parent.glob("escape*")) and "evil" not in index(http)

@@ -399,8 +399,12 @@ def write_model_files(name: str, files: dict[str, bytes]) -> Path:
                 raise ServerError.invalid(f"failed to load '{shown(name)}': file path '{shown(path)}' must be "
                                           "relative to the model folder, with no empty, '.' or '..' part")
             target = model.joinpath(*parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            except (FileExistsError, NotADirectoryError):  # "a" and "a/b": a path is both a file and a folder
+                raise ServerError.invalid(f"failed to load '{shown(name)}': file path '{shown(path)}' clashes with "
+                                          "another file's path") from None
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
     except BaseException:
