@@ -147,6 +147,9 @@ def test_the_core_process_never_outlives_its_client(engine):
     """Dropped: the client stops it. Its client's process killed: it notices and exits by itself."""
     llm = AsyncLLM(engine, device=DEVICE)
     pid = llm._core.pid
+    os.kill(pid, signal.SIGTERM)  # a signal to the whole process group is the client's to act on, not the core's
+    time.sleep(0.5)
+    assert not gone(pid)
     del llm
     gc.collect()
     wait_for(lambda: gone(pid), 30)

@@ -14,7 +14,8 @@ that arrived, step while there is work, send the step's outputs and the core's f
 A core process that dies (killed, out of memory, a crash in a kernel) is noticed by the client's reader
 thread within ``POLL_MS``: every request it held ends with an error that says so, and a new process is
 started; requests that arrive meanwhile are refused with an error output, not lost. The process stops
-when it is told to, and by itself when the client's process is gone.
+when it is told to (SIGINT and SIGTERM it leaves to its client), and by itself when the client's process
+is gone.
 
 ``call(fn)`` runs ``fn(core)`` in the process between steps, so ``fn`` must pickle: a module-level
 function, not a lambda. Tests that poke at the core run it in a thread (``engine_core="thread"``).
@@ -337,7 +338,10 @@ def serve(input_address: str, output_address: str, engine: str, config: RuntimeC
     gone when this process starts)."""
     from kiln.runtime.engine_core import EngineCore
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle; it stops us
+    # Ctrl-C, and a SIGTERM sent to the whole process group (`timeout`, a shell's job control), are the client's
+    # to handle: it stops us. Dying of them would have the client restart us while it shuts down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.getppid() != parent:
         return 0
     context = zmq.Context()
