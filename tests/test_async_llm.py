@@ -158,3 +158,27 @@ def test_generate_after_shutdown_is_refused(engine):
             await drain(llm, [5, 6])
 
     asyncio.run(scenario())
+
+
+def test_a_lower_priority_value_is_admitted_first(engine):
+    """With one running slot, waiting requests enter by priority (then arrival), whatever order they came in."""
+    async def scenario():
+        async with AsyncLLM(engine, device=DEVICE, max_batch_size=1) as llm:
+            finished: list[str] = []
+
+            async def run(rid: str, priority: int, max_tokens: int = 4) -> None:
+                await drain(llm, [5, 6, 7], SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                                           priority=priority), rid)
+                finished.append(rid)
+
+            first = asyncio.create_task(run("first", 0, max_tokens=120))
+            while (await llm.call(EngineCore.checked_stats)).num_running == 0:
+                await asyncio.sleep(0.01)
+            rest = [asyncio.create_task(run(rid, p)) for rid, p in (("low", 3), ("default", 0), ("high", -2))]
+            while (await llm.call(EngineCore.checked_stats)).num_waiting < 3 and not first.done():
+                await asyncio.sleep(0.01)
+            assert not first.done(), "the first request ended before the others queued behind it"
+            await asyncio.gather(first, *rest)
+            return finished
+
+    assert asyncio.run(scenario()) == ["first", "high", "default", "low"]

@@ -369,6 +369,21 @@ def test_abort_and_finish_from_outside():
         sched.finish_request("a", RequestStatus.RUNNING)
 
 
+def test_priority_orders_admission_and_keeps_arrival_order_within_a_priority():
+    sched = scheduler(64, max_batch_size=1)
+    for rid, priority in (("first", 0), ("low", 5), ("default", 0), ("high", -1), ("low2", 5), ("mid", 2)):
+        sched.add_request(make(rid, [5, 6, 7], 2, ignore_eos=True, priority=priority))
+    order: list[str] = []
+
+    def admitted(step: int, sched: Scheduler) -> None:
+        order.extend(r.request_id for r in sched.running if r.request_id not in order)
+
+    drive(sched, {}, on_step=admitted)
+    assert order == ["high", "first", "default", "mid", "low", "low2"]
+    with pytest.raises(ValueError, match="priority must be an integer"):
+        SamplingParams(priority=1.5)
+
+
 def test_abort_between_schedule_and_update():
     sched = scheduler(32)
     a, b = make("a", [5] * 20, 4), make("b", [6] * 20, 4)

@@ -96,6 +96,22 @@ backend: "test_repeat"
 dynamic_batching { default_queue_policy { max_queue_size: 1 } }
 instance_group [ { kind: KIND_CPU count: 1 } ]
 parameters { key: "max_concurrency" value: { string_value: "1" } }""")
+    one_at_a_time = """
+instance_group [ { kind: KIND_CPU count: COUNT } ]
+parameters { key: "max_concurrency" value: { string_value: "1" } }"""
+    queued_models = {
+        # Level 2 (the default) rejects at its deadline and holds 3; level 1 delays expired requests.
+        "repeat_priority": """dynamic_batching { priority_levels: 2 default_priority_level: 2
+    default_queue_policy { allow_timeout_override: true max_queue_size: 3 }
+    priority_queue_policy { key: 1 value: { timeout_action: DELAY allow_timeout_override: true } } }""",
+        "repeat_ordered": "dynamic_batching { preserve_ordering: true }",
+        "repeat_unordered": "dynamic_batching { }",
+    }
+    for name, batching in queued_models.items():
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "1/repeat.marker").write_text("")
+        count = 1 if name == "repeat_priority" else 2
+        write_config(root / name, 'backend: "test_repeat"\n' + batching + one_at_a_time.replace("COUNT", str(count)))
     onnx_add_sub(root / "simple/1/model.onnx")
     write_config(root / "simple", add_sub_config("simple"))
     s = InProcessServer(root, model_control_mode="explicit", load_models=["*"])
@@ -284,6 +300,93 @@ def test_full_queue_rejects_requests(server):
         assert error is None and result.as_numpy("OUT").tolist() == [value]
     stats = httpclient.InferenceServerClient(server.http).get_inference_statistics("repeat_queue")["model_stats"][0]
     assert stats["inference_stats"]["success"]["count"] == 2 and stats["inference_stats"]["fail"]["count"] == 1
+
+
+def _stream_order(server, model: str, sends: list[tuple[str, dict]], first_ms: int = 400) -> list[str]:
+    """Send requests on one gRPC stream, the first holding the model's one instance for ``first_ms``, the
+    others (id, infer keyword arguments) queued behind it; the ids in the order their responses came back."""
+    stream = Stream(server)
+    try:
+        stream.client.async_stream_infer(model, repeat_inputs(grpcclient, [0], delay_ms=first_ms),
+                                         request_id=f"{model}-first")
+        assert wait_for(lambda: f"{model}-first" in SEEN)
+        for rid, kwargs in sends:
+            stream.client.async_stream_infer(model, repeat_inputs(grpcclient, [1]), request_id=rid, **kwargs)
+        order = []
+        while len(order) < len(sends) + 1:
+            result, error = stream.next()
+            assert error is None, error
+            response = result.get_response()
+            if response.outputs:  # the final flag alone follows each response
+                order.append(response.id)
+        return order
+    finally:
+        stream.close()
+
+
+def test_priority_levels_serve_the_higher_level_first_over_grpc(server):
+    order = _stream_order(server, "repeat_priority", [("low-a", {}), ("low-b", {"priority": 2}),
+                                                      ("high", {"priority": 1}), ("out-of-range", {"priority": 7})])
+    # Level 1 first; a priority above the levels takes the default level (2), in arrival order.
+    assert order == ["repeat_priority-first", "high", "low-a", "low-b", "out-of-range"]
+
+
+def test_a_delay_policy_moves_an_expired_request_behind_its_level(server):
+    # Level 1's policy delays: "late" waits past its 50 ms, so "prompt", queued after it, goes first; both still
+    # go before level 2's "low".
+    order = _stream_order(server, "repeat_priority", [("late", {"priority": 1, "timeout": 50_000}),
+                                                      ("low", {}), ("prompt", {"priority": 1})])
+    assert order == ["repeat_priority-first", "prompt", "late", "low"]
+
+
+def test_a_reject_policy_fails_a_request_past_its_timeout_and_a_full_level_over_http(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def infer(values, **kwargs):
+        client = httpclient.InferenceServerClient(server.http)
+        try:
+            return client.infer("repeat_priority", repeat_inputs(httpclient, values, delay_ms=400), **kwargs)
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        busy = pool.submit(infer, [1], request_id="http-busy")
+        assert wait_for(lambda: "http-busy" in SEEN)  # executing: the one instance is busy
+        with pytest.raises(InferenceServerException, match="Request timeout expired") as e:
+            infer([2], timeout=100_000)  # level 2 rejects at the deadline the request asked for
+        assert e.value.status() == "503"
+        queued = [pool.submit(infer, [3]) for _ in range(3)]  # level 2 holds three
+        assert wait_for(lambda: _pending(server, "repeat_priority") == 3)
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException, match="Exceeds maximum queue size") as e:
+            infer([4])
+        assert e.value.status() == "503" and time.monotonic() - started < 0.3  # refused at once
+        assert infer([5], priority=1).as_numpy("OUT").tolist() == [5]  # level 1 has its own room
+        assert busy.result().as_numpy("OUT").tolist() == [1]
+        assert [f.result().as_numpy("OUT").tolist() for f in queued] == [[3]] * 3
+
+
+def test_preserve_ordering_holds_responses_in_request_order(server):
+    # Two instances: the second request finishes first, and waits for the first's responses.
+    def order(model: str) -> list[str]:
+        stream = Stream(server)
+        try:
+            stream.client.async_stream_infer(model, repeat_inputs(grpcclient, [1, 2], delay_ms=200),
+                                             request_id=f"{model}-slow")
+            assert wait_for(lambda: f"{model}-slow" in SEEN)
+            stream.client.async_stream_infer(model, repeat_inputs(grpcclient, [3]), request_id=f"{model}-fast")
+            got = []
+            while len(got) < 3:
+                result, error = stream.next()
+                assert error is None, error
+                if result.get_response().outputs:
+                    got.append(result.get_response().id)
+            return got
+        finally:
+            stream.close()
+
+    assert order("repeat_unordered") == ["repeat_unordered-fast", "repeat_unordered-slow", "repeat_unordered-slow"]
+    assert order("repeat_ordered") == ["repeat_ordered-slow", "repeat_ordered-slow", "repeat_ordered-fast"]
 
 
 def _post_json(server, path: str, doc: dict):

@@ -72,22 +72,87 @@ def test_invalid_configs_are_refused_with_the_reason(change, message):
         parsed(SIMPLE.replace(*change))
 
 
-@pytest.mark.parametrize("extra,field", [
-    ("sequence_batching { max_sequence_idle_microseconds: 5000000 }", "sequence_batching"),
-    ('ensemble_scheduling { step [ { model_name: "a" model_version: -1 } ] }', "ensemble_scheduling"),
-    ("dynamic_batching { priority_levels: 2 default_priority_level: 1 }", "dynamic_batching.priority_levels"),
-    ("dynamic_batching { default_queue_policy { timeout_action: DELAY default_timeout_microseconds: 100 } }",
-     "dynamic_batching.default_queue_policy.timeout_action"),
-    ("dynamic_batching { priority_queue_policy { key: 1 value: { max_queue_size: 2 } } }",
-     "dynamic_batching.priority_queue_policy"),
-])
-def test_settings_kiln_does_not_do_are_refused_by_name(extra, field):
+def test_settings_kiln_does_not_do_are_refused_by_name():
     """A config field kiln's scheduling does not implement yet is refused at load, naming it, never ignored."""
-    with pytest.raises(ServerError, match=f"sets .*{field}.*which kiln does not implement"):
-        parsed(SIMPLE + extra)
-    parsed(SIMPLE + "dynamic_batching { default_queue_policy { max_queue_size: 4 } }")  # implemented
+    with pytest.raises(ServerError, match="sets sequence_batching, which kiln does not implement"):
+        parsed(SIMPLE + "sequence_batching { max_sequence_idle_microseconds: 5000000 }")
+    with pytest.raises(ServerError, match="ensemble scheduling cannot be set for model 'm' whose platform is not"):
+        parsed(SIMPLE + 'ensemble_scheduling { step [ { model_name: "a" model_version: -1 } ] }')
+    with pytest.raises(ServerError, match="ensemble scheduling must be set for ensemble 'm'"):
+        parsed(SIMPLE + "platform: \"ensemble\"")
 
 
+@pytest.mark.parametrize("batching,message", [
+    ("priority_levels: 2", r"default priority level must be in range \[1, 2\]"),
+    ("priority_levels: 2 default_priority_level: 3", r"default priority level must be in range \[1, 2\]"),
+    ("priority_levels: 2 default_priority_level: 1 priority_queue_policy { key: 3 value: { max_queue_size: 2 } }",
+     r"priority queue policy must have priority level in range \[1, 2\]"),
+    ("default_priority_level: 1", "need 'priority_levels' > 0"),
+])
+def test_priority_settings_are_checked_as_triton_checks_them(batching, message):
+    with pytest.raises(ServerError, match=message):
+        parsed(SIMPLE + f"dynamic_batching {{ {batching} }}")
+    parsed(SIMPLE + "dynamic_batching { priority_levels: 2 default_priority_level: 2 default_queue_policy { "
+           "timeout_action: DELAY default_timeout_microseconds: 100 allow_timeout_override: true } "
+           "priority_queue_policy { key: 1 value: { max_queue_size: 2 } } preserve_ordering: true }")
+
+
+def queued(priority: int = 0, name: str = "") -> InferenceRequest:
+    return InferenceRequest("m", id=name, parameters={"priority": priority})
+
+
+def test_priority_queue_serves_levels_in_order_and_applies_each_levels_policy():
+    from kiln.server.scheduling.queue_policy import DELAY, REJECT, PriorityQueue, QueueConfig
+    config = QueueConfig.from_config(parsed(SIMPLE + """dynamic_batching { priority_levels: 3 default_priority_level: 2
+        default_queue_policy { default_timeout_microseconds: 500 allow_timeout_override: true }
+        priority_queue_policy { key: 1 value: { max_queue_size: 1 timeout_action: DELAY
+                                                default_timeout_microseconds: 100 } } }"""))
+    q = PriorityQueue(config)
+    low, default, out_of_range = queued(3, name="low"), queued(name="default"), queued(9, name="nine")
+    high = queued(1, name="high")
+    assert q.push(low, 3) == 500 and q.push(default, 0) == 500 and q.push(out_of_range, 9) == 500
+    assert q.push(high, 1) == 100  # level 1's own policy: no override allowed there
+    with pytest.raises(ServerError, match=r"Exceeds maximum queue size \(1\).* at priority level 1"):
+        q.push(queued(1), 1)
+    assert [r.id for r in q] == ["high", "default", "nine", "low"] and len(q) == 4
+    # DELAY: the expired request stays queued (and counts against its level's size), behind its level's
+    # unexpired requests but before every lower level's; REJECT takes it out.
+    assert q.expire(high) == DELAY and len(q) == 4
+    with pytest.raises(ServerError, match="Exceeds maximum queue size"):
+        q.push(queued(1), 1)
+    assert q.expire(high) is None  # already delayed: expires once
+    assert q.expire(default) == REJECT and len(q) == 3 and q.expire(default) is None
+    assert [q.pop().id for _ in range(3)] == ["high", "nine", "low"] and len(q) == 0
+    # Per-request timeouts: taken only where allowed and shorter than the default (0: no default limit).
+    assert QueueConfig.from_config(parsed(SIMPLE + "dynamic_batching { }")).policy(0).timeout_us(300) == 0
+    no_default = parsed(SIMPLE + "dynamic_batching { default_queue_policy { allow_timeout_override: true } }")
+    assert QueueConfig.from_config(no_default).policy(0).timeout_us(300) == 300
+    assert config.policy(2).timeout_us(900) == 500 and config.policy(2).timeout_us(300) == 300
+    assert QueueConfig().policy(0).timeout_us(300) == 300  # no dynamic batcher: the request's own timeout
+
+
+def test_response_order_hands_the_turn_on_in_queue_order():
+    import asyncio
+
+    from kiln.server.scheduling.response_order import ResponseOrder
+
+    async def main() -> list[int]:
+        order, out = ResponseOrder(), []
+        tickets = [order.take() for _ in range(3)]
+
+        async def respond(ticket: int, delay: float) -> None:
+            await asyncio.sleep(delay)
+            await order.turn(ticket)
+            out.append(ticket)
+            order.finish(ticket)
+
+        await asyncio.gather(respond(tickets[2], 0), respond(tickets[1], 0.01), respond(tickets[0], 0.02))
+        late = order.take()
+        order.finish(late)  # a request whose client left hands the turn on without responding
+        await asyncio.wait_for(order.turn(order.take()), 1)
+        return out
+
+    assert asyncio.run(main()) == [0, 1, 2]
 def test_reshape_with_variable_dims_checks_each_segment():
     ok = SIMPLE.replace("dims: [ 2, 2 ] reshape: { shape: [ 4 ] }", "dims: [ -1, 4 ] reshape: { shape: [ -1, 2, 2 ] }")
     parsed(ok)

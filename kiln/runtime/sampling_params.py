@@ -45,11 +45,14 @@ class SamplingParams:
     # Prefix-cache isolation (vLLM's name): a request reuses only cached blocks of requests with the same
     # salt, so one user cannot learn another's prompt from its time to first token. None: shared cache.
     cache_salt: str | None = None
+    # Admission order among waiting requests: a lower value is admitted to the running batch first (vLLM's
+    # order; Triton's priority levels map to it, level 1 first). Equal priorities go in arrival order.
+    priority: int = 0
     # The output must match this JSON schema, regex, choice or grammar (``structured_output``).
     structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "top_k", "n", "min_tokens"):
+        for name in ("max_tokens", "top_k", "n", "min_tokens", "priority"):
             setattr(self, name, _integer(name, getattr(self, name)))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             setattr(self, name, _real(name, getattr(self, name)))

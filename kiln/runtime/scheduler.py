@@ -102,7 +102,15 @@ class Scheduler:
         if problem:
             raise RequestError(f"request {rid!r}: {problem}")
         self._requests[rid] = req
-        self.waiting.append(req)
+        self._enqueue(req)
+
+    def _enqueue(self, req: Request) -> None:
+        """Behind every waiting request of its priority or a lower value (``SamplingParams.priority``)."""
+        priority = req.sampling_params.priority
+        i = len(self.waiting)
+        while i and self.waiting[i - 1].sampling_params.priority > priority:
+            i -= 1
+        self.waiting.insert(i, req)
 
     def admission_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
         """Why a request of this size could never be served here, or None (``admission_error``)."""
@@ -166,7 +174,7 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        # Then waiting requests in FIFO order; none after a preemption, since the pool is short.
+        # Then waiting requests in order (priority, then arrival); none after a preemption, since the pool is short.
         if out.preempted:
             return out
         reserved = 0

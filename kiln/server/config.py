@@ -155,6 +155,12 @@ def validate(config: ModelConfig) -> None:
                 raise ServerError.invalid(
                     f"dynamic batching preferred size must be <= max batch size for '{name}' "
                     f"(got {size}, max_batch_size {config.max_batch_size})")
+    _validate_priorities(config)
+    if (config.platform == "ensemble") != config.HasField("ensemble_scheduling"):
+        raise ServerError.invalid(f"ensemble scheduling must be set for ensemble '{name}' whose platform is "
+                                  "ensemble" if config.platform == "ensemble" else
+                                  f"ensemble scheduling cannot be set for model '{name}' whose platform is not "
+                                  "ensemble")
     policy = config.version_policy
     if policy.WhichOneof("policy_choice") == "latest" and policy.latest.num_versions < 1:
         raise ServerError.invalid(f"version policy of '{name}': 'latest' needs num_versions >= 1")
@@ -164,25 +170,28 @@ def validate(config: ModelConfig) -> None:
                                   "yet; remove it (kiln refuses a setting it would otherwise ignore)")
 
 
+def _validate_priorities(config: ModelConfig) -> None:
+    """Triton's checks of the dynamic batcher's priority settings (``scheduling/queue_policy.py`` serves them)."""
+    if not config.HasField("dynamic_batching"):
+        return
+    batching, name = config.dynamic_batching, config.name
+    levels = batching.priority_levels
+    if levels:
+        if not 1 <= batching.default_priority_level <= levels:
+            raise ServerError.invalid(f"default priority level must be in range [1, {levels}] for '{name}'")
+        for level in batching.priority_queue_policy:
+            if not 1 <= level <= levels:
+                raise ServerError.invalid(
+                    f"priority queue policy must have priority level in range [1, {levels}] for '{name}'")
+    elif batching.default_priority_level or batching.priority_queue_policy:
+        raise ServerError.invalid(f"'default_priority_level' and 'priority_queue_policy' of model '{name}' need "
+                                  "'priority_levels' > 0")
+
+
 def not_implemented(config: ModelConfig) -> list[str]:
-    """The fields ``config`` sets that kiln's scheduling does not do yet (issue 16): stateful sequences,
-    ensembles, priorities and queue timeouts. A config that sets them is refused, never served as if it did not."""
-    out = []
-    if config.HasField("sequence_batching"):
-        out.append("sequence_batching")
-    if config.HasField("ensemble_scheduling") or config.platform == "ensemble":
-        out.append("ensemble_scheduling")
-    if config.HasField("dynamic_batching"):
-        batching = config.dynamic_batching
-        if batching.priority_levels or batching.default_priority_level:
-            out.append("dynamic_batching.priority_levels")
-        if batching.priority_queue_policy:
-            out.append("dynamic_batching.priority_queue_policy")
-        queue = batching.default_queue_policy
-        for field in ("timeout_action", "default_timeout_microseconds", "allow_timeout_override"):
-            if getattr(queue, field):
-                out.append(f"dynamic_batching.default_queue_policy.{field}")
-    return out
+    """The fields ``config`` sets that kiln's scheduling does not do yet (issue 16): stateful sequences. A config
+    that sets them is refused, never served as if it did not."""
+    return ["sequence_batching"] if config.HasField("sequence_batching") else []
 
 
 def _validate_io(io, max_batch_size: int, prefix: str) -> None:

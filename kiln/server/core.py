@@ -100,6 +100,7 @@ class InferenceRequest:
         self.received_ns = time.monotonic_ns()
         self.queued_ns = 0
         self.queue_ns = 0
+        self.priority_level = 0  # the queue's priority level (set when queued)
         self.first_response_ns = 0
         self.final_ns = 0
         self.compute: ComputeTimes | None = None

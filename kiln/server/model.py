@@ -20,6 +20,8 @@ from kiln.server.core import InferenceRequest, InferenceResponse
 from kiln.server.errors import Code, ServerError, shown
 from kiln.server.outputs import OutputBuilder, read_labels
 from kiln.server.scheduling import BatchPolicy, Scheduler
+from kiln.server.scheduling.queue_policy import QueueConfig
+from kiln.server.scheduling.response_order import ResponseOrder
 from kiln.server.shm import SharedMemoryManager
 from kiln.server.stats import BACKEND, CANCELED, OTHER, REJECTED, ComputeTimes, ModelStats
 
@@ -40,8 +42,8 @@ class ServedModel:
         self.stats = ModelStats(self.name, self.version)
         self.outputs = OutputBuilder(self.config, self.version, read_labels(self.config, context.model_dir), shm)
         self.scheduler = Scheduler(self.name, instances, BatchPolicy.from_config(self.config), self.stats,
-                                   is_decoupled(self.config), self._settle,
-                                   self.config.dynamic_batching.default_queue_policy.max_queue_size)
+                                   is_decoupled(self.config), self._settle, QueueConfig.from_config(self.config))
+        self.order = ResponseOrder() if self.config.dynamic_batching.preserve_ordering else None
         self.ready = False
         self.cancel_grace = cancel_grace
         self._requests: set[InferenceRequest] = set()  # admitted, not yet settled
@@ -101,13 +103,21 @@ class ServedModel:
         self._inflight += 1
         self._requests.add(request)
         self._idle.clear()
+        ticket = self.order.take() if self.order is not None else None
         final = False
         try:
             while not final:
-                response = self._account(request, self.outputs.response(request, await request.next_reply()))
+                reply = await request.next_reply()
+                if ticket is not None:
+                    await self.order.turn(ticket)  # at once after the first: the turn stays until it is handed on
+                response = self._account(request, self.outputs.response(request, reply))
                 final = response.final
+                if final and ticket is not None:
+                    self.order.finish(ticket)
                 yield response
         finally:
+            if not final and ticket is not None:
+                self.order.finish(ticket)
             if not final:
                 request.cancel()
                 self.scheduler.cancel(request)

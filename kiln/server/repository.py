@@ -27,6 +27,7 @@ from kiln.server import backends, memory
 from kiln.server import config as cfg
 from kiln.server.backends.base import Backend, ModelContext
 from kiln.server.core import InferenceRequest, InferenceResponse
+from kiln.server.ensemble import EnsembleBackend, step_models
 from kiln.server.errors import ServerError, shown
 from kiln.server.model import ServedModel
 from kiln.server.shm import SharedMemoryManager
@@ -77,6 +78,7 @@ class ModelRepository:
         self.infer = infer  # the server's, handed to backends in ModelContext (BLS)
         self.cancel_grace = cancel_grace  # see limits.py
         self._entries: dict[str, ModelEntry] = {}
+        self._resolving: set[str] = set()  # ensembles loading their steps' models (a cycle is refused)
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -166,11 +168,15 @@ class ModelRepository:
             return
         await self._load(name, config_json)
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, dependents: bool = False) -> None:
+        """Unload ``name``; with ``dependents`` (Triton's ``unload_dependents``), an ensemble's step models too."""
         self._check_control()
         if name not in self._entries:
             self.model_dir(name, "unload")  # a model never loaded: fine if its folder is there, as in Triton
+        steps = {s for m in self.versions(name) for s, _ in step_models(m.config)} if dependents else set()
         await self._unload(name)
+        for step in sorted(steps - {name}):
+            await self.unload(step, dependents)
 
     async def poll(self) -> None:
         """Rescan once: load new or changed models, unload removed ones."""
@@ -238,6 +244,8 @@ class ModelRepository:
             try:
                 entry.fingerprint = await asyncio.to_thread(_fingerprint, model_dir)
                 plan = await asyncio.to_thread(_plan, name, model_dir, config_json)
+                if plan.backend is EnsembleBackend:
+                    await self._load_steps(name, plan.config)
             except ServerError as e:
                 log.error("failed to load '%s': %s", name, e.message)
                 if not entry.served:
@@ -275,9 +283,31 @@ class ModelRepository:
             if failures:
                 raise ServerError.invalid(f"failed to load '{name}': " + "; ".join(failures))
 
+    async def _load_steps(self, name: str, config: cfg.ModelConfig) -> None:
+        """Load the models an ensemble's steps name that are not loaded yet (waiting for one that is loading)."""
+        self._resolving.add(name)
+        try:
+            for step, _ in step_models(config):
+                if step in self._resolving:
+                    raise ServerError.invalid(f"ensemble '{name}' depends on '{step}', which depends on '{name}'")
+                entry = self._entries.get(step)
+                if entry is not None and entry.lock.locked():
+                    async with entry.lock:
+                        pass
+                if not self.versions(step):
+                    try:
+                        await self._load(step)
+                    except ServerError as e:
+                        raise ServerError.invalid(f"its step model '{step}' did not load: {e.message}") from None
+        finally:
+            self._resolving.discard(name)
+
+    def _config_of(self, name: str, version: int) -> cfg.ModelConfig:
+        return self.get(name, version).config
+
     async def _load_version(self, name: str, model_dir: Path, plan: LoadPlan, version: int,
                             version_dir: Path) -> tuple[int, ServedModel | None, str]:
-        context = ModelContext(name, version, plan.config, model_dir, version_dir, self.infer)
+        context = ModelContext(name, version, plan.config, model_dir, version_dir, self.infer, self._config_of)
         try:
             model = await asyncio.to_thread(ServedModel.load, context, plan.backend, self.shm, self.cancel_grace)
             try:

@@ -116,8 +116,8 @@ class InferenceServer:
     async def load(self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None) -> None:
         await self.repository.load(name, config_json, files)
 
-    async def unload(self, name: str) -> None:
-        await self.repository.unload(name)
+    async def unload(self, name: str, dependents: bool = False) -> None:
+        await self.repository.unload(name, dependents)
 
     # -- shared memory -------------------------------------------------------------------------------
 

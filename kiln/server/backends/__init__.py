@@ -11,10 +11,11 @@ from kiln.server.backends.kiln import KilnBackend
 from kiln.server.backends.onnxruntime import OnnxRuntimeBackend
 from kiln.server.backends.python import PythonBackend
 from kiln.server.backends.pytorch import PyTorchBackend
+from kiln.server.ensemble import EnsembleBackend
 from kiln.server.errors import ServerError
 
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (OnnxRuntimeBackend, PyTorchBackend, PythonBackend,
-                                                          KilnBackend)}
+                                                          KilnBackend, EnsembleBackend)}
 
 
 def register(backend: type[Backend]) -> None:

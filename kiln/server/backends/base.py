@@ -94,6 +94,9 @@ class ModelContext:
     # The server's own infer (every response of a request to any model; raises ServerError when it is
     # refused), for models that call other models: the python backend's BLS. None outside a server.
     infer: Callable[[InferenceRequest], AsyncIterator[InferenceResponse]] | None = None
+    # The config of another loaded model (name, version; -1 the latest), for ensembles to check their steps;
+    # raises ServerError when it is not loaded. None outside a server.
+    lookup: Callable[[str, int], cfg.ModelConfig] | None = None
 
     @property
     def parameters(self) -> dict[str, str]:

@@ -167,7 +167,10 @@ class GrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     async def RepositoryModelUnload(self, request, context):
-        await self.server.unload(request.model_name)
+        dependents = request.parameters.get("unload_dependents")
+        if dependents is not None and dependents.WhichOneof("parameter_choice") != "bool_param":
+            raise ServerError.invalid("parameter 'unload_dependents' must be a boolean")
+        await self.server.unload(request.model_name, dependents is not None and dependents.bool_param)
         return pb.RepositoryModelUnloadResponse()
 
     @_unary

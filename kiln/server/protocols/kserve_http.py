@@ -150,8 +150,10 @@ class _Api:
         return Response(status_code=200)
 
     async def unload(self, request: Request) -> Response:
-        _parameters(await _json_body(request))  # unload_dependents: no model has dependents here
-        await self.server.unload(request.path_params["model"])
+        dependents = _parameters(await _json_body(request)).get("unload_dependents", False)
+        if not isinstance(dependents, bool):
+            raise ServerError.invalid("parameter 'unload_dependents' must be a boolean")
+        await self.server.unload(request.path_params["model"], dependents)
         return Response(status_code=200)
 
     async def shm_status(self, request: Request) -> Response:

@@ -871,7 +871,7 @@ def _sampling_params(body: api.SamplingRequest, defaults: dict, max_tokens: int,
                                   min_tokens=body.min_tokens, skip_special_tokens=body.skip_special_tokens,
                                   logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                   stop_token_ids=body.stop_token_ids or [], logit_bias=body.logit_bias,
-                                  cache_salt=body.cache_salt)
+                                  cache_salt=body.cache_salt, priority=body.priority)
     kwargs.update(_given_or_default(body, ("temperature", "top_p", "presence_penalty", "frequency_penalty",
                                            "top_k", "min_p", "repetition_penalty"), defaults))
     if body.seed is not None:

@@ -5,7 +5,7 @@ into OpenAI's error shape).
 Requests refuse fields they do not know (as OpenAI's API does), so a client asking for something
 kiln does not do learns it at once. Beyond OpenAI's fields, requests take kiln's sampling
 extras under vLLM's names: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``,
-``stop_token_ids``, ``skip_special_tokens``, ``cache_salt`` and ``structured_outputs``.
+``stop_token_ids``, ``skip_special_tokens``, ``cache_salt``, ``priority`` and ``structured_outputs``.
 """
 from __future__ import annotations
 
@@ -76,6 +76,8 @@ class SamplingRequest(_Request):
     skip_special_tokens: bool = True
     # Prefix-cache isolation: only requests with the same salt reuse each other's cached prompt blocks.
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)
+    # vLLM's: a lower value is admitted to the engine's running batch first (default 0).
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     # vLLM's: each prompt token's logprob and the this-many most likely tokens in its place.
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
     # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs (not both).

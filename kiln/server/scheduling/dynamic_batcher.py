@@ -10,7 +10,7 @@ it when none does).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kiln.server.config import ModelConfig
@@ -62,18 +62,19 @@ def batch_key(request: InferenceRequest) -> tuple:
     return tuple((name, t.datatype, tuple(t.shape[1:])) for name, t in sorted(request.inputs.items()))
 
 
-def compatible_head(queue: Sequence[InferenceRequest], limit: int) -> tuple[list[int], bool]:
-    """Batch sizes of the requests at the head of ``queue`` that can batch with the first (looking no
-    further than ``limit`` inferences), and whether an incompatible request stops them."""
-    if not queue:
-        return [], False
-    key = batch_key(queue[0])
-    sizes, total = [], 0
+def compatible_head(queue: Iterable[InferenceRequest], limit: int) -> tuple[list[int], int, bool]:
+    """Batch sizes of the requests at the head of ``queue`` (in serving order) that can batch with the first
+    (looking no further than ``limit`` inferences), the earliest time one of them was queued, and whether an
+    incompatible request stops them."""
+    key, sizes, total, oldest = None, [], 0, 0
     for r in queue:
-        if batch_key(r) != key:
-            return sizes, True
+        if key is None:
+            key, oldest = batch_key(r), r.queued_ns
+        elif batch_key(r) != key:
+            return sizes, oldest, True
         sizes.append(r.batch_size)
+        oldest = min(oldest, r.queued_ns)
         total += r.batch_size
         if total > limit:
             break
-    return sizes, False
+    return sizes, oldest, False

@@ -1,5 +1,6 @@
 """A model version's request queue and the workers that feed its instances.
 
+Requests wait in a :class:`PriorityQueue` (priority levels, queue limits and timeouts: ``queue_policy.py``).
 Each instance gets ``max_concurrency`` worker tasks; a free worker takes the next batch (one request,
 or what the dynamic batcher forms) and awaits the instance's ``execute``. Afterwards the scheduler
 records the execution's statistics and fails any request the backend left without a final response
@@ -10,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 
 from kiln.server.backends.base import ModelInstance
 from kiln.server.core import InferenceRequest
 from kiln.server.errors import Code, ServerError
 from kiln.server.scheduling.dynamic_batcher import BatchPolicy, compatible_head
+from kiln.server.scheduling.queue_policy import DELAY, PriorityQueue, QueueConfig
 from kiln.server.stats import ComputeTimes, ModelStats
 
 log = logging.getLogger("kiln.server")
@@ -24,15 +25,14 @@ log = logging.getLogger("kiln.server")
 
 class Scheduler:
     def __init__(self, model: str, instances: list[ModelInstance], policy: BatchPolicy | None, stats: ModelStats,
-                 decoupled: bool, on_done: Callable[[InferenceRequest], None], max_queue_size: int = 0):
+                 decoupled: bool, on_done: Callable[[InferenceRequest], None], queueing: QueueConfig = QueueConfig()):
         self.model = model
-        self.max_queue_size = max_queue_size  # 0: unlimited (dynamic_batching.default_queue_policy)
         self.on_done = on_done  # called for each request the scheduler is finished with
         self.instances = instances
         self.policy = policy
         self.stats = stats
         self.decoupled = decoupled
-        self._queue: deque[InferenceRequest] = deque()
+        self._queue = PriorityQueue(queueing)
         self._arrived = asyncio.Event()
         self._forming = asyncio.Lock()  # one worker forms a batch at a time
         self._running: dict[asyncio.Future, tuple[ModelInstance, list[InferenceRequest]]] = {}
@@ -53,19 +53,23 @@ class Scheduler:
         self._workers.clear()
 
     def submit(self, request: InferenceRequest) -> None:
-        if self.max_queue_size and len(self._queue) >= self.max_queue_size:
-            raise ServerError.unavailable(f"Exceeds maximum queue size ({self.max_queue_size}) of model '{self.model}'")
+        """Queue ``request`` (its ``priority`` and ``timeout`` parameters were checked on admission)."""
+        timeout_us = self._queue.push(request, request.parameters.get("priority", 0))
         request.queued_ns = time.monotonic_ns()
-        self._queue.append(request)
         self.stats.pending += 1
         self._arrived.set()
-        timeout_us = request.parameters.get("timeout", 0)  # checked on admission
         if timeout_us:
             asyncio.get_running_loop().call_later(timeout_us / 1e6, self._expire, request)
 
     def _expire(self, request: InferenceRequest) -> None:
-        """The request's ``timeout`` passed: reject it if it is still waiting in the queue."""
-        self._drop(request, ServerError.unavailable("Request timeout expired"))
+        """The request's wait limit passed: its level's policy rejects it or delays it, if it is still queued."""
+        action = self._queue.expire(request)
+        if action is None or action == DELAY:
+            return
+        self.stats.pending -= 1
+        request.fail(ServerError.unavailable("Request timeout expired"))
+        request.executed = True
+        self.on_done(request)
 
     def cancel(self, request: InferenceRequest) -> None:
         """The client went away: drop the request if still queued, else stop its execution if it can be."""
@@ -77,9 +81,7 @@ class Scheduler:
 
     def _drop(self, request: InferenceRequest, error: ServerError) -> bool:
         """Fail ``request`` with ``error`` if it is still queued (True), else leave it be (False)."""
-        try:
-            self._queue.remove(request)
-        except ValueError:
+        if not self._queue.remove(request):
             return False
         self.stats.pending -= 1
         request.fail(error)
@@ -97,8 +99,8 @@ class Scheduler:
                 if self.policy is None:
                     n = 1
                 else:
-                    sizes, blocked = compatible_head(self._queue, self.policy.max_batch_size)
-                    waited = time.monotonic_ns() - self._queue[0].queued_ns
+                    sizes, oldest, blocked = compatible_head(self._queue, self.policy.max_batch_size)
+                    waited = time.monotonic_ns() - oldest
                     n = self.policy.plan(sizes, blocked, waited)
                     if n == 0:
                         self._arrived.clear()
@@ -108,7 +110,7 @@ class Scheduler:
                         except asyncio.TimeoutError:  # not the builtin before Python 3.11
                             pass
                         continue
-                return [self._queue.popleft() for _ in range(n)]
+                return [self._queue.pop() for _ in range(n)]
 
     async def _work(self, instance: ModelInstance) -> None:
         while True:

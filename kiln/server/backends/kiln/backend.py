@@ -153,7 +153,10 @@ class KilnInstance(ModelInstance):
         rid = f"{self._prefix}-{next(self._ids)}"
         row = _Row(job)
         last = None
-        async for out in self.llm.generate(job.prompt, job.params, rid):
+        # A model with priority levels: its engine admits a higher level (a lower number) first too.
+        params = (dataclasses.replace(job.params, priority=request.priority_level) if request.priority_level
+                  else job.params)
+        async for out in self.llm.generate(job.prompt, params, rid):
             last = out
             c = out.outputs[0]
             delta = _Row(job, c.delta_text, c.delta_token_ids, row.add_logprobs(c.delta_logprobs), row.cum)
