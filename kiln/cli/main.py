@@ -63,6 +63,29 @@ def main(argv: list[str] | None = None) -> int:
     add_build_options(p, for_run=True)
     p.set_defaults(run=_run)
 
+    p = verbs.add_parser("deploy", help="a ready Triton model repository for a model: preprocessing, the kiln model, "
+                                        "postprocessing, an ensemble and a BLS model (kiln serve --model-repository)")
+    p.add_argument("source", nargs="?", default=None,
+                   help="an engine, Hugging Face folder or .gguf file (default: the bundled SmolLM2)")
+    p.add_argument("--repo", required=True, help="the model repository folder to write into")
+    p.add_argument("--name", default="kiln", help="the kiln model's name (default: kiln)")
+    p.add_argument("--bls-name", default="kiln_bls", help="the BLS model's name (default: kiln_bls)")
+    p.add_argument("--kubernetes", default=None, metavar="DIR",
+                   help="also write Kubernetes manifests (Deployment, Service, HorizontalPodAutoscaler) and KServe "
+                        "ones (ServingRuntime, InferenceService) for replicas of the repository into DIR")
+    p.add_argument("--image", default=None, help="the container image the manifests run (default: kiln's, see "
+                                                 "docs); it must hold kiln")
+    p.add_argument("--replicas", type=int, default=1, help="manifests: replicas to start with (default 1)")
+    p.add_argument("--max-replicas", type=int, default=4, help="manifests: the autoscaler's limit (default 4)")
+    add_build_options(p, for_run=True)
+    p.set_defaults(run=_deploy)
+
+    p = verbs.add_parser("fill-template", help="fill a TensorRT-LLM-style config template's ${key} placeholders")
+    p.add_argument("file", help="the template (config.pbtxt); filled in place unless -o is given")
+    p.add_argument("substitutions", help="key:value,key2:value2 (write a comma inside a value as \\,)")
+    p.add_argument("-o", "--output", default=None, help="write the filled config here instead")
+    p.set_defaults(run=_fill_template)
+
     from kiln.cli import bench, serve
 
     serve.add_parser(verbs, add_build_options)
@@ -114,6 +137,42 @@ def _inspect(args: argparse.Namespace) -> None:
         count, nbytes = verify_weights(engine)
         d["weights_verified"] = {"tensors": count, "bytes": nbytes}
     print(json.dumps(d, indent=2) if args.json else format_text(d))
+
+
+def _deploy(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from kiln.deploy.triton_repository import DeployOptions, deploy
+
+    repo = Path(args.repo)
+    names = deploy(args.source, repo, DeployOptions(name=args.name, bls_name=args.bls_name), dtype=args.dtype,
+                   quantize_calibration=quantize_calibration(args), **build_fields(args))
+    print(f"wrote {', '.join(names)} in {repo}; serve it with `kiln serve --model-repository {repo}` and ask "
+          f"`curl -X POST localhost:8000/v2/models/ensemble/generate -d '{{\"text_input\": \"Hello\", "
+          f"\"max_tokens\": 32}}'`")
+    if args.kubernetes:
+        from kiln.deploy.kubernetes import ManifestOptions, write_manifests
+
+        written = write_manifests(Path(args.kubernetes), ManifestOptions(
+            repository=repo, image=args.image, replicas=args.replicas, max_replicas=args.max_replicas))
+        print(f"wrote {', '.join(p.name for p in written)} in {args.kubernetes}; apply with "
+              f"`kubectl apply -f {args.kubernetes}` (see {args.kubernetes}/README.md)")
+
+
+def _fill_template(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from kiln.deploy.fill_template import fill, parse_substitutions
+
+    path = Path(args.file)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise KilnError(f"cannot read {path}: {e}") from None
+    filled = fill(text, parse_substitutions(args.substitutions), str(path))
+    out = Path(args.output) if args.output else path
+    out.write_text(filled)
+    print(f"wrote {out}")
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -7,9 +7,10 @@ its model (through that model's queue, batcher and instances, so each step count
 with the ensemble request's id and parameters. Each response of a step sets the tensors it maps and runs the steps
 that read them and are now ready: a decoupled step that answers N times runs its consumers N times, in order
 (the next response waits for the consumers of this one), so a stream stays a stream through the ensemble. A
-decoupled ensemble sends a response whenever a step sets one of its outputs; an ordinary one answers once, at
-the end, with each output's last value. A step that fails fails the request with its message ("in ensemble
-'E', ..."). An optional ensemble input the request leaves out is left out of the steps that read it.
+decoupled ensemble sends a response whenever every output the request asked for has a new value (as Triton's
+does: a response of a step that sets some of them waits for the steps that set the rest); an ordinary one
+answers once, at the end, with each output's last value. A step that fails fails the request with its message
+("in ensemble 'E', ..."). An optional ensemble input the request leaves out is left out of the steps that read it.
 
 Loading checks what Triton's ``ensemble_utils.cc`` checks: every tensor comes from one place (an ensemble input
 or one step's output), every step's input can be produced and every ensemble output is, the steps form no cycle,
@@ -169,9 +170,15 @@ class EnsembleBackend(Backend):
 
     def __init__(self, context: ModelContext):
         super().__init__(context)
-        self.graph = Graph(context.config)
-        if context.lookup is not None:
-            self.graph.check_steps(context.config, context.lookup)
+        self.graph = self.check(context.config, context.lookup)
+
+    @staticmethod
+    def check(config: ModelConfig, lookup: Callable[[str, int], ModelConfig] | None) -> Graph:
+        """The ensemble's graph, checked; and against its steps' models where ``lookup`` finds their configs."""
+        graph = Graph(config)
+        if lookup is not None:
+            graph.check_steps(config, lookup)
+        return graph
 
     def create_instance(self, spec: InstanceSpec) -> ModelInstance:
         return EnsembleInstance(spec, self.graph, self.context)
@@ -201,7 +208,8 @@ class EnsembleInstance(ModelInstance):
                 request.respond(error=e)
             return
         if self.decoupled:
-            request.respond(final=True)
+            left = {t: run.values[t].data for t in run.fresh}
+            request.respond(left or None, final=True)
             return
         request.respond({name: run.values[name].data for name in self.graph.outputs if name in run.values})
 
@@ -217,15 +225,20 @@ class _Run:
         self.decoupled = decoupled
         self.values: dict[str, Tensor] = {}
         self.absent = {t for t, io in graph.inputs.items() if io.optional and t not in request.inputs}
+        # Decoupled: a response goes out once every output the request asked for has a new value (then they
+        # wait for the next); what is left when the steps are done goes out with the final flag.
+        self.wanted = set(request.output_names)
+        self.fresh: set[str] = set()
 
     async def feed(self, new: dict[str, Tensor]) -> None:
         """Set ``new`` tensors, send the ensemble outputs among them (decoupled), and run the steps that read
         them and are ready, until they and every step they start have answered."""
         self.values.update(new)
         if self.decoupled:
-            produced = {t: v.data for t, v in new.items() if t in self.graph.outputs}
-            if produced and not self.request.cancelled:
-                self.request.respond(produced, final=False)
+            self.fresh.update(t for t in new if t in self.wanted)
+            if self.fresh and self.fresh == self.wanted and not self.request.cancelled:
+                self.request.respond({t: self.values[t].data for t in self.wanted}, final=False)
+                self.fresh.clear()
         ready = [s for s in self.graph.consumers(new)
                  if all(t in self.values or t in self.absent for t in s.inputs.values())]
         await asyncio.gather(*(self._run_step(s) for s in ready))

@@ -243,7 +243,7 @@ class ModelRepository:
                 config_json = entry.config_override
             try:
                 entry.fingerprint = await asyncio.to_thread(_fingerprint, model_dir)
-                plan = await asyncio.to_thread(_plan, name, model_dir, config_json)
+                plan = await asyncio.to_thread(plan_load, name, model_dir, config_json)
                 if plan.backend is EnsembleBackend:
                     await self._load_steps(name, plan.config)
             except ServerError as e:
@@ -347,7 +347,7 @@ class ModelRepository:
         await asyncio.to_thread(memory.release)
 
 
-def _plan(name: str, model_dir: Path, config_json: str | None) -> LoadPlan:
+def plan_load(name: str, model_dir: Path, config_json: str | None = None) -> LoadPlan:
     """Read, complete, normalize and check the config, and pick the versions to load (blocking)."""
     config = cfg.parse_json(config_json) if config_json else cfg.read_config(model_dir)
     config = config if config is not None else cfg.ModelConfig()

@@ -159,7 +159,8 @@ class KilnInstance(ModelInstance):
         async for out in self.llm.generate(job.prompt, params, rid):
             last = out
             c = out.outputs[0]
-            delta = _Row(job, c.delta_text, c.delta_token_ids, row.add_logprobs(c.delta_logprobs), row.cum)
+            delta = _Row(job, c.delta_text, c.delta_token_ids, row.add_logprobs(c.delta_logprobs), row.cum,
+                         _context(out.prompt_token_ids, c.token_ids, len(c.delta_token_ids)))
             if request.cancelled:
                 break  # leaving the stream aborts the engine request
             if stream:
@@ -168,21 +169,26 @@ class KilnInstance(ModelInstance):
                     request.respond(self._outputs([delta]) if delta.ids else None, final=final)
         c = last.outputs[0]
         row.text, row.ids = c.text, c.token_ids
+        row.context = _context(last.prompt_token_ids, c.token_ids, len(c.token_ids))
         if not job.exclude_input:
             prompt = last.prompt_token_ids
             row.text = (job.prompt if isinstance(job.prompt, str) else self.llm.tokenizer.decode(prompt)) + row.text
             row.ids = prompt + row.ids
+            row.context = []
         return row
 
     def _outputs(self, rows: list[_Row]) -> dict[str, np.ndarray]:
         """Outputs of ``rows`` stacked on the batch dimension; ``output_ids`` rows padded with their ``pad_id``."""
         width = max(len(r.ids) for r in rows)
+        context_width = max(len(r.context) for r in rows)
+        context = np.array([[-1] * (context_width - len(r.context)) + r.context for r in rows], dtype=np.int32)
         lp_width = max(len(r.logprobs) for r in rows)
         ids = np.array([r.ids + [r.job.pad_id] * (width - len(r.ids)) for r in rows], dtype=np.int32)
         lps = np.array([r.logprobs + [0.0] * (lp_width - len(r.logprobs)) for r in rows], dtype=np.float32)
         out = {
             "text_output": np.array([[r.text.encode("utf-8")] for r in rows], dtype=object),
             "output_ids": ids.reshape(len(rows), 1, width),
+            "context_ids": context.reshape(len(rows), 1, context_width),
             "sequence_length": np.array([[len(r.ids)] for r in rows], dtype=np.int32),
             "cum_log_probs": np.array([[r.cum] for r in rows], dtype=np.float32),
             "output_log_probs": lps.reshape(len(rows), 1, lp_width),
@@ -206,6 +212,7 @@ class _Row:
     ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)  # of the generated tokens
     cum: float = 0.0
+    context: list[int] = dataclasses.field(default_factory=list)  # the tokens before ``ids`` (``context_ids``)
 
     def add_logprobs(self, logprobs) -> list[float]:
         """Take a step's log probabilities (when they were asked for); return them."""
@@ -215,6 +222,15 @@ class _Row:
         self.logprobs.extend(values)
         self.cum += sum(values)
         return values
+
+
+def _context(prompt: list[int], output: list[int], new: int) -> list[int]:
+    """The last ``tensors.CONTEXT_TOKENS`` tokens before the last ``new`` of ``output`` (prompt tokens first)."""
+    before = len(output) - new
+    tail = output[max(0, before - tensors.CONTEXT_TOKENS):before]
+    if len(tail) < tensors.CONTEXT_TOKENS:
+        tail = prompt[max(0, len(prompt) - (tensors.CONTEXT_TOKENS - len(tail))):] + tail
+    return tail
 
 
 async def _all(coroutines) -> list:

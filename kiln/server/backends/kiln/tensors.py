@@ -33,7 +33,10 @@ input (TensorRT-LLM's name too)             type        meaning
 ==========================================  ==========  ======================================================
 
 Outputs: ``text_output`` (BYTES), ``output_ids`` (INT32 [beam, tokens]), ``sequence_length`` (INT32
-[beam]: the real tokens of each ``output_ids`` row), ``cum_log_probs`` (FP32 [beam]),
+[beam]: the real tokens of each ``output_ids`` row), ``context_ids`` (INT32 [beam, tokens]: the up to
+``CONTEXT_TOKENS`` tokens before a response's ``output_ids``, the prompt's first, left-padded with -1; a
+detokenizer that decodes them with ``output_ids`` and drops their own text gets the text with its leading
+space and whole characters: kiln's deployed ``postprocessing`` does), ``cum_log_probs`` (FP32 [beam]),
 ``output_log_probs`` (FP32 [beam, tokens]) and ``batch_index`` (INT32: the batch row a response belongs
 to). ``cum_log_probs`` is 0 and ``output_log_probs`` empty unless ``return_log_probs`` is true.
 """
@@ -50,6 +53,8 @@ from kiln.server.core import InferenceRequest
 from kiln.server.errors import ServerError
 
 DEFAULT_MAX_TOKENS = 16
+# Tokens of context ``context_ids`` carries: enough for a word's leading space and a character's 4 bytes.
+CONTEXT_TOKENS = 8
 # Request parameters Triton reserves for itself (the server reads them; they are no input of this backend).
 TRITON_PARAMETERS = frozenset({"timeout", "priority", "sequence_id", "sequence_start", "sequence_end", "headers"})
 _INT, _FLOAT, _BOOL, _TEXT = "integer", "number", "boolean", "string"
@@ -106,6 +111,7 @@ BY_NAME = {i.name: i for i in INPUTS}
 OUTPUTS = {
     "text_output": (mc.TYPE_STRING, [-1]),
     "output_ids": (mc.TYPE_INT32, [-1, -1]),
+    "context_ids": (mc.TYPE_INT32, [-1, -1]),
     "sequence_length": (mc.TYPE_INT32, [-1]),
     "cum_log_probs": (mc.TYPE_FP32, [-1]),
     "output_log_probs": (mc.TYPE_FP32, [-1, -1]),
