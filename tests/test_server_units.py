@@ -72,10 +72,20 @@ def test_invalid_configs_are_refused_with_the_reason(change, message):
         parsed(SIMPLE.replace(*change))
 
 
-def test_settings_kiln_does_not_do_are_refused_by_name():
-    """A config field kiln's scheduling does not implement yet is refused at load, naming it, never ignored."""
-    with pytest.raises(ServerError, match="sets sequence_batching, which kiln does not implement"):
-        parsed(SIMPLE + "sequence_batching { max_sequence_idle_microseconds: 5000000 }")
+def test_settings_kiln_does_not_do_are_refused_by_name(tmp_path):
+    """A config field kiln's scheduling does not implement is refused at load, naming it, never ignored."""
+    from kiln.server.scheduling.sequence_batcher import SequencePolicy
+
+    stateful = parsed(SIMPLE + "sequence_batching { max_sequence_idle_microseconds: 5000000 }")
+    stateful.backend = "onnxruntime"
+    with pytest.raises(ServerError, match="kiln runs stateful models on the python backend, not 'onnxruntime'"):
+        SequencePolicy.from_config(stateful, tmp_path)
+    stateful.backend = "python"
+    stateful.sequence_batching.iterative_sequence = True
+    with pytest.raises(ServerError, match="sets sequence_batching.iterative_sequence, which kiln does not implement"):
+        SequencePolicy.from_config(stateful, tmp_path)
+    with pytest.raises(ServerError, match='"dynamic_batching" is specified along with field "sequence_batching"'):
+        parsed(SIMPLE + "sequence_batching { } dynamic_batching { }")  # one scheduler: protobuf's oneof says so
     with pytest.raises(ServerError, match="ensemble scheduling cannot be set for model 'm' whose platform is not"):
         parsed(SIMPLE + 'ensemble_scheduling { step [ { model_name: "a" model_version: -1 } ] }')
     with pytest.raises(ServerError, match="ensemble scheduling must be set for ensemble 'm'"):

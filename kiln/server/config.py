@@ -164,10 +164,6 @@ def validate(config: ModelConfig) -> None:
     policy = config.version_policy
     if policy.WhichOneof("policy_choice") == "latest" and policy.latest.num_versions < 1:
         raise ServerError.invalid(f"version policy of '{name}': 'latest' needs num_versions >= 1")
-    unimplemented = not_implemented(config)
-    if unimplemented:
-        raise ServerError.invalid(f"model '{name}' sets {', '.join(unimplemented)}, which kiln does not implement "
-                                  "yet; remove it (kiln refuses a setting it would otherwise ignore)")
 
 
 def _validate_priorities(config: ModelConfig) -> None:
@@ -186,12 +182,6 @@ def _validate_priorities(config: ModelConfig) -> None:
     elif batching.default_priority_level or batching.priority_queue_policy:
         raise ServerError.invalid(f"'default_priority_level' and 'priority_queue_policy' of model '{name}' need "
                                   "'priority_levels' > 0")
-
-
-def not_implemented(config: ModelConfig) -> list[str]:
-    """The fields ``config`` sets that kiln's scheduling does not do yet (issue 16): stateful sequences. A config
-    that sets them is refused, never served as if it did not."""
-    return ["sequence_batching"] if config.HasField("sequence_batching") else []
 
 
 def _validate_io(io, max_batch_size: int, prefix: str) -> None:

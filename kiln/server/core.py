@@ -101,6 +101,10 @@ class InferenceRequest:
         self.queued_ns = 0
         self.queue_ns = 0
         self.priority_level = 0  # the queue's priority level (set when queued)
+        # A stateful model's implicit state: the outputs the backend asks the model for beside the requested ones,
+        # and their values once it answers (``scheduling/sequence_batcher.py``).
+        self.state_outputs: list[str] = []
+        self.captured: dict[str, np.ndarray] = {}
         self.first_response_ns = 0
         self.final_ns = 0
         self.compute: ComputeTimes | None = None
@@ -139,6 +143,8 @@ class InferenceRequest:
             if self._final_sent:
                 return False
             self._final_sent = reply.final
+            if self.state_outputs and reply.outputs:
+                self.captured.update((k, v) for k, v in reply.outputs.items() if k in self.state_outputs)
         if threading.get_ident() == self._loop_thread:
             self._replies.put_nowait(reply)
         else:

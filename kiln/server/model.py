@@ -22,6 +22,7 @@ from kiln.server.outputs import OutputBuilder, read_labels
 from kiln.server.scheduling import BatchPolicy, Scheduler
 from kiln.server.scheduling.queue_policy import QueueConfig
 from kiln.server.scheduling.response_order import ResponseOrder
+from kiln.server.scheduling.sequence_batcher import SequenceBatcher, SequencePolicy
 from kiln.server.shm import SharedMemoryManager
 from kiln.server.stats import BACKEND, CANCELED, OTHER, REJECTED, ComputeTimes, ModelStats
 
@@ -41,8 +42,14 @@ class ServedModel:
         self.load_seconds = load_seconds
         self.stats = ModelStats(self.name, self.version)
         self.outputs = OutputBuilder(self.config, self.version, read_labels(self.config, context.model_dir), shm)
-        self.scheduler = Scheduler(self.name, instances, BatchPolicy.from_config(self.config), self.stats,
-                                   is_decoupled(self.config), self._settle, QueueConfig.from_config(self.config))
+        if self.config.HasField("sequence_batching"):
+            self.scheduler: Scheduler = SequenceBatcher(
+                self.name, instances, self.config.max_batch_size,
+                SequencePolicy.from_config(self.config, context.model_dir), self.stats, is_decoupled(self.config),
+                self._settle)
+        else:
+            self.scheduler = Scheduler(self.name, instances, BatchPolicy.from_config(self.config), self.stats,
+                                       is_decoupled(self.config), self._settle, QueueConfig.from_config(self.config))
         self.order = ResponseOrder() if self.config.dynamic_batching.preserve_ordering else None
         self.ready = False
         self.cancel_grace = cancel_grace

@@ -30,6 +30,7 @@ from kiln.server.core import InferenceRequest, InferenceResponse
 from kiln.server.ensemble import EnsembleBackend, step_models
 from kiln.server.errors import ServerError, shown
 from kiln.server.model import ServedModel
+from kiln.server.scheduling.sequence_batcher import SequencePolicy
 from kiln.server.shm import SharedMemoryManager
 
 log = logging.getLogger("kiln.server")
@@ -372,6 +373,8 @@ def plan_load(name: str, model_dir: Path, config_json: str | None = None) -> Loa
     cfg.normalize(config)
     cfg.resolve_instances(config, backend.gpus(), backend.default_cpu_instance_count)
     cfg.validate(config)
+    if config.HasField("sequence_batching"):
+        SequencePolicy.from_config(config, model_dir)  # checked here: the model's scheduler reads it at load
     return LoadPlan(config, backend, {v: available[v] for v in versions})
 
 

@@ -23,9 +23,9 @@ from kiln.server.repository import ModelRepository
 from kiln.server.shm import Region, SharedMemoryManager
 from kiln.version import __version__
 
-EXTENSIONS = ["classification", "model_repository", "model_repository(unload_dependents)",
-              "model_configuration", "system_shared_memory", "cuda_shared_memory", "binary_tensor_data", "parameters",
-              "statistics", "logging"]
+EXTENSIONS = ["classification", "sequence", "model_repository", "model_repository(unload_dependents)",
+              "schedule_policy", "model_configuration", "system_shared_memory", "cuda_shared_memory",
+              "binary_tensor_data", "parameters", "statistics", "logging"]
 
 
 @dataclass

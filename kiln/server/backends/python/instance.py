@@ -114,8 +114,9 @@ class PythonInstance(ModelInstance):
         process, call, done, keys = await self._submit(requests)
         message = {"op": "execute", "call": call, "requests": [
             {"key": key, "id": r.id, "correlation_id": r.parameters.get("sequence_id", 0),
-             "inputs": [(name, t.data) for name, t in r.inputs.items()], "outputs": r.output_names,
-             "parameters": json.dumps(r.parameters), "flags": 0} for key, r in zip(keys, requests)]}
+             "inputs": [(name, t.data) for name, t in r.inputs.items()], "outputs": r.output_names + r.state_outputs,
+             "parameters": json.dumps(r.parameters), "flags": _sequence_flags(r.parameters)}
+            for key, r in zip(keys, requests)]}
         with contextlib.suppress(OSError):  # a process that died is reported by its reader thread
             await self.run_blocking(process.send, message)
         t1 = time.monotonic_ns()
@@ -283,3 +284,8 @@ def _bls_reply(call_id: int, r: InferenceResponse) -> dict[str, Any]:
 def _bls_error(call_id: int, e: ServerError) -> dict[str, Any]:
     return {"op": "bls_response", "id": call_id, "final": True, "empty": False,
             "error": (e.code.name, e.message), "outputs": [], "parameters": {}}
+
+
+def _sequence_flags(parameters: dict) -> int:
+    """``pb_utils.InferenceRequest.flags()``: TRITONSERVER_REQUEST_FLAG_SEQUENCE_START (1) and _END (2)."""
+    return (1 if parameters.get("sequence_start") is True else 0) | (2 if parameters.get("sequence_end") is True else 0)
