@@ -143,6 +143,17 @@ def test_the_manifests_pass_the_kubernetes_schemas(deployed):
         validate_manifests(bad)
 
 
+def test_a_hugging_face_folder_is_built_on_the_way(hf_model_dir, tmp_path):
+    from kiln.deploy.triton_repository import check_repository
+
+    assert main(["deploy", str(hf_model_dir("llama")), "--repo", str(tmp_path / "repo"), "--name", "tiny",
+                 "--max-batch-size", "4"]) == 0
+    assert (tmp_path / "repo/tiny/1/engine.json").is_file()
+    assert "max_batch_size: 4" in (tmp_path / "repo/ensemble/config.pbtxt").read_text()
+    assert 'model_name: "tiny"' in (tmp_path / "repo/ensemble/config.pbtxt").read_text()
+    check_repository(tmp_path / "repo", sorted(p.name for p in (tmp_path / "repo").iterdir()))
+
+
 def test_a_failing_deploy_leaves_nothing(engine, deployed, tmp_path):
     with pytest.raises(KilnError, match="already has preprocessing"):
         main_raising(["deploy", str(engine), "--repo", str(deployed / "repo")])

@@ -74,6 +74,7 @@ def deploy(source: str | os.PathLike | None, repo: Path, options: DeployOptions 
         "postprocessing_instance_count": str(options.postprocessing_instances),
         "bls_instance_count": str(options.bls_instances),
         "llm_instance_kind": options.instance_kind,
+        "llm_parameters": _llm_parameters(source),
     }
     repo.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}.deploy-", dir=repo.parent))
@@ -117,6 +118,19 @@ def check_repository(root: Path, names: list[str]) -> None:
                 EnsembleBackend.check(plan.config, lookup)
             except ServerError as e:
                 raise KilnError(f"the generated ensemble '{name}' does not load: {e.message}") from None
+
+
+def _llm_parameters(source) -> str:
+    """The kiln model's parameters: the default model samples as its model card says (its GGUF file carries no
+    generation config), as ``kiln serve`` does."""
+    if source is not None:
+        return ""
+    import json
+
+    from kiln.builder.engine_cache import DEFAULT_MODEL_SAMPLING
+
+    value = json.dumps(json.dumps(DEFAULT_MODEL_SAMPLING))
+    return f'parameters {{ key: "override_generation_config" value: {{ string_value: {value} }} }}'
 
 
 def _template(name: str) -> str:
