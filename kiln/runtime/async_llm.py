@@ -19,7 +19,7 @@ import asyncio
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Protocol
 
 from kiln.engine import Engine
 from kiln.runtime.config import RuntimeConfig
@@ -50,19 +50,12 @@ class AsyncLLM:
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; each carries the step's deltas (``delta_text``, ...)."""
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         if isinstance(prompt, str) and len(prompt) >= LONG_TEXT:  # tokenized off the loop (see LONG_TEXT)
             new, core_requests = await asyncio.to_thread(self._inputs.process, prompt, params, request_id)
         else:
             new, core_requests = self._inputs.process(prompt, params, request_id)
-        self._streams.add(new, loop, queue)
-        try:
-            for r in core_requests:
-                self._core.add_request(r)
-        except BaseException:
-            self._streams.abort(new.request_id, notify=False)
-            raise
+        self._start(new, core_requests, queue)
         finished = False
         try:
             while not finished:
@@ -76,6 +69,27 @@ class AsyncLLM:
         finally:
             if not finished:  # the caller went away: free its blocks now
                 self._streams.abort(new.request_id, notify=False)
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None, request_id: str, sink: Sink) -> None:
+        """Start a request whose outputs go to ``sink.put_nowait(output)`` on the calling event loop, as
+        ``generate``'s stream gets them (the last ``finished``; an engine failure as the output's ``error``),
+        without a task of the caller's per output. A text prompt is tokenized here, on the loop. ``drop``
+        ends it early."""
+        new, core_requests = self._inputs.process(prompt, params, request_id)
+        self._start(new, core_requests, sink)
+
+    def drop(self, request_id: str) -> None:
+        """End a request now, without a final output (its consumer is gone); its KV blocks are freed."""
+        self._streams.abort(request_id, notify=False)
+
+    def _start(self, new, core_requests, sink: Sink) -> None:
+        self._streams.add(new, asyncio.get_running_loop(), sink)
+        try:
+            for r in core_requests:
+                self._core.add_request(r)
+        except BaseException:
+            self._streams.abort(new.request_id, notify=False)
+            raise
 
     async def abort(self, request_id: str) -> None:
         """End a request: its stream gets a final output with ``finish_reason="abort"``."""
@@ -197,10 +211,16 @@ class _Streams:
                 _put(stream.loop, stream.queue, final)
 
 
+class Sink(Protocol):
+    """Where a request's outputs go, on its event loop: an ``asyncio.Queue``, or a consumer of its own."""
+
+    def put_nowait(self, output: RequestOutput) -> None: ...
+
+
 @dataclass(slots=True)
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    queue: Sink
     seq_ids: list[str]
 
 

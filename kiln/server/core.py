@@ -65,6 +65,8 @@ class InferenceResponse:
     # The backend sent the final flag alone (decoupled models): no response to deliver unless the
     # client asked for empty final responses.
     flag_only: bool = False
+    # A typed request's answer (see ``InferenceRequest.payload``), instead of output tensors.
+    payload: list | None = None
 
 
 @dataclass(slots=True)
@@ -75,6 +77,7 @@ class Reply:
     parameters: dict[str, Any]
     error: ServerError | None
     final: bool
+    payload: list | None = None
 
 
 class InferenceRequest:
@@ -82,8 +85,12 @@ class InferenceRequest:
 
     def __init__(self, model_name: str, model_version: int = -1, id: str = "",
                  inputs: list[Tensor] | None = None, outputs: list[RequestedOutput] | None = None,
-                 parameters: dict[str, Any] | None = None):
+                 parameters: dict[str, Any] | None = None, payload: Any = None):
         self.model_name = model_name
+        # A typed request that a backend reads instead of input tensors (the OpenAI routes' generation for the
+        # kiln backend: ``backends/kiln/generation.py``); its responses carry lists (``respond(payload=...)``),
+        # so that those a slow reader fell behind on join into one.
+        self.payload = payload
         self.model_version = model_version  # -1: the latest ready version; set to the served version on admission
         self.id = id
         self.inputs: dict[str, Tensor] = {}
@@ -132,10 +139,10 @@ class InferenceRequest:
         return self._cancelled
 
     def respond(self, outputs: dict[str, np.ndarray] | None = None, *, parameters: dict[str, Any] | None = None,
-                error: ServerError | Exception | None = None, final: bool = True) -> None:
+                error: ServerError | Exception | None = None, final: bool = True, payload: list | None = None) -> None:
         """Send a response (thread-safe). ``outputs=None, final=True`` sends the final flag alone; with
-        ``error`` the response carries the error instead of outputs."""
-        if not self._send(Reply(outputs, dict(parameters or {}), _as_server_error(error), final)):
+        ``error`` the response carries the error instead of outputs; a typed request's answer is a ``payload``."""
+        if not self._send(Reply(outputs, dict(parameters or {}), _as_server_error(error), final, payload)):
             raise RuntimeError(f"request '{self.id}' to model '{self.model_name}' already has its final response")
 
     def _send(self, reply: Reply) -> bool:
@@ -164,7 +171,13 @@ class InferenceRequest:
         self._replies = asyncio.Queue()
 
     async def next_reply(self) -> Reply:
-        return await self._replies.get()
+        """The next reply; typed replies queued behind it join it (their payloads, in order) up to the final one."""
+        reply = await self._replies.get()
+        while reply.payload is not None and not reply.final and reply.error is None and not self._replies.empty():
+            later = self._replies.get_nowait()
+            reply = Reply(later.outputs, later.parameters, later.error, later.final,
+                          reply.payload + (later.payload or []))
+        return reply
 
     def fail(self, error: ServerError) -> None:
         """End the request with ``error`` unless it already has its final response."""

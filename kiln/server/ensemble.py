@@ -73,8 +73,8 @@ class Graph:
         for i, s in enumerate(config.ensemble_scheduling.step):
             if not s.model_name:
                 raise ServerError.invalid(f"step {i} of ensemble '{name}' must name a model ('model_name')")
-            step = Step(i, s.model_name, s.model_version if s.model_version > 0 else -1, dict(s.input_map),
-                        dict(s.output_map))
+            step = Step(i, s.model_name, s.model_version if s.model_version > 0 else -1,
+                        dict(sorted(s.input_map.items())), dict(sorted(s.output_map.items())))
             if not step.inputs or not step.outputs:
                 raise ServerError.invalid(f"{step.label} of ensemble '{name}' must map at least one input and one "
                                           "output ('input_map', 'output_map')")

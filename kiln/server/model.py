@@ -24,7 +24,7 @@ from kiln.server.scheduling.queue_policy import QueueConfig
 from kiln.server.scheduling.response_order import ResponseOrder
 from kiln.server.scheduling.sequence_batcher import SequenceBatcher, SequencePolicy
 from kiln.server.shm import SharedMemoryManager
-from kiln.server.stats import BACKEND, CANCELED, OTHER, REJECTED, ComputeTimes, ModelStats
+from kiln.server.stats import BACKEND, CANCELED, REJECTED, ComputeTimes, ModelStats
 
 log = logging.getLogger("kiln.server")
 
@@ -132,16 +132,6 @@ class ServedModel:
                 self._abandoned.add(task)
                 task.add_done_callback(self._abandoned.discard)
 
-    def direct_request(self) -> DirectRequest:
-        """Start a request that a protocol serves through the backend's own API instead of tensors (the
-        OpenAI routes over the kiln backend's engine). It is in flight, so unload waits for it, until its
-        ``finish``, which counts it in the statistics as one execution (or a failure)."""
-        if not self.ready:
-            raise ServerError.unavailable(f"'{self.name}' version {self.version} is not at ready state")
-        self._inflight += 1
-        self._idle.clear()
-        return DirectRequest(self)
-
     def _account(self, request: InferenceRequest, response: InferenceResponse) -> InferenceResponse:
         now = time.monotonic_ns()
         if not request.first_response_ns and not response.flag_only:
@@ -227,39 +217,3 @@ class ServedModel:
 async def _drain(request: InferenceRequest) -> None:
     while not (await request.next_reply()).final:
         pass
-
-
-class DirectRequest:
-    """A request served through a backend's own API (see ``ServedModel.direct_request``)."""
-
-    def __init__(self, model: ServedModel):
-        self.model = model
-        self.received_ns = time.monotonic_ns()
-        self._responded = False
-        self._finished = False
-
-    def responded(self) -> None:
-        """The client got its first response (counted once, in the first-response histogram)."""
-        if not self._responded:
-            self._responded = True
-            self.model.stats.record_first_response(time.monotonic_ns() - self.received_ns)
-
-    def finish(self, error: BaseException | None = None) -> None:
-        """End the request (once): a success, or a failure by ``error`` (a cancellation, a ServerError, ...)."""
-        if self._finished:
-            return
-        self._finished = True
-        stats = self.model.stats
-        duration = time.monotonic_ns() - self.received_ns
-        if error is None:
-            times = ComputeTimes(infer_ns=duration)
-            stats.record_execution(1, times)
-            stats.record_success(1, duration, 0, times)
-        elif isinstance(error, (asyncio.CancelledError, GeneratorExit)) or (
-                isinstance(error, ServerError) and error.code == Code.CANCELLED):
-            stats.record_failure(duration, CANCELED)
-        elif isinstance(error, ServerError) and error.code == Code.INVALID_ARG:
-            stats.record_failure(duration, OTHER)
-        else:
-            stats.record_failure(duration, BACKEND)
-        self.model._done()

@@ -31,6 +31,9 @@ class OutputBuilder:
                                      final=reply.final, error=reply.error)
         if reply.error is not None:
             return response
+        if reply.payload is not None:
+            response.payload = reply.payload
+            return response
         if reply.outputs is None:
             response.flag_only = True
             return response

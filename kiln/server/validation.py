@@ -32,6 +32,10 @@ def admit(request: InferenceRequest, config: ModelConfig, shm: SharedMemoryManag
         value = request.parameters.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ServerError.invalid(f"Unable to parse '{key}': it must be an integer >= 0, got {shown(repr(value))}")
+    if request.payload is not None:  # a typed request: its backend checks it
+        request.output_names = []
+        request.batch_size = 1 if config.max_batch_size > 0 else 0
+        return
     inputs = {io.name: io for io in config.input}
     for name in request.inputs:
         if name not in inputs:

@@ -1,12 +1,13 @@
 """OpenAI's API (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``) on the server's HTTP port.
 
 Requests and responses are the pydantic models of ``openai_models``; one serving class per endpoint.
-A request names a model of the repository served by the kiln backend and reaches that model's own
-engine (``KilnBackend.llm``: the instance's ``AsyncLLM``), so the Triton protocols and this one share
-one engine per model, its LLM metrics, and the model's statistics (``ServedModel.direct_request``
-keeps the request in flight for unload and counts it). A streamed response is server-sent events,
-one chunk per engine step (or per few, when the server is busier than its engine), ending with
-``data: [DONE]``; a client that goes away mid-stream aborts its requests and frees their KV blocks.
+A request names a model of the repository served by the kiln backend and becomes one ``InferenceRequest``
+carrying a typed ``Generation`` (token ids and ``SamplingParams``), which goes through the model's admission,
+queue (its limit and priorities), instances and statistics as a KServe request does, to the instance's engine;
+so the Triton protocols and this one share one engine per model, its LLM metrics and the model's statistics.
+A streamed response is server-sent events, one chunk per engine step (or per few, when the server is busier
+than its engine), ending with ``data: [DONE]``; a client that goes away mid-stream cancels its request, which
+aborts its engine requests and frees their KV blocks.
 
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed
 body, an invalid value or a prompt longer than the engine allows; 401 for a missing or wrong API key
@@ -32,12 +33,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kiln.errors import PromptTooLong, RequestError
-from kiln.runtime.outputs import RequestFailed
+from kiln.runtime.async_llm import merge_outputs
 from kiln.runtime.tokenizer import LONG_TEXT
 from kiln.server import access
 from kiln.server.access import AccessPolicy
 from kiln.server.backends.kiln import KilnBackend
+from kiln.server.backends.kiln.generation import Generation
 from kiln.server.backends.kiln.served_llm import ServedLLM
+from kiln.server.core import InferenceRequest
 from kiln.server.errors import Code, ServerError
 from kiln.server.model import ServedModel
 from kiln.server.protocols import json_body, tool_calls
@@ -68,7 +71,9 @@ class OpenAIError(Exception):
 
     @classmethod
     def from_server_error(cls, e: ServerError) -> OpenAIError:
-        return cls(e.code.http_status, e.message, code=_OPENAI_CODES.get(e.code))
+        # A full queue or a model that is not ready: the openai package retries after Retry-After.
+        headers = {"Retry-After": "1"} if e.code == Code.UNAVAILABLE else None
+        return cls(e.code.http_status, e.message, code=_OPENAI_CODES.get(e.code), headers=headers)
 
     def response(self) -> JSONResponse:
         return JSONResponse(api.ErrorResponse(error=self.info).model_dump(), status_code=self.status,
@@ -244,7 +249,8 @@ class _Prompt:
 
 
 class _Generation:
-    """One API request's engine requests, one a prompt (each with ``n`` completions), side by side."""
+    """One API request: its prompts (each with ``n`` completions) generated side by side by the model, as one
+    ``InferenceRequest`` carrying a typed ``Generation`` through the model's admission, queue and instances."""
 
     def __init__(self, model: ServedModel, llm: ServedLLM, prompts: list[_Prompt], params: list, prefix: str):
         self.model = model
@@ -259,22 +265,24 @@ class _Generation:
     def prompt_tokens(self) -> int:
         return sum(len(p.ids) for p in self.prompts)
 
-    def outputs(self) -> AsyncIterator[tuple[int, Any]]:
-        """(prompt index, RequestOutput) as the engine produces them; closing it aborts what still runs."""
-        return _merge([self.llm.generate(p.ids, sp, f"{self.id}-{i}")
-                       for i, (p, sp) in enumerate(zip(self.prompts, self.params))])
+    async def outputs(self) -> AsyncIterator[tuple[int, Any]]:
+        """(prompt index, RequestOutput) as the engine produces them (a prompt's outputs that queued up while the
+        reader was busy joined into one); closing it cancels the request, which aborts what still runs."""
+        request = InferenceRequest(self.model.name, self.model.version, self.id, payload=Generation(
+            [p.ids for p in self.prompts], self.params, self.id))
+        async with contextlib.aclosing(self.model.infer(request)) as responses:
+            async for response in responses:
+                if response.error is not None:
+                    raise response.error
+                for item in _joined(response.payload or []):
+                    yield item
 
     async def finals(self, request: Request) -> list:
         """Every prompt's final output (a client that disconnects first cancels them)."""
-        ticket = self.model.direct_request()
         try:
-            finals = await unless_disconnected(request, self._collect())
+            return await unless_disconnected(request, self._collect())
         except BaseException as e:
-            ticket.finish(e)
             raise _engine_error(e) from None
-        ticket.responded()
-        ticket.finish()
-        return finals
 
     async def _collect(self) -> list:
         finals: list = [None] * len(self.prompts)
@@ -289,19 +297,15 @@ class _Generation:
         """Server-sent events: ``chunks(i, output)`` for each engine output, then ``usage_chunk()`` (if any),
         then ``[DONE]`` (unless not ``done``: the Responses API's stream ends with its own event). Errors
         before the first output get a status code; later ones an error event."""
-        ticket = self.model.direct_request()
         outputs = self.outputs()
         try:
             first = await anext(outputs)
         except BaseException as e:
             await outputs.aclose()
-            ticket.finish(e)
             raise _engine_error(e) from None
 
         async def events() -> AsyncIterator[bytes]:
-            error: BaseException | None = None
             try:
-                ticket.responded()
                 for chunk in chunks(*first):
                     yield _event(chunk)
                 async for i, out in outputs:
@@ -309,23 +313,25 @@ class _Generation:
                         yield _event(chunk)
                 if usage_chunk is not None:
                     yield _event(usage_chunk())
-            except RequestFailed as e:
-                error = e
+            except ServerError as e:
                 yield _event(api.ErrorResponse(error=_engine_error(e).info))
-            except BaseException as e:
-                error = e
-                raise
             finally:
                 await outputs.aclose()
-                ticket.finish(error)
             if done:
                 yield b"data: [DONE]\n\n"
 
-        async def close() -> None:  # also when the response ends before its first event (the client left)
-            await outputs.aclose()
-            ticket.finish(asyncio.CancelledError("the client disconnected"))
+        return EventStream(events(), outputs.aclose)
 
-        return EventStream(events(), close)
+
+def _joined(items: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """A response's (prompt index, output) items with each run of one prompt's outputs joined into one."""
+    out: list[tuple[int, Any]] = []
+    for i, item in items:
+        if out and out[-1][0] == i and not out[-1][1].finished:
+            out[-1] = (i, merge_outputs(out[-1][1], item))
+        else:
+            out.append((i, item))
+    return out
 
 
 class CompletionServing:
@@ -980,56 +986,14 @@ def _validation_error(e: ValidationError) -> OpenAIError:
 
 
 def _engine_error(e: BaseException) -> BaseException:
-    """The error a request that failed at or after submission answers with."""
-    if isinstance(e, OpenAIError):
-        return e
-    if isinstance(e, RequestFailed):
-        return OpenAIError(500, str(e))
-    if isinstance(e, RequestError):
-        return OpenAIError.invalid(str(e))
+    """The error a request that failed at or after submission answers with (the model's ServerError: the kiln
+    backend maps the engine's errors to codes)."""
     if isinstance(e, ServerError):
         return OpenAIError.from_server_error(e)
     return e
 
 
 # -- streams ----------------------------------------------------------------------------------------------
-
-async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
-    """Items of several async iterators as they come, tagged by iterator index. An error in one ends the
-    merge; closing the merge closes every iterator."""
-    if len(streams) == 1:
-        async with contextlib.aclosing(streams[0]) as stream:
-            async for item in stream:
-                yield 0, item
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator) -> None:
-        try:
-            async with contextlib.aclosing(stream):
-                async for item in stream:
-                    queue.put_nowait((i, item, None))
-        except Exception as e:
-            queue.put_nowait((i, None, e))
-        else:
-            queue.put_nowait((i, None, None))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        running = len(tasks)
-        while running:
-            i, item, error = await queue.get()
-            if error is not None:
-                raise error
-            if item is None:
-                running -= 1
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
 
 def _event(message: BaseModel | dict) -> bytes:
     """One server-sent event: the message as compact UTF-8 JSON (pydantic's own encoder, in Rust)."""

@@ -41,6 +41,7 @@ from kiln.runtime.outputs import RequestFailed
 from kiln.server import config as cfg
 from kiln.server.backends.base import Backend, InstanceSpec, ModelContext, ModelInstance
 from kiln.server.backends.kiln import tensors
+from kiln.server.backends.kiln.generation import Generation, Relay
 from kiln.server.backends.kiln.served_llm import ServedLLM, metric_families
 from kiln.server.core import InferenceRequest
 from kiln.server.errors import ServerError
@@ -99,7 +100,8 @@ class KilnBackend(Backend):
         return instance
 
     def llm(self) -> ServedLLM:
-        """The least busy instance's engine, for a protocol that calls the engine itself (OpenAI)."""
+        """The least busy instance's engine, for what a protocol reads from it (the tokenizer, the context length);
+        requests go through the model's scheduler, as typed ``Generation`` requests or as tensors."""
         live = [i.llm for i in self.instances if i.llm is not None]
         if not live:
             raise ServerError.unavailable(f"model '{self.context.name}' is unloading")
@@ -131,6 +133,9 @@ class KilnInstance(ModelInstance):
         await asyncio.gather(*(self._serve(r) for r in requests))
 
     async def _serve(self, request: InferenceRequest) -> None:
+        if request.payload is not None:
+            await self._serve_generation(request)
+            return
         try:
             jobs = tensors.read_jobs(request, self.llm.tokenizer, self.batched, self.exclude_input,
                                      self.sampling_defaults)
@@ -141,11 +146,39 @@ class KilnInstance(ModelInstance):
             solo = len(jobs.rows) == 1
             rows = await _all(self._generate(request, job, jobs.stream, solo) for job in jobs.rows)
             if not request.final_sent:
-                request.respond(None if jobs.stream or request.cancelled else self._outputs(rows))
+                whole = None if jobs.stream or request.cancelled else self._outputs(rows, request.output_names)
+                request.respond(whole)
         except RequestFailed as e:
             request.respond(error=ServerError.internal(str(e)))
         except (ServerError, RequestError) as e:
             request.respond(error=e if isinstance(e, ServerError) else ServerError.invalid(str(e)))
+
+    async def _serve_generation(self, request: InferenceRequest) -> None:
+        """A typed request (``generation.py``): each engine output goes straight from the engine's stream to the
+        request's responses (no task of ours in between), then the final flag; a cancelled request (the
+        scheduler cancels this coroutine) drops its engine requests."""
+        gen = request.payload
+        if not isinstance(gen, Generation):
+            request.respond(error=ServerError.invalid(f"model '{self.config.name}' takes tensors or a Generation, "
+                                                      f"not a {type(gen).__name__}"))
+            return
+        params = gen.params
+        if request.priority_level:  # a model with priority levels: its engine admits a higher level first too
+            params = [dataclasses.replace(p, priority=request.priority_level) for p in params]
+        relay = Relay(request, len(gen.prompts))
+        started = []
+        try:
+            for i, (ids, sp) in enumerate(zip(gen.prompts, params)):
+                rid = f"{gen.request_id}-{i}"
+                self.llm.submit(ids, sp, rid, relay.to(i))
+                started.append(rid)
+            await relay.done
+        except RequestError as e:
+            request.respond(error=ServerError.invalid(str(e)))
+        finally:
+            if not relay.done.done() or relay.done.cancelled():  # failed to start, or cancelled (awaiting it
+                for rid in started:                                # from a cancelled task cancels it too)
+                    self.llm.drop(rid)
 
     async def _generate(self, request: InferenceRequest, job: tensors.Job, stream: bool, solo: bool) -> _Row:
         """Generate one batch row. Streaming, respond with each output's new tokens (a step's, or a few
@@ -166,7 +199,8 @@ class KilnInstance(ModelInstance):
             if stream:
                 final = solo and out.finished
                 if delta.ids or final:
-                    request.respond(self._outputs([delta]) if delta.ids else None, final=final)
+                    outputs = self._outputs([delta], request.output_names) if delta.ids else None
+                    request.respond(outputs, final=final)
         c = last.outputs[0]
         row.text, row.ids = c.text, c.token_ids
         row.context = _context(last.prompt_token_ids, c.token_ids, len(c.token_ids))
@@ -177,24 +211,36 @@ class KilnInstance(ModelInstance):
             row.context = []
         return row
 
-    def _outputs(self, rows: list[_Row]) -> dict[str, np.ndarray]:
-        """Outputs of ``rows`` stacked on the batch dimension; ``output_ids`` rows padded with their ``pad_id``."""
-        width = max(len(r.ids) for r in rows)
-        context_width = max(len(r.context) for r in rows)
-        context = np.array([[-1] * (context_width - len(r.context)) + r.context for r in rows], dtype=np.int32)
-        lp_width = max(len(r.logprobs) for r in rows)
-        ids = np.array([r.ids + [r.job.pad_id] * (width - len(r.ids)) for r in rows], dtype=np.int32)
-        lps = np.array([r.logprobs + [0.0] * (lp_width - len(r.logprobs)) for r in rows], dtype=np.float32)
-        out = {
-            "text_output": np.array([[r.text.encode("utf-8")] for r in rows], dtype=object),
-            "output_ids": ids.reshape(len(rows), 1, width),
-            "context_ids": context.reshape(len(rows), 1, context_width),
-            "sequence_length": np.array([[len(r.ids)] for r in rows], dtype=np.int32),
-            "cum_log_probs": np.array([[r.cum] for r in rows], dtype=np.float32),
-            "output_log_probs": lps.reshape(len(rows), 1, lp_width),
-            "batch_index": np.array([[r.job.row] for r in rows], dtype=np.int32),
-        }
-        return out if self.batched else {name: array[0] for name, array in out.items()}
+    def _outputs(self, rows: list[_Row], names: list[str]) -> dict[str, np.ndarray]:
+        """The outputs ``names`` (those the request asked for) of ``rows``, stacked on the batch dimension;
+        ``output_ids`` rows padded with their ``pad_id``, ``context_ids`` rows on the left with -1."""
+        n = len(rows)
+        out = {}
+        for name in names:
+            if name == "text_output":
+                array = np.array([[r.text.encode("utf-8")] for r in rows], dtype=object)
+            elif name == "output_ids":
+                width = max(len(r.ids) for r in rows)
+                array = np.array([r.ids + [r.job.pad_id] * (width - len(r.ids)) for r in rows],
+                                 dtype=np.int32).reshape(n, 1, width)
+            elif name == "context_ids":
+                width = max(len(r.context) for r in rows)
+                array = np.array([[-1] * (width - len(r.context)) + r.context for r in rows],
+                                 dtype=np.int32).reshape(n, 1, width)
+            elif name == "sequence_length":
+                array = np.array([[len(r.ids)] for r in rows], dtype=np.int32)
+            elif name == "cum_log_probs":
+                array = np.array([[r.cum] for r in rows], dtype=np.float32)
+            elif name == "output_log_probs":
+                width = max(len(r.logprobs) for r in rows)
+                array = np.array([r.logprobs + [0.0] * (width - len(r.logprobs)) for r in rows],
+                                 dtype=np.float32).reshape(n, 1, width)
+            elif name == "batch_index":
+                array = np.array([[r.job.row] for r in rows], dtype=np.int32)
+            else:
+                continue
+            out[name] = array if self.batched else array[0]
+        return out
 
     def close(self) -> None:
         super().close()

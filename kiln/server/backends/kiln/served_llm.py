@@ -1,8 +1,8 @@
 """One engine as the server runs it: an ``AsyncLLM`` plus the LLM metrics of every request it serves.
 
-Both protocols reach the engine through this object (the KServe adapters through the kiln backend's
-``execute``, the OpenAI routes directly), so the metrics count every request once, whichever way it
-came. The metric families it reports (prefix ``kiln_``, labels ``model`` and ``version``; units in
+Both protocols reach the engine through this object, by the kiln backend's ``execute`` (tensors with
+``generate``, the OpenAI routes' typed requests with ``submit``), so the metrics count every request once,
+whichever way it came. The metric families it reports (prefix ``kiln_``, labels ``model`` and ``version``; units in
 the names, as Prometheus asks):
 
 - gauges ``kiln_num_requests_running`` / ``kiln_num_requests_waiting``, ``kiln_kv_cache_blocks_used`` /
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +72,7 @@ class ServedLLM:
         self.tokenizer = self.llm.tokenizer
         self.max_seq_len = self.llm.max_seq_len
         self.metrics = LLMMetrics()
+        self._last: dict[str, RequestOutput | None] = {}  # submitted requests running: their latest output
 
     @property
     def load(self) -> int:
@@ -92,8 +93,39 @@ class ServedLLM:
                 if last is not None:
                     self.metrics.record(last, None if last.finished else "abort")
 
+    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str,
+               put: Callable[[RequestOutput], None]) -> None:
+        """``AsyncLLM.submit``: each output to ``put``, on the loop; counted in the metrics when it ends, or when
+        it is dropped (``drop``)."""
+        self._last[request_id] = None
+
+        def deliver(out: RequestOutput) -> None:
+            if out.finished:
+                self._last.pop(request_id, None)
+                self.metrics.record(out)
+            else:
+                self._last[request_id] = out
+            put(out)
+
+        self.llm.submit(prompt, params, request_id, _Put(deliver))
+
+    def drop(self, request_id: str) -> None:
+        """End a submitted request early (its consumer left), counted as aborted."""
+        if request_id in self._last:
+            last = self._last.pop(request_id)
+            self.llm.drop(request_id)
+            if last is not None:
+                self.metrics.record(last, "abort")
+
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+@dataclass(slots=True)
+class _Put:
+    """A sink (``AsyncLLM.submit``) that calls a function."""
+
+    put_nowait: Callable
 
 
 def metric_families(llms: list[ServedLLM], labels: list[str]) -> Iterator[Metric]:
