@@ -7,6 +7,7 @@ import json
 import queue
 import shutil
 import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -39,7 +40,7 @@ def reference(engine):
 
 
 @pytest.fixture(scope="module")
-def server(engine, tmp_path_factory):
+def server(engine, engine_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("kiln-repository")
     shutil.copytree(engine, root / "tiny")  # an engine folder as it is: no config.pbtxt, no version folder
     (root / "tiny_config/1").mkdir(parents=True)
@@ -62,6 +63,13 @@ input [
   { name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }
 ]
 output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] } ]""")
+    # One request at a time, one waiting: the queue limit every protocol meets (OpenAI's requests too).
+    (root / "tiny_queue/1").mkdir(parents=True)
+    write_config(root / "tiny_queue", f"""
+backend: "kiln"
+dynamic_batching {{ default_queue_policy {{ max_queue_size: 1 }} }}
+parameters {{ key: "engine_dir" value {{ string_value: "{engine_dir("llama", max_seq_len=512)}" }} }}
+parameters {{ key: "max_concurrency" value {{ string_value: "1" }} }}""")
     s = ServerProcess(root, "--model-control-mode", "explicit", "--load-model", "*", ready_timeout=120)
     yield s
     s.stop()
@@ -321,3 +329,40 @@ def test_unload_frees_the_engine_and_load_brings_it_back(server):
     client.load_model("tiny_config")
     result = client.infer("tiny_config", inputs(httpclient, text_input=PROMPT, max_tokens=2))
     assert result.as_numpy("sequence_length")[0, 0] >= 1
+
+
+def test_a_full_queue_answers_503_with_retry_after_on_every_protocol(server):
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Long enough (seconds) that the refusals below meet the queue still full.
+    long = {"model": "tiny_queue", "prompt": PROMPT, "max_tokens": 480, "min_tokens": 480, "temperature": 0}
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(post, server, "/v1/completions", long) for _ in range(2)]  # one runs, one waits
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _stat(server, "tiny_queue", "pending") < 1:
+            time.sleep(0.02)
+        request = urllib.request.Request(f"http://{server.http}/v1/completions", data=json.dumps(
+            {**long, "max_tokens": 1, "min_tokens": 0}).encode(), headers={"Content-Type": "application/json"}, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request)
+        assert e.value.code == 503 and e.value.headers["Retry-After"]
+        assert "Exceeds maximum queue size" in json.loads(e.value.read())["error"]["message"]
+        code, body = post(server, "/v2/models/tiny_queue/generate", {"text_input": PROMPT, "max_tokens": 1})
+        assert code == 503 and b"Exceeds maximum queue size" in body
+        client = openai.OpenAI(base_url=f"http://{server.http}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model="tiny_queue", prompt=PROMPT, max_tokens=1)
+        assert e.value.status_code == 503
+        assert [f.result()[0] for f in running] == [200, 200]
+    # The OpenAI requests went through the model's own statistics: two succeeded, the refused one failed.
+    stats = httpclient.InferenceServerClient(server.http).get_inference_statistics("tiny_queue")["model_stats"][0]
+    assert stats["inference_stats"]["success"]["count"] == 2 and stats["inference_stats"]["fail"]["count"] == 3
+
+
+def _stat(server, model: str, field: str) -> float:
+    with urllib.request.urlopen(f"http://{server.metrics}/metrics") as r:
+        page = r.read().decode()
+    name = {"pending": "nv_inference_pending_request_count"}[field]
+    family = next(f for f in text_string_to_metric_families(page) if f.name == name)
+    return next(s.value for s in family.samples if s.labels["model"] == model)
