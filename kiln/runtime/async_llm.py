@@ -51,11 +51,7 @@ class AsyncLLM:
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; each carries the step's deltas (``delta_text``, ...)."""
         queue: asyncio.Queue = asyncio.Queue()
-        if isinstance(prompt, str) and len(prompt) >= LONG_TEXT:  # tokenized off the loop (see LONG_TEXT)
-            new, core_requests = await asyncio.to_thread(self._inputs.process, prompt, params, request_id)
-        else:
-            new, core_requests = self._inputs.process(prompt, params, request_id)
-        self._start(new, core_requests, queue)
+        request_id = await self.submit(prompt, params, request_id, queue)
         finished = False
         try:
             while not finished:
@@ -68,15 +64,18 @@ class AsyncLLM:
                 yield item
         finally:
             if not finished:  # the caller went away: free its blocks now
-                self._streams.abort(new.request_id, notify=False)
+                self._streams.abort(request_id, notify=False)
 
-    def submit(self, prompt: Prompt, params: SamplingParams | None, request_id: str, sink: Sink) -> None:
+    async def submit(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None, sink: Sink) -> str:
         """Start a request whose outputs go to ``sink.put_nowait(output)`` on the calling event loop, as
         ``generate``'s stream gets them (the last ``finished``; an engine failure as the output's ``error``),
-        without a task of the caller's per output. A text prompt is tokenized here, on the loop. ``drop``
-        ends it early."""
-        new, core_requests = self._inputs.process(prompt, params, request_id)
+        without a task of the caller's per output; its request id. ``drop`` ends it early."""
+        if isinstance(prompt, str) and len(prompt) >= LONG_TEXT:  # tokenized off the loop (see LONG_TEXT)
+            new, core_requests = await asyncio.to_thread(self._inputs.process, prompt, params, request_id)
+        else:
+            new, core_requests = self._inputs.process(prompt, params, request_id)
         self._start(new, core_requests, sink)
+        return new.request_id
 
     def drop(self, request_id: str) -> None:
         """End a request now, without a final output (its consumer is gone); its KV blocks are freed."""

@@ -37,11 +37,10 @@ import numpy as np
 
 from kiln.engine import ENGINE_FILE, read_engine
 from kiln.errors import KilnError, RequestError
-from kiln.runtime.outputs import RequestFailed
 from kiln.server import config as cfg
 from kiln.server.backends.base import Backend, InstanceSpec, ModelContext, ModelInstance
 from kiln.server.backends.kiln import tensors
-from kiln.server.backends.kiln.generation import Generation, Relay
+from kiln.server.backends.kiln.generation import Generation, GenerationRelay, Relay
 from kiln.server.backends.kiln.served_llm import ServedLLM, metric_families
 from kiln.server.core import InferenceRequest
 from kiln.server.errors import ServerError
@@ -133,83 +132,39 @@ class KilnInstance(ModelInstance):
         await asyncio.gather(*(self._serve(r) for r in requests))
 
     async def _serve(self, request: InferenceRequest) -> None:
-        if request.payload is not None:
-            await self._serve_generation(request)
-            return
+        """A request's engine requests, their outputs relayed to its responses as the engine makes them: a typed
+        ``Generation`` (the OpenAI routes), or tensors (a response per step when streaming, else one at the end)."""
         try:
-            jobs = tensors.read_jobs(request, self.llm.tokenizer, self.batched, self.exclude_input,
-                                     self.sampling_defaults)
-            if jobs.stream and not cfg.is_decoupled(self.config):
-                raise ServerError.invalid(
-                    f"model '{self.config.name}' is not decoupled, so it cannot stream: send 'stream' false, or "
-                    "set model_transaction_policy { decoupled: true } in its config")
-            solo = len(jobs.rows) == 1
-            rows = await _all(self._generate(request, job, jobs.stream, solo) for job in jobs.rows)
-            if not request.final_sent:
-                whole = None if jobs.stream or request.cancelled else self._outputs(rows, request.output_names)
-                request.respond(whole)
-        except RequestFailed as e:
-            request.respond(error=ServerError.internal(str(e)))
+            if request.payload is not None:
+                gen = request.payload
+                if not isinstance(gen, Generation):
+                    raise ServerError.invalid(f"model '{self.config.name}' takes tensors or a Generation, not a "
+                                              f"{type(gen).__name__}")
+                relay: Relay = GenerationRelay(request, self.llm, len(gen.prompts))
+                parts = [(ids, sp, f"{gen.request_id}-{i}") for i, (ids, sp) in enumerate(zip(gen.prompts, gen.params))]
+            else:
+                jobs = tensors.read_jobs(request, self.llm.tokenizer, self.batched, self.exclude_input,
+                                         self.sampling_defaults)
+                if jobs.stream and not cfg.is_decoupled(self.config):
+                    raise ServerError.invalid(
+                        f"model '{self.config.name}' is not decoupled, so it cannot stream: send 'stream' false, "
+                        "or set model_transaction_policy { decoupled: true } in its config")
+                relay = _TensorRelay(request, self.llm, jobs, self)
+                parts = [(job.prompt, job.params, f"{self._prefix}-{next(self._ids)}") for job in jobs.rows]
         except (ServerError, RequestError) as e:
             request.respond(error=e if isinstance(e, ServerError) else ServerError.invalid(str(e)))
-
-    async def _serve_generation(self, request: InferenceRequest) -> None:
-        """A typed request (``generation.py``): each engine output goes straight from the engine's stream to the
-        request's responses (no task of ours in between), then the final flag; a cancelled request (the
-        scheduler cancels this coroutine) drops its engine requests."""
-        gen = request.payload
-        if not isinstance(gen, Generation):
-            request.respond(error=ServerError.invalid(f"model '{self.config.name}' takes tensors or a Generation, "
-                                                      f"not a {type(gen).__name__}"))
             return
-        params = gen.params
-        if request.priority_level:  # a model with priority levels: its engine admits a higher level first too
-            params = [dataclasses.replace(p, priority=request.priority_level) for p in params]
-        relay = Relay(request, len(gen.prompts))
-        started = []
         try:
-            for i, (ids, sp) in enumerate(zip(gen.prompts, params)):
-                rid = f"{gen.request_id}-{i}"
-                self.llm.submit(ids, sp, rid, relay.to(i))
-                started.append(rid)
+            for i, (prompt, params, engine_id) in enumerate(parts):
+                if request.priority_level:  # a model with priority levels: its engine admits a higher level first
+                    params = dataclasses.replace(params, priority=request.priority_level)
+                await relay.start(i, prompt, params, engine_id)
             await relay.done
         except RequestError as e:
             request.respond(error=ServerError.invalid(str(e)))
         finally:
-            if not relay.done.done() or relay.done.cancelled():  # failed to start, or cancelled (awaiting it
-                for rid in started:                                # from a cancelled task cancels it too)
-                    self.llm.drop(rid)
-
-    async def _generate(self, request: InferenceRequest, job: tensors.Job, stream: bool, solo: bool) -> _Row:
-        """Generate one batch row. Streaming, respond with each output's new tokens (a step's, or a few
-        steps'; the last response final when the request has this one row). The row's whole result at the end."""
-        rid = f"{self._prefix}-{next(self._ids)}"
-        row = _Row(job)
-        last = None
-        # A model with priority levels: its engine admits a higher level (a lower number) first too.
-        params = (dataclasses.replace(job.params, priority=request.priority_level) if request.priority_level
-                  else job.params)
-        async for out in self.llm.generate(job.prompt, params, rid):
-            last = out
-            c = out.outputs[0]
-            delta = _Row(job, c.delta_text, c.delta_token_ids, row.add_logprobs(c.delta_logprobs), row.cum,
-                         _context(out.prompt_token_ids, c.token_ids, len(c.delta_token_ids)))
-            if request.cancelled:
-                break  # leaving the stream aborts the engine request
-            if stream:
-                final = solo and out.finished
-                if delta.ids or final:
-                    outputs = self._outputs([delta], request.output_names) if delta.ids else None
-                    request.respond(outputs, final=final)
-        c = last.outputs[0]
-        row.text, row.ids = c.text, c.token_ids
-        row.context = _context(last.prompt_token_ids, c.token_ids, len(c.token_ids))
-        if not job.exclude_input:
-            prompt = last.prompt_token_ids
-            row.text = (job.prompt if isinstance(job.prompt, str) else self.llm.tokenizer.decode(prompt)) + row.text
-            row.ids = prompt + row.ids
-            row.context = []
-        return row
+            if not relay.done.done() or relay.done.cancelled():  # failed to start, or cancelled (awaiting the
+                relay.stop()                                       # future from a cancelled task cancels it too)
 
     def _outputs(self, rows: list[_Row], names: list[str]) -> dict[str, np.ndarray]:
         """The outputs ``names`` (those the request asked for) of ``rows``, stacked on the batch dimension;
@@ -249,6 +204,44 @@ class KilnInstance(ModelInstance):
             self.llm = None
 
 
+class _TensorRelay(Relay):
+    """Tensor requests: a batch row a part; streaming, each output's new tokens as a response (the last final
+    when the request has one row); otherwise every row's whole result at the end."""
+
+    def __init__(self, request: InferenceRequest, llm: ServedLLM, jobs: tensors.Jobs, instance: KilnInstance):
+        super().__init__(request, llm, len(jobs.rows))
+        self.jobs = jobs
+        self.rows = [_Row(job) for job in jobs.rows]
+        self.instance = instance
+        self.names = request.output_names
+        self.context = "context_ids" in self.names
+
+    def output(self, part: int, out) -> None:
+        row, c = self.rows[part], out.outputs[0]
+        logprobs = row.add_logprobs(c.delta_logprobs)
+        if self.jobs.stream:
+            final = len(self.rows) == 1 and out.finished
+            if c.delta_token_ids:
+                context = _context(out.prompt_token_ids, c.token_ids, len(c.delta_token_ids)) if self.context else []
+                delta = _Row(row.job, c.delta_text, c.delta_token_ids, logprobs, row.cum, context)
+                self.request.respond(self.instance._outputs([delta], self.names), final=final)
+            elif final:
+                self.request.respond(None, final=True)
+        if out.finished:
+            row.text, row.ids = c.text, c.token_ids
+            row.context = _context(out.prompt_token_ids, c.token_ids, len(c.token_ids))
+            if not row.job.exclude_input:
+                prompt = out.prompt_token_ids
+                row.text = (row.job.prompt if isinstance(row.job.prompt, str)
+                            else self.llm.tokenizer.decode(prompt)) + row.text
+                row.ids = prompt + row.ids
+                row.context = []
+
+    def finish(self) -> None:
+        if not self.request.final_sent:
+            self.request.respond(None if self.jobs.stream else self.instance._outputs(self.rows, self.names))
+
+
 @dataclass(slots=True)
 class _Row:
     """A batch row's result, or one step's part of it."""
@@ -277,17 +270,6 @@ def _context(prompt: list[int], output: list[int], new: int) -> list[int]:
     if len(tail) < tensors.CONTEXT_TOKENS:
         tail = prompt[max(0, len(prompt) - (tensors.CONTEXT_TOKENS - len(tail))):] + tail
     return tail
-
-
-async def _all(coroutines) -> list:
-    """Await every coroutine side by side; if one fails, cancel the others (aborting their requests)."""
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _engine_path(config: cfg.ModelConfig, model_dir: Path, version_dir: Path) -> Path:

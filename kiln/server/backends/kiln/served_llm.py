@@ -93,8 +93,8 @@ class ServedLLM:
                 if last is not None:
                     self.metrics.record(last, None if last.finished else "abort")
 
-    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str,
-               put: Callable[[RequestOutput], None]) -> None:
+    async def submit(self, prompt: Prompt, params: SamplingParams, request_id: str,
+                     put: Callable[[RequestOutput], None]) -> None:
         """``AsyncLLM.submit``: each output to ``put``, on the loop; counted in the metrics when it ends, or when
         it is dropped (``drop``)."""
         self._last[request_id] = None
@@ -107,7 +107,11 @@ class ServedLLM:
                 self._last[request_id] = out
             put(out)
 
-        self.llm.submit(prompt, params, request_id, _Put(deliver))
+        try:
+            await self.llm.submit(prompt, params, request_id, _Put(deliver))
+        except BaseException:
+            self._last.pop(request_id, None)
+            raise
 
     def drop(self, request_id: str) -> None:
         """End a submitted request early (its consumer left), counted as aborted."""
