@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kubernetes", default=None, metavar="DIR",
                    help="also write Kubernetes manifests (Deployment, Service, HorizontalPodAutoscaler) and KServe "
                         "ones (ServingRuntime, InferenceService) for replicas of the repository into DIR")
-    p.add_argument("--image", default=None, help="the container image the manifests run (default: kiln's, see "
-                                                 "docs); it must hold kiln")
+    p.add_argument("--image", default=None,
+                   help="the container image the manifests run (default: kiln-<repository folder>:latest, built "
+                        "from the Dockerfile written beside them)")
     p.add_argument("--replicas", type=int, default=1, help="manifests: replicas to start with (default 1)")
     p.add_argument("--max-replicas", type=int, default=4, help="manifests: the autoscaler's limit (default 4)")
     add_build_options(p, for_run=True)
