@@ -114,7 +114,7 @@ parameters { key: "max_concurrency" value: { string_value: "1" } }"""
         write_config(root / name, 'backend: "test_repeat"\n' + batching + one_at_a_time.replace("COUNT", str(count)))
     onnx_add_sub(root / "simple/1/model.onnx")
     write_config(root / "simple", add_sub_config("simple"))
-    s = InProcessServer(root, model_control_mode="explicit", load_models=["*"])
+    s = InProcessServer(root, model_control_mode="explicit", load_models=["*"], trace_file=root.parent / "trace.json")
     yield s
     s.stop()
     backends.BACKENDS.pop(RepeatBackend.name)
@@ -432,3 +432,42 @@ def test_closing_an_event_stream_cancels_the_request(server):
             received += s.recv(4096)
     assert wait_for(lambda: SEEN["sse-hangup"]["cancelled"])
     assert SEEN["sse-hangup"]["sent"] < 200
+
+
+def test_trace_settings_per_model_and_traces_in_tritons_shape(server):
+    http = httpclient.InferenceServerClient(server.http)
+    settings = http.get_trace_settings()
+    assert settings["trace_level"] == ["OFF"] and settings["trace_rate"] == "1000" and settings["trace_count"] == "-1"
+    trace_file = Path(settings["trace_file"])
+    for bad, message in ((({"trace_file": "/tmp/elsewhere.json"}), "opens no file a client names"),
+                         ({"trace_level": ["TENSORS"]}, "kiln keeps no tensors"),
+                         ({"trace_rate": "0"}, "must be an integer >= 1"),
+                         ({"no_such": "1"}, "unknown trace setting")):
+        with pytest.raises(InferenceServerException, match=message):
+            http.update_trace_settings(settings=bad)
+    # Trace every request of "simple" (a model's setting), two traces a file; the server stays off.
+    model = http.update_trace_settings("simple", {"trace_level": ["TIMESTAMPS"], "trace_rate": "1",
+                                                  "log_frequency": "2"})
+    assert model["trace_level"] == ["TIMESTAMPS"] and http.get_trace_settings()["trace_level"] == ["OFF"]
+    grpc = grpcclient.InferenceServerClient(server.grpc)
+    assert list(grpc.get_trace_settings("simple").settings["trace_level"].value) == ["TIMESTAMPS"]
+    a = np.arange(16, dtype=np.float32).reshape(1, 16)
+    for i in range(2):
+        inputs = [httpclient.InferInput(n, [1, 16], "FP32") for n in ("INPUT0", "INPUT1")]
+        for t in inputs:
+            t.set_data_from_numpy(a)
+        http.infer("simple", inputs, request_id=f"traced-{i}")
+    http.infer("repeat", repeat_inputs(httpclient, [1]))  # not traced
+    first = Path(f"{trace_file}.0")
+    assert wait_for(first.exists)
+    traces = json.loads(first.read_text())
+    assert [t.get("request_id") for t in traces[::2]] == ["traced-0", "traced-1"]
+    assert all(t["model_name"] == "simple" and t["model_version"] == 1 for t in traces[::2])
+    names = [s["name"] for s in traces[1]["timestamps"]]
+    assert names == ["REQUEST_START", "QUEUE_START", "COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START",
+                     "COMPUTE_END", "REQUEST_END"]
+    stamps = [s["ns"] for s in traces[1]["timestamps"]]
+    assert stamps == sorted(stamps) and traces[0]["id"] == traces[1]["id"] != traces[2]["id"]
+    # Clearing the model's setting over gRPC (an empty value) gives it the server's again.
+    cleared = grpc.update_trace_settings("simple", {"trace_level": None})
+    assert list(cleared.settings["trace_level"].value) == ["OFF"]

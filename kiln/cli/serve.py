@@ -74,6 +74,9 @@ def add_parser(verbs, add_build_options) -> None:
                    help="with explicit control: a model to load at start (repeatable; '*' for all)")
     p.add_argument("--repository-poll-secs", type=float, default=15.0, help="poll mode: seconds between scans")
     p.add_argument("--log-verbose", type=int, default=0, metavar="LEVEL", help="> 0 logs every request")
+    p.add_argument("--trace-file", default=None, metavar="PATH",
+                   help="where the trace extension writes traces (turned on with /v2/trace/setting or gRPC "
+                        "TraceSetting; clients may not name a file)")
     p.add_argument("--engine-core", choices=["process", "thread"], default="process",
                    help="where MODEL's engine core steps: a process of its own (default; no interpreter lock "
                         "shared with the server) or a thread of the server's process")
@@ -103,6 +106,7 @@ def run(args: argparse.Namespace) -> None:
     options = dict(model_control_mode=args.model_control_mode, load_models=args.load_model,
                    repository_poll_secs=args.repository_poll_secs, host=args.host, http_port=args.http_port,
                    grpc_port=args.grpc_port, metrics_port=args.metrics_port, log_verbose=args.log_verbose,
+                   trace_file=Path(args.trace_file).resolve() if args.trace_file else None,
                    api_key=args.api_key or None, restricted_api=args.restricted_api,
                    allowed_origins=args.allowed_origins, limits=limits)
     if args.model_repository:

@@ -24,6 +24,7 @@ from kiln.server.scheduling.queue_policy import QueueConfig
 from kiln.server.scheduling.response_order import ResponseOrder
 from kiln.server.scheduling.sequence_batcher import SequenceBatcher, SequencePolicy
 from kiln.server.shm import SharedMemoryManager
+from kiln.server.trace import TraceSettings
 from kiln.server.stats import BACKEND, CANCELED, REJECTED, ComputeTimes, ModelStats
 
 log = logging.getLogger("kiln.server")
@@ -51,6 +52,7 @@ class ServedModel:
             self.scheduler = Scheduler(self.name, instances, BatchPolicy.from_config(self.config), self.stats,
                                        is_decoupled(self.config), self._settle, QueueConfig.from_config(self.config))
         self.order = ResponseOrder() if self.config.dynamic_batching.preserve_ordering else None
+        self.trace: TraceSettings | None = None  # the server's trace settings (set by the repository)
         self.ready = False
         self.cancel_grace = cancel_grace
         self._requests: set[InferenceRequest] = set()  # admitted, not yet settled
@@ -110,6 +112,7 @@ class ServedModel:
         self._inflight += 1
         self._requests.add(request)
         self._idle.clear()
+        request.traced = self.trace is not None and self.trace.sample(self.name)
         ticket = self.order.take() if self.order is not None else None
         final = False
         try:
@@ -150,6 +153,8 @@ class ServedModel:
             return
         request.settled = True
         self._requests.discard(request)
+        if request.traced:
+            self.trace.record(request)
         duration = request.final_ns - request.received_ns
         if request.failure is not None:
             self.stats.record_failure(duration, request.failure)

@@ -32,6 +32,7 @@ from kiln.server.errors import ServerError, shown
 from kiln.server.model import ServedModel
 from kiln.server.scheduling.sequence_batcher import SequencePolicy
 from kiln.server.shm import SharedMemoryManager
+from kiln.server.trace import TraceSettings
 
 log = logging.getLogger("kiln.server")
 
@@ -64,7 +65,7 @@ class ModelRepository:
     def __init__(self, root: Path, mode: str, shm: SharedMemoryManager, startup_models: list[str] | None = None,
                  poll_secs: float = 15.0,
                  infer: Callable[[InferenceRequest], AsyncIterator[InferenceResponse]] | None = None,
-                 cancel_grace: float = 10.0):
+                 cancel_grace: float = 10.0, trace: TraceSettings | None = None):
         if mode not in MODES:
             raise ServerError.invalid(f"model control mode '{mode}' is not one of {', '.join(MODES)}")
         if startup_models and mode != "explicit":
@@ -78,6 +79,7 @@ class ModelRepository:
         self.poll_secs = poll_secs
         self.infer = infer  # the server's, handed to backends in ModelContext (BLS)
         self.cancel_grace = cancel_grace  # see limits.py
+        self.trace = trace  # the trace extension's settings, which each model's requests consult
         self._entries: dict[str, ModelEntry] = {}
         self._resolving: set[str] = set()  # ensembles loading their steps' models (a cycle is refused)
 
@@ -311,6 +313,7 @@ class ModelRepository:
         context = ModelContext(name, version, plan.config, model_dir, version_dir, self.infer, self._config_of)
         try:
             model = await asyncio.to_thread(ServedModel.load, context, plan.backend, self.shm, self.cancel_grace)
+            model.trace = self.trace
             try:
                 await model.start()
             except BaseException:

@@ -17,6 +17,7 @@ from kiln.server.config import ModelConfig
 from kiln.server.core import InferenceRequest, InferenceResponse
 from kiln.server.errors import ServerError, shown
 from kiln.server.log_settings import LogSettings
+from kiln.server.trace import TraceSettings
 from kiln.server.limits import Limits
 from kiln.server.model import ServedModel
 from kiln.server.repository import ModelRepository
@@ -25,7 +26,7 @@ from kiln.version import __version__
 
 EXTENSIONS = ["classification", "sequence", "model_repository", "model_repository(unload_dependents)",
               "schedule_policy", "model_configuration", "system_shared_memory", "cuda_shared_memory",
-              "binary_tensor_data", "parameters", "statistics", "logging"]
+              "binary_tensor_data", "parameters", "statistics", "trace", "logging"]
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ServerOptions:
     repository_poll_secs: float = 15.0
     limits: Limits = field(default_factory=Limits)
     log_verbose: int = 0  # the logging extension's log_verbose_level at start
+    trace_file: Path | None = None  # the trace extension's one file (clients may not name one)
 
 
 class InferenceServer:
@@ -43,9 +45,10 @@ class InferenceServer:
         self.options = options
         limits = options.limits
         self.shm = SharedMemoryManager(limits.shm_max_regions, limits.shm_max_bytes)
+        self.trace = TraceSettings(options.trace_file)
         self.repository = ModelRepository(options.model_repository, options.model_control_mode, self.shm,
                                           options.load_models, options.repository_poll_secs, self.infer,
-                                          limits.cancel_grace)
+                                          limits.cancel_grace, self.trace)
         self.log_settings = LogSettings(options.log_verbose)
         self.ready = False
         self._poller: asyncio.Task | None = None
@@ -63,6 +66,7 @@ class InferenceServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         await self.repository.close()
+        self.trace.flush(closing=True)
         self.shm.close()
         self.log_settings.close()
 

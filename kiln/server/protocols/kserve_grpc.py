@@ -200,6 +200,19 @@ class GrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.LogSettingsResponse(settings={name: _log_value(v) for name, v in values.items()})
 
     @_unary
+    async def TraceSetting(self, request, context):
+        model = request.model_name or None
+        if model is not None:
+            self.server.repository.get(model)
+        # An empty value clears the setting, as Triton reads it.
+        changes = {name: (list(v.value) if name == "trace_level" else v.value[0]) if v.value else None
+                   for name, v in request.settings.items()}
+        values = self.server.trace.update(changes, model) if changes else self.server.trace.get(model)
+        return pb.TraceSettingResponse(settings={
+            name: pb.TraceSettingResponse.SettingValue(value=v if isinstance(v, list) else [v])
+            for name, v in values.items()})
+
+    @_unary
     async def CudaSharedMemoryStatus(self, request, context):
         self.server.cuda_shm_status(request.name)
         return pb.CudaSharedMemoryStatusResponse()

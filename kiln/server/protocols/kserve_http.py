@@ -57,6 +57,8 @@ def create_app(server: InferenceServer, policy: AccessPolicy, limits: Limits) ->
         (access.SHARED_MEMORY, "/v2/systemsharedmemory/region/{region}/unregister", api.shm_unregister, "POST"),
         (access.SHARED_MEMORY, "/v2/systemsharedmemory/unregister", api.shm_unregister, "POST"),
         (access.LOGGING, "/v2/logging", api.logging, "GET,POST"),
+        (access.TRACE, "/v2/trace/setting", api.trace_setting, "GET,POST"),
+        (access.TRACE, "/v2/models/{model}/trace/setting", api.trace_setting, "GET,POST"),
         (access.SHARED_MEMORY, "/v2/cudasharedmemory/status", api.cuda_shm_status, "GET"),
         (access.SHARED_MEMORY, "/v2/cudasharedmemory/region/{region}/status", api.cuda_shm_status, "GET"),
         (access.SHARED_MEMORY, "/v2/cudasharedmemory/region/{region}/register", api.cuda_shm_register, "POST"),
@@ -186,6 +188,18 @@ class _Api:
         if not isinstance(body, dict):
             raise ServerError.invalid("the log settings are a JSON object")
         return JSONResponse(settings.update(body))
+
+    async def trace_setting(self, request: Request) -> Response:
+        """Triton's trace extension: GET the settings (the server's, or a model's), POST some (``trace.py``)."""
+        model = request.path_params.get("model")
+        if model is not None:
+            self.server.repository.get(model)  # an unknown model is a 404, as Triton answers
+        if request.method == "GET":
+            return JSONResponse(self.server.trace.get(model))
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise ServerError.invalid("the trace settings are a JSON object")
+        return JSONResponse(self.server.trace.update(body, model))
 
     async def cuda_shm_status(self, request: Request) -> Response:
         return JSONResponse(self.server.cuda_shm_status(request.path_params.get("region", "")))

@@ -141,6 +141,9 @@ class Scheduler:
             error = ServerError.internal(f"model '{self.model}' failed: {type(e).__name__}: {e}")
         finally:
             self._running.pop(task, None)
+        end = time.monotonic_ns()
+        for r in batch:
+            r.compute_end_ns = end
         if error is None:
             times = times or ComputeTimes(infer_ns=time.monotonic_ns() - start)
             self.stats.record_execution(sum(max(r.batch_size, 1) for r in batch), times)
