@@ -252,9 +252,8 @@ class _Generation:
     """One API request: its prompts (each with ``n`` completions) generated side by side by the model, as one
     ``InferenceRequest`` carrying a typed ``Generation`` through the model's admission, queue and instances."""
 
-    def __init__(self, model: ServedModel, llm: ServedLLM, prompts: list[_Prompt], params: list, prefix: str):
+    def __init__(self, model: ServedModel, prompts: list[_Prompt], params: list, prefix: str):
         self.model = model
-        self.llm = llm
         self.prompts = prompts
         self.params = params
         self.id = f"{prefix}-{uuid.uuid4().hex}"
@@ -352,7 +351,7 @@ class CompletionServing:
         params = [_sampling_params(body, model.backend.sampling_defaults,
                                    _max_tokens(body.max_tokens, len(p.ids), llm.max_seq_len, "prompt"),
                                    body.logprobs, prompt_logprobs) for p in prompts]
-        generation = _Generation(model, llm, prompts, params, "cmpl")
+        generation = _Generation(model, prompts, params, "cmpl")
         render = _CompletionRender(generation, body.echo, llm.tokenizer, body.logprobs, body.prompt_logprobs)
         return await _respond(request, body, generation, render)
 
@@ -379,7 +378,7 @@ class ChatServing:
                                   _max_tokens(requested, len(ids), llm.max_seq_len, "messages"),
                                   (body.top_logprobs or 0) if body.logprobs else None, body.prompt_logprobs,
                                   constraint=tools.constraint)
-        generation = _Generation(model, llm, [_Prompt(ids, "")], [params], "chatcmpl")
+        generation = _Generation(model, [_Prompt(ids, "")], [params], "chatcmpl")
         render = _ChatRender(generation, llm.tokenizer, tools, body.prompt_logprobs)
         return await _respond(request, body, generation, render)
 
@@ -462,7 +461,7 @@ class ResponsesServing:
                 raise OpenAIError.invalid(str(e), "text.format") from None
         params = _responses_params(body, model.backend.sampling_defaults,
                                    _max_tokens(body.max_output_tokens, len(ids), llm.max_seq_len, "input"), constraint)
-        generation = _Generation(model, llm, [_Prompt(ids, "")], [params], "resp")
+        generation = _Generation(model, [_Prompt(ids, "")], [params], "resp")
         render = _ResponsesRender(generation, body)
         if body.stream:
             return await generation.stream(render.events, None, done=False)

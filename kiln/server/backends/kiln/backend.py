@@ -149,7 +149,7 @@ class KilnInstance(ModelInstance):
                     raise ServerError.invalid(
                         f"model '{self.config.name}' is not decoupled, so it cannot stream: send 'stream' false, "
                         "or set model_transaction_policy { decoupled: true } in its config")
-                relay = _TensorRelay(request, self.llm, jobs, self)
+                relay = _TensorRelay(request, self.llm, jobs, self.batched)
                 parts = [(job.prompt, job.params, f"{self._prefix}-{next(self._ids)}") for job in jobs.rows]
         except (ServerError, RequestError) as e:
             request.respond(error=e if isinstance(e, ServerError) else ServerError.invalid(str(e)))
@@ -160,42 +160,13 @@ class KilnInstance(ModelInstance):
                     params = dataclasses.replace(params, priority=request.priority_level)
                 await relay.start(i, prompt, params, engine_id)
             await relay.done
+            if not request.final_sent:  # cancelled beside others of its batch: the final flag ends it now
+                request.respond(None)
         except RequestError as e:
             request.respond(error=ServerError.invalid(str(e)))
         finally:
             if not relay.done.done() or relay.done.cancelled():  # failed to start, or cancelled (awaiting the
                 relay.stop()                                       # future from a cancelled task cancels it too)
-
-    def _outputs(self, rows: list[_Row], names: list[str]) -> dict[str, np.ndarray]:
-        """The outputs ``names`` (those the request asked for) of ``rows``, stacked on the batch dimension;
-        ``output_ids`` rows padded with their ``pad_id``, ``context_ids`` rows on the left with -1."""
-        n = len(rows)
-        out = {}
-        for name in names:
-            if name == "text_output":
-                array = np.array([[r.text.encode("utf-8")] for r in rows], dtype=object)
-            elif name == "output_ids":
-                width = max(len(r.ids) for r in rows)
-                array = np.array([r.ids + [r.job.pad_id] * (width - len(r.ids)) for r in rows],
-                                 dtype=np.int32).reshape(n, 1, width)
-            elif name == "context_ids":
-                width = max(len(r.context) for r in rows)
-                array = np.array([[-1] * (width - len(r.context)) + r.context for r in rows],
-                                 dtype=np.int32).reshape(n, 1, width)
-            elif name == "sequence_length":
-                array = np.array([[len(r.ids)] for r in rows], dtype=np.int32)
-            elif name == "cum_log_probs":
-                array = np.array([[r.cum] for r in rows], dtype=np.float32)
-            elif name == "output_log_probs":
-                width = max(len(r.logprobs) for r in rows)
-                array = np.array([r.logprobs + [0.0] * (width - len(r.logprobs)) for r in rows],
-                                 dtype=np.float32).reshape(n, 1, width)
-            elif name == "batch_index":
-                array = np.array([[r.job.row] for r in rows], dtype=np.int32)
-            else:
-                continue
-            out[name] = array if self.batched else array[0]
-        return out
 
     def close(self) -> None:
         super().close()
@@ -208,11 +179,11 @@ class _TensorRelay(Relay):
     """Tensor requests: a batch row a part; streaming, each output's new tokens as a response (the last final
     when the request has one row); otherwise every row's whole result at the end."""
 
-    def __init__(self, request: InferenceRequest, llm: ServedLLM, jobs: tensors.Jobs, instance: KilnInstance):
+    def __init__(self, request: InferenceRequest, llm: ServedLLM, jobs: tensors.Jobs, batched: bool):
         super().__init__(request, llm, len(jobs.rows))
         self.jobs = jobs
         self.rows = [_Row(job) for job in jobs.rows]
-        self.instance = instance
+        self.batched = batched
         self.names = request.output_names
         self.context = "context_ids" in self.names
 
@@ -224,12 +195,12 @@ class _TensorRelay(Relay):
             if c.delta_token_ids:
                 context = _context(out.prompt_token_ids, c.token_ids, len(c.delta_token_ids)) if self.context else []
                 delta = _Row(row.job, c.delta_text, c.delta_token_ids, logprobs, row.cum, context)
-                self.request.respond(self.instance._outputs([delta], self.names), final=final)
+                self.request.respond(_outputs([delta], self.names, self.batched), final=final)
             elif final:
                 self.request.respond(None, final=True)
         if out.finished:
             row.text, row.ids = c.text, c.token_ids
-            row.context = _context(out.prompt_token_ids, c.token_ids, len(c.token_ids))
+            row.context = _context(out.prompt_token_ids, c.token_ids, len(c.token_ids)) if self.context else []
             if not row.job.exclude_input:
                 prompt = out.prompt_token_ids
                 row.text = (row.job.prompt if isinstance(row.job.prompt, str)
@@ -239,7 +210,7 @@ class _TensorRelay(Relay):
 
     def finish(self) -> None:
         if not self.request.final_sent:
-            self.request.respond(None if self.jobs.stream else self.instance._outputs(self.rows, self.names))
+            self.request.respond(None if self.jobs.stream else _outputs(self.rows, self.names, self.batched))
 
 
 @dataclass(slots=True)
@@ -261,6 +232,38 @@ class _Row:
         self.logprobs.extend(values)
         self.cum += sum(values)
         return values
+
+
+def _outputs(rows: list[_Row], names: list[str], batched: bool) -> dict[str, np.ndarray]:
+    """The outputs ``names`` (those the request asked for) of ``rows``, stacked on the batch dimension;
+    ``output_ids`` rows padded with their ``pad_id``, ``context_ids`` rows on the left with -1."""
+    n = len(rows)
+    out = {}
+    for name in names:
+        if name == "text_output":
+            array = np.array([[r.text.encode("utf-8")] for r in rows], dtype=object)
+        elif name == "output_ids":
+            width = max(len(r.ids) for r in rows)
+            array = np.array([r.ids + [r.job.pad_id] * (width - len(r.ids)) for r in rows],
+                             dtype=np.int32).reshape(n, 1, width)
+        elif name == "context_ids":
+            width = max(len(r.context) for r in rows)
+            array = np.array([[-1] * (width - len(r.context)) + r.context for r in rows],
+                             dtype=np.int32).reshape(n, 1, width)
+        elif name == "sequence_length":
+            array = np.array([[len(r.ids)] for r in rows], dtype=np.int32)
+        elif name == "cum_log_probs":
+            array = np.array([[r.cum] for r in rows], dtype=np.float32)
+        elif name == "output_log_probs":
+            width = max(len(r.logprobs) for r in rows)
+            array = np.array([r.logprobs + [0.0] * (width - len(r.logprobs)) for r in rows],
+                             dtype=np.float32).reshape(n, 1, width)
+        elif name == "batch_index":
+            array = np.array([[r.job.row] for r in rows], dtype=np.int32)
+        else:
+            continue
+        out[name] = array if batched else array[0]
+    return out
 
 
 def _context(prompt: list[int], output: list[int], new: int) -> list[int]:

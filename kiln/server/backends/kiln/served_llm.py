@@ -1,8 +1,8 @@
 """One engine as the server runs it: an ``AsyncLLM`` plus the LLM metrics of every request it serves.
 
-Both protocols reach the engine through this object, by the kiln backend's ``execute`` (tensors with
-``generate``, the OpenAI routes' typed requests with ``submit``), so the metrics count every request once,
-whichever way it came. The metric families it reports (prefix ``kiln_``, labels ``model`` and ``version``; units in
+Both protocols reach the engine through this object, by the kiln backend's ``execute`` (``submit``, for tensors
+and for the OpenAI routes' typed requests alike), so the metrics count every request once, whichever way it
+came. The metric families it reports (prefix ``kiln_``, labels ``model`` and ``version``; units in
 the names, as Prometheus asks):
 
 - gauges ``kiln_num_requests_running`` / ``kiln_num_requests_waiting``, ``kiln_kv_cache_blocks_used`` /
@@ -14,9 +14,8 @@ the names, as Prometheus asks):
 """
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,19 +78,6 @@ class ServedLLM:
         """Requests in the engine (running and waiting), to pick the least busy instance."""
         stats = self.llm.stats()
         return stats.num_running + stats.num_waiting
-
-    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        """``AsyncLLM.generate``, counted in the metrics when it ends (however it ends). A consumer that
-        stops early (``aclose``, a cancelled task) aborts the request and frees its KV blocks."""
-        last: RequestOutput | None = None
-        async with contextlib.aclosing(self.llm.generate(prompt, params, request_id)) as stream:
-            try:
-                async for out in stream:
-                    last = out
-                    yield out
-            finally:
-                if last is not None:
-                    self.metrics.record(last, None if last.finished else "abort")
 
     async def submit(self, prompt: Prompt, params: SamplingParams, request_id: str,
                      put: Callable[[RequestOutput], None]) -> None:
