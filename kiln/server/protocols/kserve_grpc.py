@@ -227,7 +227,9 @@ class GrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     async def ModelInfer(self, request, context):
-        return _response(await self.server.infer_one(_request(request)))
+        request = _request(request)
+        _empty_final(request)  # accepted as Triton does (perf_analyzer sends it); a unary call has one response
+        return _response(await self.server.infer_one(request))
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         try:
@@ -242,7 +244,7 @@ class GrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 if isinstance(message, Malformed):
                     raise message.as_error()
                 request = _request(message)
-                empty_final = bool(request.parameters.pop(EMPTY_FINAL, False))
+                empty_final = _empty_final(request)
                 async with contextlib.aclosing(self.server.infer(request)) as responses:
                     async for r in responses:
                         if r.error is not None:
@@ -279,6 +281,15 @@ class GrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(running):
                 task.cancel()
+
+
+def _empty_final(request: InferenceRequest) -> bool:
+    """Take Triton's one reserved request parameter off the request (other ``triton_`` keys are refused
+    at admission): on a stream, a final response with no outputs is sent when the flag asks for it."""
+    value = request.parameters.pop(EMPTY_FINAL, False)
+    if not isinstance(value, bool):
+        raise ServerError.invalid(f"invalid value type for '{EMPTY_FINAL}' parameter, expected bool_param.")
+    return value
 
 
 def _request(message: pb.ModelInferRequest) -> InferenceRequest:

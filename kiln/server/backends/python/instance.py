@@ -4,6 +4,8 @@ The server side of each request the process holds is kept here by a key until it
 that responses (from ``execute``'s return value or a response sender, from any thread of the model)
 reach the right request, cancellation questions get answers, and a process that dies fails exactly the
 requests it held. A dead process is started again, with ``initialize``, by the next ``execute``.
+Everything here runs on the server's event loop (the process's messages are read there), so the
+bookkeeping needs no lock.
 
 A BLS call from the model (``InferenceRequest(...).exec()``) arrives here as a message and runs through
 the server's own ``infer`` (``ModelContext.infer``), like a client's request: admission, scheduling,
@@ -12,12 +14,10 @@ statistics and every backend apply; each response goes back to the model as it c
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import itertools
 import json
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,18 +49,18 @@ class PythonInstance(ModelInstance):
             "model_instance_device_id": str(spec.device_id or 0), "model_repository": str(context.model_dir),
             "model_version": str(context.version), "model_name": context.name,
         }
-        self._lock = threading.Lock()  # guards what the reader thread and the loop share (below)
         self._pending: dict[int, InferenceRequest] = {}  # in the process, no final response yet
         self._calls: dict[int, asyncio.Future] = {}  # execute calls waiting for "execute_done"
-        self._bls: dict[int, concurrent.futures.Future] = {}  # BLS calls of the model, running on the loop
+        self._bls: dict[int, asyncio.Task] = {}  # BLS calls of the model
         self._keys = itertools.count(1)
+        self._exits: set[asyncio.Task] = set()  # reporting a process that ended
         self._loop: asyncio.AbstractEventLoop | None = None
         self._process: StubProcess | None = self._spawn()
 
     # -- the process -----------------------------------------------------------------------------------
 
     def _spawn(self) -> StubProcess:
-        """Start the process and run ``initialize`` (blocking)."""
+        """Start the process and run ``initialize`` (blocking; ``_attach`` then hands it to the loop)."""
         process = StubProcess(self.label)
         message = {"op": "init", "name": self.context.name, "version_dir": str(self.model_file.parent),
                    "model_file": self.model_file.name, "decoupled": self.decoupled, "args": self._args}
@@ -75,22 +75,28 @@ class PythonInstance(ModelInstance):
             log.error("initialize of %s failed:\n%s", self.label, reply.get("traceback", ""))
             process.stop(self.finalize_timeout)
             raise ServerError.invalid(f"{self.label} failed to initialize: {reply['error']}")
-        process.start_reader(lambda m: self._on_message(process, m), lambda: self._on_exit(process))
         return process
+
+    async def _attach(self, process: StubProcess) -> None:
+        await process.attach(lambda m: self._on_message(process, m), lambda: self._on_exit(process))
 
     async def _restart(self) -> StubProcess:
         old, self._process = self._process, None
         if old is not None:
-            await self.run_blocking(old.close)
+            old.close()
         log.warning("starting the Python process of %s again", self.label)
         try:
-            self._process = await self.run_blocking(self._spawn)
+            process = await self.run_blocking(self._spawn)
         except ServerError as e:
             raise ServerError.unavailable(f"{e.message} (while starting it again after it ended)") from None
-        return self._process
+        await self._attach(process)
+        self._process = process
+        return process
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self._process is not None:
+            await self._attach(self._process)
 
     async def reclaim(self) -> None:
         """Stop the process: its reader fails every request it held; the next ``execute`` starts it again."""
@@ -98,11 +104,16 @@ class PythonInstance(ModelInstance):
         if process is not None and not process.exited:
             log.warning("stopping the Python process of %s: it holds requests that outlived their cancellation",
                         self.label)
-            await asyncio.to_thread(process.reclaim)
+            process.reclaim()
+
+    async def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            await process.finish(self.finalize_timeout)
 
     def close(self) -> None:
         process, self._process = self._process, None
-        if process is not None:
+        if process is not None:  # never started on a loop (a load that failed), or not stopped
             process.stop(self.finalize_timeout)
         super().close()
 
@@ -110,22 +121,19 @@ class PythonInstance(ModelInstance):
 
     async def execute(self, requests: list[InferenceRequest]) -> ComputeTimes:
         t0 = time.monotonic_ns()
-        self._loop = asyncio.get_running_loop()
         process, call, done, keys = await self._submit(requests)
         message = {"op": "execute", "call": call, "requests": [
             {"key": key, "id": r.id, "correlation_id": r.parameters.get("sequence_id", 0),
              "inputs": [(name, t.data) for name, t in r.inputs.items()], "outputs": r.output_names + r.state_outputs,
              "parameters": json.dumps(r.parameters), "flags": _sequence_flags(r.parameters)}
             for key, r in zip(keys, requests)]}
-        with contextlib.suppress(OSError):  # a process that died is reported by its reader thread
-            await self.run_blocking(process.send, message)
+        process.send(message)  # a process that died meanwhile is reported by on_exit
         t1 = time.monotonic_ns()
         reply = await done
         t2 = time.monotonic_ns()
         if reply["error"] is not None or not self.decoupled:
-            with self._lock:  # these requests are done in the process (or failed by the scheduler)
-                for key in keys:
-                    self._pending.pop(key, None)
+            for key in keys:  # these requests are done in the process (or failed by the scheduler)
+                self._pending.pop(key, None)
         if reply["error"] is not None:
             log.error("%s\n%s", reply["error"], reply.get("traceback") or "")
             raise ServerError.internal(reply["error"])
@@ -138,38 +146,36 @@ class PythonInstance(ModelInstance):
             process = self._process
             if process is None or process.exited:
                 process = await self._restart()
-            with self._lock:
-                if process.exited:
-                    continue  # it died between the check and now
-                keys = [next(self._keys) for _ in requests]
-                self._pending.update(zip(keys, requests))
-                call = next(self._keys)
-                done = self._loop.create_future()
-                self._calls[call] = done
-                return process, call, done, keys
+            if process.exited:
+                continue  # it died right after it was started
+            keys = [next(self._keys) for _ in requests]
+            self._pending.update(zip(keys, requests))
+            call = next(self._keys)
+            done = self._loop.create_future()
+            self._calls[call] = done
+            return process, call, done, keys
         raise ServerError.unavailable(f"the Python process of {self.label} ended again right after it was started")
 
-    # -- messages from the process (its reader thread) -------------------------------------------------
+    # -- messages from the process (read on the loop) -------------------------------------------------
 
     def _on_message(self, process: StubProcess, m: dict[str, Any]) -> None:
         op = m["op"]
         if op == "response":
             self._on_response(m)
         elif op == "execute_done":
-            with self._lock:
-                done = self._calls.pop(m["call"], None)
+            for response in m["responses"]:  # what execute returned, sent with its end (one message)
+                self._on_response(response)
+            done = self._calls.pop(m["call"], None)
             if done is not None:
-                self._loop.call_soon_threadsafe(_settle, done, m, None)
+                _settle(done, m, None)
         elif op == "is_cancelled":
-            with self._lock:
-                request = self._pending.get(m["key"])
+            request = self._pending.get(m["key"])
             # A request the server has finished is as good as cancelled: the model should stop on it.
             process.send({"op": "answer", "id": m["id"], "value": request is None or request.cancelled})
         elif op == "bls":
             self._start_bls(process, m)
         elif op == "bls_cancel":
-            with self._lock:
-                running = self._bls.get(m["id"])
+            running = self._bls.get(m["id"])
             if running is not None:
                 running.cancel()
         elif op == "log":
@@ -178,12 +184,11 @@ class PythonInstance(ModelInstance):
             log.error("finalize of %s failed: %s\n%s", self.label, m["error"], m.get("traceback") or "")
 
     def _on_response(self, m: dict[str, Any]) -> None:
-        with self._lock:
-            request = self._pending.get(m["key"])
-            if request is None:
-                return  # failed or finished on the server's side already
-            if m["final"]:
-                del self._pending[m["key"]]
+        request = self._pending.get(m["key"])
+        if request is None:
+            return  # failed or finished on the server's side already
+        if m["final"]:
+            del self._pending[m["key"]]
         error = None
         if m["error"] is not None:
             code, message = m["error"]
@@ -195,19 +200,25 @@ class PythonInstance(ModelInstance):
             pass  # the scheduler failed it meanwhile (its execute call ended)
 
     def _on_exit(self, process: StubProcess) -> None:
-        status = process.exit_status()
-        with self._lock:
-            process.exited = True
-            pending = list(self._pending.values())
-            calls = list(self._calls.values())
-            bls = list(self._bls.values())
-            self._pending.clear()
-            self._calls.clear()
-            self._bls.clear()
+        process.exited = True
+        pending = list(self._pending.values())
+        calls = list(self._calls.values())
+        bls = list(self._bls.values())
+        self._pending.clear()
+        self._calls.clear()
+        self._bls.clear()
         for running in bls:
             running.cancel()
         if process.stopping:
             return
+        task = self._loop.create_task(self._report_exit(process, pending, calls))
+        self._exits.add(task)
+        task.add_done_callback(self._exits.discard)
+
+    async def _report_exit(self, process: StubProcess, pending: list[InferenceRequest],
+                           calls: list[asyncio.Future]) -> None:
+        """Fail what the process held, saying how it ended (waited for off the loop)."""
+        status = await asyncio.to_thread(process.exit_status)
         if process.reclaimed:
             message = (f"the Python process of {self.label} was stopped: it held requests that did not end within "
                        "the grace period after their cancellation; it is started again for the next request")
@@ -220,8 +231,7 @@ class PythonInstance(ModelInstance):
             with contextlib.suppress(RuntimeError):
                 request.respond(error=error)
         for done in calls:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone already
-                self._loop.call_soon_threadsafe(_settle, done, None, error)
+            _settle(done, None, error)
 
     # -- BLS -------------------------------------------------------------------------------------------
 
@@ -230,8 +240,7 @@ class PythonInstance(ModelInstance):
             process.send(_bls_error(m["id"], ServerError.unavailable(
                 f"{self.label} is not served by a running server: it cannot call other models")))
             return
-        with self._lock:  # held until it is registered: the call's own cleanup takes this lock too
-            self._bls[m["id"]] = asyncio.run_coroutine_threadsafe(self._bls_call(process, m), self._loop)
+        self._bls[m["id"]] = self._loop.create_task(self._bls_call(process, m))
 
     async def _bls_call(self, process: StubProcess, m: dict[str, Any]) -> None:
         call_id = m["id"]
@@ -242,7 +251,7 @@ class PythonInstance(ModelInstance):
                                        [RequestedOutput(n) for n in m["outputs"]], m["parameters"])
             async with contextlib.aclosing(self.context.infer(request)) as responses:
                 async for response in responses:
-                    await self.run_blocking(process.send, _bls_reply(call_id, response))
+                    process.send(_bls_reply(call_id, response))
 
         try:
             timeout = m["timeout_us"] / 1e6 if m["timeout_us"] > 0 else None
@@ -258,12 +267,11 @@ class PythonInstance(ModelInstance):
             log.exception("BLS call of %s to model '%s' failed", self.label, m["model"])
             await self._send_quietly(process, _bls_error(call_id, ServerError.internal(f"{type(e).__name__}: {e}")))
         finally:
-            with self._lock:
-                self._bls.pop(call_id, None)
+            self._bls.pop(call_id, None)
 
     async def _send_quietly(self, process: StubProcess, message: dict[str, Any]) -> None:
         with contextlib.suppress(OSError, RuntimeError):
-            await self.run_blocking(process.send, message)
+            process.send(message)
 
 
 def _settle(done: asyncio.Future, reply: dict[str, Any] | None, error: ServerError | None) -> None:

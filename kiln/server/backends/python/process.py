@@ -4,16 +4,23 @@ The process is ``python stub/kiln_python_stub.py FD`` started with ``subprocess`
 socket pair passed as FD. Not ``multiprocessing``: the stub imports nothing of the server, so it starts
 in a fraction of a second and inherits none of the server's threads, event loop or sockets. Its
 stdout and stderr are the server's, so a model's ``print`` lands in the server's log.
+
+Until ``attach``, the socket is used blocking (``request``: the ``init`` and ``auto_complete`` exchanges,
+in a worker thread while the model loads). From ``attach`` on it belongs to the event loop: messages are
+read by an asyncio protocol as their bytes arrive and handed to the instance on the loop, and ``send``
+writes without blocking (asyncio buffers what the socket does not take at once). No thread of the
+server waits on the model, and a response reaches its request without crossing threads.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,7 +52,9 @@ class StubProcess:
         self.exited = False
         self.stopping = False
         self.reclaimed = False  # killed by the server because requests outlived their cancellation
-        self._reader: threading.Thread | None = None
+        self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lost: asyncio.Future | None = None  # done once the attached connection has ended
 
     def request(self, message: dict[str, Any], reply_op: str) -> dict[str, Any]:
         """Send ``message`` and wait for the reply named ``reply_op`` (before the reader thread runs).
@@ -58,24 +67,40 @@ class StubProcess:
             elif reply["op"] == reply_op:
                 return reply
 
-    def start_reader(self, on_message: Callable[[dict[str, Any]], None], on_exit: Callable[[], None]) -> None:
-        """Read every later message on a thread of its own; ``on_exit`` once the connection ends."""
-        def read() -> None:
-            try:
-                while True:
-                    on_message(self.conn.recv())
-            except (EOFError, OSError):
-                pass
-            except Exception:
-                log.exception("reading from the Python process of %s failed", self.label)
-                self.proc.kill()
+    async def attach(self, on_message: Callable[[dict[str, Any]], None], on_exit: Callable[[], None]) -> None:
+        """Hand the socket to the running loop: ``on_message`` for each later message, ``on_exit`` once the
+        connection ends (both on the loop)."""
+        self._loop = loop = asyncio.get_running_loop()
+        self._lost = loop.create_future()
+        sock = self.conn.sock
+        sock.setblocking(False)
+
+        def lost() -> None:
+            if not self._lost.done():
+                self._lost.set_result(None)
             on_exit()
 
-        self._reader = threading.Thread(target=read, name=f"kiln-python-{self.proc.pid}", daemon=True)
-        self._reader.start()
+        def handle(message: dict[str, Any]) -> None:
+            try:
+                on_message(message)
+            except Exception:
+                log.exception("handling a message from the Python process of %s failed", self.label)
+                self.proc.kill()
+
+        self._transport, _ = await loop.connect_accepted_socket(lambda: _Channel(handle, lost), sock=sock)
 
     def send(self, message: dict[str, Any]) -> None:
-        self.conn.send(message)
+        """Send ``message``: blocking before ``attach``; after it, on the loop and without blocking (nothing
+        happens once the connection has ended: the instance learns that from ``on_exit``)."""
+        if self._transport is None:
+            self.conn.send(message)
+            return
+        pieces = wire.encode(message)
+        if len(pieces) == 1 or sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces) <= 1 << 15:
+            self._transport.write(b"".join(pieces))  # one write for a small message
+        else:
+            for piece in pieces:  # the socket takes what it can of each; asyncio keeps only the rest
+                self._transport.write(piece)
 
     def exit_status(self, timeout: float = 5.0) -> str:
         """How the process ended ("exit code 1", "killed by signal SIGSEGV"), waiting up to ``timeout``
@@ -92,9 +117,31 @@ class StubProcess:
                 return f"killed by signal {-code}"
         return f"exit code {code}"
 
-    def stop(self, timeout: float) -> None:
-        """Ask the model to finalize and the process to end; kill it after ``timeout`` seconds."""
+    async def finish(self, timeout: float) -> None:
+        """``stop`` for an attached process, on the loop: its log lines and ``finalize_done`` still arrive."""
         self.stopping = True
+        if self._transport is None:
+            await asyncio.to_thread(self.stop, timeout)
+            return
+        if self.proc.poll() is None:
+            self.send({"op": "finalize"})
+            try:
+                await asyncio.wait_for(asyncio.shield(self._lost), timeout)
+                await asyncio.to_thread(self.proc.wait, timeout)
+            except (asyncio.TimeoutError, subprocess.TimeoutExpired):
+                log.warning("the Python process of %s did not end within %.0f s of finalize; killing it",
+                            self.label, timeout)
+                self.proc.kill()
+                await asyncio.to_thread(self.proc.wait)
+        self.close()
+
+    def stop(self, timeout: float) -> None:
+        """Ask the model to finalize and the process to end; kill it after ``timeout`` seconds (blocking,
+        for a process that was never attached to a loop)."""
+        self.stopping = True
+        if self._transport is not None:
+            self.kill()
+            return
         if self.proc.poll() is None:
             try:
                 self.conn.send({"op": "finalize"})
@@ -123,10 +170,43 @@ class StubProcess:
         self.close()
 
     def close(self) -> None:
-        self.conn.close()
-        if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(timeout=5)
+        if self._transport is not None:  # an ended connection's transport is closed already
+            if self._loop.is_closed():
+                return
+            try:
+                on_loop = asyncio.get_running_loop() is self._loop
+            except RuntimeError:
+                on_loop = False
+            if on_loop:
+                self._transport.abort()
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    self._loop.call_soon_threadsafe(self._transport.abort)
+        else:
+            self.conn.close()
 
     def log_line(self, message: dict[str, Any]) -> None:
         where = f" {message['where']}]" if message.get("where") else ""
         log.log(_LEVELS.get(message["level"], logging.INFO), "%s%s %s", self.label, where, message["message"])
+
+
+class _Channel(asyncio.BufferedProtocol):
+    """Reads the process's messages on the loop, straight into the decoder's buffers."""
+
+    def __init__(self, on_message: Callable[[dict[str, Any]], None], on_lost: Callable[[], None]):
+        self._decoder = wire.Decoder()
+        self._on_message = on_message
+        self._on_lost = on_lost
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        for message in self._decoder.filled(nbytes):
+            self._on_message(message)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: the process has nothing more to say
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost()

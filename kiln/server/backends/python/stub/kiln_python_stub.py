@@ -141,6 +141,8 @@ class Stub:
         self.initialized = False
         self.finalizing = False
         self._aloop = None
+        # Responses that execute returned, sent with its execute_done (one message, one wake-up of the server).
+        self._returned: list[dict] | None = None
 
     # -- the process -------------------------------------------------------------------------------------
 
@@ -248,6 +250,7 @@ class Stub:
 
     def _execute(self, message: dict) -> None:
         start = time.monotonic_ns()
+        returned: list[dict] = []
         requests = [pb_utils.InferenceRequest._from_server(
             r["key"], r["id"], r["correlation_id"], [pb_utils.Tensor(n, a) for n, a in r["inputs"]],
             r["outputs"], r["parameters"], r["flags"], self.decoupled) for r in message["requests"]]
@@ -264,18 +267,21 @@ class Stub:
         except Exception as e:
             error, tb = _describe(e), traceback.format_exc()
         else:
+            self._returned = returned
             try:
                 self._send_returned(requests, result)
             except pb_utils.TritonModelException as e:
                 error = str(e)  # the backend's own checks: the message alone, as Triton words them
             except Exception as e:
                 error, tb = _describe(e), traceback.format_exc()
+            finally:
+                self._returned = None
         if error is not None:
             error = f"Failed to process the request(s) for model '{self.name}', message: {error}"
             for r in requests:
                 r._sender._close()  # the server fails them; nothing more may be sent
-        self.conn.send({"op": "execute_done", "call": message["call"], "error": error, "traceback": tb,
-                        "infer_ns": time.monotonic_ns() - start})
+        self.conn.send({"op": "execute_done", "call": message["call"], "responses": returned, "error": error,
+                        "traceback": tb, "infer_ns": time.monotonic_ns() - start})
 
     def _send_returned(self, requests: list, result: Any) -> None:
         if result is None:
@@ -342,7 +348,10 @@ class Stub:
                 message["outputs"] = [(t.name(), t.as_numpy()) for t in response.output_tensors()
                                       if t.name() in requested]
             message["parameters"] = json.loads(response.parameters())
-        self.conn.send(message)
+        if self._returned is not None and threading.current_thread() is threading.main_thread():
+            self._returned.append(message)
+        else:
+            self.conn.send(message)
 
     def is_cancelled(self, key: int) -> bool:
         return bool(self._ask({"op": "is_cancelled", "key": key})["value"])
