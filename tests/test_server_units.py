@@ -20,7 +20,7 @@ from kiln.server.protocols.proto_json import to_json
 from kiln.server.scheduling.dynamic_batcher import BatchPolicy
 from kiln.server.shm import SharedMemoryManager
 from kiln.server.stats import ComputeTimes, ModelStats
-from kiln.server.validation import admit
+from kiln.server.validation import Admission
 
 SIMPLE = """
 name: "m"
@@ -269,12 +269,12 @@ def test_admission_decodes_reshapes_and_allows_optional_inputs():
     b = np.arange(8, dtype=np.int32).reshape(2, 2, 2)
     r = request(A=Tensor("A", "FP32", [2, 3, 4], a.tobytes()),
                 B=Tensor("B", "INT32", [2, 2, 2], b.reshape(-1).tolist()))
-    admit(r, config, SharedMemoryManager())
+    Admission(config, SharedMemoryManager()).admit(r)
     assert r.batch_size == 2 and r.output_names == ["Y"]
     np.testing.assert_array_equal(r.input("A"), a)
     assert r.input("B").shape == (2, 4)  # the config's reshape
     only_a = request(A=Tensor("A", "FP32", [1, 5, 4], [0.0] * 20))
-    admit(only_a, config, SharedMemoryManager())
+    Admission(config, SharedMemoryManager()).admit(only_a)
     assert only_a.input("B") is None
 
 
@@ -291,7 +291,7 @@ def test_admission_decodes_reshapes_and_allows_optional_inputs():
 ])
 def test_admission_errors_name_the_input(tensors, message):
     with pytest.raises(ServerError, match=message) as e:
-        admit(InferenceRequest("m", inputs=tensors), parsed(), SharedMemoryManager())
+        Admission(parsed(), SharedMemoryManager()).admit(InferenceRequest("m", inputs=tensors))
     assert e.value.code == Code.INVALID_ARG
 
 

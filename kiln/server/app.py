@@ -23,7 +23,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 
 from kiln.server import access, memory, metrics
 from kiln.server.access import AccessPolicy, Restriction
@@ -103,16 +103,13 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None,
     # The metrics page is on the metrics port (Triton's) and on the API's port too (vLLM's).
     metrics_route = Route("/metrics", access.guard_http(policy, access.METRICS, _metrics_endpoint(collector)),
                           methods=["GET"])
-    vllm_root = openai.create_root_app(server, policy)  # its own error handlers, so routed to as an app
-    http_app = Starlette(routes=[Mount("/v1", openai.create_app(server, policy)), metrics_route,
-                                 *[Route(route.path, vllm_root) for route in vllm_root.routes],
-                                 Mount("", kserve_http.create_app(server, policy, limits))],
-                         exception_handlers={ServerError: _metrics_error})
+    metrics_app = Starlette(routes=[metrics_route], exception_handlers={ServerError: _metrics_error})
+    http_app = _ByPath(openai.create_app(server, policy), metrics_app, openai.create_root_app(server, policy),
+                       kserve_http.create_app(server, policy, limits))
     edge = dict(log_config=None, log_level=uvicorn_level, lifespan="off", timeout_graceful_shutdown=5,
                 http=connection_guard(limits), timeout_keep_alive=limits.idle_timeout)
     http = _Uvicorn(uvicorn.Config(EdgeMiddleware(http_app, limits, policy), access_log=bool(options.log_verbose),
                                    **edge))
-    metrics_app = Starlette(routes=[metrics_route], exception_handlers={ServerError: _metrics_error})
     metrics_http = _Uvicorn(uvicorn.Config(EdgeMiddleware(metrics_app, limits, policy), access_log=False, **edge))
 
     await grpc_server.start()
@@ -137,6 +134,31 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None,
         await grpc_server.stop(grace=5)
         await asyncio.gather(*tasks, return_exceptions=True)
         await server.stop()
+
+
+class _ByPath:
+    """The HTTP port's apps, each with its own error shape, chosen by path: OpenAI's under ``/v1/`` (as a
+    Starlette ``Mount`` would hand it on), the metrics page (vLLM serves it on its API port), vLLM's root
+    routes, and KServe's for everything else (its 404 for unknown paths). A prefix test per request, where
+    a router of mounts would add a middleware stack and a regex per route in front of every inference."""
+
+    def __init__(self, openai_app, metrics_app, root_app, kserve_app):
+        self.openai = openai_app
+        self.metrics = metrics_app
+        self.root = root_app
+        self.root_paths = frozenset(route.path for route in root_app.routes)
+        self.kserve = kserve_app
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if path.startswith("/v1/"):
+            await self.openai({**scope, "root_path": scope.get("root_path", "") + "/v1"}, receive, send)
+        elif path == "/metrics":
+            await self.metrics(scope, receive, send)
+        elif path in self.root_paths:
+            await self.root(scope, receive, send)
+        else:
+            await self.kserve(scope, receive, send)
 
 
 def _listen(host: str, port: int, what: str) -> socket.socket:

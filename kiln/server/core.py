@@ -13,6 +13,7 @@ exactly once for an ordinary model, zero or more times and then a final flag for
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 from dataclasses import dataclass, field
@@ -126,7 +127,8 @@ class InferenceRequest:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self._replies: asyncio.Queue[Reply] | None = None
+        self._replies: collections.deque[Reply] | None = None  # delivered on the loop, not yet read
+        self._waiter: asyncio.Future | None = None  # next_reply waiting for one
 
     # -- for backends -----------------------------------------------------------------------------
 
@@ -155,10 +157,16 @@ class InferenceRequest:
             if self.state_outputs and reply.outputs:
                 self.captured.update((k, v) for k, v in reply.outputs.items() if k in self.state_outputs)
         if threading.get_ident() == self._loop_thread:
-            self._replies.put_nowait(reply)
+            self._deliver(reply)
         else:
-            self._loop.call_soon_threadsafe(self._replies.put_nowait, reply)
+            self._loop.call_soon_threadsafe(self._deliver, reply)
         return True
+
+    def _deliver(self, reply: Reply) -> None:  # on the loop
+        self._replies.append(reply)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # -- for the server ---------------------------------------------------------------------------
 
@@ -170,13 +178,19 @@ class InferenceRequest:
         """Bind the response channel to the event loop that will read it (on admission)."""
         self._loop = loop
         self._loop_thread = threading.get_ident()
-        self._replies = asyncio.Queue()
+        self._replies = collections.deque()
 
     async def next_reply(self) -> Reply:
         """The next reply; typed replies queued behind it join it (their payloads, in order) up to the final one."""
-        reply = await self._replies.get()
-        while reply.payload is not None and not reply.final and reply.error is None and not self._replies.empty():
-            later = self._replies.get_nowait()
+        while not self._replies:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        reply = self._replies.popleft()
+        while reply.payload is not None and not reply.final and reply.error is None and self._replies:
+            later = self._replies.popleft()
             reply = Reply(later.outputs, later.parameters, later.error, later.final,
                           reply.payload + (later.payload or []))
         return reply

@@ -42,6 +42,7 @@ class ServedModel:
         self.shm = shm
         self.load_seconds = load_seconds
         self.stats = ModelStats(self.name, self.version)
+        self.admission = validation.Admission(self.config, shm)
         self.outputs = OutputBuilder(self.config, self.version, read_labels(self.config, context.model_dir), shm)
         if self.config.HasField("sequence_batching"):
             self.scheduler: Scheduler = SequenceBatcher(
@@ -101,7 +102,7 @@ class ServedModel:
             raise ServerError.unavailable(f"'{self.name}' version {self.version} is not at ready state")
         # A request its model refuses at validation (a wrong shape, type or input) is no failure of the model:
         # Triton counts it neither in the statistics' fail nor in nv_inference_request_failure.
-        validation.admit(request, self.config, self.shm)
+        self.admission.admit(request)
         request.model_version = self.version
         request.attach(asyncio.get_running_loop())
         try:

@@ -149,12 +149,11 @@ class InferenceServer:
 
     # -- inference -----------------------------------------------------------------------------------
 
-    async def infer(self, request: InferenceRequest) -> AsyncIterator[InferenceResponse]:
-        """Every response of ``request``; the last is final. Raises ServerError when it is refused."""
+    def infer(self, request: InferenceRequest) -> AsyncIterator[InferenceResponse]:
+        """Every response of ``request`` (an async generator to close); the last is final. Raises
+        ServerError when it is refused: at once when its model is not served, else as it is admitted."""
         model: ServedModel = self.repository.get(request.model_name, request.model_version)
-        async with contextlib.aclosing(model.infer(request)) as responses:
-            async for response in responses:
-                yield response
+        return model.infer(request)
 
     async def infer_one(self, request: InferenceRequest) -> InferenceResponse:
         """The single response of a request/response protocol (HTTP infer, gRPC ModelInfer).

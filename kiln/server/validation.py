@@ -22,50 +22,117 @@ _BATCH_NOTE = (" NOTE: Setting a non-zero max_batch_size in the model config req
                "more info on max_batch_size.")
 
 
-def admit(request: InferenceRequest, config: ModelConfig, shm: SharedMemoryManager) -> None:
-    model = config.name
-    for key in request.parameters:
-        if key.startswith("triton_"):
+class _InputSpec:
+    """One config input as admission checks it (read from the config once, at load)."""
+    __slots__ = ("name", "dtype", "dims", "full", "reshape")
+
+    def __init__(self, io, batched: bool):
+        self.name = io.name
+        self.dtype = datatypes.by_config(io.data_type)
+        self.dims = list(io.dims)
+        self.full = ([WILDCARD] if batched else []) + self.dims  # the shape an error message shows
+        self.reshape = list(io.reshape.shape) if io.HasField("reshape") else None
+
+
+class Admission:
+    """A model's admission rules, read from its config once (at load) and applied to each request."""
+
+    def __init__(self, config: ModelConfig, shm: SharedMemoryManager):
+        self.config = config
+        self.model = config.name
+        self.shm = shm
+        self.max_batch_size = config.max_batch_size
+        self.inputs = {io.name: _InputSpec(io, config.max_batch_size > 0) for io in config.input}
+        self.required = [io.name for io in config.input if not io.optional]
+        self.outputs = [io.name for io in config.output]
+
+    def admit(self, request: InferenceRequest) -> None:
+        """Check ``request`` and turn its inputs into arrays in the backend's shapes (see the module's docstring)."""
+        model = self.model
+        parameters = request.parameters
+        if parameters:
+            for key in parameters:
+                if key.startswith("triton_"):
+                    raise ServerError.invalid("parameter keys starting with 'triton_' are reserved for Triton usage "
+                                              "and should not be specified.")
+            for key in ("timeout", "priority"):  # Triton's reserved parameters: microseconds, and a level
+                value = parameters.get(key, 0)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ServerError.invalid(
+                        f"Unable to parse '{key}': it must be an integer >= 0, got {shown(repr(value))}")
+        if request.payload is not None:  # a typed request: its backend checks it
+            request.output_names = []
+            request.batch_size = 1 if self.max_batch_size > 0 else 0
+            return
+        inputs = self.inputs
+        for name in request.inputs:
+            if name not in inputs:
+                raise ServerError.invalid(f"unexpected inference input '{shown(name)}' for model '{model}'")
+        missing = [name for name in self.required if name not in request.inputs]
+        if missing:
+            got = "[" + ",".join(f"'{n}'" for n in request.inputs) + "]"
+            want = "[" + ",".join(f"'{n}'" for n in missing) + "]"
+            count = len(inputs)
+            expected = (f"expected {count} inputs" if len(self.required) == count
+                        else f"expected number of inputs between {len(self.required)} and {count}")
             raise ServerError.invalid(
-                "parameter keys starting with 'triton_' are reserved for Triton usage and should not be specified.")
-    for key in ("timeout", "priority"):  # Triton's reserved parameters: microseconds, and a level
-        value = request.parameters.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ServerError.invalid(f"Unable to parse '{key}': it must be an integer >= 0, got {shown(repr(value))}")
-    if request.payload is not None:  # a typed request: its backend checks it
-        request.output_names = []
-        request.batch_size = 1 if config.max_batch_size > 0 else 0
-        return
-    inputs = {io.name: io for io in config.input}
-    for name in request.inputs:
-        if name not in inputs:
-            raise ServerError.invalid(f"unexpected inference input '{shown(name)}' for model '{model}'")
-    missing = [io.name for io in config.input if not io.optional and io.name not in request.inputs]
-    if missing:
-        got = "[" + ",".join(f"'{n}'" for n in request.inputs) + "]"
-        want = "[" + ",".join(f"'{n}'" for n in missing) + "]"
-        required = sum(not io.optional for io in config.input)
-        expected = (f"expected {len(config.input)} inputs" if required == len(config.input)
-                    else f"expected number of inputs between {required} and {len(config.input)}")
-        raise ServerError.invalid(
-            f"{expected} but got {len(request.inputs)} inputs for model '{model}'. Got input(s) {got}, "
-            f"but missing required input(s) {want}. Please provide all required input(s).")
+                f"{expected} but got {len(request.inputs)} inputs for model '{model}'. Got input(s) {got}, "
+                f"but missing required input(s) {want}. Please provide all required input(s).")
 
-    batch = _batch_size(request, config)
-    for name, tensor in request.inputs.items():
-        _admit_input(tensor, inputs[name], config, batch, shm)
+        batch = _batch_size(request, self.config)
+        for name, tensor in request.inputs.items():
+            self._admit_input(tensor, inputs[name], batch)
 
-    outputs = [io.name for io in config.output]
-    for o in request.outputs:
-        if o.name not in outputs:
-            raise ServerError.invalid(f"unexpected inference output '{shown(o.name)}' for model '{model}'")
-        if isinstance(o.class_count, bool) or not isinstance(o.class_count, int) or o.class_count < 0:
-            raise ServerError.invalid(f"Unable to set 'classification' of output '{o.name}': it must be an integer "
-                                      f">= 0, got {shown(repr(o.class_count))}")
-        if o.class_count and o.shm is not None:
-            raise ServerError.invalid("Output can't set both 'shared_memory_region' and 'classification'")
-    request.output_names = [o.name for o in request.outputs] or outputs
-    request.batch_size = batch
+        outputs = self.outputs
+        for o in request.outputs:
+            if o.name not in outputs:
+                raise ServerError.invalid(f"unexpected inference output '{shown(o.name)}' for model '{model}'")
+            if isinstance(o.class_count, bool) or not isinstance(o.class_count, int) or o.class_count < 0:
+                raise ServerError.invalid(f"Unable to set 'classification' of output '{o.name}': it must be an "
+                                          f"integer >= 0, got {shown(repr(o.class_count))}")
+            if o.class_count and o.shm is not None:
+                raise ServerError.invalid("Output can't set both 'shared_memory_region' and 'classification'")
+        request.output_names = [o.name for o in request.outputs] or outputs
+        request.batch_size = batch
+
+    def _admit_input(self, t: Tensor, spec: _InputSpec, batch: int) -> None:
+        model = self.model
+        dtype = spec.dtype
+        if t.datatype != dtype.name:
+            raise ServerError.invalid(
+                f"inference input '{t.name}' data-type is '{t.datatype}', but model '{model}' expects '{dtype.name}'")
+        shape = t.shape
+        for d in shape:
+            if d < 0:
+                raise ServerError.invalid(
+                    f"All input dimensions should be specified for input '{t.name}' for model '{model}', got {shape}")
+        dims = shape[1:] if self.max_batch_size > 0 else shape
+        if len(dims) != len(spec.dims) or any(c != WILDCARD and c != d for c, d in zip(spec.dims, dims)):
+            raise ServerError.invalid(
+                f"unexpected shape for input '{t.name}' for model '{model}'. Expected {spec.full}, got {shape}."
+                + (_BATCH_NOTE if self.max_batch_size > 0 else ""))
+
+        data = t.data
+        if isinstance(data, ShmRef):
+            data = self.shm.read(data, f"input '{t.name}' for model '{model}'")
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            array = datatypes.from_raw(dtype, shape, data, f"input '{t.name}' for model '{model}'")
+        elif isinstance(data, list):
+            array = datatypes.from_list(dtype, shape, data, f"input '{t.name}' for model '{model}'")
+        elif isinstance(data, np.ndarray):
+            if data.dtype != dtype.numpy or list(data.shape) != shape:
+                raise ServerError.invalid(f"input '{t.name}' for model '{model}' holds a {data.dtype} array of "
+                                          f"shape {list(data.shape)}")
+            array = data
+        else:
+            raise ServerError.invalid(f"input '{t.name}' for model '{model}' has no data")
+
+        if spec.reshape is not None:
+            variable = iter(d for c, d in zip(spec.dims, dims) if c == WILDCARD)
+            new = [next(variable) if d == WILDCARD else d for d in spec.reshape]
+            array = array.reshape(([batch] if self.max_batch_size > 0 else []) + new)
+            t.shape = list(array.shape)
+        t.data = array
 
 
 def _batch_size(request: InferenceRequest, config: ModelConfig) -> int:
@@ -87,42 +154,3 @@ def _batch_size(request: InferenceRequest, config: ModelConfig) -> int:
     if batch < 1:
         raise ServerError.invalid(f"inference request batch-size must be >= 1 for '{config.name}', got {batch}")
     return batch
-
-
-def _admit_input(t: Tensor, io, config: ModelConfig, batch: int, shm: SharedMemoryManager) -> None:
-    model = config.name
-    dtype = datatypes.by_config(io.data_type)
-    if t.datatype != dtype.name:
-        raise ServerError.invalid(
-            f"inference input '{t.name}' data-type is '{t.datatype}', but model '{model}' expects '{dtype.name}'")
-    if any(d < 0 for d in t.shape):
-        raise ServerError.invalid(
-            f"All input dimensions should be specified for input '{t.name}' for model '{model}', got {t.shape}")
-    dims = t.shape[1:] if config.max_batch_size > 0 else t.shape
-    if len(dims) != len(io.dims) or any(c != WILDCARD and c != d for c, d in zip(io.dims, dims)):
-        full = ([WILDCARD] if config.max_batch_size > 0 else []) + list(io.dims)
-        raise ServerError.invalid(
-            f"unexpected shape for input '{t.name}' for model '{model}'. Expected {full}, got {t.shape}."
-            + (_BATCH_NOTE if config.max_batch_size > 0 else ""))
-
-    what = f"input '{t.name}' for model '{model}'"
-    data = t.data
-    if isinstance(data, ShmRef):
-        data = shm.read(data, what)
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        array = datatypes.from_raw(dtype, t.shape, data, what)
-    elif isinstance(data, list):
-        array = datatypes.from_list(dtype, t.shape, data, what)
-    elif isinstance(data, np.ndarray):
-        if data.dtype != dtype.numpy or list(data.shape) != t.shape:
-            raise ServerError.invalid(f"{what} holds a {data.dtype} array of shape {list(data.shape)}")
-        array = data
-    else:
-        raise ServerError.invalid(f"{what} has no data")
-
-    if io.HasField("reshape"):
-        variable = iter(d for c, d in zip(io.dims, dims) if c == WILDCARD)
-        shape = [next(variable) if d == WILDCARD else d for d in io.reshape.shape]
-        array = array.reshape(([batch] if config.max_batch_size > 0 else []) + shape)
-    t.data = array
-    t.shape = list(array.shape)

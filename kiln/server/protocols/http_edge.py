@@ -101,7 +101,9 @@ class _LimitedBody:
                 raise self._refuse(Code.TOO_LARGE, f"the request body of {declared} bytes is over the server's "
                                                    f"limit of {limit} bytes (--max-request-size)")
         try:
-            if hasattr(asyncio, "timeout"):  # Python 3.11+: a timer on this task; wait_for starts a task a piece
+            if self._ready():  # the body is in already (most requests): no timer needed
+                message = await self._receive()
+            elif hasattr(asyncio, "timeout"):  # Python 3.11+: a timer on this task; wait_for starts a task a piece
                 async with asyncio.timeout(self.limits.header_timeout):
                     message = await self._receive()
             else:
@@ -118,6 +120,11 @@ class _LimitedBody:
         else:
             self.done = True
         return message
+
+    def _ready(self) -> bool:
+        """Whether uvicorn's ``receive`` holds the next piece of the body already (it then returns at once)."""
+        event = getattr(getattr(self._receive, "__self__", None), "message_event", None)
+        return isinstance(event, asyncio.Event) and event.is_set()
 
     def _refuse(self, code: Code, message: str) -> ServerError:
         self.stalled = code == Code.REQUEST_TIMEOUT

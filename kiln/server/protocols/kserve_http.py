@@ -43,7 +43,8 @@ def create_app(server: InferenceServer, policy: AccessPolicy, limits: Limits) ->
     api = _Api(server, limits)
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
-    routes = [
+    # Inference first: a router tries its routes in order, and these are the ones every request takes.
+    routes = [(access.INFERENCE, prefix + "/infer", api.infer, "POST") for prefix in (model, versioned)] + [
         (access.HEALTH, "/v2/health/live", api.live, "GET"),
         (access.HEALTH, "/v2/health/ready", api.ready, "GET"),
         (access.METADATA, "/v2", api.server_metadata, "GET"),
@@ -71,7 +72,6 @@ def create_app(server: InferenceServer, policy: AccessPolicy, limits: Limits) ->
             (access.HEALTH, prefix + "/ready", api.model_ready, "GET"),
             (access.MODEL_CONFIG, prefix + "/config", api.model_config, "GET"),
             (access.STATISTICS, prefix + "/stats", api.statistics, "GET"),
-            (access.INFERENCE, prefix + "/infer", api.infer, "POST"),
             (access.INFERENCE, prefix + "/generate", api.generate, "POST"),
             (access.INFERENCE, prefix + "/generate_stream", api.generate_stream, "POST"),
         ]

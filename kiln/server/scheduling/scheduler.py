@@ -124,14 +124,17 @@ class Scheduler:
     async def _execute(self, instance: ModelInstance, batch: list[InferenceRequest], start: int) -> None:
         for r in batch:
             r.instance = instance
-        task = asyncio.ensure_future(instance.execute(batch))
-        self._running[task] = (instance, batch)
         error: ServerError | None = None
         times: ComputeTimes | None = None
+        # Only an instance whose execute may be cancelled gets a task of its own (``cancel`` cancels it);
+        # the others run in this worker's task, one step fewer through the loop.
+        task = asyncio.ensure_future(instance.execute(batch)) if instance.cancel_execute else None
+        if task is not None:
+            self._running[task] = (instance, batch)
         try:
-            times = await task
+            times = await (task if task is not None else instance.execute(batch))
         except asyncio.CancelledError:
-            if self._stopping:
+            if self._stopping or task is None:
                 raise
             error = ServerError(Code.CANCELLED, "request cancelled")
         except ServerError as e:
@@ -140,7 +143,8 @@ class Scheduler:
             log.exception("model '%s' instance %s failed", self.model, instance.spec.name)
             error = ServerError.internal(f"model '{self.model}' failed: {type(e).__name__}: {e}")
         finally:
-            self._running.pop(task, None)
+            if task is not None:
+                self._running.pop(task, None)
         end = time.monotonic_ns()
         for r in batch:
             r.compute_end_ns = end

@@ -67,14 +67,24 @@ def numpy_to_triton_type(data_type) -> int | None:
         dtype = np.dtype(data_type)
     except TypeError:
         return None
+    known = _TRITON_TYPE_OF.get(dtype, 0)  # every tensor a model makes asks: answered once per dtype
+    if known != 0:
+        return known
+    number = None
     if dtype.kind in ("O", "S", "U"):
-        return _BYTES
-    if dtype.name == "bfloat16":
-        return _BF16
-    for number, _, candidate in _TYPES:
-        if candidate is not None and candidate is not np.object_ and dtype == np.dtype(candidate):
-            return number
-    return None
+        number = _BYTES
+    elif dtype.name == "bfloat16":
+        number = _BF16
+    else:
+        for n, _, candidate in _TYPES:
+            if candidate is not None and candidate is not np.object_ and dtype == np.dtype(candidate):
+                number = n
+                break
+    _TRITON_TYPE_OF[dtype] = number
+    return number
+
+
+_TRITON_TYPE_OF: dict[np.dtype, int | None] = {}
 
 
 def triton_string_to_numpy(triton_type_string: str):
