@@ -17,7 +17,10 @@ Triton's Python stub embeds the libpython it was linked against; it runs with th
 ``run`` writes a model repository with `simple` as a Python-backend model (Triton's example model: INPUT0,
 INPUT1 INT32 [16], max_batch_size 8, OUTPUT0 = sum, OUTPUT1 = difference; one CPU instance), starts
 Triton on it, runs perf_analyzer over HTTP and gRPC, with and without system shared memory, at each
-concurrency, stops Triton, then does the same with ``kiln serve --model-repository``. It writes
+concurrency, stops Triton, then does the same with ``kiln serve --model-repository``. Around each
+perf_analyzer run it reads the server's CPU time (the server and its model processes, with psutil) and its
+statistics' inference count: the server's CPU per inference, which on a small box (perf_analyzer shares it)
+decides the throughput once the server is busy. It writes
 OUT_DIR/{triton,kiln}-{http,grpc}{,-shm}-c{C}.csv (perf_analyzer's own CSV, with its text output in .txt), the servers' logs, load.txt (the
 machine's load as each half starts and ends) and summary.md (inferences/s side by side, kiln / Triton).
 
@@ -27,7 +30,7 @@ SERVERS (default "triton kiln"); CONFIGS (default "http http-shm grpc grpc-shm")
 from __future__ import annotations
 
 import csv
-import glob
+import json
 import os
 import shutil
 import signal
@@ -192,6 +195,24 @@ def _perf_analyzer(config: str, ports: list[int], concurrency: int, csv_path: Pa
     return subprocess.run(cmd, env=_pa_env(), capture_output=True, text=True)
 
 
+def _cpu_and_count(proc: subprocess.Popen, http_port: int) -> tuple[float, int]:
+    """CPU seconds the server's processes (it and its model processes) have spent, and the inferences its
+    statistics count for `simple`."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    seconds = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            seconds += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/simple/stats", timeout=10) as r:
+        stats = json.load(r)["model_stats"][0]
+    return seconds, int(stats["inference_count"])
+
+
 def _read_csv(path: Path) -> dict[int, float]:
     with open(path) as f:
         return {int(row["Concurrency"]): float(row["Inferences/Second"]) for row in csv.DictReader(f)}
@@ -205,6 +226,7 @@ def run(out: Path) -> None:
     servers = os.environ.get("SERVERS", "triton kiln").split()
     configs = os.environ.get("CONFIGS", "http http-shm grpc grpc-shm").split()
     results: dict[tuple[str, str], dict[int, float]] = {}
+    cpu_us: dict[tuple[str, str, int], float] = {}  # the server's CPU per inference, over the whole perf_analyzer run
     with tempfile.TemporaryDirectory(prefix="kiln-triton-simple-") as tmp, open(out / "load.txt", "w") as load:
         repo = Path(tmp) / "repository"
         (repo / "simple/1").mkdir(parents=True)
@@ -219,7 +241,10 @@ def run(out: Path) -> None:
                     got = results.setdefault((kind, config), {})
                     for c in concurrency:
                         csv_path = out / f"{kind}-{config}-c{c}.csv"
+                        cpu0, count0 = _cpu_and_count(proc, ports[0])
                         done = _perf_analyzer(config, ports, c, csv_path)
+                        cpu1, count1 = _cpu_and_count(proc, ports[0])
+                        cpu_us[kind, config, c] = 1e6 * (cpu1 - cpu0) / max(count1 - count0, 1)
                         (out / f"{kind}-{config}-c{c}.txt").write_text(done.stdout + done.stderr)
                         if done.returncode != 0 or not csv_path.exists():
                             print(f"{kind} {config} c{c}: perf_analyzer failed (exit {done.returncode}): "
@@ -230,15 +255,16 @@ def run(out: Path) -> None:
             finally:
                 _stop(proc)
             load.write(f"{kind} end: {os.getloadavg()}\n")
-    _summary(out, results, servers, configs, concurrency)
+    _summary(out, results, cpu_us, servers, configs, concurrency)
 
 
-def _summary(out: Path, results, servers, configs, concurrency) -> None:
+def _summary(out: Path, results, cpu_us, servers, configs, concurrency) -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     lines = [f"perf_analyzer on `simple` (Python backend), inferences/s; CPU: {cpu}, {os.cpu_count()} cores; "
              f"command: `python3 benchmarks/triton_side_by_side.py run`", "",
-             "| protocol | concurrency | " + " | ".join(servers) + (" | kiln / Triton |" if len(servers) == 2 else " |"),
-             "|---|---:|" + "---:|" * (len(servers) + (len(servers) == 2))]
+             "| protocol | concurrency | " + " | ".join(servers) + (" | kiln / Triton |" if len(servers) == 2 else " |")
+             + " | ".join(f" {s} server CPU us/inference" for s in servers) + " |",
+             "|---|---:|" + "---:|" * (2 * len(servers) + (len(servers) == 2))]
     for config in configs:
         for c in concurrency:
             values = [results.get((s, config), {}).get(c) for s in servers]
@@ -247,6 +273,7 @@ def _summary(out: Path, results, servers, configs, concurrency) -> None:
                 by = dict(zip(servers, values))
                 ratio = by.get("kiln") / by["triton"] if by.get("kiln") and by.get("triton") else None
                 cells.append(f"{ratio:.2f}x" if ratio else "-")
+            cells += [f"{cpu_us[s, config, c]:,.0f}" if (s, config, c) in cpu_us else "-" for s in servers]
             lines.append(f"| {config} | {c} | " + " | ".join(cells) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -570,6 +570,44 @@ def test_bad_requests_get_clear_errors(clients, proto):
     _still_serving(clients)
 
 
+def test_grpc_model_infer_takes_tritons_one_reserved_parameter(server, clients):
+    """perf_analyzer sends triton_enable_empty_final_response on unary ModelInfer too; Triton accepts it (a
+    bool) there and refuses any other triton_ key."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    arrays = {"INPUT0": np.arange(16, dtype=np.float32).reshape(1, 16), "INPUT1": np.ones((1, 16), np.float32)}
+
+    def request(**parameters) -> service_pb2.ModelInferRequest:
+        r = service_pb2.ModelInferRequest(model_name="simple")
+        for name, a in arrays.items():
+            t = r.inputs.add(name=name, datatype="FP32")
+            t.shape.extend(a.shape)
+            r.raw_input_contents.append(a.tobytes())
+        for key, value in parameters.items():
+            if isinstance(value, bool):
+                r.parameters[key].bool_param = value
+            else:
+                r.parameters[key].string_param = value
+        return r
+
+    with grpc.insecure_channel(server.grpc) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        reply = stub.ModelInfer(request(triton_enable_empty_final_response=True))
+        assert np.array_equal(np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(1, 16),
+                              arrays["INPUT0"] + arrays["INPUT1"])
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(request(triton_enable_empty_final_response="yes"))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "invalid value type for 'triton_enable_empty_final_response' parameter, expected bool_param" in \
+            e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(request(triton_something_else=True))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "parameter keys starting with 'triton_' are reserved" in e.value.details()
+    _still_serving(clients)
+
+
 @pytest.mark.parametrize("proto", PROTOCOLS)
 def test_model_failures_are_internal_errors_that_name_the_model(clients, proto):
     c = clients[proto]

@@ -431,3 +431,32 @@ def test_kiln_serve_writes_runtime_parameters_the_kiln_backend_reads(tmp_path):
     params = cfg.parameters(cfg.read_config(tmp_path / "m"))
     assert params == {"engine_dir": str(tmp_path / "engine dir"), "engine_core": "thread"}
     assert _runtime_options(params, "m") == {"engine_core": "thread"}
+
+
+def test_python_wire_decoder_reads_messages_however_the_bytes_are_cut():
+    """The server reads a Python model's messages as the socket hands over bytes (asyncio's BufferedProtocol):
+    any split of the stream, frames small and large (read into a buffer of their own), many messages per
+    read, arrays writable as a model expects."""
+    import random
+
+    from kiln.server.backends.python.stub import kiln_python_wire as wire
+
+    rng = random.Random(0)
+    sizes = [0, 3, 16, 4000, 9000, 70_000, 300_000]
+    messages = [{"op": "response", "key": i, "outputs": [("OUT", np.arange(rng.choice(sizes), dtype=np.int32)),
+                                                         ("S", np.array([b"x" * i], dtype=object))]}
+                for i in range(120)]
+    stream = b"".join(b"".join(bytes(piece) for piece in wire.encode(m)) for m in messages)
+    for _ in range(8):
+        decoder, got, pos = wire.Decoder(), [], 0
+        while pos < len(stream):
+            window = decoder.buffer()
+            n = min(len(window), rng.choice([1, 5, 64, 4096, 65536, 1 << 20]), len(stream) - pos)
+            window[:n] = stream[pos:pos + n]
+            pos += n
+            got += decoder.filled(n)
+        assert [m["key"] for m in got] == list(range(120))
+        for sent, received in zip(messages, got):
+            out, text = dict(received["outputs"])["OUT"], dict(received["outputs"])["S"]
+            assert np.array_equal(out, dict(sent["outputs"])["OUT"]) and out.flags.writeable
+            assert text[0] == b"x" * sent["key"]

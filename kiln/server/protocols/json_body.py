@@ -22,7 +22,9 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 def loads(raw: bytes | str, what: str = "the request") -> Any:
     try:
-        doc = json.loads(raw, parse_constant=_no_constant)
+        # As json.loads reads bytes (its encoding detection), with one decoder made once.
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass") if isinstance(raw, (bytes, bytearray)) else raw
+        doc = _DECODER.decode(text)
     except RecursionError:
         raise ServerError.invalid(f"{what} JSON is nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -38,6 +40,9 @@ def loads(raw: bytes | str, what: str = "the request") -> Any:
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON value")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 def _has_lone_surrogate(doc: Any) -> bool:

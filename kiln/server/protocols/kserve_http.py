@@ -429,6 +429,9 @@ def _shm_ref(params: dict, what: str) -> ShmRef:
 
 # -- infer: InferenceResponse -> wire -----------------------------------------------------------------
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def _encode_infer(response: InferenceResponse, kinds: dict[str, str], default_kind: str
                   ) -> tuple[bytes, dict[str, str]]:
     doc: dict[str, Any] = {"model_name": response.model_name, "model_version": str(response.model_version)}
@@ -449,7 +452,7 @@ def _encode_infer(response: InferenceResponse, kinds: dict[str, str], default_ki
                 out["data"] = datatypes.to_list(t.data, dtype, f"output '{t.name}'")
         outputs.append(out)
     doc["outputs"] = outputs
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = _COMPACT.encode(doc).encode()
     if not blobs:
         return head, {"Content-Type": "application/json"}
     return head + b"".join(blobs), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
