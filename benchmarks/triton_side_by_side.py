@@ -12,7 +12,10 @@ and unpacks:
     libcudart.so.12 (the ``nvidia-cuda-runtime-cu12`` wheel) and libb64.so.0d (Debian's ``libb64-0d``,
     fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x``, not installed).
 Triton's Python stub embeds the libpython it was linked against; it runs with this interpreter's
-(PYTHONHOME and LD_LIBRARY_PATH point at it), so the models see this interpreter's numpy.
+(LD_LIBRARY_PATH points at it) but with numpy 1.26: the stub is built against numpy 1.x, and with numpy 2
+every output it returns is empty (the client cannot even reshape it), which perf_analyzer does not notice. Its
+interpreter ignores PYTHONHOME and PYTHONPATH and takes its prefix from the `python3` it finds on PATH, so
+Triton starts with PEERS/stub-home/bin first on PATH (setup's comments say what stub-home holds).
 
 ``run`` writes a model repository with `simple` as a Python-backend model (Triton's example model: INPUT0,
 INPUT1 INT32 [16], max_batch_size 8, OUTPUT0 = sum, OUTPUT1 = difference; one CPU instance), starts
@@ -48,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache/kiln/peers/triton-2.51"))
 PYTRITON = "nvidia-pytriton==0.7.0"
 TRITONCLIENT = "tritonclient==2.51.0"
+STUB_NUMPY = "numpy==1.26.4"  # the Python stub of Triton 2.51 is built against numpy 1.x (pytriton asks numpy<2)
 CUDART = "nvidia-cuda-runtime-cu12==12.9.79"
 
 SIMPLE_CONFIG = """name: "simple"
@@ -101,6 +105,24 @@ def setup() -> None:
     if not stub.exists():
         sys.exit(f"the Triton wheel has no Python stub for Python {version}")
     shutil.copy2(stub, tritonserver / "backends/python/triton_python_backend_stub")
+    # With numpy 2 the stub hands back outputs it cannot read: every output comes back empty. Its embedded
+    # interpreter ignores PYTHONHOME and PYTHONPATH and finds its prefix from the `python3` on PATH, so the
+    # server runs with PEERS/stub-home/bin first on PATH: a copy of this interpreter's binary there, this
+    # interpreter's standard library linked in stub-home/lib, and a site-packages holding numpy 1.26 alone.
+    version_dir = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    home = PEERS / "stub-home"
+    home_lib = home / "lib" / version_dir
+    if not (home_lib / "site-packages" / "numpy").exists():
+        home_lib.mkdir(parents=True, exist_ok=True)
+        for entry in Path(sysconfig.get_paths()["stdlib"]).iterdir():
+            link = home_lib / entry.name
+            if entry.name != "site-packages" and not link.exists():
+                link.symlink_to(entry)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--only-binary=:all:",
+                        "--target", str(home_lib / "site-packages"), STUB_NUMPY], check=True)
+    (home / "bin").mkdir(exist_ok=True)
+    if not (home / "bin/python3").exists():  # a copy: the interpreter resolves links back to their prefix
+        shutil.copy2(os.path.realpath(sys.executable), home / "bin/python3")
 
     lib = PEERS / "lib"
     lib.mkdir(exist_ok=True)
@@ -141,20 +163,20 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _start(kind: str, repo: Path, out: Path, ports: list[int]) -> subprocess.Popen:
+def _start(kind: str, repo: Path, out: Path, ports: list[int], extra: list[str] = ()) -> subprocess.Popen:
     http, grpc, metrics = ports
     log = open(out / f"{kind}.log", "w")
     if kind == "triton":
         tritonserver = PEERS / "pytriton/pytriton/tritonserver"
-        env = dict(os.environ, PYTHONHOME=sys.base_prefix,
+        env = dict(os.environ, PATH=f"{PEERS / 'stub-home/bin'}{os.pathsep}{os.environ.get('PATH', '')}",
                    LD_LIBRARY_PATH=str(sysconfig.get_config_var("LIBDIR")))
         cmd = [str(tritonserver / "bin/tritonserver"), "--model-repository", str(repo),
                "--backend-directory", str(tritonserver / "backends"), "--http-port", str(http),
-               "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+               "--grpc-port", str(grpc), "--metrics-port", str(metrics), *extra]
     else:
         env = dict(os.environ)
         cmd = [sys.executable, "-c", "from kiln.cli.main import main; main()", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
-               "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+               "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), *extra]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -169,6 +191,21 @@ def _start(kind: str, repo: Path, out: Path, ports: list[int]) -> subprocess.Pop
         time.sleep(0.5)
     _stop(proc)
     sys.exit(f"{kind} was not ready within 120 s; see {out / f'{kind}.log'}")
+
+
+def _check_simple(kind: str, http_port: int) -> None:
+    """One inference checked before timing: perf_analyzer counts a response with wrong or empty outputs as
+    a success (Triton's Python stub under numpy 2 answers so)."""
+    a, b = list(range(16)), [3] * 16
+    body = json.dumps({"inputs": [{"name": f"INPUT{i}", "datatype": "INT32", "shape": [1, 16], "data": x}
+                                  for i, x in enumerate((a, b))]}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v2/models/simple/infer", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        outputs = {o["name"]: o["data"] for o in json.load(r)["outputs"]}
+    want = {"OUTPUT0": [x + y for x, y in zip(a, b)], "OUTPUT1": [x - y for x, y in zip(a, b)]}
+    if outputs != want:
+        sys.exit(f"{kind} answers `simple` wrongly: {outputs} (expected {want})")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -237,6 +274,7 @@ def run(out: Path) -> None:
             ports = _free_ports(3)
             proc = _start(kind, repo, out, ports)
             try:
+                _check_simple(kind, ports[0])
                 for config in configs:
                     got = results.setdefault((kind, config), {})
                     for c in concurrency:
