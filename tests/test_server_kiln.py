@@ -257,6 +257,9 @@ def test_a_batch_of_two_rows(server, reference):
     ({"max_tokens": 4}, 400, ["text_input", "input_ids"]),
     ({"text_input": "word " * 400, "max_tokens": 4}, 400, ["max_seq_len"]),
     ({"text_input": PROMPT, "end_id": 10**6}, 400, ["stop_token_ids"]),
+    # A field set through another input is named by that input (SamplingParamsError.field, not the message).
+    ({"text_input": PROMPT, "end_id": -3}, 400, ["input 'end_id'", "stop_token_ids must be >= 0"]),
+    ({"text_input": PROMPT, "max_tokens": 4, "min_length": 9}, 400, ["input 'min_length'", "min_tokens"]),
 ])
 def test_bad_inputs_get_a_400_naming_the_problem(server, doc, status, words):
     got, body = post(server, "/v2/models/tiny/generate", doc)

@@ -34,6 +34,7 @@ from starlette.routing import Route
 
 from kiln.errors import PromptTooLong, RequestError
 from kiln.runtime.async_llm import merge_outputs
+from kiln.runtime.sampling_params import SamplingParamsError
 from kiln.runtime.tokenizer import LONG_TEXT
 from kiln.server import access
 from kiln.server.access import AccessPolicy
@@ -479,8 +480,8 @@ def _responses_params(body: api.ResponsesRequest, defaults: dict, max_tokens: in
         kwargs["seed"] = body.seed % 2**64
     try:
         return SamplingParams(**kwargs)
-    except ValueError as e:
-        raise OpenAIError.invalid(str(e)) from None
+    except SamplingParamsError as e:
+        raise OpenAIError.invalid(str(e), e.field if e.field in type(body).model_fields else None) from None
 
 
 class _ResponsesRender:
@@ -884,9 +885,8 @@ def _sampling_params(body: api.SamplingRequest, defaults: dict, max_tokens: int,
     kwargs["structured"] = constraint if constraint is not None else _structured_output(body)
     try:
         return SamplingParams(**kwargs)
-    except ValueError as e:
-        field = str(e).split(" ", 1)[0]
-        raise OpenAIError.invalid(str(e), field if field in type(body).model_fields else None) from None
+    except SamplingParamsError as e:
+        raise OpenAIError.invalid(str(e), e.field if e.field in type(body).model_fields else None) from None
 
 
 def _given_or_default(body, names: tuple[str, ...], defaults: dict) -> dict[str, Any]:

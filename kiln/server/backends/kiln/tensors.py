@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kiln.runtime import SamplingParams
+from kiln.runtime.sampling_params import SamplingParamsError
 from kiln.runtime.tokenizer import EngineTokenizer
 from kiln.server.config import ModelConfig, mc
 from kiln.server.core import InferenceRequest
@@ -107,6 +108,10 @@ INPUTS = [
 GUIDE_TYPES = {"json": "json_object", "json_schema": "json", "regex": "regex", "ebnf_grammar": "grammar",
                "choice": "choice"}
 BY_NAME = {i.name: i for i in INPUTS}
+# SamplingParams fields that inputs set through a translation (not as an input's ``param``): the input an
+# error on the field names.
+DERIVED_FROM = {"stop": "stop_words", "stop_token_ids": "end_id", "ignore_eos": "end_id", "logit_bias": "bad_words",
+                "logprobs": "return_log_probs", "structured": "guided_decoding_guide"}
 # Output name -> (config type, dims after the batch dimension).
 OUTPUTS = {
     "text_output": (mc.TYPE_STRING, [-1]),
@@ -236,11 +241,9 @@ def _job(reader: _Reader, row: int, tokenizer: EngineTokenizer, exclude_input: b
     kwargs["structured"] = _guide(reader, row)
     try:
         params = SamplingParams(**kwargs)
-    except ValueError as e:
-        message = str(e)
-        field = message.split(" ", 1)[0]
-        name = given.get(field, field)
-        raise ServerError.invalid(f"input '{name}': {message}") from None
+    except SamplingParamsError as e:
+        name = given.get(e.field) or DERIVED_FROM.get(e.field, e.field)
+        raise ServerError.invalid(f"input '{name}': {e}") from None
     pad_id = reader.scalar("pad_id", row, None)
     if pad_id is None:
         pad_id = end_id if end_id is not None else (tokenizer.pad_token_id or 0)
