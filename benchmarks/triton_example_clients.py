@@ -35,8 +35,14 @@ import triton_side_by_side as peers  # noqa: E402
 SKIPPED = {"image_client.py", "grpc_image_client.py", "ensemble_image_client.py", "grpc_client.py",
            "memory_growth_test.py"}
 
-ADD_SUB = """import numpy as np
+# simple_string: the sum and difference of decimal integers held as bytes (simple and simple_int8 run the
+# benchmark's own `simple` model, peers.SIMPLE_MODEL).
+STRING_ADD_SUB = """import numpy as np
 import triton_python_backend_utils as pb_utils
+
+
+def as_text(values, shape):
+    return np.array([str(v).encode() for v in values.reshape(-1)], dtype=np.object_).reshape(shape)
 
 
 class TritonPythonModel:
@@ -44,15 +50,10 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             a = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
-            b = pb_utils.get_input_tensor_by_name(request, "INPUT1").as_numpy()
-            if a.dtype == np.object_:  # simple_string: decimal integers as bytes
-                x, y = a.astype(np.int64), b.astype(np.int64)
-                out = [np.array([str(v).encode() for v in r.reshape(-1)], dtype=np.object_).reshape(a.shape)
-                       for r in (x + y, x - y)]
-            else:
-                out = [a + b, a - b]
-            responses.append(pb_utils.InferenceResponse(
-                [pb_utils.Tensor("OUTPUT0", out[0]), pb_utils.Tensor("OUTPUT1", out[1])]))
+            x = a.astype(np.int64)
+            y = pb_utils.get_input_tensor_by_name(request, "INPUT1").as_numpy().astype(np.int64)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", as_text(x + y, a.shape)),
+                                                         pb_utils.Tensor("OUTPUT1", as_text(x - y, a.shape))]))
         return responses
 """
 
@@ -168,9 +169,9 @@ output [
 
 def write_repository(repo: Path) -> list[str]:
     models = {
-        "simple": (_add_sub_config("simple", "TYPE_INT32"), ADD_SUB),
-        "simple_int8": (_add_sub_config("simple_int8", "TYPE_INT8"), ADD_SUB),
-        "simple_string": (_add_sub_config("simple_string", "TYPE_STRING"), ADD_SUB),
+        "simple": (_add_sub_config("simple", "TYPE_INT32"), peers.SIMPLE_MODEL),
+        "simple_int8": (_add_sub_config("simple_int8", "TYPE_INT8"), peers.SIMPLE_MODEL),
+        "simple_string": (_add_sub_config("simple_string", "TYPE_STRING"), STRING_ADD_SUB),
         "simple_identity": ('name: "simple_identity"\nbackend: "python"\nmax_batch_size: 8\n'
                             'input [ { name: "INPUT0" data_type: TYPE_STRING dims: [ -1 ] } ]\n'
                             'output [ { name: "OUTPUT0" data_type: TYPE_STRING dims: [ -1 ] } ]\n', IDENTITY),
