@@ -4,8 +4,8 @@
 
 EXAMPLES_DIR is ``src/python/examples`` of a checkout of github.com/triton-inference-server/client at the
 branch of the Triton release compared (``r24.10`` for Triton 2.51: later clients test fixes 2.51 lacks, and
-one of them takes 2.51 down). The clients ship in no package, so neither this repository nor CI carries them. Triton and its Python backend
-come from ``python3 benchmarks/triton_side_by_side.py setup``.
+one of them takes 2.51 down). The clients ship in no package, so neither this repository nor CI carries
+them. Triton and its Python backend come from ``python3 benchmarks/triton_side_by_side.py setup``.
 
 The repository written here holds, as Python-backend models, the models the clients call, with the behaviour
 they check (Triton's own are TensorFlow, ONNX and custom C++ QA models):

@@ -23,9 +23,9 @@ Triton on it, runs perf_analyzer over HTTP and gRPC, with and without system sha
 concurrency, stops Triton, then does the same with ``kiln serve --model-repository``. Around each
 perf_analyzer run it reads the server's CPU time (the server and its model processes, with psutil) and its
 statistics' inference count: the server's CPU per inference, which on a small box (perf_analyzer shares it)
-decides the throughput once the server is busy. It writes
-OUT_DIR/{triton,kiln}-{http,grpc}{,-shm}-c{C}.csv (perf_analyzer's own CSV, with its text output in .txt), the servers' logs, load.txt (the
-machine's load as each half starts and ends) and summary.md (inferences/s side by side, kiln / Triton).
+decides the throughput once the server is busy. It writes OUT_DIR/{triton,kiln}-{http,grpc}{,-shm}-c{C}.csv
+(perf_analyzer's own CSV, with its text output in .txt), the servers' logs, load.txt (the machine's load as
+each half starts and ends) and summary.md (inferences/s and server CPU per inference side by side).
 
 Environment: PEERS; CONCURRENCY (default "1 2 4 8"); MEASUREMENT_MS (perf_analyzer's window, default 2000);
 SERVERS (default "triton kiln"); CONFIGS (default "http http-shm grpc grpc-shm").
@@ -98,7 +98,8 @@ def setup() -> None:
         with zipfile.ZipFile(_pip_download(PYTRITON, downloads)) as z:
             z.extractall(server)
     tritonserver = server / "pytriton/tritonserver"
-    for f in [tritonserver / "bin/tritonserver", *tritonserver.glob("python_backend_stubs/*/triton_python_backend_stub")]:
+    stubs = tritonserver.glob("python_backend_stubs/*/triton_python_backend_stub")
+    for f in [tritonserver / "bin/tritonserver", *stubs]:
         f.chmod(0o755)
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = tritonserver / "python_backend_stubs" / version / "triton_python_backend_stub"
@@ -175,8 +176,9 @@ def _start(kind: str, repo: Path, out: Path, ports: list[int], extra: list[str] 
                "--grpc-port", str(grpc), "--metrics-port", str(metrics), *extra]
     else:
         env = dict(os.environ)
-        cmd = [sys.executable, "-c", "from kiln.cli.main import main; main()", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
-               "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), *extra]
+        cmd = [sys.executable, "-c", "from kiln.cli.main import main; main()", "serve", "--model-repository", str(repo),
+               "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
+               "--metrics-port", str(metrics), *extra]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -301,7 +303,7 @@ def _summary(out: Path, results, cpu_us, servers, configs, concurrency) -> None:
     lines = [f"perf_analyzer on `simple` (Python backend), inferences/s; CPU: {cpu}, {os.cpu_count()} cores; "
              f"command: `python3 benchmarks/triton_side_by_side.py run`", "",
              "| protocol | concurrency | " + " | ".join(servers) + (" | kiln / Triton |" if len(servers) == 2 else " |")
-             + " | ".join(f" {s} server CPU us/inference" for s in servers) + " |",
+             + "".join(f" {s} server CPU us/inference |" for s in servers),
              "|---|---:|" + "---:|" * (2 * len(servers) + (len(servers) == 2))]
     for config in configs:
         for c in concurrency:

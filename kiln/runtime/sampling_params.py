@@ -101,7 +101,8 @@ class SamplingParams:
              f"logprobs must be in [0, 20], got {self.logprobs}"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
-            ("seed", self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, 2**64 - 1], got {self.seed}"),
+            ("seed", self.seed is None or 0 <= self.seed <= MAX_SEED,
+             f"seed must be in [0, 2**64 - 1], got {self.seed}"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids),
              f"stop_token_ids must be >= 0, got {self.stop_token_ids}"),
             ("logit_bias", all(-100 <= v <= 100 for v in (self.logit_bias or {}).values()),
@@ -120,8 +121,6 @@ class SamplingParams:
                                                         f"{type(self.structured).__name__}")
             try:
                 self.structured.check()
-            except SamplingParamsError:
-                raise
             except ValueError as e:
                 raise SamplingParamsError("structured", str(e)) from None
         if self.top_k == -1:

@@ -2,8 +2,8 @@
 
 A request that sends one response at the end would not notice until then, so once its work has run
 ``WATCH_AFTER`` seconds it is raced against the client's ``http.disconnect`` and cancelled when that
-comes first (the model then cancels the request). A streamed response notices at its next write; ``EventStream`` then ends its requests,
-even when the client left before the first event.
+comes first (the model then cancels the request). A streamed response notices at its next write;
+``EventStream`` then ends its requests, even when the client left before the first event.
 """
 from __future__ import annotations
 

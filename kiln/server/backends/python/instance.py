@@ -257,19 +257,19 @@ class PythonInstance(ModelInstance):
             timeout = m["timeout_us"] / 1e6 if m["timeout_us"] > 0 else None
             await asyncio.wait_for(relay(), timeout)
         except ServerError as e:
-            await self._send_quietly(process, _bls_error(call_id, e))
+            self._send_quietly(process, _bls_error(call_id, e))
         except asyncio.TimeoutError:
-            await self._send_quietly(process, _bls_error(call_id, ServerError.unavailable("Request timeout expired")))
+            self._send_quietly(process, _bls_error(call_id, ServerError.unavailable("Request timeout expired")))
         except asyncio.CancelledError:
             if not process.exited:
-                await self._send_quietly(process, _bls_error(call_id, ServerError(Code.CANCELLED, "request cancelled")))
+                self._send_quietly(process, _bls_error(call_id, ServerError(Code.CANCELLED, "request cancelled")))
         except Exception as e:
             log.exception("BLS call of %s to model '%s' failed", self.label, m["model"])
-            await self._send_quietly(process, _bls_error(call_id, ServerError.internal(f"{type(e).__name__}: {e}")))
+            self._send_quietly(process, _bls_error(call_id, ServerError.internal(f"{type(e).__name__}: {e}")))
         finally:
             self._bls.pop(call_id, None)
 
-    async def _send_quietly(self, process: StubProcess, message: dict[str, Any]) -> None:
+    def _send_quietly(self, process: StubProcess, message: dict[str, Any]) -> None:
         with contextlib.suppress(OSError, RuntimeError):
             process.send(message)
 

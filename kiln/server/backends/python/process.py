@@ -57,7 +57,7 @@ class StubProcess:
         self._lost: asyncio.Future | None = None  # done once the attached connection has ended
 
     def request(self, message: dict[str, Any], reply_op: str) -> dict[str, Any]:
-        """Send ``message`` and wait for the reply named ``reply_op`` (before the reader thread runs).
+        """Send ``message`` and wait for the reply named ``reply_op`` (blocking, before ``attach``).
         Raises EOFError when the process ends first."""
         self.conn.send(message)
         while True:
@@ -95,12 +95,8 @@ class StubProcess:
         if self._transport is None:
             self.conn.send(message)
             return
-        pieces = wire.encode(message)
-        if len(pieces) == 1 or sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces) <= 1 << 15:
-            self._transport.write(b"".join(pieces))  # one write for a small message
-        else:
-            for piece in pieces:  # the socket takes what it can of each; asyncio keeps only the rest
-                self._transport.write(piece)
+        for piece in wire.encode(message):  # the socket takes what it can of each; asyncio keeps only the rest
+            self._transport.write(piece)
 
     def exit_status(self, timeout: float = 5.0) -> str:
         """How the process ended ("exit code 1", "killed by signal SIGSEGV"), waiting up to ``timeout``

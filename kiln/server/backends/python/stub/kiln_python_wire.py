@@ -28,11 +28,14 @@ _SMALL = 1 << 15
 
 
 def encode(message: dict[str, Any]) -> list:
-    """The message as the pieces to write in order: the header with the pickle, then each out-of-band buffer."""
+    """The message as the pieces to write in order: the header with the pickle, then each out-of-band buffer
+    (a small message as one piece: one write)."""
     buffers: list[pickle.PickleBuffer] = []
     payload = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
     raws = [b.raw() for b in buffers]
     header = _COUNT.pack(1 + len(raws)) + struct.pack(f"<{1 + len(raws)}Q", len(payload), *(r.nbytes for r in raws))
+    if len(header) + len(payload) + sum(r.nbytes for r in raws) <= _SMALL:
+        return [b"".join([header, payload, *raws])]
     return [header + payload, *raws]
 
 
@@ -45,8 +48,6 @@ class Connection:
 
     def send(self, message: dict[str, Any]) -> None:
         pieces = encode(message)
-        if sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces) <= _SMALL:
-            pieces = [b"".join(pieces)]  # one write for a small message
         with self._send_lock:
             for piece in pieces:
                 self.sock.sendall(piece)

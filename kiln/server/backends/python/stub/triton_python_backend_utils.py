@@ -67,9 +67,8 @@ def numpy_to_triton_type(data_type) -> int | None:
         dtype = np.dtype(data_type)
     except TypeError:
         return None
-    known = _TRITON_TYPE_OF.get(dtype, 0)  # every tensor a model makes asks: answered once per dtype
-    if known != 0:
-        return known
+    if dtype in _TRITON_TYPE_OF:  # every tensor a model makes asks: answered once per dtype
+        return _TRITON_TYPE_OF[dtype]
     number = None
     if dtype.kind in ("O", "S", "U"):
         number = _BYTES
