@@ -141,6 +141,51 @@ def test_priority_queue_serves_levels_in_order_and_applies_each_levels_policy():
     assert QueueConfig().policy(0).timeout_us(300) == 300  # no dynamic batcher: the request's own timeout
 
 
+def test_a_full_queue_counts_what_a_free_worker_is_about_to_take():
+    """Two requests that reach an idle one-at-a-time model in the same turn of the loop: one runs and one
+    waits (max_queue_size 1), as when the worker had taken the first before the second came; the third is
+    refused, and so is the next once the worker holds the first."""
+    import asyncio
+
+    from kiln.server.backends.base import InstanceSpec, ModelInstance
+    from kiln.server.scheduling.queue_policy import QueueConfig
+    from kiln.server.scheduling.scheduler import Scheduler
+    from kiln.server.stats import ModelStats
+
+    class Held(ModelInstance):
+        def __init__(self):
+            super().__init__(InstanceSpec("m_0", "cpu", None))
+            self.go, self.ran = asyncio.Event(), []
+
+        async def execute(self, requests):
+            self.ran += [r.id for r in requests]
+            await self.go.wait()
+            for r in requests:
+                r.respond({}, final=True)
+
+    async def main():
+        config = QueueConfig.from_config(parsed(SIMPLE + "dynamic_batching { default_queue_policy { "
+                                                          "max_queue_size: 1 } }"))
+        instance = Held()
+        scheduler = Scheduler("m", [instance], None, ModelStats("m", 1), False, lambda r: None, config)
+        scheduler.start()
+        await asyncio.sleep(0)  # the worker waits for the first request
+        scheduler.submit(queued(name="a"))
+        scheduler.submit(queued(name="b"))  # a is still in the queue, but the free worker is about to take it
+        with pytest.raises(ServerError, match="Exceeds maximum queue size"):
+            scheduler.submit(queued(name="c"))
+        await asyncio.sleep(0.01)
+        assert instance.ran == ["a"]
+        with pytest.raises(ServerError, match="Exceeds maximum queue size"):
+            scheduler.submit(queued(name="d"))  # a runs, b waits: full
+        instance.go.set()
+        await asyncio.sleep(0.01)
+        assert instance.ran == ["a", "b"]
+        await scheduler.stop()
+
+    asyncio.run(main())
+
+
 def test_response_order_hands_the_turn_on_in_queue_order():
     import asyncio
 

@@ -114,14 +114,15 @@ class PriorityQueue:
             yield from q.pending
             yield from q.delayed
 
-    def push(self, request: InferenceRequest, priority: int) -> int:
+    def push(self, request: InferenceRequest, priority: int, leaving: int = 0) -> int:
         """Queue ``request`` at the level its priority picks; its wait limit in microseconds (0: none).
-        A full level refuses it (503), as Triton's ``max_queue_size``."""
+        A full level refuses it (503), as Triton's ``max_queue_size``. ``leaving``: how many queued requests
+        free workers are about to take (woken, not yet run); they do not count against the limit."""
         level = self.config.level(priority)
         q = self._levels.get(level)
         if q is None:
             q = self._levels[level] = _Level(self.config.policy(level))
-        if q.policy.max_queue_size and len(q) >= q.policy.max_queue_size:
+        if q.policy.max_queue_size and len(q) - min(leaving, len(q)) >= q.policy.max_queue_size:
             raise ServerError.unavailable(f"Exceeds maximum queue size ({q.policy.max_queue_size}) of model "
                                           f"'{request.model_name}'" + (f" at priority level {level}" if level else ""))
         request.priority_level = level

@@ -37,6 +37,7 @@ class Scheduler:
         self._forming = asyncio.Lock()  # one worker forms a batch at a time
         self._running: dict[asyncio.Future, tuple[ModelInstance, list[InferenceRequest]]] = {}
         self._workers: list[asyncio.Task] = []
+        self._busy = 0  # workers that hold a batch (taken from the queue, executing)
         self._stopping = False
 
     def start(self) -> None:
@@ -54,7 +55,10 @@ class Scheduler:
 
     def submit(self, request: InferenceRequest) -> None:
         """Queue ``request`` (its ``priority`` and ``timeout`` parameters were checked on admission)."""
-        timeout_us = self._queue.push(request, request.parameters.get("priority", 0))
+        # Workers not executing take the head of the queue as soon as they run: two requests that arrive
+        # together at an idle model are one running and one waiting, not one waiting and one refused.
+        idle = len(self._workers) - self._busy
+        timeout_us = self._queue.push(request, request.parameters.get("priority", 0), leaving=idle)
         request.queued_ns = time.monotonic_ns()
         self.stats.pending += 1
         self._arrived.set()
@@ -119,7 +123,11 @@ class Scheduler:
             for r in batch:
                 self.stats.pending -= 1
                 r.queue_ns = start - r.queued_ns
-            await self._execute(instance, batch, start)
+            self._busy += 1
+            try:
+                await self._execute(instance, batch, start)
+            finally:
+                self._busy -= 1
 
     async def _execute(self, instance: ModelInstance, batch: list[InferenceRequest], start: int) -> None:
         for r in batch:
