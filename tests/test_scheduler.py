@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from kiln.errors import RequestError
+from kiln.errors import PromptTooLong, RequestError
 from kiln.runtime.kv_cache import BlockManager
 from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.sampling_params import SamplingParams
@@ -280,7 +280,7 @@ def test_without_chunked_prefill_prompts_are_never_split():
 
 def test_admission_refuses_requests_that_can_never_fit():
     sched = scheduler(8, block_size=16, max_seq_len=256)
-    with pytest.raises(RequestError, match=r"is 301 tokens, more than max_seq_len=256"):
+    with pytest.raises(PromptTooLong, match=r"maximum context length is 256 tokens, but .* is 301 tokens"):
         sched.add_request(make("too-long", list(range(3, 303)), 1))
     with pytest.raises(RequestError, match=r"need 9 KV blocks of 16 tokens, but the whole KV cache has 8 blocks"):
         sched.add_request(make("too-big", list(range(3, 123)), 10))

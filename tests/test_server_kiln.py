@@ -255,7 +255,7 @@ def test_a_batch_of_two_rows(server, reference):
     ({"text_input": PROMPT, "max_tokens": 4, "not_an_input": 1}, 400, ["not_an_input"]),
     ({"text_input": PROMPT, "max_tokens": 4, "top_k": 1, "runtime_top_k": 2}, 400, ["top_k", "runtime_top_k"]),
     ({"max_tokens": 4}, 400, ["text_input", "input_ids"]),
-    ({"text_input": "word " * 400, "max_tokens": 4}, 400, ["max_seq_len"]),
+    ({"text_input": "word " * 400, "max_tokens": 4}, 400, ["maximum context length"]),
     ({"text_input": PROMPT, "end_id": 10**6}, 400, ["stop_token_ids"]),
     # A field set through another input is named by that input (SamplingParamsError.field, not the message).
     ({"text_input": PROMPT, "end_id": -3}, 400, ["input 'end_id'", "stop_token_ids must be >= 0"]),

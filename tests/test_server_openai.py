@@ -241,6 +241,12 @@ def test_errors_have_openai_shape_and_status(server, client):
     status, body = _error_of(lambda: client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "word " * 400}]))
     assert status == 400 and body["code"] == "context_length_exceeded"
+    # One context-length rule (the engine's) and one message, whichever protocol asked: 250 + 10 > 256.
+    status, body = _error_of(lambda: client.completions.create(model="tiny", prompt=[5] * 250, max_tokens=10))
+    rule = "maximum context length is 256 tokens, but the prompt (250 tokens) plus max_tokens (10) is 260 tokens"
+    assert status == 400 and body["code"] == "context_length_exceeded" and rule in body["message"]
+    status, text = _call(server, "/v2/models/tiny/generate", {"input_ids": [5] * 250, "max_tokens": 10})
+    assert status == 400 and rule in json.loads(text)["error"]
     status, body = _error_of(lambda: client.completions.create(model="tiny", prompt="x", temperature=3))
     assert status == 400 and body["param"] == "temperature" and "temperature" in body["message"]
     status, body = _error_of(lambda: client.chat.completions.create(model="tiny", messages=CONVERSATION, n=0))

@@ -92,7 +92,7 @@ class CoreFacts:
     num_blocks: int
     block_size: int
 
-    def admission_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
+    def admission_error(self, num_prompt_tokens: int, max_tokens: int) -> RequestError | None:
         return admission_error(self.limits, self.num_blocks, self.block_size, num_prompt_tokens, max_tokens)
 
 
@@ -147,7 +147,7 @@ class EngineCore:
         if leader is not None and not _prompt_done(leader):
             problem = self.scheduler.admission_error(req.num_prompt_tokens, req.sampling_params.max_tokens)
             if problem:
-                raise RequestError(f"request {req.request_id!r}: {problem}")
+                raise type(problem)(f"request {req.request_id!r}: {problem}")
             self._deferred.setdefault(r.after, (leader, []))[1].append(req)
         else:
             self.scheduler.add_request(req)

@@ -36,7 +36,7 @@ class NewRequest:
 
 class InputProcessor:
     def __init__(self, tokenizer: EngineTokenizer, vocab_size: int,
-                 admission_error: Callable[[int, int], str | None], max_prompt_tokens: int | None = None):
+                 admission_error: Callable[[int, int], RequestError | None], max_prompt_tokens: int | None = None):
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens  # a longer text prompt is refused before tokenizing
         self.vocab_size = vocab_size
@@ -68,7 +68,7 @@ class InputProcessor:
                 raise RequestError(f"{name} has token ids out of range [0, {vocab}): {bad[:5]}")
         problem = self._admission_error(len(ids), params.max_tokens)
         if problem:
-            raise RequestError(problem)
+            raise problem
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         eos = self.tokenizer.eos_token_ids

@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from kiln.errors import RequestError
+from kiln.errors import PromptTooLong, RequestError
 from kiln.runtime.kv_cache import BlockManager
 from kiln.runtime import structured_output
 from kiln.runtime.request import Request, RequestStatus
@@ -61,22 +61,34 @@ class SchedulerOutput:
         return len(self.requests)
 
 
-def admission_error(cfg: SchedulerConfig, num_blocks: int, block_size: int, num_prompt_tokens: int,
-                    max_tokens: int) -> str | None:
-    """Why a request of this size could never be served under these limits and a pool of ``num_blocks``
-    blocks, or None. Fixed facts only, so a front end may ask from another thread or process."""
+def context_length_error(num_prompt_tokens: int, max_tokens: int, max_seq_len: int) -> PromptTooLong | None:
+    """The context-length rule, the one every protocol applies: the prompt and the tokens to generate fit in
+    ``max_seq_len``. The error (APIs report it as ``context_length_exceeded``), or None."""
     total = num_prompt_tokens + max_tokens
-    if total > cfg.max_seq_len:
-        return (f"the prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) is {total} tokens, "
-                f"more than max_seq_len={cfg.max_seq_len}; shorten the prompt or lower max_tokens")
+    if total <= max_seq_len:
+        return None
+    return PromptTooLong(f"This model's maximum context length is {max_seq_len} tokens, but the prompt "
+                         f"({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) is {total} tokens; shorten "
+                         "the prompt or lower max_tokens")
+
+
+def admission_error(cfg: SchedulerConfig, num_blocks: int, block_size: int, num_prompt_tokens: int,
+                    max_tokens: int) -> RequestError | None:
+    """Why a request of this size could never be served under these limits and a pool of ``num_blocks``
+    blocks (the error to raise), or None. Fixed facts only, so a front end may ask from another thread or
+    process."""
+    too_long = context_length_error(num_prompt_tokens, max_tokens, cfg.max_seq_len)
+    if too_long is not None:
+        return too_long
+    total = num_prompt_tokens + max_tokens
     need = -(-total // block_size)
     if need > num_blocks:
-        return (f"{total} tokens need {need} KV blocks of {block_size} tokens, but the whole KV cache has "
-                f"{num_blocks} blocks ({num_blocks * block_size} tokens); shorten the request or "
-                f"give the KV cache more memory")
+        return RequestError(f"{total} tokens need {need} KV blocks of {block_size} tokens, but the whole KV cache "
+                            f"has {num_blocks} blocks ({num_blocks * block_size} tokens); shorten the request or "
+                            "give the KV cache more memory")
     if not cfg.enable_chunked_prefill and num_prompt_tokens > cfg.max_num_tokens:
-        return (f"the prompt has {num_prompt_tokens} tokens but a step computes at most "
-                f"max_num_tokens={cfg.max_num_tokens} and chunked prefill is off")
+        return RequestError(f"the prompt has {num_prompt_tokens} tokens but a step computes at most "
+                            f"max_num_tokens={cfg.max_num_tokens} and chunked prefill is off")
     return None
 
 
@@ -100,7 +112,7 @@ class Scheduler:
             raise ValueError(f"request {rid!r} is not a fresh waiting request (status {req.status.value})")
         problem = self.admission_error(req.num_prompt_tokens, req.sampling_params.max_tokens)
         if problem:
-            raise RequestError(f"request {rid!r}: {problem}")
+            raise type(problem)(f"request {rid!r}: {problem}")
         self._requests[rid] = req
         self._enqueue(req)
 
@@ -112,7 +124,7 @@ class Scheduler:
             i -= 1
         self.waiting.insert(i, req)
 
-    def admission_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
+    def admission_error(self, num_prompt_tokens: int, max_tokens: int) -> RequestError | None:
         """Why a request of this size could never be served here, or None (``admission_error``)."""
         bm = self.block_manager
         return admission_error(self.config, bm.num_blocks, bm.block_size, num_prompt_tokens, max_tokens)

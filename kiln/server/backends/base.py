@@ -156,6 +156,10 @@ class Backend(ABC):
     # Config parameters that name files or folders: a config sent with a load request may name them only
     # inside the model's folder (a config.pbtxt in the repository is the operator's, and may name any).
     path_parameters: ClassVar[tuple[str, ...]] = ()
+    # Takes typed ``Generation`` requests (token ids and SamplingParams per prompt: backends/kiln/generation.py)
+    # and offers ``llm()`` (its tokenizer and max_seq_len), ``sampling_defaults`` and ``created``: the models the
+    # OpenAI routes serve. The others are reached through tensors only.
+    takes_generation: ClassVar[bool] = False
 
     @classmethod
     def detect(cls, version_dir: Path) -> bool:

@@ -38,7 +38,6 @@ from kiln.runtime.sampling_params import SamplingParamsError
 from kiln.runtime.tokenizer import LONG_TEXT
 from kiln.server import access
 from kiln.server.access import AccessPolicy
-from kiln.server.backends.kiln import KilnBackend
 from kiln.server.backends.kiln.generation import Generation
 from kiln.server.backends.kiln.served_llm import ServedLLM
 from kiln.server.core import InferenceRequest
@@ -161,8 +160,8 @@ class _Serving:
             raise OpenAIError.invalid("the request body is nested too deeply") from None
 
     def model(self, name: str) -> ServedModel:
-        """The ready model ``name`` served by the kiln backend (503 while it or the server's startup
-        models load, 404 otherwise)."""
+        """The ready model ``name``, of a backend that takes typed ``Generation`` requests (the kiln backend)
+        (503 while it or the server's startup models load, 404 otherwise)."""
         try:
             model = self.server.repository.get(name)
         except ServerError:
@@ -172,14 +171,14 @@ class _Serving:
             # `kiln serve` builds or loads its model gets its answer once the model is ready.
             raise OpenAIError(503, f"The model `{name}` is loading; retry shortly.", "model", "model_loading",
                               headers={"Retry-After": "2"})
-        if model is None or not isinstance(model.backend, KilnBackend):
+        if model is None or not model.backend.takes_generation:
             names = ", ".join(self.model_names()) or "none"
             raise OpenAIError(404, f"The model `{name}` does not exist (served: {names}).", "model",
                               "model_not_found")
         return model
 
     def model_names(self) -> list[str]:
-        return sorted({m.name for m in self.server.repository.served() if isinstance(m.backend, KilnBackend)})
+        return sorted({m.name for m in self.server.repository.served() if m.backend.takes_generation})
 
 
 class ModelsServing:
@@ -857,16 +856,15 @@ async def _completion_prompts(prompt, llm: ServedLLM) -> list[tuple[list[int], s
 
 
 def _max_tokens(requested: int | None, prompt_tokens: int, max_seq_len: int, prompt_name: str) -> int:
-    """The completion's token budget: as asked (when it fits the engine), else what is left of max_seq_len."""
-    if requested is None and prompt_tokens < max_seq_len:
-        return max_seq_len - prompt_tokens
-    total = prompt_tokens + (requested or 1)
-    if total > max_seq_len:
-        raise OpenAIError.invalid(
-            f"This model's maximum context length is {max_seq_len} tokens. However, you requested {total} tokens "
-            f"({prompt_tokens} in the {prompt_name}, {requested or 1} in the completion). Please reduce the length "
-            f"of the {prompt_name} or completion.", prompt_name, "context_length_exceeded")
-    return requested
+    """The completion's token budget: as asked, else (OpenAI's default) what is left of max_seq_len; checked by
+    the engine's own context-length rule, here so the answer names the parameter."""
+    from kiln.runtime.scheduler import context_length_error
+
+    max_tokens = requested if requested is not None else max(max_seq_len - prompt_tokens, 1)
+    too_long = context_length_error(prompt_tokens, max_tokens, max_seq_len)
+    if too_long is not None:
+        raise OpenAIError.invalid(str(too_long), prompt_name, "context_length_exceeded")
+    return max_tokens
 
 
 def _sampling_params(body: api.SamplingRequest, defaults: dict, max_tokens: int, logprobs: int | None,

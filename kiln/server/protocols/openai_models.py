@@ -51,35 +51,37 @@ class StructuredOutputs(_Request):
 
 
 class SamplingRequest(_Request):
-    """The fields completions and chat completions share. None means the default."""
+    """The fields completions and chat completions share. None means the default. Bounds here are OpenAI's
+    own (temperature, n, seed); the sampling fields' ranges are ``SamplingParams``' checks, whose error names
+    the field."""
 
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = None
     n: int = Field(1, ge=1, le=128)
     # OpenAI takes any 64-bit seed; a negative one is used modulo 2**64.
     seed: int | None = Field(None, ge=-(2**63), le=MAX_SEED)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     user: str | None = None  # an end-user id for the caller's own bookkeeping; unused
     # kiln's extras, as vLLM names them
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     # Prefix-cache isolation: only requests with the same salt reuse each other's cached prompt blocks.
-    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
+    cache_salt: str | None = None
     # vLLM's: a lower value is admitted to the engine's running batch first (default 0).
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     # vLLM's: each prompt token's logprob and the this-many most likely tokens in its place.
-    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = None
     # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs (not both).
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -89,7 +91,7 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default; None: up to the engine's max_seq_len
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = None
 
 
 class TextPart(_Request):
@@ -206,7 +208,7 @@ class ResponsesRequest(_Request):
     instructions: str | None = None  # a system message before the input
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = None
     stream: bool = False
     text: TextOptions | None = None
     store: bool | None = None  # kiln keeps no responses: store true is refused
@@ -214,9 +216,9 @@ class ResponsesRequest(_Request):
     user: str | None = None
     # kiln's extras, as vLLM names them
     seed: int | None = Field(None, ge=-(2**63), le=MAX_SEED)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
 
 
 class DetokenizeRequest(_Request):

@@ -56,6 +56,7 @@ class KilnBackend(Backend):
     platforms = ("kiln",)
     default_model_filename = ENGINE_FILE
     path_parameters = ENGINE_PARAMETERS
+    takes_generation = True
 
     @classmethod
     def complete_config(cls, config: cfg.ModelConfig, version_dir: Path) -> None:
