@@ -274,6 +274,42 @@ class TritonPythonModel:
                                             for t in r.inputs()]) for r in requests]
 '''
 
+LARGE = '''
+import mmap
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _in_shared_memory(array):
+    base = array  # down the chain of arrays and memoryviews to the memory's owner
+    while isinstance(base, (np.ndarray, memoryview)):
+        base = base.base if isinstance(base, np.ndarray) else base.obj
+    return isinstance(base, mmap.mmap)
+
+
+class TritonPythonModel:
+    """OUT = IN * 2 + 1; IN_SHM: whether IN arrived in shared memory. HOLD 1 keeps the request's input (so
+    its memory stays in use), -1 lets go of every input kept."""
+
+    def initialize(self, args):
+        self.kept = []
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            values = pb_utils.get_input_tensor_by_name(request, "IN").as_numpy()
+            hold = int(pb_utils.get_input_tensor_by_name(request, "HOLD").as_numpy()[0])
+            shared = _in_shared_memory(values)
+            if hold == 1:
+                self.kept.append(values)
+            elif hold == -1:
+                self.kept.clear()
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("OUT", values * 2 + 1), pb_utils.Tensor("IN_SHM", np.array([shared]))]))
+        return responses
+'''
+
 AUTO = '''
 import triton_python_backend_utils as pb_utils
 
@@ -378,6 +414,12 @@ instance_group [ { kind: KIND_CPU count: 1 } ]
     ios = [f'input {{ name: "IN_{t}" data_type: TYPE_{t} dims: [ -1 ] optional: true }}' for t in types]
     ios += [f'output {{ name: "OUT_{t}" data_type: TYPE_{t} dims: [ -1 ] }}' for t in types]
     _model(root, "py_identity", IDENTITY, 'backend: "python"\nmax_batch_size: 8\n' + "\n".join(ios))
+    _model(root, "py_large", LARGE, """
+backend: "python"
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ -1 ] }, { name: "HOLD" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ -1 ] }, { name: "IN_SHM" data_type: TYPE_BOOL dims: [ 1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+""")
     _model(root, "py_auto", AUTO, None)  # no config.pbtxt: auto_complete_config writes it
     _model(root, "py_bad_init", BAD_INIT, 'backend: "python"\n'
            'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'

@@ -360,6 +360,26 @@ def _successes(clients, model: str) -> int:
     return clients["http"].get_inference_statistics(model)["model_stats"][0]["inference_stats"]["success"]["count"]
 
 
+def test_large_tensors_travel_through_shared_memory_and_the_socket_when_it_is_full(clients):
+    """8 MiB tensors go to the model's process and back through the shared-memory rings (64 MiB a direction):
+    the model's input is the ring's memory. A model that keeps its inputs fills its ring; later
+    tensors then travel on the socket, with the same answers, until it lets go."""
+    client = clients["http"]
+    values = np.arange(2 << 20, dtype=np.float32)
+
+    def call(hold: int) -> bool:
+        arrays = {"IN": values, "HOLD": np.array([hold], dtype=np.int32)}
+        result = client.infer("py_large", make_inputs("http", arrays))
+        np.testing.assert_array_equal(result.as_numpy("OUT"), values * 2 + 1)
+        return bool(result.as_numpy("IN_SHM")[0])
+
+    assert call(0) and call(0)
+    shared = [call(1) for _ in range(10)]  # each kept: 8 fill the ring
+    assert shared[:7] == [True] * 7 and not shared[-1], shared
+    assert not call(-1)  # still full when it arrives; the model lets go of every kept input
+    assert call(0) and call(0)
+
+
 @pytest.mark.parametrize("target", ["simple", "py_add_sub"])
 def test_bls_calls_other_models_through_the_server(clients, target):
     before = _successes(clients, target)

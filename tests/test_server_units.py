@@ -478,6 +478,59 @@ def test_kiln_serve_writes_runtime_parameters_the_kiln_backend_reads(tmp_path):
     assert _runtime_options(params, "m") == {"engine_core": "thread"}
 
 
+def test_python_wire_ring_hands_large_buffers_over_in_shared_memory_and_reuses_what_is_released():
+    """A Ring over one memfd, a writer and a reader (as the server and a model's process map it): buffers
+    come out as arrays over the shared memory itself, 64-byte aligned; space is reused only once every older
+    buffer's arrays are gone (whatever order they go in); a full ring refuses (the sender uses the socket);
+    a buffer that does not fit before the end starts at the beginning. Through encode and the Decoder, large
+    arrays ride the ring and small ones the stream."""
+    import gc
+    import os
+
+    from kiln.server.backends.python.stub import kiln_python_wire as wire
+
+    size = 1 << 20
+    writer = wire.Ring.create(size)
+    reader = wire.Ring(os.dup(writer.fd), size)
+    writer.close_fd()
+    reader.close_fd()
+    chunk = np.arange(300_000 // 4, dtype=np.float32)  # 300,000 bytes: three fit
+    raw = memoryview(chunk).cast("B")
+    starts = [writer.put(raw) for _ in range(3)]
+    assert starts == [0, 300_032, 600_064]  # each at a multiple of 64
+    assert writer.put(raw) is None  # full until the reader lets go
+    taken = [reader.take(start, raw.nbytes) for start in starts]
+    views = [t.view(np.float32) for t in taken]
+    assert all(np.array_equal(v, chunk) for v in views)
+    views[0][0] = 7.0  # the reader's array is the shared memory itself (the writer's mapping sees it), writable
+    assert bytes(writer._data[:4]) == np.float32(7.0).tobytes()
+    del taken[1:], views[1:]  # the newer buffers go first: nothing before the oldest is reusable yet
+    gc.collect()
+    assert writer.put(raw) is None
+    del taken[0], views[0]
+    gc.collect()
+    again = writer.put(raw)  # the end has no room left for it: from the beginning
+    assert again == size and again % size == 0
+    with pytest.raises(ValueError, match="does not lie in the ring"):
+        reader.take(size - 8, 64)
+
+    # Through the wire: a 2 MiB array in the ring (its frame on the stream is its position), a small one inline.
+    messages = [{"op": "response", "key": i, "big": np.full(1 << 19, i, dtype=np.int32),
+                 "small": np.arange(10, dtype=np.int64)} for i in range(3)]
+    big_writer = wire.Ring.create(6 << 20)  # room for the three
+    big_reader = wire.Ring(os.dup(big_writer.fd), 6 << 20)
+    stream = b"".join(bytes(p) for m in messages for p in wire.encode(m, big_writer))
+    assert len(stream) < 10_000  # the big arrays did not travel on the stream
+    decoder = wire.Decoder(big_reader)
+    window = decoder.buffer()
+    window[:len(stream)] = stream
+    got = decoder.filled(len(stream))
+    for sent, received in zip(messages, got):
+        assert np.array_equal(received["big"], sent["big"]) and np.array_equal(received["small"], sent["small"])
+    assert wire.encode(messages[0], big_writer) and len(b"".join(bytes(p) for p in wire.encode(
+        messages[0], big_writer))) > 1 << 21  # the ring is full (the decoded arrays still held): on the stream
+
+
 def test_python_wire_decoder_reads_messages_however_the_bytes_are_cut():
     """The server reads a Python model's messages as the socket hands over bytes (asyncio's BufferedProtocol):
     any split of the stream, frames small and large (read into a buffer of their own), many messages per

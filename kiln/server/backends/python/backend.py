@@ -44,7 +44,7 @@ class PythonBackend(Backend):
 
 def _auto_complete(config: cfg.ModelConfig, path: Path) -> None:
     label = f"model '{config.name}' (auto_complete_config)"
-    process = StubProcess(label)
+    process = StubProcess(label, ring_bytes=0)  # no tensors: no shared memory
     try:
         reply = process.request({"op": "auto_complete", "name": config.name, "version_dir": str(path.parent),
                                  "model_file": path.name, "decoupled": False,

@@ -1,7 +1,8 @@
 """A Python model's process as the server sees it: start it, wait for its replies, read it, stop it.
 
-The process is ``python stub/kiln_python_stub.py FD`` started with ``subprocess``, its end of a Unix
-socket pair passed as FD. Not ``multiprocessing``: the stub imports nothing of the server, so it starts
+The process is ``python stub/kiln_python_stub.py FD [TO FROM SIZE]`` started with ``subprocess``, its end of
+a Unix socket pair passed as FD, and the memfds of the two shared-memory rings for large tensors (``wire.Ring``:
+TO carries what the server sends, FROM what the process sends; SIZE bytes each). Not ``multiprocessing``: the stub imports nothing of the server, so it starts
 in a fraction of a second and inherits none of the server's threads, event loop or sockets. Its
 stdout and stderr are the server's, so a model's ``print`` lands in the server's log.
 
@@ -30,24 +31,33 @@ from kiln.server.backends.python.stub import kiln_python_wire as wire
 log = logging.getLogger("kiln.server")
 
 STUB = Path(__file__).resolve().parent / "stub" / "kiln_python_stub.py"
+# Shared memory per direction for a model process's large tensors (``wire.Ring``): a memfd whose pages are
+# taken as tensors first pass through it; a tensor the ring has no room for travels on the socket.
+RING_BYTES = 64 << 20
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR, "verbose": logging.DEBUG}
 
 
 class StubProcess:
-    def __init__(self, label: str):
+    def __init__(self, label: str, ring_bytes: int | None = None):
         self.label = label  # "model 'm' instance 'm_0_0'", for log lines and errors
+        ring_bytes = RING_BYTES if ring_bytes is None else ring_bytes
         ours, theirs = socket.socketpair()
+        rings = (wire.Ring.create(ring_bytes), wire.Ring.create(ring_bytes)) if ring_bytes else ()
+        fds = (theirs.fileno(), *(ring.fd for ring in rings))
         try:
             # Unbuffered: a model's print reaches the log when it prints, not when the process ends.
-            self.proc = subprocess.Popen([sys.executable, str(STUB), str(theirs.fileno())],
-                                         pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([sys.executable, str(STUB), *map(str, fds), *([str(ring_bytes)] if rings else [])],
+                                         pass_fds=fds, stdin=subprocess.DEVNULL,
                                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
-        self.conn = wire.Connection(ours)
+            for ring in rings:
+                ring.close_fd()
+        # The first ring carries what the server sends, the second what the model's process sends.
+        self.conn = wire.Connection(ours, *rings)
         # Set (under the owner's lock) once the connection has ended; stopping: the server ended it.
         self.exited = False
         self.stopping = False
@@ -87,7 +97,8 @@ class StubProcess:
                 log.exception("handling a message from the Python process of %s failed", self.label)
                 self.proc.kill()
 
-        self._transport, _ = await loop.connect_accepted_socket(lambda: _Channel(handle, lost), sock=sock)
+        self._transport, _ = await loop.connect_accepted_socket(
+            lambda: _Channel(handle, lost, self.conn.recv_ring), sock=sock)
 
     def send(self, message: dict[str, Any]) -> None:
         """Send ``message``: blocking before ``attach``; after it, on the loop and without blocking (nothing
@@ -95,7 +106,8 @@ class StubProcess:
         if self._transport is None:
             self.conn.send(message)
             return
-        for piece in wire.encode(message):  # the socket takes what it can of each; asyncio keeps only the rest
+        for piece in wire.encode(message, self.conn.send_ring):  # the socket takes what it can of each;
+            # asyncio keeps only the rest
             self._transport.write(piece)
 
     def exit_status(self, timeout: float = 5.0) -> str:
@@ -189,8 +201,9 @@ class StubProcess:
 class _Channel(asyncio.BufferedProtocol):
     """Reads the process's messages on the loop, straight into the decoder's buffers."""
 
-    def __init__(self, on_message: Callable[[dict[str, Any]], None], on_lost: Callable[[], None]):
-        self._decoder = wire.Decoder()
+    def __init__(self, on_message: Callable[[dict[str, Any]], None], on_lost: Callable[[], None],
+                 ring: wire.Ring | None):
+        self._decoder = wire.Decoder(ring)
         self._on_message = on_message
         self._on_lost = on_lost
 

@@ -400,7 +400,15 @@ def _exit(code: int) -> None:
 def main() -> None:
     # Ctrl-C reaches the whole process group; the server decides when its models stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stub = Stub(wire.Connection(socket.socket(fileno=int(sys.argv[1]))))
+    # argv: the socket's fd; then, when the server gave shared memory, the fds of the ring it writes and the
+    # ring this process writes, and their size.
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    rings: list[wire.Ring] = []
+    if len(sys.argv) == 5:
+        rings = [wire.Ring(int(fd), int(sys.argv[4])) for fd in sys.argv[2:4]]
+        for ring in rings:
+            ring.close_fd()
+    stub = Stub(wire.Connection(sock, *reversed(rings)))
     _exit(stub.run())
 
 

@@ -9,16 +9,26 @@ The model's process reads with a blocking :class:`Connection` (a reader thread o
 reads on its event loop with a :class:`Decoder` fed by an asyncio protocol (``backends/python/process.py``),
 so no thread of the server waits on the socket and no response crosses between threads.
 
+Large buffers (``RING_MIN`` bytes and up) go through shared memory instead, as Triton's Python backend
+moves tensors: each direction has a :class:`Ring`, a memfd both processes map. The sender copies the buffer
+into its ring and the socket carries only its position (its length flagged with ``IN_RING``); the receiver's
+array is the ring's memory itself, released for the sender to reuse when the receiver drops it. One copy in
+all, where the socket takes two and a fresh buffer (whose first touch of each page costs more than the copy);
+a buffer the ring has no room for at that moment travels on the socket as before.
+
 Both ends are ours (the server and the process it started for the model), so pickle carries no
 foreign data. This module runs on both sides and imports nothing from kiln: the model's process
 imports it from this folder by itself.
 """
 from __future__ import annotations
 
+import mmap
+import os
 import pickle
 import socket
 import struct
 import threading
+import weakref
 from typing import Any
 
 _COUNT = struct.Struct("<I")
@@ -27,37 +37,156 @@ _COUNT = struct.Struct("<I")
 _SMALL = 1 << 15
 
 
-def encode(message: dict[str, Any]) -> list:
+# Buffers this large and up go through the sender's ring when it has room; a frame's length with this bit
+# set says so (the frame on the socket is then the buffer's position in the ring, ``<Q``).
+RING_MIN = 1 << 20
+IN_RING = 1 << 63
+_ALIGN = 64  # each buffer in a ring starts at a multiple of this: its array is aligned for any dtype
+_POSITION = struct.Struct("<Q")
+
+
+class Ring:
+    """One direction's shared memory: a memfd of ``HEADER + size`` bytes that both processes map. One
+    process writes (``put``), the other takes each buffer as an array over the ring itself (``take``), no
+    copy: the bytes stay the array's until the last array over them is gone, then they are released. Positions
+    count bytes written since the start; the header holds ``consumed``, the position up to which every buffer
+    is released, which the writer may overwrite. A buffer never wraps: one that does not fit before the end
+    starts at the beginning, and the bytes skipped count as written. A receiver that holds arrays for long
+    only fills the ring, and the sender's buffers then go on the socket."""
+
+    HEADER = 64
+
+    def __init__(self, fd: int, size: int):
+        self.fd = fd  # until close_fd
+        self.size = size
+        if size % _ALIGN:
+            raise ValueError(f"a ring's size must be a multiple of {_ALIGN} bytes, got {size}")
+        self._map = mmap.mmap(fd, self.HEADER + size)
+        self._data = memoryview(self._map)[self.HEADER:]
+        self._written = 0  # the writer's position
+        self._lock = threading.Lock()  # the reader's releases come from whichever thread drops an array
+        self._held: dict[int, int] = {}  # the reader's: start -> end of each buffer taken, in the ring's order
+        self._released: set[int] = set()  # starts of held buffers no array uses any more
+
+    @classmethod
+    def create(cls, size: int) -> Ring:
+        """A new ring (the server's side): its ``fd`` is passed to the model's process, which maps it too."""
+        fd = os.memfd_create("kiln-python-ring", 0)  # inheritable only where passed (pass_fds)
+        try:
+            os.ftruncate(fd, cls.HEADER + size)  # pages are taken as they are first written
+            return cls(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _consumed(self) -> int:
+        return _POSITION.unpack_from(self._map, 0)[0]
+
+    def put(self, raw: memoryview) -> int | None:
+        """Copy ``raw`` in and return its position, or None when the ring has no room for it now."""
+        n = raw.nbytes
+        start = -(-self._written // _ALIGN) * _ALIGN
+        offset = start % self.size
+        if offset + n > self.size:  # to the beginning
+            start += self.size - offset
+            offset = 0
+        if start + n - self._consumed() > self.size:
+            return None
+        self._data[offset:offset + n] = raw
+        self._written = start + n
+        return start
+
+    def take(self, start: int, n: int):
+        """The ``n`` bytes at ``start`` (a position ``put`` returned, taken in order) as a writable uint8 array
+        over the ring; they are released when no array uses them any more."""
+        import numpy as np  # the model's process has numpy (its inputs are arrays); imported when first used
+
+        offset = start % self.size
+        if n > self.size or offset + n > self.size:
+            raise ValueError(f"a ring frame of {n} bytes at {start} does not lie in the ring")
+        array = np.frombuffer(self._data[offset:offset + n], np.uint8)
+        with self._lock:
+            self._held[start] = start + n
+        weakref.finalize(array, self._release, start)
+        return array
+
+    def _release(self, start: int) -> None:
+        with self._lock:
+            self._released.add(start)
+            consumed = None
+            for first, end in list(self._held.items()):  # the oldest first: consumed moves over released ones
+                if first not in self._released:
+                    break
+                self._released.discard(first)
+                del self._held[first]
+                consumed = end
+            if consumed is not None:
+                _POSITION.pack_into(self._map, 0, consumed)
+
+    def close_fd(self) -> None:
+        """Close the memfd once the other process has it (the mapping holds its own, and goes with the ring)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def encode(message: dict[str, Any], ring: Ring | None = None) -> list:
     """The message as the pieces to write in order: the header with the pickle, then each out-of-band buffer
-    (a small message as one piece: one write)."""
+    (a small message as one piece: one write). With ``ring``, large buffers go into it and only their
+    positions into the pieces (so pieces are written in the order messages were encoded)."""
     buffers: list[pickle.PickleBuffer] = []
     payload = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
-    raws = [b.raw() for b in buffers]
-    header = _COUNT.pack(1 + len(raws)) + struct.pack(f"<{1 + len(raws)}Q", len(payload), *(r.nbytes for r in raws))
-    if len(header) + len(payload) + sum(r.nbytes for r in raws) <= _SMALL:
+    raws: list = [b.raw() for b in buffers]
+    lengths = [len(payload)]
+    for i, raw in enumerate(raws):
+        start = ring.put(raw) if ring is not None and raw.nbytes >= RING_MIN else None
+        if start is None:
+            lengths.append(raw.nbytes)
+        else:
+            lengths.append(IN_RING | raw.nbytes)
+            raws[i] = _POSITION.pack(start)
+    header = _COUNT.pack(len(lengths)) + struct.pack(f"<{len(lengths)}Q", *lengths)
+    if len(header) + len(payload) + sum(memoryview(r).nbytes for r in raws) <= _SMALL:
         return [b"".join([header, payload, *raws])]
     return [header + payload, *raws]
 
 
-class Connection:
-    """One end of the socket. ``send`` may be called from any thread; ``recv`` from one thread at a time."""
+def _wire_length(length: int) -> int:
+    """How many bytes a frame of this (flagged) length takes on the socket."""
+    return _POSITION.size if length & IN_RING else length
 
-    def __init__(self, sock: socket.socket):
+
+def _frame(ring: Ring | None, length: int, got: bytearray):
+    """The frame's bytes: ``got`` itself, or for a frame in the ring, an array over its bytes there."""
+    if not length & IN_RING:
+        return got
+    if ring is None:
+        raise ValueError("a frame in shared memory, but this connection has no ring")
+    return ring.take(_POSITION.unpack(got)[0], length & ~IN_RING)
+
+
+class Connection:
+    """One end of the socket, with the rings it writes to and reads from, if any. ``send`` may be called
+    from any thread; ``recv`` from one thread at a time."""
+
+    def __init__(self, sock: socket.socket, send_ring: Ring | None = None, recv_ring: Ring | None = None):
         self.sock = sock
+        self.send_ring = send_ring
+        self.recv_ring = recv_ring
         self._send_lock = threading.Lock()
 
     def send(self, message: dict[str, Any]) -> None:
-        pieces = encode(message)
-        with self._send_lock:
-            for piece in pieces:
+        with self._send_lock:  # encoded under the lock: the ring's buffers in the order the messages go
+            for piece in encode(message, self.send_ring):
                 self.sock.sendall(piece)
 
     def recv(self) -> dict[str, Any]:
         """The next message; EOFError when the other side has closed the connection."""
         (count,) = _COUNT.unpack(self._exactly(_COUNT.size))
         lengths = struct.unpack(f"<{count}Q", self._exactly(8 * count))
-        frames = [self._exactly(n) for n in lengths]
-        # bytearray frames: the arrays built over them are writable, as a model expects its inputs to be.
+        frames = [_frame(self.recv_ring, n, self._exactly(_wire_length(n))) for n in lengths]
+        # bytearray frames: the arrays built over them are writable, as a model expects its inputs to be
+        # (unless the sender's array was read-only: pickle keeps that flag).
         return pickle.loads(frames[0], buffers=frames[1:])
 
     def _exactly(self, n: int) -> bytearray:
@@ -85,7 +214,8 @@ class Decoder:
     returns the messages they completed. Small frames are copied out of one reusable buffer; a large one
     is read straight into its own ``bytearray``, which its array then uses (writable, as a model expects)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ring: Ring | None = None) -> None:
+        self._ring = ring
         self._buf = bytearray(4 * _SMALL)
         self._start = 0  # unread bytes are _buf[_start:_end]
         self._end = 0
@@ -110,7 +240,7 @@ class Decoder:
             self._big_got += n
             if self._big_got < len(self._big):
                 return []
-            self._frames.append(self._big)
+            self._frames.append(self._big)  # a large frame is never in the ring (that one is 8 bytes)
             self._big = None
         else:
             self._end += n
@@ -132,10 +262,11 @@ class Decoder:
         while len(self._frames) < len(self._lengths):
             if self._big is not None:
                 return None
-            length = self._lengths[len(self._frames)]
+            flagged = self._lengths[len(self._frames)]
+            length = _wire_length(flagged)
             have = self._end - self._start
             if have >= length:
-                self._frames.append(buf[self._start:self._start + length])
+                self._frames.append(_frame(self._ring, flagged, buf[self._start:self._start + length]))
                 self._start += length
             elif length > _SMALL:
                 self._big = bytearray(length)
