@@ -85,6 +85,8 @@ class Ring:
     def put(self, raw: memoryview) -> int | None:
         """Copy ``raw`` in and return its position, or None when the ring has no room for it now."""
         n = raw.nbytes
+        if n > self.size:
+            return None
         start = -(-self._written // _ALIGN) * _ALIGN
         offset = start % self.size
         if offset + n > self.size:  # to the beginning
