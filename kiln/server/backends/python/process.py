@@ -32,8 +32,9 @@ log = logging.getLogger("kiln.server")
 
 STUB = Path(__file__).resolve().parent / "stub" / "kiln_python_stub.py"
 # Shared memory per direction for a model process's large tensors (``wire.Ring``): a memfd whose pages are
-# taken as tensors first pass through it; a tensor the ring has no room for travels on the socket.
-RING_BYTES = 64 << 20
+# taken as tensors first pass through it; a tensor the ring has no room for travels on the socket. 0 where
+# the system has no memfd (not Linux): every tensor on the socket.
+RING_BYTES = 64 << 20 if hasattr(os, "memfd_create") else 0
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR, "verbose": logging.DEBUG}
 
 
@@ -42,7 +43,7 @@ class StubProcess:
         self.label = label  # "model 'm' instance 'm_0_0'", for log lines and errors
         ring_bytes = RING_BYTES if ring_bytes is None else ring_bytes
         ours, theirs = socket.socketpair()
-        rings = (wire.Ring.create(ring_bytes), wire.Ring.create(ring_bytes)) if ring_bytes else ()
+        rings = _rings(ring_bytes, label)
         fds = (theirs.fileno(), *(ring.fd for ring in rings))
         try:
             # Unbuffered: a model's print reaches the log when it prints, not when the process ends.
@@ -196,6 +197,23 @@ class StubProcess:
     def log_line(self, message: dict[str, Any]) -> None:
         where = f" {message['where']}]" if message.get("where") else ""
         log.log(_LEVELS.get(message["level"], logging.INFO), "%s%s %s", self.label, where, message["message"])
+
+
+def _rings(size: int, label: str) -> tuple[wire.Ring, ...]:
+    """The two shared-memory rings of a model process, or none (``size`` 0, or a system that refuses them:
+    its tensors then travel on the socket)."""
+    if not size:
+        return ()
+    made: list[wire.Ring] = []
+    try:
+        for _ in range(2):
+            made.append(wire.Ring.create(size))
+    except OSError as e:
+        log.warning("no shared memory for the tensors of %s (%s); they travel on its socket", label, e)
+        for ring in made:
+            ring.close_fd()
+        return ()
+    return tuple(made)
 
 
 class _Channel(asyncio.BufferedProtocol):
