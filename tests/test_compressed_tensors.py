@@ -52,6 +52,12 @@ ENGINE_FORMATS = {
 # logits with the activations treated as kiln's ops treat them (float32 rounding, and e4m3 roundings that it
 # flips; the asymmetric offsets' float16 rounding in "mixed"): measured 1.6e-5, 1.4e-6 and 9.9e-5.
 EXACT = {"fp8_dynamic": 1e-4, "w4a16_gptq": 1e-5, "mixed": 3e-4}
+# Where activations are rounded to e4m3, one that lies near the middle of two e4m3 values goes one way or the
+# other with the float32 rounding before it, and that differs between machines (the summation order of
+# AVX2 and AVX-512 matrix products): such a flip moves the logits of a few positions by up to a few percent.
+# On an AVX2 AMD EPYC, 3 of fp8_dynamic's 41 positions were off (2.4e-2, 1.2e-3, 7.8e-4), the rest at 4e-7.
+FP8_FLIPS = {"fp8_dynamic", "mixed"}
+FLIP_BOUND = 5e-2
 
 
 def reference(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -103,6 +109,18 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(((got - want).norm(dim=-1) / want.norm(dim=-1)).max())
 
 
+def assert_exact_but_for_flips(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """On the CPU, every position's logits within ``EXACT[name]`` of the tool's; with e4m3 activations,
+    9 positions in 10 (the others moved by e4m3 flips, within FLIP_BOUND). On a GPU, within 1e-3."""
+    errors = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    if DEVICE != "cpu":
+        assert float(errors.max()) < 1e-3
+    elif name in FP8_FLIPS:
+        assert float((errors < EXACT[name]).float().mean()) >= 0.9 and float(errors.max()) < FLIP_BOUND, errors
+    else:
+        assert float(errors.max()) < EXACT[name], errors
+
+
 @pytest.mark.parametrize("name", ENGINE_FORMATS)
 def test_engines_keep_the_formats_and_give_the_tools_logits(name, tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_TUNING", "off")  # the plan as recorded: the references
@@ -114,8 +132,7 @@ def test_engines_keep_the_formats_and_give_the_tools_logits(name, tmp_path, monk
     assert all(fmt in format_text(d) for fmt in ENGINE_FORMATS[name].values())
     ref, _ = reference(name)
     got, greedy = logits_and_greedy(reference_plan(engine), ref["prompt"].tolist())
-    want = ref.get("logits_kiln_activations", ref["logits"])
-    assert relative_error(got, want) < (EXACT[name] if DEVICE == "cpu" else 1e-3)
+    assert_exact_but_for_flips(got, ref.get("logits_kiln_activations", ref["logits"]), name)
     if "logits_kiln_activations" in ref:
         # The tool's own forward rounds attention's activations with one static scale per tensor and
         # gate/up's to int8 per token; kiln's ops do neither (measured 0.135 and 85%).
@@ -198,7 +215,7 @@ def test_other_kv_caches_leave_the_checkpoints_scales(tmp_path, monkeypatch, cap
     assert "kv_cache_scales" not in e.meta
     ref, _ = reference("fp8_kv")
     got, _ = logits_and_greedy(reference_plan(engine), ref["prompt"].tolist())
-    assert relative_error(got, ref["logits_float_kv"]) < (EXACT["fp8_dynamic"] if DEVICE == "cpu" else 1e-3)
+    assert_exact_but_for_flips(got, ref["logits_float_kv"], "fp8_dynamic")
     int8 = build(DATA / "fp8_kv", tmp_path / "int8", BuildConfig(max_seq_len=128, kv_cache_dtype="int8"),
                  progress=False, tune=False)
     scales = read_engine(int8).meta["kv_cache_scales"]
