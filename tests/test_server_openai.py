@@ -247,6 +247,12 @@ def test_errors_have_openai_shape_and_status(server, client):
     assert status == 400 and body["code"] == "context_length_exceeded" and rule in body["message"]
     status, text = _call(server, "/v2/models/tiny/generate", {"input_ids": [5] * 250, "max_tokens": 10})
     assert status == 400 and rule in json.loads(text)["error"]
+    # The sampling ranges are SamplingParams' (one owner), named by their param; an integer past what the
+    # engine core's wire carries is one of them, not a 500.
+    for field, value in (("top_k", 10**30), ("top_p", 5), ("min_p", -1), ("cache_salt", ""), ("min_tokens", -3)):
+        status, body = _error_of(lambda: client.completions.create(model="tiny", prompt="x", max_tokens=2,
+                                                                   extra_body={field: value}))
+        assert status == 400 and body["param"] == field and field in body["message"], (field, body)
     status, body = _error_of(lambda: client.completions.create(model="tiny", prompt="x", temperature=3))
     assert status == 400 and body["param"] == "temperature" and "temperature" in body["message"]
     status, body = _error_of(lambda: client.chat.completions.create(model="tiny", messages=CONVERSATION, n=0))

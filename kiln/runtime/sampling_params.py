@@ -85,7 +85,7 @@ class SamplingParams:
         checks = [
             ("max_tokens", self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             ("temperature", self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            ("top_k", self.top_k >= -1, f"top_k must be >= 0 (0 or -1: off), got {self.top_k}"),
+            ("top_k", -1 <= self.top_k < 2**31, f"top_k must be in [0, 2**31 - 1] (0 or -1: off), got {self.top_k}"),
             ("top_p", 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             ("min_p", 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             ("repetition_penalty", self.repetition_penalty > 0,
