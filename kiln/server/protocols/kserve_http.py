@@ -18,7 +18,6 @@ import logging
 import zlib
 from typing import Any
 
-from pydantic_core import to_json as to_json_bytes
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -31,7 +30,7 @@ from kiln.server.core import InferenceRequest, InferenceResponse, RequestedOutpu
 from kiln.server.errors import Code, ServerError, shown
 from kiln.server.limits import Limits
 from kiln.server.protocols import json_body
-from kiln.server.protocols.disconnect import EventStream, unless_disconnected
+from kiln.server.protocols.disconnect import EventStream, sse_event, unless_disconnected
 from kiln.server.protocols.proto_json import to_json
 from kiln.server.server import InferenceServer, parse_version
 
@@ -247,9 +246,9 @@ class _Api:
                 response = first
                 while True:
                     if response.error is not None:
-                        yield _event({"error": response.error.message})
+                        yield sse_event({"error": response.error.message})
                     elif not response.flag_only:
-                        yield _event(_generate_json(response))
+                        yield sse_event(_generate_json(response))
                     if response.final:
                         return
                     response = await anext(responses)
@@ -303,12 +302,6 @@ def _generate_json(response: InferenceResponse) -> dict[str, Any]:
         data = datatypes.to_list(t.data, datatypes.BY_NAME[t.datatype], f"output '{t.name}'")
         doc[t.name] = data[0] if len(data) == 1 else data
     return doc
-
-
-def _event(doc: dict[str, Any]) -> bytes:
-    """One server-sent event: the document as compact UTF-8 JSON (pydantic's encoder, in Rust: an event per
-    streamed token)."""
-    return b"data: " + to_json_bytes(doc) + b"\n\n"
 
 
 # -- infer: wire -> InferenceRequest ------------------------------------------------------------------

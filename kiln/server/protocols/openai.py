@@ -45,7 +45,7 @@ from kiln.server.errors import Code, ServerError
 from kiln.server.model import ServedModel
 from kiln.server.protocols import json_body, tool_calls
 from kiln.server.protocols import openai_models as api
-from kiln.server.protocols.disconnect import EventStream, unless_disconnected
+from kiln.server.protocols.disconnect import EventStream, sse_event, unless_disconnected
 from kiln.server.server import InferenceServer
 
 log = logging.getLogger("kiln.server")
@@ -306,14 +306,14 @@ class _Generation:
         async def events() -> AsyncIterator[bytes]:
             try:
                 for chunk in chunks(*first):
-                    yield _event(chunk)
+                    yield sse_event(chunk)
                 async for i, out in outputs:
                     for chunk in chunks(i, out):
-                        yield _event(chunk)
+                        yield sse_event(chunk)
                 if usage_chunk is not None:
-                    yield _event(usage_chunk())
+                    yield sse_event(usage_chunk())
             except ServerError as e:
-                yield _event(api.ErrorResponse(error=_engine_error(e).info))
+                yield sse_event(api.ErrorResponse(error=_engine_error(e).info))
             finally:
                 await outputs.aclose()
             if done:
@@ -988,10 +988,3 @@ def _engine_error(e: BaseException) -> BaseException:
     if isinstance(e, ServerError):
         return OpenAIError.from_server_error(e)
     return e
-
-
-# -- streams ----------------------------------------------------------------------------------------------
-
-def _event(message: BaseModel | dict) -> bytes:
-    """One server-sent event: the message as compact UTF-8 JSON (pydantic's own encoder, in Rust)."""
-    return b"data: " + to_json(message) + b"\n\n"

@@ -1,8 +1,9 @@
 """A Python model's process as the server sees it: start it, wait for its replies, read it, stop it.
 
 The process is ``python stub/kiln_python_stub.py FD [TO FROM SIZE]`` started with ``subprocess``, its end of
-a Unix socket pair passed as FD, and the memfds of the two shared-memory rings for large tensors (``wire.Ring``:
-TO carries what the server sends, FROM what the process sends; SIZE bytes each). Not ``multiprocessing``: the stub imports nothing of the server, so it starts
+a Unix socket pair passed as FD, and the memfds of the two shared-memory rings for large tensors
+(``wire.Ring``: TO carries what the server sends, FROM what the process sends; SIZE bytes each). Not
+``multiprocessing``: the stub imports nothing of the server, so it starts
 in a fraction of a second and inherits none of the server's threads, event loop or sockets. Its
 stdout and stderr are the server's, so a model's ``print`` lands in the server's log.
 
@@ -47,8 +48,8 @@ class StubProcess:
         fds = (theirs.fileno(), *(ring.fd for ring in rings))
         try:
             # Unbuffered: a model's print reaches the log when it prints, not when the process ends.
-            self.proc = subprocess.Popen([sys.executable, str(STUB), *map(str, fds), *([str(ring_bytes)] if rings else [])],
-                                         pass_fds=fds, stdin=subprocess.DEVNULL,
+            argv = [sys.executable, str(STUB), *map(str, fds), *([str(ring_bytes)] if rings else [])]
+            self.proc = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL,
                                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
         except BaseException:
             ours.close()
@@ -107,8 +108,8 @@ class StubProcess:
         if self._transport is None:
             self.conn.send(message)
             return
-        for piece in wire.encode(message, self.conn.send_ring):  # the socket takes what it can of each;
-            # asyncio keeps only the rest
+        # The socket takes what it can of each piece; asyncio keeps only the rest.
+        for piece in wire.encode(message, self.conn.send_ring):
             self._transport.write(piece)
 
     def exit_status(self, timeout: float = 5.0) -> str:

@@ -403,12 +403,12 @@ def main() -> None:
     # argv: the socket's fd; then, when the server gave shared memory, the fds of the ring it writes and the
     # ring this process writes, and their size.
     sock = socket.socket(fileno=int(sys.argv[1]))
-    rings: list[wire.Ring] = []
+    to_here = from_here = None
     if len(sys.argv) == 5:
-        rings = [wire.Ring(int(fd), int(sys.argv[4])) for fd in sys.argv[2:4]]
-        for ring in rings:
-            ring.close_fd()
-    stub = Stub(wire.Connection(sock, *reversed(rings)))
+        to_here, from_here = (wire.Ring(int(fd), int(sys.argv[4])) for fd in sys.argv[2:4])
+        to_here.close_fd()
+        from_here.close_fd()
+    stub = Stub(wire.Connection(sock, send_ring=from_here, recv_ring=to_here))
     _exit(stub.run())
 
 
