@@ -24,7 +24,9 @@ timed at load like ``linear``. The reference decodes W once at load into the com
   prompt chunks. Its configs: ``INT4_LINEAR_CONFIGS`` (``triton_plugins.py``).
 - ``tinygemm`` (the 4-bit formats; CUDA, compute capability 8.0+, bfloat16): PyTorch's int4 weight-only
   CUDA kernel (``_weight_int4pack_mm``) over the same 4-bit values, scales and offsets.
-- ``int8pack`` (int8; CPU): PyTorch's int8 weight-only kernel (``_weight_int8pack_mm``), float activations.
+- ``int8pack`` (int8; CPU): PyTorch's int8 weight-only kernel (``_weight_int8pack_mm``) with bfloat16
+  activations (its float32 path is scalar: 7-13x slower at decode rows); a prompt chunk of
+  ``INT8PACK_MAX_ROWS`` rows or more multiplies by the weight decoded at that call, in the compute dtype.
 - ``scaled_mm`` (fp8; CUDA, compute capability 8.9+, bfloat16): ``torch._scaled_mm`` with the weight's
   per-channel scales and each token's activations rounded to e4m3 with a scale of its own (one Triton
   kernel quantizes the rows; a weight whose sides are not multiples of 16, which it does not take, is
@@ -159,21 +161,31 @@ def _register_triton(fmt: BlockFormat) -> None:
            graph_safe=True)(linear)
 
 
+# From this many rows on, int8pack decodes the weight at the call and runs the float GEMM: PyTorch's kernel is a
+# GEMV at heart, 1.6-1.9x slower than that at 1,024 rows on AVX-512 and on AVX2, level near 128
+# (``benchmarks/cpu_packed_rows.py``).
+INT8PACK_MAX_ROWS = 128
+
+
 def _int8pack_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
 def _register_int8pack(fmt: RowFormat) -> None:
-    def prepare(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         values, scales = fmt.split(weight)
-        return values.contiguous(), scales.reshape(-1).to(dtype)
+        scales = scales.reshape(-1, 1).to(dtype)
+        return values.contiguous(), scales.reshape(-1).to(torch.bfloat16), scales
 
-    def linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor],
+    def linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                bias: torch.Tensor | None = None) -> torch.Tensor:
-        values, scales = weight
-        lead = x.shape[:-1]
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(scales.dtype), values, scales)
-        y = y.reshape(*lead, values.shape[0]).to(x.dtype)
+        values, kernel_scales, scales = weight
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] >= INT8PACK_MAX_ROWS:  # a prompt chunk: one float GEMM over the weight decoded here
+            y = F.linear(rows, values.to(x.dtype) * scales.to(x.dtype))
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), values, kernel_scales).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], values.shape[0])
         return y if bias is None else y + bias
 
     plugin(op_name(fmt.name), "int8pack", supports=_int8pack_supported, prepare=prepare, graph_safe=True)(linear)
