@@ -33,7 +33,7 @@ from kiln.errors import EngineError
 from kiln.ops import REFERENCE, get_op
 from kiln.ops.packed_linear import FP8_MAX, FP8_MIN_SCALE, INT8PACK_MAX_ROWS, op_name, round_to_fp8
 from kiln.runtime import LLM, SamplingParams
-from kiln.weight_formats import FORMATS, QUANTIZED, block_format, quantized_format
+from kiln.weight_formats import FORMATS, QUANTIZED, block_format, quantized_format, random_packed
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -112,6 +112,25 @@ def test_every_kernel_of_a_quantized_format_matches_its_reference(fmt, rows):
             assert error < tolerance, (impl.name, error)
             ran.append(impl.name)
     assert REFERENCE in ran
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="PyTorch's int4 CPU kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4pack_computes_the_same_through_the_cpp_call_and_from_python(dtype, monkeypatch):
+    from kiln.ops import cpu_layer_ops
+
+    impl = get_op(op_name("q4_1")).impls["int4pack"]
+    if not impl.supports(torch.device("cpu"), dtype) or not cpu_layer_ops.available():
+        pytest.skip("no int4 CPU kernel or no C++ extension here")
+    g = torch.Generator().manual_seed(0)
+    w = random_packed(FORMATS["q4_1"], (200, 256), generator=g)  # 200 rows: padded to 208 for the kernel
+    x = torch.randn(3, 256, generator=g).to(dtype)
+    weight = impl.prepare(w, dtype)
+    through_cpp = impl.fn(x, weight)
+    monkeypatch.setattr(cpu_layer_ops, "int4pack_linear", lambda *args: None)
+    from_python = impl.fn(x, weight)
+    assert through_cpp.dtype == from_python.dtype == dtype and through_cpp.shape == (3, 200)
+    assert torch.equal(through_cpp, from_python)
 
 
 def test_the_fp8_row_kernel_rounds_as_the_reference():

@@ -39,7 +39,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kiln.ops import cpu_gguf
+from kiln.ops import cpu_gguf, cpu_layer_ops
 from kiln.ops.registry import plugin, reference
 from kiln.ops.triton_plugins import INT4_LINEAR_CONFIGS, _on_cuda
 from kiln.weight_formats import FORMATS, FOUR_BIT, BlockFormat, RowFormat, four_bit_group_size, four_bit_groups
@@ -104,8 +104,10 @@ def _register_int4pack(fmt: BlockFormat) -> None:
     def linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor, int],
                bias: torch.Tensor | None = None) -> torch.Tensor:
         packed, scales_zeros, rows = weight
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group, scales_zeros)
-        y = y[..., :rows].to(x.dtype)
+        y = cpu_layer_ops.int4pack_linear(x, packed, group, scales_zeros, rows)
+        if y is None:  # the C++ extension is not here: the same calls from Python
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group, scales_zeros)
+            y = y[..., :rows].to(x.dtype)
         return y if bias is None else y + bias
 
     plugin(op_name(fmt.name), "int4pack", supports=_int4pack_supported, prepare=prepare, graph_safe=True)(linear)

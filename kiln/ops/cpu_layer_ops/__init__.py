@@ -15,6 +15,9 @@ tokens each (prompt chunks) go to the reference, whose SDPA kernel is the faster
 except in the padded fixed-shape steps of ``cuda_graphs="static"`` (where only the device tensors hold
 the lengths, as in a captured graph; the kernel reads only those there).
 
+``int4pack_linear.cpp``: PyTorch's int4 weight-only kernel with its bfloat16 conversions in one call, for
+``packed_linear``'s ``int4pack`` plugin.
+
 ``token_bitmask.cpp``: a structured output's packed token bitmask applied to the sampler's logits
 (``apply_token_bitmask``, for ``runtime/structured_output.py``).
 
@@ -46,7 +49,7 @@ def _after_load() -> str:
 
 
 _EXTENSION = CppExtension("kiln_cpu", Path(__file__).parent,
-                          ("paged_attention.cpp", "layer_ops.cpp", "token_bitmask.cpp"), (),
+                          ("paged_attention.cpp", "layer_ops.cpp", "token_bitmask.cpp", "int4pack_linear.cpp"), (),
                           "KILN_CPU_MARCH", _after_load, "CPU layer kernels")
 
 
@@ -63,6 +66,15 @@ def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, masks: torch.T
         return False
     _kernels().apply_token_bitmask(logits, rows, masks)
     return True
+
+
+def int4pack_linear(x: torch.Tensor, packed: torch.Tensor, group: int, scales_zeros: torch.Tensor,
+                    rows: int) -> torch.Tensor | None:
+    """PyTorch's int4 CPU kernel with its bfloat16 conversions and the cut of padded rows in one call
+    (``int4pack_linear.cpp``); None where the extension is not loaded (the caller makes the calls itself)."""
+    if _ops is None and not available():
+        return None
+    return _ops.int4pack_linear(x, packed, group, scales_zeros, rows)
 
 
 def _attention_supported(device: torch.device, dtype: torch.dtype) -> bool:
