@@ -32,7 +32,7 @@ def main() -> None:
     # Distinct weights, as many bytes as the model's, so every pass streams them from memory.
     weights = [(op, torch.randn(shape)) for op, shape in [("linear", s) for s in LAYER * 30] + [("logits", LOGITS)]]
     inputs = {k: torch.randn(args.rows, k) for k in {shape[1] for shape in LAYER + [LOGITS]}}
-    impls = ["reference", "onednn"]
+    impls = ["reference", "onednn", "cpu"]
     prepared = {}
     for name in impls:
         prepared[name] = []

@@ -1,7 +1,11 @@
 """The op registry and every plugin against its op's reference implementation."""
 from __future__ import annotations
 
+import os
+import platform
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -104,11 +108,13 @@ def test_op_table_binds_the_plan_and_falls_back_to_the_reference():
 
 
 @pytest.mark.parametrize("op_name", ["linear", "logits"])
-@pytest.mark.parametrize("rows", [1, 8, 37])
-def test_matmul_plugins_match_reference(op_name, rows):
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 37])
+@pytest.mark.parametrize("out_features,in_features", [(200, 96), (203, 100)])  # the second: tiles' and vectors' tails
+def test_matmul_plugins_match_reference(op_name, rows, out_features, in_features):
     op = get_op(op_name)
     g = torch.Generator().manual_seed(rows)
-    x, w, b = torch.randn(rows, 96, generator=g), torch.randn(200, 96, generator=g), torch.randn(200, generator=g)
+    x, w = torch.randn(rows, in_features, generator=g), torch.randn(out_features, in_features, generator=g)
+    b = torch.randn(out_features, generator=g)
     extra = (b,) if op_name == "linear" else ()
     want = op.reference.fn(x, w, *extra)
     checked = 0
@@ -119,6 +125,37 @@ def test_matmul_plugins_match_reference(op_name, rows):
         torch.testing.assert_close(impl.fn(x, weight, *extra), want, rtol=1e-5, atol=1e-4)
         checked += 1
     assert checked or op_name not in ("linear", "logits") or not torch.backends.mkldnn.is_available()
+
+
+_FEW_ROWS_CHECK = """
+import sys, torch
+from kiln.ops import cpu_layer_ops
+assert cpu_layer_ops.available(), "the extension did not build"
+g = torch.Generator().manual_seed(0)
+for rows, n, k in [(1, 203, 100), (4, 64, 576), (7, 9, 48), (16, 130, 33)]:
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+    torch.testing.assert_close(cpu_layer_ops._kernels().few_rows_linear(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+def test_few_rows_linear_in_other_instruction_sets():
+    """The few-rows product built for AVX2 (8-float vectors) and for plain x86-64 (no SIMD intrinsics), each in
+    its own process (a process holds one build), the two builds at once."""
+    procs = {march: subprocess.Popen([sys.executable, "-c", _FEW_ROWS_CHECK], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "KILN_CPU_MARCH": march, "OMP_NUM_THREADS": "1"})
+             for march in ("haswell", "x86-64")}
+    try:
+        for march, proc in procs.items():
+            out, _ = proc.communicate(timeout=600)
+            assert proc.returncode == 0 and out.strip().endswith("ok"), f"{march}: {out}"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 def test_write_kv_cache_puts_each_token_in_its_slot():

@@ -49,7 +49,8 @@ def _after_load() -> str:
 
 
 _EXTENSION = CppExtension("kiln_cpu", Path(__file__).parent,
-                          ("paged_attention.cpp", "layer_ops.cpp", "token_bitmask.cpp", "int4pack_linear.cpp"), (),
+                          ("paged_attention.cpp", "layer_ops.cpp", "token_bitmask.cpp", "int4pack_linear.cpp",
+                           "few_rows_linear.cpp"), (),
                           "KILN_CPU_MARCH", _after_load, "CPU layer kernels")
 
 
@@ -124,6 +125,24 @@ def cpu_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     seq_lens, starts = _step_tensors(meta)
     tables = meta.block_tables if meta.block_tables.is_contiguous() else meta.block_tables.contiguous()
     return _kernels().paged_attention(q, k_cache, v_cache, tables, seq_lens, starts, scale, sliding_window or 0)
+
+
+# The most rows few_rows_linear.cpp takes (a decode step's); more go to the reference (MKL's GEMM).
+FEW_ROWS = 16
+
+
+@plugin("linear", "cpu", supports=_float32_supported, graph_safe=True)
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > FEW_ROWS or not _float_rows(rows, weight):
+        return reference.linear(x, weight, bias)
+    y = _kernels().few_rows_linear(rows, weight).reshape(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
+
+
+@plugin("logits", "cpu", supports=_float32_supported, graph_safe=True)
+def cpu_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return cpu_linear(hidden, weight)
 
 
 @plugin("rms_norm", "cpu", supports=_float32_supported, graph_safe=True)
