@@ -210,13 +210,18 @@ def test_an_interrupted_generate_aborts_its_requests(engine):
         return original(timeout)
 
     llm.engine.step = step
-    # A real SIGINT, as Ctrl-C sends: the core holds it back while a step runs, so it lands between steps.
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "an earlier test left its SIGINT handler"
+    # A real SIGINT, as Ctrl-C sends: the core holds it back while a step runs, so it lands between steps. Python's
+    # own handler for it, which a suite started in the background (SIGINT ignored, as a shell's `&` leaves it)
+    # does not have.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Thread(target=lambda: started.wait(10) and os.kill(os.getpid(), signal.SIGINT))
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        llm.generate([[5] * 20] * 6, SamplingParams(max_tokens=200, ignore_eos=True))
-    timer.join()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([[5] * 20] * 6, SamplingParams(max_tokens=200, ignore_eos=True))
+    finally:
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
     llm.engine.step = original
     # The next call runs only its own requests and nothing is leaked.
     outs = llm.generate([[5, 6], [7, 8]], GREEDY)
