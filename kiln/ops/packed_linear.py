@@ -25,7 +25,7 @@ timed at load like ``linear``. The reference decodes W once at load into the com
 - ``tinygemm`` (the 4-bit formats; CUDA, compute capability 8.0+, bfloat16): PyTorch's int4 weight-only
   CUDA kernel (``_weight_int4pack_mm``) over the same 4-bit values, scales and offsets.
 - ``int8pack`` (int8; CPU): PyTorch's int8 weight-only kernel (``_weight_int8pack_mm``) with bfloat16
-  activations (its float32 path is scalar: 7-13x slower at decode rows); a prompt chunk of
+  activations (its float32 path is scalar: 7-14x slower at one row, 33-37x at eight); a prompt chunk of
   ``INT8PACK_MAX_ROWS`` rows or more multiplies by the weight decoded at that call, in the compute dtype.
 - ``scaled_mm`` (fp8; CUDA, compute capability 8.9+, bfloat16): ``torch._scaled_mm`` with the weight's
   per-channel scales and each token's activations rounded to e4m3 with a scale of its own (one Triton
