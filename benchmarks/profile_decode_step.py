@@ -125,7 +125,12 @@ def main() -> None:
                         for n, v in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]],
     }
     if not cuda:  # no device kernels: torch's CPU ops by their own time (kiln's C++ ops are named kiln_cpu::...)
-        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:14]
+        averages = prof.key_averages()
+        ops = sorted(averages, key=lambda e: -e.self_cpu_time_total)[:14]
+        # All of torch's ops together: the rest of the wall time is Python (the model's code, the engine loop).
+        summary["cpu_ops_total"] = {"ms_per_step": round(sum(e.self_cpu_time_total for e in averages) / steps / 1000, 4),
+                                    "calls_per_step": round(sum(e.count for e in averages) / steps, 1),
+                                    "threads": torch.get_num_threads()}
         summary["cpu_ops"] = [{"name": e.key, "ms_per_step": round(e.self_cpu_time_total / steps / 1000, 4),
                                "calls_per_step": round(e.count / steps, 1)} for e in ops]
     print(f"{args.model}: batch {args.batch}, context {args.context}, graphs {args.graphs}")
@@ -135,6 +140,10 @@ def main() -> None:
         print(f"  {g:16s} {v['ms_per_step']:8.4f} ms  {v['launches_per_step']:6.1f} launches")
     for k in summary["top_kernels"][:14]:
         print(f"    {k['us_per_step']:9.2f} us  x{k['launches_per_step']:<6} {k['name']}")
+    if "cpu_ops_total" in summary:
+        total = summary["cpu_ops_total"]
+        print(f"  torch ops {total['ms_per_step']:.3f} ms in {total['calls_per_step']} calls a step "
+              f"(profiled), {total['threads']} threads at the end")
     for op in summary.get("cpu_ops", []):
         print(f"    {op['ms_per_step']:9.3f} ms  x{op['calls_per_step']:<6} {op['name']}")
     if args.json:

@@ -211,6 +211,34 @@ def test_cpu_attention_kernel_takes_prompt_chunks_and_half_precision(dtype, monk
     torch.testing.assert_close(windowed, dense_attention(q, kv, meta, 0.2, 7), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dim", [64, 128, 40])
+@pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16, torch.int8])
+def test_cpu_attention_kernel_over_head_sizes_and_groups(dim, cache, monkeypatch):
+    """The C++ kernel keeps chunks of query heads in registers for head sizes 64 and 128 (up to 4 and 2 heads a
+    chunk) and loops over any other size: every group size from 1 to 8 (chunk tails included), decode and
+    prompt rows, a window, and caches read in place (float32) or converted a run at a time."""
+    from kiln.ops import cpu_layer_ops as cpu
+    from kiln.ops import reference as ref
+
+    if not cpu.available():
+        pytest.skip("the CPU kernels could not be built here")
+    monkeypatch.setattr(cpu, "MAX_QUERY_TOKENS_PER_SEQ", 10**6)
+    for group in range(1, 9):
+        q, kc, vc, meta, kv = random_paged_batch([37, 1, 70], [1, 1, 9], heads=2 * group, heads_kv=2, dim=dim,
+                                                 block=16, num_blocks=16, seed=group)
+        if cache == torch.int8:  # the reference reads the same rounded values
+            kc, vc = (ref.to_cache_dtype(c * 20, cache) for c in (kc, vc))
+            kv = [tuple(ref.to_cache_dtype(x * 20, cache).float() for x in pair) for pair in kv]
+        else:
+            kc, vc = kc.to(cache), vc.to(cache)
+            kv = [(k.to(cache).float(), v.to(cache).float()) for k, v in kv]
+        for window in (None, 20):
+            got = cpu.cpu_paged_attention(q, kc, vc, meta, 0.05, window)
+            want = dense_attention(q, kv, meta, 0.05, window)  # values up to 127 from the int8 cache
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * max(1.0, float(want.abs().max())),
+                                       msg=lambda m: f"group {group}, window {window}: {m}")
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
 def test_cpu_kernels_write_and_read_a_quantized_cache(kv_dtype):
     """The C++ cache write stores keys and values as reference.to_cache_dtype does (rounded, saturated), and the
@@ -256,6 +284,10 @@ def test_cpu_layer_kernels_match_their_references():
         torch.testing.assert_close(got, want)
     gate_up = torch.randn(3, 2, 80, generator=g)
     torch.testing.assert_close(cpu.cpu_silu_and_mul(gate_up), ref.silu_and_mul(gate_up))
+    # The kernel's own exp, over the range and past both ends of its clamp (e^-87 and e^88).
+    gate = torch.cat((torch.linspace(-120, 120, 4001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 87.5, -88.5])))
+    wide = torch.cat((gate, torch.linspace(-3, 3, gate.numel()))).reshape(1, -1)
+    torch.testing.assert_close(cpu.cpu_silu_and_mul(wide), ref.silu_and_mul(wide), rtol=2e-6, atol=1e-30)
     tokens, heads, heads_kv, dim = 4, 6, 2, 16
     qkv = torch.randn(tokens, heads + 2 * heads_kv, dim, generator=g)
     cos_sin = torch.randn(tokens, 2, dim, generator=g)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kiln.runtime.request import Request
-from kiln.runtime.sampler import Sampler, apply_penalties, chunked_argmax, filter_logits, temper_and_filter
+from kiln.runtime.sampler import (Sampler, amax_argmax, apply_penalties, chunked_argmax, filter_logits,
+                                  temper_and_filter)
 from kiln.runtime.sampling_params import SamplingParams
 
 EOS = 2
@@ -72,14 +73,16 @@ def test_greedy_is_argmax(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_argmax_is_argmax_ties_and_nan_included(dtype):
-    """The GPU's two-pass argmax of few rows (Sampler's row_argmax) picks what one argmax picks."""
+    """The two-pass argmaxes (the GPU's of few rows, the CPU's) pick what one argmax picks."""
     x = random_logits(5, 1024, seed=3).to(dtype)
     x[1, 100] = x[1, 900] = x[1].max() + 1  # a tie across chunks: the first wins
     x[2, 10] = x[2, 11] = x[2].max() + 1  # a tie within a chunk
     x[3] = 0.0  # every token ties
     x[4, 500] = float("nan")  # argmax takes nan as the maximum
+    x[4, 300] = x[4].nan_to_num().max() + 1  # a larger value before it does not win
     for chunks in (16, 64, 256):
         assert chunked_argmax(x, chunks).tolist() == x.argmax(-1).tolist()
+        assert amax_argmax(x, chunks).tolist() == x.argmax(-1).tolist()
 
 
 def test_top_k_1_equals_greedy():

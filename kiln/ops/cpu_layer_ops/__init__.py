@@ -50,7 +50,7 @@ def _after_load() -> str:
 
 _EXTENSION = CppExtension("kiln_cpu", Path(__file__).parent,
                           ("paged_attention.cpp", "layer_ops.cpp", "token_bitmask.cpp", "int4pack_linear.cpp",
-                           "few_rows_linear.cpp"), (),
+                           "few_rows_linear.cpp"), ("vector_math.h",),
                           "KILN_CPU_MARCH", _after_load, "CPU layer kernels")
 
 

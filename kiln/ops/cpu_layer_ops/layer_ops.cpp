@@ -16,6 +16,8 @@
 #include <tuple>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace {
 
 void check_float_rows(const at::Tensor& t, const char* what) {
@@ -84,7 +86,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
       const float *g = xp + r * two_n, *u = g + n;
       float* o = op + r * n;
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      for (int64_t i = 0; i < n; ++i) o[i] = kiln_cpu::silu(g[i]) * u[i];
     }
   });
   return out;

@@ -23,7 +23,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace {
+
+using kiln_cpu::exp_nonpositive;
 
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
@@ -39,39 +43,120 @@ inline const float* as_float(const T* src, float* buffer, int64_t n) {
   return buffer;
 }
 
-// exp(x) for the softmax's x <= 0, in plain arithmetic so that a loop over a row vectorizes (glibc's expf
-// does not): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 7 (relative error
-// under 1e-7, below float32's rounding), 2^n written into the exponent bits. Below -87 it is 0.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+// Sixteen floats as one value: GCC and Clang lower its arithmetic to the widest vectors the target has (one
+// AVX-512 register, two AVX ones, four SSE or NEON ones), so the kernels below need no intrinsics.
+typedef float f16x __attribute__((vector_size(64)));
+inline f16x load16(const float* p) {
+  f16x v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline float sum16(f16x v) {
+  typedef float f8x __attribute__((vector_size(32)));
+  typedef float f4x __attribute__((vector_size(16)));
+  const f8x a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f4x b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// Dot products of ``group`` query rows with one key row: the key is read once for all of them. D > 0 is a
-// head size known when compiling (the loop unrolls); D == 0 takes ``dim`` at run time.
-template <int64_t D>
-inline void key_scores(const float* q, const float* k, int64_t group, int64_t dim, float* out, int64_t stride) {
-  const int64_t n = D > 0 ? D : dim;
-  for (int64_t g = 0; g < group; ++g) {
-    const float* qg = q + g * n;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < n; ++d) s += qg[d] * k[d];
-    out[g * stride] = s;
+// The scores of GB query rows (q, D floats each, scaled) against n keys (k, a row every ``stride`` floats):
+// the query rows stay in registers while the keys stream past, each key read once for all of them.
+template <int D, int GB>
+void chunk_scores(const float* q, const float* k, int64_t n, int64_t stride, float* out, int64_t out_stride) {
+  constexpr int C = D / 16;
+  f16x qv[GB][C];
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < C; ++c) qv[g][c] = load16(q + g * D + c * 16);
+  for (int64_t j = 0; j < n; ++j, k += stride) {
+    f16x kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = load16(k + c * 16);
+    for (int g = 0; g < GB; ++g) {
+      f16x acc = qv[g][0] * kv[0];
+      for (int c = 1; c < C; ++c) acc += qv[g][c] * kv[c];
+      out[g * out_stride + j] = sum16(acc);
+    }
   }
+}
+
+// acc (GB rows of D floats) += p[g][j] * v[j] over n value rows (a row every ``stride`` floats); the
+// accumulators stay in registers for the run.
+template <int D, int GB>
+void chunk_values(const float* p, int64_t p_stride, const float* v, int64_t n, int64_t stride, float* acc) {
+  constexpr int C = D / 16;
+  f16x av[GB][C];
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < C; ++c) av[g][c] = load16(acc + g * D + c * 16);
+  for (int64_t j = 0; j < n; ++j, v += stride) {
+    f16x vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load16(v + c * 16);
+    for (int g = 0; g < GB; ++g) {
+      const float w = p[g * p_stride + j];
+      for (int c = 0; c < C; ++c) av[g][c] += w * vv[c];
+    }
+  }
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < C; ++c) std::memcpy(acc + g * D + c * 16, &av[g][c], sizeof(f16x));
+}
+
+// Any head size: the same products, vectorized by the compiler over the head.
+void rows_scores(const float* q, int64_t group, int64_t dim, const float* k, int64_t n, int64_t stride, float* out,
+                 int64_t out_stride) {
+  for (int64_t j = 0; j < n; ++j, k += stride)
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * dim;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < dim; ++d) s += qg[d] * k[d];
+      out[g * out_stride + j] = s;
+    }
+}
+void rows_values(const float* p, int64_t p_stride, int64_t group, int64_t dim, const float* v, int64_t n,
+                 int64_t stride, float* acc) {
+  for (int64_t j = 0; j < n; ++j, v += stride)
+    for (int64_t g = 0; g < group; ++g) {
+      const float w = p[g * p_stride + j];
+      float* a = acc + g * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) a[d] += w * v[d];
+    }
+}
+
+// A run of keys (or values) against all ``group`` query rows: head sizes 64 and 128 in chunks of query rows
+// that fit the registers (4 of 64, 2 of 128), any other size by the plain loops.
+template <bool Values>
+void run_rows(const float* qp, int64_t q_stride, int64_t group, int64_t dim, const float* rows, int64_t n,
+              int64_t stride, float* out) {
+  const auto chunks = [&](auto d_tag, auto gb_max) {
+    constexpr int D = decltype(d_tag)::value, GB = decltype(gb_max)::value;
+    for (int64_t g = 0; g < group;) {
+      const int64_t left = group - g;
+      const auto one = [&](auto gb_tag) {
+        constexpr int B = decltype(gb_tag)::value;
+        if constexpr (Values)
+          chunk_values<D, B>(qp + g * q_stride, q_stride, rows, n, stride, out + g * D);
+        else
+          chunk_scores<D, B>(qp + g * D, rows, n, stride, out + g * q_stride, q_stride);
+        g += B;
+      };
+      if (left >= GB)
+        one(std::integral_constant<int, GB>());
+      else if (left == 3)
+        one(std::integral_constant<int, 3>());
+      else if (left == 2)
+        one(std::integral_constant<int, 2>());
+      else
+        one(std::integral_constant<int, 1>());
+    }
+  };
+  if (dim == 64)
+    chunks(std::integral_constant<int, 64>(), std::integral_constant<int, 4>());
+  else if (dim == 128)
+    chunks(std::integral_constant<int, 128>(), std::integral_constant<int, 2>());
+  else if constexpr (Values)
+    rows_values(qp, q_stride, group, dim, rows, n, stride, out);
+  else
+    rows_scores(qp, group, dim, rows, n, stride, out, q_stride);
 }
 
 // Each task is one (query token, KV head): its ``group`` query heads against the keys it sees, walked
@@ -88,7 +173,10 @@ void attend(const T* q, const C* k_cache, const C* v_cache, const I* block_table
   const int64_t kv_row = heads_kv * head_dim;          // one cached token's stride
   const int64_t kv_block = block_size * kv_row;        // one block's stride
   at::parallel_for(0, num_tokens * heads_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * head_dim), acc(group * head_dim), kf(head_dim), scores;
+    constexpr bool kFloatCache = std::is_same_v<C, float>;
+    // A run of converted keys or values (caches in another type than float32); a float32 cache is read in place.
+    std::vector<float> qf(group * head_dim), acc(group * head_dim), run(kFloatCache ? 0 : block_size * head_dim),
+        scores, sums(group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task / heads_kv, hk = task % heads_kv;
       const int64_t s = seq_of[t];
@@ -102,30 +190,27 @@ void attend(const T* q, const C* k_cache, const C* v_cache, const I* block_table
       }
       scores.resize(group * count);
       const I* table = block_tables + s * max_blocks;
-      // Keys first..pos, a block's run at a time: (block, first slot in it, keys in it, index of the first).
-      const auto for_each_run = [&](auto&& body) {
+      // Keys first..pos, a block's run at a time, as float32 rows: (rows, their stride, keys in the run,
+      // index of the first).
+      const auto for_each_run = [&](const C* cache, auto&& body) {
         for (int64_t i = 0; i < count;) {
           const int64_t key = first + i;
           const int64_t slot = key % block_size;
           const int64_t n = std::min(block_size - slot, count - i);
-          body(static_cast<int64_t>(table[key / block_size]) * kv_block + slot * kv_row + hk * head_dim, n, i);
+          const C* src = cache + static_cast<int64_t>(table[key / block_size]) * kv_block + slot * kv_row +
+                         hk * head_dim;
+          if constexpr (kFloatCache) {
+            body(src, kv_row, n, i);
+          } else {
+            for (int64_t j = 0; j < n; ++j) as_float(src + j * kv_row, run.data() + j * head_dim, head_dim);
+            body(run.data(), head_dim, n, i);
+          }
           i += n;
         }
       };
-      for_each_run([&](int64_t offset, int64_t n, int64_t i) {
-        const C* k = k_cache + offset;
-        for (int64_t j = 0; j < n; ++j, k += kv_row) {
-          const float* kr = as_float(k, kf.data(), head_dim);
-          float* o = scores.data() + i + j;
-          if (head_dim == 64)
-            key_scores<64>(qf.data(), kr, group, head_dim, o, count);
-          else if (head_dim == 128)
-            key_scores<128>(qf.data(), kr, group, head_dim, o, count);
-          else
-            key_scores<0>(qf.data(), kr, group, head_dim, o, count);
-        }
+      for_each_run(k_cache, [&](const float* rows, int64_t stride, int64_t n, int64_t i) {
+        run_rows<false>(qf.data(), count, group, head_dim, rows, n, stride, scores.data() + i);
       });
-      std::vector<float> sums(group, 0.f);
       for (int64_t g = 0; g < group; ++g) {
         float* row = scores.data() + g * count;
         const float top = *std::max_element(row, row + count);
@@ -138,17 +223,8 @@ void attend(const T* q, const C* k_cache, const C* v_cache, const I* block_table
         sums[g] = sum;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for_each_run([&](int64_t offset, int64_t n, int64_t i) {
-        const C* v = v_cache + offset;
-        for (int64_t j = 0; j < n; ++j, v += kv_row) {
-          const float* vr = as_float(v, kf.data(), head_dim);
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * count + i + j];
-            float* a = acc.data() + g * head_dim;
-#pragma omp simd
-            for (int64_t d = 0; d < head_dim; ++d) a[d] += p * vr[d];
-          }
-        }
+      for_each_run(v_cache, [&](const float* rows, int64_t stride, int64_t n, int64_t i) {
+        run_rows<true>(scores.data() + i, count, group, head_dim, rows, n, stride, acc.data());
       });
       for (int64_t g = 0; g < group; ++g) {
         T* o = out + (t * heads + hk * group + g) * head_dim;
