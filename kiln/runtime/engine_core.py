@@ -33,6 +33,7 @@ from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, admission_error
 from kiln.runtime.step_inputs import Batch, PrevTokens
 from kiln.runtime.structured_output import Grammars
+from kiln.runtime.to_device import moved_to
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ class EngineCore:
         if self._inflight is None:
             return None
         inflight = self._inflight
-        ids = inflight.pending.token_ids if inflight.pending is not None else inflight.host_ids.to(self.device)
+        ids = inflight.pending.token_ids if inflight.pending is not None else moved_to(inflight.host_ids, self.device)
         return ids, inflight.rows
 
     def _fail(self, request_id: str) -> Request:

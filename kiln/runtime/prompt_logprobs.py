@@ -19,6 +19,7 @@ from kiln.runtime.outputs import TokenLogprob
 from kiln.runtime.request import Request
 from kiln.runtime.sampler import HostCopy
 from kiln.runtime.step_inputs import Batch
+from kiln.runtime.to_device import moved_to, tensor_on
 
 # Prompt rows whose logits exist at once: bounds a step's extra memory (about this many rows of
 # vocabulary-wide float32 logits, twice over) whatever the prompt's length.
@@ -57,9 +58,9 @@ def score_prompts(compute_logits: Callable[[torch.Tensor], torch.Tensor], hidden
                   spans: list[PromptSpan]) -> PendingPromptLogprobs:
     """Each span's prompt tokens' logprobs and top-k, from the step's hidden states [tokens, hidden]."""
     device = hidden.device
-    rows = torch.cat([torch.arange(s.row, s.row + s.count) for s in spans]).to(device)
-    targets = torch.tensor([t for s in spans for t in s.request.prompt_token_ids[s.start + 1:s.start + 1 + s.count]],
-                           dtype=torch.long, device=device)
+    rows = moved_to(torch.cat([torch.arange(s.row, s.row + s.count) for s in spans]), device)
+    targets = tensor_on([t for s in spans for t in s.request.prompt_token_ids[s.start + 1:s.start + 1 + s.count]],
+                        torch.long, device)
     k = max(s.request.sampling_params.prompt_logprobs for s in spans)
     chosen, top_lp, top_ids = [], [], []
     for i in range(0, len(rows), ROWS_AT_ONCE):

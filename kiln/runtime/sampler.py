@@ -13,6 +13,7 @@ from kiln.runtime import structured_output
 from kiln.runtime.outputs import TokenLogprob
 from kiln.runtime.request import Request
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.to_device import moved_to, tensor_on
 
 
 @dataclass(slots=True)
@@ -208,8 +209,8 @@ def apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> None:
             values.append(bias)
     if rows:
         device = logits.device
-        logits.index_put_((_index(rows, device), _index(cols, device)),
-                          torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
+        logits.index_put_((_index(rows, device), _index(cols, device)), tensor_on(values, logits.dtype, device),
+                          accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> None:
@@ -319,7 +320,8 @@ def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device
         # np.fromiter is several times faster than torch.tensor on a long Python list.
         ids = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=total))
         rows = torch.repeat_interleave(torch.arange(len(token_lists)), torch.tensor(lengths))
-        counts.index_put_((rows.to(device), ids.to(device)), torch.ones(total, device=device), accumulate=True)
+        counts.index_put_((moved_to(rows, device), moved_to(ids, device)), torch.ones(total, device=device),
+                          accumulate=True)
     return counts
 
 
@@ -379,8 +381,8 @@ def _has_penalties(p: SamplingParams) -> bool:
 
 
 def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+    return tensor_on(values, torch.long, device)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+    return tensor_on(values, torch.float32, device).unsqueeze(1)

@@ -25,6 +25,7 @@ import torch
 
 from kiln.runtime.step_clock import StepClock
 from kiln.runtime.step_inputs import Batch, PrevTokens, StepBatch, StepInputs, StepShape, padding
+from kiln.runtime.to_device import tensor_on
 
 _SMALLEST_CONTEXT = 256
 # Steps of more tokens run eagerly (see above).
@@ -113,4 +114,4 @@ class StepGraphs:
         rows = [i for i, (req, n) in enumerate(batch) if req.num_computed_tokens + n == req.num_tokens]
         if len(rows) == len(batch):
             return logits[: len(batch)]
-        return logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]  # rows may be empty
+        return logits[tensor_on(rows, torch.long, logits.device)]  # rows may be empty

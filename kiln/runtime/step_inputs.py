@@ -90,6 +90,14 @@ class _Buffers:
         self.copied: torch.cuda.Event | None = None
 
 
+def _table(buffers: _Buffers, rows: int, width: int) -> torch.Tensor:
+    """The step's block tables, [rows, width], as the first rows * width entries of the buffer: contiguous, so
+    that the host's copy to the device is one pinned, asynchronous copy. (A [:rows, :width] slice of the
+    [max rows, max blocks] buffer is strided; torch copies a strided host tensor through a pageable one, and
+    CUDA syncs the stream before a copy from pageable memory: the host then waited for the step in flight.)"""
+    return buffers.block_tables.view(-1)[:rows * width].view(rows, width)
+
+
 class BlockRows:
     """The block tables of the requests in flight, a row each, kept across steps (see the module's docstring).
 
@@ -203,7 +211,7 @@ class StepInputs:
         token_ids = h.token_ids[:num_tokens].numpy()
         positions = h.positions[:num_tokens].numpy()
         slots = h.slot_mapping[:num_tokens].numpy()
-        table = h.block_tables[:rows, :width].numpy()
+        table = _table(h, rows, width).numpy()
         query_start_loc = h.query_start_loc[: rows + 1].numpy()
         lengths = h.seq_lens[:rows].numpy()
         offset, fills = self._fill(batch, starts, lens, width, token_ids, positions, slots, table, prev_tokens)
@@ -225,7 +233,7 @@ class StepInputs:
         self._upload(h, "query_start_loc", rows + 1)
         self._upload(h, "seq_lens", rows)
         if self._copy:
-            d.block_tables[:rows, :width].copy_(h.block_tables[:rows, :width], non_blocking=True)
+            d.block_tables.view(-1)[:rows * width].copy_(h.block_tables.view(-1)[:rows * width], non_blocking=True)
         if fills:
             k = len(fills)
             h.fill_dst[:k].numpy()[:] = [dst for dst, _ in fills]
@@ -244,7 +252,7 @@ class StepInputs:
             h.copied.record()
         meta = AttentionMetadata(
             slot_mapping=d.slot_mapping[:num_tokens],
-            block_tables=d.block_tables[:rows, :width],
+            block_tables=_table(d, rows, width),
             query_start_loc=query_start_loc.tolist(),
             seq_lens=lengths.tolist() if pad_to is None else [width * bs] * rows,
             block_size=bs,

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from kiln.errors import RequestError
+from kiln.runtime.to_device import moved_to
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # Compiled matchers kept per core (a copy of one is a request's own state): distinct constraints beyond
@@ -194,8 +195,8 @@ def apply_bitmasks(logits: torch.Tensor, rows: Sequence[int], masks: torch.Tenso
 
 def apply_bitmasks_with_tensor_ops(logits: torch.Tensor, index: torch.Tensor, masks: torch.Tensor) -> None:
     """``apply_bitmasks`` in PyTorch ops, on any device (``index``: the rows, int64 on the host)."""
-    index = index.to(logits.device, non_blocking=True)
-    words = masks.to(logits.device, non_blocking=True)
+    index = moved_to(index, logits.device)
+    words = moved_to(masks, logits.device)
     shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
     allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(index), -1)[:, :logits.shape[1]].bool()
     picked = logits.index_select(0, index)
