@@ -12,8 +12,9 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from kiln.server import validation
+from kiln.server import datatypes, validation
 from kiln.server.backends.base import Backend, InstanceSpec, ModelContext, ModelInstance
 from kiln.server.config import is_decoupled, mc
 from kiln.server.core import InferenceRequest, InferenceResponse
@@ -30,6 +31,21 @@ from kiln.server.stats import BACKEND, CANCELED, REJECTED, ComputeTimes, ModelSt
 log = logging.getLogger("kiln.server")
 
 
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    """An input or output as the model's metadata lists it: its datatype's name and its shape, led by -1 where
+    the model batches."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+def tensor_metas(config, ios) -> tuple[TensorMeta, ...]:
+    batch = (-1,) if config.max_batch_size > 0 else ()
+    return tuple(TensorMeta(io.name, datatypes.by_config(io.data_type).name, batch + tuple(io.dims)) for io in ios)
+
+
 class ServedModel:
     def __init__(self, context: ModelContext, backend: Backend, instances: list[ModelInstance],
                  shm: SharedMemoryManager, load_seconds: float, cancel_grace: float = 10.0):
@@ -43,6 +59,10 @@ class ServedModel:
         self.load_seconds = load_seconds
         self.stats = ModelStats(self.name, self.version)
         self.admission = validation.Admission(self.config, shm)
+        # Read once per load: the metadata route and the generate extension's JSON-to-tensor mapping use them.
+        self.input_metas = tensor_metas(self.config, self.config.input)
+        self.output_metas = tensor_metas(self.config, self.config.output)
+        self.input_by_name = {m.name: m for m in self.input_metas}
         self.outputs = OutputBuilder(self.config, self.version, read_labels(self.config, context.model_dir), shm)
         if self.config.HasField("sequence_batching"):
             self.scheduler: Scheduler = SequenceBatcher(

@@ -12,14 +12,13 @@ from pathlib import Path
 
 from tritonclient.grpc import service_pb2 as pb
 
-from kiln.server import datatypes
 from kiln.server.config import ModelConfig
 from kiln.server.core import InferenceRequest, InferenceResponse
 from kiln.server.errors import ServerError, shown
 from kiln.server.log_settings import LogSettings
 from kiln.server.trace import TraceSettings
 from kiln.server.limits import Limits
-from kiln.server.model import ServedModel
+from kiln.server.model import ServedModel, TensorMeta
 from kiln.server.repository import ModelRepository
 from kiln.server.shm import Region, SharedMemoryManager
 from kiln.version import __version__
@@ -85,16 +84,18 @@ class InferenceServer:
         model = self.repository.get(name, parse_version(version))
         versions = [model] if version else self.repository.versions(name)
         config = model.config
-        batch = [-1] if config.max_batch_size > 0 else []
 
-        def tensors(ios):
-            return [pb.ModelMetadataResponse.TensorMetadata(
-                name=io.name, datatype=datatypes.by_config(io.data_type).name, shape=batch + list(io.dims))
-                for io in ios]
+        def tensors(metas):
+            return [pb.ModelMetadataResponse.TensorMetadata(name=m.name, datatype=m.datatype, shape=m.shape)
+                    for m in metas]
 
         return pb.ModelMetadataResponse(name=name, versions=[str(m.version) for m in versions],
                                         platform=config.platform or config.backend,
-                                        inputs=tensors(config.input), outputs=tensors(config.output))
+                                        inputs=tensors(model.input_metas), outputs=tensors(model.output_metas))
+
+    def input_metadata(self, name: str, version: str = "") -> dict[str, TensorMeta]:
+        """The model's inputs by name (``model_metadata``'s, without building its message)."""
+        return self.repository.get(name, parse_version(version)).input_by_name
 
     def model_config(self, name: str, version: str = "") -> ModelConfig:
         return self.repository.get(name, parse_version(version)).config

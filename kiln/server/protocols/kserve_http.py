@@ -259,7 +259,7 @@ class _Api:
         p = request.path_params
         model, version = p["model"], p.get("version", "")
         doc = await _json_body(request)
-        inputs = {t.name: t for t in self.server.model_metadata(model, version).inputs}
+        inputs = self.server.input_metadata(model, version)
         tensors, parameters = [], {}
         for key, value in {**_parameters(doc), **{k: v for k, v in doc.items() if k != "parameters"}}.items():
             if key in inputs:
