@@ -126,3 +126,27 @@ def test_kept_rows_give_the_rebuilt_step_inputs(seed):
             if seed % 2 == 0:
                 blocks.cache_blocks(req, req.num_computed_tokens)
     assert steps > 150
+
+
+def test_a_wait_for_reused_host_buffers_counts_as_wait_not_prepare():
+    """On a GPU ``prepare`` may wait for the copies of the host buffer set it reuses: the device's time, which
+    the step clock reports as ``wait`` (here an event that takes 50 ms stands for those copies)."""
+    import time
+
+    from kiln.runtime.step_clock import StepClock
+
+    class SlowEvent:
+        def synchronize(self):
+            time.sleep(0.05)
+
+    clock = StepClock()
+    inputs = StepInputs(max_num_tokens=16, max_batch_size=2, max_seq_len=MAX_SEQ, block_size=BS,
+                        device=torch.device("cpu"), dummy_block=DUMMY, clock=clock)
+    blocks = BlockManager(num_blocks=8, block_size=BS, enable_prefix_caching=False)
+    req = Request("r", [5, 6, 7], SamplingParams(max_tokens=4))
+    assert blocks.allocate_slots(req, 3)
+    inputs._hosts[0].copied = SlowEvent()
+    with clock.phase("forward"), clock.phase("prepare"):
+        inputs.prepare([(req, 3)])
+    seconds = clock.snapshot()
+    assert seconds["wait"] >= 0.05 and seconds["prepare"] < 0.04 and seconds["forward"] < 0.01

@@ -71,7 +71,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks + 1, self.device)
         self.inputs = StepInputs(self.max_num_tokens, self.max_batch_size, self.max_seq_len, self.block_size,
-                                 self.device, dummy_block=num_blocks)
+                                 self.device, dummy_block=num_blocks, clock=self.clock)
         if self.cuda_graphs_mode != "off":
             self.graphs = StepGraphs(self._logits_of_last_tokens, self.inputs, self.clock, self.max_batch_size,
                                      self.max_seq_len, self.max_num_tokens, capture=self.cuda_graphs_mode == "on")

@@ -7,7 +7,9 @@ The phases:
 - ``prepare``: the step's inputs (token ids, positions, KV slots, block tables) built and sent to the device;
 - ``forward``: the model (on a GPU: launching its kernels or replaying its graph; on a CPU: computing it);
 - ``sample``: the sampler (launched on a GPU);
-- ``wait``: waiting for the sampled tokens to reach the host (the device's time showing, not the host's work);
+- ``wait``: waiting for the device (the device's time showing, not the host's work): for the sampled tokens to
+  reach the host, and inside ``prepare`` for the earlier copies of the host buffers it reuses (``PREPARE_WAIT``,
+  timed apart and moved from ``prepare`` to ``wait``);
 - ``output``: recording the tokens in the requests and building the step's outputs.
 
 On a GPU the host's share of a step is every phase but ``wait``; with async scheduling the device computes
@@ -20,13 +22,15 @@ from contextlib import contextmanager
 from typing import Iterator
 
 PHASES = ("schedule", "prepare", "forward", "sample", "wait", "output")
+# A wait for the device inside ``prepare``: reported as ``wait``.
+PREPARE_WAIT = "prepare_wait"
 
 
 class StepClock:
     __slots__ = ("seconds",)
 
     def __init__(self) -> None:
-        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.seconds = dict.fromkeys((*PHASES, PREPARE_WAIT), 0.0)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -37,9 +41,13 @@ class StepClock:
             self.seconds[name] += time.perf_counter() - start
 
     def snapshot(self) -> dict[str, float]:
-        """Seconds per phase so far, ``forward`` without the ``prepare`` it contains."""
-        found = dict(self.seconds)
+        """Seconds per phase so far: ``forward`` without the ``prepare`` it contains, ``prepare`` without its
+        waits for the device, which count as ``wait``."""
+        found = {name: self.seconds[name] for name in PHASES}
+        inner = self.seconds[PREPARE_WAIT]
         found["forward"] -= found["prepare"]
+        found["prepare"] -= inner
+        found["wait"] += inner
         return found
 
 

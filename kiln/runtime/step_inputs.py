@@ -21,6 +21,7 @@ import torch
 
 from kiln.ops import AttentionMetadata
 from kiln.runtime.request import Request, RequestStatus
+from kiln.runtime.step_clock import PREPARE_WAIT, StepClock
 
 Batch = list[tuple[Request, int]]
 
@@ -94,7 +95,8 @@ def _table(buffers: _Buffers, rows: int, width: int) -> torch.Tensor:
     """The step's block tables, [rows, width], as the first rows * width entries of the buffer: contiguous, so
     that the host's copy to the device is one pinned, asynchronous copy. (A [:rows, :width] slice of the
     [max rows, max blocks] buffer is strided; torch copies a strided host tensor through a pageable one, and
-    CUDA syncs the stream before a copy from pageable memory: the host then waited for the step in flight.)"""
+    CUDA syncs the stream before a copy from pageable memory, so the host could wait there for the step in
+    flight: see ``kiln.runtime.to_device``.)"""
     return buffers.block_tables.view(-1)[:rows * width].view(rows, width)
 
 
@@ -155,8 +157,9 @@ class BlockRows:
 
 class StepInputs:
     def __init__(self, max_num_tokens: int, max_batch_size: int, max_seq_len: int, block_size: int,
-                 device: torch.device, dummy_block: int = 0):
+                 device: torch.device, dummy_block: int = 0, clock: StepClock | None = None):
         self.block_size = block_size
+        self.clock = clock  # times the wait for a reused host buffer set's copies (PREPARE_WAIT)
         self.device = device
         self.dummy_block = dummy_block
         self.max_blocks = -(-max_seq_len // block_size)
@@ -207,7 +210,11 @@ class StepInputs:
         h = self._hosts[self._turn]
         self._turn = (self._turn + 1) % len(self._hosts)
         if h.copied is not None:
-            h.copied.synchronize()
+            if self.clock is None:
+                h.copied.synchronize()
+            else:
+                with self.clock.phase(PREPARE_WAIT):
+                    h.copied.synchronize()
         token_ids = h.token_ids[:num_tokens].numpy()
         positions = h.positions[:num_tokens].numpy()
         slots = h.slot_mapping[:num_tokens].numpy()
