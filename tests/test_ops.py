@@ -127,7 +127,7 @@ def test_matmul_plugins_match_reference(op_name, rows, out_features, in_features
     assert checked or op_name not in ("linear", "logits") or not torch.backends.mkldnn.is_available()
 
 
-_FEW_ROWS_CHECK = """
+_OTHER_BUILDS_CHECK = """
 import sys, torch
 from kiln.ops import cpu_layer_ops
 assert cpu_layer_ops.available(), "the extension did not build"
@@ -135,15 +135,28 @@ g = torch.Generator().manual_seed(0)
 for rows, n, k in [(1, 203, 100), (4, 64, 576), (7, 9, 48), (16, 130, 33)]:
     x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
     torch.testing.assert_close(cpu_layer_ops._kernels().few_rows_linear(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
+# The attention's 16-float vector types (two AVX registers, four SSE ones) at both unrolled head sizes, SwiGLU's exp.
+from kiln.ops import reference
+from kiln.ops.attention_metadata import AttentionMetadata
+for dim, heads in [(64, 8), (128, 6)]:
+    kc, vc = (torch.randn(6, 16, 2, dim, generator=g) for _ in range(2))
+    meta = AttentionMetadata(slot_mapping=torch.zeros(2, dtype=torch.long), block_tables=torch.tensor([[3, 1], [5, 0]]),
+                             query_start_loc=[0, 1, 2], seq_lens=[29, 7], block_size=16)
+    q = torch.randn(2, heads, dim, generator=g)
+    torch.testing.assert_close(cpu_layer_ops.cpu_paged_attention(q, kc, vc, meta, 0.1),
+                               reference.paged_attention(q, kc, vc, meta, 0.1), rtol=1e-5, atol=1e-5)
+x = torch.randn(3, 2 * 300, generator=g) * 10
+torch.testing.assert_close(cpu_layer_ops.cpu_silu_and_mul(x), reference.silu_and_mul(x), rtol=2e-6, atol=1e-6)
 print("ok")
 """
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
-def test_few_rows_linear_in_other_instruction_sets():
-    """The few-rows product built for AVX2 (8-float vectors) and for plain x86-64 (no SIMD intrinsics), each in
-    its own process (a process holds one build), the two builds at once."""
-    procs = {march: subprocess.Popen([sys.executable, "-c", _FEW_ROWS_CHECK], stdout=subprocess.PIPE,
+def test_layer_kernels_in_other_instruction_sets():
+    """The C++ layer kernels built for AVX2 (8-float vectors) and for plain x86-64 (no SIMD intrinsics): the
+    few-rows product, the attention and SwiGLU, each build in its own process (a process holds one build), the
+    two builds at once."""
+    procs = {march: subprocess.Popen([sys.executable, "-c", _OTHER_BUILDS_CHECK], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "KILN_CPU_MARCH": march, "OMP_NUM_THREADS": "1"})
              for march in ("haswell", "x86-64")}
