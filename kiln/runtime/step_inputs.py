@@ -159,7 +159,8 @@ class StepInputs:
     def __init__(self, max_num_tokens: int, max_batch_size: int, max_seq_len: int, block_size: int,
                  device: torch.device, dummy_block: int = 0, clock: StepClock | None = None):
         self.block_size = block_size
-        self.clock = clock  # times the wait for a reused host buffer set's copies (PREPARE_WAIT)
+        # Times the wait for a reused host buffer set's copies (PREPARE_WAIT): the model runner's clock.
+        self.clock = clock if clock is not None else StepClock()
         self.device = device
         self.dummy_block = dummy_block
         self.max_blocks = -(-max_seq_len // block_size)
@@ -210,11 +211,8 @@ class StepInputs:
         h = self._hosts[self._turn]
         self._turn = (self._turn + 1) % len(self._hosts)
         if h.copied is not None:
-            if self.clock is None:
+            with self.clock.phase(PREPARE_WAIT):
                 h.copied.synchronize()
-            else:
-                with self.clock.phase(PREPARE_WAIT):
-                    h.copied.synchronize()
         token_ids = h.token_ids[:num_tokens].numpy()
         positions = h.positions[:num_tokens].numpy()
         slots = h.slot_mapping[:num_tokens].numpy()
@@ -240,7 +238,7 @@ class StepInputs:
         self._upload(h, "query_start_loc", rows + 1)
         self._upload(h, "seq_lens", rows)
         if self._copy:
-            d.block_tables.view(-1)[:rows * width].copy_(h.block_tables.view(-1)[:rows * width], non_blocking=True)
+            _table(d, rows, width).copy_(_table(h, rows, width), non_blocking=True)
         if fills:
             k = len(fills)
             h.fill_dst[:k].numpy()[:] = [dst for dst, _ in fills]
