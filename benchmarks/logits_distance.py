@@ -15,13 +15,14 @@ import torch
 import transformers
 
 from kiln import LLM, SamplingParams
+from kiln.runtime.llm_engine import live_core_place
 from kiln.runtime.request import Request
 
 
 def main() -> None:
     hf_dir, engine_dir = sys.argv[1], sys.argv[2]
     # A small KV pool: this process also holds transformers' float32 and same-dtype copies of the model.
-    llm = LLM(engine_dir, kv_cache_memory=1 << 30)
+    llm = LLM(engine_dir, kv_cache_memory=1 << 30, engine_core=live_core_place(None))  # its runner is read here
     runner = llm.engine.call(lambda core: core.runner)
     device, dtype = runner.device, runner.dtype
     exact = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()

@@ -19,6 +19,8 @@ from hf_models import make_hf_model  # noqa: E402
 
 # Where kiln runs in the tests: the CPU in CI; KILN_TEST_DEVICE=cuda on the GPU machine.
 DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")
+# engine_core for an LLM whose test reaches into its core with call(closure): inline on a CPU, a thread on a GPU.
+LIVE_CORE = "inline" if DEVICE == "cpu" else "thread"
 
 
 ARCHS = {

@@ -110,6 +110,19 @@ def test_throughput_synthetic_reports_every_field(engine, capsys, tmp_path):
     assert sum(host.values()) * r["num_steps"] <= r["duration_s"] * 1e3
 
 
+def test_throughput_with_the_core_in_a_process_of_its_own(engine, capsys, tmp_path):
+    """--engine-core process, as kiln serve runs it: the same document, what ran and each step's phases read
+    from the core's process (calls into it take only functions that pickle)."""
+    doc = run_json(capsys, ["bench", "throughput", str(engine), "--input-len", "12", "--output-len", "4",
+                            "--num-requests", "5", "--max-batch-size", "3", "--engine-core", "process"], tmp_path)
+    assert "--engine-core process" in doc["command"]
+    assert doc["plan"]["ran"]["linear"] and doc["threads"]["max_threads"] >= 1
+    r = doc["results"]
+    assert r["total_output_tokens"] == 5 * 4 and r["num_steps"] >= 2 * 4
+    host = r["host_ms_per_step"]
+    assert host["forward"] > 0 and host["schedule"] > 0
+
+
 def test_throughput_dataset_with_text_and_ids_and_poisson_arrivals(engine, capsys, tmp_path):
     lines = [
         {"task_id": 0, "prompt": "The quick brown fox jumps", "output_tokens": 5},

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import DEVICE
+from conftest import DEVICE, LIVE_CORE
 from tests_support import last_logits
 from kiln.builder import build, kv_scales
 from kiln.checkpoint.checkpoint import convert, read_checkpoint
@@ -96,7 +96,7 @@ def reference_plan(engine: Path) -> Path:
 
 
 def logits_and_greedy(engine: Path, prompt: list[int]) -> tuple[torch.Tensor, list[int]]:
-    llm = LLM(engine, device=DEVICE)
+    llm = LLM(engine, device=DEVICE, engine_core=LIVE_CORE)
     try:
         logits = last_logits(llm, [prompt[:i] for i in range(1, len(prompt) + 1)])
         out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))

@@ -18,7 +18,9 @@ import pytest
 from kiln.errors import EngineError, KilnError
 from kiln.runtime import LLM, AsyncLLM, RequestFailed, SamplingParams
 from kiln.runtime.engine_core import EngineCore
-from conftest import DEVICE
+from kiln.runtime.config import RuntimeConfig
+from kiln.runtime.llm_engine import core_place, live_core_place
+from conftest import DEVICE, LIVE_CORE
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -131,8 +133,19 @@ def test_a_failed_build_in_the_process_reaches_the_caller(engine, tmp_path):
         AsyncLLM(engine, device=DEVICE, engine_core="inline")
 
 
+def test_where_the_core_steps_by_default():
+    """A process of its own, but for LLM on a CPU (inline); a caller that reaches into its core asks for it in
+    this process (inline on a CPU, a thread on a GPU). Resolved from the config alone: no GPU needed."""
+    cpu, gpu = RuntimeConfig(device="cpu"), RuntimeConfig(device="cuda")
+    assert core_place(cpu, synchronous=True) == "inline"
+    assert core_place(gpu, synchronous=True) == "process"
+    assert core_place(cpu, synchronous=False) == core_place(gpu, synchronous=False) == "process"
+    assert core_place(RuntimeConfig(device="cuda", engine_core="thread"), synchronous=True) == "thread"
+    assert (live_core_place("cpu"), live_core_place("cuda")) == ("inline", "thread")
+
+
 def test_llm_runs_its_core_in_a_process_when_asked(engine):
-    inline, process = LLM(engine, device=DEVICE), LLM(engine, device=DEVICE, engine_core="process")
+    inline, process = LLM(engine, device=DEVICE, engine_core=LIVE_CORE), LLM(engine, device=DEVICE, engine_core="process")
     try:
         prompts = [[5, 6, 7], list(range(30, 60))]
         assert [o.token_ids for o in process.generate(prompts, GREEDY)] == \

@@ -20,7 +20,7 @@ from kiln.runtime import LLM, AsyncLLM, RequestFailed, SamplingParams
 from kiln.runtime.config import RuntimeConfig
 from kiln.runtime.core_thread import EngineCoreThread
 from kiln.runtime.engine_core import EngineCore
-from conftest import DEVICE
+from conftest import DEVICE, LIVE_CORE
 from tests_support import block_bytes
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -64,7 +64,7 @@ def assert_idle(llm: LLM) -> None:
 
 
 def test_a_failing_request_fails_alone_with_its_message(engine):
-    llm = LLM(engine, device=DEVICE)
+    llm = LLM(engine, device=DEVICE, engine_core=LIVE_CORE)
     prompts = [[5, 6, 7], [8, 9] * 10, [10] * 30, [11, 12]]
     expected = llm.generate(prompts, GREEDY)
     poison(llm, {"req-bad"})
@@ -93,7 +93,7 @@ def test_a_failing_request_fails_alone_with_its_message(engine):
 def test_a_prompt_chunk_beside_a_failing_request_goes_on(engine, cuda_graphs):
     """Run alone after a failed step, a request in the middle of its prompt samples nothing: its step
     gives no logits, which is not an error (the graph path once indexed with an empty float tensor)."""
-    llm = LLM(engine, device=DEVICE, cuda_graphs=cuda_graphs, enable_prefix_caching=False)
+    llm = LLM(engine, device=DEVICE, engine_core=LIVE_CORE, cuda_graphs=cuda_graphs, enable_prefix_caching=False)
     long_prompt = [(7 * i) % 250 + 3 for i in range(150)]
     expected = llm.generate([long_prompt], GREEDY)[0].token_ids
     poison(llm, {"req-bad"})
@@ -155,7 +155,7 @@ def _generate_with_id(llm: LLM, request_id: str, poisoned: set[str]):
     ([[]], "empty"),
 ])
 def test_bad_prompts_are_refused_at_submission_and_the_llm_stays_usable(engine, bad, message):
-    llm = LLM(engine, device=DEVICE)
+    llm = LLM(engine, device=DEVICE, engine_core=LIVE_CORE)
     with pytest.raises(RequestError, match=message):
         llm.generate([[5, 6, 7]] * 3 + bad, GREEDY)
     assert llm.generate([[5, 6, 7]], GREEDY)[0].finish_reason == "length"
@@ -201,7 +201,7 @@ def test_a_huge_seed_samples_reproducibly(engine):
 
 
 def test_an_interrupted_generate_aborts_its_requests(engine):
-    llm = LLM(engine, device=DEVICE)
+    llm = LLM(engine, device=DEVICE, engine_core=LIVE_CORE)
     started = threading.Event()
     original = llm.engine.step
 
@@ -272,8 +272,8 @@ def llms(engine):
     def get(policy: str, blocks: int, async_scheduling: bool) -> LLM:
         key = (policy, blocks, async_scheduling)
         if key not in made:
-            made[key] = LLM(engine, device=DEVICE, policy=policy, kv_cache_memory=blocks * block_bytes(engine),
-                            async_scheduling=async_scheduling)
+            made[key] = LLM(engine, device=DEVICE, engine_core=LIVE_CORE, policy=policy,
+                            kv_cache_memory=blocks * block_bytes(engine), async_scheduling=async_scheduling)
         return made[key]
 
     return get
@@ -364,7 +364,7 @@ def test_async_scheduling_gives_the_same_results(engine):
     small = 14 * block_bytes(engine)  # small enough to preempt
     runs = {}
     for mode in (False, True):
-        llm = LLM(engine, device=DEVICE, async_scheduling=mode, kv_cache_memory=small)
+        llm = LLM(engine, device=DEVICE, engine_core=LIVE_CORE, async_scheduling=mode, kv_cache_memory=small)
         outs = llm.generate(prompts, params)
         runs[mode] = [[(c.token_ids, c.finish_reason, c.stop_reason, [lp.token_id for lp in c.logprobs or []],
                         [lp.logprob for lp in c.logprobs or []]) for c in o.outputs] for o in outs]
@@ -382,6 +382,6 @@ def test_async_scheduling_with_static_cuda_graphs(engine):
     prompts = [[5, 6, 7], [9] * 20, [11] * 33]
     params = SamplingParams(max_tokens=25, temperature=0, ignore_eos=True)
     eager = LLM(engine, device=DEVICE, cuda_graphs="off", async_scheduling=False).generate(prompts, params)
-    llm = LLM(engine, device=DEVICE, cuda_graphs="static", async_scheduling=True)
+    llm = LLM(engine, device=DEVICE, engine_core=LIVE_CORE, cuda_graphs="static", async_scheduling=True)
     assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in eager]
     assert_idle(llm)

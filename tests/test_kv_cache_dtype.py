@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEVICE
+from conftest import DEVICE, LIVE_CORE
 from hf_models import make_hf_model
 import tests_support
 from tests_support import block_bytes, last_logits, text_prefixes
@@ -36,7 +36,7 @@ def engine_logits(engine, prompts: list[list[int]], scales: dict | None = None) 
     if scales is None:
         return tests_support.engine_logits(engine, prompts, DEVICE)
     # (set after load, so no CUDA graph may have captured the layers before)
-    llm = LLM(engine, device=DEVICE, cuda_graphs="off")
+    llm = LLM(engine, device=DEVICE, engine_core=LIVE_CORE, cuda_graphs="off")
     try:
         llm.engine.call(lambda core: set_kv_cache_scales(core.runner.model, scales))
         return last_logits(llm, prompts)

@@ -8,7 +8,7 @@ import pytest
 
 from kiln.errors import RequestError
 from kiln.runtime import LLM, SamplingParams
-from conftest import DEVICE
+from conftest import DEVICE, LIVE_CORE
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 def test_batched_outputs_equal_one_at_a_time(engine):
-    llm = LLM(engine, device=DEVICE)
+    llm = LLM(engine, device=DEVICE, engine_core=LIVE_CORE)
     prompts = mixed_prompts(16)
     batched = llm.generate(prompts, GREEDY)
     alone = [llm.generate([p], GREEDY)[0] for p in prompts]
@@ -51,7 +51,8 @@ def test_small_pool_preempts_with_identical_outputs(engine):
     prompts = long_prompts()
     reference = LLM(engine, device=DEVICE).generate(prompts, LONG)
     # 12 blocks of 16 tokens cannot hold 8 requests that each grow by 40 tokens at once.
-    small = LLM(engine, device=DEVICE, kv_cache_memory=12 * _block_bytes(engine), enable_prefix_caching=False)
+    small = LLM(engine, device=DEVICE, engine_core=LIVE_CORE, kv_cache_memory=12 * _block_bytes(engine),
+                enable_prefix_caching=False)
     outs = small.generate(prompts, LONG)
     assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
     assert small.engine.stats().num_preemptions > 0
@@ -98,7 +99,7 @@ def test_seeded_sampling_is_independent_of_the_batch(engine):
 
 
 def test_n_completions_share_the_prompt_blocks(engine):
-    llm = LLM(engine, device=DEVICE)
+    llm = LLM(engine, device=DEVICE, engine_core=LIVE_CORE)
     prompt = mixed_prompts(1, seed=7)[0] * 3  # long enough for full blocks
     out = llm.generate([prompt], SamplingParams(n=3, max_tokens=6, seed=10, ignore_eos=True))[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
@@ -126,7 +127,7 @@ def test_stop_strings_and_logprobs(engine):
 
 
 def test_admission_refuses_requests_that_can_never_fit(engine):
-    llm = LLM(engine, device=DEVICE)
+    llm = LLM(engine, device=DEVICE, engine_core=LIVE_CORE)
     with pytest.raises(RequestError, match="maximum context length"):
         llm.generate([[5] * 250], SamplingParams(max_tokens=10))
     with pytest.raises(RequestError, match="out of range"):
@@ -149,7 +150,7 @@ def test_graph_shaped_steps_give_identical_outputs(engine):
     chunks beside decodes), run eagerly on a CPU or replayed on a GPU: same tokens, no leaks."""
     prompts = mixed_prompts(11, seed=4)
     eager = LLM(engine, device=DEVICE, cuda_graphs="off").generate(prompts, LONG)
-    graphed = LLM(engine, device=DEVICE, cuda_graphs="static" if DEVICE == "cpu" else "on")
+    graphed = LLM(engine, device=DEVICE, engine_core=LIVE_CORE, cuda_graphs="static" if DEVICE == "cpu" else "on")
     shapes = []
     graphs = graphed.engine.call(lambda core: core.runner.graphs)
     original = graphs.run

@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
-from conftest import DEVICE
+from conftest import DEVICE, LIVE_CORE
 from gguf_helpers import write_tiny_gguf
 from tests_support import last_logits
 from kiln.builder import build, refit
@@ -108,7 +108,7 @@ def test_a_packed_engine_computes_what_its_decoded_weights_do(mixed_engines, tmp
 
     prompts = [[1, 5, 9, 200], list(range(3, 40)), [7] * 17]
     packed, decoded = mixed_engines
-    want = last_logits(LLM(decoded, device=DEVICE), prompts)
+    want = last_logits(LLM(decoded, device=DEVICE, engine_core=LIVE_CORE), prompts)
     # The same engine with every packed op's plan entry set to its reference, bound as recorded.
     as_reference = tmp_path / "reference-plan"
     shutil.copytree(packed, as_reference)
@@ -117,12 +117,12 @@ def test_a_packed_engine_computes_what_its_decoded_weights_do(mixed_engines, tmp
         meta["plan"][op_name(fmt)] = {"impl": REFERENCE}
     (as_reference / "engine.json").write_text(json.dumps(meta))
     monkeypatch.setenv("KILN_TUNING", "off")
-    exact = LLM(as_reference, device=DEVICE)
+    exact = LLM(as_reference, device=DEVICE, engine_core=LIVE_CORE)
     for got, ref in zip(last_logits(exact, prompts), want):
         assert float((got - ref).norm() / ref.norm()) < 1e-5
     exact.shutdown()
     monkeypatch.setenv("KILN_TUNING", "on")
-    fast = LLM(packed, device=DEVICE)
+    fast = LLM(packed, device=DEVICE, engine_core=LIVE_CORE)
     for got, ref in zip(last_logits(fast, prompts), want):
         assert float((got - ref).norm() / ref.norm()) < 5 * KERNEL_TOLERANCE
     fast.shutdown()
@@ -148,8 +148,8 @@ def test_smollm2_packed_against_its_decoded_weights(smollm2_packed_engine, smoll
     (under 5% on the boxes before it)."""
     texts = ["The capital of France is", "Once upon a time, in a small village,", "The three primary colors are",
              "Water boils at a temperature of", "def fibonacci(n):\n    "]
-    packed = LLM(smollm2_packed_engine, device=DEVICE)
-    decoded = LLM(smollm2_engine, device=DEVICE)
+    packed = LLM(smollm2_packed_engine, device=DEVICE, engine_core=LIVE_CORE)
+    decoded = LLM(smollm2_engine, device=DEVICE, engine_core=LIVE_CORE)
     prompts = [packed.tokenizer.encode(t) for t in texts]
     agree = 0
     for got, ref in zip(last_logits(packed, prompts), last_logits(decoded, prompts)):

@@ -8,7 +8,7 @@ import transformers
 from kiln.builder.engine_cache import default_model
 from kiln.bench.hf_baseline import dense_gguf
 from kiln.runtime import LLM, SamplingParams
-from conftest import DEVICE
+from conftest import DEVICE, LIVE_CORE
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ CHAT = [{"role": "user", "content": "What is the largest planet in the solar sys
 
 @pytest.fixture(scope="module")
 def llm(smollm2_engine):
-    return LLM(smollm2_engine, device=DEVICE)
+    return LLM(smollm2_engine, device=DEVICE, engine_core=LIVE_CORE)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def llm_bf16(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2-bf16") / "engine"
     # Decoded to dense bfloat16, as transformers' bfloat16 run holds the weights.
     build(default_model(), out, BuildConfig(dtype="bfloat16", max_seq_len=512), progress=False, keep_packed=False)
-    return LLM(out, device=DEVICE)
+    return LLM(out, device=DEVICE, engine_core=LIVE_CORE)
 
 
 def test_bfloat16_matches_transformers_bfloat16(llm_bf16, hf):

@@ -71,9 +71,14 @@ def _check(out: RequestOutput) -> None:
         raise KilnError(f"benchmark request {out.request_id} failed: {out.error}")
 
 
+def _reset_prefix_cache(core) -> bool:
+    return core.block_manager.reset_prefix_cache()
+
+
 def _fresh_prefix_cache(engine: LLMEngine) -> None:
-    # Warmup (or an earlier iteration) must not hand the measured requests cached prefixes.
-    if not engine.call(lambda core: core.block_manager.reset_prefix_cache()):
+    # Warmup (or an earlier iteration) must not hand the measured requests cached prefixes. (A module-level
+    # function: a core in a process of its own takes only one that pickles.)
+    if not engine.call(_reset_prefix_cache):
         raise RuntimeError("the prefix cache cannot be reset while requests hold KV blocks")
 
 

@@ -28,13 +28,14 @@ def run_text(engine_dir: Path, device: torch.device, on_load: Callable[[Any, int
     from kiln.engine import read_engine
     from kiln.runtime.kv_pool import kv_cache_spec
     from kiln.runtime.llm import LLM
+    from kiln.runtime.llm_engine import live_core_place
     from kiln.runtime.sampling_params import SamplingParams
 
     engine = read_engine(engine_dir)
     spec = kv_cache_spec(engine)
     blocks = -(-engine.build.max_seq_len // spec.block_size) + 1
     llm = LLM(engine, device=str(device), kv_cache_memory=blocks * spec.bytes_per_block, cuda_graphs="off",
-              enable_prefix_caching=False, verify_weights=False)
+              enable_prefix_caching=False, verify_weights=False, engine_core=live_core_place(device))
     try:
         ids = llm.tokenizer.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"))
         if on_load is not None:

@@ -46,6 +46,9 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     r = t.add_argument_group("runtime")
     r.add_argument("--max-batch-size", type=int, default=None, help="running requests at most (default: the engine's)")
     r.add_argument("--max-num-tokens", type=int, default=None, help="tokens per step at most (default: the engine's)")
+    r.add_argument("--engine-core", choices=["auto", "inline", "thread", "process"], default="auto",
+                   help="where the engine core steps (default auto: inline on a CPU, a thread on a GPU; process: one of "
+                        "its own, as kiln serve runs it)")
     _add_machine_options(t)
     _add_output_options(t)
     t.set_defaults(run=_throughput, bench_parser=t)
@@ -149,7 +152,8 @@ def _throughput(args: argparse.Namespace) -> None:
         llm = LLMEngine(str(engine_dir), RuntimeConfig(device=args.device, max_batch_size=args.max_batch_size,
                                                        max_num_tokens=args.max_num_tokens,
                                                        kv_cache_memory=_kv_bytes(args),
-                                                       cuda_graphs=args.cuda_graphs))
+                                                       cuda_graphs=args.cuda_graphs,
+                                                       engine_core=args.engine_core))
         result = run_throughput(llm, dataset, args.request_rate, args.warmup, args.seed)
         settings = {"request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
                     "warmup": args.warmup, "seed": args.seed, "busy_neighbours": args.busy_neighbours}
@@ -311,7 +315,7 @@ def _document(args: argparse.Namespace, llm: LLMEngine, engine: Engine, dataset:
 
     limits = llm.limits
     source = engine.meta.get("source") or {}
-    runner = llm.call(lambda core: core.runner)
+    ran = llm.call(_plan_ran)
     return {
         "benchmark": args.benchmark,
         "command": _command_line(args),
@@ -325,13 +329,21 @@ def _document(args: argparse.Namespace, llm: LLMEngine, engine: Engine, dataset:
         },
         # The plan as built, what ran (chosen at load on a CPU: kiln/runtime/tuned_plan.py) and how.
         "plan": {"built": {op: entry.get("impl") for op, entry in (engine.plan or {}).items()},
-                 "ran": dict(runner.ops.choices), "chosen_at_load": [c.to_dict() for c in runner.tuning]},
-        "threads": runner.threads.summary(),
+                 "ran": ran["ran"], "chosen_at_load": ran["chosen_at_load"]},
+        "threads": ran["threads"],
         "dataset": dataset,
         "settings": settings,
         "results": results,
         "hf": None,
     }
+
+
+def _plan_ran(core) -> dict:
+    """What the core's runner ran and how (a module-level function: a core in a process of its own takes only
+    one that pickles, and sends back plain values)."""
+    runner = core.runner
+    return {"ran": dict(runner.ops.choices), "chosen_at_load": [c.to_dict() for c in runner.tuning],
+            "threads": runner.threads.summary()}
 
 
 def _command_line(args: argparse.Namespace) -> str:

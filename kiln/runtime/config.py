@@ -35,7 +35,7 @@ class RuntimeConfig:
     verify_weights: bool = True
     # Where the engine core steps: "process" (a process of its own, core_process: no interpreter lock shared
     # with the front end), "thread" (a thread of this process), "inline" (the caller's thread, LLM only), or
-    # "auto": a process for AsyncLLM and the server; for LLM, inline on a CPU and a thread on a GPU.
+    # "auto": a process, but for LLM on a CPU, where it steps inline (``llm_engine.core_place`` says why).
     engine_core: EngineCorePlace = "auto"
 
     def __post_init__(self) -> None:

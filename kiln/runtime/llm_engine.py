@@ -3,10 +3,10 @@
 ``add_request`` checks and submits; ``step`` takes the core's next outputs and turns them into
 ``RequestOutput``s (detokenized, stop strings applied, n>1 merged). ``LLM`` and the benchmarks drive
 it; ``AsyncLLM`` is the same pieces delivered to asyncio callers. By default (``engine_core="auto"``),
-on a GPU the core steps in its own thread (so the host prepares the next step while the device runs
-this one); on a CPU it steps in the caller's thread, which a synchronous caller gives up during a step
-anyway (``core_thread.InlineCore``); ``engine_core="process"`` puts it in a process of its own
-(``core_process``), as ``AsyncLLM`` does.
+on a GPU the core steps in a process of its own (``core_process``), as ``AsyncLLM``'s does; on a CPU it
+steps in the caller's thread, which a synchronous caller gives up during a step anyway
+(``core_thread.InlineCore``). A caller that reaches into the core with ``call(closure)`` asks for
+``live_core_place(device)``: a thread on a GPU.
 """
 from __future__ import annotations
 
@@ -45,15 +45,28 @@ def core_factory(engine: str | Engine, config: RuntimeConfig):
 
 
 def core_place(config: RuntimeConfig, synchronous: bool) -> str:
-    """Where a client's core steps (``RuntimeConfig.engine_core``), "auto" resolved: for a synchronous
-    caller (``LLM``) inline on a CPU and a thread on a GPU; for an asynchronous one (``AsyncLLM``, the
-    server) a process of its own. Only a synchronous caller can step a core inline."""
+    """Where a client's core steps (``RuntimeConfig.engine_core``), "auto" resolved: a process of its own, but
+    for a synchronous caller (``LLM``) on a CPU, where it steps inline. Only a synchronous caller can step a
+    core inline.
+
+    Why a process on a GPU, also for ``LLM``: a core in a thread shares the interpreter lock with the caller's
+    detokenizing, and each time the core lets the lock go (a copy, a launch) the caller may keep it for the
+    interpreter's switch interval (5 ms). On an H100 host, the 8B shape at batch 256 (``kiln bench
+    throughput``, BENCHMARKS.md): the host's share of a step 6.9 ms in a thread, 4.1 in a process, output
+    15,097 against 15,507 tok/s. On a CPU the forward pass is the host's own work, and inline needs no
+    hand-off."""
     place = config.engine_core
     if place == "auto":
-        place = ("inline" if config.torch_device().type == "cpu" else "thread") if synchronous else "process"
+        place = "inline" if synchronous and config.torch_device().type == "cpu" else "process"
     if place == "inline" and not synchronous:
         raise ValueError("engine_core='inline' needs a synchronous caller (LLM); AsyncLLM takes 'process' or 'thread'")
     return place
+
+
+def live_core_place(device: str | torch.device | None) -> str:
+    """``engine_core`` for a caller that reaches into its core with ``call(closure)`` (calibration hooks,
+    tests reading the runner): the core in this process, inline on a CPU and in a thread on a GPU."""
+    return "inline" if RuntimeConfig(device=str(device) if device else None).torch_device().type == "cpu" else "thread"
 
 
 def start_core(engine: str | Engine, config: RuntimeConfig, on_outputs,
