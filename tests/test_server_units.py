@@ -558,3 +558,70 @@ def test_python_wire_decoder_reads_messages_however_the_bytes_are_cut():
             out, text = dict(received["outputs"])["OUT"], dict(received["outputs"])["S"]
             assert np.array_equal(out, dict(sent["outputs"])["OUT"]) and out.flags.writeable
             assert text[0] == b"x" * sent["key"]
+
+
+def test_a_streaming_relay_joins_the_deltas_its_reader_has_not_read():
+    """The kiln backend's streamed tensor responses: a reply read before the next output stays one delta; outputs
+    that arrive while a reply waits unread join it (text, ids and logprobs in order, the context of the first),
+    so a reader that falls behind gets one longer delta instead of one reply per token."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from kiln.runtime import SamplingParams
+    from kiln.runtime.outputs import TokenLogprob
+    from kiln.server.backends.kiln.backend import _TensorRelay
+    from kiln.server.backends.kiln.tensors import Job, Jobs
+
+    prompt = [11, 12, 13]
+
+    async def run():
+        request = InferenceRequest("m", id="r")
+        request.attach(asyncio.get_running_loop())
+        request.output_names = ["text_output", "output_ids", "sequence_length", "context_ids", "output_log_probs"]
+        job = Job(0, prompt, SamplingParams(), exclude_input=True, return_log_probs=True, pad_id=0)
+        relay = _TensorRelay(request, None, Jobs([job], stream=True), batched=True)
+        ids: list[int] = []
+
+        def step(token: int, finished: bool = False) -> None:
+            ids.append(token)
+            completion = SimpleNamespace(delta_text=f"<{token}>", delta_token_ids=[token], token_ids=list(ids),
+                                         text="".join(f"<{t}>" for t in ids),
+                                         delta_logprobs=[TokenLogprob(token, -0.5 * token, {})])
+            relay.put(0, SimpleNamespace(error=None, finished=finished, prompt_token_ids=prompt,
+                                         outputs=[completion], request_id="r-0"))
+
+        step(5)
+        first = await request.next_reply()
+        step(6)
+        step(7)
+        step(8, finished=True)
+        joined = await request.next_reply()
+        assert not request._replies
+        return first, joined
+
+    first, joined = asyncio.run(run())
+    assert not first.final and first.outputs["text_output"][0, 0] == b"<5>"
+    assert joined.final and joined.outputs["text_output"][0, 0] == b"<6><7><8>"
+    assert joined.outputs["output_ids"].tolist() == [[[6, 7, 8]]]
+    assert joined.outputs["sequence_length"].tolist() == [[3]]
+    assert joined.outputs["output_log_probs"].tolist() == [[[-3.0, -3.5, -4.0]]]
+    assert joined.outputs["context_ids"][0, 0, -4:].tolist() == [11, 12, 13, 5]  # the tokens before the first
+
+
+def test_amend_refuses_a_reply_already_read_or_one_that_ends_with_an_error():
+    import asyncio
+
+    async def run():
+        request = InferenceRequest("m", id="r")
+        request.attach(asyncio.get_running_loop())
+        assert not request.amend({"x": np.zeros(1)}, final=False)  # nothing sent yet
+        request.respond({"x": np.zeros(1)}, final=False)
+        assert request.amend({"x": np.ones(1)}, final=False)
+        assert (await request.next_reply()).outputs["x"].tolist() == [1.0]
+        assert not request.amend({"x": np.ones(2)}, final=False)  # read already
+        request.fail(ServerError.internal("gone"))
+        assert not request.amend({"x": np.ones(2)}, final=True)
+        reply = await request.next_reply()
+        assert reply.final and reply.error is not None
+
+    asyncio.run(run())

@@ -178,7 +178,9 @@ class KilnInstance(ModelInstance):
 
 class _TensorRelay(Relay):
     """Tensor requests: a batch row a part; streaming, each output's new tokens as a response (the last final
-    when the request has one row); otherwise every row's whole result at the end."""
+    when the request has one row), joined into the response before while nobody has read that one (a reader
+    that falls behind gets fewer, longer deltas: ``InferenceRequest.amend``); otherwise every row's whole result
+    at the end."""
 
     def __init__(self, request: InferenceRequest, llm: ServedLLM, jobs: tensors.Jobs, batched: bool):
         super().__init__(request, llm, len(jobs.rows))
@@ -187,6 +189,7 @@ class _TensorRelay(Relay):
         self.batched = batched
         self.names = request.output_names
         self.context = "context_ids" in self.names
+        self._unread: tuple[int, _Row] | None = None  # the part and delta of the last response sent
 
     def output(self, part: int, out) -> None:
         row, c = self.rows[part], out.outputs[0]
@@ -194,9 +197,20 @@ class _TensorRelay(Relay):
         if self.jobs.stream:
             final = len(self.rows) == 1 and out.finished
             if c.delta_token_ids:
-                context = _context(out.prompt_token_ids, c.token_ids, len(c.delta_token_ids)) if self.context else []
-                delta = _Row(row.job, c.delta_text, c.delta_token_ids, logprobs, row.cum, context)
-                self.request.respond(_outputs([delta], self.names, self.batched), final=final)
+                unread = self._unread
+                if unread is not None and unread[0] == part:  # join the delta sent before, if still unread
+                    before = unread[1]
+                    delta = _Row(row.job, before.text + c.delta_text, before.ids + c.delta_token_ids,
+                                 before.logprobs + logprobs, row.cum, before.context)
+                    sent = self.request.amend(_outputs([delta], self.names, self.batched), final)
+                else:
+                    sent = False
+                if not sent:
+                    context = (_context(out.prompt_token_ids, c.token_ids, len(c.delta_token_ids)) if self.context
+                               else [])
+                    delta = _Row(row.job, c.delta_text, c.delta_token_ids, logprobs, row.cum, context)
+                    self.request.respond(_outputs([delta], self.names, self.batched), final=final)
+                self._unread = (part, delta)
             elif final:
                 self.request.respond(None, final=True)
         if out.finished:
