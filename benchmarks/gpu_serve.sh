@@ -9,13 +9,20 @@
 # python-rapidjson, httptools. The random model gets SmolLM2's tokenizer where .gpu-inputs/smollm2-tokenizer holds
 # it (carried; benchmarks/random_model.py --tokenizer), so the streams carry real text to detokenize. Each served
 # run also prints the CPU seconds the server's process (the front end) and its engine core's process spent.
-# Usage (repo root), MODES to pick the served runs (default "all rate50 triton"):
+# PYSPY=1 also samples the server's process with py-spy during each served run (OUT/server_MODE.txt; the
+# py-spy wheel in .gpu-inputs/tools/). Usage (repo root), MODES to pick the served runs (default "all rate50 triton"):
 #   bash benchmarks/gpu_serve.sh OUT {tests|serve|all}
 set -uo pipefail
 out="${1:-/tmp/out}"
 stage="${2:-all}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | grep -v "already exists" | tail -2
-export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 KILN_VERIFY_WEIGHTS=0
+# TREE: an earlier kiln tree to serve with (a folder holding its kiln package; git archive REV kiln | tar -x -C DIR)
+export PYTHONPATH="${TREE:-$PWD}:/tmp/site" PYTHONUNBUFFERED=1 KILN_VERIFY_WEIGHTS=0
+if [ -n "${PYSPY:-}" ]; then  # py-spy from its wheel in .gpu-inputs/tools/ (carried)
+  python3 -c "import glob, os, zipfile; z = zipfile.ZipFile(glob.glob('.gpu-inputs/tools/py_spy-*.whl')[0]); \
+name = next(n for n in z.namelist() if n.endswith('/scripts/py-spy')); open('/tmp/py-spy', 'wb').write(z.read(name)); \
+os.chmod('/tmp/py-spy', 0o755)"
+fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 tokenizer=()
 [ -f .gpu-inputs/smollm2-tokenizer/tokenizer.json ] && tokenizer=(--tokenizer .gpu-inputs/smollm2-tokenizer)
@@ -50,7 +57,13 @@ run_serve() {
     echo "== served: $mode"
     core=$(pgrep -P $server | head -1)
     before=$(cpu_seconds $server); core_before=$(cpu_seconds $core)
+    spy=
+    if [ -n "${PYSPY:-}" ]; then  # the server process's samples (benchmarks/host_profile_summary.py reads them)
+      /tmp/py-spy record --rate 200 --format raw --threads --pid $server --output "$out/server_$mode.txt" \
+          > /dev/null 2>&1 & spy=$!
+    fi
     timeout 240 python3 -m kiln.cli.main bench serve "${args[@]}" --json "$out/gpu_8b_served_$mode.json" 2>&1 | tail -14
+    [ -n "$spy" ] && { kill -INT $spy; wait $spy; }
     awk -v a="$before" -v b="$(cpu_seconds $server)" -v c="$core_before" -v d="$(cpu_seconds $core)" \
         'BEGIN {printf "CPU seconds: server process %.2f, engine core process %.2f\n", b - a, d - c}'
   done

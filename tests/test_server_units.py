@@ -614,13 +614,16 @@ def test_amend_refuses_a_reply_already_read_or_one_that_ends_with_an_error():
     async def run():
         request = InferenceRequest("m", id="r")
         request.attach(asyncio.get_running_loop())
-        assert not request.amend({"x": np.zeros(1)}, final=False)  # nothing sent yet
+        assert not request.amendable()  # nothing sent yet
         request.respond({"x": np.zeros(1)}, final=False)
-        assert request.amend({"x": np.ones(1)}, final=False)
+        assert request.amendable()
+        request.amend({"x": np.ones(1)}, final=False)
         assert (await request.next_reply()).outputs["x"].tolist() == [1.0]
-        assert not request.amend({"x": np.ones(2)}, final=False)  # read already
+        assert not request.amendable()  # read already
+        with pytest.raises(RuntimeError, match="no unread reply"):
+            request.amend({"x": np.ones(2)}, final=False)
         request.fail(ServerError.internal("gone"))
-        assert not request.amend({"x": np.ones(2)}, final=True)
+        assert not request.amendable()
         reply = await request.next_reply()
         assert reply.final and reply.error is not None
 

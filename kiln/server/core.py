@@ -162,20 +162,24 @@ class InferenceRequest:
             self._loop.call_soon_threadsafe(self._deliver, reply)
         return True
 
-    def amend(self, outputs: dict[str, np.ndarray], final: bool) -> bool:
-        """On the loop: give the last reply sent new outputs (and finality) if nobody has read it yet; False
-        if it was read (or carried an error, a payload or no outputs). A streaming backend whose reader fell
-        behind sends its deltas so, joined into one reply, instead of one reply each (the reader's work per
-        reply then falls as its backlog grows, as typed replies join in ``next_reply``)."""
+    def amendable(self) -> bool:
+        """On the loop: whether the last reply sent is still unread and carries outputs (no error, payload or
+        final flag), so that ``amend`` may replace them. A streaming backend whose reader fell behind sends its
+        deltas so, joined into one reply, instead of one reply each: the reader's work per reply then falls as
+        its backlog grows, as typed replies join in ``next_reply``."""
         if threading.get_ident() != self._loop_thread:
-            raise RuntimeError("amend runs on the request's event loop")
+            raise RuntimeError("amendable and amend run on the request's event loop")
         last = self._replies[-1] if self._replies else None
-        if last is None or self.state_outputs or last.final or last.error is not None or last.payload is not None or last.outputs is None:
-            return False
+        return not (last is None or self.state_outputs or last.final or last.error is not None
+                    or last.payload is not None or last.outputs is None)
+
+    def amend(self, outputs: dict[str, np.ndarray], final: bool) -> None:
+        """Replace the outputs (and finality) of the last reply sent, unread (``amendable``)."""
+        if not self.amendable():
+            raise RuntimeError(f"request '{self.id}' has no unread reply to amend")
         with self._lock:
             self._final_sent = final
-        self._replies[-1] = Reply(outputs, last.parameters, None, final)
-        return True
+        self._replies[-1] = Reply(outputs, self._replies[-1].parameters, None, final)
 
     def _deliver(self, reply: Reply) -> None:  # on the loop
         self._replies.append(reply)

@@ -198,14 +198,12 @@ class _TensorRelay(Relay):
             final = len(self.rows) == 1 and out.finished
             if c.delta_token_ids:
                 unread = self._unread
-                if unread is not None and unread[0] == part:  # join the delta sent before, if still unread
+                if unread is not None and unread[0] == part and self.request.amendable():  # join the unread delta
                     before = unread[1]
                     delta = _Row(row.job, before.text + c.delta_text, before.ids + c.delta_token_ids,
                                  before.logprobs + logprobs, row.cum, before.context)
-                    sent = self.request.amend(_outputs([delta], self.names, self.batched), final)
+                    self.request.amend(_outputs([delta], self.names, self.batched), final)
                 else:
-                    sent = False
-                if not sent:
                     context = (_context(out.prompt_token_ids, c.token_ids, len(c.delta_token_ids)) if self.context
                                else [])
                     delta = _Row(row.job, c.delta_text, c.delta_token_ids, logprobs, row.cum, context)
@@ -213,7 +211,7 @@ class _TensorRelay(Relay):
                 self._unread = (part, delta)
             elif final:
                 self.request.respond(None, final=True)
-        if out.finished:
+        if out.finished and not self.jobs.stream:  # the whole result, for the one response at the end
             row.text, row.ids = c.text, c.token_ids
             row.context = _context(out.prompt_token_ids, c.token_ids, len(c.token_ids)) if self.context else []
             if not row.job.exclude_input:
