@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
 # On the GPU machine: `kiln bench throughput` on the 8B shape (SHAPE=llama-3.2-1b for the 1B one; bf16, random
 # weights, batch 256, 1,000 requests of 128/128) with an earlier kiln tree and with this one, alternating, on the
-# same engine: a before/after of a change to the host's step code, with each run's host-time phases. The engine
-# is built as gpu_serve.sh does.
+# same engine: a before/after of a change to the host's step code, with each run's host-time phases. The 8B
+# engine is gpu_setup.sh's.
 #   git archive REV kiln | tar -x -C .gpu-inputs/before     (here; .gpu-inputs travels with `carry`)
 #   bash benchmarks/gpu_offline_ab.sh OUT .gpu-inputs/before [ROUNDS]
 set -uo pipefail
 out="${1:-/tmp/out}"
 before="${2:?the earlier tree: a folder holding its kiln package}"
 rounds="${3:-2}"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | grep -v "already exists" | tail -2
-export PYTHONUNBUFFERED=1 KILN_VERIFY_WEIGHTS=0
-tokenizer=()
-[ -f .gpu-inputs/smollm2-tokenizer/tokenizer.json ] && tokenizer=(--tokenizer .gpu-inputs/smollm2-tokenizer)
+source benchmarks/gpu_setup.sh
+install_wheels
+export PYTHONUNBUFFERED=1 KILN_VERIFY_WEIGHTS=0 PYTHONPATH="$PWD:/tmp/site"
 shape=${SHAPE:-llama-3.1-8b}
-model=/tmp/$shape engine=/tmp/$shape-engine
-[ "$shape" = llama-3.1-8b ] && model=/tmp/8b engine=/tmp/8b-engine  # gpu_serve.sh's
-export PYTHONPATH="$PWD:/tmp/site"
-[ -d $model ] || python3 benchmarks/random_model.py $shape $model "${tokenizer[@]}" > /dev/null
-[ -f $engine/engine.json ] || python3 -m kiln.cli.main build $model -o $engine --dtype bfloat16 --tune off \
-    --max-seq-len 4096 --max-batch-size 256 --max-num-tokens 8192 2>&1 | grep -v "%|" | tail -2
+engine=/tmp/8b-engine
+if [ "$shape" = llama-3.1-8b ]; then
+  engine_8b
+else
+  engine=/tmp/$shape-engine
+  [ -d /tmp/$shape ] || python3 benchmarks/random_model.py $shape /tmp/$shape > /dev/null
+  [ -f $engine/engine.json ] || python3 -m kiln.cli.main build /tmp/$shape -o $engine --dtype bfloat16 --tune off \
+      --max-seq-len 4096 --max-batch-size 256 --max-num-tokens 8192 2>&1 | grep -v "%|" | tail -2
+fi
 for round in $(seq "$rounds"); do
   for side in before after; do
     tree=$PWD; [ $side = before ] && tree=$(cd "$before" && pwd)

@@ -15,17 +15,12 @@
 set -uo pipefail
 out="${1:-/tmp/out}"
 stage="${2:-all}"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | grep -v "already exists" | tail -2
+source benchmarks/gpu_setup.sh
+install_wheels
 # TREE: an earlier kiln tree to serve with (a folder holding its kiln package; git archive REV kiln | tar -x -C DIR)
 export PYTHONPATH="${TREE:-$PWD}:/tmp/site" PYTHONUNBUFFERED=1 KILN_VERIFY_WEIGHTS=0
-if [ -n "${PYSPY:-}" ]; then  # py-spy from its wheel in .gpu-inputs/tools/ (carried)
-  python3 -c "import glob, os, zipfile; z = zipfile.ZipFile(glob.glob('.gpu-inputs/tools/py_spy-*.whl')[0]); \
-name = next(n for n in z.namelist() if n.endswith('/scripts/py-spy')); open('/tmp/py-spy', 'wb').write(z.read(name)); \
-os.chmod('/tmp/py-spy', 0o755)"
-fi
+[ -n "${PYSPY:-}" ] && unpack_py_spy
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-tokenizer=()
-[ -f .gpu-inputs/smollm2-tokenizer/tokenizer.json ] && tokenizer=(--tokenizer .gpu-inputs/smollm2-tokenizer)
 engine=/tmp/8b-engine
 cpu_seconds() {  # utime + stime of a process, in seconds
   awk -v hz="$(getconf CLK_TCK)" '{sub(/.*\) /, ""); print ($12 + $13) / hz}' "/proc/$1/stat"
@@ -35,9 +30,7 @@ run_tests() {
       tests/test_async_llm.py 2>&1 | tee "$out/gpu_core_process_tests.log" | grep -E "passed|failed|Error|FAILED" | tail -15
 }
 run_serve() {
-  [ -d /tmp/8b ] || python3 benchmarks/random_model.py llama-3.1-8b /tmp/8b "${tokenizer[@]}" > /dev/null
-  [ -f $engine/engine.json ] || python3 -m kiln.cli.main build /tmp/8b -o $engine --dtype bfloat16 --tune off \
-      --max-seq-len 4096 --max-batch-size 256 --max-num-tokens 8192 2>&1 | grep -v "%|" | tail -2
+  engine_8b
   [ -n "${SKIP_OFFLINE:-}" ] || timeout 200 python3 -m kiln.cli.main bench throughput $engine --input-len 128 --output-len 128 --num-requests 1000 \
       --json "$out/gpu_8b_offline.json" 2>&1 | grep -v "it/s\]" | tail -12
   python3 -m kiln.cli.main serve $engine --served-model-name kiln8b --http-port 8123 --grpc-port 8124 --metrics-port 8125 > "$out/server.log" 2>&1 &
