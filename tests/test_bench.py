@@ -187,6 +187,10 @@ def test_latency_compare_hf_reports_both_decode_rates(engine, capsys, tmp_path):
     assert len(r["decode_tokens_per_s_per_iteration"]) == 3
     assert all(x > 0 for x in r["decode_tokens_per_s_per_iteration"])
     assert r["decode_tokens_per_s"] == pytest.approx(sum(r["decode_tokens_per_s_per_iteration"]) / 3)
+    # The steps' phases, and those of the decode steps alone (after every sequence had its first token).
+    decode = r["host_ms_per_decode_step"]
+    assert list(decode) == list(r["host_ms_per_step"]) == ["schedule", "prepare", "forward", "sample", "wait", "output"]
+    assert all(v >= 0 for v in decode.values()) and decode["forward"] > 0
     assert hf["batch_size"] == 2 and hf["transformers"]
     assert hf["source"] == doc["engine"]["source"]
     assert hf["decode_tokens_per_s"] > 0 and hf["kiln_decode_tokens_per_s"] == r["decode_tokens_per_s"]

@@ -5,7 +5,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field, fields
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -13,7 +13,7 @@ from kiln.bench.dataset import BenchRequest, Dataset
 from kiln.errors import KilnError
 from kiln.runtime.step_clock import per_step_ms
 from kiln.runtime.llm_engine import LLMEngine
-from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.outputs import EngineStats, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 
 
@@ -55,13 +55,22 @@ def check_fits(engine: LLMEngine, requests: Sequence[BenchRequest]) -> None:
                             f"engine's max_seq_len={limit}; shorten it or build the engine with a larger --max-seq-len")
 
 
-def drain(engine: LLMEngine, ids: set[str]) -> dict[str, RequestOutput]:
-    """Step the engine until the requests ``ids`` finish; their final outputs (KilnError if one failed)."""
+def drain(engine: LLMEngine, ids: set[str], on_started: Callable[[], None] | None = None
+          ) -> dict[str, RequestOutput]:
+    """Step the engine until the requests ``ids`` finish; their final outputs (KilnError if one failed).
+    ``on_started`` is called once, as soon as every one of them has its first token."""
     done: dict[str, RequestOutput] = {}
+    waiting = set(ids) if on_started is not None else set()
     while len(done) < len(ids):
         for out in engine.step(timeout=1.0):
             _check(out)
-            if out.finished and out.request_id in ids:
+            if out.request_id not in ids:
+                continue
+            if waiting and out.token_ids:
+                waiting.discard(out.request_id)
+                if not waiting:
+                    on_started()
+            if out.finished:
                 done[out.request_id] = out
     return done
 
@@ -204,6 +213,9 @@ class LatencyResult:
     decode_tokens_per_s: float | None
     decode_tokens_per_s_per_iteration: list[float | None]
     host_ms_per_step: dict[str, float]  # per phase (runtime/step_clock.py), over the timed iterations
+    # The same over the decode steps alone: those after every sequence of the batch had its first token (a
+    # long prefill's steps, where a launch can wait on a full device queue, left out).
+    host_ms_per_decode_step: dict[str, float]
     # Generated ids of each iteration's batch, for checking the transformers baseline; not reported.
     output_token_ids: list[list[list[int]]] = field(default_factory=list, repr=False)
 
@@ -233,14 +245,22 @@ def run_latency(engine: LLMEngine, batches: Sequence[Sequence[list[int]]], outpu
     e2e: list[float] = []
     rates: list[float | None] = []
     tokens: list[list[list[int]]] = []
+    decode_seconds: dict[str, float] = {}
+    decode_steps = 0
     before = engine.stats()
     for i, batch in enumerate(batches):
         _fresh_prefix_cache(engine)
         ids = [f"iter-{i}-{j}" for j in range(len(batch))]
+        started: list[EngineStats] = []
         start = clock(engine.device)
         for rid, prompt in zip(ids, batch):
             engine.add_request(prompt, greedy(output_len), rid, arrival_time=start)
-        done = drain(engine, set(ids))
+        done = drain(engine, set(ids), on_started=lambda: started.append(engine.stats()))
+        if started:
+            mid, end = started[0], engine.stats()
+            decode_steps += end.steps - mid.steps
+            for name, seconds in end.step_seconds.items():
+                decode_seconds[name] = decode_seconds.get(name, 0.0) + seconds - mid.step_seconds.get(name, 0.0)
         outs = [done[rid] for rid in ids]
         firsts = [_first_token_time(o) for o in outs]
         lasts = [_finish_time(o) for o in outs]
@@ -257,4 +277,5 @@ def run_latency(engine: LLMEngine, batches: Sequence[Sequence[list[int]]], outpu
         decode_tokens_per_s=sum(measured) / len(measured) if measured else None,
         decode_tokens_per_s_per_iteration=rates, output_token_ids=tokens,
         host_ms_per_step=per_step_ms(before.step_seconds, after.step_seconds, after.steps - before.steps),
+        host_ms_per_decode_step=per_step_ms({}, decode_seconds, decode_steps),
     )

@@ -108,13 +108,13 @@ def _comparison(title: str, label: str, kiln: float | None, hf: float | None, ma
     return lines
 
 
-def _host_rows(r: dict) -> list[str]:
+def _host_rows(r: dict, key: str = "host_ms_per_step", label: str = "host time per step (ms)") -> list[str]:
     """The steps' time per phase (runtime/step_clock.py); the host's share is every phase but wait."""
-    host = r.get("host_ms_per_step") or {}
+    host = r.get(key) or {}
     if not host:
         return []
     share = sum(v for k, v in host.items() if k != "wait")
-    return ["", f" {'host time per step (ms)':<30}{share:>14.3f}  (all but wait)",
+    return ["", f" {label:<30}{share:>14.3f}  (all but wait)",
             "   " + ", ".join(f"{k} {v:.3f}" for k, v in host.items())]
 
 
@@ -163,6 +163,7 @@ def format_latency(doc: dict) -> str:
         f" {'decode tokens/s (mean)':<30}{_num(r['decode_tokens_per_s']):>14}",
         f" {'  per iteration':<30}{per_iter:>14}",
         *_host_rows(r),
+        *_host_rows(r, "host_ms_per_decode_step", "  decode steps alone (ms)"),
     ]
     limit = doc.get("limit")
     if limit:
