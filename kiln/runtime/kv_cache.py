@@ -184,6 +184,12 @@ class BlockManager:
         ``computed_blocks`` (from ``get_computed_blocks``, at admission only) come first and are shared.
         Returns False, changing nothing, when the free and evictable blocks do not suffice.
         """
+        if computed_blocks is None and num_new_tokens >= 0:
+            # A decode step's usual case, first: the request's blocks already cover the new tokens.
+            held = self._held.get(req.request_id)
+            if (held is not None and held.request is req
+                    and self.blocks_for_tokens(req.num_computed_tokens + num_new_tokens) <= len(req.block_ids)):
+                return True
         computed = computed_blocks or []
         if computed and req.block_ids:
             raise ValueError(f"request {req.request_id!r}: computed blocks are taken only at admission")
