@@ -151,6 +151,8 @@ class BlockManager:
         if num_full > len(req.block_ids):
             raise ValueError(f"request {req.request_id!r}: {num_computed_tokens} computed tokens but only "
                              f"{len(req.block_ids)} blocks")
+        if num_full <= len(held.digests):  # most steps: no block filled since the last call
+            return
         root = root_digest(req)
         for i in range(len(held.digests), num_full):
             parent = held.digests[i - 1] if i else root
