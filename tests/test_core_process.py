@@ -145,7 +145,8 @@ def test_where_the_core_steps_by_default():
 
 
 def test_llm_runs_its_core_in_a_process_when_asked(engine):
-    inline, process = LLM(engine, device=DEVICE, engine_core=LIVE_CORE), LLM(engine, device=DEVICE, engine_core="process")
+    inline = LLM(engine, device=DEVICE, engine_core=LIVE_CORE)
+    process = LLM(engine, device=DEVICE, engine_core="process")
     try:
         prompts = [[5, 6, 7], list(range(30, 60))]
         assert [o.token_ids for o in process.generate(prompts, GREEDY)] == \

@@ -47,8 +47,8 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     r.add_argument("--max-batch-size", type=int, default=None, help="running requests at most (default: the engine's)")
     r.add_argument("--max-num-tokens", type=int, default=None, help="tokens per step at most (default: the engine's)")
     r.add_argument("--engine-core", choices=["auto", "inline", "thread", "process"], default="auto",
-                   help="where the engine core steps (default auto: inline on a CPU, a thread on a GPU; process: one of "
-                        "its own, as kiln serve runs it)")
+                   help="where the engine core steps (default auto: inline on a CPU, a process of its own on a GPU, as "
+                        "kiln serve runs it)")
     _add_machine_options(t)
     _add_output_options(t)
     t.set_defaults(run=_throughput, bench_parser=t)

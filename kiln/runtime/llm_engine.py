@@ -66,7 +66,8 @@ def core_place(config: RuntimeConfig, synchronous: bool) -> str:
 def live_core_place(device: str | torch.device | None) -> str:
     """``engine_core`` for a caller that reaches into its core with ``call(closure)`` (calibration hooks,
     tests reading the runner): the core in this process, inline on a CPU and in a thread on a GPU."""
-    return "inline" if RuntimeConfig(device=str(device) if device else None).torch_device().type == "cpu" else "thread"
+    on_cpu = RuntimeConfig(device=str(device) if device else None).torch_device().type == "cpu"
+    return "inline" if on_cpu else "thread"
 
 
 def start_core(engine: str | Engine, config: RuntimeConfig, on_outputs,
