@@ -13,15 +13,9 @@ source benchmarks/gpu_setup.sh
 install_wheels
 export PYTHONUNBUFFERED=1 KILN_VERIFY_WEIGHTS=0 PYTHONPATH="$PWD:/tmp/site"
 shape=${SHAPE:-llama-3.1-8b}
-engine=/tmp/8b-engine
-if [ "$shape" = llama-3.1-8b ]; then
-  engine_8b
-else
-  engine=/tmp/$shape-engine
-  [ -d /tmp/$shape ] || python3 benchmarks/random_model.py $shape /tmp/$shape > /dev/null
-  [ -f $engine/engine.json ] || python3 -m kiln.cli.main build /tmp/$shape -o $engine --dtype bfloat16 --tune off \
-      --max-seq-len 4096 --max-batch-size 256 --max-num-tokens 8192 2>&1 | grep -v "%|" | tail -2
-fi
+model=/tmp/$shape engine=/tmp/$shape-engine
+[ "$shape" = llama-3.1-8b ] && model=/tmp/8b engine=/tmp/8b-engine  # engine_8b's
+random_engine "$shape" "$model" "$engine"
 for round in $(seq "$rounds"); do
   for side in before after; do
     tree=$PWD; [ $side = before ] && tree=$(cd "$before" && pwd)

@@ -44,7 +44,8 @@ capacity() {  # engine dir, name: the tokens the KV pool holds when the engine m
   python3 - "$1" "$out/gpu_8b_kv_capacity_$2.json" <<'PY'
 import json, sys
 from kiln.runtime import LLM
-llm = LLM(sys.argv[1], gpu_memory_utilization=0.9, cuda_graphs="off", engine_core="thread")
+from kiln.runtime.llm_engine import live_core_place
+llm = LLM(sys.argv[1], gpu_memory_utilization=0.9, cuda_graphs="off", engine_core=live_core_place(None))
 blocks, size = llm.engine.call(lambda core: (core.runner.num_blocks, core.runner.block_size))
 found = {"engine": sys.argv[1], "kv_blocks": blocks, "block_size": size, "kv_tokens": blocks * size}
 print(json.dumps(found))

@@ -16,11 +16,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hf_models import make_hf_model  # noqa: E402
+from kiln.runtime.llm_engine import live_core_place  # noqa: E402
 
 # Where kiln runs in the tests: the CPU in CI; KILN_TEST_DEVICE=cuda on the GPU machine.
 DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")
-# engine_core for an LLM whose test reaches into its core with call(closure): inline on a CPU, a thread on a GPU.
-LIVE_CORE = "inline" if DEVICE == "cpu" else "thread"
+# engine_core for an LLM whose test reaches into its core with call(closure).
+LIVE_CORE = live_core_place(DEVICE)
 
 
 ARCHS = {
