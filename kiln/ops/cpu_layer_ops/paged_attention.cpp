@@ -43,60 +43,77 @@ inline const float* as_float(const T* src, float* buffer, int64_t n) {
   return buffer;
 }
 
-// Sixteen floats as one value: GCC and Clang lower its arithmetic to the widest vectors the target has (one
-// AVX-512 register, two AVX ones, four SSE or NEON ones), so the kernels below need no intrinsics.
-typedef float f16x __attribute__((vector_size(64)));
-inline f16x load16(const float* p) {
-  f16x v;
+// The target's own vector of floats (16 with AVX-512, 8 with AVX, 4 with SSE or NEON), as a GCC/Clang vector
+// type, so that the kernels below need no intrinsics. NOTE: a vector type wider than the target's registers
+// is lowered piecewise, and GCC 12 moves its scalar broadcasts and partial results through the stack (16
+// stores a broadcast): with 16-float vectors an AVX2 box ran this attention at 3-5 GB/s.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+// Vector registers the held query rows or accumulators may take: half the register file (32 with AVX-512
+// or NEON, 16 otherwise), the rest for the streamed rows and the products.
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int kHeldRegs = 16;
+#else
+constexpr int kHeldRegs = 8;
+#endif
+constexpr int kHeldFloats = kLanes * kHeldRegs;
+typedef float fvec __attribute__((vector_size(kLanes * 4)));
+
+inline fvec loadv(const float* p) {
+  fvec v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline float sum16(f16x v) {
-  typedef float f8x __attribute__((vector_size(32)));
-  typedef float f4x __attribute__((vector_size(16)));
-  const f8x a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f4x b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
+inline void storev(float* p, fvec v) { std::memcpy(p, &v, sizeof(v)); }
+inline fvec splat(float f) { return fvec{} + f; }
+inline float sumv(fvec v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
 }
 
-// The scores of GB query rows (q, D floats each, scaled) against n keys (k, a row every ``stride`` floats):
-// the query rows stay in registers while the keys stream past, each key read once for all of them.
-template <int D, int GB>
-void chunk_scores(const float* q, const float* k, int64_t n, int64_t stride, float* out, int64_t out_stride) {
-  constexpr int C = D / 16;
-  f16x qv[GB][C];
+// The scores of GB query rows (q, a row every ``q_stride`` floats, scaled) against n keys (k, a row every
+// ``stride`` floats), over S floats of the head (a slice; ``add``: onto the scores of the earlier slices):
+// the query slices stay in registers while the keys stream past, each key read once for all of them.
+template <int S, int GB>
+void chunk_scores(const float* q, int64_t q_stride, const float* k, int64_t n, int64_t stride, float* out,
+                  int64_t out_stride, bool add) {
+  constexpr int C = S / kLanes;
+  fvec qv[GB][C];
   for (int g = 0; g < GB; ++g)
-    for (int c = 0; c < C; ++c) qv[g][c] = load16(q + g * D + c * 16);
+    for (int c = 0; c < C; ++c) qv[g][c] = loadv(q + g * q_stride + c * kLanes);
   for (int64_t j = 0; j < n; ++j, k += stride) {
-    f16x kv[C];
-    for (int c = 0; c < C; ++c) kv[c] = load16(k + c * 16);
     for (int g = 0; g < GB; ++g) {
-      f16x acc = qv[g][0] * kv[0];
-      for (int c = 1; c < C; ++c) acc += qv[g][c] * kv[c];
-      out[g * out_stride + j] = sum16(acc);
+      fvec acc = qv[g][0] * loadv(k);
+      for (int c = 1; c < C; ++c) acc += qv[g][c] * loadv(k + c * kLanes);
+      const float s = sumv(acc);
+      out[g * out_stride + j] = add ? out[g * out_stride + j] + s : s;
     }
   }
 }
 
-// acc (GB rows of D floats) += p[g][j] * v[j] over n value rows (a row every ``stride`` floats); the
-// accumulators stay in registers for the run.
-template <int D, int GB>
-void chunk_values(const float* p, int64_t p_stride, const float* v, int64_t n, int64_t stride, float* acc) {
-  constexpr int C = D / 16;
-  f16x av[GB][C];
+// acc (GB rows, a row every ``acc_stride`` floats, S of them: a slice of the head) += p[g][j] * v[j] over n
+// value rows (a row every ``stride`` floats); the accumulators stay in registers for the run.
+template <int S, int GB>
+void chunk_values(const float* p, int64_t p_stride, const float* v, int64_t n, int64_t stride, float* acc,
+                  int64_t acc_stride) {
+  constexpr int C = S / kLanes;
+  fvec av[GB][C];
   for (int g = 0; g < GB; ++g)
-    for (int c = 0; c < C; ++c) av[g][c] = load16(acc + g * D + c * 16);
+    for (int c = 0; c < C; ++c) av[g][c] = loadv(acc + g * acc_stride + c * kLanes);
   for (int64_t j = 0; j < n; ++j, v += stride) {
-    f16x vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = load16(v + c * 16);
     for (int g = 0; g < GB; ++g) {
-      const float w = p[g * p_stride + j];
-      for (int c = 0; c < C; ++c) av[g][c] += w * vv[c];
+      const fvec w = splat(p[g * p_stride + j]);
+      for (int c = 0; c < C; ++c) av[g][c] += w * loadv(v + c * kLanes);
     }
   }
   for (int g = 0; g < GB; ++g)
-    for (int c = 0; c < C; ++c) std::memcpy(acc + g * D + c * 16, &av[g][c], sizeof(f16x));
+    for (int c = 0; c < C; ++c) storev(acc + g * acc_stride + c * kLanes, av[g][c]);
 }
 
 // Any head size: the same products, vectorized by the compiler over the head.
@@ -123,36 +140,41 @@ void rows_values(const float* p, int64_t p_stride, int64_t group, int64_t dim, c
 }
 
 // A run of keys (or values) against all ``group`` query rows: head sizes 64 and 128 in chunks of query rows
-// that fit the registers (4 of 64, 2 of 128), any other size by the plain loops.
+// whose slices fit the held registers (kHeldFloats: 4 rows of 64 or 2 of 128 with AVX-512; one row, in
+// slices of 64, with AVX2), any other size by the plain loops.
 template <bool Values>
 void run_rows(const float* qp, int64_t q_stride, int64_t group, int64_t dim, const float* rows, int64_t n,
               int64_t stride, float* out) {
-  const auto chunks = [&](auto d_tag, auto gb_max) {
-    constexpr int D = decltype(d_tag)::value, GB = decltype(gb_max)::value;
+  const auto chunks = [&](auto d_tag) {
+    constexpr int D = decltype(d_tag)::value;
+    constexpr int S = D < kHeldFloats ? D : kHeldFloats;  // a slice of the head
+    constexpr int GB = kHeldFloats / S;                   // query rows a chunk
     for (int64_t g = 0; g < group;) {
       const int64_t left = group - g;
       const auto one = [&](auto gb_tag) {
         constexpr int B = decltype(gb_tag)::value;
-        if constexpr (Values)
-          chunk_values<D, B>(qp + g * q_stride, q_stride, rows, n, stride, out + g * D);
-        else
-          chunk_scores<D, B>(qp + g * D, rows, n, stride, out + g * q_stride, q_stride);
+        for (int d = 0; d < D; d += S) {
+          if constexpr (Values)
+            chunk_values<S, B>(qp + g * q_stride, q_stride, rows + d, n, stride, out + g * D + d, D);
+          else
+            chunk_scores<S, B>(qp + g * D + d, D, rows + d, n, stride, out + g * q_stride, q_stride, d > 0);
+        }
         g += B;
       };
       if (left >= GB)
         one(std::integral_constant<int, GB>());
-      else if (left == 3)
-        one(std::integral_constant<int, 3>());
-      else if (left == 2)
-        one(std::integral_constant<int, 2>());
+      else if (GB > 3 && left == 3)
+        one(std::integral_constant<int, (GB > 3 ? 3 : 1)>());
+      else if (GB > 2 && left == 2)
+        one(std::integral_constant<int, (GB > 2 ? 2 : 1)>());
       else
         one(std::integral_constant<int, 1>());
     }
   };
   if (dim == 64)
-    chunks(std::integral_constant<int, 64>(), std::integral_constant<int, 4>());
+    chunks(std::integral_constant<int, 64>());
   else if (dim == 128)
-    chunks(std::integral_constant<int, 128>(), std::integral_constant<int, 2>());
+    chunks(std::integral_constant<int, 128>());
   else if constexpr (Values)
     rows_values(qp, q_stride, group, dim, rows, n, stride, out);
   else
