@@ -1,5 +1,6 @@
 """The CPU GGUF kernels (kiln/ops/cpu_gguf) at SmolLM2-135M's and Llama-3.2-1B's linear shapes: time per
-call and effective weight bandwidth, beside torch's float32 F.linear and its int4 weight-only kernel.
+call and effective weight bandwidth, beside torch's float32 F.linear and its int4 weight-only kernel; the
+formats that also take int16 activations (cpu_gguf.WIDE_FORMATS) twice, int8 ("q4_k") and int16 ("q4_k int16").
 
     python benchmarks/cpu_gguf_kernels.py [--threads 2] [--rows 1 8] [--set-mb 512] [--formats q4_0 ...]
 
@@ -111,11 +112,13 @@ def candidates(shape: Shape, formats: list[str], set_mb: int) -> list[Candidate]
             out.append(Candidate(fmt, [], 0, lambda x, w: x))
             continue
         w = random_blocks(fmt, n, k)
+        weights = copies(w, w.numel(), set_mb)
+        for bits in (8, 16) if fmt in cpu_gguf.WIDE_FORMATS else (8,):
 
-        def gguf(x: torch.Tensor, w: torch.Tensor, fmt: str = fmt) -> torch.Tensor:
-            return cpu_gguf.matmul(x, w, fmt, n, k)
+            def gguf(x: torch.Tensor, w: torch.Tensor, fmt: str = fmt, bits: int = bits) -> torch.Tensor:
+                return cpu_gguf.matmul(x, w, fmt, n, k, bits)
 
-        out.append(Candidate(fmt, copies(w, w.numel(), set_mb), w.numel(), gguf))
+            out.append(Candidate(fmt if bits == 8 else f"{fmt} int16", weights, w.numel(), gguf))
     return out
 
 

@@ -4,7 +4,8 @@ Weights are real GGUF blocks: float weights quantized by gguf.quants where the p
 (q4_0, q4_1, q8_0), random but valid blocks for the K-quants. Two checks per case:
 
 - against the float product ``x @ dequant(w).T``. The kernels round each activation to int8 with a
-  scale d = max|x| / 127 per group (32 values, or 256 for the K-quants), an error e_k uniform in
+  scale d = max|x| / 127 per group (32 values, or 256 for the K-quants; int16 and 32767 with
+  ``act_bits=16``, which q4_0, q4_1 and q4_k take), an error e_k uniform in
   [-d/2, d/2] and independent of the weights, so an output's error has standard deviation
   sigma = sqrt(sum_k w_k^2 d_k^2 / 12), computed per output from the actual groups. The test allows
   6 sigma (plus float32 rounding): a real bug (a wrong nibble, bit or scale) is off by about
@@ -58,22 +59,23 @@ def dequantize(fmt: str, w: np.ndarray, k: int) -> np.ndarray:
     return gguf.quants.dequantize(w, QTYPES[fmt]).reshape(w.shape[0], k).astype(np.float64)
 
 
-def quantize_activations(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """int8 values [M, G, group] and scales [M, G, 1] as the kernels make them, in float32 as they do."""
+def quantize_activations(x: np.ndarray, group: int, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """``bits``-bit values [M, G, group] and scales [M, G, 1] as the kernels make them, in float32 as they do."""
+    top = np.float32(2 ** (bits - 1) - 1)
     g = x.astype(np.float32).reshape(x.shape[0], -1, group)
     amax = np.abs(g).max(axis=-1, keepdims=True)
     with np.errstate(divide="ignore"):
-        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-    return np.clip(np.rint(g * inv), -127, 127), amax / np.float32(127)
+        inv = np.where(amax > 0, top / amax, np.float32(0)).astype(np.float32)
+    return np.clip(np.rint(g * inv), -top, top), amax / top
 
 
-def check(fmt: str, x: np.ndarray, w: np.ndarray, n: int, k: int) -> None:
+def check(fmt: str, x: np.ndarray, w: np.ndarray, n: int, k: int, act_bits: int = 8) -> None:
     deq = dequantize(fmt, w, k)
-    out = cpu_gguf.matmul(torch.from_numpy(x), torch.from_numpy(w), fmt, n, k).double().numpy()
+    out = cpu_gguf.matmul(torch.from_numpy(x), torch.from_numpy(w), fmt, n, k, act_bits).double().numpy()
     assert out.shape == (x.shape[0], n)
     norms = np.linalg.norm(x.astype(np.float64), axis=1)[:, None] * np.linalg.norm(deq, axis=1)[None, :]
     group = ACT_GROUP[fmt]
-    q, d = quantize_activations(x, group)
+    q, d = quantize_activations(x, group, act_bits)
 
     exact = x.astype(np.float64) @ deq.T
     w2 = (deq**2).reshape(n, -1, group).sum(axis=-1)  # [N, G]
@@ -83,7 +85,7 @@ def check(fmt: str, x: np.ndarray, w: np.ndarray, n: int, k: int) -> None:
 
     emulated = (q * d).reshape(x.shape).astype(np.float64) @ deq.T
     err = np.abs(out - emulated) - (FLOAT_RTOL * norms + 1e-6)
-    assert err.max() <= 0, f"{fmt} off its int8-activation emulation by {np.abs(out - emulated).max():.3g}"
+    assert err.max() <= 0, f"{fmt} off its int{act_bits}-activation emulation by {np.abs(out - emulated).max():.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +134,44 @@ def test_matmul_matches_dequantized_product(fmt: str, k: int, n: int):
     w = make_weights(fmt, n, k, rng)
     for m in (1, 3, 8):
         check(fmt, rng.standard_normal((m, k)).astype(np.float32), w, n, k)
+
+
+@pytest.mark.parametrize("fmt", cpu_gguf.WIDE_FORMATS)
+@pytest.mark.parametrize("k", [256, 2048])
+@pytest.mark.parametrize("n", [7, 64])
+def test_int16_activations_match_dequantized_product(fmt: str, k: int, n: int):
+    rng = np.random.default_rng([k, n, cpu_gguf.FORMATS.index(fmt), 16])
+    w = make_weights(fmt, n, k, rng)
+    for m in (1, 3, 8):
+        check(fmt, rng.standard_normal((m, k)).astype(np.float32), w, n, k, act_bits=16)
+
+
+def test_int16_activations_are_finer_than_bfloat16():
+    """The reason ggml_int16 competes with int4pack by default: its error is well under that of bfloat16
+    activations (what PyTorch's int4 kernel takes) on the same weights."""
+    rng = np.random.default_rng(5)
+    k, n = 2048, 64
+    for fmt in cpu_gguf.WIDE_FORMATS:
+        w = make_weights(fmt, n, k, rng)
+        x = torch.from_numpy(rng.standard_normal((4, k)).astype(np.float32))
+        deq = torch.from_numpy(dequantize(fmt, w, k))
+        exact = x.double() @ deq.T
+        int16 = cpu_gguf.matmul(x, torch.from_numpy(w), fmt, n, k, 16).double()
+        bf16 = x.bfloat16().double() @ deq.T
+        assert (int16 - exact).norm() < 0.05 * (bf16 - exact).norm(), fmt
+
+
+@pytest.mark.parametrize("fmt", cpu_gguf.WIDE_FORMATS)
+def test_int16_activations_many_rows_and_edges(fmt: str):
+    rng = np.random.default_rng(8)
+    k, n = 512, 37
+    w = make_weights(fmt, n, k, rng)
+    x = rng.standard_normal((19, k)).astype(np.float32)
+    x[1] = 0.0
+    x[2, :256] = 0.0
+    x[3] *= 1e-30
+    x[4] *= 1e20
+    check(fmt, x, w, n, k, act_bits=16)
 
 
 @pytest.mark.parametrize("fmt", cpu_gguf.FORMATS)
@@ -189,6 +229,10 @@ def test_bad_arguments_raise_value_error():
         cpu_gguf.matmul(x.double(), w, "q4_0", 8, 256)
     with pytest.raises(ValueError, match="x must be"):
         cpu_gguf.matmul(x[0], w, "q4_0", 8, 256)
+    with pytest.raises(ValueError, match="activations of 16 bits"):
+        cpu_gguf.matmul(x, torch.zeros(8, 256 // 256 * 210, dtype=torch.uint8), "q6_k", 8, 256, 16)
+    with pytest.raises(ValueError, match="activations of 4 bits"):
+        cpu_gguf.matmul(x, w, "q4_0", 8, 256, 4)
 
 
 _PORTABLE_CHECK = """
@@ -203,7 +247,8 @@ for fmt in cpu_gguf.FORMATS:
     for k, n in ((256, 7), (512, 64)):
         w = t.make_weights(fmt, n, k, rng)
         for m in (1, 3, 9):
-            t.check(fmt, rng.standard_normal((m, k)).astype(np.float32), w, n, k)
+            for bits in ((8, 16) if fmt in cpu_gguf.WIDE_FORMATS else (8,)):
+                t.check(fmt, rng.standard_normal((m, k)).astype(np.float32), w, n, k, bits)
 print("ok")
 """
 

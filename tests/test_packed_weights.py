@@ -143,9 +143,10 @@ def test_smollm2_packed_against_its_decoded_weights(smollm2_packed_engine, smoll
     """The packed engine (fastest kernels timed at load) against the float32 engine of the same file: the last
     position's logits within 8%, the same top token for most prompts, and a sensible chat answer.
 
-    The 4-bit layers run PyTorch's int4pack kernel with bfloat16 activations, whose rounding differs by CPU:
-    1.7-2.4% on every prompt but one, and 5.6% on "Once upon a time, ..." on an AMD EPYC with AVX-512 BF16
-    (under 5% on the boxes before it)."""
+    The 4-bit layers run the faster of PyTorch's int4pack kernel (bfloat16 activations, whose rounding differs
+    by CPU: 1.7-2.4% on every prompt but one, and 5.6% on "Once upon a time, ..." on an AMD EPYC with AVX-512
+    BF16) and kiln's int16-activation kernels (ggml_int16, closer to float32); the chat answer's first token
+    is a near tie that an int8-rounded output projection tips away from "Paris" (packed_linear's docstring)."""
     texts = ["The capital of France is", "Once upon a time, in a small village,", "The three primary colors are",
              "Water boils at a temperature of", "def fibonacci(n):\n    "]
     packed = LLM(smollm2_packed_engine, device=DEVICE, engine_core=LIVE_CORE)

@@ -8,11 +8,16 @@ timed at load like ``linear``. The reference decodes W once at load into the com
 
 - ``ggml`` (every format; CPU): kiln's own kernels (``kiln/ops/cpu_gguf``), compiled at first use for the
   machine's instruction set, over the blocks as stored; activations go through int8 per block, as in
-  llama.cpp. For the 4-bit formats, which ``int4pack`` reads with bfloat16 activations, they are a
-  candidate only with ``KILN_INT8_ACTIVATIONS=1``: int8 activations in every projection move a small
-  model's answers (SmolLM2-135M, asked for the capital of France, answers "L'Étoile, la Cité, la
-  Nation" through them, as llama.cpp does on the same file, and "Paris" through bfloat16 activations).
-  One int8-rounded product (an output projection in Q8_0) costs nothing visible.
+  llama.cpp. Where the same kernels take int16 activations (``ggml_int16``) they are a candidate only with
+  ``KILN_INT8_ACTIVATIONS=1``: int8 activations move a small model's answers (SmolLM2-135M, asked for the
+  capital of France, answers "L'Étoile, la Marseillaise, ..." through an int8-rounded output projection, as
+  llama.cpp does on the same file, and "Paris", as its float32 engine does, through int16 or bfloat16
+  activations). q5_k and q6_k (no int16 path yet) take int8 activations by default.
+- ``ggml_int16`` (q4_0, q4_1, q8_0, q4_k; CPU): the same kernels with int16 activations, a scale per block:
+  15 bits an activation, finer than ``int4pack``'s bfloat16 (tens of times less error in the product), at
+  about the int8 path's instructions per weight on a CPU without VNNI. On a CPU without AVX-512 BF16, where
+  PyTorch's int4 kernel converts its bfloat16 activations in software, it is also the faster of the two
+  (BENCHMARKS: an AVX2-only AMD EPYC box).
 - ``int4pack`` (q4_0, q4_1, q4_k; CPU): PyTorch's int4 weight-only kernel (``_weight_int4pack_mm_for_cpu``,
   AVX-512 / AVX2), over the weight repacked at load into 4-bit values with a bfloat16 scale and offset per
   32 weights (exact but for rounding the float16 block scales' products to bfloat16). Its activations
@@ -230,24 +235,28 @@ def _ggml_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_gguf.available()
 
 
-def _ggml_supported_beside_int4pack(device: torch.device, dtype: torch.dtype) -> bool:
+def _ggml_int8_opted_in(device: torch.device, dtype: torch.dtype) -> bool:
     allowed = os.environ.get(INT8_ACTIVATIONS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
     return allowed and _ggml_supported(device, dtype)
 
 
-def _register_ggml(fmt: BlockFormat) -> None:
+def _register_ggml(fmt: BlockFormat, act_bits: int = 8) -> None:
     def prepare(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
         return weight.contiguous(), fmt.logical_shape(tuple(weight.shape))[1]
 
     def linear(x: torch.Tensor, weight: tuple[torch.Tensor, int], bias: torch.Tensor | None = None) -> torch.Tensor:
         packed, in_features = weight
         y = cpu_gguf.matmul(x if x.dtype == torch.float32 else x.float(), packed, fmt.name, packed.shape[0],
-                            in_features)
+                            in_features, act_bits)
         y = y if x.dtype == torch.float32 else y.to(x.dtype)
         return y if bias is None else y + bias
 
-    supports = _ggml_supported_beside_int4pack if fmt.name in FOUR_BIT else _ggml_supported
-    plugin(op_name(fmt.name), "ggml", supports=supports, prepare=prepare, graph_safe=True)(linear)
+    if act_bits == 16:
+        name, supports = "ggml_int16", _ggml_supported
+    else:
+        # int8 activations are opt-in where int16 ones serve the format (see the module's docstring).
+        name, supports = "ggml", _ggml_int8_opted_in if fmt.name in cpu_gguf.WIDE_FORMATS else _ggml_supported
+    plugin(op_name(fmt.name), name, supports=supports, prepare=prepare, graph_safe=True)(linear)
 
 
 for _fmt in FORMATS.values():
@@ -256,6 +265,8 @@ for _fmt in FORMATS.values():
         _register_triton(_fmt)
     if _fmt.name in cpu_gguf.FORMATS:
         _register_ggml(_fmt)
+    if _fmt.name in cpu_gguf.WIDE_FORMATS:
+        _register_ggml(_fmt, act_bits=16)
     if _fmt.name in FOUR_BIT:
         _register_int4pack(_fmt)
         _register_tinygemm(_fmt)

@@ -21,6 +21,7 @@ from kiln.weight_formats import FORMATS as WEIGHT_FORMATS
 from kiln.weight_formats import BlockFormat
 
 FORMATS = ("q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k")
+WIDE_FORMATS = ("q4_0", "q4_1", "q8_0", "q4_k")  # the formats matmul also takes with int16 activations
 
 
 # The formats' block sizes and bytes are kiln.weight_formats'; this order is the kernels' format index.
@@ -41,7 +42,8 @@ def _after_load() -> str:
     return torch.ops.kiln_gguf.isa()
 
 
-def _fake_matmul(x: torch.Tensor, w: torch.Tensor, fmt: int, out_features: int, in_features: int) -> torch.Tensor:
+def _fake_matmul(x: torch.Tensor, w: torch.Tensor, fmt: int, out_features: int, in_features: int,
+                 act_bits: int) -> torch.Tensor:
     # Shapes for torch.compile's tracing: the op is opaque to it.
     return x.new_empty((x.shape[0], out_features))
 
@@ -61,11 +63,14 @@ def isa() -> str | None:
     return _load()
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: torch.Tensor, fmt: str, out_features: int, in_features: int,
+           act_bits: int = 8) -> torch.Tensor:
     """``x @ dequant(w).T``: x [M, K] float32, w [N, K / block * block bytes] uint8 in GGUF's row layout.
 
-    Returns [M, N] float32. The activations go through int8 (a scale per 32 values, or per 256 for
-    the K-quants), so results differ from the float product by that rounding, as llama.cpp's do.
+    Returns [M, N] float32. The activations go through ``act_bits``-bit integers (a scale per 32 values, or
+    per 256 for the K-quants), so results differ from the float product by that rounding: with 8 bits
+    (every format) as llama.cpp's do; with 16 (``WIDE_FORMATS`` only) by about 1/256 of that, finer than
+    bfloat16 activations.
     """
     # NOTE: a decode step makes hundreds of these calls, so the checks stick to cheap attributes
     # (x.device builds an object; x.is_cpu does not).
@@ -73,6 +78,9 @@ def matmul(x: torch.Tensor, w: torch.Tensor, fmt: str, out_features: int, in_fea
     if spec is None:
         raise ValueError(f"unknown GGUF format {fmt!r}; expected one of {', '.join(FORMATS)}")
     index, bf = spec
+    if act_bits != 8 and (act_bits != 16 or fmt not in WIDE_FORMATS):
+        raise ValueError(f"{fmt}: activations of {act_bits} bits; 8 for every format, 16 for "
+                         f"{', '.join(WIDE_FORMATS)}")
     if in_features <= 0 or in_features % bf.block:
         raise ValueError(f"{fmt}: in_features must be a positive multiple of {bf.block}, got {in_features}")
     if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 2 or x.shape[1] != in_features:
@@ -89,4 +97,4 @@ def matmul(x: torch.Tensor, w: torch.Tensor, fmt: str, out_features: int, in_fea
             raise RuntimeError("the GGUF CPU kernels could not be built here; check available() first")
         op = _matmul_op
     return op(x if x.is_contiguous() else x.contiguous(), w if w.is_contiguous() else w.contiguous(), index,
-              out_features, in_features)
+              out_features, in_features, act_bits)

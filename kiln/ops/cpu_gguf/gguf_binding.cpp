@@ -12,10 +12,12 @@
 namespace {
 
 at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t fmt, int64_t out_features,
-                       int64_t in_features) {
+                       int64_t in_features, int64_t act_bits) {
   TORCH_CHECK(fmt >= 0 && fmt < kiln_gguf::kFormatCount, "kiln_gguf::matmul: unknown format ", fmt);
   const auto format = static_cast<kiln_gguf::Format>(fmt);
   const kiln_gguf::FormatInfo fi = kiln_gguf::format_info(format);
+  TORCH_CHECK(kiln_gguf::takes_act_bits(format, static_cast<int>(act_bits)),
+              "kiln_gguf::matmul: activations of ", act_bits, " bits are not taken for this format");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "kiln_gguf::matmul: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "kiln_gguf::matmul: x must be a contiguous 2-D float32 tensor");
@@ -26,7 +28,7 @@ at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t fmt, in
               "kiln_gguf::matmul: w must be a contiguous uint8 [out_features, blocks * block bytes] tensor");
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   kiln_gguf::matmul(x.data_ptr<float>(), x.size(0), in_features, w.data_ptr<uint8_t>(), out_features, format,
-                    y.data_ptr<float>());
+                    static_cast<int>(act_bits), y.data_ptr<float>());
   return y;
 }
 
@@ -35,7 +37,7 @@ std::string gguf_isa() { return kiln_gguf::isa_name(); }
 }  // namespace
 
 TORCH_LIBRARY(kiln_gguf, m) {
-  m.def("matmul(Tensor x, Tensor w, int fmt, int out_features, int in_features) -> Tensor");
+  m.def("matmul(Tensor x, Tensor w, int fmt, int out_features, int in_features, int act_bits) -> Tensor");
   m.def("isa() -> str", &gguf_isa);
 }
 

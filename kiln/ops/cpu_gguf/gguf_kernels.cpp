@@ -1,7 +1,8 @@
 // x @ dequant(w).T over GGUF block-quantized weights, read in place (llama.cpp's way on a CPU).
 //
 // Each call quantizes the activation rows once to int8 (a float scale per 32 values for the
-// 32-weight formats, as ggml's Q8_0; per 256 for the K-quants, as Q8_K) and takes integer dot
+// 32-weight formats, as ggml's Q8_0; per 256 for the K-quants, as Q8_K), or to int16 with the same
+// groups for q4_0, q4_1, q8_0 and q4_k (act_bits 16, finer than bfloat16), and takes integer dot
 // products against the weight blocks, applying the blocks' float scales once per block. Weights
 // are unpacked to unsigned bytes (a 4-bit nibble as 0..15, q8_0 shifted by 128), which is what
 // the u8 x s8 dot instructions take; the offset a format subtracts (8 for q4_0, 32 for q6_k, a
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -53,7 +55,8 @@ struct QuantizedActs {
   int64_t K = 0;
   int64_t group = 0;      // values per float scale: the weight format's block
   int64_t sum_group = 0;  // values per entry of s: the granularity of the format's offsets
-  std::unique_ptr<int8_t[]> q;  // [K / group][M][group]
+  std::unique_ptr<int8_t[]> q;     // [K / group][M][group], int8 activations
+  std::unique_ptr<int16_t[]> q16;  // the same layout, int16 activations (matmul's act_bits 16)
   std::unique_ptr<float[]> d;   // [K / group][M]
   std::unique_ptr<float[]> s;   // [M][K / sum_group]: d * (sum of q over the sum group)
 
@@ -108,21 +111,48 @@ void quantize_group(const float* x, int64_t n, int64_t sum_group, int8_t* q, flo
 #endif
 }
 
-QuantizedActs quantize_acts(const float* x, int64_t M, int64_t K, int64_t group, int64_t sum_group) {
+// One scale group to int16 with d = max|x| / 32767, rounding to nearest (half to even, on both paths).
+void quantize_group16(const float* x, int64_t n, int64_t sum_group, int16_t* q, float* d, float* s) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float dd = amax / 32767.0f;
+  const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+  *d = dd;
+  for (int64_t g = 0; g < n; g += sum_group) {
+    int32_t total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = g; i < g + sum_group; ++i) {
+      const int32_t v = std::min(32767, std::max(-32767, int32_t(std::nearbyint(x[i] * inv))));
+      q[i] = int16_t(v);
+      total += v;
+    }
+    s[g / sum_group] = dd * float(total);
+  }
+}
+
+QuantizedActs quantize_acts(const float* x, int64_t M, int64_t K, int64_t group, int64_t sum_group, bool wide) {
   QuantizedActs a;
   a.M = M;
   a.K = K;
   a.group = group;
   a.sum_group = sum_group;
-  a.q.reset(new int8_t[M * K]);
+  if (wide)
+    a.q16.reset(new int16_t[M * K]);
+  else
+    a.q.reset(new int8_t[M * K]);
   a.d.reset(new float[M * (K / group)]);
   a.s.reset(new float[M * (K / sum_group)]);
   const int64_t groups = K / group;
   at::parallel_for(0, M, std::max<int64_t>(1, kMinTaskWork / K), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       for (int64_t g = 0; g < groups; ++g) {
-        quantize_group(x + m * K + g * group, group, sum_group, a.q.get() + (g * M + m) * group,
-                       a.d.get() + g * M + m, a.s.get() + m * (K / sum_group) + g * (group / sum_group));
+        const float* xg = x + m * K + g * group;
+        float* d = a.d.get() + g * M + m;
+        float* sg = a.s.get() + m * (K / sum_group) + g * (group / sum_group);
+        if (wide)
+          quantize_group16(xg, group, sum_group, a.q16.get() + (g * M + m) * group, d, sg);
+        else
+          quantize_group(xg, group, sum_group, a.q.get() + (g * M + m) * group, d, sg);
       }
     }
   });
@@ -425,6 +455,136 @@ void rows_for(Format fmt, KILN_ROWS_ARGS) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// int16 activations (act_bits 16: q4_0, q4_1, q8_0, q4_k). A scale per block of activations as with int8,
+// but 15 bits each, finer than bfloat16's 8: the 4-bit formats' default on the CPU. Weights are
+// widened to int16 and multiplied pairwise into int32 (vpmaddwd), one weight row a register on any
+// ISA: as many instructions a weight as the int8 path takes without VNNI (unpack, two multiply-adds
+// and an add per 32 weights).
+
+// The int32 pair sums of 32 weights (two vectors of 16 int16) against 32 int16 activations.
+inline __m256i dot16x32(__m256i lo, __m256i hi, const int16_t* x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(_mm256_madd_epi16(lo, load256(x)), hi, load256(x + 16));
+#elif defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(_mm256_madd_epi16(lo, load256(x)), hi, load256(x + 16));
+#else
+  return _mm256_add_epi32(_mm256_madd_epi16(lo, load256(x)), _mm256_madd_epi16(hi, load256(x + 16)));
+#endif
+}
+
+// The 32-weight formats: q4_0 and q4_1 (byte j holds weights j and j + 16 in its nibbles) and q8_0 (signed
+// bytes in order), each block's 32 weights as two vectors of 16 int16.
+template <Format F>
+struct Block16 {
+  static constexpr int64_t kBytes = F == Format::Q4_1 ? 20 : F == Format::Q4_0 ? 18 : 34;
+  static void unpack(const uint8_t* blk, __m256i& lo, __m256i& hi) {
+    if constexpr (F == Format::Q8_0) {
+      lo = _mm256_cvtepi8_epi16(load128(blk + 2));
+      hi = _mm256_cvtepi8_epi16(load128(blk + 18));
+    } else {
+      const __m256i words = _mm256_cvtepu8_epi16(load128(blk + (F == Format::Q4_1 ? 4 : 2)));
+      lo = _mm256_and_si256(words, _mm256_set1_epi16(0x0f));
+      hi = _mm256_srli_epi16(words, 4);
+    }
+  }
+  // As rows_q32: q4_0's offset is -8 d (cw holds d), q4_1's its m (cw holds m, the scales go beside);
+  // q8_0 has none (cw holds d, times 0).
+  static constexpr float kOffsetScale = F == Format::Q4_0 ? -8.0f : F == Format::Q4_1 ? 1.0f : 0.0f;
+};
+
+template <Format F, int MT>
+void rows16_q32(KILN_ROWS_ARGS) {
+  using B = Block16<F>;
+  __m256 acc[MT];
+  for (int r = 0; r < MT; ++r) acc[r] = _mm256_setzero_ps();
+  const int16_t* xq = a.q16.get() + m0 * 32;
+  const float* xd = a.d.get() + m0;
+  float* ds = F == Format::Q4_1 ? cw[2] : cw[0];
+  for (int64_t b = 0; b < nblocks; ++b, xq += a.M * 32, xd += a.M) {
+    const int64_t off = b * B::kBytes;
+    if (B::kBytes > 32 || (b & 1) == 0) prefetch_rows<1>(w, off, B::kBytes);
+    const __m128 dm = fp16x4_at(w[0] + off);
+    ds[b] = _mm_cvtss_f32(dm);
+    if constexpr (F == Format::Q4_1) cw[0][b] = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+    __m256i lo, hi;
+    B::unpack(w[0] + off, lo, hi);
+    const __m256 vd = _mm256_broadcast_ss(ds + b);
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; ++r) {
+      const __m256i p = dot16x32(lo, hi, xq + 32 * r);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(vd, _mm256_set1_ps(xd[r])), acc[r]);
+    }
+  }
+  float tot[MT][1];
+  for (int r = 0; r < MT; ++r) tot[r][0] = hsum(acc[r]);
+  finish_rows<Ymm, MT>(tot, a, m0, out, ldo, cw, B::kOffsetScale);
+}
+
+template <int MT>
+void rows16_q4_k(KILN_ROWS_ARGS) {
+  const __m256i low4 = _mm256_set1_epi16(0x0f);
+  __m256 acc[MT];
+  for (int r = 0; r < MT; ++r) acc[r] = _mm256_setzero_ps();
+  const int16_t* xq = a.q16.get() + m0 * 256;
+  const float* xd = a.d.get() + m0;
+  alignas(32) int32_t sc[8];
+  for (int64_t sb = 0; sb < nblocks; ++sb, xq += a.M * 256, xd += a.M) {
+    const int64_t off = sb * 144;
+    prefetch_rows<1>(w, off, 144);
+    const uint8_t* blk = w[0] + off;
+    // The eight 6-bit scales and mins as rows_q45_k unpacks them.
+    uint32_t u[3];
+    std::memcpy(u, blk + 4, 12);
+    const uint32_t sc_lo = u[0] & 0x3f3f3f3f;
+    const uint32_t mn_lo = u[1] & 0x3f3f3f3f;
+    const uint32_t sc_hi = (u[2] & 0x0f0f0f0f) | ((u[0] >> 2) & 0x30303030);
+    const uint32_t mn_hi = ((u[2] >> 4) & 0x0f0f0f0f) | ((u[1] >> 2) & 0x30303030);
+    const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, int(mn_hi), int(mn_lo))));
+    _mm256_storeu_ps(cw[0] + 8 * sb, _mm256_mul_ps(mins, _mm256_set1_ps(-fp16_to_f32(blk + 2))));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(sc), _mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, int(sc_hi), int(sc_lo))));
+    // A sub-block's lane sums (4 products of 15 x 32767 at most) times its scale (63 at most), over the
+    // 8 sub-blocks: below 2^30, so the super-block sums in int32 and converts once.
+    __m256i isum[MT];
+    for (int r = 0; r < MT; ++r) isum[r] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      // 32 bytes: sub-block 2c in the low nibbles, 2c + 1 in the high ones, weight l in byte l.
+      const __m256i wa = _mm256_cvtepu8_epi16(load128(blk + 16 + 32 * c));
+      const __m256i wb = _mm256_cvtepu8_epi16(load128(blk + 16 + 32 * c + 16));
+      const __m256i lo_a = _mm256_and_si256(wa, low4), lo_b = _mm256_and_si256(wb, low4);
+      const __m256i hi_a = _mm256_srli_epi16(wa, 4), hi_b = _mm256_srli_epi16(wb, 4);
+      const __m256i s0 = _mm256_set1_epi32(sc[2 * c]), s1 = _mm256_set1_epi32(sc[2 * c + 1]);
+#pragma GCC unroll 8
+      for (int r = 0; r < MT; ++r) {
+        const int16_t* xp = xq + 256 * r + 64 * c;
+        isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(dot16x32(lo_a, lo_b, xp), s0));
+        isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(dot16x32(hi_a, hi_b, xp + 32), s1));
+      }
+    }
+    const __m256 vd = _mm256_set1_ps(fp16_to_f32(blk));
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(vd, _mm256_set1_ps(xd[r])), acc[r]);
+  }
+  float tot[MT][1];
+  for (int r = 0; r < MT; ++r) tot[r][0] = hsum(acc[r]);
+  finish_rows<Ymm, MT>(tot, a, m0, out, ldo, cw);
+}
+
+template <int MT>
+void rows16_for(Format fmt, KILN_ROWS_ARGS) {
+  switch (fmt) {
+    case Format::Q4_0: return rows16_q32<Format::Q4_0, MT>(w, nblocks, a, m0, out, ldo, cw);
+    case Format::Q4_1: return rows16_q32<Format::Q4_1, MT>(w, nblocks, a, m0, out, ldo, cw);
+    case Format::Q8_0: return rows16_q32<Format::Q8_0, MT>(w, nblocks, a, m0, out, ldo, cw);
+    case Format::Q4_K: return rows16_q4_k<MT>(w, nblocks, a, m0, out, ldo, cw);
+    default: return;  // matmul refuses the other formats with int16 activations
+  }
+}
+
+using Lanes16 = Ymm;
+
 #ifdef KILN_GGUF_AVX512
 using Lanes = Zmm;
 #else
@@ -510,7 +670,8 @@ void decode_block(Format fmt, const uint8_t* b, DecodedBlock& o) {
   }
 }
 
-template <class V, int MT>
+// Over int8 (Wide false) or int16 activations.
+template <class V, int MT, bool Wide = false>
 void rows_for(Format fmt, KILN_ROWS_ARGS) {
   const FormatInfo fi = format_info(fmt);
   const int64_t offsets = fi.block / a.sum_group;
@@ -520,12 +681,15 @@ void rows_for(Format fmt, KILN_ROWS_ARGS) {
     decode_block(fmt, w[0] + b * fi.bytes, blk);
     for (int64_t c = 0; c < offsets; ++c) cw[0][b * offsets + c] = blk.cw[c];
     for (int r = 0; r < MT; ++r) {
-      const int8_t* xq = a.q.get() + (b * a.M + m0 + r) * fi.block;
-      int32_t total = 0;
+      const int64_t at = (b * a.M + m0 + r) * fi.block;
+      const auto* xq = [&] {
+        if constexpr (Wide) return a.q16.get() + at; else return a.q.get() + at;
+      }();
+      int64_t total = 0;  // int16 activations can take a K-quant's sum past int32
       for (int64_t g = 0; g < fi.block / 16; ++g) {
         int32_t part = 0;
         for (int i = 0; i < 16; ++i) part += int32_t(blk.u[16 * g + i]) * int32_t(xq[16 * g + i]);
-        total += blk.isc[g] * part;
+        total += int64_t(blk.isc[g]) * part;
       }
       acc[r] += blk.d * a.d[b * a.M + m0 + r] * float(total);
     }
@@ -535,21 +699,31 @@ void rows_for(Format fmt, KILN_ROWS_ARGS) {
   finish_rows<V, MT>(tot, a, m0, out, ldo, cw);
 }
 
+template <int MT>
+void rows16_for(Format fmt, KILN_ROWS_ARGS) {
+  rows_for<Scalar, MT, true>(fmt, w, nblocks, a, m0, out, ldo, cw);
+}
+
+using Lanes16 = Scalar;
+
 #endif
 
 // The kernel instantiated for exactly mt activation rows (1 <= mt <= kRowTile).
-template <class V, int MT = 1>
+template <class V, bool Wide, int MT = 1>
 void rows_tile(int mt, Format fmt, KILN_ROWS_ARGS) {
   if constexpr (MT < kRowTile) {
-    if (mt != MT) return rows_tile<V, MT + 1>(mt, fmt, w, nblocks, a, m0, out, ldo, cw);
+    if (mt != MT) return rows_tile<V, Wide, MT + 1>(mt, fmt, w, nblocks, a, m0, out, ldo, cw);
   }
-  rows_for<V, MT>(fmt, w, nblocks, a, m0, out, ldo, cw);
+  if constexpr (Wide)
+    rows16_for<MT>(fmt, w, nblocks, a, m0, out, ldo, cw);
+  else
+    rows_for<V, MT>(fmt, w, nblocks, a, m0, out, ldo, cw);
 }
 
 // Output rows n .. n + count - 1 (count <= V::kRows) for all activation rows. A short group (the
 // odd row out of two-row kernels) repeats its last row into a scratch output instead of needing
 // kernels of its own.
-template <class V>
+template <class V, bool Wide>
 void output_rows(Format fmt, const uint8_t* w, int64_t row_bytes, int64_t n, int64_t count, int64_t N,
                  int64_t nblocks, const QuantizedActs& a, float* y, float* const* cw) {
   const uint8_t* rows[V::kRows];
@@ -557,10 +731,10 @@ void output_rows(Format fmt, const uint8_t* w, int64_t row_bytes, int64_t n, int
   for (int64_t m0 = 0; m0 < a.M; m0 += kRowTile) {
     const int mt = int(std::min<int64_t>(kRowTile, a.M - m0));
     if (count == V::kRows) {
-      rows_tile<V>(mt, fmt, rows, nblocks, a, m0, y + m0 * N + n, N, cw);
+      rows_tile<V, Wide>(mt, fmt, rows, nblocks, a, m0, y + m0 * N + n, N, cw);
     } else {
       float part[kRowTile * V::kRows];
-      rows_tile<V>(mt, fmt, rows, nblocks, a, m0, part, V::kRows, cw);
+      rows_tile<V, Wide>(mt, fmt, rows, nblocks, a, m0, part, V::kRows, cw);
       for (int r = 0; r < mt; ++r)
         for (int64_t i = 0; i < count; ++i) y[(m0 + r) * N + n + i] = part[r * V::kRows + i];
     }
@@ -569,23 +743,37 @@ void output_rows(Format fmt, const uint8_t* w, int64_t row_bytes, int64_t n, int
 
 }  // namespace
 
-void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, Format fmt, float* y) {
+bool takes_act_bits(Format fmt, int act_bits) {
+  return act_bits == 8 || (act_bits == 16 && (fmt == Format::Q4_0 || fmt == Format::Q4_1 || fmt == Format::Q8_0 ||
+                                               fmt == Format::Q4_K));
+}
+
+void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, Format fmt, int act_bits, float* y) {
   if (M == 0 || N == 0) return;
   const FormatInfo fi = format_info(fmt);
   const int64_t nblocks = K / fi.block;
   const int64_t row_bytes = nblocks * fi.bytes;
   // Q6_K's scales cover 16 weights, so its offsets need activation sums per 16.
   const int64_t sum_group = fmt == Format::Q6_K ? 16 : 32;
-  const QuantizedActs a = quantize_acts(x, M, K, fi.block, sum_group);
-  // An even grain keeps the two-row kernels' pairs whole.
-  const int64_t grain = std::max<int64_t>(2, kMinTaskWork / (K * M) + 1) & ~int64_t(1);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    const int64_t ncw = K / sum_group;
-    std::vector<float> scratch(4 * ncw);
-    float* cw[4] = {scratch.data(), scratch.data() + ncw, scratch.data() + 2 * ncw, scratch.data() + 3 * ncw};
-    for (int64_t n = n0; n < n1; n += Lanes::kRows)
-      output_rows<Lanes>(fmt, w, row_bytes, n, std::min<int64_t>(Lanes::kRows, n1 - n), N, nblocks, a, y, cw);
-  });
+  const bool wide = act_bits == 16;
+  const QuantizedActs a = quantize_acts(x, M, K, fi.block, sum_group, wide);
+  const auto run = [&](auto lanes, auto wide_tag) {
+    using V = decltype(lanes);
+    constexpr bool Wide = decltype(wide_tag)::value;
+    // An even grain keeps the two-row kernels' pairs whole.
+    const int64_t grain = std::max<int64_t>(2, kMinTaskWork / (K * M) + 1) & ~int64_t(1);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      const int64_t ncw = K / sum_group;
+      std::vector<float> scratch(4 * ncw);
+      float* cw[4] = {scratch.data(), scratch.data() + ncw, scratch.data() + 2 * ncw, scratch.data() + 3 * ncw};
+      for (int64_t n = n0; n < n1; n += V::kRows)
+        output_rows<V, Wide>(fmt, w, row_bytes, n, std::min<int64_t>(V::kRows, n1 - n), N, nblocks, a, y, cw);
+    });
+  };
+  if (wide)
+    run(Lanes16(), std::true_type());
+  else
+    run(Lanes(), std::false_type());
 }
 
 }  // namespace kiln_gguf

@@ -18,9 +18,13 @@ struct FormatInfo {
 
 FormatInfo format_info(Format fmt);
 
-// y[M][N] = x[M][K] @ dequant(w).T, where w is N rows of K / block blocks each, row-major.
-// x and y are dense row-major float32; the caller checks shapes.
-void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, Format fmt, float* y);
+// y[M][N] = x[M][K] @ dequant(w).T, where w is N rows of K / block blocks each, row-major, with the
+// activations rounded to act_bits (8, or 16 where takes_act_bits says) integers, a scale per block.
+// x and y are dense row-major float32; the caller checks shapes and takes_act_bits.
+void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, Format fmt, int act_bits, float* y);
+
+// Whether matmul takes act_bits for fmt: 8 for every format, 16 for q4_0, q4_1, q8_0 and q4_k.
+bool takes_act_bits(Format fmt, int act_bits);
 
 // Which SIMD path this build took ("avx512-vnni", "avx-vnni", "avx2" or "scalar").
 const char* isa_name();
