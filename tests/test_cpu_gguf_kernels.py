@@ -161,21 +161,8 @@ def test_int16_activations_are_finer_than_bfloat16():
         assert (int16 - exact).norm() < 0.05 * (bf16 - exact).norm(), fmt
 
 
-@pytest.mark.parametrize("fmt", cpu_gguf.WIDE_FORMATS)
-def test_int16_activations_many_rows_and_edges(fmt: str):
-    rng = np.random.default_rng(8)
-    k, n = 512, 37
-    w = make_weights(fmt, n, k, rng)
-    x = rng.standard_normal((19, k)).astype(np.float32)
-    x[1] = 0.0
-    x[2, :256] = 0.0
-    x[3] *= 1e-30
-    x[4] *= 1e20
-    check(fmt, x, w, n, k, act_bits=16)
-
-
-@pytest.mark.parametrize("fmt", cpu_gguf.FORMATS)
-def test_many_rows_and_edge_activations(fmt: str):
+@pytest.mark.parametrize("fmt, act_bits", [(f, 8) for f in cpu_gguf.FORMATS] + [(f, 16) for f in cpu_gguf.WIDE_FORMATS])
+def test_many_rows_and_edge_activations(fmt: str, act_bits: int):
     # More rows than one register tile, odd output counts, and activation groups that are all zero,
     # tiny, or huge.
     rng = np.random.default_rng(7)
@@ -186,7 +173,7 @@ def test_many_rows_and_edge_activations(fmt: str):
     x[2, :256] = 0.0
     x[3] *= 1e-30
     x[4] *= 1e20
-    check(fmt, x, w, n, k)
+    check(fmt, x, w, n, k, act_bits)
 
 
 def test_threads_do_not_change_results():

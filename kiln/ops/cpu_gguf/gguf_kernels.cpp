@@ -63,6 +63,27 @@ struct QuantizedActs {
   const float* s_row(int64_t m) const { return s.get() + m * (K / sum_group); }
 };
 
+// One scale group to T (int8 or int16) with d = max|x| / kTop, in plain C++: rounding to nearest, half to
+// even, as cvtps_epi32 does on quantize_group's SIMD path.
+template <typename T, int kTop>
+void quantize_group_plain(const float* x, int64_t n, int64_t sum_group, T* q, float* d, float* s) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float dd = amax / float(kTop);
+  const float inv = amax > 0.0f ? float(kTop) / amax : 0.0f;
+  *d = dd;
+  for (int64_t g = 0; g < n; g += sum_group) {
+    int32_t total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = g; i < g + sum_group; ++i) {
+      const int32_t v = std::min(kTop, std::max(-kTop, int32_t(std::nearbyint(x[i] * inv))));
+      q[i] = T(v);
+      total += v;
+    }
+    s[g / sum_group] = dd * float(total);
+  }
+}
+
 // One scale group (a multiple of 32 values) to int8 with d = max|x| / 127, rounding to nearest.
 void quantize_group(const float* x, int64_t n, int64_t sum_group, int8_t* q, float* d, float* s) {
 #ifdef KILN_GGUF_AVX2
@@ -93,41 +114,8 @@ void quantize_group(const float* x, int64_t n, int64_t sum_group, int8_t* q, flo
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(packed, order));
   }
 #else
-  float amax = 0.0f;
-  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float dd = amax / 127.0f;
-  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-  *d = dd;
-  for (int64_t g = 0; g < n; g += sum_group) {
-    int32_t total = 0;
-    for (int64_t i = g; i < g + sum_group; ++i) {
-      // lrintf rounds half to even, as cvtps_epi32 does on the SIMD path.
-      const long v = std::min(127L, std::max(-127L, lrintf(x[i] * inv)));
-      q[i] = int8_t(v);
-      total += int32_t(v);
-    }
-    s[g / sum_group] = dd * float(total);
-  }
+  quantize_group_plain<int8_t, 127>(x, n, sum_group, q, d, s);
 #endif
-}
-
-// One scale group to int16 with d = max|x| / 32767, rounding to nearest (half to even, on both paths).
-void quantize_group16(const float* x, int64_t n, int64_t sum_group, int16_t* q, float* d, float* s) {
-  float amax = 0.0f;
-  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float dd = amax / 32767.0f;
-  const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-  *d = dd;
-  for (int64_t g = 0; g < n; g += sum_group) {
-    int32_t total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t i = g; i < g + sum_group; ++i) {
-      const int32_t v = std::min(32767, std::max(-32767, int32_t(std::nearbyint(x[i] * inv))));
-      q[i] = int16_t(v);
-      total += v;
-    }
-    s[g / sum_group] = dd * float(total);
-  }
 }
 
 QuantizedActs quantize_acts(const float* x, int64_t M, int64_t K, int64_t group, int64_t sum_group, bool wide) {
@@ -150,7 +138,7 @@ QuantizedActs quantize_acts(const float* x, int64_t M, int64_t K, int64_t group,
         float* d = a.d.get() + g * M + m;
         float* sg = a.s.get() + m * (K / sum_group) + g * (group / sum_group);
         if (wide)
-          quantize_group16(xg, group, sum_group, a.q16.get() + (g * M + m) * group, d, sg);
+          quantize_group_plain<int16_t, 32767>(xg, group, sum_group, a.q16.get() + (g * M + m) * group, d, sg);
         else
           quantize_group(xg, group, sum_group, a.q.get() + (g * M + m) * group, d, sg);
       }
