@@ -4,29 +4,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 # Tokens of left context decoded before the new ones. One non-special token is enough for the
 # decoders in use (byte-level, Metaspace, byte fallback); a few more cover decoders with pairwise rules.
 _CONTEXT_TOKENS = 4
-# The window's start moves (a second decode, of the new left context) only once it holds more tokens than this.
-_MAX_WINDOW = 2 * _CONTEXT_TOKENS
 # A UTF-8 character is at most 4 bytes, so a character split into byte tokens starts at most 3 tokens back.
 _MAX_CHAR_TOKENS = 4
-# Drop consumed token ids once this many pile up in front of the context window.
-_TRIM_AT = 1024
 _REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
     """Turns one completion's token ids into text deltas as they are sampled.
 
-    ``add(ids)`` decodes a small window (a few already-emitted tokens of left context plus the new
-    ones) and returns the part beyond the context's own text, so each call costs O(window), not
-    O(output): one decode, and a second one of the new left context when the window is moved on (every
-    few tokens). A delta is held back while the window's decode ends in U+FFFD: the last token ended
-    inside a multi-byte character whose remaining bytes have not been sampled yet.
+    ``add(ids)`` steps a ``tokenizers`` ``DecodeStream`` (Rust): it decodes a small window (a few
+    already-emitted tokens of left context plus the new ones) and returns the part beyond the context's
+    own text, so each call costs O(window), not O(output), and no Python runs per token of the window. A
+    delta is held back while the window's decode ends in U+FFFD: the last token ended inside a multi-byte
+    character whose remaining bytes have not been sampled yet.
 
-    The left context starts with the last prompt tokens, so the first output token keeps its
+    The stream's left context starts with the last prompt tokens, so the first output token keeps its
     leading space where a SentencePiece/Metaspace decoder would strip it from a sequence decoded on
     its own (" Paris" after "The capital of France is", as vLLM returns it). Hence the deltas plus
     ``flush()`` concatenate exactly to ``tokenizer.decode(output_ids)`` for byte-level tokenizers,
@@ -40,31 +37,35 @@ class IncrementalDetokenizer:
         self._skipped: frozenset[int] = frozenset(
             i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special
         ) if skip_special_tokens else frozenset()
-        self._ids: list[int] = self._initial_context(list(prompt_token_ids))
-        # Token offsets in self._ids: the context window starts at _prefix; tokens before _read are
-        # emitted. _boundaries are past _read values (whole-character positions) at or after _prefix.
-        self._prefix = 0
-        self._read = len(self._ids)
-        self._boundaries: list[int] = [0, self._read] if self._read else [0]
-        self._prefix_text = self._decode(self._ids)
+        context = self._initial_context(list(prompt_token_ids))
+        self._stream = DecodeStream(context, skip_special_tokens=skip_special_tokens)
+        # The last tokens before those held back (flush's left context), and those held back.
+        self._tail: list[int] = context[-_CONTEXT_TOKENS:]
+        self._held: list[int] = []
         self.num_output_tokens = 0
 
     def add(self, token_ids: Sequence[int]) -> str:
         """Append sampled tokens; return the newly completed text (possibly "")."""
         if not token_ids:
             return ""
-        self._ids.extend(token_ids)
-        self.num_output_tokens += len(token_ids)
-        text = self._decode(self._ids[self._prefix:])
-        if text.endswith(_REPLACEMENT):
+        ids = list(token_ids)
+        self.num_output_tokens += len(ids)
+        text = self._stream.step(self.tokenizer, ids)
+        if text is None:
+            self._held.extend(ids)
             return ""
-        return self._advance(text)
+        self._tail = (self._tail + self._held + ids)[-_CONTEXT_TOKENS:]
+        self._held = []
+        return text
 
     def flush(self) -> str:
         """At the end of the completion: whatever is held back, even an incomplete character (as U+FFFD)."""
-        if self._read == len(self._ids):
+        if not self._held:
             return ""
-        return self._advance(self._decode(self._ids[self._prefix:]))
+        before = self._decode(self._tail)
+        text = self._decode(self._tail + self._held)
+        self._tail, self._held = (self._tail + self._held)[-_CONTEXT_TOKENS:], []
+        return text[len(before):] if text.startswith(before) else text
 
     # ----- internals -----
     def _decode(self, ids: Sequence[int]) -> str:
@@ -89,32 +90,6 @@ class IncrementalDetokenizer:
             # decode the output on its own.
             return []
         return context
-
-    def _advance(self, text: str) -> str:
-        delta = text[len(self._prefix_text):]
-        self._read = len(self._ids)
-        self._boundaries.append(self._read)
-        if self._read - self._prefix <= _MAX_WINDOW:
-            # The window keeps its start: its text up to _read is the text just decoded (one decode a call).
-            self._prefix_text = text
-            return delta
-        self._prefix = self._pick_prefix()
-        self._boundaries = [b for b in self._boundaries if b >= self._prefix]
-        if self._prefix >= _TRIM_AT:
-            cut = self._prefix
-            del self._ids[:cut]
-            self._prefix, self._read = 0, self._read - cut
-            self._boundaries = [b - cut for b in self._boundaries]
-        self._prefix_text = self._decode(self._ids[self._prefix:self._read])
-        return delta
-
-    def _pick_prefix(self) -> int:
-        """The latest whole-character offset leaving a few tokens, one of them decodable, before _read."""
-        read = self._read
-        for b in reversed(self._boundaries):
-            if read - b >= _CONTEXT_TOKENS and any(t not in self._skipped for t in self._ids[b:read]):
-                return b
-        return self._boundaries[0]
 
 
 class StopStringMatcher:
