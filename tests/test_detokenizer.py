@@ -183,6 +183,23 @@ def test_long_output_streams_in_a_bounded_time_a_token(tokenizer):
     assert min(spans[-2:]) < 3 * spans[0] + 0.01
 
 
+class _RefusingStream:
+    """A DecodeStream stand-in that refuses every step, as DecodeStream does on an invalid prefix."""
+
+    def step(self, tokenizer, ids):
+        raise Exception("Invalid prefix encountered")
+
+
+def test_a_refused_stream_step_still_yields_the_text(byte_level):
+    prompt_ids = byte_level.encode(PROMPTS[1]).ids
+    ids = byte_level.encode("Hello, world! def f(x):\n    return x").ids
+    detok = IncrementalDetokenizer(byte_level, prompt_ids)
+    deltas = [detok.add(ids[:3])]
+    detok._stream = _RefusingStream()  # the next step is refused; the stream after it is a fresh one
+    deltas += [detok.add([t]) for t in ids[3:]] + [detok.flush()]
+    assert "".join(deltas) == expected_text(byte_level, prompt_ids, ids)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(min_size=1, max_size=40), prompt=st.sampled_from(PROMPTS), data=st.data())
 def test_hypothesis_round_trip(byte_level, spm, text, prompt, data):

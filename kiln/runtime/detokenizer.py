@@ -50,7 +50,10 @@ class IncrementalDetokenizer:
             return ""
         ids = list(token_ids)
         self.num_output_tokens += len(ids)
-        text = self._stream.step(self.tokenizer, ids)
+        try:
+            text = self._stream.step(self.tokenizer, ids)
+        except Exception:  # noqa: BLE001  (DecodeStream's "invalid prefix"; see _restart)
+            return self._restart(ids)
         if text is None:
             self._held.extend(ids)
             return ""
@@ -68,6 +71,18 @@ class IncrementalDetokenizer:
         return text[len(before):] if text.startswith(before) else text
 
     # ----- internals -----
+    def _restart(self, ids: list[int]) -> str:
+        """When the stream refuses a window (DecodeStream raises where the window's text does not start with
+        its left context's, which no tokenizer in the tests does): the window decoded here, its text past the
+        left context's (all of it where even that does not hold), and a new stream from the new left context.
+        The step's tokens are emitted even if they end inside a character, so one odd decode costs at most a
+        U+FFFD, never the request or its batch."""
+        window = self._tail + self._held + ids
+        before, text = self._decode(self._tail), self._decode(window)
+        self._tail, self._held = window[-_CONTEXT_TOKENS:], []
+        self._stream = DecodeStream(self._tail, skip_special_tokens=self.skip_special_tokens)
+        return text[len(before):] if text.startswith(before) else self._decode(window[len(window) - len(ids):])
+
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=self.skip_special_tokens)
 
