@@ -36,8 +36,8 @@ lscpu > "$OUT/lscpu.txt"
 first=1
 for file in "${files[@]}"; do
   name=$(basename "$file" .gguf)
-  # kind:engine:build flags:environment. "int8" runs the packed engine with the 4-bit formats' int8-activation
-  # kernels allowed (llama.cpp's numerics; see kiln/ops/packed_linear.py).
+  # kind:engine:build flags:environment. "int8" runs the packed engine with the int8-activation kernels allowed
+  # where int16 ones are the default (q4_0, q4_1, q8_0, q4_k: llama.cpp's numerics; see kiln/ops/packed_linear.py).
   engines=("packed:packed::" "int8:packed::KILN_INT8_ACTIVATIONS=1")
   if [ "$first" = 1 ] && [ "${DECODED:-1}" = 1 ]; then engines+=("decoded:decoded:--decode-weights:"); fi
   first=0
