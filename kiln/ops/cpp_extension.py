@@ -7,9 +7,16 @@ the AVX2 and scalar paths on a machine that has better) under ``<kiln cache>/tor
 hash taken over the CPU's flags, the sources, torch, Python and the compiler flags, so another CPU or
 changed sources build their own. ``load()`` never raises: a machine without a compiler or ninja runs the
 ops' other implementations, with one warning.
+
+Processes that build the same extension at once take turns on an ``flock`` of the build folder, which the
+kernel drops when its holder dies; holding it, a process removes torch's own ``lock`` file if one is there.
+That file (``torch.utils.file_baton``) is how torch serializes builds, but it outlives a build that was killed
+(a Ctrl-C during the first start), and every later build would wait on it forever.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -17,7 +24,7 @@ import platform
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -93,13 +100,29 @@ class CppExtension:
         key = self._key(cflags)
         build_dir = cache_dir() / "torch_extensions" / key
         build_dir.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(
-            name=f"{self.name}_{key}",
-            sources=[str(self.folder / s) for s in self.sources],
-            extra_cflags=cflags,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
+        with _builder_turn(build_dir):
+            (build_dir / TORCH_LOCK).unlink(missing_ok=True)  # stale: no other builder runs (module docstring)
+            cpp_extension.load(
+                name=f"{self.name}_{key}",
+                sources=[str(self.folder / s) for s in self.sources],
+                extra_cflags=cflags,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+            )
         return self.on_load()
+
+
+TORCH_LOCK = "lock"  # torch.utils.cpp_extension's FileBaton in a build folder
+
+
+@contextlib.contextmanager
+def _builder_turn(build_dir: Path) -> Iterator[None]:
+    """This process's turn to build in ``build_dir``: an exclusive ``flock``, released on exit or death."""
+    fd = os.open(build_dir / "kiln-build.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
