@@ -307,6 +307,21 @@ inline I bit_to_4(I v, int j) {
   return j < 4 ? v_slli16(v, 4 - j) : j > 4 ? v_srli16(v, j - 4) : v;
 }
 
+// A Q4_K / Q5_K super-block's eight 6-bit scales (the low 8 bytes of the result), and its offsets'
+// coefficients, -dmin * min for each sub-block, stored at cw (8 floats). The same unpacking as
+// unpack_k_scales, four bytes at a time (x86 is little-endian).
+inline __m128i k_scales_and_offsets(const uint8_t* blk, float* cw) {
+  uint32_t u[3];
+  std::memcpy(u, blk + 4, 12);
+  const uint32_t sc_lo = u[0] & 0x3f3f3f3f;
+  const uint32_t mn_lo = u[1] & 0x3f3f3f3f;
+  const uint32_t sc_hi = (u[2] & 0x0f0f0f0f) | ((u[0] >> 2) & 0x30303030);
+  const uint32_t mn_hi = ((u[2] >> 4) & 0x0f0f0f0f) | ((u[1] >> 2) & 0x30303030);
+  const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, int(mn_hi), int(mn_lo))));
+  _mm256_storeu_ps(cw, _mm256_mul_ps(mins, _mm256_set1_ps(-fp16_to_f32(blk + 2))));
+  return _mm_set_epi32(0, 0, int(sc_hi), int(sc_lo));
+}
+
 template <class V, bool kFive, int MT>
 void rows_q45_k(KILN_ROWS_ARGS) {
   using I = typename V::I;
@@ -326,16 +341,7 @@ void rows_q45_k(KILN_ROWS_ARGS) {
     for (int i = 0; i < V::kRows; ++i) {
       const uint8_t* blk = w[i] + off;
       d[i] = fp16_to_f32(blk);
-      // The same unpacking as unpack_k_scales, four bytes at a time (x86 is little-endian).
-      uint32_t u[3];
-      std::memcpy(u, blk + 4, 12);
-      const uint32_t sc_lo = u[0] & 0x3f3f3f3f;
-      const uint32_t mn_lo = u[1] & 0x3f3f3f3f;
-      const uint32_t sc_hi = (u[2] & 0x0f0f0f0f) | ((u[0] >> 2) & 0x30303030);
-      const uint32_t mn_hi = ((u[2] >> 4) & 0x0f0f0f0f) | ((u[1] >> 2) & 0x30303030);
-      const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, int(mn_hi), int(mn_lo))));
-      _mm256_storeu_ps(cw[i] + 8 * sb, _mm256_mul_ps(mins, _mm256_set1_ps(-fp16_to_f32(blk + 2))));
-      sc16[i] = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, int(sc_hi), int(sc_lo)));
+      sc16[i] = _mm_cvtepu8_epi16(k_scales_and_offsets(blk, cw[i] + 8 * sb));
     }
     const I scales = V::rows128(sc16);
     const int64_t qs = off + (kFive ? 48 : 16);
@@ -521,16 +527,7 @@ void rows16_q4_k(KILN_ROWS_ARGS) {
     const int64_t off = sb * 144;
     prefetch_rows<1>(w, off, 144);
     const uint8_t* blk = w[0] + off;
-    // The eight 6-bit scales and mins as rows_q45_k unpacks them.
-    uint32_t u[3];
-    std::memcpy(u, blk + 4, 12);
-    const uint32_t sc_lo = u[0] & 0x3f3f3f3f;
-    const uint32_t mn_lo = u[1] & 0x3f3f3f3f;
-    const uint32_t sc_hi = (u[2] & 0x0f0f0f0f) | ((u[0] >> 2) & 0x30303030);
-    const uint32_t mn_hi = ((u[2] >> 4) & 0x0f0f0f0f) | ((u[1] >> 2) & 0x30303030);
-    const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, int(mn_hi), int(mn_lo))));
-    _mm256_storeu_ps(cw[0] + 8 * sb, _mm256_mul_ps(mins, _mm256_set1_ps(-fp16_to_f32(blk + 2))));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(sc), _mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, int(sc_hi), int(sc_lo))));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(sc), _mm256_cvtepu8_epi32(k_scales_and_offsets(blk, cw[0] + 8 * sb)));
     // A sub-block's lane sums (4 products of 15 x 32767 at most) times its scale (63 at most), over the
     // 8 sub-blocks: below 2^30, so the super-block sums in int32 and converts once.
     __m256i isum[MT];
