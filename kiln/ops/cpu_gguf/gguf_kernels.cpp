@@ -451,10 +451,10 @@ void rows_for(Format fmt, KILN_ROWS_ARGS) {
 
 // ---------------------------------------------------------------------------------------------
 // int16 activations (act_bits 16: q4_0, q4_1, q8_0, q4_k). A scale per block of activations as with int8,
-// but 15 bits each, finer than bfloat16's 8: the 4-bit formats' default on the CPU. Weights are
+// but 15 bits each, finer than bfloat16's 8: a default candidate (packed_linear's ggml_int16). Weights are
 // widened to int16 and multiplied pairwise into int32 (vpmaddwd), one weight row a register on any
-// ISA: as many instructions a weight as the int8 path takes without VNNI (unpack, two multiply-adds
-// and an add per 32 weights).
+// ISA: for the 32-weight formats about the int8 path's instructions a weight without VNNI (unpack, two
+// multiply-adds and an add per 32 weights); q4_k's sub-block scales cost an int32 multiply more.
 
 // The int32 pair sums of 32 weights (two vectors of 16 int16) against 32 int16 activations.
 inline __m256i dot16x32(__m256i lo, __m256i hi, const int16_t* x) {
