@@ -200,6 +200,20 @@ def test_a_refused_stream_step_still_yields_the_text(byte_level):
     assert "".join(deltas) == expected_text(byte_level, prompt_ids, ids)
 
 
+def test_a_refused_step_after_held_tokens_keeps_their_text(byte_level):
+    """Tokens held back mid-character, then a refused step: the held ones' bytes are in its delta."""
+    ids = byte_level.encode("run 🙂🚀 end").ids
+    detok = IncrementalDetokenizer(byte_level, [])
+    deltas, refused = [], False
+    for t in ids:
+        deltas.append(detok.add([t]))
+        if detok._held and not refused:
+            detok._stream, refused = _RefusingStream(), True
+    deltas.append(detok.flush())
+    assert refused
+    assert "".join(deltas) == byte_level.decode(ids)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(min_size=1, max_size=40), prompt=st.sampled_from(PROMPTS), data=st.data())
 def test_hypothesis_round_trip(byte_level, spm, text, prompt, data):

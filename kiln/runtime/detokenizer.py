@@ -63,25 +63,24 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end of the completion: whatever is held back, even an incomplete character (as U+FFFD)."""
-        if not self._held:
-            return ""
-        before = self._decode(self._tail)
-        text = self._decode(self._tail + self._held)
-        self._tail, self._held = (self._tail + self._held)[-_CONTEXT_TOKENS:], []
-        return text[len(before):] if text.startswith(before) else text
+        return self._past_tail(self._held) if self._held else ""
 
     # ----- internals -----
     def _restart(self, ids: list[int]) -> str:
         """When the stream refuses a window (DecodeStream raises where the window's text does not start with
-        its left context's, which no tokenizer in the tests does): the window decoded here, its text past the
-        left context's (all of it where even that does not hold), and a new stream from the new left context.
-        The step's tokens are emitted even if they end inside a character, so one odd decode costs at most a
-        U+FFFD, never the request or its batch."""
-        window = self._tail + self._held + ids
-        before, text = self._decode(self._tail), self._decode(window)
-        self._tail, self._held = window[-_CONTEXT_TOKENS:], []
+        its left context's, which no tokenizer in the tests does): the held and new tokens decoded here, and a
+        new stream from the new left context. They are emitted even if they end inside a character, so one
+        odd decode costs at most a U+FFFD, never the request or its batch."""
+        delta = self._past_tail(self._held + ids)
         self._stream = DecodeStream(self._tail, skip_special_tokens=self.skip_special_tokens)
-        return text[len(before):] if text.startswith(before) else self._decode(window[len(window) - len(ids):])
+        return delta
+
+    def _past_tail(self, fresh: list[int]) -> str:
+        """The text ``fresh`` adds after the left context (decoded alone where the window's text does not start
+        with the context's); the context then moves on over them, and nothing is held back."""
+        before, text = self._decode(self._tail), self._decode(self._tail + fresh)
+        self._tail, self._held = (self._tail + fresh)[-_CONTEXT_TOKENS:], []
+        return text[len(before):] if text.startswith(before) else self._decode(fresh)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=self.skip_special_tokens)
