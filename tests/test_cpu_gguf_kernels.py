@@ -146,6 +146,19 @@ def test_int16_activations_match_dequantized_product(fmt: str, k: int, n: int):
         check(fmt, rng.standard_normal((m, k)).astype(np.float32), w, n, k, act_bits=16)
 
 
+def test_the_kernels_take_int16_for_exactly_the_wide_formats():
+    """WIDE_FORMATS (Python's check) and the C++ binding's takes_act_bits say the same."""
+    rng = np.random.default_rng(2)
+    x = torch.randn(1, 256)
+    for index, fmt in enumerate(cpu_gguf.FORMATS):
+        w = torch.from_numpy(make_weights(fmt, 4, 256, rng))
+        if fmt in cpu_gguf.WIDE_FORMATS:
+            assert torch.ops.kiln_gguf.matmul(x, w, index, 4, 256, 16).shape == (1, 4)
+        else:
+            with pytest.raises(RuntimeError, match="activations of 16 bits"):
+                torch.ops.kiln_gguf.matmul(x, w, index, 4, 256, 16)
+
+
 def test_int16_activations_are_finer_than_bfloat16():
     """The reason ggml_int16 competes with int4pack by default: its error is well under that of bfloat16
     activations (what PyTorch's int4 kernel takes) on the same weights."""
