@@ -3,6 +3,7 @@ repository of tiny ONNX and TorchScript models; every test leaves the server ser
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 import urllib.error
@@ -423,10 +424,9 @@ def test_shared_memory_inputs_and_outputs(clients, proto):
 
 @pytest.mark.parametrize("proto", PROTOCOLS)
 def test_cuda_shared_memory_answers_as_triton_with_no_region(clients, proto):
-    """kiln holds no CUDA regions: status lists none, unregister is no error (tritonclient's shm examples call it
-    to clean up first), a named region is not found, and register is refused with the reason."""
-    from tritonclient.utils import InferenceServerException
-
+    """With no CUDA region registered: status lists none, unregister is no error (tritonclient's shm examples
+    call it to clean up first), a named region is not found; a malformed register request is a 400 that says
+    what is wrong, and a name a system region holds is taken (one namespace, as in Triton)."""
     c = clients[proto]
     status = c.get_cuda_shared_memory_status(**({"as_json": True} if proto == "grpc" else {}))
     assert status == [] if proto == "http" else not status.get("regions")
@@ -434,11 +434,93 @@ def test_cuda_shared_memory_answers_as_triton_with_no_region(clients, proto):
     c.unregister_cuda_shared_memory("never_registered")
     with pytest.raises(InferenceServerException, match="Unable to find cuda shared memory region: 'gone'"):
         c.get_cuda_shared_memory_status("gone")
-    with pytest.raises(InferenceServerException, match="system shared memory") as e:
-        c.register_cuda_shared_memory("r", b"\x00" * 64, 0, 64)
+    handle = base64.b64encode(b"\x00" * 64)
+    with pytest.raises(InferenceServerException, match="invalid args") as e:
+        c.register_cuda_shared_memory("r", handle, 0, 0)
     assert "400" in str(e.value.status()) or "INVALID_ARGUMENT" in str(e.value.status())
+    tag = uuid.uuid4().hex[:8]
+    held = shm.create_shared_memory_region(f"held_{tag}", f"/kiln_test_held_{tag}", 64)
+    try:
+        c.register_system_shared_memory(f"held_{tag}", f"/kiln_test_held_{tag}", 64)
+        with pytest.raises(InferenceServerException, match="already in manager"):
+            c.register_cuda_shared_memory(f"held_{tag}", handle, 0, 64)
+        c.unregister_cuda_shared_memory(f"held_{tag}")  # a system region's name: not this kind's, no error
+        assert [r["name"] for r in c.get_system_shared_memory_status()] == [f"held_{tag}"] if proto == "http" \
+            else list(c.get_system_shared_memory_status(as_json=True)["regions"]) == [f"held_{tag}"]
+    finally:
+        c.unregister_system_shared_memory(f"held_{tag}")
+        shm.destroy_shared_memory_region(held)
     meta = c.get_server_metadata(**({"as_json": True} if proto == "grpc" else {}))
     assert "cuda_shared_memory" in meta["extensions"]
+
+
+def test_cuda_shared_memory_register_on_a_machine_without_a_device(clients):
+    """Where the server has no CUDA driver or device, registering a handle says so (a 400 over both protocols)."""
+    from kiln.server import cuda_ipc
+
+    try:
+        cuda_ipc.driver()
+    except cuda_ipc.CudaIpcError as e:
+        reason = str(e)
+    else:
+        pytest.skip("this machine has a CUDA device (the GPU test registers real handles)")
+    for proto in PROTOCOLS:
+        with pytest.raises(InferenceServerException, match="failed to register CUDA shared memory region") as e:
+            clients[proto].register_cuda_shared_memory("r", base64.b64encode(b"\x00" * 64), 0, 64)
+        assert reason in str(e.value)
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_cuda_shared_memory_inputs_and_outputs(clients, proto):
+    """On a GPU: regions made by tritonclient's own CUDA shared memory utilities (cudaMalloc + cudaIpcGetMemHandle
+    in this process) carry the inputs and outputs of `simple`, read and written by the server through the IPC
+    handles; a region declared larger than its allocation is refused; unregistering closes them."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    try:
+        import tritonclient.utils.cuda_shared_memory as cudashm
+    except RuntimeError as e:  # tritonclient's own message: it needs cuda-python
+        pytest.skip(str(e))
+    c = clients[proto]
+    arrays = add_sub_arrays(batch=2)
+    size = arrays["INPUT0"].nbytes
+    tag = uuid.uuid4().hex[:8]
+    regions = {n: cudashm.create_shared_memory_region(f"cuda_{n}_{tag}", 2 * size, 0) for n in ("in", "out")}
+    try:
+        cudashm.set_shared_memory_region(regions["in"], [arrays["INPUT0"], arrays["INPUT1"]])
+        with pytest.raises(InferenceServerException, match="exceeds the .* bytes of the allocation"):
+            c.register_cuda_shared_memory(f"too_big_{tag}", cudashm.get_raw_handle(regions["in"]), 0, 1 << 30)
+        for n, handle in regions.items():
+            c.register_cuda_shared_memory(f"cuda_{n}_{tag}", cudashm.get_raw_handle(handle), 0, 2 * size)
+        status = c.get_cuda_shared_memory_status(**({"as_json": True} if proto == "grpc" else {}))
+        found = {r["name"]: r for r in status} if proto == "http" else status["regions"]
+        assert set(found) == {f"cuda_in_{tag}", f"cuda_out_{tag}"}
+        assert int(found[f"cuda_in_{tag}"]["byte_size"]) == 2 * size
+        module = CLIENTS[proto]
+        inputs = []
+        for k, name in enumerate(("INPUT0", "INPUT1")):
+            i = module.InferInput(name, [2, 16], "FP32")
+            i.set_shared_memory(f"cuda_in_{tag}", size, offset=k * size)
+            inputs.append(i)
+        outputs = []
+        for k, name in enumerate(("OUTPUT0", "OUTPUT1")):
+            o = module.InferRequestedOutput(name)
+            o.set_shared_memory(f"cuda_out_{tag}", size, offset=k * size)
+            outputs.append(o)
+        c.infer("simple", inputs, outputs=outputs)
+        sums = cudashm.get_contents_as_numpy(regions["out"], np.float32, [2, 16])
+        diffs = cudashm.get_contents_as_numpy(regions["out"], np.float32, [2, 16], offset=size)
+        np.testing.assert_array_equal(sums, arrays["INPUT0"] + arrays["INPUT1"])
+        np.testing.assert_array_equal(diffs, arrays["INPUT0"] - arrays["INPUT1"])
+        c.unregister_cuda_shared_memory(f"cuda_in_{tag}")
+        status = c.get_cuda_shared_memory_status(**({"as_json": True} if proto == "grpc" else {}))
+        assert [r["name"] for r in status] == [f"cuda_out_{tag}"] if proto == "http" \
+            else list(status["regions"]) == [f"cuda_out_{tag}"]
+    finally:
+        c.unregister_cuda_shared_memory()
+        for handle in regions.values():
+            cudashm.destroy_shared_memory_region(handle)
 
 
 def test_dynamic_batching(clients):

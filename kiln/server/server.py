@@ -14,7 +14,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from kiln.server.config import ModelConfig
 from kiln.server.core import InferenceRequest, InferenceResponse
-from kiln.server.errors import ServerError, shown
+from kiln.server.errors import ServerError
 from kiln.server.log_settings import LogSettings
 from kiln.server.trace import TraceSettings
 from kiln.server.limits import Limits
@@ -135,18 +135,14 @@ class InferenceServer:
     def shm_status(self, name: str = "") -> list[Region]:
         return self.shm.status(name)
 
-    # CUDA shared memory: kiln reads and writes tensors in system shared memory only, so it never holds a CUDA
-    # region. Status and unregister answer as Triton does with none registered (an empty list; a named region
-    # is not found; unregistering is no error); registering is refused with the reason.
-    def cuda_shm_register(self, name: str) -> None:
-        raise ServerError.invalid(f"failed to register CUDA shared memory region '{shown(name)}': kiln does not "
-                                  "read CUDA IPC handles; register the tensors' memory as system shared memory "
-                                  "(/v2/systemsharedmemory) instead")
+    def cuda_shm_register(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        self.shm.register_cuda(name, raw_handle, device_id, byte_size)
 
-    def cuda_shm_status(self, name: str = "") -> list:
-        if name:
-            raise ServerError.not_found(f"Unable to find cuda shared memory region: '{shown(name)}'")
-        return []
+    def cuda_shm_unregister(self, name: str = "") -> None:
+        self.shm.unregister(name, cuda=True)
+
+    def cuda_shm_status(self, name: str = "") -> list[Region]:
+        return self.shm.status(name, cuda=True)
 
     # -- inference -----------------------------------------------------------------------------------
 

@@ -1,5 +1,7 @@
-"""System shared memory (Triton's extension): regions a client registers by POSIX shm key, that
-requests then name for their inputs and outputs instead of carrying the bytes.
+"""Shared memory (Triton's two extensions): regions a client registers, that requests then name for their
+inputs and outputs instead of carrying the bytes. System regions are POSIX shm objects named by key; CUDA
+regions are device memory named by a CUDA IPC handle (``cuda_ipc``). Both kinds share one namespace of
+region names and one set of limits, as in Triton.
 
 A key names an object in ``/dev/shm`` and nothing else: it is opened relative to that folder with
 ``O_NOFOLLOW`` (as ``shm_open`` does), so a key that is a symbolic link, or a path, is refused, and the
@@ -9,8 +11,12 @@ object after registering it gets a 400 for a request that reaches past the new e
 would have killed the server with SIGBUS. Inputs are copied out on admission, so a client may rewrite
 or unregister a region as soon as its request is admitted, and unregistering never waits on a request.
 
-Each region holds a descriptor, so their number is capped (``max_regions``), and so is the sum of
-their registered sizes (``max_bytes``).
+A CUDA region is opened on its device when it is registered, and its byte size is checked against the
+allocation the handle names (as the driver reports it), so no request can reach past that allocation;
+inputs are copied from the device and outputs to it (a copy through the host).
+
+Each region holds a descriptor or an opened handle, so their number is capped (``max_regions``), and so is
+the sum of their registered sizes (``max_bytes``).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln.server import cuda_ipc
 from kiln.server.config import NAME_MAX
 from kiln.server.core import ShmRef
 from kiln.server.errors import Code, ServerError, shown
@@ -31,10 +38,16 @@ SHM_DIR = Path("/dev/shm")
 @dataclass(slots=True)
 class Region:
     name: str
-    key: str
+    key: str  # a system region's shm key ("" for CUDA)
     offset: int
     byte_size: int
-    fd: int
+    fd: int  # a system region's descriptor (-1 for CUDA)
+    device_id: int = -1  # a CUDA region's device
+    memory: cuda_ipc.OpenedMemory | None = None  # a CUDA region's opened handle
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.memory is not None
 
 
 class SharedMemoryManager:
@@ -46,6 +59,35 @@ class SharedMemoryManager:
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         what = f"shared memory region '{shown(name)}'"
+        self._admit(name, offset, byte_size, what)
+        fd = self._open(key)
+        try:
+            size = os.fstat(fd).st_size
+            if offset + byte_size > size:
+                raise ServerError.invalid(
+                    f"failed to register {what}: invalid args (offset {offset} + byte_size {byte_size} exceeds "
+                    f"the {size} bytes of '{shown(key)}')")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._regions[name] = Region(name, key, offset, byte_size, fd)
+
+    def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        what = f"CUDA shared memory region '{shown(name)}'"
+        self._admit(name, 0, byte_size, what)
+        try:
+            memory = cuda_ipc.open_handle(raw_handle, device_id)
+        except cuda_ipc.CudaIpcError as e:
+            raise ServerError.invalid(f"failed to register {what}: {e}") from None
+        if byte_size > memory.allocation_bytes:
+            cuda_ipc.close(memory)
+            raise ServerError.invalid(
+                f"failed to register {what}: byte_size {byte_size} exceeds the {memory.allocation_bytes} bytes of "
+                f"the allocation its handle names on device {device_id}")
+        self._regions[name] = Region(name, "", 0, byte_size, -1, device_id, memory)
+
+    def _admit(self, name: str, offset: int, byte_size: int, what: str) -> None:
+        """Refuse a region whose name, bounds or size the server cannot take (before opening anything)."""
         if not name or len(name) > NAME_MAX or "\0" in name:
             raise ServerError.invalid(f"failed to register {what}: a region name has 1 to {NAME_MAX} characters "
                                       "and no NUL")
@@ -63,17 +105,6 @@ class SharedMemoryManager:
             raise ServerError.invalid(
                 f"failed to register {what}: its {byte_size} bytes would take the registered total past the "
                 f"server's limit of {self.max_bytes} bytes (--shm-max-bytes)")
-        fd = self._open(key)
-        try:
-            size = os.fstat(fd).st_size
-            if offset + byte_size > size:
-                raise ServerError.invalid(
-                    f"failed to register {what}: invalid args (offset {offset} + byte_size {byte_size} exceeds "
-                    f"the {size} bytes of '{shown(key)}')")
-        except BaseException:
-            os.close(fd)
-            raise
-        self._regions[name] = Region(name, key, offset, byte_size, fd)
 
     def _open(self, key: str) -> int:
         """A descriptor of the regular file ``key`` names directly in the shm folder (no link, no path)."""
@@ -102,22 +133,41 @@ class SharedMemoryManager:
         finally:
             os.close(folder)
 
-    def unregister(self, name: str = "") -> None:
-        """Unregister one region, or every region when ``name`` is empty (unknown names are no error)."""
+    def unregister(self, name: str = "", cuda: bool = False) -> None:
+        """Unregister one region of the kind (system, or ``cuda``), or every region of it when ``name`` is
+        empty; unknown names, and names of the other kind, are no error."""
         for n in ([name] if name else list(self._regions)):
-            region = self._regions.pop(n, None)
-            if region is not None:
+            region = self._regions.get(n)
+            if region is None or region.is_cuda != cuda:
+                continue
+            del self._regions[n]
+            if region.is_cuda:
+                try:
+                    cuda_ipc.close(region.memory)
+                except cuda_ipc.CudaIpcError as e:
+                    raise ServerError.internal(f"failed to unregister CUDA shared memory region "
+                                               f"'{shown(n)}': {e}") from None
+            else:
                 os.close(region.fd)
 
-    def status(self, name: str = "") -> list[Region]:
+    def status(self, name: str = "", cuda: bool = False) -> list[Region]:
+        """The regions of the kind (system, or ``cuda``), or the one named."""
         if not name:
-            return list(self._regions.values())
-        if name not in self._regions:
-            raise ServerError.not_found(f"Unable to find system shared memory region: '{shown(name)}'")
-        return [self._regions[name]]
+            return [r for r in self._regions.values() if r.is_cuda == cuda]
+        region = self._regions.get(name)
+        if region is None or region.is_cuda != cuda:
+            kind = "cuda" if cuda else "system"
+            raise ServerError.not_found(f"Unable to find {kind} shared memory region: '{shown(name)}'")
+        return [region]
 
     def read(self, ref: ShmRef, what: str) -> bytes:
         region, start = self._locate(ref, what)
+        if region.is_cuda:
+            try:
+                return cuda_ipc.read(region.memory, start, ref.byte_size)
+            except cuda_ipc.CudaIpcError as e:
+                raise ServerError.internal(f"failed to read {what} from CUDA shared memory region "
+                                           f"'{region.name}': {e}") from None
         data = os.pread(region.fd, ref.byte_size, start)
         if len(data) != ref.byte_size:
             raise self._shrunk(region, what)
@@ -129,6 +179,12 @@ class SharedMemoryManager:
             raise ServerError.invalid(
                 f"shared memory size specified with the request for {what} ({ref.byte_size} bytes) should be "
                 f"at least {len(data)} bytes to hold the results")
+        if region.is_cuda:
+            try:
+                return cuda_ipc.write(region.memory, start, data)
+            except cuda_ipc.CudaIpcError as e:
+                raise ServerError.internal(f"failed to write {what} to CUDA shared memory region "
+                                           f"'{region.name}': {e}") from None
         # A write past the end would grow the object instead of failing: check its size first.
         if os.fstat(region.fd).st_size < start + len(data):
             raise self._shrunk(region, what)
@@ -138,6 +194,7 @@ class SharedMemoryManager:
 
     def close(self) -> None:
         self.unregister()
+        self.unregister(cuda=True)
 
     def _locate(self, ref: ShmRef, what: str) -> tuple[Region, int]:
         region = self._regions.get(ref.region)

@@ -214,16 +214,20 @@ class GrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     async def CudaSharedMemoryStatus(self, request, context):
-        self.server.cuda_shm_status(request.name)
-        return pb.CudaSharedMemoryStatusResponse()
+        return pb.CudaSharedMemoryStatusResponse(regions={
+            r.name: pb.CudaSharedMemoryStatusResponse.RegionStatus(
+                name=r.name, device_id=r.device_id, byte_size=r.byte_size)
+            for r in self.server.cuda_shm_status(request.name)})
 
     @_unary
     async def CudaSharedMemoryRegister(self, request, context):
-        self.server.cuda_shm_register(request.name)
+        self.server.cuda_shm_register(request.name, request.raw_handle, request.device_id, request.byte_size)
+        return pb.CudaSharedMemoryRegisterResponse()
 
     @_unary
     async def CudaSharedMemoryUnregister(self, request, context):
-        return pb.CudaSharedMemoryUnregisterResponse()  # no CUDA region is ever registered here
+        self.server.cuda_shm_unregister(request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     @_unary
     async def ModelInfer(self, request, context):

@@ -202,14 +202,29 @@ class _Api:
         return JSONResponse(self.server.trace.update(body, model))
 
     async def cuda_shm_status(self, request: Request) -> Response:
-        return JSONResponse(self.server.cuda_shm_status(request.path_params.get("region", "")))
+        regions = self.server.cuda_shm_status(request.path_params.get("region", ""))
+        return JSONResponse([{"name": r.name, "device_id": r.device_id, "byte_size": r.byte_size} for r in regions])
 
     async def cuda_shm_register(self, request: Request) -> Response:
-        await _json_body(request)
-        self.server.cuda_shm_register(request.path_params["region"])
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise ServerError.invalid("the CUDA shared memory register request is a JSON object")
+        handle, device_id, size = body.get("raw_handle"), body.get("device_id", 0), body.get("byte_size")
+        b64 = handle.get("b64") if isinstance(handle, dict) else None
+        if not isinstance(b64, str) or not _is_int(device_id) or not _is_int(size):
+            raise ServerError.invalid("a CUDA shared memory register request needs 'raw_handle' as "
+                                      "{\"b64\": base64 string}, and integer 'device_id' and 'byte_size'")
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise ServerError.invalid("'raw_handle' of the CUDA shared memory register request is not base64") \
+                from None
+        self.server.cuda_shm_register(request.path_params["region"], raw, device_id, size)
+        return Response(status_code=200)
 
     async def cuda_shm_unregister(self, request: Request) -> Response:
-        return Response(status_code=200)  # no CUDA region is ever registered here
+        self.server.cuda_shm_unregister(request.path_params.get("region", ""))
+        return Response(status_code=200)
 
     async def infer(self, request: Request) -> Response:
         p = request.path_params
