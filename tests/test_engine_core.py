@@ -21,7 +21,7 @@ from kiln.runtime.config import RuntimeConfig
 from kiln.runtime.core_thread import EngineCoreThread
 from kiln.runtime.engine_core import EngineCore
 from conftest import DEVICE, LIVE_CORE
-from tests_support import block_bytes
+from tests_support import assert_idle, block_bytes
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
@@ -56,11 +56,6 @@ class FailingSampler:
 
 def poison(llm: LLM, poisoned: set[str]) -> None:
     llm.engine.call(lambda core: setattr(core, "sampler", FailingSampler(core.sampler, poisoned)))
-
-
-def assert_idle(llm: LLM) -> None:
-    stats = llm.engine.call(lambda core: (core.check_integrity(), core.stats())[1])
-    assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0
 
 
 def test_a_failing_request_fails_alone_with_its_message(engine):

@@ -9,6 +9,7 @@ import pytest
 from kiln.errors import RequestError
 from kiln.runtime import LLM, SamplingParams
 from conftest import DEVICE, LIVE_CORE
+from tests_support import assert_idle
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +33,6 @@ def test_batched_outputs_equal_one_at_a_time(engine):
     assert [o.token_ids for o in batched] == [o.token_ids for o in alone]
     assert all(len(o.token_ids) == 12 for o in batched)
     assert_idle(llm)
-
-
-def assert_idle(llm) -> None:
-    """Every check of the core passes and every KV block is free (asked on the core thread, after its work)."""
-    stats = llm.engine.call(lambda core: (core.check_integrity(), core.stats())[1])
-    assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0
 
 
 LONG = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)

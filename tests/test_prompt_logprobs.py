@@ -13,7 +13,8 @@ from kiln.runtime import LLM, SamplingParams
 from kiln.runtime.prompt_logprobs import prompt_spans
 from kiln.runtime.request import Request
 from conftest import DEVICE
-from test_llm import _block_bytes, assert_idle
+from test_llm import _block_bytes
+from tests_support import assert_idle
 
 # Longer than the engine's 64-token step, so its prompt is computed in several chunks.
 LONG_PROMPT = [random.Random(3).randrange(3, 300) for _ in range(150)]

@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 
+def assert_idle(llm) -> None:
+    """Every check of the core passes and every KV block is free (asked on the core thread, after its work)."""
+    stats = llm.engine.call(lambda core: (core.check_integrity(), core.stats())[1])
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0
+
+
 def block_bytes(engine) -> int:
     """Bytes of one KV block of the engine at ``engine`` (a path)."""
     from kiln.engine import read_engine

@@ -94,8 +94,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
                    help="KV cache size in GiB (default: twice a full batch at max length, within free memory)")
-    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
-                   help="CUDA graphs for decode and small mixed steps (auto: on a GPU when the plan allows)")
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "recorded", "off"], default="auto",
+                   help="step graphs: CUDA graphs of decode and small mixed steps (on), a CPU's recorded decode "
+                        "steps (recorded), or none (off); auto: on on a GPU, recorded on a CPU, where the plan "
+                        "allows")
     g = p.add_argument_group("build options (when the model must be built first)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on GPU; a built engine keeps its own")

@@ -22,8 +22,9 @@ class RuntimeConfig:
     policy: Policy = "max_utilization"
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    # CUDA graphs for decode steps and small mixed steps (step_graphs): "auto" (on a GPU when the plan
-    # allows), "on", "off", or "static" (their padded fixed-shape steps without capture, to test them on a CPU).
+    # Step graphs (step_graphs): "auto" (CUDA graphs of decode and small mixed steps on a GPU, recorded decode
+    # steps on a CPU, where the plan allows), "on" (CUDA graphs), "recorded" (a CPU's: each decode shape's op
+    # calls recorded once and replayed), "off", or "static" (the padded fixed-shape steps, run eagerly).
     cuda_graphs: str = "auto"
     # Runtime limits at or below the engine's build limits (None: the build limit).
     max_batch_size: int | None = None

@@ -22,7 +22,9 @@ from kiln.runtime.tuned_plan import load_op_table
 
 log = logging.getLogger(__name__)
 
-CUDA_GRAPH_MODES = ("auto", "on", "off", "static")
+CUDA_GRAPH_MODES = ("auto", "on", "off", "static", "recorded")
+# The StepGraphs kind of each mode that has one.
+_GRAPH_KIND = {"on": "cuda", "static": "static", "recorded": "recorded"}
 
 
 class ModelRunner:
@@ -74,7 +76,7 @@ class ModelRunner:
                                  self.device, dummy_block=num_blocks, clock=self.clock)
         if self.cuda_graphs_mode != "off":
             self.graphs = StepGraphs(self._logits_of_last_tokens, self.inputs, self.clock, self.max_batch_size,
-                                     self.max_seq_len, self.max_num_tokens, capture=self.cuda_graphs_mode == "on")
+                                     self.max_seq_len, self.max_num_tokens, _GRAPH_KIND[self.cuda_graphs_mode])
 
     @torch.inference_mode()
     def profile_step_memory(self) -> int:
@@ -164,22 +166,25 @@ class ModelRunner:
 
 
 def cuda_graph_mode(asked: str, device: torch.device, ops: OpTable) -> str:
-    """"on" (capture CUDA graphs of decode and small mixed steps), "off", or "static" (the graphs'
-    padded fixed-shape steps, run eagerly).
+    """"on" (capture CUDA graphs of decode and small mixed steps), "recorded" (a CPU's: record each decode
+    shape's op calls once and replay them, ``recorded_step``), "off", or "static" (the graphs' padded
+    fixed-shape steps, run eagerly). "auto": "on" on a GPU, "recorded" on a CPU, where the plan allows.
 
-    Both padded modes need a plan whose every implementation reads step lengths from device tensors
+    The padded modes need a plan whose every implementation reads step lengths from device tensors
     (``graph_safe``), whatever the device: a padded step's host-side lengths only bound the shapes.
     """
     if asked not in CUDA_GRAPH_MODES:
         raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPH_MODES)}, got {asked!r}")
     unsafe = [f"{op}:{impl}" for op, impl in ops.choices.items() if not ops.graph_safe_ops[op]]
-    if asked in ("on", "static") and unsafe:
+    if asked in ("on", "static", "recorded") and unsafe:
         raise ValueError(f"cuda_graphs={asked!r} needs graph-safe implementations, but the plan runs "
                          f"{', '.join(unsafe)}, which read step lengths on the host")
     if asked == "on" and device.type != "cuda":
         raise ValueError(f"cuda_graphs='on' captures CUDA graphs and needs a CUDA device, not {device}")
+    if asked == "recorded" and device.type != "cpu":
+        raise ValueError(f"cuda_graphs='recorded' replays recorded CPU steps and needs the CPU, not {device}")
     if asked == "auto":
-        return "on" if device.type == "cuda" and not unsafe else "off"
+        return "off" if unsafe else "on" if device.type == "cuda" else "recorded" if device.type == "cpu" else "off"
     return asked
 
 

@@ -1,4 +1,4 @@
-"""Steps replayed from CUDA graphs captured at load, one per step shape.
+"""Steps replayed from CUDA graphs captured at load (on a CPU: from recorded op calls), one per step shape.
 
 A step runs every layer over its tokens: on a GPU that is about a thousand small kernels, and for
 small steps launching them from Python costs more than running them. So at load the runner captures
@@ -14,15 +14,23 @@ replays that graph. Two ladders of shapes:
   tables. Bigger steps are bound by their matrix products, where launch costs no longer matter and
   padding would, so they run eagerly.
 
-Padding rows write only a dummy KV block that no request owns. ``capture=False`` runs the same
-padded, fixed-shape steps eagerly (the "static" mode, to test them without a GPU).
+Padding rows write only a dummy KV block that no request owns. The "static" mode runs the same padded,
+fixed-shape steps eagerly (to test them without a GPU).
+
+On a CPU ("recorded" mode) a decode step of each shape is recorded the first time it runs, as its dispatcher
+calls (``recorded_step``), and replayed after that without the model's Python. The decode ladder there holds
+every batch size (a padding row costs a CPU its share of the matrix products' arithmetic), and mixed steps run
+eagerly (their prefill chunks are bound by the matrix products). A shape whose recording is refused runs
+eagerly from then on, with one warning.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 
+from kiln.runtime.recorded_step import NotRecordable, RecordedStep, record
 from kiln.runtime.step_clock import StepClock
 from kiln.runtime.step_inputs import Batch, PrevTokens, StepBatch, StepInputs, StepShape, padding
 from kiln.runtime.to_device import tensor_on
@@ -32,6 +40,11 @@ _SMALLEST_CONTEXT = 256
 MAX_GRAPH_TOKENS = 2048
 
 Forward = Callable[[StepBatch], torch.Tensor]
+# How StepGraphs runs a shape's steps: "cuda" (captured graphs), "recorded" (CPU: recorded op calls), or
+# "static" (eagerly).
+GRAPH_KINDS = ("cuda", "recorded", "static")
+
+log = logging.getLogger(__name__)
 
 
 def batch_ladder(max_batch_size: int) -> list[int]:
@@ -63,18 +76,23 @@ class StepGraphs:
     """``forward(step)`` computes float32 logits of every row's last token; it is captured per shape."""
 
     def __init__(self, forward: Forward, inputs: StepInputs, clock: StepClock, max_batch_size: int, max_seq_len: int,
-                 max_num_tokens: int, capture: bool = True):
+                 max_num_tokens: int, kind: str = "cuda"):
+        if kind not in GRAPH_KINDS:
+            raise ValueError(f"step graphs are one of {', '.join(GRAPH_KINDS)}, not {kind!r}")
         self.forward = forward
         self.inputs = inputs
         self.clock = clock
+        self.kind = kind
         bs = inputs.block_size
-        self.decode_shapes = [StepShape(b, b, c // bs) for c in context_ladder(max_seq_len, bs)
-                              for b in batch_ladder(max_batch_size)]
-        self.mixed_shapes = [StepShape(max_batch_size + 1, t, inputs.max_blocks)
-                             for t in token_ladder(max_batch_size, max_num_tokens)]
-        self.captured = capture
+        batches = range(1, max_batch_size + 1) if kind == "recorded" else batch_ladder(max_batch_size)
+        self.decode_shapes = [StepShape(b, b, c // bs) for c in context_ladder(max_seq_len, bs) for b in batches]
+        self.mixed_shapes = ([] if kind == "recorded" else
+                             [StepShape(max_batch_size + 1, t, inputs.max_blocks)
+                              for t in token_ladder(max_batch_size, max_num_tokens)])
         self.graphs: dict[StepShape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if not capture:
+        # "recorded": each shape's recording once it ran (None: refused, it runs eagerly).
+        self.recordings: dict[StepShape, RecordedStep | None] = {}
+        if kind != "cuda":
             return
         pool = None
         # Largest first, so the smaller graphs fit in the memory the largest took from the pool.
@@ -106,12 +124,26 @@ class StepGraphs:
         """Float32 logits of the step's sampled sequences, in batch order, from the graph of ``shape``."""
         with self.clock.phase("prepare"):
             step = self.inputs.prepare(batch, pad_to=shape, prev_tokens=prev_tokens)
-        if self.captured:
+        if self.kind == "cuda":
             graph, logits = self.graphs[shape]
             graph.replay()
+        elif self.kind == "recorded":
+            logits = self._recorded(shape, step)
         else:
             logits = self.forward(step)
         rows = [i for i, (req, n) in enumerate(batch) if req.num_computed_tokens + n == req.num_tokens]
         if len(rows) == len(batch):
             return logits[: len(batch)]
         return logits[tensor_on(rows, torch.long, logits.device)]  # rows may be empty
+
+    def _recorded(self, shape: StepShape, step: StepBatch) -> torch.Tensor:
+        if shape in self.recordings:
+            recording = self.recordings[shape]
+            return self.forward(step) if recording is None else recording.replay()
+        try:
+            self.recordings[shape], logits = record(lambda: self.forward(step))
+        except NotRecordable as e:
+            self.recordings[shape] = None
+            log.warning("decode steps of %d sequences run eagerly: %s", shape.rows, e)
+            return self.forward(step)
+        return logits

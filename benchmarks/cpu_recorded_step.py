@@ -1,0 +1,72 @@
+"""A CPU decode step's forward run eagerly (the model's Python) against its recorded op calls replayed
+(``kiln.runtime.recorded_step``), on the same padded step buffers, in alternating rounds in one process.
+
+Usage: python benchmarks/cpu_recorded_step.py MODEL_OR_ENGINE [--batch 1 8] [--context 192] [--steps 50]
+           [--rounds 5] [--threads N] [--json OUT]
+
+Per batch size: a decode step of B sequences at the given context is prepared once (padding rows as a
+replayed step has them), recorded, then timed eagerly and replayed, ``--steps`` forwards a round, rounds
+alternating; printed are the median round of each (ms a forward), the ratio, and the calls a step replays.
+The outputs of the two are compared (they must be equal: the same kernels on the same inputs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from kiln.builder.engine_cache import engine_for
+from kiln.runtime import LLM, SamplingParams
+from kiln.runtime.recorded_step import record
+from kiln.runtime.step_inputs import StepShape
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--context", type=int, default=192)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = engine_for(args.model, None, "cpu")
+    llm = LLM(engine, device="cpu", cuda_graphs="recorded", engine_core="inline",
+              max_batch_size=max(args.batch))
+    llm.generate(["warm up"], SamplingParams(max_tokens=2, temperature=0))
+    runner = llm.engine.call(lambda core: core.runner)
+    graphs, found = runner.graphs, []
+    width = next(s.width for s in graphs.decode_shapes if s.width * runner.block_size >= args.context)
+    for b in args.batch:
+        step = runner.inputs.prepare([], pad_to=StepShape(b, b, width))
+        with torch.inference_mode():
+            recording, _ = record(lambda: graphs.forward(step))
+            same = torch.equal(graphs.forward(step), recording.replay())
+            eager, replayed = [], []
+            for _ in range(args.rounds):
+                for times, run in ((eager, lambda: graphs.forward(step)), (replayed, recording.replay)):
+                    start = time.perf_counter()
+                    for _ in range(args.steps):
+                        run()
+                    times.append((time.perf_counter() - start) / args.steps * 1e3)
+        row = {"batch": b, "context": width * runner.block_size, "calls": len(recording.calls),
+               "eager_ms": statistics.median(eager), "replayed_ms": statistics.median(replayed),
+               "eager_rounds_ms": eager, "replayed_rounds_ms": replayed, "equal_outputs": same,
+               "threads": torch.get_num_threads()}
+        found.append(row)
+        print(f"batch {b}, context {row['context']}, {row['calls']} calls, {row['threads']} threads: eager "
+              f"{row['eager_ms']:.2f} ms, replayed {row['replayed_ms']:.2f} ms "
+              f"({row['eager_ms'] / row['replayed_ms']:.2f}x); outputs equal: {same}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "results": found}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
