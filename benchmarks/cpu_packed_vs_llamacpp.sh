@@ -36,18 +36,19 @@ lscpu > "$OUT/lscpu.txt"
 first=1
 for file in "${files[@]}"; do
   name=$(basename "$file" .gguf)
-  # kind:engine:build flags:environment. "int8" runs the packed engine with the int8-activation kernels allowed
-  # where int16 ones are the default (q4_0, q4_1, q8_0, q4_k: llama.cpp's numerics; see kiln/ops/packed_linear.py).
-  engines=("packed:packed::" "int8:packed::KILN_INT8_ACTIVATIONS=1")
-  if [ "$first" = 1 ] && [ "${DECODED:-1}" = 1 ]; then engines+=("decoded:decoded:--decode-weights:"); fi
+  # kind:engine:build flags:environment:bench flags. "int8" runs the packed engine with the int8-activation kernels
+  # allowed where int16 ones are the default (q4_0, q4_1, q8_0, q4_k: llama.cpp's numerics; see
+  # kiln/ops/packed_linear.py); "eager" runs it without recorded decode steps (every step through the model's Python).
+  engines=("packed:packed:::" "eager:packed:::--cuda-graphs off" "int8:packed::KILN_INT8_ACTIVATIONS=1:")
+  if [ "$first" = 1 ] && [ "${DECODED:-1}" = 1 ]; then engines+=("decoded:decoded:--decode-weights::"); fi
   first=0
   for spec in "${engines[@]}"; do
-    IFS=: read -r kind dir flags envs <<< "$spec"
+    IFS=: read -r kind dir flags envs bench_flags <<< "$spec"
     engine="$ENGINES/$name-$dir"
     [ -f "$engine/engine.json" ] || python3 -m kiln.cli.main build "$file" -o "$engine" --max-seq-len 512 $flags
     echo "== kiln $name ($kind), load $(cut -d' ' -f1-3 /proc/loadavg)"
     env $envs python3 -m kiln.cli.main bench latency "$engine" --input-len 128 --output-len 128 --batch-size "$BATCH" \
-      --iterations "$ITERATIONS" --warmup 1 --json "$OUT/kiln-$name-$kind$suffix.json" 2>&1 \
+      --iterations "$ITERATIONS" --warmup 1 $bench_flags --json "$OUT/kiln-$name-$kind$suffix.json" 2>&1 \
       | grep -E "chosen|time per output|decode tokens/s|weights \(MB\)"
   done
   echo "== llama.cpp $name, load $(cut -d' ' -f1-3 /proc/loadavg)"

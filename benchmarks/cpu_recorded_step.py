@@ -1,13 +1,14 @@
 """A CPU decode step's forward run eagerly (the model's Python) against its recorded op calls replayed
-(``kiln.runtime.recorded_step``), on the same padded step buffers, in alternating rounds in one process.
+(``kiln.runtime.recorded_step``) from C++ and by its Python loop, on the same padded step buffers, in
+alternating rounds in one process.
 
 Usage: python benchmarks/cpu_recorded_step.py MODEL_OR_ENGINE [--batch 1 8] [--context 192] [--steps 50]
            [--rounds 5] [--threads N] [--json OUT]
 
 Per batch size: a decode step of B sequences at the given context is prepared once (padding rows as a
-replayed step has them), recorded, then timed eagerly and replayed, ``--steps`` forwards a round, rounds
-alternating; printed are the median round of each (ms a forward), the ratio, and the calls a step replays.
-The outputs of the two are compared (they must be equal: the same kernels on the same inputs).
+replayed step has them), recorded, then timed eagerly, replayed from C++ and replayed in Python, ``--steps`` forwards a
+round, rounds alternating; printed are the median round of each (ms a forward), the ratio to eager, and the
+calls a step replays. The outputs are compared (they must be equal: the same kernels on the same inputs).
 """
 from __future__ import annotations
 
@@ -47,22 +48,27 @@ def main() -> None:
         step = runner.inputs.prepare([], pad_to=StepShape(b, b, width))
         with torch.inference_mode():
             recording, _ = record(lambda: graphs.forward(step))
-            same = torch.equal(graphs.forward(step), recording.replay())
-            eager, replayed = [], []
+            assert recording.program is not None, "the recording was not compiled to a C++ program"
+            reference = graphs.forward(step)
+            same = torch.equal(reference, recording.replay()) and torch.equal(reference, recording.replay_in_python())
+            eager, replayed, in_python = [], [], []
             for _ in range(args.rounds):
-                for times, run in ((eager, lambda: graphs.forward(step)), (replayed, recording.replay)):
+                for times, run in ((eager, lambda: graphs.forward(step)), (replayed, recording.replay),
+                                   (in_python, recording.replay_in_python)):
                     start = time.perf_counter()
                     for _ in range(args.steps):
                         run()
                     times.append((time.perf_counter() - start) / args.steps * 1e3)
         row = {"batch": b, "context": width * runner.block_size, "calls": len(recording.calls),
                "eager_ms": statistics.median(eager), "replayed_ms": statistics.median(replayed),
-               "eager_rounds_ms": eager, "replayed_rounds_ms": replayed, "equal_outputs": same,
+               "python_loop_ms": statistics.median(in_python), "eager_rounds_ms": eager,
+               "replayed_rounds_ms": replayed, "python_loop_rounds_ms": in_python, "equal_outputs": same,
                "threads": torch.get_num_threads()}
         found.append(row)
         print(f"batch {b}, context {row['context']}, {row['calls']} calls, {row['threads']} threads: eager "
               f"{row['eager_ms']:.2f} ms, replayed {row['replayed_ms']:.2f} ms "
-              f"({row['eager_ms'] / row['replayed_ms']:.2f}x); outputs equal: {same}")
+              f"({row['eager_ms'] / row['replayed_ms']:.2f}x), Python loop {row['python_loop_ms']:.2f} ms "
+              f"({row['eager_ms'] / row['python_loop_ms']:.2f}x); outputs equal: {same}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "results": found}, f, indent=2)

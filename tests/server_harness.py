@@ -166,7 +166,9 @@ class ServerProcess:
         where = ["--model-repository", str(repository)] if repository is not None else []
         cmd = [sys.executable, "-m", "kiln.cli.main", "serve", *where,
                "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *args]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
+        # The repo first, then whatever path the tests run with (the GPU machine's carried wheels).
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", **(env or {}))
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, preexec_fn=_die_with_parent)
         self.lines: list[str] = []

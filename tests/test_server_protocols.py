@@ -509,8 +509,7 @@ def test_cuda_shared_memory_inputs_and_outputs(clients, proto):
             o.set_shared_memory(f"cuda_out_{tag}", size, offset=k * size)
             outputs.append(o)
         c.infer("simple", inputs, outputs=outputs)
-        sums = cudashm.get_contents_as_numpy(regions["out"], np.float32, [2, 16])
-        diffs = cudashm.get_contents_as_numpy(regions["out"], np.float32, [2, 16], offset=size)
+        sums, diffs = cudashm.get_contents_as_numpy(regions["out"], np.float32, [2, 2, 16])  # OUTPUT0, OUTPUT1
         np.testing.assert_array_equal(sums, arrays["INPUT0"] + arrays["INPUT1"])
         np.testing.assert_array_equal(diffs, arrays["INPUT0"] - arrays["INPUT1"])
         c.unregister_cuda_shared_memory(f"cuda_in_{tag}")

@@ -7,7 +7,9 @@ thousands of lines' worth of Python: module calls, the plugins' argument checks,
 ``record`` runs the step once under a ``TorchDispatchMode`` that sees every dispatcher call with its arguments,
 and ``RecordedStep.replay`` later makes the same calls over the same persistent step buffers: each argument is
 either a tensor that existed before the step (weights, KV caches, the step's input buffers: read afresh at
-every replay) or an earlier call's output.
+every replay) or an earlier call's output. Where kiln's CPU extension is built, the calls are replayed from C++
+(``cpu_layer_ops/step_program.cpp``: each call's argument stack built once, no Python between the calls);
+elsewhere, or for an argument that program does not take, by a Python loop over the same calls.
 
 A recording is refused (``NotRecordable``, the step then runs eagerly) where replaying could differ from
 running the model: a call returns something other than tensors (Python may branch on the value), or a call
@@ -16,11 +18,14 @@ reads a tensor that the forward made outside the dispatcher (from numpy, say: it
 from __future__ import annotations
 
 import gc
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+log = logging.getLogger(__name__)
 
 # Where an argument comes from at replay: (call index, output index or None for a call's single tensor).
 Source = tuple[int, "int | None"]
@@ -32,6 +37,7 @@ class NotRecordable(Exception):
 
 @dataclass(slots=True)
 class _Call:
+    overload: Any  # the torch OpOverload: its schema
     op: Callable[..., Any]
     args: list[Any]  # the positional arguments, earlier outputs filled in at each replay
     kwargs: dict[str, Any]
@@ -42,11 +48,19 @@ class _Call:
 class RecordedStep:
     """The calls of one recorded forward, and which output is its result."""
 
-    def __init__(self, calls: list[_Call], result: Source):
+    def __init__(self, calls: list[_Call], result: Source, compiled: bool = True):
         self.calls = calls
         self.result = result
+        # The calls as a C++ StepProgram; None: replayed by the Python loop (no extension, or an argument
+        # that the program does not take).
+        self.program = _compile(calls, result) if compiled else None
 
     def replay(self) -> torch.Tensor:
+        if self.program is not None:
+            return self.program.run()
+        return self.replay_in_python()
+
+    def replay_in_python(self) -> torch.Tensor:
         outs: list[Any] = [None] * len(self.calls)
         for i, call in enumerate(self.calls):
             for container, key, (j, k) in call.inputs:
@@ -80,7 +94,7 @@ class _Recorder(TorchDispatchMode):
 
     def _record(self, func, args, kwargs, out) -> None:
         index = len(self.calls)
-        call = _Call(getattr(func, "_op", func), list(args), dict(kwargs), [])
+        call = _Call(func, getattr(func, "_op", func), list(args), dict(kwargs), [])
         for container, keys in ((call.args, range(len(call.args))), (call.kwargs, list(call.kwargs))):
             for key in keys:
                 value = container[key]
@@ -110,9 +124,10 @@ class _Recorder(TorchDispatchMode):
                                 "outside the dispatcher; its values would be frozen into the recording")
 
 
-def record(forward: Callable[[], torch.Tensor]) -> tuple[RecordedStep, torch.Tensor]:
-    """Run ``forward`` once, recording its calls; return the recording and this run's result. Raises
-    NotRecordable (after the run) where a replay could differ from running ``forward``."""
+def record(forward: Callable[[], torch.Tensor], compiled: bool = True) -> tuple[RecordedStep, torch.Tensor]:
+    """Run ``forward`` once, recording its calls; return the recording (replayed from C++ where it can be,
+    unless not ``compiled``) and this run's result. Raises NotRecordable (after the run) where a replay could
+    differ from running ``forward``."""
     before = {id(o) for o in gc.get_objects() if issubclass(type(o), torch.Tensor)}
     recorder = _Recorder(before)
     with recorder:
@@ -122,4 +137,97 @@ def record(forward: Callable[[], torch.Tensor]) -> tuple[RecordedStep, torch.Ten
     source = recorder.made.get(id(result)) if isinstance(result, torch.Tensor) else None
     if source is None:
         raise NotRecordable("the forward's result is not the output of one of its calls")
-    return RecordedStep(recorder.calls, source), result
+    return RecordedStep(recorder.calls, source, compiled), result
+
+
+_MEMORY_FORMATS = {torch.contiguous_format: 0, torch.preserve_format: 1, torch.channels_last: 2,
+                   torch.channels_last_3d: 3}  # c10::MemoryFormat's values
+
+
+class _NotCompilable(Exception):
+    pass
+
+
+def _compile(calls: list[_Call], result: Source):
+    """``calls`` as a C++ StepProgram (step_program.cpp, whose header gives the spec's codes), or None."""
+    from kiln.ops import cpu_layer_ops
+
+    program = cpu_layer_ops.step_program()
+    if program is None:
+        return None
+
+    def where(source: Source) -> list[int]:
+        j, k = source
+        if k is None:
+            return [j, 0, -1]
+        # Output k of several returned values, or element k of the one list returned.
+        return [j, k, -1] if len(calls[j].overload._schema.returns) > 1 else [j, 0, k]
+
+    try:
+        for call in calls:
+            holes = {(id(container), key): source for container, key, source in call.inputs}
+            tensors: list[torch.Tensor] = []
+            floats: list[float] = []
+            spec: list[int] = []
+
+            def tensor_like(value: Any, container: Any, key: Any) -> list[int]:
+                source = holes.get((id(container), key))
+                if source is not None:
+                    return [2, *where(source)]
+                if value is None:
+                    return [0]
+                if isinstance(value, torch.Tensor):
+                    tensors.append(value)
+                    return [1, len(tensors) - 1]
+                raise _NotCompilable(f"{type(value).__name__} in a tensor list")
+
+            schema = call.overload._schema
+            for i, arg in enumerate(schema.arguments):
+                if i < len(call.args):
+                    container, key = call.args, i
+                elif arg.name in call.kwargs:
+                    container, key = call.kwargs, arg.name
+                elif arg.has_default_value():
+                    container, key = None, None
+                else:
+                    raise _NotCompilable(f"{schema.name} without its argument {arg.name}")
+                value = container[key] if container is not None else arg.default_value
+                if (container is not None and (id(container), key) in holes) or isinstance(value, torch.Tensor) \
+                        or value is None:
+                    spec += tensor_like(value, container, key)
+                elif str(arg.type) == "Tensor" and type(value) in (int, float):  # a wrapped number
+                    if type(value) is int:
+                        spec += [12, value]
+                    else:
+                        floats.append(value)
+                        spec += [13, len(floats) - 1]
+                elif isinstance(value, bool):
+                    spec += [5, int(value)]
+                elif isinstance(value, int) and not str(arg.type).startswith("float"):
+                    spec += [3, value]
+                elif isinstance(value, (int, float)):
+                    floats.append(float(value))
+                    spec += [4, len(floats) - 1]
+                elif isinstance(value, torch.dtype):
+                    tensors.append(torch.empty(0, dtype=value))
+                    spec += [8, len(tensors) - 1]
+                elif isinstance(value, torch.memory_format):
+                    spec += [9, _MEMORY_FORMATS[value]]
+                elif isinstance(value, torch.device) and value.type == "cpu":
+                    spec += [10]
+                elif value is torch.strided:
+                    spec += [11]
+                elif isinstance(value, (list, tuple)) and "Tensor" in str(arg.type):
+                    spec += [7, len(value)]
+                    for e, element in enumerate(value):
+                        spec += tensor_like(element, value, e)
+                elif isinstance(value, (list, tuple)) and all(type(v) is int for v in value):
+                    spec += [6, len(value), *value]
+                else:
+                    raise _NotCompilable(f"{schema.name}'s {arg.name} of type {arg.type}: {type(value).__name__}")
+            program.add(schema.name, schema.overload_name, tensors, floats, spec)
+        program.set_result(*where(result))
+    except _NotCompilable as e:
+        log.info("a recorded step is replayed in Python: %s", e)
+        return None
+    return program

@@ -50,13 +50,19 @@ def _after_load() -> str:
 
 _EXTENSION = CppExtension("kiln_cpu", Path(__file__).parent,
                           ("paged_attention.cpp", "layer_ops.cpp", "token_bitmask.cpp", "int4pack_linear.cpp",
-                           "few_rows_linear.cpp"), ("vector_math.h",),
+                           "few_rows_linear.cpp", "step_program.cpp"), ("vector_math.h",),
                           "KILN_CPU_MARCH", _after_load, "CPU layer kernels")
 
 
 def available() -> bool:
     """True when the extension compiled and loaded here (builds it on first call)."""
     return _EXTENSION.available()
+
+
+def step_program():
+    """An empty ``StepProgram`` (``step_program.cpp``: recorded calls replayed from C++), or None where the
+    extension is not here."""
+    return torch.classes.kiln_cpu.StepProgram() if available() else None
 
 
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor) -> bool:
