@@ -5,8 +5,8 @@ alternating rounds in one process.
 Usage: python benchmarks/cpu_recorded_step.py MODEL_OR_ENGINE [--batch 1 8] [--context 192] [--steps 50]
            [--rounds 5] [--threads N] [--json OUT]
 
-Per batch size: a decode step of B sequences at the given context is prepared once (padding rows as a
-replayed step has them), recorded, then timed eagerly, replayed from C++ and replayed in Python, ``--steps`` forwards a
+Per batch size: a decode step of B sequences, each with ``--context`` tokens in the KV cache (blocks of the
+pool, whatever they hold), is prepared once at the recorded shape, recorded, then timed eagerly, replayed from C++ and replayed in Python, ``--steps`` forwards a
 round, rounds alternating; printed are the median round of each (ms a forward), the ratio to eager, and the
 calls a step replays. The outputs are compared (they must be equal: the same kernels on the same inputs).
 """
@@ -22,6 +22,7 @@ import torch
 from kiln.builder.engine_cache import engine_for
 from kiln.runtime import LLM, SamplingParams
 from kiln.runtime.recorded_step import record
+from kiln.runtime.request import Request
 from kiln.runtime.step_inputs import StepShape
 
 
@@ -42,10 +43,19 @@ def main() -> None:
               max_batch_size=max(args.batch))
     llm.generate(["warm up"], SamplingParams(max_tokens=2, temperature=0))
     runner = llm.engine.call(lambda core: core.runner)
-    graphs, found = runner.graphs, []
-    width = next(s.width for s in graphs.decode_shapes if s.width * runner.block_size >= args.context)
+    graphs, found, bs = runner.graphs, [], runner.block_size
+    width = next(s.width for s in graphs.decode_shapes if s.width * bs >= args.context)
     for b in args.batch:
-        step = runner.inputs.prepare([], pad_to=StepShape(b, b, width))
+        batch, per = [], -(-args.context // bs)
+        if b * per > runner.num_blocks:
+            raise SystemExit(f"{b} sequences of {args.context} tokens need {b * per} KV blocks; the pool has "
+                             f"{runner.num_blocks}")
+        for i in range(b):
+            req = Request(f"bench-{i}", [0] * args.context, SamplingParams(max_tokens=1))
+            req.block_ids = list(range(i * per, (i + 1) * per))
+            req.num_computed_tokens = args.context - 1
+            batch.append((req, 1))
+        step = runner.inputs.prepare(batch, pad_to=StepShape(b, b, width))
         with torch.inference_mode():
             recording, _ = record(lambda: graphs.forward(step))
             assert recording.program is not None, "the recording was not compiled to a C++ program"
@@ -59,7 +69,7 @@ def main() -> None:
                     for _ in range(args.steps):
                         run()
                     times.append((time.perf_counter() - start) / args.steps * 1e3)
-        row = {"batch": b, "context": width * runner.block_size, "calls": len(recording.calls),
+        row = {"batch": b, "context": args.context, "calls": len(recording.calls),
                "eager_ms": statistics.median(eager), "replayed_ms": statistics.median(replayed),
                "python_loop_ms": statistics.median(in_python), "eager_rounds_ms": eager,
                "replayed_rounds_ms": replayed, "python_loop_rounds_ms": in_python, "equal_outputs": same,

@@ -153,6 +153,18 @@ def add_sub_arrays(batch: int = 1, dtype=np.float32) -> dict[str, np.ndarray]:
             "INPUT1": rng.integers(-50, 50, (batch, 16)).astype(dtype)}
 
 
+def shm_tensors(module, region_in: str, region_out: str, size: int) -> tuple[list, list]:
+    """`simple`'s inputs read from ``region_in`` and its outputs written to ``region_out`` (a [2, 16] FP32 tensor
+    each, ``size`` bytes, side by side in each region)."""
+    inputs, outputs = [], []
+    for k, (i_name, o_name) in enumerate((("INPUT0", "OUTPUT0"), ("INPUT1", "OUTPUT1"))):
+        inputs.append(module.InferInput(i_name, [2, 16], "FP32"))
+        inputs[-1].set_shared_memory(region_in, size, offset=k * size)
+        outputs.append(module.InferRequestedOutput(o_name))
+        outputs[-1].set_shared_memory(region_out, size, offset=k * size)
+    return inputs, outputs
+
+
 def assert_add_sub(result, arrays, names=("OUTPUT0", "OUTPUT1")) -> None:
     a, b = arrays.values()
     np.testing.assert_array_equal(result.as_numpy(names[0]), a + b)
@@ -392,17 +404,7 @@ def test_shared_memory_inputs_and_outputs(clients, proto):
         status = c.get_system_shared_memory_status(**({"as_json": True} if proto == "grpc" else {}))
         names = [r["name"] for r in status] if proto == "http" else list(status["regions"])
         assert f"in_{tag}" in names and f"out_{tag}" in names
-        module = CLIENTS[proto]
-        inputs = []
-        for k, name in enumerate(("INPUT0", "INPUT1")):
-            i = module.InferInput(name, [2, 16], "FP32")
-            i.set_shared_memory(f"in_{tag}", size, offset=k * size)
-            inputs.append(i)
-        outputs = []
-        for k, name in enumerate(("OUTPUT0", "OUTPUT1")):
-            o = module.InferRequestedOutput(name)
-            o.set_shared_memory(f"out_{tag}", size, offset=k * size)
-            outputs.append(o)
+        inputs, outputs = shm_tensors(CLIENTS[proto], f"in_{tag}", f"out_{tag}", size)
         result = c.infer("simple", inputs, outputs=outputs)
         # The response describes the output; the data is in shared memory (as Triton's shm examples read it).
         described = result.get_output("OUTPUT0")
@@ -497,17 +499,7 @@ def test_cuda_shared_memory_inputs_and_outputs(clients, proto):
         found = {r["name"]: r for r in status} if proto == "http" else status["regions"]
         assert set(found) == {f"cuda_in_{tag}", f"cuda_out_{tag}"}
         assert int(found[f"cuda_in_{tag}"]["byte_size"]) == 2 * size
-        module = CLIENTS[proto]
-        inputs = []
-        for k, name in enumerate(("INPUT0", "INPUT1")):
-            i = module.InferInput(name, [2, 16], "FP32")
-            i.set_shared_memory(f"cuda_in_{tag}", size, offset=k * size)
-            inputs.append(i)
-        outputs = []
-        for k, name in enumerate(("OUTPUT0", "OUTPUT1")):
-            o = module.InferRequestedOutput(name)
-            o.set_shared_memory(f"cuda_out_{tag}", size, offset=k * size)
-            outputs.append(o)
+        inputs, outputs = shm_tensors(CLIENTS[proto], f"cuda_in_{tag}", f"cuda_out_{tag}", size)
         c.infer("simple", inputs, outputs=outputs)
         sums, diffs = cudashm.get_contents_as_numpy(regions["out"], np.float32, [2, 2, 16])  # OUTPUT0, OUTPUT1
         np.testing.assert_array_equal(sums, arrays["INPUT0"] + arrays["INPUT1"])

@@ -184,7 +184,7 @@ def cuda_graph_mode(asked: str, device: torch.device, ops: OpTable) -> str:
     if asked == "recorded" and device.type != "cpu":
         raise ValueError(f"cuda_graphs='recorded' replays recorded CPU steps and needs the CPU, not {device}")
     if asked == "auto":
-        return "off" if unsafe else "on" if device.type == "cuda" else "recorded" if device.type == "cpu" else "off"
+        return "off" if unsafe else {"cuda": "on", "cpu": "recorded"}.get(device.type, "off")
     return asked
 
 

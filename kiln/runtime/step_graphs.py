@@ -19,9 +19,10 @@ fixed-shape steps eagerly (to test them without a GPU).
 
 On a CPU ("recorded" mode) a decode step of each shape is recorded the first time it runs, as its dispatcher
 calls (``recorded_step``), and replayed after that without the model's Python. The decode ladder there holds
-every batch size (a padding row costs a CPU its share of the matrix products' arithmetic), and mixed steps run
-eagerly (their prefill chunks are bound by the matrix products). A shape whose recording is refused runs
-eagerly from then on, with one warning.
+every batch size (a padding row costs a CPU its share of the matrix products' arithmetic) at one table width,
+the widest (the CPU attention reads only the blocks a sequence has, so a wider table costs it nothing, and each
+recording costs a tenth of a second or more); mixed steps run eagerly (their prefill chunks are bound by the
+matrix products). A shape whose recording is refused runs eagerly from then on, with one warning.
 """
 from __future__ import annotations
 
@@ -84,8 +85,11 @@ class StepGraphs:
         self.clock = clock
         self.kind = kind
         bs = inputs.block_size
-        batches = range(1, max_batch_size + 1) if kind == "recorded" else batch_ladder(max_batch_size)
-        self.decode_shapes = [StepShape(b, b, c // bs) for c in context_ladder(max_seq_len, bs) for b in batches]
+        if kind == "recorded":  # every batch size, one table width (a CPU's attention reads only what it needs)
+            self.decode_shapes = [StepShape(b, b, inputs.max_blocks) for b in range(1, max_batch_size + 1)]
+        else:
+            self.decode_shapes = [StepShape(b, b, c // bs) for c in context_ladder(max_seq_len, bs)
+                                  for b in batch_ladder(max_batch_size)]
         self.mixed_shapes = ([] if kind == "recorded" else
                              [StepShape(max_batch_size + 1, t, inputs.max_blocks)
                               for t in token_ladder(max_batch_size, max_num_tokens)])
