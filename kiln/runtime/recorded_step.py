@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 Source = tuple[int, "int | None"]
 
 
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 class NotRecordable(Exception):
     """The step cannot be replayed from a recording; the message says which call and why."""
 
@@ -128,7 +131,9 @@ def record(forward: Callable[[], torch.Tensor], compiled: bool = True) -> tuple[
     """Run ``forward`` once, recording its calls; return the recording (replayed from C++ where it can be,
     unless not ``compiled``) and this run's result. Raises NotRecordable (after the run) where a replay could
     differ from running ``forward``."""
-    before = {id(o) for o in gc.get_objects() if issubclass(type(o), torch.Tensor)}
+    # Exact types, not isinstance (twice as fast over a large heap): a tensor of another subclass that the
+    # forward reads is taken for a new one, and the recording refused (the safe side).
+    before = {id(o) for o in gc.get_objects() if type(o) in _TENSOR_TYPES}
     recorder = _Recorder(before)
     with recorder:
         result = forward()
