@@ -117,6 +117,40 @@ def test_filter_masks_match_reference():
             assert torch.equal(out[r, sorted(kept)], logits[r, sorted(kept)])
 
 
+@pytest.mark.parametrize("scale", [4.0, 1.5, 0.05])
+def test_top_p_over_a_large_vocabulary_matches_reference(scale, monkeypatch):
+    """On a CPU, top-p settles a row among its 256 or 4,096 most likely tokens when its nucleus lies there, and
+    sorts the row when not (a flat row's nucleus holds most of the vocabulary): the same kept sets either way,
+    with and without top-k (below, within and above the candidates) and min-p."""
+    import kiln.runtime.sampler as sampler
+
+    settled = []  # (candidates, rows settled there)
+    original = sampler._top_p_among_candidates
+
+    def counted(logits, rows, ks, top_p, width):
+        left = original(logits, rows, ks, top_p, width)
+        settled.append((width, len(rows) - len(left)))
+        return left
+
+    monkeypatch.setattr(sampler, "_top_p_among_candidates", counted)
+    vocab = 6000
+    logits = random_logits(7, vocab, seed=int(scale * 10), scale=scale)
+    # Top-p alone (nuclei of about 150, 900, 2,500 and 5,000 tokens at scale 1.5), then with top-k and min-p.
+    groups = [([0, 0, 0, 0], [0.3, 0.7, 0.9, 0.99], [0.0, 0.0, 0.0, 0.0]),
+              ([50, 300, 5000], [0.95, 0.5, 0.99], [0.0, 0.01, 0.0])]
+    first = 0
+    for top_k, top_p, min_p in groups:
+        rows = logits[first:first + len(top_k)]
+        out = filter_logits(rows, top_k, top_p, min_p)
+        for r in range(len(top_k)):
+            kept = {i for i in range(vocab) if math.isfinite(out[r, i].item())}
+            assert kept == ref_filter(rows[r].tolist(), top_k[r], top_p[r], min_p[r]), (scale, first + r)
+            assert torch.equal(out[r, sorted(kept)], rows[r, sorted(kept)])
+        first += len(top_k)
+    if scale == 1.5:  # each way was taken: 256 candidates, 4,096, and the sort (a row neither settled)
+        assert settled[0] == (256, 1) and settled[1] == (4096, 2)
+
+
 def test_temperature_comes_before_filters():
     logits = random_logits(4, 30, seed=3)
     temps = [0.5, 1.0, 2.0, 0.7]
