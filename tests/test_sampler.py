@@ -151,6 +151,48 @@ def test_top_p_over_a_large_vocabulary_matches_reference(scale, monkeypatch):
         assert settled[0] == (256, 1) and settled[1] == (4096, 2)
 
 
+@pytest.mark.parametrize("settings", [dict(temperature=0.7), dict(temperature=0.2, top_p=0.9),
+                                      dict(temperature=1.3, top_k=40), dict(temperature=0.9, top_k=300, top_p=0.8),
+                                      dict(temperature=0.8, min_p=0.05), dict(temperature=1.0, top_p=0.7, min_p=0.02)])
+def test_cpu_kernel_draws_the_filtered_distribution(settings):
+    """kiln's C++ sampling pass (cpu_layer_ops.sample_rows) over a grid of uniforms: every token it returns is one
+    the filters keep, and each kept token's share of the grid is its probability (within one draw of the grid)."""
+    from kiln.ops import cpu_layer_ops
+
+    if not cpu_layer_ops.available():
+        pytest.skip("kiln's CPU extension is not built here")
+    vocab, draws = 3000, 4000
+    row = random_logits(1, vocab, seed=11, scale=2.0)
+    p = SamplingParams(**settings)
+    kept = ref_filter((row[0] / p.temperature).tolist(), p.top_k, p.top_p, p.min_p)
+    probs = torch.softmax(row[0, sorted(kept)].double() / p.temperature, dim=-1).tolist()
+    u = (torch.arange(draws, dtype=torch.float64) + 0.5) / draws
+    chosen = cpu_layer_ops.sample_rows(row.expand(draws, vocab).contiguous(), [p.temperature] * draws,
+                                       [p.top_k] * draws, [p.top_p] * draws, [p.min_p] * draws, u).tolist()
+    assert set(chosen) <= kept
+    for token, prob in zip(sorted(kept), probs):
+        assert abs(chosen.count(token) - prob * draws) <= 1.5, (token, prob)
+
+
+def test_cpu_kernel_leaves_the_rows_it_cannot_settle_to_the_sort():
+    """A k-th token past the kernel's candidates (tokens within e^-30 of the best) is -1 from the kernel; the
+    sampler then samples that row through the filters, inside the filtered set. (A nucleus past them needs a
+    top-p closer to 1 than float32 holds below it, for vocabularies under 600,000.)"""
+    from kiln.ops import cpu_layer_ops
+
+    if not cpu_layer_ops.available():
+        pytest.skip("kiln's CPU extension is not built here")
+    vocab = 500
+    row = torch.full((1, vocab), -1000.0)
+    row[0, :3] = torch.tensor([5.0, 4.0, 3.0])
+    u = torch.tensor([0.5], dtype=torch.float64)
+    assert cpu_layer_ops.sample_rows(row, [1.0], [10], [1.0], [0.0], u).tolist() == [-1]  # k = 10 > 3 candidates
+    assert cpu_layer_ops.sample_rows(row, [1.0], [2], [1.0], [0.0], u).tolist() in ([0], [1])  # k = 2 settles
+    reqs = [make_request("r", temperature=1.0, top_k=10, seed=3)]
+    tokens = {Sampler(seed=0)(row, reqs).token_ids[0] for _ in range(20)}
+    assert tokens <= set(ref_filter(row[0].tolist(), 10, 1.0, 0.0))
+
+
 def test_temperature_comes_before_filters():
     logits = random_logits(4, 30, seed=3)
     temps = [0.5, 1.0, 2.0, 0.7]

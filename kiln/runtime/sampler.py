@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kiln.ops import cpu_layer_ops
 from kiln.runtime import structured_output
 from kiln.runtime.outputs import TokenLogprob
 from kiln.runtime.request import Request
@@ -164,19 +165,11 @@ class Sampler:
         return request.grammar is not None or _has_penalties(request.sampling_params)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        if logits.device.type == "cpu":
+            return self._sample_on_cpu(logits, requests)
         probs = torch.softmax(temper_and_filter(logits, [r.sampling_params for r in requests]), dim=-1)
         device, vocab = probs.device, probs.shape[1]
         shared = [i for i, r in enumerate(requests) if r.sampling_params.seed is None]
-        if device.type == "cpu":
-            u = torch.empty(len(requests), 1)
-            if shared:
-                u[_index(shared, device)] = torch.rand(len(shared), 1, generator=self._shared_generator(device))
-            for i, r in enumerate(requests):
-                if r.sampling_params.seed is not None:
-                    u[i] = torch.rand(1, generator=self._request_generator(r, device))
-            cdf = probs.cumsum(dim=-1, dtype=torch.float64)
-            # The first token whose cumulative probability exceeds u * total: never one of probability 0.
-            return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=vocab - 1)
         if len(shared) == len(requests):
             q = torch.empty_like(probs).exponential_(generator=self._shared_generator(device))
         else:
@@ -190,6 +183,34 @@ class Sampler:
         # A zero draw would make 0/0 = nan for a masked token, which argmax would pick.
         q.clamp_(min=torch.finfo(torch.float32).tiny)
         return row_argmax(probs / q)
+
+    def _sample_on_cpu(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Inverse-CDF draws, one uniform a row from the row's generator: in one C++ pass a row where kiln's
+        extension is built (``cpu_layer_ops.sample_rows``), else (and for the rows it leaves) the filters in
+        torch and the cumulative probabilities searched."""
+        params = [r.sampling_params for r in requests]
+        device, vocab = logits.device, logits.shape[1]
+        u = torch.empty(len(requests), dtype=torch.float64)
+        shared = [i for i, p in enumerate(params) if p.seed is None]
+        if shared:
+            u[_index(shared, device)] = torch.rand(len(shared), dtype=torch.float64,
+                                                   generator=self._shared_generator(device))
+        for i, r in enumerate(requests):
+            if r.sampling_params.seed is not None:
+                u[i] = torch.rand(1, dtype=torch.float64, generator=self._request_generator(r, device))
+        chosen = cpu_layer_ops.sample_rows(logits, [p.temperature for p in params], [p.top_k for p in params],
+                                           [p.top_p for p in params], [p.min_p for p in params], u)
+        left = list(range(len(requests))) if chosen is None else (chosen < 0).nonzero().squeeze(1).tolist()
+        if chosen is None:
+            chosen = torch.empty(len(requests), dtype=torch.long)
+        if left:
+            rows = _index(left, device)
+            probs = torch.softmax(temper_and_filter(logits[rows], [params[i] for i in left]), dim=-1)
+            cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+            # The first token whose cumulative probability exceeds u * total: never one of probability 0.
+            picked = torch.searchsorted(cdf, u[rows].unsqueeze(1) * cdf[:, -1:], right=True).squeeze(1)
+            chosen[rows] = picked.clamp_(max=vocab - 1)
+        return chosen
 
     def _request_generator(self, request: Request, device: torch.device) -> torch.Generator:
         gen = self._seeded.get(request.request_id)

@@ -50,7 +50,7 @@ def _after_load() -> str:
 
 _EXTENSION = CppExtension("kiln_cpu", Path(__file__).parent,
                           ("paged_attention.cpp", "layer_ops.cpp", "token_bitmask.cpp", "int4pack_linear.cpp",
-                           "few_rows_linear.cpp", "step_program.cpp"), ("vector_math.h",),
+                           "few_rows_linear.cpp", "step_program.cpp", "sample_rows.cpp"), ("vector_math.h",),
                           "KILN_CPU_MARCH", _after_load, "CPU layer kernels")
 
 
@@ -63,6 +63,20 @@ def step_program():
     """An empty ``StepProgram`` (``step_program.cpp``: recorded calls replayed from C++), or None where the
     extension is not here."""
     return torch.classes.kiln_cpu.StepProgram() if available() else None
+
+
+def sample_rows(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
+                min_p: list[float], uniform: torch.Tensor) -> torch.Tensor | None:
+    """Each row's token, sampled as ``kiln.runtime.sampler`` filters and draws (``sample_rows.cpp``): float32
+    logits [rows, vocab], per row its settings and a float64 uniform in [0, 1); -1 for a row whose k-th token or
+    top-p nucleus lies past the tokens the kernel considers (the caller sorts it). None where the extension is
+    not here or the logits are not a contiguous float32 CPU tensor."""
+    if not (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous()
+            and available()):
+        return None
+    return _kernels().sample_rows(logits, torch.tensor(temperature, dtype=torch.float32),
+                                  torch.tensor(top_k, dtype=torch.int64), torch.tensor(top_p, dtype=torch.float32),
+                                  torch.tensor(min_p, dtype=torch.float32), uniform)
 
 
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor) -> bool:
