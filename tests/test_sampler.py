@@ -174,23 +174,28 @@ def test_cpu_kernel_draws_the_filtered_distribution(settings):
         assert abs(chosen.count(token) - prob * draws) <= 1.5, (token, prob)
 
 
-def test_cpu_kernel_leaves_the_rows_it_cannot_settle_to_the_sort():
-    """A k-th token past the kernel's candidates (tokens within e^-30 of the best) is -1 from the kernel; the
-    sampler then samples that row through the filters, inside the filtered set. (A nucleus past them needs a
-    top-p closer to 1 than float32 holds below it, for vocabularies under 600,000.)"""
+def test_cpu_kernel_top_k_past_the_candidates_and_the_torch_way_without_it(monkeypatch):
+    """The kernel's top-k selects among all tokens, however far below the best (k = 10 where 3 tokens are near
+    it); and where the extension is not built, the sampler draws through the torch filters, from the same
+    distribution (chi-square) and inside the filtered set."""
     from kiln.ops import cpu_layer_ops
 
-    if not cpu_layer_ops.available():
-        pytest.skip("kiln's CPU extension is not built here")
-    vocab = 500
-    row = torch.full((1, vocab), -1000.0)
-    row[0, :3] = torch.tensor([5.0, 4.0, 3.0])
-    u = torch.tensor([0.5], dtype=torch.float64)
-    assert cpu_layer_ops.sample_rows(row, [1.0], [10], [1.0], [0.0], u).tolist() == [-1]  # k = 10 > 3 candidates
-    assert cpu_layer_ops.sample_rows(row, [1.0], [2], [1.0], [0.0], u).tolist() in ([0], [1])  # k = 2 settles
-    reqs = [make_request("r", temperature=1.0, top_k=10, seed=3)]
-    tokens = {Sampler(seed=0)(row, reqs).token_ids[0] for _ in range(20)}
-    assert tokens <= set(ref_filter(row[0].tolist(), 10, 1.0, 0.0))
+    if cpu_layer_ops.available():
+        row = torch.full((1, 500), -1000.0)
+        row[0, :3] = torch.tensor([5.0, 4.0, 3.0])
+        u = torch.tensor([0.25, 0.9, 0.999], dtype=torch.float64)
+        assert cpu_layer_ops.sample_rows(row.expand(3, 500).contiguous(), [1.0] * 3, [10] * 3, [1.0] * 3,
+                                         [0.0] * 3, u).tolist() == [0, 1, 2]
+    monkeypatch.setattr(cpu_layer_ops, "sample_rows", lambda *args: None)
+    vocab, draws = 8, 4000
+    base = torch.tensor([[1.0, 0.5, 0.0, -0.5, 2.0, 0.3, -1.0, 1.5]])
+    reqs = [make_request(f"r{i}", temperature=0.8, top_k=6, seed=i if i % 2 else None) for i in range(draws)]
+    tokens = Sampler(seed=5)(base.expand(draws, vocab), reqs).token_ids
+    kept = sorted(ref_filter((base[0] / 0.8).tolist(), 6, 1.0, 0.0))
+    assert set(tokens) <= set(kept)
+    probs = torch.softmax(base[0, kept] / 0.8, -1).tolist()
+    counts = [tokens.count(t) for t in kept]
+    assert _chi_square(counts, probs) < 20.52, (counts, probs)  # df = 5, p = 0.001
 
 
 def test_temperature_comes_before_filters():

@@ -1,8 +1,9 @@
-// Sampling rows of logits on the CPU, one pass or two over a row (kiln.runtime.sampler's filters and draw, fused):
+// Sampling rows of logits on the CPU, a few passes over a row (kiln.runtime.sampler's filters and draw, fused):
 // temperature, then top-k, top-p and min-p as ``filter_logits`` keeps tokens, then an inverse-CDF draw with the
-// row's uniform u. Tokens more than kCut below the row's best (a probability ratio of e^-30, 1e-13) are never
-// candidates for top-k or top-p: a row whose k-th token or nucleus lies past them gets -1, and the caller
-// samples that row by sorting it (as it does on a GPU). Probability sums are in double.
+// row's uniform u. Top-k selects with a heap of k values; without it, tokens more than kCut below the row's
+// best (a probability ratio of e^-30, 1e-13) are never top-p candidates, and a row whose nucleus lies past them
+// gets -1 (the caller samples that row through the torch filters; it needs a top-p closer to 1 than float32
+// holds below it, for vocabularies under 600,000). Probability sums are in double.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -10,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <cstdint>
 #include <limits>
 #include <utility>
@@ -26,7 +28,7 @@ struct Candidate {
   int64_t index;
 };
 
-// One row: its token, or -1 where the candidates do not settle top-k or top-p.
+// One row: its token, or -1 where the candidates do not settle top-p.
 int64_t sample_row(const float* x, int64_t vocab, float temperature, int64_t top_k, float top_p, float min_p,
                    double u, std::vector<float>& e, std::vector<Candidate>& cand) {
   const float inv_t = 1.f / temperature;
@@ -57,30 +59,44 @@ int64_t sample_row(const float* x, int64_t vocab, float temperature, int64_t top
     }
     return last;
   }
-  cand.clear();
-  double total = 0.0;  // the row's mass (top-k may cut it below)
-  for (int64_t i = 0; i < vocab; ++i) {
-    const float y = (x[i] - best) * inv_t;
-    if (y > kCut) cand.push_back({y, i});
-    total += y > -87.f ? kiln_cpu::exp_clamped(y, -87.f) : 0.f;
-  }
   const auto before = [](const Candidate& a, const Candidate& b) {
     return a.y > b.y || (a.y == b.y && a.index < b.index);
   };
+  cand.clear();
+  double total = 0.0;  // the kept set's mass
   // cand[0, keep) is the kept set once in order, cand[0, in_order) is in order.
-  size_t keep = cand.size(), in_order = 0;
-  const bool by_k = top_k > 0 && top_k < vocab;
-  if (by_k) {
-    if (static_cast<size_t>(top_k) > cand.size()) return -1;  // the k-th token lies past the candidates
-    std::nth_element(cand.begin(), cand.begin() + (top_k - 1), cand.end(), before);
-    const float kth = cand[top_k - 1].y;
-    // The k-th token's ties stay too: everything at or above it, in order.
-    keep = std::partition(cand.begin(), cand.end(), [kth](const Candidate& c) { return c.y >= kth; }) -
-           cand.begin();
-    std::sort(cand.begin(), cand.begin() + keep, before);
-    in_order = keep;
-    total = 0.0;
+  size_t keep = 0, in_order = 0;
+  if (top_k > 0 && top_k < vocab) {
+    // The k-th largest tempered logit (a min-heap of the k largest seen, in e), then every token at or above
+    // it (the k-th token's ties stay too), in order.
+    e.clear();
+    const auto greater = std::greater<float>();
+    for (int64_t i = 0; i < vocab; ++i) {
+      const float y = (x[i] - best) * inv_t;
+      if (static_cast<int64_t>(e.size()) < top_k) {
+        e.push_back(y);
+        std::push_heap(e.begin(), e.end(), greater);
+      } else if (y > e.front()) {
+        std::pop_heap(e.begin(), e.end(), greater);
+        e.back() = y;
+        std::push_heap(e.begin(), e.end(), greater);
+      }
+    }
+    const float kth = e.front();
+    for (int64_t i = 0; i < vocab; ++i) {
+      const float y = (x[i] - best) * inv_t;
+      if (y >= kth) cand.push_back({y, i});
+    }
+    std::sort(cand.begin(), cand.end(), before);
+    keep = in_order = cand.size();
     for (size_t j = 0; j < keep; ++j) total += std::exp(static_cast<double>(cand[j].y));
+  } else {
+    for (int64_t i = 0; i < vocab; ++i) {
+      const float y = (x[i] - best) * inv_t;
+      if (y > kCut) cand.push_back({y, i});
+      total += y > -87.f ? kiln_cpu::exp_clamped(y, -87.f) : 0.f;
+    }
+    keep = cand.size();
   }
   if (top_p < 1.f) {
     // The nucleus: in order, each token while the mass before it is under p (the first always), looked for
@@ -107,7 +123,7 @@ int64_t sample_row(const float* x, int64_t vocab, float temperature, int64_t top
       if (stopped) break;
       if (limit == keep) {
         // Every candidate is in: tokens past the cut may be too (without top-k), unless the mass is reached.
-        if (!by_k && mass < top_p && cand.size() < static_cast<size_t>(vocab)) return -1;
+        if (!(top_k > 0 && top_k < vocab) && mass < top_p && cand.size() < static_cast<size_t>(vocab)) return -1;
         break;
       }
     }
