@@ -9,7 +9,7 @@ import pytest
 from kiln.errors import RequestError
 from kiln.runtime import LLM, SamplingParams
 from conftest import DEVICE, LIVE_CORE
-from tests_support import assert_idle
+from tests_support import assert_idle, block_bytes
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_small_pool_preempts_with_identical_outputs(engine):
     prompts = long_prompts()
     reference = LLM(engine, device=DEVICE).generate(prompts, LONG)
     # 12 blocks of 16 tokens cannot hold 8 requests that each grow by 40 tokens at once.
-    small = LLM(engine, device=DEVICE, engine_core=LIVE_CORE, kv_cache_memory=12 * _block_bytes(engine),
+    small = LLM(engine, device=DEVICE, engine_core=LIVE_CORE, kv_cache_memory=12 * block_bytes(engine),
                 enable_prefix_caching=False)
     outs = small.generate(prompts, LONG)
     assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
@@ -55,16 +55,9 @@ def test_small_pool_preempts_with_identical_outputs(engine):
     assert_idle(small)
 
 
-def _block_bytes(engine) -> int:
-    from kiln.engine import read_engine
-    from kiln.runtime.kv_pool import kv_cache_spec
-
-    return kv_cache_spec(read_engine(engine)).bytes_per_block
-
-
 def test_guaranteed_no_evict_never_preempts(engine):
     prompts = long_prompts()
-    llm = LLM(engine, device=DEVICE, kv_cache_memory=12 * _block_bytes(engine), policy="guaranteed_no_evict")
+    llm = LLM(engine, device=DEVICE, kv_cache_memory=12 * block_bytes(engine), policy="guaranteed_no_evict")
     outs = llm.generate(prompts, LONG)
     assert llm.engine.stats().num_preemptions == 0
     assert [o.token_ids for o in outs] == [o.token_ids for o in LLM(engine, device=DEVICE).generate(prompts, LONG)]
@@ -160,7 +153,7 @@ def test_graph_shaped_steps_give_identical_outputs(engine):
 
 
 def test_kv_pool_is_sized_from_the_byte_budget(engine):
-    per_block = _block_bytes(engine)
+    per_block = block_bytes(engine)
     assert per_block == 2 * 3 * 16 * 2 * 16 * 4  # K and V, 3 layers, 16 slots, 2 KV heads of 16, float32
     llm = LLM(engine, device=DEVICE, kv_cache_memory=10 * per_block + per_block - 1)
     assert llm.engine.stats().kv_blocks_total == 10
@@ -178,7 +171,7 @@ def test_the_batch_is_sized_from_the_pool_when_neither_is_given(engine, monkeypa
     assert kv_pool.batch_the_pool_holds(3, 16, 4096) == 1
     if DEVICE != "cpu":
         pytest.skip("the CPU pool's default budget")
-    per_block = _block_bytes(engine)
+    per_block = block_bytes(engine)
     monkeypatch.setattr(kv_pool, "CPU_KV_CACHE_BYTES", 48 * per_block)  # 3 sequences of 256 tokens (16 blocks)
     sized = LLM(engine, device=DEVICE).engine
     assert sized.stats().kv_blocks_total == 48 and sized.limits.max_batch_size == 3

@@ -13,8 +13,7 @@ from kiln.runtime import LLM, SamplingParams
 from kiln.runtime.prompt_logprobs import prompt_spans
 from kiln.runtime.request import Request
 from conftest import DEVICE
-from test_llm import _block_bytes
-from tests_support import assert_idle
+from tests_support import assert_idle, block_bytes
 
 # Longer than the engine's 64-token step, so its prompt is computed in several chunks.
 LONG_PROMPT = [random.Random(3).randrange(3, 300) for _ in range(150)]
@@ -101,7 +100,7 @@ def test_n_completions_share_one_set_of_prompt_logprobs(engine, hf):
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_preemption_and_async_scheduling_keep_them_whole(engine, hf, async_scheduling):
     # 12 blocks of 16 tokens cannot hold these requests at once: some are preempted and recomputed.
-    llm = LLM(engine, device=DEVICE, kv_cache_memory=12 * _block_bytes(engine), enable_prefix_caching=False,
+    llm = LLM(engine, device=DEVICE, kv_cache_memory=12 * block_bytes(engine), enable_prefix_caching=False,
               async_scheduling=async_scheduling)
     prompts = [LONG_PROMPT[i:i + 60] for i in range(0, 90, 15)]
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prompt_logprobs=1)

@@ -51,12 +51,12 @@ class _Call:
 class RecordedStep:
     """The calls of one recorded forward, and which output is its result."""
 
-    def __init__(self, calls: list[_Call], result: Source, compiled: bool = True):
+    def __init__(self, calls: list[_Call], result: Source):
         self.calls = calls
         self.result = result
         # The calls as a C++ StepProgram; None: replayed by the Python loop (no extension, or an argument
         # that the program does not take).
-        self.program = _compile(calls, result) if compiled else None
+        self.program = _compile(calls, result)
 
     def replay(self) -> torch.Tensor:
         if self.program is not None:
@@ -127,10 +127,9 @@ class _Recorder(TorchDispatchMode):
                                 "outside the dispatcher; its values would be frozen into the recording")
 
 
-def record(forward: Callable[[], torch.Tensor], compiled: bool = True) -> tuple[RecordedStep, torch.Tensor]:
-    """Run ``forward`` once, recording its calls; return the recording (replayed from C++ where it can be,
-    unless not ``compiled``) and this run's result. Raises NotRecordable (after the run) where a replay could
-    differ from running ``forward``."""
+def record(forward: Callable[[], torch.Tensor]) -> tuple[RecordedStep, torch.Tensor]:
+    """Run ``forward`` once, recording its calls; return the recording (replayed from C++ where it can be) and
+    this run's result. Raises NotRecordable (after the run) where a replay could differ from running ``forward``."""
     # Exact types, not isinstance (twice as fast over a large heap): a tensor of another subclass that the
     # forward reads is taken for a new one, and the recording refused (the safe side).
     before = {id(o) for o in gc.get_objects() if type(o) in _TENSOR_TYPES}
@@ -142,7 +141,7 @@ def record(forward: Callable[[], torch.Tensor], compiled: bool = True) -> tuple[
     source = recorder.made.get(id(result)) if isinstance(result, torch.Tensor) else None
     if source is None:
         raise NotRecordable("the forward's result is not the output of one of its calls")
-    return RecordedStep(recorder.calls, source, compiled), result
+    return RecordedStep(recorder.calls, source), result
 
 
 _MEMORY_FORMATS = {torch.contiguous_format: 0, torch.preserve_format: 1, torch.channels_last: 2,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,17 +169,8 @@ class Sampler:
             return self._sample_on_cpu(logits, requests)
         probs = torch.softmax(temper_and_filter(logits, [r.sampling_params for r in requests]), dim=-1)
         device, vocab = probs.device, probs.shape[1]
-        shared = [i for i, r in enumerate(requests) if r.sampling_params.seed is None]
-        if len(shared) == len(requests):
-            q = torch.empty_like(probs).exponential_(generator=self._shared_generator(device))
-        else:
-            q = torch.empty_like(probs)
-            if shared:
-                noise = torch.empty(len(shared), vocab, device=device)
-                q[_index(shared, device)] = noise.exponential_(generator=self._shared_generator(device))
-            for i, r in enumerate(requests):
-                if r.sampling_params.seed is not None:
-                    q[i].exponential_(generator=self._request_generator(r, device))
+        q = self._row_draws(requests, device, lambda n, gen: torch.empty(n, vocab, device=device).exponential_(
+            generator=gen))
         # A zero draw would make 0/0 = nan for a masked token, which argmax would pick.
         q.clamp_(min=torch.finfo(torch.float32).tiny)
         return row_argmax(probs / q)
@@ -190,14 +181,7 @@ class Sampler:
         torch and the cumulative probabilities searched."""
         params = [r.sampling_params for r in requests]
         device, vocab = logits.device, logits.shape[1]
-        u = torch.empty(len(requests), dtype=torch.float64)
-        shared = [i for i, p in enumerate(params) if p.seed is None]
-        if shared:
-            u[_index(shared, device)] = torch.rand(len(shared), dtype=torch.float64,
-                                                   generator=self._shared_generator(device))
-        for i, r in enumerate(requests):
-            if r.sampling_params.seed is not None:
-                u[i] = torch.rand(1, dtype=torch.float64, generator=self._request_generator(r, device))
+        u = self._row_draws(requests, device, lambda n, gen: torch.rand(n, dtype=torch.float64, generator=gen))
         chosen = cpu_layer_ops.sample_rows(logits, [p.temperature for p in params], [p.top_k for p in params],
                                            [p.top_p for p in params], [p.min_p for p in params], u)
         left = list(range(len(requests))) if chosen is None else (chosen < 0).nonzero().squeeze(1).tolist()
@@ -211,6 +195,23 @@ class Sampler:
             picked = torch.searchsorted(cdf, u[rows].unsqueeze(1) * cdf[:, -1:], right=True).squeeze(1)
             chosen[rows] = picked.clamp_(max=vocab - 1)
         return chosen
+
+    def _row_draws(self, requests: list[Request], device: torch.device,
+                   draw: Callable[[int, torch.Generator], torch.Tensor]) -> torch.Tensor:
+        """Each row's random draws (``draw(rows, generator)`` gives that many rows of them) from the row's own
+        generator: the unseeded rows' from the shared one in one call, each seeded row's from its own."""
+        shared = [i for i, r in enumerate(requests) if r.sampling_params.seed is None]
+        if len(shared) == len(requests):
+            return draw(len(requests), self._shared_generator(device))
+        seeded = [(i, draw(1, self._request_generator(r, device))) for i, r in enumerate(requests)
+                  if r.sampling_params.seed is not None]
+        first = seeded[0][1]
+        out = torch.empty((len(requests), *first.shape[1:]), dtype=first.dtype, device=device)
+        if shared:
+            out[_index(shared, device)] = draw(len(shared), self._shared_generator(device))
+        for i, values in seeded:
+            out[i] = values[0]
+        return out
 
     def _request_generator(self, request: Request, device: torch.device) -> torch.Generator:
         gen = self._seeded.get(request.request_id)

@@ -28,6 +28,9 @@ struct Candidate {
   int64_t index;
 };
 
+// e^y of a tempered logit below the row's best (y <= 0), 0 below e^-87 (and for -inf).
+inline float weight(float y) { return y > -87.f ? kiln_cpu::exp_clamped(y, -87.f) : 0.f; }
+
 // One row: its token, or -1 where the candidates do not settle top-p.
 int64_t sample_row(const float* x, int64_t vocab, float temperature, int64_t top_k, float top_p, float min_p,
                    double u, std::vector<float>& e, std::vector<Candidate>& cand) {
@@ -44,7 +47,7 @@ int64_t sample_row(const float* x, int64_t vocab, float temperature, int64_t top
     double total = 0.0;
     for (int64_t i = 0; i < vocab; ++i) {
       const float y = (x[i] - best) * inv_t;
-      const float w = y >= floor_y ? kiln_cpu::exp_clamped(y, -87.f) * (y > -87.f) : 0.f;
+      const float w = y >= floor_y ? weight(y) : 0.f;
       e[i] = w;
       total += w;
     }
@@ -94,7 +97,7 @@ int64_t sample_row(const float* x, int64_t vocab, float temperature, int64_t top
     for (int64_t i = 0; i < vocab; ++i) {
       const float y = (x[i] - best) * inv_t;
       if (y > kCut) cand.push_back({y, i});
-      total += y > -87.f ? kiln_cpu::exp_clamped(y, -87.f) : 0.f;
+      total += weight(y);
     }
     keep = cand.size();
   }

@@ -137,8 +137,6 @@ struct StepProgram : torch::CustomClassHolder {
     result_elem = elem;
   }
 
-  int64_t size() const { return static_cast<int64_t>(calls.size()); }
-
   at::Tensor run() {
     TORCH_CHECK(result_call >= 0, "StepProgram: run before set_result");
     c10::InferenceMode guard;
@@ -175,6 +173,5 @@ TORCH_LIBRARY_FRAGMENT(kiln_cpu, m) {
       .def(torch::init<>())
       .def("add", &StepProgram::add)
       .def("set_result", &StepProgram::set_result)
-      .def("size", &StepProgram::size)
       .def("run", &StepProgram::run);
 }
