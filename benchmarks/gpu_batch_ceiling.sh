@@ -3,6 +3,7 @@
 # batch 256? One engine per weight format, built with a ceiling of 1,024 sequences a step (8,192 tokens a
 # step, max_seq_len 4096, --tune off), then `kiln bench throughput --max-batch-size B` for each B: the runtime
 # admits at most B sequences, the engine and its weights stay the same (CUDA graphs are captured up to B).
+# Each engine first runs one untimed bench of 200 requests: a fresh machine compiles its Triton kernels then.
 #   bash benchmarks/gpu_batch_ceiling.sh OUT "fp8 none" "256 512 1024" [NUM_REQUESTS]
 set -uo pipefail
 out="${1:-/tmp/out}"
@@ -20,6 +21,8 @@ for q in $formats; do
   [ -f "$dir/engine.json" ] || /usr/bin/time -f "build $q: %e s" python3 -m kiln.cli.main build /tmp/8b -o "$dir" \
       --dtype bfloat16 --tune off --max-seq-len 4096 --max-batch-size 1024 --max-num-tokens 8192 \
       $([ "$q" = none ] || echo --quantize "$q") 2>&1 | grep -v "%|" | tail -2
+  timeout 200 python3 -m kiln.cli.main bench throughput "$dir" --input-len 128 --output-len 128 \
+      --num-requests 200 --max-batch-size 256 >/dev/null 2>&1 || echo "warm-up of $q failed"
   for b in $batches; do
     echo "== $q, batch $b, $requests requests"
     timeout 200 python3 -m kiln.cli.main bench throughput "$dir" --input-len 128 --output-len 128 \
