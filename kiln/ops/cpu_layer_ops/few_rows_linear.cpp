@@ -3,9 +3,9 @@
 // At a few rows the product is bound by reading the weight, and the default path (MKL over [out, in]) reads it at
 // 26 GB/s for one row but 13, 10 and 8 for four, eight and sixteen on a 2-core Xeon (SmolLM2's 540 MB of weights
 // in 21, 42, 56 and 65 ms; benchmarks/cpu_matvec_threads.py). Here each weight row is read from memory once: a tile of
-// kRows weight rows is loaded kWidth floats at a time and multiplied into every activation row of a tile of up
-// to four (accumulators kRows x 4 in registers); further activation tiles read the same weight rows again from
-// the L1/L2 cache. Output rows are split over torch's threads.
+// kRows weight rows (kRowsOne for a single activation row) is loaded kWidth floats at a time and multiplied into
+// every activation row of a tile of up to four (accumulators kRows x 4 in registers); further activation tiles
+// read the same weight rows again from the L1/L2 cache. Output rows are split over torch's threads.
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
