@@ -69,9 +69,14 @@ def quantize_activations(x: np.ndarray, group: int, bits: int = 8) -> tuple[np.n
     return np.clip(np.rint(g * inv), -top, top), amax / top
 
 
-def check(fmt: str, x: np.ndarray, w: np.ndarray, n: int, k: int, act_bits: int = 8) -> None:
+def check(fmt: str, x: np.ndarray, w: np.ndarray, n: int, k: int, act_bits: int = 8, rows4: bool = False) -> None:
+    """``rows4``: through the weight repacked in rows of four (``matmul_rows4``) instead of GGUF's layout."""
     deq = dequantize(fmt, w, k)
-    out = cpu_gguf.matmul(torch.from_numpy(x), torch.from_numpy(w), fmt, n, k, act_bits).double().numpy()
+    if rows4:
+        w4 = cpu_gguf.repack_rows4(torch.from_numpy(w), fmt, n, k)
+        out = cpu_gguf.matmul_rows4(torch.from_numpy(x), w4, n, k, act_bits).double().numpy()
+    else:
+        out = cpu_gguf.matmul(torch.from_numpy(x), torch.from_numpy(w), fmt, n, k, act_bits).double().numpy()
     assert out.shape == (x.shape[0], n)
     norms = np.linalg.norm(x.astype(np.float64), axis=1)[:, None] * np.linalg.norm(deq, axis=1)[None, :]
     group = ACT_GROUP[fmt]
@@ -146,6 +151,50 @@ def test_int16_activations_match_dequantized_product(fmt: str, k: int, n: int):
         check(fmt, rng.standard_normal((m, k)).astype(np.float32), w, n, k, act_bits=16)
 
 
+@pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("k", [256, 2048])
+@pytest.mark.parametrize("n", [1, 6, 64, 301])
+def test_rows_of_four_match_dequantized_product(act_bits: int, k: int, n: int):
+    # n = 1, 6, 301: a last group of four with rows past the weight's end (zero rows the output leaves out).
+    rng = np.random.default_rng([k, n, act_bits, 4])
+    w = make_weights("q4_k", n, k, rng)
+    for m in (1, 2, 5, 9):  # one row (its own code path), partial and whole tiles of activation rows
+        check("q4_k", rng.standard_normal((m, k)).astype(np.float32), w, n, k, act_bits, rows4=True)
+
+
+def test_rows_of_four_give_the_gguf_layout_kernels_results():
+    """Same rounding of the activations, so the same products up to float32 summation order."""
+    rng = np.random.default_rng(12)
+    k, n = 1024, 37
+    w = torch.from_numpy(make_weights("q4_k", n, k, rng))
+    w4 = cpu_gguf.repack_rows4(w, "q4_k", n, k)
+    assert w4.shape == ((n + 3) // 4 * (k // 256) * cpu_gguf.ROWS4_GROUP_BYTES,)
+    x = torch.from_numpy(rng.standard_normal((6, k)).astype(np.float32))
+    for bits in (8, 16):
+        want = cpu_gguf.matmul(x, w, "q4_k", n, k, bits)
+        torch.testing.assert_close(cpu_gguf.matmul_rows4(x, w4, n, k, bits), want, rtol=1e-5,
+                                   atol=1e-5 * float(want.abs().max()))
+
+
+def test_rows_of_four_bad_arguments_raise_value_error():
+    w = torch.from_numpy(make_weights("q4_k", 8, 256, np.random.default_rng(0)))
+    x = torch.randn(2, 256)
+    with pytest.raises(ValueError, match="only for q4_k"):
+        cpu_gguf.repack_rows4(torch.zeros(8, 20 * 8, dtype=torch.uint8), "q4_1", 8, 256)
+    with pytest.raises(ValueError, match="must be a CPU uint8 tensor"):
+        cpu_gguf.repack_rows4(w, "q4_k", 9, 256)
+    w4 = cpu_gguf.repack_rows4(w, "q4_k", 8, 256)
+    with pytest.raises(ValueError, match="repack_rows4's CPU uint8 tensor"):
+        cpu_gguf.matmul_rows4(x, w4, 12, 256)  # a weight of another shape
+    with pytest.raises(ValueError, match="repack_rows4's CPU uint8 tensor"):
+        cpu_gguf.matmul_rows4(x, w, 8, 256)  # GGUF's layout itself
+    with pytest.raises(ValueError, match="x must be"):
+        cpu_gguf.matmul_rows4(x.double(), w4, 8, 256)
+    with pytest.raises(ValueError, match="activations of 4 bits"):
+        cpu_gguf.matmul_rows4(x, w4, 8, 256, 4)
+    assert cpu_gguf.matmul_rows4(torch.zeros(0, 256), w4, 8, 256).shape == (0, 8)
+
+
 def test_the_kernels_take_int16_for_exactly_the_wide_formats():
     """WIDE_FORMATS (Python's check) and the C++ binding's takes_act_bits say the same."""
     rng = np.random.default_rng(2)
@@ -174,8 +223,10 @@ def test_int16_activations_are_finer_than_bfloat16():
         assert (int16 - exact).norm() < 0.05 * (bf16 - exact).norm(), fmt
 
 
-@pytest.mark.parametrize("fmt, act_bits", [(f, 8) for f in cpu_gguf.FORMATS] + [(f, 16) for f in cpu_gguf.WIDE_FORMATS])
-def test_many_rows_and_edge_activations(fmt: str, act_bits: int):
+@pytest.mark.parametrize("fmt, act_bits, rows4", [(f, 8, False) for f in cpu_gguf.FORMATS]
+                         + [(f, 16, False) for f in cpu_gguf.WIDE_FORMATS]
+                         + [(f, b, True) for f in cpu_gguf.ROWS4_FORMATS for b in (8, 16)])
+def test_many_rows_and_edge_activations(fmt: str, act_bits: int, rows4: bool):
     # More rows than one register tile, odd output counts, and activation groups that are all zero,
     # tiny, or huge.
     rng = np.random.default_rng(7)
@@ -186,7 +237,7 @@ def test_many_rows_and_edge_activations(fmt: str, act_bits: int):
     x[2, :256] = 0.0
     x[3] *= 1e-30
     x[4] *= 1e20
-    check(fmt, x, w, n, k, act_bits)
+    check(fmt, x, w, n, k, act_bits, rows4)
 
 
 def test_threads_do_not_change_results():
@@ -249,6 +300,8 @@ for fmt in cpu_gguf.FORMATS:
         for m in (1, 3, 9):
             for bits in ((8, 16) if fmt in cpu_gguf.WIDE_FORMATS else (8,)):
                 t.check(fmt, rng.standard_normal((m, k)).astype(np.float32), w, n, k, bits)
+            for bits in ((8, 16) if fmt in cpu_gguf.ROWS4_FORMATS else ()):
+                t.check(fmt, rng.standard_normal((m, k)).astype(np.float32), w, n, k, bits, rows4=True)
 print("ok")
 """
 

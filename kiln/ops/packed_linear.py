@@ -18,6 +18,11 @@ timed at load like ``linear``. The reference decodes W once at load into the com
   about the int8 path's instructions per weight on a CPU without VNNI. On a CPU without AVX-512 BF16, where
   PyTorch's int4 kernel converts its bfloat16 activations in software, it is also the faster of the two
   (BENCHMARKS: an AVX2-only AMD EPYC box).
+- ``ggml_rows4_int16`` and ``ggml_rows4`` (q4_k; CPU): the weight repacked at load into groups of four rows
+  (``cpu_gguf.repack_rows4``; 592 bytes a group's super-block against GGUF's 4 x 144), which one load feeds
+  16 weights of each row, against int16 activations (split into two bytes: the int16 kernels' rounding) or int8
+  ones (opt-in as ``ggml``'s). At one activation row on an AVX2-only box 1.4-1.8x faster than ``ggml_int16``
+  (BENCHMARKS); registered before the GGUF-layout kernels, so the plan takes them where both run.
 - ``int4pack`` (q4_0, q4_1, q4_k; CPU): PyTorch's int4 weight-only kernel (``_weight_int4pack_mm_for_cpu``,
   AVX-512 / AVX2), over the weight repacked at load into 4-bit values with a bfloat16 scale and offset per
   32 weights (exact but for rounding the float16 block scales' products to bfloat16). Its activations
@@ -259,12 +264,37 @@ def _register_ggml(fmt: BlockFormat, act_bits: int = 8) -> None:
     plugin(op_name(fmt.name), name, supports=supports, prepare=prepare, graph_safe=True)(linear)
 
 
+def _register_ggml_rows4(fmt: BlockFormat, act_bits: int) -> None:
+    def prepare(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int, int]:
+        out_features, in_features = fmt.logical_shape(tuple(weight.shape))
+        packed = cpu_gguf.repack_rows4(weight.contiguous(), fmt.name, out_features, in_features)
+        return packed, out_features, in_features
+
+    def linear(x: torch.Tensor, weight: tuple[torch.Tensor, int, int],
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        packed, out_features, in_features = weight
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, in_features)
+        y = cpu_gguf.matmul_rows4(rows if rows.dtype == torch.float32 else rows.float(), packed, out_features,
+                                  in_features, act_bits)
+        y = y.reshape(*lead, out_features)
+        y = y if x.dtype == torch.float32 else y.to(x.dtype)
+        return y if bias is None else y + bias
+
+    name, supports = ("ggml_rows4_int16", _ggml_supported) if act_bits == 16 else ("ggml_rows4", _ggml_int8_opted_in)
+    plugin(op_name(fmt.name), name, supports=supports, prepare=prepare, graph_safe=True)(linear)
+
+
 for _fmt in FORMATS.values():
     _register_reference(_fmt)
     if _fmt.name in FOUR_BIT:  # first: the plan takes the first plugin that supports the target
         _register_triton(_fmt)
+    if _fmt.name in cpu_gguf.ROWS4_FORMATS:  # before the GGUF-layout kernels: faster where both run (BENCHMARKS)
+        _register_ggml_rows4(_fmt, act_bits=8)
     if _fmt.name in cpu_gguf.FORMATS:
         _register_ggml(_fmt)
+    if _fmt.name in cpu_gguf.ROWS4_FORMATS:
+        _register_ggml_rows4(_fmt, act_bits=16)
     if _fmt.name in cpu_gguf.WIDE_FORMATS:
         _register_ggml(_fmt, act_bits=16)
     if _fmt.name in FOUR_BIT:

@@ -5,6 +5,7 @@
 dequantizing: the activations are quantized to int8 once per call and the kernels take integer dot
 products against the weight blocks, as llama.cpp does (``gguf_kernels.cpp`` says how). Decode reads
 each weight byte once, so a 4-bit weight costs about a seventh of the memory traffic of float32.
+``repack_rows4`` and ``matmul_rows4``: q4_k repacked in groups of four rows, a layout the kernels read faster.
 
 The kernels are a C++ extension built at first use for the machine's own instruction set
 (``kiln.ops.cpp_extension``: AVX-512 VNNI, AVX-VNNI, AVX2, or plain C++ elsewhere; ``KILN_GGUF_MARCH``
@@ -31,20 +32,28 @@ _HERE = Path(__file__).parent
 # torch.ops.kiln_gguf.matmul once the extension is loaded (looked up once: the lookup costs as
 # much as the checks).
 _matmul_op = None
+_matmul_rows4_op = None
 _SOURCES = ("gguf_kernels.cpp", "gguf_binding.cpp")
 _HEADERS = ("gguf_kernels.h", "simd.h")
 
 
 def _after_load() -> str:
     torch.library.register_fake("kiln_gguf::matmul")(_fake_matmul)
-    global _matmul_op
+    torch.library.register_fake("kiln_gguf::matmul_rows4")(_fake_matmul_rows4)
+    global _matmul_op, _matmul_rows4_op
     _matmul_op = torch.ops.kiln_gguf.matmul
+    _matmul_rows4_op = torch.ops.kiln_gguf.matmul_rows4
     return torch.ops.kiln_gguf.isa()
 
 
 def _fake_matmul(x: torch.Tensor, w: torch.Tensor, fmt: int, out_features: int, in_features: int,
                  act_bits: int) -> torch.Tensor:
     # Shapes for torch.compile's tracing: the op is opaque to it.
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _fake_matmul_rows4(x: torch.Tensor, w4: torch.Tensor, out_features: int, in_features: int,
+                       act_bits: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], out_features))
 
 
@@ -61,6 +70,22 @@ def available() -> bool:
 def isa() -> str | None:
     """Which instruction set the loaded kernels use, or None when unavailable."""
     return _load()
+
+
+def _check_x(x: torch.Tensor, in_features: int) -> None:
+    if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(
+            f"x must be a CPU float32 tensor [M, {in_features}], got {x.dtype} {tuple(x.shape)} on {x.device}")
+
+
+def _check_weight(w: torch.Tensor, fmt: str, out_features: int, in_features: int) -> None:
+    bf = BLOCK_FORMATS[fmt]
+    row_bytes = in_features // bf.block * bf.type_size
+    if w.dtype != torch.uint8 or not w.is_cpu or w.shape != (out_features, row_bytes):
+        raise ValueError(
+            f"{fmt} weight for {out_features}x{in_features} must be a CPU uint8 tensor [{out_features}, {row_bytes}], "
+            f"got {w.dtype} {tuple(w.shape)} on {w.device}"
+        )
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, fmt: str, out_features: int, in_features: int,
@@ -83,14 +108,8 @@ def matmul(x: torch.Tensor, w: torch.Tensor, fmt: str, out_features: int, in_fea
                          f"{', '.join(WIDE_FORMATS)}")
     if in_features <= 0 or in_features % bf.block:
         raise ValueError(f"{fmt}: in_features must be a positive multiple of {bf.block}, got {in_features}")
-    if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 2 or x.shape[1] != in_features:
-        raise ValueError(f"x must be a CPU float32 tensor [M, {in_features}], got {x.dtype} {tuple(x.shape)} on {x.device}")
-    row_bytes = in_features // bf.block * bf.type_size
-    if w.dtype != torch.uint8 or not w.is_cpu or w.shape != (out_features, row_bytes):
-        raise ValueError(
-            f"{fmt} weight for {out_features}x{in_features} must be a CPU uint8 tensor [{out_features}, {row_bytes}], "
-            f"got {w.dtype} {tuple(w.shape)} on {w.device}"
-        )
+    _check_x(x, in_features)
+    _check_weight(w, fmt, out_features, in_features)
     op = _matmul_op
     if op is None:
         if _load() is None:
@@ -98,3 +117,40 @@ def matmul(x: torch.Tensor, w: torch.Tensor, fmt: str, out_features: int, in_fea
         op = _matmul_op
     return op(x if x.is_contiguous() else x.contiguous(), w if w.is_contiguous() else w.contiguous(), index,
               out_features, in_features, act_bits)
+
+
+# q4_k repacked in groups of four rows (gguf_kernels.cpp says how, at matmul_rows4): the layout's bytes per
+# four-row group and super-block, against 4 x 144 in GGUF's.
+ROWS4_FORMATS = ("q4_k",)
+ROWS4_GROUP_BYTES = 592
+
+
+def repack_rows4(w: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
+    """A ``fmt`` weight [out_features, row bytes] in GGUF's layout, repacked for ``matmul_rows4`` (1-D uint8)."""
+    if fmt not in ROWS4_FORMATS:
+        raise ValueError(f"{fmt}: rows-of-four layout only for {', '.join(ROWS4_FORMATS)}")
+    _check_weight(w, fmt, out_features, in_features)
+    if _load() is None:
+        raise RuntimeError("the GGUF CPU kernels could not be built here; check available() first")
+    return torch.ops.kiln_gguf.repack_rows4(w.contiguous(), out_features, in_features)
+
+
+def matmul_rows4(x: torch.Tensor, w4: torch.Tensor, out_features: int, in_features: int,
+                 act_bits: int = 8) -> torch.Tensor:
+    """``matmul`` over a weight ``repack_rows4`` made: x [M, K] float32 -> [M, N] float32, with int8 or int16
+    activations (``act_bits`` 8 or 16; the same rounding as ``matmul``'s)."""
+    if act_bits not in (8, 16):
+        raise ValueError(f"activations of {act_bits} bits; 8 or 16")
+    if in_features <= 0 or in_features % 256:
+        raise ValueError(f"in_features must be a positive multiple of 256, got {in_features}")
+    _check_x(x, in_features)
+    size = (out_features + 3) // 4 * (in_features // 256) * ROWS4_GROUP_BYTES
+    if w4.dtype != torch.uint8 or not w4.is_cpu or w4.shape != (size,):
+        raise ValueError(f"w4 must be repack_rows4's CPU uint8 tensor of {size} bytes for "
+                         f"{out_features}x{in_features}, got {w4.dtype} {tuple(w4.shape)} on {w4.device}")
+    op = _matmul_rows4_op
+    if op is None:
+        if _load() is None:
+            raise RuntimeError("the GGUF CPU kernels could not be built here; check available() first")
+        op = _matmul_rows4_op
+    return op(x if x.is_contiguous() else x.contiguous(), w4, out_features, in_features, act_bits)
