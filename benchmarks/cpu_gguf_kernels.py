@@ -1,7 +1,7 @@
 """The CPU GGUF kernels (kiln/ops/cpu_gguf) at SmolLM2-135M's and Llama-3.2-1B's linear shapes: time per
 call and effective weight bandwidth, beside torch's float32 F.linear and its int4 weight-only kernel; the
 formats that also take int16 activations (cpu_gguf.WIDE_FORMATS) twice, int8 ("q4_k") and int16 ("q4_k int16"),
-and q4_k also repacked in rows of four (cpu_gguf.matmul_rows4: "q4_k rows4", "q4_k rows4 int16").
+and q4_0, q4_1, q4_k also repacked in rows of four (cpu_gguf.matmul_rows4: "q4_k rows4", "q4_k rows4 int16").
 
     python benchmarks/cpu_gguf_kernels.py [--threads 2] [--rows 1 8] [--set-mb 512] [--formats q4_0 ...]
 
@@ -125,8 +125,8 @@ def candidates(shape: Shape, formats: list[str], set_mb: int) -> list[Candidate]
             weights4 = copies(w4, w4.numel(), set_mb)
             for bits in (8, 16):
 
-                def rows4(x: torch.Tensor, w: torch.Tensor, bits: int = bits) -> torch.Tensor:
-                    return cpu_gguf.matmul_rows4(x, w, n, k, bits)
+                def rows4(x: torch.Tensor, w: torch.Tensor, fmt: str = fmt, bits: int = bits) -> torch.Tensor:
+                    return cpu_gguf.matmul_rows4(x, w, fmt, n, k, bits)
 
                 out.append(Candidate(f"{fmt} rows4" + (" int16" if bits == 16 else ""), weights4, w4.numel(), rows4))
     return out

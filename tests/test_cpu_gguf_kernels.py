@@ -74,7 +74,7 @@ def check(fmt: str, x: np.ndarray, w: np.ndarray, n: int, k: int, act_bits: int 
     deq = dequantize(fmt, w, k)
     if rows4:
         w4 = cpu_gguf.repack_rows4(torch.from_numpy(w), fmt, n, k)
-        out = cpu_gguf.matmul_rows4(torch.from_numpy(x), w4, n, k, act_bits).double().numpy()
+        out = cpu_gguf.matmul_rows4(torch.from_numpy(x), w4, fmt, n, k, act_bits).double().numpy()
     else:
         out = cpu_gguf.matmul(torch.from_numpy(x), torch.from_numpy(w), fmt, n, k, act_bits).double().numpy()
     assert out.shape == (x.shape[0], n)
@@ -151,48 +151,56 @@ def test_int16_activations_match_dequantized_product(fmt: str, k: int, n: int):
         check(fmt, rng.standard_normal((m, k)).astype(np.float32), w, n, k, act_bits=16)
 
 
+@pytest.mark.parametrize("fmt", cpu_gguf.ROWS4_FORMATS)
 @pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("k", [256, 2048])
 @pytest.mark.parametrize("n", [1, 6, 64, 301])
-def test_rows_of_four_match_dequantized_product(act_bits: int, k: int, n: int):
+def test_rows_of_four_match_dequantized_product(fmt: str, act_bits: int, k: int, n: int):
     # n = 1, 6, 301: a last group of four with rows past the weight's end (zero rows the output leaves out).
-    rng = np.random.default_rng([k, n, act_bits, 4])
-    w = make_weights("q4_k", n, k, rng)
-    for m in (1, 2, 5, 9):  # one row (its own code path), partial and whole tiles of activation rows
-        check("q4_k", rng.standard_normal((m, k)).astype(np.float32), w, n, k, act_bits, rows4=True)
+    rng = np.random.default_rng([k, n, act_bits, cpu_gguf.FORMATS.index(fmt), 4])
+    w = make_weights(fmt, n, k, rng)
+    for m in (1, 2, 5, 9):  # one row (q4_k's own code path), partial and whole tiles of activation rows
+        check(fmt, rng.standard_normal((m, k)).astype(np.float32), w, n, k, act_bits, rows4=True)
 
 
-def test_rows_of_four_give_the_gguf_layout_kernels_results():
+@pytest.mark.parametrize("fmt", cpu_gguf.ROWS4_FORMATS)
+def test_rows_of_four_give_the_gguf_layout_kernels_results(fmt: str):
     """Same rounding of the activations, so the same products up to float32 summation order."""
     rng = np.random.default_rng(12)
     k, n = 1024, 37
-    w = torch.from_numpy(make_weights("q4_k", n, k, rng))
-    w4 = cpu_gguf.repack_rows4(w, "q4_k", n, k)
-    assert w4.shape == ((n + 3) // 4 * (k // 256) * cpu_gguf.ROWS4_GROUP_BYTES,)
+    w = torch.from_numpy(make_weights(fmt, n, k, rng))
+    w4 = cpu_gguf.repack_rows4(w, fmt, n, k)
+    assert w4.shape == (cpu_gguf.rows4_bytes(fmt, n, k),)
+    # GGUF's bytes, rounded up to whole groups of four rows (and q4_k's 592 bytes against 4 x 144)
+    assert w4.numel() == 40 * w.numel() // 37 * (592 if fmt == "q4_k" else 576) // 576
     x = torch.from_numpy(rng.standard_normal((6, k)).astype(np.float32))
     for bits in (8, 16):
-        want = cpu_gguf.matmul(x, w, "q4_k", n, k, bits)
-        torch.testing.assert_close(cpu_gguf.matmul_rows4(x, w4, n, k, bits), want, rtol=1e-5,
+        want = cpu_gguf.matmul(x, w, fmt, n, k, bits)
+        torch.testing.assert_close(cpu_gguf.matmul_rows4(x, w4, fmt, n, k, bits), want, rtol=1e-5,
                                    atol=1e-5 * float(want.abs().max()))
 
 
 def test_rows_of_four_bad_arguments_raise_value_error():
     w = torch.from_numpy(make_weights("q4_k", 8, 256, np.random.default_rng(0)))
     x = torch.randn(2, 256)
-    with pytest.raises(ValueError, match="only for q4_k"):
-        cpu_gguf.repack_rows4(torch.zeros(8, 20 * 8, dtype=torch.uint8), "q4_1", 8, 256)
+    with pytest.raises(ValueError, match="for q4_0, q4_1, q4_k only"):
+        cpu_gguf.repack_rows4(torch.zeros(8, 34 * 8, dtype=torch.uint8), "q8_0", 8, 256)
     with pytest.raises(ValueError, match="must be a CPU uint8 tensor"):
         cpu_gguf.repack_rows4(w, "q4_k", 9, 256)
     w4 = cpu_gguf.repack_rows4(w, "q4_k", 8, 256)
     with pytest.raises(ValueError, match="repack_rows4's CPU uint8 tensor"):
-        cpu_gguf.matmul_rows4(x, w4, 12, 256)  # a weight of another shape
+        cpu_gguf.matmul_rows4(x, w4, "q4_k", 12, 256)  # a weight of another shape
     with pytest.raises(ValueError, match="repack_rows4's CPU uint8 tensor"):
-        cpu_gguf.matmul_rows4(x, w, 8, 256)  # GGUF's layout itself
+        cpu_gguf.matmul_rows4(x, w4, "q4_1", 8, 256)  # of another format
+    with pytest.raises(ValueError, match="repack_rows4's CPU uint8 tensor"):
+        cpu_gguf.matmul_rows4(x, w, "q4_k", 8, 256)  # GGUF's layout itself
     with pytest.raises(ValueError, match="x must be"):
-        cpu_gguf.matmul_rows4(x.double(), w4, 8, 256)
+        cpu_gguf.matmul_rows4(x.double(), w4, "q4_k", 8, 256)
     with pytest.raises(ValueError, match="activations of 4 bits"):
-        cpu_gguf.matmul_rows4(x, w4, 8, 256, 4)
-    assert cpu_gguf.matmul_rows4(torch.zeros(0, 256), w4, 8, 256).shape == (0, 8)
+        cpu_gguf.matmul_rows4(x, w4, "q4_k", 8, 256, 4)
+    with pytest.raises(RuntimeError, match="no rows-of-four layout"):
+        torch.ops.kiln_gguf.matmul_rows4(x, w4, cpu_gguf.FORMATS.index("q6_k"), 8, 256, 8)
+    assert cpu_gguf.matmul_rows4(torch.zeros(0, 256), w4, "q4_k", 8, 256).shape == (0, 8)
 
 
 def test_the_kernels_take_int16_for_exactly_the_wide_formats():

@@ -18,11 +18,11 @@ timed at load like ``linear``. The reference decodes W once at load into the com
   about the int8 path's instructions per weight on a CPU without VNNI. On a CPU without AVX-512 BF16, where
   PyTorch's int4 kernel converts its bfloat16 activations in software, it is also the faster of the two
   (BENCHMARKS: an AVX2-only AMD EPYC box).
-- ``ggml_rows4_int16`` and ``ggml_rows4`` (q4_k; CPU): the weight repacked at load into groups of four rows
-  (``cpu_gguf.repack_rows4``; 592 bytes a group's super-block against GGUF's 4 x 144), which one load feeds
-  16 weights of each row, against int16 activations (split into two bytes: the int16 kernels' rounding) or int8
-  ones (opt-in as ``ggml``'s). At one activation row on an AVX2-only box 1.4-1.8x faster than ``ggml_int16``
-  (BENCHMARKS); registered before the GGUF-layout kernels, so the plan takes them where both run.
+- ``ggml_rows4_int16`` and ``ggml_rows4`` (q4_0, q4_1, q4_k; CPU): the weight repacked at load into groups of
+  four rows (``cpu_gguf.repack_rows4``; the same bytes, q4_k's 2.8% more), which one load feeds 16 weights of
+  each row, against int16 activations (split into two bytes: the int16 kernels' rounding) or int8 ones (opt-in
+  as ``ggml``'s). At one activation row on an AVX2-only box 1.3-1.8x faster than ``ggml_int16`` (BENCHMARKS);
+  registered before the GGUF-layout kernels, so the plan takes them where both run.
 - ``int4pack`` (q4_0, q4_1, q4_k; CPU): PyTorch's int4 weight-only kernel (``_weight_int4pack_mm_for_cpu``,
   AVX-512 / AVX2), over the weight repacked at load into 4-bit values with a bfloat16 scale and offset per
   32 weights (exact but for rounding the float16 block scales' products to bfloat16). Its activations
@@ -275,8 +275,8 @@ def _register_ggml_rows4(fmt: BlockFormat, act_bits: int) -> None:
         packed, out_features, in_features = weight
         lead = x.shape[:-1]
         rows = x.reshape(-1, in_features)
-        y = cpu_gguf.matmul_rows4(rows if rows.dtype == torch.float32 else rows.float(), packed, out_features,
-                                  in_features, act_bits)
+        y = cpu_gguf.matmul_rows4(rows if rows.dtype == torch.float32 else rows.float(), packed, fmt.name,
+                                  out_features, in_features, act_bits)
         y = y.reshape(*lead, out_features)
         y = y if x.dtype == torch.float32 else y.to(x.dtype)
         return y if bias is None else y + bias

@@ -5,7 +5,8 @@
 dequantizing: the activations are quantized to int8 once per call and the kernels take integer dot
 products against the weight blocks, as llama.cpp does (``gguf_kernels.cpp`` says how). Decode reads
 each weight byte once, so a 4-bit weight costs about a seventh of the memory traffic of float32.
-``repack_rows4`` and ``matmul_rows4``: q4_k repacked in groups of four rows, a layout the kernels read faster.
+``repack_rows4`` and ``matmul_rows4``: q4_0, q4_1 and q4_k repacked in groups of four rows, which the kernels
+read faster.
 
 The kernels are a C++ extension built at first use for the machine's own instruction set
 (``kiln.ops.cpp_extension``: AVX-512 VNNI, AVX-VNNI, AVX2, or plain C++ elsewhere; ``KILN_GGUF_MARCH``
@@ -52,7 +53,7 @@ def _fake_matmul(x: torch.Tensor, w: torch.Tensor, fmt: int, out_features: int, 
     return x.new_empty((x.shape[0], out_features))
 
 
-def _fake_matmul_rows4(x: torch.Tensor, w4: torch.Tensor, out_features: int, in_features: int,
+def _fake_matmul_rows4(x: torch.Tensor, w4: torch.Tensor, fmt: int, out_features: int, in_features: int,
                        act_bits: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], out_features))
 
@@ -119,38 +120,45 @@ def matmul(x: torch.Tensor, w: torch.Tensor, fmt: str, out_features: int, in_fea
               out_features, in_features, act_bits)
 
 
-# q4_k repacked in groups of four rows (gguf_kernels.cpp says how, at matmul_rows4): the layout's bytes per
-# four-row group and super-block, against 4 x 144 in GGUF's.
-ROWS4_FORMATS = ("q4_k",)
-ROWS4_GROUP_BYTES = 592
+# Weights repacked in groups of four rows (gguf_kernels.cpp says how, at matmul_rows4): each format's bytes per
+# four-row group and block (q4_0, q4_1: GGUF's 4 x 18, 4 x 20; q4_k: 592 against 4 x 144).
+ROWS4_BLOCK_BYTES = {"q4_0": 72, "q4_1": 80, "q4_k": 592}
+ROWS4_FORMATS = tuple(ROWS4_BLOCK_BYTES)
+
+
+def rows4_bytes(fmt: str, out_features: int, in_features: int) -> int:
+    return (out_features + 3) // 4 * (in_features // BLOCK_FORMATS[fmt].block) * ROWS4_BLOCK_BYTES[fmt]
 
 
 def repack_rows4(w: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
     """A ``fmt`` weight [out_features, row bytes] in GGUF's layout, repacked for ``matmul_rows4`` (1-D uint8)."""
     if fmt not in ROWS4_FORMATS:
-        raise ValueError(f"{fmt}: rows-of-four layout only for {', '.join(ROWS4_FORMATS)}")
+        raise ValueError(f"{fmt}: the rows-of-four layout is for {', '.join(ROWS4_FORMATS)} only")
     _check_weight(w, fmt, out_features, in_features)
     if _load() is None:
         raise RuntimeError("the GGUF CPU kernels could not be built here; check available() first")
-    return torch.ops.kiln_gguf.repack_rows4(w.contiguous(), out_features, in_features)
+    return torch.ops.kiln_gguf.repack_rows4(w.contiguous(), _SPECS[fmt][0], out_features, in_features)
 
 
-def matmul_rows4(x: torch.Tensor, w4: torch.Tensor, out_features: int, in_features: int,
+def matmul_rows4(x: torch.Tensor, w4: torch.Tensor, fmt: str, out_features: int, in_features: int,
                  act_bits: int = 8) -> torch.Tensor:
     """``matmul`` over a weight ``repack_rows4`` made: x [M, K] float32 -> [M, N] float32, with int8 or int16
     activations (``act_bits`` 8 or 16; the same rounding as ``matmul``'s)."""
+    if fmt not in ROWS4_FORMATS:
+        raise ValueError(f"{fmt}: the rows-of-four layout is for {', '.join(ROWS4_FORMATS)} only")
     if act_bits not in (8, 16):
         raise ValueError(f"activations of {act_bits} bits; 8 or 16")
-    if in_features <= 0 or in_features % 256:
-        raise ValueError(f"in_features must be a positive multiple of 256, got {in_features}")
+    block = BLOCK_FORMATS[fmt].block
+    if in_features <= 0 or in_features % block:
+        raise ValueError(f"{fmt}: in_features must be a positive multiple of {block}, got {in_features}")
     _check_x(x, in_features)
-    size = (out_features + 3) // 4 * (in_features // 256) * ROWS4_GROUP_BYTES
+    size = rows4_bytes(fmt, out_features, in_features)
     if w4.dtype != torch.uint8 or not w4.is_cpu or w4.shape != (size,):
-        raise ValueError(f"w4 must be repack_rows4's CPU uint8 tensor of {size} bytes for "
+        raise ValueError(f"w4 must be repack_rows4's CPU uint8 tensor of {size} bytes for {fmt} "
                          f"{out_features}x{in_features}, got {w4.dtype} {tuple(w4.shape)} on {w4.device}")
     op = _matmul_rows4_op
     if op is None:
         if _load() is None:
             raise RuntimeError("the GGUF CPU kernels could not be built here; check available() first")
         op = _matmul_rows4_op
-    return op(x if x.is_contiguous() else x.contiguous(), w4, out_features, in_features, act_bits)
+    return op(x if x.is_contiguous() else x.contiguous(), w4, _SPECS[fmt][0], out_features, in_features, act_bits)

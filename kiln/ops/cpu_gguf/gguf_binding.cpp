@@ -32,29 +32,39 @@ at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t fmt, in
   return y;
 }
 
-at::Tensor gguf_repack_rows4(const at::Tensor& w, int64_t out_features, int64_t in_features) {
-  TORCH_CHECK(in_features > 0 && in_features % 256 == 0, "kiln_gguf::repack_rows4: bad in_features");
+kiln_gguf::Format rows4_format(int64_t fmt, const char* op) {
+  TORCH_CHECK(fmt >= 0 && fmt < kiln_gguf::kFormatCount && kiln_gguf::takes_rows4(static_cast<kiln_gguf::Format>(fmt)),
+              op, ": no rows-of-four layout for format ", fmt);
+  return static_cast<kiln_gguf::Format>(fmt);
+}
+
+at::Tensor gguf_repack_rows4(const at::Tensor& w, int64_t fmt, int64_t out_features, int64_t in_features) {
+  const auto format = rows4_format(fmt, "kiln_gguf::repack_rows4");
+  const kiln_gguf::FormatInfo fi = kiln_gguf::format_info(format);
+  TORCH_CHECK(in_features > 0 && in_features % fi.block == 0, "kiln_gguf::repack_rows4: bad in_features");
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() &&
-                  w.size(0) == out_features && w.size(1) == in_features / 256 * 144,
-              "kiln_gguf::repack_rows4: w must be a contiguous uint8 [out_features, blocks * 144] q4_k tensor");
-  at::Tensor out = at::empty({kiln_gguf::rows4_bytes(out_features, in_features)}, w.options());
-  kiln_gguf::repack_rows4(w.data_ptr<uint8_t>(), out_features, in_features, out.data_ptr<uint8_t>());
+                  w.size(0) == out_features && w.size(1) == in_features / fi.block * fi.bytes,
+              "kiln_gguf::repack_rows4: w must be a contiguous uint8 [out_features, blocks * block bytes] tensor");
+  at::Tensor out = at::empty({kiln_gguf::rows4_bytes(format, out_features, in_features)}, w.options());
+  kiln_gguf::repack_rows4(format, w.data_ptr<uint8_t>(), out_features, in_features, out.data_ptr<uint8_t>());
   return out;
 }
 
-at::Tensor gguf_matmul_rows4(const at::Tensor& x, const at::Tensor& w4, int64_t out_features, int64_t in_features,
-                             int64_t act_bits) {
+at::Tensor gguf_matmul_rows4(const at::Tensor& x, const at::Tensor& w4, int64_t fmt, int64_t out_features,
+                             int64_t in_features, int64_t act_bits) {
+  const auto format = rows4_format(fmt, "kiln_gguf::matmul_rows4");
+  const kiln_gguf::FormatInfo fi = kiln_gguf::format_info(format);
   TORCH_CHECK(act_bits == 8 || act_bits == 16, "kiln_gguf::matmul_rows4: act_bits must be 8 or 16");
   TORCH_CHECK(x.device().is_cpu() && w4.device().is_cpu(), "kiln_gguf::matmul_rows4: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "kiln_gguf::matmul_rows4: x must be a contiguous 2-D float32 tensor");
-  TORCH_CHECK(in_features > 0 && in_features % 256 == 0 && x.size(1) == in_features,
+  TORCH_CHECK(in_features > 0 && in_features % fi.block == 0 && x.size(1) == in_features,
               "kiln_gguf::matmul_rows4: bad in_features");
   TORCH_CHECK(w4.dim() == 1 && w4.scalar_type() == at::kByte && w4.is_contiguous() &&
-                  w4.size(0) == kiln_gguf::rows4_bytes(out_features, in_features),
+                  w4.size(0) == kiln_gguf::rows4_bytes(format, out_features, in_features),
               "kiln_gguf::matmul_rows4: w4 must be repack_rows4's uint8 tensor for this shape");
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
-  kiln_gguf::matmul_rows4(x.data_ptr<float>(), x.size(0), in_features, w4.data_ptr<uint8_t>(), out_features,
+  kiln_gguf::matmul_rows4(format, x.data_ptr<float>(), x.size(0), in_features, w4.data_ptr<uint8_t>(), out_features,
                           static_cast<int>(act_bits), y.data_ptr<float>());
   return y;
 }
@@ -65,8 +75,8 @@ std::string gguf_isa() { return kiln_gguf::isa_name(); }
 
 TORCH_LIBRARY(kiln_gguf, m) {
   m.def("matmul(Tensor x, Tensor w, int fmt, int out_features, int in_features, int act_bits) -> Tensor");
-  m.def("repack_rows4(Tensor w, int out_features, int in_features) -> Tensor");
-  m.def("matmul_rows4(Tensor x, Tensor w4, int out_features, int in_features, int act_bits) -> Tensor");
+  m.def("repack_rows4(Tensor w, int fmt, int out_features, int in_features) -> Tensor");
+  m.def("matmul_rows4(Tensor x, Tensor w4, int fmt, int out_features, int in_features, int act_bits) -> Tensor");
   m.def("isa() -> str", &gguf_isa);
 }
 

@@ -727,48 +727,67 @@ void output_rows(Format fmt, const uint8_t* w, int64_t row_bytes, int64_t n, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// Q4_K in rows of four (matmul_rows4, over the layout repack_rows4 makes at load)
+// Weights in rows of four (matmul_rows4, over the layout repack_rows4 makes at load): q4_0, q4_1, q4_k
 //
-// In GGUF's layout a row's super-blocks follow one another, so the one-row kernel above shuffles each
-// sub-block's scale out of a register and sums a register's lanes at the end of every row. Repacked, four
-// rows share each super-block (kRows4Bytes, 592 bytes against GGUF's 4 x 144):
-//   0   fp16 d of rows 0-3          8   fp16 dmin of rows 0-3
-//   16  the eight 6-bit scales as bytes, rows 0, 1, 2, 3
-//   48  the eight 6-bit mins as bytes, rows 0, 2, 1, 3 (so a horizontal add lines them up with the sums)
-//   80  16 pieces of 32 bytes: piece 4c + k holds quant bytes 32c + 8k .. 32c + 8k + 7 of rows 0, 1, 2, 3
-// One 32-byte load is then 16 weights of each of the four rows (8 of sub-block 2c in the low nibbles, 8 of
-// 2c + 1 in the high ones) against 8 activation bytes broadcast to all four; a sub-block's four scales are
-// one shuffle per super-block; the four outputs come out of one register. With int16 activations each value
-// is split into its high byte (signed) and low byte (unsigned): two u8 x s8 multiply-adds per weight where int8
-// takes one, the same rounding as the int16 kernels, and 1.4-1.8x their speed at one activation row on an
-// AVX2-only box (BENCHMARKS). One activation row adds a sub-block's four pieces in int16 before its one
-// multiply-add by the scales; several keep a multiply-add per piece (their sums would not fit the registers).
+// In GGUF's layout a row's blocks follow one another, so the one-row kernels above apply each block's float
+// scales (or, for q4_k, shuffle each sub-block's scale out of a register) one row at a time and sum a
+// register's lanes at the end of every row. Repacked, four rows share each block:
+// - q4_k (592 bytes a super-block against GGUF's 4 x 144):
+//     0   fp16 d of rows 0-3          8   fp16 dmin of rows 0-3
+//     16  the eight 6-bit scales as bytes, rows 0, 1, 2, 3
+//     48  the eight 6-bit mins as bytes, rows 0, 2, 1, 3 (so a horizontal add lines them up with the sums)
+//     80  16 pieces of 32 bytes: piece 4c + k holds quant bytes 32c + 8k .. 32c + 8k + 7 of rows 0, 1, 2, 3
+// - q4_0 / q4_1 (72 / 80 bytes a block, GGUF's 4 x 18 / 4 x 20): fp16 d of rows 0-3, q4_1's fp16 m of rows 0-3,
+//   then 2 pieces of 32 bytes: piece p holds quant bytes 8p .. 8p + 7 of rows 0, 1, 2, 3.
+// One 32-byte load is then 16 weights of each of the four rows (8 in the low nibbles, 8 in the high ones)
+// against 8 activation bytes broadcast to all four; the pieces that share a scale add their int16 pair sums
+// before one multiply-add by it; the float scales of four rows apply in one instruction, and the four outputs
+// come out of one register. With int16 activations each value is split into its high byte (signed) and low
+// byte (read unsigned, the weights then the signed operand): two u8 x s8 multiply-adds per weight where int8
+// takes one, the same rounding as the int16 kernels, and for q4_k 1.4-1.8x their speed at one activation
+// row on an AVX2-only box (BENCHMARKS). With several activation rows q4_k keeps a multiply-add per piece
+// (the int16 sums of every row would not fit the registers).
 
-constexpr int64_t kRows4Bytes = 592;
-constexpr int64_t kRows4Quants = 80;
-constexpr int64_t kRows4Ahead = 4736;  // 8 super-blocks ahead
+constexpr int64_t kRows4Ahead = 4736;  // how far ahead of the block in hand the group's stream is prefetched
 
-// Activations for matmul_rows4: per 256-value group, int8 values (or the low and high bytes of int16 ones),
-// each 32 values' sum of each part, and the group's float scale.
+// The repacked block of a format: its bytes and where its quants start.
+struct Rows4Layout {
+  int64_t bytes;
+  int64_t quants;
+};
+
+constexpr Rows4Layout rows4_layout(Format fmt) {
+  return fmt == Format::Q4_K ? Rows4Layout{592, 80} : fmt == Format::Q4_1 ? Rows4Layout{80, 16} : Rows4Layout{72, 8};
+}
+
+// Activations for matmul_rows4: per group of the format's block (32 or 256 values), int8 values (or the low and
+// high bytes of int16 ones), the group's float scale, and each 32 values' sums: for q4_k each part's integer
+// sum, for the 32-weight formats d times the value's sum.
 struct Rows4Acts {
   int64_t M = 0;
-  bool wide = false;
-  std::unique_ptr<int8_t[]> lo;  // [group][M][256]: int8 values, or int16 values' low bytes (read unsigned)
-  std::unique_ptr<int8_t[]> hi;  // [group][M][256]: int16 values' high bytes (wide only)
-  std::unique_ptr<int16_t[]> lo_sums, hi_sums;  // [group][M][8]: sums over each 32 (at most 32 x 255)
+  std::unique_ptr<int8_t[]> lo;  // [group][M][block]: int8 values, or int16 values' low bytes (read unsigned)
+  std::unique_ptr<int8_t[]> hi;  // [group][M][block]: int16 values' high bytes (wide only)
+  std::unique_ptr<int16_t[]> lo_sums, hi_sums;  // [group][M][8] (q4_k): sums over each 32, at most 32 x 255
+  std::unique_ptr<float[]> s;  // [group][M] (q4_0, q4_1): d * the sum of the group's values
   std::unique_ptr<float[]> d;  // [group][M]
 };
 
-Rows4Acts quantize_rows4(const float* x, int64_t M, int64_t K, bool wide) {
+// q4_k's repacked super-block.
+constexpr int64_t kRows4Bytes = rows4_layout(Format::Q4_K).bytes;
+constexpr int64_t kRows4Quants = rows4_layout(Format::Q4_K).quants;
+
+Rows4Acts quantize_rows4(const float* x, int64_t M, int64_t K, int64_t block, bool wide) {
   Rows4Acts a;
   a.M = M;
-  a.wide = wide;
-  const int64_t groups = K / 256;
+  const int64_t groups = K / block;
+  const bool k_quant = block == 256;
   a.lo.reset(new int8_t[M * K]);
-  a.lo_sums.reset(new int16_t[M * groups * 8]);
-  if (wide) {
-    a.hi.reset(new int8_t[M * K]);
-    a.hi_sums.reset(new int16_t[M * groups * 8]);
+  if (wide) a.hi.reset(new int8_t[M * K]);
+  if (k_quant) {
+    a.lo_sums.reset(new int16_t[M * groups * 8]);
+    if (wide) a.hi_sums.reset(new int16_t[M * groups * 8]);
+  } else {
+    a.s.reset(new float[M * groups]);
   }
   a.d.reset(new float[M * groups]);
   at::parallel_for(0, M, std::max<int64_t>(1, kMinTaskWork / K), [&](int64_t m0, int64_t m1) {
@@ -776,17 +795,23 @@ Rows4Acts quantize_rows4(const float* x, int64_t M, int64_t K, bool wide) {
     float s[8];
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t g = 0; g < groups; ++g) {
-        const int64_t at = (g * M + m) * 256;
+        const int64_t at = (g * M + m) * block;
+        const float* xg = x + m * K + g * block;
+        float* d = a.d.get() + g * M + m;
         int8_t* lo = a.lo.get() + at;
         if (wide) {
-          quantize_group_plain<int16_t, 32767>(x + m * K + g * 256, 256, 32, q16, a.d.get() + g * M + m, s);
+          quantize_group_plain<int16_t, 32767>(xg, block, block, q16, d, s);
           int8_t* hi = a.hi.get() + at;
-          for (int i = 0; i < 256; ++i) {
+          for (int64_t i = 0; i < block; ++i) {
             hi[i] = int8_t(q16[i] >> 8);
             lo[i] = int8_t(uint8_t(q16[i] & 0xff));
           }
         } else {
-          quantize_group(x + m * K + g * 256, 256, 32, lo, a.d.get() + g * M + m, s);
+          quantize_group(xg, block, 32, lo, d, s);
+        }
+        if (!k_quant) {
+          a.s[g * M + m] = s[0];  // the quantizer's d * sum of the group's (one sum group's) values
+          continue;
         }
         for (int j = 0; j < 8; ++j) {
           int lo_sum = 0, hi_sum = 0;
@@ -816,6 +841,19 @@ inline __m256i bcast8(const int8_t* p) {
   int64_t v;
   std::memcpy(&v, p, 8);
   return _mm256_set1_epi64x(v);
+}
+
+// The four rows' outputs from sums laid out [r0 r0 r1 r1 | r2 r2 r3 r3], for each activation row.
+template <int MT>
+inline void rows4_store(const __m256* acc, float* out, int64_t ldo) {
+  for (int r = 0; r < MT; ++r) {
+    const __m256 pairs = _mm256_hadd_ps(acc[r], acc[r]);  // [r0 r1 r0 r1 | r2 r3 r2 r3]
+    const __m128 lo = _mm256_castps256_ps128(pairs), hi = _mm256_extractf128_ps(pairs, 1);
+    out[r * ldo + 0] = _mm_cvtss_f32(lo);
+    out[r * ldo + 1] = _mm_cvtss_f32(_mm_movehdup_ps(lo));
+    out[r * ldo + 2] = _mm_cvtss_f32(hi);
+    out[r * ldo + 3] = _mm_cvtss_f32(_mm_movehdup_ps(hi));
+  }
 }
 
 // Output rows of one four-row group for activation rows m0 .. m0 + MT - 1: out[r * ldo + i].
@@ -910,14 +948,60 @@ void rows4_q4_k(const uint8_t* w, int64_t nsb, const Rows4Acts& a, int64_t m0, f
       acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dm, xd), acc[r]);
     }
   }
-  for (int r = 0; r < MT; ++r) {
-    const __m256 pairs = _mm256_hadd_ps(acc[r], acc[r]);  // [r0 r1 r0 r1 | r2 r3 r2 r3]
-    const __m128 lo = _mm256_castps256_ps128(pairs), hi = _mm256_extractf128_ps(pairs, 1);
-    out[r * ldo + 0] = _mm_cvtss_f32(lo);
-    out[r * ldo + 1] = _mm_cvtss_f32(_mm_movehdup_ps(lo));
-    out[r * ldo + 2] = _mm_cvtss_f32(hi);
-    out[r * ldo + 3] = _mm_cvtss_f32(_mm_movehdup_ps(hi));
+  rows4_store<MT>(acc, out, ldo);
+}
+
+
+// q4_0 (kOne false) and q4_1 over their repacked blocks: the four pieces of a block share its scales, so their
+// int16 pair sums add up before one multiply-add (by ones: the scale is a float). The offsets (q4_0's -8 d,
+// q4_1's m) times the activations' d * sum go in the lane of each row's first half.
+template <bool kOne, bool kWide, int MT>
+void rows4_q32(const uint8_t* w, int64_t nblocks, const Rows4Acts& a, int64_t m0, float* out, int64_t ldo) {
+  constexpr Rows4Layout kL = rows4_layout(kOne ? Format::Q4_1 : Format::Q4_0);
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MT];
+  for (int r = 0; r < MT; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const uint8_t* blk = w + b * kL.bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(blk + kRows4Ahead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(blk + kRows4Ahead + 64), _MM_HINT_T0);
+    // Piece p: bytes 8p .. 8p + 7 of each row, weights 8p .. 8p + 7 (low nibbles) and 16 + 8p .. (high).
+    const __m256i q0 = load256(blk + kL.quants), q1 = load256(blk + kL.quants + 32);
+    const __m256i w0 = _mm256_and_si256(q0, low4), w2 = _mm256_and_si256(_mm256_srli_epi16(q0, 4), low4);
+    const __m256i w1 = _mm256_and_si256(q1, low4), w3 = _mm256_and_si256(_mm256_srli_epi16(q1, 4), low4);
+    const __m128 d4 = fp16x4_at(blk);
+    const __m256 dd = _mm256_set_m128(_mm_unpackhi_ps(d4, d4), _mm_unpacklo_ps(d4, d4));
+    const __m128 o4 = kOne ? fp16x4_at(blk + 8) : _mm_mul_ps(d4, _mm_set1_ps(-8.0f));
+    const __m256 off = _mm256_set_m128(_mm_unpackhi_ps(o4, _mm_setzero_ps()), _mm_unpacklo_ps(o4, _mm_setzero_ps()));
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; ++r) {
+      const int64_t row = b * a.M + m0 + r;
+      const int8_t* xp = a.lo.get() + row * 32;
+      __m256i isum;
+      if constexpr (kWide) {
+        const int8_t* hp = a.hi.get() + row * 32;
+        __m256i p = _mm256_maddubs_epi16(bcast8(xp), w0);
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(bcast8(xp + 8), w1));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(bcast8(xp + 16), w2));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(bcast8(xp + 24), w3));
+        __m256i h = _mm256_maddubs_epi16(w0, bcast8(hp));
+        h = _mm256_add_epi16(h, _mm256_maddubs_epi16(w1, bcast8(hp + 8)));
+        h = _mm256_add_epi16(h, _mm256_maddubs_epi16(w2, bcast8(hp + 16)));
+        h = _mm256_add_epi16(h, _mm256_maddubs_epi16(w3, bcast8(hp + 24)));
+        isum = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(h, ones), 8), _mm256_madd_epi16(p, ones));
+      } else {
+        __m256i p = _mm256_maddubs_epi16(w0, bcast8(xp));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w1, bcast8(xp + 8)));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w2, bcast8(xp + 16)));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w3, bcast8(xp + 24)));
+        isum = _mm256_madd_epi16(p, ones);
+      }
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dd, _mm256_set1_ps(a.d[row])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(off, _mm256_set1_ps(a.s[row]), acc[r]);
+    }
   }
+  rows4_store<MT>(acc, out, ldo);
 }
 
 #else  // no AVX2: the same sums in plain C++
@@ -953,14 +1037,44 @@ void rows4_q4_k(const uint8_t* w, int64_t nsb, const Rows4Acts& a, int64_t m0, f
     }
 }
 
+
+template <bool kOne, bool kWide, int MT>
+void rows4_q32(const uint8_t* w, int64_t nblocks, const Rows4Acts& a, int64_t m0, float* out, int64_t ldo) {
+  constexpr Rows4Layout kL = rows4_layout(kOne ? Format::Q4_1 : Format::Q4_0);
+  for (int r = 0; r < MT; ++r)
+    for (int i = 0; i < 4; ++i) {
+      float total = 0.0f;
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const uint8_t* blk = w + b * kL.bytes;
+        const int64_t row = b * a.M + m0 + r;
+        int64_t isum = 0;
+        for (int j = 0; j < 16; ++j) {  // quant byte j: weights j and j + 16
+          const uint8_t byte = blk[kL.quants + 32 * (j / 8) + 8 * i + j % 8];
+          for (int e = j, h = 0; h < 2; e += 16, ++h) {
+            const int64_t v = kWide ? 256 * int64_t(a.hi[row * 32 + e]) + int64_t(uint8_t(a.lo[row * 32 + e]))
+                                    : a.lo[row * 32 + e];
+            isum += int64_t((h ? byte >> 4 : byte) & 0x0f) * v;
+          }
+        }
+        const float d = fp16_to_f32(blk + 2 * i);
+        const float offset = kOne ? fp16_to_f32(blk + 8 + 2 * i) : -8.0f * d;
+        total += d * a.d[row] * float(isum) + offset * a.s[row];
+      }
+      out[r * ldo + i] = total;
+    }
+}
+
 #endif
 
 template <bool kWide, int MT = 1>
-void rows4_tile(int mt, const uint8_t* w, int64_t nsb, const Rows4Acts& a, int64_t m0, float* out, int64_t ldo) {
+void rows4_tile(Format fmt, int mt, const uint8_t* w, int64_t nblocks, const Rows4Acts& a, int64_t m0, float* out,
+                int64_t ldo) {
   if constexpr (MT < kRowTile) {
-    if (mt != MT) return rows4_tile<kWide, MT + 1>(mt, w, nsb, a, m0, out, ldo);
+    if (mt != MT) return rows4_tile<kWide, MT + 1>(fmt, mt, w, nblocks, a, m0, out, ldo);
   }
-  rows4_q4_k<kWide, MT>(w, nsb, a, m0, out, ldo);
+  if (fmt == Format::Q4_K) return rows4_q4_k<kWide, MT>(w, nblocks, a, m0, out, ldo);
+  if (fmt == Format::Q4_1) return rows4_q32<true, kWide, MT>(w, nblocks, a, m0, out, ldo);
+  rows4_q32<false, kWide, MT>(w, nblocks, a, m0, out, ldo);
 }
 
 }  // namespace
@@ -998,54 +1112,69 @@ void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, F
     run(Lanes(), std::false_type());
 }
 
-int64_t rows4_bytes(int64_t N, int64_t K) { return (N + 3) / 4 * (K / 256) * kRows4Bytes; }
+bool takes_rows4(Format fmt) { return fmt == Format::Q4_0 || fmt == Format::Q4_1 || fmt == Format::Q4_K; }
 
-void repack_rows4(const uint8_t* w, int64_t N, int64_t K, uint8_t* out) {
-  const int64_t nsb = K / 256;
-  const int64_t row_bytes = nsb * 144;
+int64_t rows4_bytes(Format fmt, int64_t N, int64_t K) {
+  return (N + 3) / 4 * (K / format_info(fmt).block) * rows4_layout(fmt).bytes;
+}
+
+void repack_rows4(Format fmt, const uint8_t* w, int64_t N, int64_t K, uint8_t* out) {
+  const FormatInfo fi = format_info(fmt);
+  const Rows4Layout layout = rows4_layout(fmt);
+  const int64_t nblocks = K / fi.block;
+  const int64_t row_bytes = nblocks * fi.bytes;
   at::parallel_for(0, (N + 3) / 4, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-      uint8_t* o = out + g * nsb * kRows4Bytes;
-      std::memset(o, 0, nsb * kRows4Bytes);  // rows past N stay zero: d = 0, so their outputs are 0
+      uint8_t* o = out + g * nblocks * layout.bytes;
+      std::memset(o, 0, nblocks * layout.bytes);  // rows past N stay zero: d = 0, so their outputs are 0
       for (int i = 0; i < 4 && 4 * g + i < N; ++i) {
         static constexpr int kMinSlot[4] = {0, 2, 1, 3};
         const uint8_t* row = w + (4 * g + i) * row_bytes;
-        for (int64_t sb = 0; sb < nsb; ++sb) {
-          const uint8_t* b = row + sb * 144;
-          uint8_t* ob = o + sb * kRows4Bytes;
-          std::memcpy(ob + 2 * i, b, 2);
-          std::memcpy(ob + 8 + 2 * i, b + 2, 2);
-          const KScales ks = unpack_k_scales(b + 4);
-          std::memcpy(ob + 16 + 8 * i, &ks.sc, 8);
-          std::memcpy(ob + 48 + 8 * kMinSlot[i], &ks.mn, 8);
-          for (int c = 0; c < 4; ++c)
-            for (int k = 0; k < 4; ++k)
-              std::memcpy(ob + kRows4Quants + 128 * c + 32 * k + 8 * i, b + 16 + 32 * c + 8 * k, 8);
+        for (int64_t b = 0; b < nblocks; ++b) {
+          const uint8_t* src = row + b * fi.bytes;
+          uint8_t* ob = o + b * layout.bytes;
+          std::memcpy(ob + 2 * i, src, 2);  // d
+          if (fmt == Format::Q4_K) {
+            std::memcpy(ob + 8 + 2 * i, src + 2, 2);  // dmin
+            const KScales ks = unpack_k_scales(src + 4);
+            std::memcpy(ob + 16 + 8 * i, &ks.sc, 8);
+            std::memcpy(ob + 48 + 8 * kMinSlot[i], &ks.mn, 8);
+            for (int c = 0; c < 4; ++c)
+              for (int k = 0; k < 4; ++k)
+                std::memcpy(ob + layout.quants + 128 * c + 32 * k + 8 * i, src + 16 + 32 * c + 8 * k, 8);
+          } else {
+            const int64_t qs = fmt == Format::Q4_1 ? 4 : 2;
+            if (fmt == Format::Q4_1) std::memcpy(ob + 8 + 2 * i, src + 2, 2);  // m
+            for (int p = 0; p < 2; ++p) std::memcpy(ob + layout.quants + 32 * p + 8 * i, src + qs + 8 * p, 8);
+          }
         }
       }
     }
   });
 }
 
-void matmul_rows4(const float* x, int64_t M, int64_t K, const uint8_t* w4, int64_t N, int act_bits, float* y) {
+void matmul_rows4(Format fmt, const float* x, int64_t M, int64_t K, const uint8_t* w4, int64_t N, int act_bits,
+                  float* y) {
   if (M == 0 || N == 0) return;
-  const int64_t nsb = K / 256;
+  const int64_t block = format_info(fmt).block;
+  const int64_t nblocks = K / block;
+  const int64_t group_bytes = nblocks * rows4_layout(fmt).bytes;
   const bool wide = act_bits == 16;
-  const Rows4Acts a = quantize_rows4(x, M, K, wide);
+  const Rows4Acts a = quantize_rows4(x, M, K, block, wide);
   const int64_t groups = (N + 3) / 4;
   const int64_t grain = std::max<int64_t>(1, kMinTaskWork / (4 * K * M) + 1);
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-      const uint8_t* w = w4 + g * nsb * kRows4Bytes;
+      const uint8_t* w = w4 + g * group_bytes;
       const int64_t n = 4 * g;
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
         const int mt = int(std::min<int64_t>(kRowTile, M - m0));
         const auto tile = wide ? rows4_tile<true> : rows4_tile<false>;
         if (n + 4 <= N) {
-          tile(mt, w, nsb, a, m0, y + m0 * N + n, N);
+          tile(fmt, mt, w, nblocks, a, m0, y + m0 * N + n, N);
         } else {  // the last group's rows past N: into scratch, the real ones copied out
           float part[kRowTile * 4];
-          tile(mt, w, nsb, a, m0, part, 4);
+          tile(fmt, mt, w, nblocks, a, m0, part, 4);
           for (int r = 0; r < mt; ++r)
             for (int64_t i = 0; n + i < N; ++i) y[(m0 + r) * N + n + i] = part[r * 4 + i];
         }
@@ -1053,5 +1182,4 @@ void matmul_rows4(const float* x, int64_t M, int64_t K, const uint8_t* w4, int64
     }
   });
 }
-
 }  // namespace kiln_gguf

@@ -26,12 +26,15 @@ void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, F
 // Whether matmul takes act_bits for fmt: 8 for every format, 16 for q4_0, q4_1, q8_0 and q4_k.
 bool takes_act_bits(Format fmt, int act_bits);
 
-// Q4_K repacked in groups of four rows (the layout gguf_kernels.cpp describes at matmul_rows4): rows4_bytes is
-// its size for N rows of K weights (rows padded to a multiple of 4), repack_rows4 writes it from GGUF's rows, and
-// matmul_rows4 is matmul over it, with int8 or int16 activations (act_bits 8 or 16).
-int64_t rows4_bytes(int64_t N, int64_t K);
-void repack_rows4(const uint8_t* w, int64_t N, int64_t K, uint8_t* out);
-void matmul_rows4(const float* x, int64_t M, int64_t K, const uint8_t* w4, int64_t N, int act_bits, float* y);
+// Weights repacked in groups of four rows (the layout gguf_kernels.cpp describes at matmul_rows4), for the
+// formats takes_rows4 names (q4_0, q4_1, q4_k): rows4_bytes is its size for N rows of K weights (rows padded to
+// a multiple of 4), repack_rows4 writes it from GGUF's rows, and matmul_rows4 is matmul over it, with int8 or
+// int16 activations (act_bits 8 or 16).
+bool takes_rows4(Format fmt);
+int64_t rows4_bytes(Format fmt, int64_t N, int64_t K);
+void repack_rows4(Format fmt, const uint8_t* w, int64_t N, int64_t K, uint8_t* out);
+void matmul_rows4(Format fmt, const float* x, int64_t M, int64_t K, const uint8_t* w4, int64_t N, int act_bits,
+                  float* y);
 
 // Which SIMD path this build took ("avx512-vnni", "avx-vnni", "avx2" or "scalar").
 const char* isa_name();
