@@ -21,7 +21,7 @@ timed at load like ``linear``. The reference decodes W once at load into the com
 - ``ggml_rows4_int16`` and ``ggml_rows4`` (q4_0, q4_1, q4_k; CPU): the weight repacked at load into groups of
   four rows (``cpu_gguf.repack_rows4``; the same bytes, q4_k's 2.8% more), which one load feeds 16 weights of
   each row, against int16 activations (split into two bytes: the int16 kernels' rounding) or int8 ones (opt-in
-  as ``ggml``'s). At one activation row on an AVX2-only box 1.3-1.8x faster than ``ggml_int16`` (BENCHMARKS);
+  as ``ggml``'s). At one activation row on an AVX2-only box 1.1-1.9x faster than ``ggml_int16`` (BENCHMARKS);
   registered before the GGUF-layout kernels, so the plan takes them where both run.
 - ``int4pack`` (q4_0, q4_1, q4_k; CPU): PyTorch's int4 weight-only kernel (``_weight_int4pack_mm_for_cpu``,
   AVX-512 / AVX2), over the weight repacked at load into 4-bit values with a bfloat16 scale and offset per

@@ -744,9 +744,9 @@ void output_rows(Format fmt, const uint8_t* w, int64_t row_bytes, int64_t n, int
 // before one multiply-add by it; the float scales of four rows apply in one instruction, and the four outputs
 // come out of one register. With int16 activations each value is split into its high byte (signed) and low
 // byte (read unsigned, the weights then the signed operand): two u8 x s8 multiply-adds per weight where int8
-// takes one, the same rounding as the int16 kernels, and for q4_k 1.4-1.8x their speed at one activation
-// row on an AVX2-only box (BENCHMARKS). With several activation rows q4_k keeps a multiply-add per piece
-// (the int16 sums of every row would not fit the registers).
+// takes one, the same rounding as the int16 kernels, and at one activation row 1.1-1.9x their speed for q4_k
+// and 1.1-1.7x for q4_1 on an AVX2-only box (BENCHMARKS). With several activation rows q4_k keeps
+// a multiply-add per piece (the int16 sums of every row would not fit the registers).
 
 constexpr int64_t kRows4Ahead = 4736;  // how far ahead of the block in hand the group's stream is prefetched
 
