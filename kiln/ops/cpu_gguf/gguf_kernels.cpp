@@ -772,9 +772,14 @@ struct Rows4Acts {
   std::unique_ptr<float[]> d;  // [group][M]
 };
 
-// q4_k's repacked super-block.
+// q4_k's repacked super-block, and where its fields sit (the layout above): the second fp16 per row (q4_k's dmin,
+// also q4_1's m), the scales, the mins, and each row's slot among the mins.
 constexpr int64_t kRows4Bytes = rows4_layout(Format::Q4_K).bytes;
 constexpr int64_t kRows4Quants = rows4_layout(Format::Q4_K).quants;
+constexpr int64_t kRows4Offsets = 8;
+constexpr int64_t kRows4Scales = 16;
+constexpr int64_t kRows4Mins = 48;
+constexpr int kRows4MinSlot[4] = {0, 2, 1, 3};
 
 Rows4Acts quantize_rows4(const float* x, int64_t M, int64_t K, int64_t block, bool wide) {
   Rows4Acts a;
@@ -866,7 +871,7 @@ void rows4_q4_k(const uint8_t* w, int64_t nsb, const Rows4Acts& a, int64_t m0, f
     const uint8_t* blk = w + sb * kRows4Bytes;
     for (int64_t o = 0; o < kRows4Bytes; o += 64)
       _mm_prefetch(reinterpret_cast<const char*>(blk + kRows4Ahead + o), _MM_HINT_T0);
-    const __m256i sc = load256(blk + 16);
+    const __m256i sc = load256(blk + kRows4Scales);
     const int8_t* xl = a.lo.get() + (sb * a.M + m0) * 256;
     const int8_t* xh = kWide ? a.hi.get() + (sb * a.M + m0) * 256 : nullptr;
     __m256i ilo[MT], ihi[MT];
@@ -925,11 +930,11 @@ void rows4_q4_k(const uint8_t* w, int64_t nsb, const Rows4Acts& a, int64_t m0, f
     }
     // d and dmin of the four rows as [r0 r0 r1 r1 | r2 r2 r3 r3], the sums' lanes.
     const __m128 d4 = fp16x4_at(blk);
-    const __m128 m4 = fp16x4_at(blk + 8);
+    const __m128 m4 = fp16x4_at(blk + kRows4Offsets);
     const __m256 dd = _mm256_set_m128(_mm_unpackhi_ps(d4, d4), _mm_unpacklo_ps(d4, d4));
     const __m256 dm = _mm256_set_m128(_mm_unpackhi_ps(m4, m4), _mm_unpacklo_ps(m4, m4));
-    const __m256i mn02 = _mm256_cvtepu8_epi16(load128(blk + 48));
-    const __m256i mn13 = _mm256_cvtepu8_epi16(load128(blk + 64));
+    const __m256i mn02 = _mm256_cvtepu8_epi16(load128(blk + kRows4Mins));
+    const __m256i mn13 = _mm256_cvtepu8_epi16(load128(blk + kRows4Mins + 16));
 #pragma GCC unroll 8
     for (int r = 0; r < MT; ++r) {
       // Each row's mins against the activations' sums per 32: int32, below 2^29 for int16 activations.
@@ -972,7 +977,7 @@ void rows4_q32(const uint8_t* w, int64_t nblocks, const Rows4Acts& a, int64_t m0
     const __m256i w1 = _mm256_and_si256(q1, low4), w3 = _mm256_and_si256(_mm256_srli_epi16(q1, 4), low4);
     const __m128 d4 = fp16x4_at(blk);
     const __m256 dd = _mm256_set_m128(_mm_unpackhi_ps(d4, d4), _mm_unpacklo_ps(d4, d4));
-    const __m128 o4 = kOne ? fp16x4_at(blk + 8) : _mm_mul_ps(d4, _mm_set1_ps(-8.0f));
+    const __m128 o4 = kOne ? fp16x4_at(blk + kRows4Offsets) : _mm_mul_ps(d4, _mm_set1_ps(-8.0f));
     const __m256 off = _mm256_set_m128(_mm_unpackhi_ps(o4, _mm_setzero_ps()), _mm_unpacklo_ps(o4, _mm_setzero_ps()));
 #pragma GCC unroll 8
     for (int r = 0; r < MT; ++r) {
@@ -1008,7 +1013,6 @@ void rows4_q32(const uint8_t* w, int64_t nblocks, const Rows4Acts& a, int64_t m0
 
 template <bool kWide, int MT>
 void rows4_q4_k(const uint8_t* w, int64_t nsb, const Rows4Acts& a, int64_t m0, float* out, int64_t ldo) {
-  static constexpr int kMinSlot[4] = {0, 2, 1, 3};
   for (int r = 0; r < MT; ++r)
     for (int i = 0; i < 4; ++i) {
       float total = 0.0f;
@@ -1027,11 +1031,11 @@ void rows4_q4_k(const uint8_t* w, int64_t nsb, const Rows4Acts& a, int64_t m0, f
             part += q * v;
             xsum += v;
           }
-          isum += int64_t(blk[16 + 8 * i + j]) * part;
-          msum += int64_t(blk[48 + 8 * kMinSlot[i] + j]) * xsum;
+          isum += int64_t(blk[kRows4Scales + 8 * i + j]) * part;
+          msum += int64_t(blk[kRows4Mins + 8 * kRows4MinSlot[i] + j]) * xsum;
         }
         const float xd = a.d[sb * a.M + m0 + r];
-        total += xd * (fp16_to_f32(blk + 2 * i) * float(isum) - fp16_to_f32(blk + 8 + 2 * i) * float(msum));
+        total += xd * (fp16_to_f32(blk + 2 * i) * float(isum) - fp16_to_f32(blk + kRows4Offsets + 2 * i) * float(msum));
       }
       out[r * ldo + i] = total;
     }
@@ -1057,7 +1061,7 @@ void rows4_q32(const uint8_t* w, int64_t nblocks, const Rows4Acts& a, int64_t m0
           }
         }
         const float d = fp16_to_f32(blk + 2 * i);
-        const float offset = kOne ? fp16_to_f32(blk + 8 + 2 * i) : -8.0f * d;
+        const float offset = kOne ? fp16_to_f32(blk + kRows4Offsets + 2 * i) : -8.0f * d;
         total += d * a.d[row] * float(isum) + offset * a.s[row];
       }
       out[r * ldo + i] = total;
@@ -1128,23 +1132,22 @@ void repack_rows4(Format fmt, const uint8_t* w, int64_t N, int64_t K, uint8_t* o
       uint8_t* o = out + g * nblocks * layout.bytes;
       std::memset(o, 0, nblocks * layout.bytes);  // rows past N stay zero: d = 0, so their outputs are 0
       for (int i = 0; i < 4 && 4 * g + i < N; ++i) {
-        static constexpr int kMinSlot[4] = {0, 2, 1, 3};
         const uint8_t* row = w + (4 * g + i) * row_bytes;
         for (int64_t b = 0; b < nblocks; ++b) {
           const uint8_t* src = row + b * fi.bytes;
           uint8_t* ob = o + b * layout.bytes;
           std::memcpy(ob + 2 * i, src, 2);  // d
           if (fmt == Format::Q4_K) {
-            std::memcpy(ob + 8 + 2 * i, src + 2, 2);  // dmin
+            std::memcpy(ob + kRows4Offsets + 2 * i, src + 2, 2);  // dmin
             const KScales ks = unpack_k_scales(src + 4);
-            std::memcpy(ob + 16 + 8 * i, &ks.sc, 8);
-            std::memcpy(ob + 48 + 8 * kMinSlot[i], &ks.mn, 8);
+            std::memcpy(ob + kRows4Scales + 8 * i, &ks.sc, 8);
+            std::memcpy(ob + kRows4Mins + 8 * kRows4MinSlot[i], &ks.mn, 8);
             for (int c = 0; c < 4; ++c)
               for (int k = 0; k < 4; ++k)
                 std::memcpy(ob + layout.quants + 128 * c + 32 * k + 8 * i, src + 16 + 32 * c + 8 * k, 8);
           } else {
             const int64_t qs = fmt == Format::Q4_1 ? 4 : 2;
-            if (fmt == Format::Q4_1) std::memcpy(ob + 8 + 2 * i, src + 2, 2);  // m
+            if (fmt == Format::Q4_1) std::memcpy(ob + kRows4Offsets + 2 * i, src + 2, 2);  // m
             for (int p = 0; p < 2; ++p) std::memcpy(ob + layout.quants + 32 * p + 8 * i, src + qs + 8 * p, 8);
           }
         }
