@@ -140,13 +140,16 @@ for rows, n, k in [(1, 203, 100), (4, 64, 576), (7, 9, 48), (16, 130, 33)]:
 # The attention's 16-float vector types (two AVX registers, four SSE ones) at both unrolled head sizes, SwiGLU's exp.
 from kiln.ops import reference
 from kiln.ops.attention_metadata import AttentionMetadata
+# Two sequences (a task per token and KV head), then one (a task per query row: the four-key passes and tails).
 for dim, heads in [(64, 8), (128, 6)]:
     kc, vc = (torch.randn(6, 16, 2, dim, generator=g) for _ in range(2))
-    meta = AttentionMetadata(slot_mapping=torch.zeros(2, dtype=torch.long), block_tables=torch.tensor([[3, 1], [5, 0]]),
-                             query_start_loc=[0, 1, 2], seq_lens=[29, 7], block_size=16)
-    q = torch.randn(2, heads, dim, generator=g)
-    torch.testing.assert_close(cpu_layer_ops.cpu_paged_attention(q, kc, vc, meta, 0.1),
-                               reference.paged_attention(q, kc, vc, meta, 0.1), rtol=1e-5, atol=1e-5)
+    for starts, lens, tables in [([0, 1, 2], [29, 7], [[3, 1], [5, 0]]), ([0, 1], [30], [[4, 2]])]:
+        meta = AttentionMetadata(slot_mapping=torch.zeros(len(lens), dtype=torch.long),
+                                 block_tables=torch.tensor(tables), query_start_loc=starts, seq_lens=lens,
+                                 block_size=16)
+        q = torch.randn(len(lens), heads, dim, generator=g)
+        torch.testing.assert_close(cpu_layer_ops.cpu_paged_attention(q, kc, vc, meta, 0.1),
+                                   reference.paged_attention(q, kc, vc, meta, 0.1), rtol=1e-5, atol=1e-5)
 x = torch.randn(3, 2 * 300, generator=g) * 10
 torch.testing.assert_close(cpu_layer_ops.cpu_silu_and_mul(x), reference.silu_and_mul(x), rtol=2e-6, atol=1e-6)
 print("ok")
@@ -252,6 +255,32 @@ def test_cpu_attention_kernel_over_head_sizes_and_groups(dim, cache, monkeypatch
             want = dense_attention(q, kv, meta, 0.05, window)  # values up to 127 from the int8 cache
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * max(1.0, float(want.abs().max())),
                                        msg=lambda m: f"group {group}, window {window}: {m}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_attention_kernel_splits_a_lone_decode_tokens_heads(threads):
+    """A step with fewer (token, KV head) pairs than four a thread runs each pair's query rows as separate
+    tasks (one row a task with AVX2): one decode token, every group size, head sizes 64 and 128 (the held rows)
+    and 40 (the plain loops), lengths whose runs leave 1-3 keys past the four-key passes, and a window."""
+    from kiln.ops import cpu_layer_ops as cpu
+
+    if not cpu.available():
+        pytest.skip("the CPU kernels could not be built here")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dim in (64, 128, 40):
+            for group in range(1, 9):
+                for length in (1, 7, 29, 66):
+                    q, kc, vc, meta, kv = random_paged_batch([length], [1], heads=2 * group, heads_kv=2, dim=dim,
+                                                             block=16, num_blocks=8, seed=group + length)
+                    for window in (None, 10):
+                        got = cpu.cpu_paged_attention(q, kc, vc, meta, 0.1, window)
+                        want = dense_attention(q, kv, meta, 0.1, window)
+                        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5,
+                                                   msg=lambda m: f"dim {dim}, group {group}, length {length}: {m}")
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])

@@ -15,6 +15,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -77,6 +81,69 @@ inline float sumv(fvec v) {
   return s;
 }
 
+// The lane sums of four vectors into out[0..3] (onto them with ``add``). With 8-float AVX vectors, three
+// pairwise adds and one add of the halves: a key's score then costs about a quarter of the lane-by-lane sum.
+inline void sum4(fvec a0, fvec a1, fvec a2, fvec a3, float* out, bool add) {
+#if defined(__AVX__) && !defined(__AVX512F__)
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  if (add) s = _mm_add_ps(s, _mm_loadu_ps(out));
+  _mm_storeu_ps(out, s);
+#else
+  const float s[4] = {sumv(a0), sumv(a1), sumv(a2), sumv(a3)};
+  for (int i = 0; i < 4; ++i) out[i] = add ? out[i] + s[i] : s[i];
+#endif
+}
+
+// kiln_cpu::exp_nonpositive (vector_math.h) a vector at a time: the same clamp, reduction and polynomial, with
+// n rounded to nearest even by adding and taking away 1.5 * 2^23 (as nearbyint does for |n| < 2^22), which
+// GCC keeps in vector registers where the scalar version's loop stays scalar.
+typedef int32_t ivec __attribute__((vector_size(kLanes * 4)));
+inline fvec exp_nonpositive_v(fvec x) {
+  const fvec zero = splat(0.f), lo = splat(-87.f), round = splat(12582912.f);
+  x = x > zero ? zero : x;
+  x = x < lo ? lo : x;
+  const fvec n = (x * 1.44269504088896341f + round) - round;
+  const fvec r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  fvec p = splat(1.f / 5040.f);
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  return p * reinterpret_cast<const fvec&>(bits);
+}
+
+// A row of scores into its softmax's numerators, exp(s - max), in place; returns their sum.
+inline float exp_minus_max(float* row, int64_t count) {
+  float top = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  if (count >= kLanes) {
+    fvec m = loadv(row);
+    for (i = kLanes; i + kLanes <= count; i += kLanes) {
+      const fvec v = loadv(row + i);
+      m = v > m ? v : m;
+    }
+    for (int l = 0; l < kLanes; ++l) top = std::max(top, m[l]);
+  }
+  for (; i < count; ++i) top = std::max(top, row[i]);
+  fvec sums = splat(0.f);
+  for (i = 0; i + kLanes <= count; i += kLanes) {
+    const fvec e = exp_nonpositive_v(loadv(row + i) - top);
+    storev(row + i, e);
+    sums += e;
+  }
+  float sum = sumv(sums);
+  for (; i < count; ++i) {
+    row[i] = exp_nonpositive(row[i] - top);
+    sum += row[i];
+  }
+  return sum;
+}
+
 // The scores of GB query rows (q, a row every ``q_stride`` floats, scaled) against n keys (k, a row every
 // ``stride`` floats), over S floats of the head (a slice; ``add``: onto the scores of the earlier slices):
 // the query slices stay in registers while the keys stream past, each key read once for all of them.
@@ -87,7 +154,17 @@ void chunk_scores(const float* q, int64_t q_stride, const float* k, int64_t n, i
   fvec qv[GB][C];
   for (int g = 0; g < GB; ++g)
     for (int c = 0; c < C; ++c) qv[g][c] = loadv(q + g * q_stride + c * kLanes);
-  for (int64_t j = 0; j < n; ++j, k += stride) {
+  int64_t j = 0;
+  if constexpr (GB == 1) {  // one query row held: four keys a pass, their sums reduced together
+    for (; j + 4 <= n; j += 4, k += 4 * stride) {
+      fvec acc[4];
+      for (int i = 0; i < 4; ++i) acc[i] = qv[0][0] * loadv(k + i * stride);
+      for (int c = 1; c < C; ++c)
+        for (int i = 0; i < 4; ++i) acc[i] += qv[0][c] * loadv(k + i * stride + c * kLanes);
+      sum4(acc[0], acc[1], acc[2], acc[3], out + j, add);
+    }
+  }
+  for (; j < n; ++j, k += stride) {
     for (int g = 0; g < GB; ++g) {
       fvec acc = qv[g][0] * loadv(k);
       for (int c = 1; c < C; ++c) acc += qv[g][c] * loadv(k + c * kLanes);
@@ -181,36 +258,45 @@ void run_rows(const float* qp, int64_t q_stride, int64_t group, int64_t dim, con
     rows_scores(qp, group, dim, rows, n, stride, out, q_stride);
 }
 
-// Each task is one (query token, KV head): its ``group`` query heads against the keys it sees, walked
-// block by block through the table (no division per key), scores, softmax, then the values.
+// Each task is one (query token, KV head), or where those are fewer than four a thread, one chunk of that
+// head's query rows as run_rows holds them together (one row with AVX2): its query heads against the keys
+// it sees, walked block by block through the table (no division per key), scores, softmax, then the values.
+// (A decode step of one sequence has only a few KV heads: SmolLM2's 3 left one of two threads idle a third
+// of the time; its 9 single rows split 5 + 4, each row reading the keys and values it would have read anyway.)
 template <typename T, typename C, typename I>
 void attend(const T* q, const C* k_cache, const C* v_cache, const I* block_tables, const int64_t* seq_lens,
             const int64_t* query_start_loc, int64_t num_seqs, int64_t num_tokens, int64_t heads, int64_t heads_kv,
             int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale, int64_t window, T* out) {
   const int64_t group = heads / heads_kv;
+  const int64_t held = head_dim == 64 || head_dim == 128 ? kHeldFloats / std::min<int64_t>(head_dim, kHeldFloats)
+                                                         : group;
+  const int64_t task_rows = num_tokens * heads_kv < 4 * at::get_num_threads() ? std::min(held, group) : group;
+  const int64_t chunks = (group + task_rows - 1) / task_rows;  // tasks a (token, KV head)
   // Each token's sequence, from the offsets.
   std::vector<int64_t> seq_of(num_tokens);
   for (int64_t s = 0; s < num_seqs; ++s)
     for (int64_t t = query_start_loc[s]; t < query_start_loc[s + 1]; ++t) seq_of[t] = s;
   const int64_t kv_row = heads_kv * head_dim;          // one cached token's stride
   const int64_t kv_block = block_size * kv_row;        // one block's stride
-  at::parallel_for(0, num_tokens * heads_kv, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_tokens * heads_kv * chunks, 1, [&](int64_t begin, int64_t end) {
     constexpr bool kFloatCache = std::is_same_v<C, float>;
     // A run of converted keys or values (caches in another type than float32); a float32 cache is read in place.
-    std::vector<float> qf(group * head_dim), acc(group * head_dim), run(kFloatCache ? 0 : block_size * head_dim),
-        scores, sums(group);
+    std::vector<float> qf(task_rows * head_dim), acc(task_rows * head_dim),
+        run(kFloatCache ? 0 : block_size * head_dim), scores, sums(task_rows);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t t = task / heads_kv, hk = task % heads_kv;
+      const int64_t t = task / (heads_kv * chunks), hk = task / chunks % heads_kv;
+      const int64_t head0 = hk * group + task % chunks * task_rows;  // the task's first query head
+      const int64_t rows = std::min(task_rows, (hk + 1) * group - head0);
       const int64_t s = seq_of[t];
       const int64_t q_len = query_start_loc[s + 1] - query_start_loc[s];
       const int64_t pos = seq_lens[s] - q_len + (t - query_start_loc[s]);
       const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
       const int64_t count = pos + 1 - first;
-      for (int64_t g = 0; g < group; ++g) {  // the query rows, scaled once here instead of every score
-        const T* row = q + (t * heads + hk * group + g) * head_dim;
+      for (int64_t g = 0; g < rows; ++g) {  // the query rows, scaled once here instead of every score
+        const T* row = q + (t * heads + head0 + g) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = to_float(row[d]) * scale;
       }
-      scores.resize(group * count);
+      scores.resize(rows * count);
       const I* table = block_tables + s * max_blocks;
       // Keys first..pos, a block's run at a time, as float32 rows: (rows, their stride, keys in the run,
       // index of the first).
@@ -230,26 +316,16 @@ void attend(const T* q, const C* k_cache, const C* v_cache, const I* block_table
           i += n;
         }
       };
-      for_each_run(k_cache, [&](const float* rows, int64_t stride, int64_t n, int64_t i) {
-        run_rows<false>(qf.data(), count, group, head_dim, rows, n, stride, scores.data() + i);
+      for_each_run(k_cache, [&](const float* keys, int64_t stride, int64_t n, int64_t i) {
+        run_rows<false>(qf.data(), count, rows, head_dim, keys, n, stride, scores.data() + i);
       });
-      for (int64_t g = 0; g < group; ++g) {
-        float* row = scores.data() + g * count;
-        const float top = *std::max_element(row, row + count);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < count; ++i) {
-          row[i] = exp_nonpositive(row[i] - top);
-          sum += row[i];
-        }
-        sums[g] = sum;
-      }
+      for (int64_t g = 0; g < rows; ++g) sums[g] = exp_minus_max(scores.data() + g * count, count);
       std::fill(acc.begin(), acc.end(), 0.f);
-      for_each_run(v_cache, [&](const float* rows, int64_t stride, int64_t n, int64_t i) {
-        run_rows<true>(scores.data() + i, count, group, head_dim, rows, n, stride, acc.data());
+      for_each_run(v_cache, [&](const float* values, int64_t stride, int64_t n, int64_t i) {
+        run_rows<true>(scores.data() + i, count, rows, head_dim, values, n, stride, acc.data());
       });
-      for (int64_t g = 0; g < group; ++g) {
-        T* o = out + (t * heads + hk * group + g) * head_dim;
+      for (int64_t g = 0; g < rows; ++g) {
+        T* o = out + (t * heads + head0 + g) * head_dim;
         const float inv = 1.f / sums[g];
         for (int64_t d = 0; d < head_dim; ++d) o[d] = static_cast<T>(acc[g * head_dim + d] * inv);
       }
