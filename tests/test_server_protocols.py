@@ -3,6 +3,7 @@ repository of tiny ONNX and TorchScript models; every test leaves the server ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import gzip
 import json
@@ -470,6 +471,36 @@ def test_cuda_shared_memory_register_on_a_machine_without_a_device(clients):
         with pytest.raises(InferenceServerException, match="failed to register CUDA shared memory region") as e:
             clients[proto].register_cuda_shared_memory("r", base64.b64encode(b"\x00" * 64), 0, 64)
         assert reason in str(e.value)
+
+
+def test_cuda_ipc_copies_at_the_region_offset_into_one_buffer(monkeypatch):
+    """cuda_ipc.read and write against a stand-in driver whose "device memory" is a host buffer (the copies are
+    memmoves): the bytes at the allocation's pointer plus the offset, read into the one buffer it returns, and
+    written back at the same place; no driver call for zero bytes."""
+    import ctypes
+
+    from kiln.server import cuda_ipc
+
+    calls = []
+
+    class HostDriver:
+        @contextlib.contextmanager
+        def on_device(self, device_id):
+            yield
+
+        def call(self, name, dst, src, size):
+            calls.append(name)
+            to = dst.value if isinstance(dst, ctypes.c_uint64) else ctypes.addressof(dst)
+            ctypes.memmove(to, src.value if isinstance(src, ctypes.c_uint64) else src, size.value)
+
+    device = ctypes.create_string_buffer(bytes(range(64)))
+    memory = cuda_ipc.OpenedMemory(0, ctypes.addressof(device), 64)
+    monkeypatch.setattr(cuda_ipc, "driver", lambda: HostDriver())
+    got = cuda_ipc.read(memory, 10, 6)
+    assert got == bytes(range(10, 16)) and isinstance(got, bytearray)
+    cuda_ipc.write(memory, 60, b"\xff\xfe")
+    assert device.raw[58:64] == bytes([58, 59, 0xFF, 0xFE, 62, 63])
+    assert cuda_ipc.read(memory, 3, 0) == b"" and calls == ["cuMemcpyDtoH_v2", "cuMemcpyHtoD_v2"]
 
 
 @pytest.mark.parametrize("proto", PROTOCOLS)

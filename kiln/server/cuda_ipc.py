@@ -123,14 +123,16 @@ def close(memory: OpenedMemory) -> None:
         d.call("cuIpcCloseMemHandle", ctypes.c_uint64(memory.pointer))
 
 
-def read(memory: OpenedMemory, offset: int, size: int) -> bytes:
-    """``size`` bytes at ``offset`` (the caller checked them against the allocation), copied to the host."""
-    out = ctypes.create_string_buffer(size)
+def read(memory: OpenedMemory, offset: int, size: int) -> bytearray:
+    """``size`` bytes at ``offset`` (the caller checked them against the allocation), copied to the host once:
+    the driver writes straight into the returned buffer."""
+    out = bytearray(size)
     if size:
         d = driver()
         with d.on_device(memory.device_id):
-            d.call("cuMemcpyDtoH_v2", out, ctypes.c_uint64(memory.pointer + offset), ctypes.c_size_t(size))
-    return out.raw
+            d.call("cuMemcpyDtoH_v2", (ctypes.c_char * size).from_buffer(out),
+                   ctypes.c_uint64(memory.pointer + offset), ctypes.c_size_t(size))
+    return out
 
 
 def write(memory: OpenedMemory, offset: int, data: bytes) -> None:

@@ -160,7 +160,7 @@ class SharedMemoryManager:
             raise ServerError.not_found(f"Unable to find {kind} shared memory region: '{shown(name)}'")
         return [region]
 
-    def read(self, ref: ShmRef, what: str) -> bytes:
+    def read(self, ref: ShmRef, what: str) -> bytes | bytearray:
         region, start = self._locate(ref, what)
         if region.is_cuda:
             try:
