@@ -96,7 +96,11 @@ class CppExtension:
 
         # -fopenmp: at::parallel_for runs its body in an OpenMP region only where the including file
         # is compiled with OpenMP; the link then reuses the libgomp torch has already loaded.
-        cflags = ["-O3", f"-march={march}", "-fopenmp"]
+        # -fno-trapping-math: no kernel enables floating-point traps, and with them assumed GCC 12 would not
+        # if-convert a clamp (std::min / std::max, a ternary), so every loop through vector_math.h's exp (SwiGLU,
+        # the softmaxes) stayed scalar ("control flow in loop"). It changes no result: each value takes the same
+        # operations, only several at once.
+        cflags = ["-O3", f"-march={march}", "-fopenmp", "-fno-trapping-math"]
         key = self._key(cflags)
         build_dir = cache_dir() / "torch_extensions" / key
         build_dir.mkdir(parents=True, exist_ok=True)

@@ -104,17 +104,8 @@ inline fvec exp_nonpositive_v(fvec x) {
   x = x > zero ? zero : x;
   x = x < lo ? lo : x;
   const fvec n = (x * 1.44269504088896341f + round) - round;
-  const fvec r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  fvec p = splat(1.f / 5040.f);
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
   const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-  return p * reinterpret_cast<const fvec&>(bits);
+  return kiln_cpu::exp_of_remainder(x, n) * reinterpret_cast<const fvec&>(bits);
 }
 
 // A row of scores into its softmax's numerators, exp(s - max), in place; returns their sum.
