@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from torch.utils import cpp_extension as torch_cpp_extension
 
-from kiln.ops.cpp_extension import TORCH_LOCK, CppExtension
+from kiln.ops.cpp_extension import TORCH_LOCK, CppExtension, compile_flags
 
 
 def _extension(folder: Path) -> CppExtension:
@@ -22,7 +22,7 @@ def test_a_killed_builds_lock_file_does_not_block_the_next_build(tmp_path, monke
     builds: without that, torch's load waits for the file to go away forever."""
     monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
     ext = _extension(tmp_path)
-    key = ext._key(["-O3", "-march=native", "-fopenmp"])
+    key = ext._key(compile_flags("native"))
     build_dir = tmp_path / "cache" / "torch_extensions" / key
     build_dir.mkdir(parents=True)
     (build_dir / TORCH_LOCK).write_text("")  # what a killed build leaves

@@ -94,13 +94,7 @@ class CppExtension:
     def _build(self, march: str) -> str:
         from torch.utils import cpp_extension
 
-        # -fopenmp: at::parallel_for runs its body in an OpenMP region only where the including file
-        # is compiled with OpenMP; the link then reuses the libgomp torch has already loaded.
-        # -fno-trapping-math: no kernel enables floating-point traps, and with them assumed GCC 12 would not
-        # if-convert a clamp (std::min / std::max, a ternary), so every loop through vector_math.h's exp (SwiGLU,
-        # the softmaxes) stayed scalar ("control flow in loop"). It changes no result: each value takes the same
-        # operations, only several at once.
-        cflags = ["-O3", f"-march={march}", "-fopenmp", "-fno-trapping-math"]
+        cflags = compile_flags(march)
         key = self._key(cflags)
         build_dir = cache_dir() / "torch_extensions" / key
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +110,18 @@ class CppExtension:
                 verbose=False,
             )
         return self.on_load()
+
+
+def compile_flags(march: str) -> list[str]:
+    """The compiler flags of every kiln extension for a gcc ``-march`` value (they are part of the build's key).
+
+    -fopenmp: at::parallel_for runs its body in an OpenMP region only where the including file is compiled with
+    OpenMP; the link then reuses the libgomp torch has already loaded. -fno-trapping-math: no kernel enables
+    floating-point traps, and with them assumed GCC 12 does not if-convert a clamp (std::min / std::max, a
+    ternary), so every loop through vector_math.h's exp (SwiGLU, the softmaxes) stayed scalar ("control flow in
+    loop"). It changes no result: each value takes the same operations, only several at once.
+    """
+    return ["-O3", f"-march={march}", "-fopenmp", "-fno-trapping-math"]
 
 
 TORCH_LOCK = "lock"  # torch.utils.cpp_extension's FileBaton in a build folder
