@@ -96,46 +96,25 @@ inline void sum4(fvec a0, fvec a1, fvec a2, fvec a3, float* out, bool add) {
 #endif
 }
 
-// kiln_cpu::exp_nonpositive (vector_math.h) a vector at a time: the same clamp, reduction and polynomial, with
-// n rounded to nearest even by adding and taking away 1.5 * 2^23 (as nearbyint does for |n| < 2^22). Written
-// in vectors, the softmax does not rest on the compiler vectorizing the scalar version's loop (GCC 12 does so
-// only with -fno-trapping-math).
-typedef int32_t ivec __attribute__((vector_size(kLanes * 4)));
-inline fvec exp_nonpositive_v(fvec x) {
-  const fvec zero = splat(0.f), lo = splat(-87.f), round = splat(12582912.f);
-  x = x > zero ? zero : x;
-  x = x < lo ? lo : x;
-  const fvec n = (x * 1.44269504088896341f + round) - round;
-  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-  return kiln_cpu::exp_of_remainder(x, n) * reinterpret_cast<const fvec&>(bits);
-}
-
-// A row of scores into its softmax's numerators, exp(s - max), in place; returns their sum.
+// A row of scores into its softmax's numerators, exp(s - max), in place; returns their sum. Both loops
+// vectorize (vector_math.h's exp needs the extensions' -fno-trapping-math for that).
 inline float exp_minus_max(float* row, int64_t count) {
   float top = -std::numeric_limits<float>::infinity();
-  int64_t i = 0;
-  if (count >= kLanes) {
-    fvec m = loadv(row);
-    for (i = kLanes; i + kLanes <= count; i += kLanes) {
-      const fvec v = loadv(row + i);
-      m = v > m ? v : m;
-    }
-    for (int l = 0; l < kLanes; ++l) top = std::max(top, m[l]);
-  }
-  for (; i < count; ++i) top = std::max(top, row[i]);
-  fvec sums = splat(0.f);
-  for (i = 0; i + kLanes <= count; i += kLanes) {
-    const fvec e = exp_nonpositive_v(loadv(row + i) - top);
-    storev(row + i, e);
-    sums += e;
-  }
-  float sum = sumv(sums);
-  for (; i < count; ++i) {
+#pragma omp simd reduction(max : top)
+  for (int64_t i = 0; i < count; ++i) top = row[i] > top ? row[i] : top;
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < count; ++i) {
     row[i] = exp_nonpositive(row[i] - top);
     sum += row[i];
   }
   return sum;
 }
+
+// The query rows run_rows holds in registers together for a head size it unrolls (64 or 128): slices of at
+// most kHeldFloats floats, as many rows as fill them.
+constexpr int held_slice(int64_t dim) { return dim < kHeldFloats ? int(dim) : kHeldFloats; }
+constexpr int held_rows(int64_t dim) { return kHeldFloats / held_slice(dim); }
 
 // The scores of GB query rows (q, a row every ``q_stride`` floats, scaled) against n keys (k, a row every
 // ``stride`` floats), over S floats of the head (a slice; ``add``: onto the scores of the earlier slices):
@@ -217,8 +196,8 @@ void run_rows(const float* qp, int64_t q_stride, int64_t group, int64_t dim, con
               int64_t stride, float* out) {
   const auto chunks = [&](auto d_tag) {
     constexpr int D = decltype(d_tag)::value;
-    constexpr int S = D < kHeldFloats ? D : kHeldFloats;  // a slice of the head
-    constexpr int GB = kHeldFloats / S;                   // query rows a chunk
+    constexpr int S = held_slice(D);  // a slice of the head
+    constexpr int GB = held_rows(D);  // query rows a chunk
     for (int64_t g = 0; g < group;) {
       const int64_t left = group - g;
       const auto one = [&](auto gb_tag) {
@@ -261,8 +240,7 @@ void attend(const T* q, const C* k_cache, const C* v_cache, const I* block_table
             const int64_t* query_start_loc, int64_t num_seqs, int64_t num_tokens, int64_t heads, int64_t heads_kv,
             int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale, int64_t window, T* out) {
   const int64_t group = heads / heads_kv;
-  const int64_t held = head_dim == 64 || head_dim == 128 ? kHeldFloats / std::min<int64_t>(head_dim, kHeldFloats)
-                                                         : group;
+  const int64_t held = head_dim == 64 || head_dim == 128 ? held_rows(head_dim) : group;
   const int64_t task_rows = num_tokens * heads_kv < 4 * at::get_num_threads() ? std::min(held, group) : group;
   const int64_t chunks = (group + task_rows - 1) / task_rows;  // tasks a (token, KV head)
   // Each token's sequence, from the offsets.

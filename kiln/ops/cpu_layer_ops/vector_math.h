@@ -12,25 +12,18 @@ namespace kiln_cpu {
 // exp(x) for x in [lo, 88], clamped below to lo (lo >= -87 keeps the result a normal float): x = n ln2 + r
 // with |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 7 (relative error under 1e-7, below float32's
 // rounding), 2^n written into the exponent bits.
-//
-// The steps after the clamp, shared with the vector version (paged_attention.cpp's exp_nonpositive_v): V is float
-// or a GCC vector of floats, n the rounded x / ln2; returns e^r, r = x - n ln2 (ln2 split in two for precision).
-template <typename V>
-inline V exp_of_remainder(V x, V n) {
-  const V r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  V p = r * (1.f / 5040.f) + 1.f / 720.f;
+inline float exp_clamped(float x, float lo) {
+  x = std::min(std::max(x, lo), 88.f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
   p = p * r + 1.f / 120.f;
   p = p * r + 1.f / 24.f;
   p = p * r + 1.f / 6.f;
   p = p * r + 0.5f;
   p = p * r + 1.f;
-  return p * r + 1.f;
-}
-
-inline float exp_clamped(float x, float lo) {
-  x = std::min(std::max(x, lo), 88.f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float p = exp_of_remainder(x, n);
+  p = p * r + 1.f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
