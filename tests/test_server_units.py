@@ -186,6 +186,91 @@ def test_a_full_queue_counts_what_a_free_worker_is_about_to_take():
     asyncio.run(main())
 
 
+def test_an_instance_takes_calls_ahead_but_a_request_with_a_wait_limit_stays_queued():
+    """An instance with ``calls_ahead`` (a Python model's process) gets the next request while its call runs;
+    a request whose wait has a limit (its ``timeout``) is not handed ahead: it stays queued, where it expires,
+    and the requests behind it wait with it; once the instance has a call free it takes the head again."""
+    import asyncio
+
+    from kiln.server.backends.base import InstanceSpec, ModelInstance
+    from kiln.server.scheduling.scheduler import Scheduler
+    from kiln.server.stats import ModelStats
+
+    class Pipelined(ModelInstance):
+        calls_ahead = 1
+
+        def __init__(self):
+            super().__init__(InstanceSpec("m_0", "cpu", None))
+            self.go, self.taken = {}, []
+
+        async def execute(self, requests):
+            (r,) = requests
+            self.taken.append(r.id)
+            self.go[r.id] = asyncio.Event()
+            await self.go[r.id].wait()
+            r.respond({}, final=True)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def request(name: str, timeout_us: int = 0) -> InferenceRequest:
+            r = InferenceRequest("m", id=name, parameters={"timeout": timeout_us} if timeout_us else {})
+            r.attach(loop)
+            return r
+
+        instance = Pipelined()
+        scheduler = Scheduler("m", [instance], None, ModelStats("m", 1), False, lambda r: None)
+        scheduler.start()
+        await asyncio.sleep(0)
+        scheduler.submit(request("a"))
+        scheduler.submit(request("b"))
+        await asyncio.sleep(0.01)
+        assert instance.taken == ["a", "b"]  # b handed ahead while a runs
+        instance.go["a"].set()
+        await asyncio.sleep(0.01)
+        limited, after = request("limited", timeout_us=30_000), request("after")
+        scheduler.submit(limited)
+        scheduler.submit(after)
+        await asyncio.sleep(0.01)
+        assert instance.taken == ["a", "b"]  # b runs; the limited head is not handed ahead, nor what waits behind
+        await asyncio.sleep(0.05)
+        reply = await limited.next_reply()
+        assert reply.error is not None and "Request timeout expired" in reply.error.message
+        await asyncio.sleep(0.01)
+        assert instance.taken == ["a", "b", "after"]  # the head gone, the next one goes ahead again
+        second = request("second", timeout_us=1_000_000)
+        scheduler.submit(second)
+        await asyncio.sleep(0.01)
+        assert instance.taken == ["a", "b", "after"]  # b runs and after is ahead: second waits
+        instance.go["b"].set()
+        await asyncio.sleep(0.01)
+        assert instance.taken == ["a", "b", "after"]  # after runs now: still no call free for a limited head
+        instance.go["after"].set()
+        await asyncio.sleep(0.01)
+        assert instance.taken == ["a", "b", "after", "second"]  # a call free: the limited head runs
+        instance.go["second"].set()
+        assert (await second.next_reply()).error is None
+        await scheduler.stop()
+
+        # Two instances: nothing goes ahead to a busy one while the other has a call free.
+        one, two = Pipelined(), Pipelined()
+        scheduler = Scheduler("m", [one, two], None, ModelStats("m", 1), False, lambda r: None)
+        scheduler.start()
+        await asyncio.sleep(0)
+        for name in ("x", "y", "z"):
+            scheduler.submit(request(name))
+            await asyncio.sleep(0.01)
+        assert sorted(map(len, (one.taken, two.taken))) == [1, 2]  # x and y on one each, z ahead of one of them
+        assert {one.taken[0], two.taken[0]} == {"x", "y"}
+        for instance in (one, two):
+            for event in instance.go.values():
+                event.set()
+        await asyncio.sleep(0.01)
+        await scheduler.stop()
+
+    asyncio.run(main())
+
+
 def test_response_order_hands_the_turn_on_in_queue_order():
     import asyncio
 
@@ -529,6 +614,61 @@ def test_python_wire_ring_hands_large_buffers_over_in_shared_memory_and_reuses_w
         assert np.array_equal(received["big"], sent["big"]) and np.array_equal(received["small"], sent["small"])
     assert wire.encode(messages[0], big_writer) and len(b"".join(bytes(p) for p in wire.encode(
         messages[0], big_writer))) > 1 << 21  # the ring is full (the decoded arrays still held): on the stream
+
+
+def test_python_wire_carries_arrays_of_every_kind_and_reads_ahead():
+    """Arrays travel as ``ndarray(shape, dtype, buffer)`` (small ones inside the pickle, large ones out of
+    band): values, dtype and shape come back for every kind a model sends, writable where the sender's was
+    (read-only stays so), C-ordered where it was not; ml_dtypes' bfloat16 and object arrays the numpy way.
+    A blocking Connection reads what the socket holds at once, and hands what it read ahead to the reader
+    that takes the socket over."""
+    import socket
+
+    import ml_dtypes
+
+    from kiln.server.backends.python.stub import kiln_python_wire as wire
+
+    base = np.arange(48, dtype=np.int32).reshape(3, 16)
+    frozen = np.arange(5, dtype=np.float64)
+    frozen.flags.writeable = False
+    arrays = {"int32": base[:1], "bool": base % 3 == 0, "f16": base.astype(np.float16), "be": base.astype(">i4"),
+              "bf16": base.astype(ml_dtypes.bfloat16), "bytes": np.array([b"ab", b""], dtype=object),
+              "empty": np.zeros((0, 16), np.float32), "strided": base[:, ::2], "fortran": np.asfortranarray(base),
+              "scalar": np.array(7, np.int64), "frozen": frozen, "large": np.arange(1 << 15, dtype=np.float32)}
+    pieces = wire.encode({"op": "x", "a": {k: v for k, v in arrays.items() if k != "large"}})
+    assert len(pieces) == 1  # no buffer out of band: one piece
+    message = {"op": "x", "a": arrays}
+    pieces = wire.encode(message)
+    assert len(pieces) == 2 and memoryview(pieces[1]).nbytes == arrays["large"].nbytes  # the large one apart
+    stream = b"".join(bytes(p) for p in pieces)
+    decoder, decoded, pos = wire.Decoder(), [], 0
+    while pos < len(stream):
+        window = decoder.buffer()
+        n = min(len(window), len(stream) - pos)
+        window[:n] = stream[pos:pos + n]
+        pos += n
+        decoded += decoder.filled(n)
+    (got,) = decoded
+    for name, sent in arrays.items():
+        back = got["a"][name]
+        assert back.dtype == sent.dtype and back.shape == sent.shape, name
+        assert np.array_equal(back, sent), name
+        assert back.flags.writeable == (name != "frozen"), name
+        assert back.flags.c_contiguous, name
+
+    ours, theirs = socket.socketpair()
+    sender, receiver = wire.Connection(ours), wire.Connection(theirs)
+    try:
+        for i in range(3):
+            sender.send({"op": "n", "i": i, "a": base})
+        assert receiver.recv()["i"] == 0
+        decoder, pending = receiver.hand_over()  # the two read with the first one
+        assert [m["i"] for m in pending] == [1, 2] and all(np.array_equal(m["a"], base) for m in pending)
+        sender.send({"op": "n", "i": 3})
+        assert receiver.recv()["i"] == 3  # what comes later is still read
+    finally:
+        sender.close()
+        receiver.close()
 
 
 def test_python_wire_decoder_reads_messages_however_the_bytes_are_cut():

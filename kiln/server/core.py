@@ -110,6 +110,7 @@ class InferenceRequest:
         self.queue_ns = 0
         self.compute_end_ns = 0  # when its execution returned (the scheduler's clock)
         self.priority_level = 0  # the queue's priority level (set when queued)
+        self.wait_limited = False  # its wait in the queue has a limit (set when queued)
         self.traced = False  # the trace extension keeps its timestamps (``trace.py``)
         # A stateful model's implicit state: the outputs the backend asks the model for beside the requested ones,
         # and their values once it answers (``scheduling/sequence_batcher.py``).

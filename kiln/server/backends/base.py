@@ -46,7 +46,10 @@ Executing requests
 - Return :class:`~kiln.server.stats.ComputeTimes` (input / infer / output nanoseconds) for the
   statistics, or None to count the whole call as compute-infer time.
 - Concurrency: the scheduler runs at most ``max_concurrency`` calls of one instance at once (1, as
-  Triton does). An instance that batches in flight by itself (the kiln backend over ``AsyncLLM``)
+  Triton does), and hands it ``calls_ahead`` more while those run (0 by default): calls it holds and starts
+  as soon as a running one ends, so that it does not wait on the server's loop between two. A request whose
+  wait in the queue has a limit (its ``timeout``) is not handed ahead: it waits in the queue, where its
+  limit holds. An instance that batches in flight by itself (the kiln backend over ``AsyncLLM``)
   raises it. Blocking work belongs off the loop: ``await self.run_blocking(fn, *args)`` runs it on
   the instance's own thread. A decoupled instance may return before its final responses (its requests
   stay in flight, and unload waits for them); the scheduler then gives it the next call.
@@ -112,6 +115,9 @@ class InstanceSpec:
 
 class ModelInstance(ABC):
     max_concurrency: ClassVar[int] = 1
+    # Calls the instance takes beyond ``max_concurrency`` while those run, to start each the moment the one
+    # before it ends (a Python model's process holds them in order).
+    calls_ahead: ClassVar[int] = 0
     cancel_execute: ClassVar[bool] = False
 
     def __init__(self, spec: InstanceSpec):

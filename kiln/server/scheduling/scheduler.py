@@ -1,10 +1,13 @@
 """A model version's request queue and the workers that feed its instances.
 
 Requests wait in a :class:`PriorityQueue` (priority levels, queue limits and timeouts: ``queue_policy.py``).
-Each instance gets ``max_concurrency`` worker tasks; a free worker takes the next batch (one request,
-or what the dynamic batcher forms) and awaits the instance's ``execute``. Afterwards the scheduler
-records the execution's statistics and fails any request the backend left without a final response
-(for an ordinary model, returning without responding is an error; a decoupled model may respond later).
+Each instance gets ``max_concurrency + calls_ahead`` worker tasks; a free worker takes the next batch (one
+request, or what the dynamic batcher forms) and awaits the instance's ``execute``. A worker whose instance
+already runs ``max_concurrency`` calls hands it one ahead, but not while another instance has a call free,
+and never a request whose wait has a limit: that one stays queued until an instance has a call free.
+Afterwards the scheduler records the execution's statistics and fails any request the backend left without
+a final response (for an ordinary model, returning without responding is an error; a decoupled model may
+respond later).
 """
 from __future__ import annotations
 
@@ -36,13 +39,17 @@ class Scheduler:
         self._arrived = asyncio.Event()
         self._forming = asyncio.Lock()  # one worker forms a batch at a time
         self._running: dict[asyncio.Future, tuple[ModelInstance, list[InferenceRequest]]] = {}
+        self._calls: dict[ModelInstance, int] = {i: 0 for i in instances}  # calls taken, not yet returned
+        # Set when a worker held back from handing the head ahead may try again: a call began or ended, or the
+        # head left the queue.
+        self._retry = asyncio.Event()
         self._workers: list[asyncio.Task] = []
         self._busy = 0  # workers that hold a batch (taken from the queue, executing)
         self._stopping = False
 
     def start(self) -> None:
         for instance in self.instances:
-            for _ in range(instance.max_concurrency):
+            for _ in range(instance.max_concurrency + instance.calls_ahead):
                 self._workers.append(asyncio.create_task(self._work(instance), name=f"{instance.spec.name}"))
 
     async def stop(self) -> None:
@@ -59,6 +66,7 @@ class Scheduler:
         # together at an idle model are one running and one waiting, not one waiting and one refused.
         idle = len(self._workers) - self._busy
         timeout_us = self._queue.push(request, request.parameters.get("priority", 0), leaving=idle)
+        request.wait_limited = bool(timeout_us)
         request.queued_ns = time.monotonic_ns()
         self.stats.pending += 1
         self._arrived.set()
@@ -68,6 +76,8 @@ class Scheduler:
     def _expire(self, request: InferenceRequest) -> None:
         """The request's wait limit passed: its level's policy rejects it or delays it, if it is still queued."""
         action = self._queue.expire(request)
+        if action is not None:
+            self._retry.set()  # the head may have moved
         if action is None or action == DELAY:
             return
         self.stats.pending -= 1
@@ -88,46 +98,67 @@ class Scheduler:
         if not self._queue.remove(request):
             return False
         self.stats.pending -= 1
+        self._retry.set()
         request.fail(error)
         request.executed = True
         self.on_done(request)
         return True
 
-    async def _next_batch(self) -> list[InferenceRequest]:
-        async with self._forming:
-            while True:
-                if not self._queue:
+    async def _next_batch(self, instance: ModelInstance) -> list[InferenceRequest]:
+        while True:
+            async with self._forming:
+                batch = await self._form(instance)
+            if batch is not None:
+                return batch
+            self._retry.clear()  # the head must not go ahead: wait for a call to end or the head to leave
+            await self._retry.wait()
+
+    async def _form(self, instance: ModelInstance) -> list[InferenceRequest] | None:
+        """The next batch for ``instance``, or None when the head of the queue may not be handed ahead to it."""
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            if self._calls[instance] >= instance.max_concurrency and (
+                    next(iter(self._queue)).wait_limited or self._one_free()):
+                return None
+            if self.policy is None:
+                n = 1
+            else:
+                sizes, oldest, blocked = compatible_head(self._queue, self.policy.max_batch_size)
+                waited = time.monotonic_ns() - oldest
+                n = self.policy.plan(sizes, blocked, waited)
+                if n == 0:
                     self._arrived.clear()
-                    await self._arrived.wait()
+                    timeout = (self.policy.max_queue_delay_ns - waited) / 1e9
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), timeout)
+                    except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                        pass
                     continue
-                if self.policy is None:
-                    n = 1
-                else:
-                    sizes, oldest, blocked = compatible_head(self._queue, self.policy.max_batch_size)
-                    waited = time.monotonic_ns() - oldest
-                    n = self.policy.plan(sizes, blocked, waited)
-                    if n == 0:
-                        self._arrived.clear()
-                        timeout = (self.policy.max_queue_delay_ns - waited) / 1e9
-                        try:
-                            await asyncio.wait_for(self._arrived.wait(), timeout)
-                        except asyncio.TimeoutError:  # not the builtin before Python 3.11
-                            pass
-                        continue
-                return [self._queue.pop() for _ in range(n)]
+            return [self._queue.pop() for _ in range(n)]
+
+    def _one_free(self) -> bool:
+        """Whether an instance has a call free (its worker takes the head at once: nothing goes ahead)."""
+        return any(self._calls[i] < i.max_concurrency for i in self.instances)
 
     async def _work(self, instance: ModelInstance) -> None:
         while True:
-            batch = await self._next_batch()
+            batch = await self._next_batch(instance)
             start = time.monotonic_ns()
             for r in batch:
                 self.stats.pending -= 1
                 r.queue_ns = start - r.queued_ns
             self._busy += 1
+            self._calls[instance] += 1
+            self._retry.set()  # the instance that was free may be busy now
             try:
                 await self._execute(instance, batch, start)
             finally:
                 self._busy -= 1
+                self._calls[instance] -= 1
+                self._retry.set()
 
     async def _execute(self, instance: ModelInstance, batch: list[InferenceRequest], start: int) -> None:
         for r in batch:

@@ -99,8 +99,10 @@ class StubProcess:
                 log.exception("handling a message from the Python process of %s failed", self.label)
                 self.proc.kill()
 
-        self._transport, _ = await loop.connect_accepted_socket(
-            lambda: _Channel(handle, lost, self.conn.recv_ring), sock=sock)
+        decoder, pending = self.conn.hand_over()
+        for message in pending:  # read with the last blocking exchange, after its reply
+            handle(message)
+        self._transport, _ = await loop.connect_accepted_socket(lambda: _Channel(handle, lost, decoder), sock=sock)
 
     def send(self, message: dict[str, Any]) -> None:
         """Send ``message``: blocking before ``attach``; after it, on the loop and without blocking (nothing
@@ -221,8 +223,8 @@ class _Channel(asyncio.BufferedProtocol):
     """Reads the process's messages on the loop, straight into the decoder's buffers."""
 
     def __init__(self, on_message: Callable[[dict[str, Any]], None], on_lost: Callable[[], None],
-                 ring: wire.Ring | None):
-        self._decoder = wire.Decoder(ring)
+                 decoder: wire.Decoder):
+        self._decoder = decoder
         self._on_message = on_message
         self._on_lost = on_lost
 

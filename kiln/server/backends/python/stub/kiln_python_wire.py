@@ -1,13 +1,17 @@
 """The connection between the server and a Python model's process: whole messages over a Unix socket.
 
-A message is a dict, pickled with protocol 5; the buffers of numpy arrays travel out of band (pickle's
-``PickleBuffer``), so a tensor goes from an array to the socket and from the socket into the receiver's
-array without a copy into or out of the pickle: one copy each way, through the kernel. A message on the
-socket is ``<I count>``, ``count`` lengths ``<Q>``, then the pickle and its buffers.
+A message is a dict, pickled with protocol 5. A numpy array is pickled as ``ndarray(shape, dtype, buffer)``
+(``_reduce_array``: numpy's own reduction rebuilds through a Python function and pickles the dtype as an
+object, three times the cost of the rest of a small message). Its buffer travels in the pickle when small;
+from ``OUT_OF_BAND`` bytes up, out of band (pickle's ``PickleBuffer``), so a tensor goes from an array to the
+socket and from the socket into the receiver's array without a copy into or out of the pickle: one copy each
+way, through the kernel. A message on the socket is ``<I count>``, ``count`` lengths ``<Q>``, then the pickle
+and its out-of-band buffers.
 
-The model's process reads with a blocking :class:`Connection` (a reader thread of its own); the server
-reads on its event loop with a :class:`Decoder` fed by an asyncio protocol (``backends/python/process.py``),
-so no thread of the server waits on the socket and no response crosses between threads.
+Both sides parse with a :class:`Decoder`: the model's process feeds it from a blocking :class:`Connection`
+(a reader thread of its own), the server from an asyncio protocol on its event loop
+(``backends/python/process.py``), so no thread of the server waits on the socket and no response crosses
+between threads. Either reads whatever the socket holds at once: several messages a read where they queued.
 
 Large buffers (``RING_MIN`` bytes and up) go through shared memory instead, as Triton's Python backend
 moves tensors: each direction has a :class:`Ring`, a memfd both processes map. The sender copies the buffer
@@ -22,6 +26,8 @@ imports it from this folder by itself.
 """
 from __future__ import annotations
 
+import collections
+import io
 import mmap
 import os
 import pickle
@@ -37,6 +43,8 @@ _COUNT = struct.Struct("<I")
 _SMALL = 1 << 15
 
 
+# Array buffers smaller than this travel inside the pickle; larger ones out of band (one piece each, or the ring).
+OUT_OF_BAND = _SMALL
 # Buffers this large and up go through the sender's ring when it has room; a frame's length with this bit
 # set says so (the frame on the socket is then the buffer's position in the ring, ``<Q``).
 RING_MIN = 1 << 20
@@ -132,14 +140,62 @@ class Ring:
             self.fd = -1
 
 
+_pickler_class = None
+_DTYPE_CODES: dict = {}  # dtype -> the string that names it for ``ndarray``, or None where none does (bfloat16)
+
+
+def _reduce_array(a):
+    code = _DTYPE_CODES.get(a.dtype, 0)
+    if code == 0:
+        import numpy as np
+
+        code = a.dtype.str if not a.dtype.hasobject and np.dtype(a.dtype.str) == a.dtype else None
+        _DTYPE_CODES[a.dtype] = code
+    if code is None:  # object arrays (BYTES) and dtypes a code does not name: numpy's own way
+        return a.__reduce_ex__(5)
+    if not a.flags.c_contiguous:
+        import numpy as np
+
+        a = np.ascontiguousarray(a)
+    # A writable array's buffer comes back as a bytearray (a writable array, as a model expects its inputs to
+    # be), a read-only one's as bytes (read-only again).
+    return type(a), (a.shape, code, pickle.PickleBuffer(a))
+
+
+def _pickler() -> type:
+    """The pickler of messages (made on first use: the model's process imports numpy only then)."""
+    global _pickler_class
+    if _pickler_class is None:
+        import copyreg
+
+        import numpy as np
+
+        class MessagePickler(pickle.Pickler):
+            dispatch_table = {**copyreg.dispatch_table, np.ndarray: _reduce_array}
+
+        _pickler_class = MessagePickler
+    return _pickler_class
+
+
 def encode(message: dict[str, Any], ring: Ring | None = None) -> list:
     """The message as the pieces to write in order: the header with the pickle, then each out-of-band buffer
     (a small message as one piece: one write). With ``ring``, large buffers go into it and only their
     positions into the pieces (so pieces are written in the order messages were encoded)."""
     buffers: list[pickle.PickleBuffer] = []
-    payload = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < OUT_OF_BAND:
+            return True  # in the pickle
+        buffers.append(buffer)
+        return False
+
+    stream = io.BytesIO()
+    _pickler()(stream, protocol=5, buffer_callback=out_of_band).dump(message)
+    payload = stream.getbuffer()
+    if not buffers:
+        return [_COUNT.pack(1) + _POSITION.pack(payload.nbytes) + payload]
     raws: list = [b.raw() for b in buffers]
-    lengths = [len(payload)]
+    lengths = [payload.nbytes]
     for i, raw in enumerate(raws):
         start = ring.put(raw) if ring is not None and raw.nbytes >= RING_MIN else None
         if start is None:
@@ -148,8 +204,6 @@ def encode(message: dict[str, Any], ring: Ring | None = None) -> list:
             lengths.append(IN_RING | raw.nbytes)
             raws[i] = _POSITION.pack(start)
     header = _COUNT.pack(len(lengths)) + struct.pack(f"<{len(lengths)}Q", *lengths)
-    if len(header) + len(payload) + sum(memoryview(r).nbytes for r in raws) <= _SMALL:
-        return [b"".join([header, payload, *raws])]
     return [header + payload, *raws]
 
 
@@ -176,6 +230,8 @@ class Connection:
         self.send_ring = send_ring
         self.recv_ring = recv_ring
         self._send_lock = threading.Lock()
+        self._decoder = Decoder(recv_ring)
+        self._received: collections.deque[dict[str, Any]] = collections.deque()  # decoded, not yet returned
 
     def send(self, message: dict[str, Any]) -> None:
         with self._send_lock:  # encoded under the lock: the ring's buffers in the order the messages go
@@ -184,23 +240,18 @@ class Connection:
 
     def recv(self) -> dict[str, Any]:
         """The next message; EOFError when the other side has closed the connection."""
-        (count,) = _COUNT.unpack(self._exactly(_COUNT.size))
-        lengths = struct.unpack(f"<{count}Q", self._exactly(8 * count))
-        frames = [_frame(self.recv_ring, n, self._exactly(_wire_length(n))) for n in lengths]
-        # bytearray frames: the arrays built over them are writable, as a model expects its inputs to be
-        # (unless the sender's array was read-only: pickle keeps that flag).
-        return pickle.loads(frames[0], buffers=frames[1:])
-
-    def _exactly(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self.sock.recv_into(view[got:])
-            if k == 0:
+        while not self._received:
+            n = self.sock.recv_into(self._decoder.buffer())
+            if n == 0:
                 raise EOFError("connection closed")
-            got += k
-        return buf
+            self._received.extend(self._decoder.filled(n))
+        return self._received.popleft()
+
+    def hand_over(self) -> tuple[Decoder, list[dict[str, Any]]]:
+        """For a reader that takes the socket over (the server's event loop): the decoder, with any bytes it
+        read past the last message returned, and the messages decoded but not yet returned."""
+        pending, self._received = list(self._received), collections.deque()
+        return self._decoder, pending
 
     def close(self) -> None:
         try:
