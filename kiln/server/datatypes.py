@@ -8,6 +8,7 @@ HTTP binary extension, gRPC ``raw_*_contents`` and shared memory).
 """
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -124,8 +125,13 @@ def from_list(dtype: DataType, shape: list[int], data: list, what: str) -> np.nd
             if parsed.size and parsed.dtype.kind not in allowed:
                 raise ValueError(f"it holds {_kind_name(parsed.dtype)}, not {_kind_name(dtype.numpy)}")
             if dtype.numpy.kind in "iu" and parsed.size:
-                info = np.iinfo(dtype.numpy)
-                if parsed.min() < info.min or parsed.max() > info.max:
+                info = _iinfo(dtype.numpy)
+                if parsed.size < 64:  # a few values (most JSON tensors): faster in Python than numpy's reductions
+                    values = parsed.ravel().tolist()
+                    low, high = min(values), max(values)
+                else:
+                    low, high = parsed.min(), parsed.max()
+                if low < info.min or high > info.max:
                     raise ValueError(f"a value is outside [{info.min}, {info.max}]")
             array = parsed.astype(np.float32).astype(dtype.numpy) if dtype.name in ("FP16", "BF16") \
                 else parsed.astype(dtype.numpy)
@@ -135,6 +141,11 @@ def from_list(dtype: DataType, shape: list[int], data: list, what: str) -> np.nd
         raise ServerError.invalid(
             f"unexpected number of elements in the data of {what}: shape {list(shape)} needs {count}, got {array.size}")
     return array.reshape(shape)
+
+
+@functools.cache
+def _iinfo(dtype: np.dtype) -> np.iinfo:
+    return np.iinfo(dtype)
 
 
 def to_list(array: np.ndarray, dtype: DataType, what: str) -> list:

@@ -147,7 +147,11 @@ def connection_guard(limits: Limits) -> type[HttpToolsProtocol]:
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            # One timer a connection, not one a request: it stays armed while requests come, and when it fires it
+            # closes a head begun ``header_timeout`` ago, waits out the rest of one begun since, or (none begun)
+            # lapses until the next head begins.
             self._head_timer: asyncio.TimerHandle | None = None
+            self._head_began: float | None = None  # when the request head now awaited began to arrive
             # Parsing a request head; the bytes of pieces that ended inside it; its parsed size; refused.
             self._in_head, self._head_bytes, self._head_size, self._head_refused = False, 0, 0, False
             if len(self.connections) > limits.max_connections:
@@ -158,18 +162,21 @@ def connection_guard(limits: Limits) -> type[HttpToolsProtocol]:
                                 limits.max_connections)
                 transport.abort()
                 return
-            self._arm_head_timer()
+            self._head_began = self.loop.time()
+            self._arm_head_timer(limits.header_timeout)
 
         def connection_lost(self, exc) -> None:
             self._disarm_head_timer()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self._head_timer is None and self._awaiting_head():
-                self._arm_head_timer()
+            if self._head_began is None and self._awaiting_head():
+                self._head_began = self.loop.time()
+                if self._head_timer is None:
+                    self._arm_head_timer(limits.header_timeout)
             super().data_received(data)
             if not self._awaiting_head():
-                self._disarm_head_timer()
+                self._head_began = None
             if self._in_head and not self.transport.is_closing():
                 # A piece that leaves the parser inside a head: its bytes were all head (the parser holds
                 # an unfinished header line itself, so it is counted here, not in on_header).
@@ -210,8 +217,8 @@ def connection_guard(limits: Limits) -> type[HttpToolsProtocol]:
         def _awaiting_head(self) -> bool:
             return self.cycle is None or self.cycle.response_complete
 
-        def _arm_head_timer(self) -> None:
-            self._head_timer = self.loop.call_later(limits.header_timeout, self._head_timed_out)
+        def _arm_head_timer(self, seconds: float) -> None:
+            self._head_timer = self.loop.call_later(seconds, self._head_timed_out)
 
         def _disarm_head_timer(self) -> None:
             if self._head_timer is not None:
@@ -220,7 +227,12 @@ def connection_guard(limits: Limits) -> type[HttpToolsProtocol]:
 
         def _head_timed_out(self) -> None:
             self._head_timer = None
-            if self._awaiting_head() and not self.transport.is_closing():
+            if self._head_began is None or not self._awaiting_head():
+                return  # no head on its way: armed again when one begins
+            left = self._head_began + limits.header_timeout - self.loop.time()
+            if left > 0:
+                self._arm_head_timer(left)
+            elif not self.transport.is_closing():
                 self.transport.close()
 
     return GuardedHttpProtocol
