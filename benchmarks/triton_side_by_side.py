@@ -28,7 +28,9 @@ decides the throughput once the server is busy. It writes OUT_DIR/{triton,kiln}-
 each half starts and ends) and summary.md (inferences/s and server CPU per inference side by side).
 
 Environment: PEERS; CONCURRENCY (default "1 2 4 8"); MEASUREMENT_MS (perf_analyzer's window, default 2000);
-SERVERS (default "triton kiln"); CONFIGS (default "http http-shm grpc grpc-shm").
+SERVERS (default "triton kiln"); CONFIGS (default "http http-shm grpc grpc-shm"); EXECUTE_MS (default 0: the
+model sleeps this long in each ``execute``, as one waiting on a device would, so that the servers' own cost
+per request can be set beside a model's).
 """
 from __future__ import annotations
 
@@ -68,11 +70,17 @@ output [
 instance_group [ { count: 1 kind: KIND_CPU } ]
 """
 
-SIMPLE_MODEL = """import triton_python_backend_utils as pb_utils
+SIMPLE_MODEL = """import time
+
+import triton_python_backend_utils as pb_utils
+
+EXECUTE_S = {execute_s}
 
 
 class TritonPythonModel:
     def execute(self, requests):
+        if EXECUTE_S:
+            time.sleep(EXECUTE_S)  # a model that waits on its device this long a call
         responses = []
         for request in requests:
             a = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
@@ -264,13 +272,14 @@ def run(out: Path) -> None:
     concurrency = [int(c) for c in os.environ.get("CONCURRENCY", "1 2 4 8").split()]
     servers = os.environ.get("SERVERS", "triton kiln").split()
     configs = os.environ.get("CONFIGS", "http http-shm grpc grpc-shm").split()
+    execute_ms = float(os.environ.get("EXECUTE_MS", "0"))
     results: dict[tuple[str, str], dict[int, float]] = {}
     cpu_us: dict[tuple[str, str, int], float] = {}  # the server's CPU per inference, over the whole perf_analyzer run
     with tempfile.TemporaryDirectory(prefix="kiln-triton-simple-") as tmp, open(out / "load.txt", "w") as load:
         repo = Path(tmp) / "repository"
         (repo / "simple/1").mkdir(parents=True)
         (repo / "simple/config.pbtxt").write_text(SIMPLE_CONFIG)
-        (repo / "simple/1/model.py").write_text(SIMPLE_MODEL)
+        (repo / "simple/1/model.py").write_text(SIMPLE_MODEL.format(execute_s=execute_ms / 1000))
         for kind in servers:
             load.write(f"{kind} start: {os.getloadavg()}\n")
             ports = _free_ports(3)
@@ -295,13 +304,15 @@ def run(out: Path) -> None:
             finally:
                 _stop(proc)
             load.write(f"{kind} end: {os.getloadavg()}\n")
-    _summary(out, results, cpu_us, servers, configs, concurrency)
+    _summary(out, results, cpu_us, servers, configs, concurrency, execute_ms)
 
 
-def _summary(out: Path, results, cpu_us, servers, configs, concurrency) -> None:
+def _summary(out: Path, results, cpu_us, servers, configs, concurrency, execute_ms: float) -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    lines = [f"perf_analyzer on `simple` (Python backend), inferences/s; CPU: {cpu}, {os.cpu_count()} cores; "
-             f"command: `python3 benchmarks/triton_side_by_side.py run`", "",
+    model = f"`simple` sleeping {execute_ms:g} ms a call" if execute_ms else "`simple`"
+    command = (f"EXECUTE_MS={execute_ms:g} " if execute_ms else "") + "python3 benchmarks/triton_side_by_side.py run"
+    lines = [f"perf_analyzer on {model} (Python backend), inferences/s; CPU: {cpu}, {os.cpu_count()} cores; "
+             f"command: `{command}`", "",
              "| protocol | concurrency | " + " | ".join(servers) + (" | kiln / Triton |" if len(servers) == 2 else " |")
              + "".join(f" {s} server CPU us/inference |" for s in servers),
              "|---|---:|" + "---:|" * (2 * len(servers) + (len(servers) == 2))]
