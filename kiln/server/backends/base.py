@@ -49,7 +49,8 @@ Executing requests
   Triton does), and hands it ``calls_ahead`` more while those run (0 by default): calls it holds and starts
   as soon as a running one ends, so that it does not wait on the server's loop between two. A request whose
   wait in the queue has a limit (its ``timeout``) is not handed ahead: it waits in the queue, where its
-  limit holds. An instance that batches in flight by itself (the kiln backend over ``AsyncLLM``)
+  limit holds. A request handed ahead whose client leaves before it runs is no longer dropped from the
+  queue: it runs, with ``cancelled`` set. An instance that batches in flight by itself (the kiln backend over ``AsyncLLM``)
   raises it. Blocking work belongs off the loop: ``await self.run_blocking(fn, *args)`` runs it on
   the instance's own thread. A decoupled instance may return before its final responses (its requests
   stay in flight, and unload waits for them); the scheduler then gives it the next call.
