@@ -471,35 +471,29 @@ def test_idle_and_slow_connections_and_registrations_cannot_exhaust_descriptors(
     finally:
         for s in idle:
             s.close()
-    # A slow-header client (slowloris) is cut off after the head timeout, however it trickles.
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+    def trickled_until_cut(s: socket.socket, first_line: bytes, pause: float) -> float | None:
+        """Seconds from a request line to the server cutting the connection, header lines trickling in."""
+        s.sendall(first_line)
         started = time.monotonic()
-        cut = False
         while time.monotonic() - started < HEADER_TIMEOUT + 5:
             try:
                 s.sendall(b"X-a: b\r\n")
-                time.sleep(0.3)
+                time.sleep(pause)
             except (BrokenPipeError, ConnectionResetError):
-                cut = True
-                break
-        assert cut and time.monotonic() - started < HEADER_TIMEOUT + 3
+                return time.monotonic() - started
+        return None
+
+    # A slow-header client (slowloris) is cut off after the head timeout, however it trickles.
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        cut = trickled_until_cut(s, b"GET /v2/health/live HTTP/1.1\r\n", 0.3)
+        assert cut is not None and cut < HEADER_TIMEOUT + 3
     # On a kept-alive connection the limit counts from when the next head began, not from the connection's start.
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
         assert s.recv(4096).startswith(b"HTTP/1.1 200")
         time.sleep(HEADER_TIMEOUT * 0.6)
-        s.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
-        started = time.monotonic()
-        cut = False
-        while time.monotonic() - started < HEADER_TIMEOUT + 5:
-            try:
-                s.sendall(b"X-a: b\r\n")
-                time.sleep(0.2)
-            except (BrokenPipeError, ConnectionResetError):
-                cut = True
-                break
-        assert cut and HEADER_TIMEOUT - 0.3 < time.monotonic() - started < HEADER_TIMEOUT + 3
+        cut = trickled_until_cut(s, b"GET /v2/health/live HTTP/1.1\r\n", 0.2)
+        assert cut is not None and HEADER_TIMEOUT - 0.3 < cut < HEADER_TIMEOUT + 3
     # Shared-memory registrations stop at the cap, and the server keeps no descriptor for a refused one.
     keys = [f"/kiln_adv_fd_{uuid.uuid4().hex[:6]}_{i}" for i in range(SHM_REGIONS + 1)]
     handles = [shm.create_shared_memory_region(k, k, 64) for k in keys]

@@ -252,6 +252,10 @@ def test_an_instance_takes_calls_ahead_but_a_request_with_a_wait_limit_stays_que
         assert (await second.next_reply()).error is None
         await scheduler.stop()
 
+        # The sequence batcher forms its batches from an instance's free slots: it hands nothing ahead.
+        from kiln.server.scheduling.sequence_batcher import SequenceBatcher
+        assert scheduler._worker_count(instance) == 2 and SequenceBatcher._worker_count(scheduler, instance) == 1
+
         # Two instances: nothing goes ahead to a busy one while the other has a call free.
         one, two = Pipelined(), Pipelined()
         scheduler = Scheduler("m", [one, two], None, ModelStats("m", 1), False, lambda r: None)

@@ -49,8 +49,11 @@ class Scheduler:
 
     def start(self) -> None:
         for instance in self.instances:
-            for _ in range(instance.max_concurrency + instance.calls_ahead):
+            for _ in range(self._worker_count(instance)):
                 self._workers.append(asyncio.create_task(self._work(instance), name=f"{instance.spec.name}"))
+
+    def _worker_count(self, instance: ModelInstance) -> int:
+        return instance.max_concurrency + instance.calls_ahead
 
     async def stop(self) -> None:
         """Stop the workers (call once no request is queued or running)."""

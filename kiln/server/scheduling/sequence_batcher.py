@@ -176,6 +176,9 @@ class SequenceBatcher(Scheduler):
         self._changed = asyncio.Event()
         self._reaper: asyncio.Task | None = None
 
+    def _worker_count(self, instance: ModelInstance) -> int:
+        return instance.max_concurrency  # no calls ahead: a batch is formed from the slots an instance has free
+
     def start(self) -> None:
         super().start()
         self._reaper = asyncio.create_task(self._reap_idle(), name=f"{self.model}-idle-sequences")

@@ -2,7 +2,7 @@
 
 A message is a dict, pickled with protocol 5. A numpy array is pickled as ``ndarray(shape, dtype, buffer)``
 (``_reduce_array``: numpy's own reduction rebuilds through a Python function and pickles the dtype as an
-object, three times the cost of the rest of a small message). Its buffer travels in the pickle when small;
+object, most of the time a small message took). Its buffer travels in the pickle when small;
 from ``OUT_OF_BAND`` bytes up, out of band (pickle's ``PickleBuffer``), so a tensor goes from an array to the
 socket and from the socket into the receiver's array without a copy into or out of the pickle: one copy each
 way, through the kernel. A message on the socket is ``<I count>``, ``count`` lengths ``<Q>``, then the pickle
