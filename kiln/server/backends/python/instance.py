@@ -45,7 +45,8 @@ class PythonInstance(ModelInstance):
         self.decoupled = is_decoupled(context.config)
         # The next call waits in the process while one runs, so the process does not idle between two calls on
         # the server's loop (the reply read, the next batch taken, its message written); the process still runs
-        # them one at a time, in order. Not where a waiting batch could still grow (dynamic batching).
+        # them one at a time, in order. Not where a waiting batch could still grow (dynamic batching); the
+        # sequence batcher hands none ahead either (its batches come from an instance's free slots).
         self.calls_ahead = 0 if context.config.HasField("dynamic_batching") else 1
         self._args = {
             "model_config": json.dumps(to_json(context.config, defaults=True)),
