@@ -675,6 +675,51 @@ def test_python_wire_carries_arrays_of_every_kind_and_reads_ahead():
         receiver.close()
 
 
+def test_a_model_process_reads_its_own_commands_and_ends_when_the_server_goes_mid_call(tmp_path):
+    """The model's process reads its commands in its main thread (queued ones first), and a watchdog ends it
+    once the server's end of the socket closes, even in a long call while nobody reads the socket."""
+    import time
+
+    from kiln.server.backends.python.process import StubProcess
+
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "model.py").write_text(
+        "import time\nimport triton_python_backend_utils as pb_utils\n\n\n"
+        "class TritonPythonModel:\n"
+        "    def execute(self, requests):\n"
+        "        r = requests[0]\n"
+        "        x = pb_utils.get_input_tensor_by_name(r, 'X').as_numpy()\n"
+        "        time.sleep(float(x[0]))\n"
+        "        return [pb_utils.InferenceResponse([pb_utils.Tensor('Y', x * 2)])]\n")
+    process = StubProcess("model 'm' instance 'm_0'", ring_bytes=0)
+    try:
+        init = {"op": "init", "name": "m", "version_dir": str(tmp_path / "1"), "model_file": "model.py",
+                "decoupled": False, "args": {"model_config": "{}"}}
+        assert process.request(init, "init_done")["error"] is None
+
+        def execute(call: int, seconds: float) -> dict:
+            return {"op": "execute", "call": call, "requests": [
+                {"key": call, "id": "", "correlation_id": 0, "inputs": [("X", np.array([seconds], np.float32))],
+                 "outputs": ["Y"], "parameters": "{}", "flags": 0}]}
+
+        process.conn.send(execute(1, 0.0))
+        process.conn.send(execute(2, 0.0))  # sent ahead: read after the first call, in order
+        for call in (1, 2):
+            done = process.conn.recv()
+            assert done["op"] == "execute_done" and done["call"] == call and done["error"] is None
+            assert done["responses"][0]["outputs"][0][1].tolist() == [0.0]
+        process.conn.send(execute(3, 30.0))  # a long call, no reply awaited: nobody reads the socket
+        time.sleep(0.3)
+        process.conn.close()
+        started = time.monotonic()
+        process.proc.wait(10)
+        assert time.monotonic() - started < 5
+    finally:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait()
+
+
 def test_python_wire_decoder_reads_messages_however_the_bytes_are_cut():
     """The server reads a Python model's messages as the socket hands over bytes (asyncio's BufferedProtocol):
     any split of the stream, frames small and large (read into a buffer of their own), many messages per

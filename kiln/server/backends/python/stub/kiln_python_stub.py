@@ -3,18 +3,22 @@
 Started by the server as ``python kiln_python_stub.py FD`` (FD: its end of a Unix socket pair), it
 imports nothing from kiln: this folder goes first on ``sys.path``, so ``triton_python_backend_utils`` and
 the wire format (``kiln_python_wire``) come from here. The main thread runs the model's calls in the
-order the server sends them (``init`` or ``auto_complete``, then ``execute`` calls, then ``finalize``);
-a reader thread takes every message off the socket, so replies to BLS calls and cancellation queries
-reach a model that is busy in ``execute`` or in threads of its own, and a server that goes away ends
-the process. Coroutine ``execute`` methods run on an asyncio loop in a thread of their own.
+order the server sends them (``init`` or ``auto_complete``, then ``execute`` calls, then ``finalize``),
+and reads them off the socket itself while it waits for one (a command handed from a reader thread costs a
+thread's wake-up a call). While it runs a call and someone waits for a reply (a BLS call, a cancellation
+query, from ``execute`` or a thread of the model's), a reader thread reads instead, queueing the commands it
+meets; one thread reads at a time. A watchdog thread ends the process when the server goes away, also while
+nobody reads. Coroutine ``execute`` methods run on an asyncio loop in a thread of their own.
 """
 from __future__ import annotations
 
+import collections
 import importlib.util
 import itertools
 import json
 import os
 import queue
+import select
 import signal
 import socket
 import sys
@@ -131,8 +135,12 @@ class Stub:
 
     def __init__(self, conn: wire.Connection):
         self.conn = conn
-        self.commands: queue.SimpleQueue[dict] = queue.SimpleQueue()
         self.waiting: dict[int, Any] = {}  # BLS calls and questions to the server, by id
+        # Who reads the socket (one thread at a time), and the commands the reader thread met.
+        self._reading = threading.Condition()
+        self._main_reads = False
+        self._reader_reads = False
+        self._commands: collections.deque[dict] = collections.deque()
         self._ids = itertools.count(1)
         self.name = ""
         self.model_dir = ""
@@ -147,9 +155,10 @@ class Stub:
     # -- the process -------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        threading.Thread(target=self._read, name="kiln-stub-reader", daemon=True).start()
+        threading.Thread(target=self._read_for_waiters, name="kiln-stub-reader", daemon=True).start()
+        threading.Thread(target=self._watch_hangup, name="kiln-stub-watchdog", daemon=True).start()
         while True:
-            message = self.commands.get()
+            message = self._next_command()
             op = message["op"]
             if op == "init":
                 if not self._initialize(message):
@@ -163,20 +172,75 @@ class Stub:
                 self._finalize()
                 return 0
 
-    def _read(self) -> None:
+    def _next_command(self) -> dict:
+        """The next command for the main thread: one the reader thread queued, else read here (replies read
+        on the way go to their waiters)."""
+        while True:
+            with self._reading:
+                while not self._commands and self._reader_reads:
+                    self._reading.wait()
+                if self._commands:
+                    return self._commands.popleft()
+                self._main_reads = True
+            try:
+                message = self._recv()
+            finally:
+                with self._reading:
+                    self._main_reads = False
+                    if self.waiting:  # the reader thread may read now (else it has nothing to wake for)
+                        self._reading.notify_all()
+            if not self._deliver_reply(message):
+                return message
+
+    def _read_for_waiters(self) -> None:
+        """The reader thread: reads while a reply is awaited and the main thread is not reading."""
+        while True:
+            with self._reading:
+                while self._main_reads or not self.waiting:
+                    self._reading.wait()
+                self._reader_reads = True
+            message = None
+            try:
+                message = self._recv()
+            finally:
+                with self._reading:
+                    self._reader_reads = False
+                    if message is not None and not _is_reply(message):
+                        self._commands.append(message)
+                    self._reading.notify_all()
+            if _is_reply(message):
+                self._deliver_reply(message)
+
+    def _recv(self) -> dict:
         try:
-            while True:
-                message = self.conn.recv()
-                if message["op"] in ("bls_response", "answer"):
-                    waiter = self.waiting.get(message["id"])
-                    if waiter is not None:
-                        waiter.put(message)
-                else:
-                    self.commands.put(message)
+            return self.conn.recv()
         except (EOFError, OSError):
-            pass
-        # The server is gone: nothing the model does can reach anyone any more.
-        _exit(0)
+            _exit(0)  # the server is gone: nothing the model does can reach anyone any more
+
+    def _deliver_reply(self, message: dict) -> bool:
+        """Hand a reply to its waiter (True), or say the message is no reply (False)."""
+        if not _is_reply(message):
+            return False
+        waiter = self.waiting.get(message["id"])
+        if waiter is not None:
+            waiter.put(message)
+        return True
+
+    def _awaiting(self, key: int, waiter: Any) -> None:
+        """Register a waiter for the replies to ``key`` (before its request is sent), so that one reads them."""
+        self.waiting[key] = waiter
+        with self._reading:
+            self._reading.notify_all()
+
+    def _watch_hangup(self) -> None:
+        """End the process once the server has closed its end, even while nobody reads the socket (a long call
+        with no reply awaited): the socket is watched for the hang-up alone, its data left to the readers."""
+        poller = select.poll()
+        poller.register(self.conn.sock.fileno(), getattr(select, "POLLRDHUP", 0) | select.POLLHUP)
+        while True:
+            for _, events in poller.poll():
+                if events & (getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    _exit(0)
 
     # -- loading -----------------------------------------------------------------------------------------
 
@@ -361,7 +425,7 @@ class Stub:
             raise pb_utils.TritonModelException("BLS is only supported during the 'execute' function.")
         call_id = next(self._ids)
         call = BlsCall(self, call_id, request._model_name)
-        self.waiting[call_id] = call
+        self._awaiting(call_id, call)
         self.conn.send({
             "op": "bls", "id": call_id, "model": request._model_name, "version": request._model_version,
             "request_id": request.request_id(), "correlation_id": request.correlation_id(),
@@ -379,12 +443,16 @@ class Stub:
     def _ask(self, message: dict) -> dict:
         answer: queue.SimpleQueue[dict] = queue.SimpleQueue()
         message["id"] = next(self._ids)
-        self.waiting[message["id"]] = answer
+        self._awaiting(message["id"], answer)
         try:
             self.conn.send(message)
             return answer.get()
         finally:
             self.waiting.pop(message["id"], None)
+
+
+def _is_reply(message: dict | None) -> bool:
+    return message is not None and message["op"] in ("bls_response", "answer")
 
 
 def _exit(code: int) -> None:
