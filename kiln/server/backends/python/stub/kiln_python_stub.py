@@ -38,7 +38,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 
 class BlsCall:
-    """One call from the model to another model, filled by the reader thread as its responses arrive."""
+    """One call from the model to another model, filled as its responses are read (by whichever thread reads)."""
 
     def __init__(self, stub: Stub, call_id: int, model: str):
         self.stub = stub

@@ -9,7 +9,7 @@ way, through the kernel. A message on the socket is ``<I count>``, ``count`` len
 and its out-of-band buffers.
 
 Both sides parse with a :class:`Decoder`: the model's process feeds it from a blocking :class:`Connection`
-(a reader thread of its own), the server from an asyncio protocol on its event loop
+(read by one of its threads at a time), the server from an asyncio protocol on its event loop
 (``backends/python/process.py``), so no thread of the server waits on the socket and no response crosses
 between threads. Either reads whatever the socket holds at once: several messages a read where they queued.
 
