@@ -50,10 +50,11 @@ Executing requests
   as soon as a running one ends, so that it does not wait on the server's loop between two. A request whose
   wait in the queue has a limit (its ``timeout``) is not handed ahead: it waits in the queue, where its
   limit holds. A request handed ahead whose client leaves before it runs is no longer dropped from the
-  queue: it runs, with ``cancelled`` set. An instance that batches in flight by itself (the kiln backend over ``AsyncLLM``)
-  raises it. Blocking work belongs off the loop: ``await self.run_blocking(fn, *args)`` runs it on
-  the instance's own thread. A decoupled instance may return before its final responses (its requests
-  stay in flight, and unload waits for them); the scheduler then gives it the next call.
+  queue: it runs, with ``cancelled`` set. An instance that batches in flight by itself (the kiln backend
+  over ``AsyncLLM``) raises ``max_concurrency``. Blocking work belongs off the loop:
+  ``await self.run_blocking(fn, *args)`` runs it on the instance's own thread. A decoupled instance may
+  return before its final responses (its requests stay in flight, and unload waits for them); the
+  scheduler then gives it the next call.
 - Cancellation: ``request.cancelled`` turns True when the client goes away (HTTP disconnect, gRPC
   cancel, stream closed). A backend checks it between steps and ends the request with
   ``respond(final=True)`` or an error; one that does not within the server's grace period has its

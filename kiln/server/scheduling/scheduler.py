@@ -44,7 +44,6 @@ class Scheduler:
         # head left the queue.
         self._retry = asyncio.Event()
         self._workers: list[asyncio.Task] = []
-        self._busy = 0  # workers that hold a batch (taken from the queue, executing)
         self._stopping = False
 
     def start(self) -> None:
@@ -67,7 +66,7 @@ class Scheduler:
         """Queue ``request`` (its ``priority`` and ``timeout`` parameters were checked on admission)."""
         # Workers not executing take the head of the queue as soon as they run: two requests that arrive
         # together at an idle model are one running and one waiting, not one waiting and one refused.
-        idle = len(self._workers) - self._busy
+        idle = len(self._workers) - sum(self._calls.values())
         timeout_us = self._queue.push(request, request.parameters.get("priority", 0), leaving=idle)
         request.wait_limited = bool(timeout_us)
         request.queued_ns = time.monotonic_ns()
@@ -153,13 +152,11 @@ class Scheduler:
             for r in batch:
                 self.stats.pending -= 1
                 r.queue_ns = start - r.queued_ns
-            self._busy += 1
             self._calls[instance] += 1
             self._retry.set()  # the instance that was free may be busy now
             try:
                 await self._execute(instance, batch, start)
             finally:
-                self._busy -= 1
                 self._calls[instance] -= 1
                 self._retry.set()
 

@@ -235,11 +235,12 @@ class Stub:
     def _watch_hangup(self) -> None:
         """End the process once the server has closed its end, even while nobody reads the socket (a long call
         with no reply awaited): the socket is watched for the hang-up alone, its data left to the readers."""
+        hangup = getattr(select, "POLLRDHUP", 0) | select.POLLHUP
         poller = select.poll()
-        poller.register(self.conn.sock.fileno(), getattr(select, "POLLRDHUP", 0) | select.POLLHUP)
+        poller.register(self.conn.sock.fileno(), hangup)
         while True:
             for _, events in poller.poll():
-                if events & (getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                if events & (hangup | select.POLLERR | select.POLLNVAL):
                     _exit(0)
 
     # -- loading -----------------------------------------------------------------------------------------
